@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncGenerator
+
+import anyio
+
+from agents.base import Turn
+
+# A token is a word with the whitespace that follows it; leading whitespace rides on the first word.
+_TOKEN = re.compile(r"\s*\S+\s*|\s+")
+
+
+class EchoAgent:
+    """Replies with the user's message, one word per token: the embedded default, and a test double
+    that is not a mock (it streams, it can be slowed down, it can be cancelled)."""
+
+    name = "echo"
+    description = "Echoes your message back, one word at a time."
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+
+    async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
+        text = turn.message + "".join(f"\n[file: {f.filename}, {f.size} bytes]" for f in turn.files)
+        for token in _TOKEN.findall(text):
+            # Sleeping even for 0 s is a checkpoint: a fast echo still lets a cancel in between tokens.
+            await anyio.sleep(self.delay)
+            yield token

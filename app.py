@@ -1,0 +1,266 @@
+"""parley: chat with an AI agent over HTTP, reply streamed as plain text, cancellable mid-stream.
+
+Run it with ``uvicorn app:app``; embed it with ``Mount("/chat", app=create_app())``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from agents import Agent, Agents, Attachment, EchoAgent, UnknownAgent
+from sessions import Interactions, SQLiteStore, Store
+from sessions.errors import ApiError, BadRequest, NotFound, PayloadTooLarge
+from sessions.forms import (
+    SESSION_ID,
+    optional_text,
+    parse_file_ids,
+    query_int,
+    read_form,
+    read_json_or_form,
+    required_text,
+)
+from sessions.store import Session, new_id, utcnow
+from sessions.streaming import ChatStream, error_response
+from settings import Settings
+
+logger = logging.getLogger("parley")
+
+
+@dataclass
+class Parley:
+    """Everything the routes share: the settings, the store, the agents and the interactions in progress."""
+
+    settings: Settings
+    store: Store
+    agents: Agents
+    interactions: Interactions = field(default_factory=Interactions)
+    _ready: bool = False
+    _ready_lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    async def ready(self) -> Parley:
+        # Opened on first use, not in the lifespan: a parent app does not run a mounted app's lifespan.
+        if not self._ready:
+            async with self._ready_lock:
+                if not self._ready:
+                    await self.store.open()
+                    # Turns left "streaming" by a process that died cannot finish any more.
+                    await self.store.interrupt_turns()
+                    self._ready = True
+        return self
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+async def _parley(request: Request) -> Parley:
+    parley: Parley = request.app.state.parley
+    return await parley.ready()
+
+
+async def _session(parley: Parley, session_id: str) -> Session:
+    session = await parley.store.get_session(session_id)
+    if session is None:
+        raise NotFound(f"Session not found: {session_id}")
+    return session
+
+
+# sessions
+
+
+async def create_session(request: Request) -> Response:
+    parley = await _parley(request)
+    options = await read_json_or_form(request)
+    agent = options.get("agent") or parley.agents.default
+    if not isinstance(agent, str) or agent not in parley.agents:
+        raise BadRequest(f"Unknown agent: {agent}. GET /api/v1/agents lists the agents.")
+    session_id = options.get("ui_session_id") or new_id("ses_")
+    if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
+        raise BadRequest("ui_session_id must be 1 to 128 characters: letters, digits, '_' or '-'.")
+    session = Session(session_id, agent, utcnow())
+    await parley.store.create_session(session)
+    return JSONResponse(session.to_json(), status_code=201)
+
+
+async def list_sessions(request: Request) -> Response:
+    parley = await _parley(request)
+    limit = query_int(request, "limit", 50, minimum=1, maximum=1000)
+    offset = query_int(request, "offset", 0, minimum=0, maximum=2**31)
+    sessions = await parley.store.list_sessions(limit, offset)
+    return JSONResponse({"sessions": [session.to_json() for session in sessions]})
+
+
+async def get_session(request: Request) -> Response:
+    parley = await _parley(request)
+    session = await _session(parley, request.path_params["session_id"])
+    status = "streaming" if parley.interactions.get(session.ui_session_id) else "idle"
+    return JSONResponse({**session.to_json(), "status": status})
+
+
+async def delete_session(request: Request) -> Response:
+    parley = await _parley(request)
+    session = await _session(parley, request.path_params["session_id"])
+    await parley.interactions.cancel_and_wait(session.ui_session_id, reason="deleted")
+    await parley.store.delete_session(session.ui_session_id)
+    return JSONResponse({"status": "success", "message": f"Session {session.ui_session_id} deleted"})
+
+
+async def list_messages(request: Request) -> Response:
+    parley = await _parley(request)
+    session = await _session(parley, request.path_params["session_id"])
+    messages = await parley.store.list_messages(session.ui_session_id)
+    return JSONResponse({"messages": [message.to_json() for message in messages]})
+
+
+# chat
+
+
+async def chat(request: Request) -> Response | ASGIApp:
+    parley = await _parley(request)
+    limit = parley.settings.max_message_bytes
+    form = await read_form(request, max_field_bytes=limit)
+    session_id = required_text(form, "ui_session_id")
+    message = required_text(form, "message")
+    if len(message.encode()) > limit:
+        raise PayloadTooLarge(f"The message is larger than the limit of {limit} bytes.")
+    file_ids = parse_file_ids(optional_text(form, "file_ids"))
+    session = await _session(parley, session_id)
+    attachments = await _attachments(parley, session_id, file_ids)
+    return ChatStream(
+        store=parley.store,
+        interactions=parley.interactions,
+        agent=parley.agents[session.agent],
+        session_id=session_id,
+        message=message,
+        file_ids=file_ids,
+        attachments=attachments,
+    )
+
+
+async def _attachments(parley: Parley, session_id: str, file_ids: list[str]) -> list[Attachment]:
+    attachments = []
+    for file_id in file_ids:
+        info = await parley.store.get_file(session_id, file_id)
+        if info is None:
+            raise NotFound(f"File not found: {file_id}")
+        attachments.append(Attachment(info.filename, info.mime_type, info.size))
+    return attachments
+
+
+async def cancel(request: Request) -> Response:
+    parley = await _parley(request)
+    form = await read_form(request)
+    session_id = required_text(form, "ui_session_id")
+    interaction_id = optional_text(form, "interaction_id")
+    await _session(parley, session_id)
+    cancelled = parley.interactions.cancel(session_id, interaction_id)
+    return JSONResponse(
+        {
+            "status": "success",
+            "message": f"Cancellation signal sent for session: {session_id}",
+            "cancelled": cancelled,
+        }
+    )
+
+
+# the rest
+
+
+async def list_agents(request: Request) -> Response:
+    parley = await _parley(request)
+    return JSONResponse({"agents": [{"name": a.name, "description": a.description} for a in parley.agents]})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+routes = [
+    Route("/api/v1/sessions", create_session, methods=["POST"]),
+    Route("/api/v1/sessions", list_sessions, methods=["GET"]),
+    Route("/api/v1/sessions/{session_id}", get_session, methods=["GET"]),
+    Route("/api/v1/sessions/{session_id}", delete_session, methods=["DELETE"]),
+    Route("/api/v1/sessions/{session_id}/messages", list_messages, methods=["GET"]),
+    Route("/api/v1/chat", chat, methods=["POST"]),
+    Route("/api/v1/cancel", cancel, methods=["POST"]),
+    Route("/api/v1/agents", list_agents, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+]
+
+
+# errors: every one is JSON {"status": "error", "message": ...}; see sessions/errors.py for the tree.
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status_code, exc.message)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(404, f"Not found: {request.url.path}")
+    if exc.status_code == 405:
+        return error_response(405, f"Method {request.method} is not allowed on {request.url.path}.")
+    return error_response(exc.status_code, str(exc.detail))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, "Internal server error: the request could not be processed.")
+
+
+def default_agents(settings: Settings) -> Agents:
+    agents: list[Agent] = [EchoAgent(delay=settings.echo_delay)]
+    try:
+        return Agents(agents, default=settings.agent)
+    except UnknownAgent:
+        raise ValueError(f"PARLEY_AGENT={settings.agent!r} names no configured agent") from None
+
+
+def default_store(settings: Settings) -> Store:
+    if settings.data_dir == ":memory:":
+        return SQLiteStore(":memory:")
+    return SQLiteStore(f"{settings.data_dir}/parley.db")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: Store | None = None,
+    agents: Agents | None = None,
+    debug: bool = False,
+) -> Starlette:
+    """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*)."""
+    settings = settings or Settings.from_env()
+    parley = Parley(settings, store or default_store(settings), agents or default_agents(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await parley.ready()
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await parley.close()
+
+    app = Starlette(
+        debug=debug,
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
+    )
+    app.state.parley = parley
+    return app
+
+
+app = create_app()

@@ -1,0 +1,16 @@
+"""Sessions: where conversations live and how each one's interaction in progress is driven.
+
+- :mod:`sessions.store`: the store interface (sessions, history, file metadata) and its records;
+  :mod:`sessions.sqlite` is the embedded implementation.
+- :mod:`sessions.interactions`: the interactions in progress, one cancel scope each, one per session.
+- :mod:`sessions.streaming`: the chat response that drives an interaction and records how it ended.
+- :mod:`sessions.errors`: every error a client can get, as one tree.
+"""
+
+from __future__ import annotations
+
+from sessions.interactions import Interaction, Interactions
+from sessions.sqlite import SQLiteStore
+from sessions.store import FileInfo, Message, Session, Store
+
+__all__ = ["FileInfo", "Interaction", "Interactions", "Message", "SQLiteStore", "Session", "Store"]

@@ -1,0 +1,61 @@
+"""Every failure parley answers a client with, as one tree.
+
+    ApiError                  a request that cannot be served as sent; rendered {"status": "error", "message": ...}
+     ├── BadRequest           400  a field missing, empty or malformed; a body that cannot be parsed
+     ├── NotFound             404  unknown session, file or route
+     ├── Conflict             409
+     │    ├── SessionBusy          the session already has an interaction in progress
+     │    └── SessionExists        a client-chosen ui_session_id is taken
+     ├── PayloadTooLarge      413  a message or an upload over its limit
+     ├── CancelFailed         500  a cancel that could not be delivered to the process that owns the stream
+     └── StoreUnavailable     503  the shared store (Redis) cannot be reached right now
+
+    agents.AgentError         500  the agent failed before its first token (after it, the stream is aborted)
+     └── agents.UpstreamError 502  the model server refused, failed or timed out before the first token
+
+Messages are sentences a person understands: no tracebacks, no internals, no secrets.
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ApiError):
+    status_code = 400
+
+
+class NotFound(ApiError):
+    status_code = 404
+
+
+class Conflict(ApiError):
+    status_code = 409
+
+
+class SessionBusy(Conflict):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"Session {session_id} already has an interaction in progress; cancel it or wait.")
+
+
+class SessionExists(Conflict):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"Session already exists: {session_id}")
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+
+
+class CancelFailed(ApiError):
+    status_code = 500
+
+
+class StoreUnavailable(ApiError):
+    status_code = 503

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from sessions.errors import BadRequest, PayloadTooLarge
+
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+async def read_form(request: Request, *, max_field_bytes: int = 64 * 1024) -> FormData:
+    """The request's form fields (multipart or urlencoded), with every failure a clear 4xx."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in _FORM_TYPES:
+        raise BadRequest("Send the fields as multipart/form-data or application/x-www-form-urlencoded.")
+    try:
+        # An urlencoded field can be three times its decoded size; the real limit is checked after decoding.
+        return await request.form(max_files=0, max_part_size=3 * max_field_bytes + 1024)
+    except HTTPException as exc:
+        if "maximum size" in exc.detail:
+            raise PayloadTooLarge(f"A form field is larger than the limit of {max_field_bytes} bytes.") from None
+        raise BadRequest(f"The form could not be parsed: {exc.detail}") from None
+
+
+async def read_json_or_form(request: Request) -> dict[str, Any]:
+    """A small body of options, as JSON or as a form; an empty body is no options."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        body = await request.body()
+        if not body.strip():
+            return {}
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise BadRequest("The body is not valid JSON.") from None
+        if not isinstance(data, dict):
+            raise BadRequest("The JSON body must be an object.")
+        return data
+    if content_type in _FORM_TYPES:
+        return {key: value for key, value in (await read_form(request)).items()}
+    if await request.body():
+        raise BadRequest("Send the fields as JSON, multipart/form-data or application/x-www-form-urlencoded.")
+    return {}
+
+
+def required_text(form: FormData, name: str) -> str:
+    value = form.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise BadRequest(f"The field '{name}' is required and must not be empty.")
+    return value
+
+
+def optional_text(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"The field '{name}' must be text, not a file.")
+    return value
+
+
+def parse_file_ids(raw: str | None) -> list[str]:
+    if raw is None:
+        return []
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise BadRequest('Invalid file_ids format: expected a JSON array of strings, like ["file_123"].') from None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise BadRequest('Invalid file_ids format: expected a JSON array of strings, like ["file_123"].')
+    return list(dict.fromkeys(value))
+
+
+def query_int(request: Request, name: str, default: int, *, minimum: int, maximum: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"The query parameter '{name}' must be a whole number.") from None
+    if not minimum <= value <= maximum:
+        raise BadRequest(f"The query parameter '{name}' must be between {minimum} and {maximum}.")
+    return value

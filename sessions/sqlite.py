@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from sessions.errors import SessionExists
+from sessions.store import FileInfo, Message, MessageStatus, Session
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT NOT NULL,
+    file_ids TEXT NOT NULL,
+    status TEXT NOT NULL,
+    interaction_id TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_session ON messages(session_id, seq);
+CREATE INDEX IF NOT EXISTS messages_streaming ON messages(status) WHERE status = 'streaming';
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    filename TEXT NOT NULL,
+    mime_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, created_at);
+"""
+
+_MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at"
+_FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
+
+
+class SQLiteStore:
+    """The embedded store: one SQLite file (WAL), every query run in a worker thread, one at a time.
+
+    ``path=":memory:"`` keeps everything in memory for the life of the process.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._db: sqlite3.Connection | None = None
+        self._limiter = anyio.CapacityLimiter(1)
+        self._open_lock = anyio.Lock()
+
+    async def open(self) -> None:
+        async with self._open_lock:
+            if self._db is None:
+                self._db = await anyio.to_thread.run_sync(self._connect, limiter=self._limiter)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(_SCHEMA)
+        return db
+
+    async def close(self) -> None:
+        async with self._open_lock:
+            if self._db is not None:
+                db, self._db = self._db, None
+                await anyio.to_thread.run_sync(db.close, limiter=self._limiter)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None:
+            await self.open()
+        db = self._db
+        assert db is not None
+        return await anyio.to_thread.run_sync(fn, db, limiter=self._limiter)
+
+    # sessions
+
+    async def create_session(self, session: Session) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            try:
+                db.execute(
+                    "INSERT INTO sessions (id, agent, created_at) VALUES (?, ?, ?)",
+                    (session.ui_session_id, session.agent, session.created_at),
+                )
+            except sqlite3.IntegrityError:
+                raise SessionExists(session.ui_session_id) from None
+
+        await self._run(insert)
+
+    async def get_session(self, session_id: str) -> Session | None:
+        def select(db: sqlite3.Connection) -> Session | None:
+            row = db.execute("SELECT id, agent, created_at FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            return Session(*row) if row else None
+
+        return await self._run(select)
+
+    async def list_sessions(self, limit: int, offset: int) -> list[Session]:
+        def select(db: sqlite3.Connection) -> list[Session]:
+            rows = db.execute(
+                "SELECT id, agent, created_at FROM sessions ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                (limit, offset),
+            ).fetchall()
+            return [Session(*row) for row in rows]
+
+        return await self._run(select)
+
+    async def delete_session(self, session_id: str) -> bool:
+        def delete(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
+
+        return await self._run(delete)
+
+    # history
+
+    async def start_turn(self, user: Message, assistant: Message) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            with db:
+                db.execute("BEGIN")
+                db.executemany(
+                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_message_row(user), _message_row(assistant)],
+                )
+
+        await self._run(insert)
+
+    async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
+        def update(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE messages SET content = ?, status = ? WHERE id = ?", (content, status, message_id))
+
+        await self._run(update)
+
+    async def interrupt_turns(self, session_id: str | None = None) -> int:
+        def update(db: sqlite3.Connection) -> int:
+            if session_id is None:
+                cursor = db.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
+            else:
+                cursor = db.execute(
+                    "UPDATE messages SET status = 'interrupted' WHERE status = 'streaming' AND session_id = ?",
+                    (session_id,),
+                )
+            return cursor.rowcount
+
+        return await self._run(update)
+
+    async def list_messages(self, session_id: str) -> list[Message]:
+        def select(db: sqlite3.Connection) -> list[Message]:
+            rows = db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq", (session_id,)
+            ).fetchall()
+            return [_message(row) for row in rows]
+
+        return await self._run(select)
+
+    # files
+
+    async def add_file(self, info: FileInfo) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"INSERT INTO files ({_FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (info.id, info.session_id, info.filename, info.mime_type, info.size, info.sha256, info.created_at),
+            )
+
+        await self._run(insert)
+
+    async def get_file(self, session_id: str, file_id: str) -> FileInfo | None:
+        def select(db: sqlite3.Connection) -> FileInfo | None:
+            row = db.execute(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ? AND session_id = ?", (file_id, session_id)
+            ).fetchone()
+            return FileInfo(*row) if row else None
+
+        return await self._run(select)
+
+    async def list_files(self, session_id: str) -> list[FileInfo]:
+        def select(db: sqlite3.Connection) -> list[FileInfo]:
+            rows = db.execute(
+                f"SELECT {_FILE_COLUMNS} FROM files WHERE session_id = ? ORDER BY created_at, rowid", (session_id,)
+            ).fetchall()
+            return [FileInfo(*row) for row in rows]
+
+        return await self._run(select)
+
+    async def delete_file(self, session_id: str, file_id: str) -> bool:
+        def delete(db: sqlite3.Connection) -> bool:
+            cursor = db.execute("DELETE FROM files WHERE id = ? AND session_id = ?", (file_id, session_id))
+            return cursor.rowcount > 0
+
+        return await self._run(delete)
+
+
+def _message_row(message: Message) -> tuple[Any, ...]:
+    return (
+        message.id,
+        message.session_id,
+        message.role,
+        message.content,
+        json.dumps(list(message.file_ids)),
+        message.status,
+        message.interaction_id,
+        message.created_at,
+    )
+
+
+def _message(row: tuple[Any, ...]) -> Message:
+    id_, session_id, role, content, file_ids, status, interaction_id, created_at = row
+    return Message(id_, session_id, role, content, tuple(json.loads(file_ids)), status, interaction_id, created_at)

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+Role = Literal["user", "assistant"]
+# "streaming" marks the assistant turn of an interaction in progress; every other status is terminal.
+MessageStatus = Literal["complete", "streaming", "cancelled", "disconnected", "error", "interrupted"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"complete", "cancelled", "disconnected", "error", "interrupted"})
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Session:
+    ui_session_id: str
+    agent: str
+    created_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    session_id: str
+    role: Role
+    content: str
+    file_ids: Sequence[str]
+    status: MessageStatus
+    interaction_id: str
+    created_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "role": self.role,
+            "content": self.content,
+            "file_ids": list(self.file_ids),
+            "status": self.status,
+            "interaction_id": self.interaction_id,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    id: str
+    session_id: str
+    filename: str
+    mime_type: str
+    size: int
+    sha256: str
+    created_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "filename": self.filename,
+            "mime_type": self.mime_type,
+            "size": self.size,
+            "sha256": self.sha256,
+            "created_at": self.created_at,
+        }
+
+
+class Store(Protocol):
+    """Where sessions, their history and their files' metadata live.
+
+    Implementations: :class:`sessions.sqlite.SQLiteStore` (embedded default) and
+    :class:`sessions.redis.RedisStore` (scale-out). Both pass the same tests in ``tests/test_store.py``.
+    """
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def create_session(self, session: Session) -> None:
+        """Raises :class:`sessions.errors.SessionExists` when the id is taken."""
+
+    async def get_session(self, session_id: str) -> Session | None: ...
+    async def list_sessions(self, limit: int, offset: int) -> list[Session]: ...
+    async def delete_session(self, session_id: str) -> bool: ...
+
+    async def start_turn(self, user: Message, assistant: Message) -> None:
+        """Store the user's message and the assistant's ``streaming`` placeholder together."""
+
+    async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
+        """Give the assistant's placeholder its final text and terminal status."""
+
+    async def interrupt_turns(self, session_id: str | None = None) -> int:
+        """Mark ``streaming`` turns whose owner is gone as ``interrupted`` (all of them, or one session's)."""
+
+    async def list_messages(self, session_id: str) -> list[Message]: ...
+
+    async def add_file(self, info: FileInfo) -> None: ...
+    async def get_file(self, session_id: str, file_id: str) -> FileInfo | None: ...
+    async def list_files(self, session_id: str) -> list[FileInfo]: ...
+    async def delete_file(self, session_id: str, file_id: str) -> bool: ...

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import aclosing
+from typing import Any
+
+import anyio
+from starlette.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
+
+from agents import Agent, AgentError, Attachment, HistoryEntry, Turn
+from sessions.errors import ApiError
+from sessions.interactions import Interaction, Interactions
+from sessions.store import Message, MessageStatus, Store, new_id, utcnow
+
+logger = logging.getLogger("parley")
+
+_REASON_STATUS: dict[str, MessageStatus] = {
+    "cancelled": "cancelled",
+    "deleted": "cancelled",
+    "disconnected": "disconnected",
+}
+
+
+def error_response(status_code: int, message: str) -> JSONResponse:
+    return JSONResponse({"status": "error", "message": message}, status_code=status_code)
+
+
+class ChatStream:
+    """The response to ``POST /api/v1/chat``: one interaction, streamed as plain text, one chunk per token.
+
+    It claims the session, stores the user's message, then runs two tasks in one task group: the agent's
+    tokens, driven inside the interaction's cancel scope and sent as they come, and a watcher that turns
+    the client's disconnect into a cancel of that scope. Whatever ends the interaction (done, cancel,
+    disconnect, agent error), the assistant's turn is recorded under a shield.
+
+    The response starts with the agent's first token, so a failure before it is a proper error status;
+    a failure after it aborts the response (no terminating chunk), so a partial reply never looks whole.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        interactions: Interactions,
+        agent: Agent,
+        session_id: str,
+        message: str,
+        file_ids: Sequence[str] = (),
+        attachments: Sequence[Attachment] = (),
+    ) -> None:
+        self.store = store
+        self.interactions = interactions
+        self.agent = agent
+        self.session_id = session_id
+        self.message = message
+        self.file_ids = tuple(file_ids)
+        self.attachments = tuple(attachments)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with self.interactions.open(self.session_id) as interaction:
+                await self._converse(interaction, receive, send)
+        except (ApiError, AgentError) as exc:
+            # Raised only before the response starts: a busy session, a store that is down, an agent that
+            # failed before its first token. After the first token, failures abort the stream instead.
+            await error_response(exc.status_code, str(exc))(scope, receive, send)
+
+    async def _converse(self, interaction: Interaction, receive: Receive, send: Send) -> None:
+        history = [HistoryEntry(m.role, m.content) for m in await self.store.list_messages(self.session_id)]
+        now, session_id = utcnow(), self.session_id
+        user = Message(new_id("msg_"), session_id, "user", self.message, self.file_ids, "complete", interaction.id, now)
+        reply = Message(new_id("msg_"), session_id, "assistant", "", (), "streaming", interaction.id, now)
+        await self.store.start_turn(user, reply)
+
+        turn = Turn(self.session_id, self.message, history, self.attachments)
+        headers = [*_HEADERS, (b"x-interaction-id", interaction.id.encode())]
+        sent: list[str] = []
+        started = False
+        failure: Exception | None = None
+        # Stays "interrupted" only if something outside the interaction (a server shutdown) tears it down.
+        status: MessageStatus = "interrupted"
+        try:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(_cancel_on_disconnect, receive, interaction)
+                with interaction.scope:
+                    try:
+                        async with aclosing(self.agent.reply(turn)) as tokens:
+                            async for token in tokens:
+                                if not started:
+                                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                                    started = True
+                                await send({"type": "http.response.body", "body": token.encode(), "more_body": True})
+                                sent.append(token)
+                    except Exception as exc:
+                        failure = exc
+                # From here on, a disconnect is only the server noticing that the response is over.
+                interaction.finished = True
+                task_group.cancel_scope.cancel()
+
+            if failure is not None:
+                status = "error"
+            elif interaction.scope.cancelled_caught and interaction.reason is not None:
+                status = _REASON_STATUS[interaction.reason]
+            else:
+                status = "complete"
+            if failure is None:
+                if not started:
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.store.finish_turn(reply.id, "".join(sent), status)
+
+        if failure is not None:
+            if started:
+                logger.warning("agent failed mid-stream in session %s: %s", self.session_id, failure)
+                # Raising after the response has started makes the server abort it: no terminating chunk.
+                raise StreamAborted(f"the agent failed mid-stream: {failure}") from failure
+            if isinstance(failure, AgentError):
+                raise failure
+            logger.error("agent failed in session %s", self.session_id, exc_info=failure)
+            raise AgentError("The agent failed before it could reply.")
+
+
+class StreamAborted(Exception):
+    """Raised to the server to abort a chat response whose agent failed after the first token."""
+
+
+_HEADERS = [
+    (b"content-type", b"text/plain; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    # Tell reverse proxies (nginx) not to buffer the reply: each token should reach the client as it comes.
+    (b"x-accel-buffering", b"no"),
+]
+
+
+async def _cancel_on_disconnect(receive: Receive, interaction: Interaction) -> None:
+    while True:
+        message: Any = await receive()
+        if message["type"] == "http.disconnect":
+            interaction.cancel("disconnected")
+            return

@@ -1,0 +1,62 @@
+"""parley's configuration: every knob is an environment variable with an embedded default."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: str = "./data"
+    agent: str = "echo"
+    echo_delay: float = 0.0
+    max_message_bytes: int = 256 * 1024
+    max_upload_bytes: int = 10 * 1024 * 1024
+    openai_base_url: str | None = None
+    openai_api_key: str | None = field(default=None, repr=False)
+    openai_model: str = "gpt-4o-mini"
+    openai_system_prompt: str | None = None
+    openai_connect_timeout: float = 5.0
+    openai_read_timeout: float = 60.0
+    redis_url: str | None = None
+    redis_lease_seconds: float = 10.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        defaults = cls()
+
+        def text(name: str) -> str | None:
+            return environ.get(f"PARLEY_{name}", "").strip() or None
+
+        def number(name: str, default: float) -> float:
+            return _number(text(name), default, f"PARLEY_{name}")
+
+        return cls(
+            data_dir=text("DATA_DIR") or defaults.data_dir,
+            agent=text("AGENT") or defaults.agent,
+            echo_delay=number("ECHO_DELAY", defaults.echo_delay),
+            max_message_bytes=int(number("MAX_MESSAGE_BYTES", defaults.max_message_bytes)),
+            max_upload_bytes=int(number("MAX_UPLOAD_BYTES", defaults.max_upload_bytes)),
+            openai_base_url=text("OPENAI_BASE_URL"),
+            openai_api_key=text("OPENAI_API_KEY"),
+            openai_model=text("OPENAI_MODEL") or defaults.openai_model,
+            openai_system_prompt=text("OPENAI_SYSTEM_PROMPT"),
+            openai_connect_timeout=number("OPENAI_CONNECT_TIMEOUT", defaults.openai_connect_timeout),
+            openai_read_timeout=number("OPENAI_READ_TIMEOUT", defaults.openai_read_timeout),
+            redis_url=text("REDIS_URL"),
+            redis_lease_seconds=number("REDIS_LEASE_SECONDS", defaults.redis_lease_seconds),
+        )
+
+
+def _number(value: str | None, default: float, name: str) -> float:
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"{name} must not be negative, got {value!r}")
+    return number
