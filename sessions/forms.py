@@ -18,6 +18,8 @@ async def read_form(request: Request, *, max_field_bytes: int = 64 * 1024) -> Fo
     """The request's form fields (multipart or urlencoded), with every failure a clear 4xx."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in _FORM_TYPES:
+        if not content_type and not await request.body():
+            return FormData()  # no body at all: let the required fields say what is missing
         raise BadRequest("Send the fields as multipart/form-data or application/x-www-form-urlencoded.")
     try:
         # An urlencoded field can be three times its decoded size; the real limit is checked after decoding.

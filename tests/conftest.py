@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+import uvicorn
+from starlette.types import ASGIApp
+
+from app import create_app
+from settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: Any
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        kwargs.setdefault("timeout", 10)
+        return httpx.AsyncClient(base_url=self.url, **kwargs)
+
+
+class _ThreadedServer(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # the test runner owns the signals
+        pass
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[ASGIApp], LiveServer]]:
+    """Run ASGI apps on real uvicorn servers on free loopback ports, each in its own thread."""
+    running: list[tuple[_ThreadedServer, threading.Thread]] = []
+
+    def start(app: ASGIApp) -> LiveServer:
+        port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="auto")
+        server = _ThreadedServer(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        running.append((server, thread))
+        return LiveServer(f"http://127.0.0.1:{port}", app)
+
+    yield start
+    for server, _ in running:
+        server.should_exit = True
+    for _, thread in running:
+        thread.join(10)
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    return Settings(data_dir=str(tmp_path / "data"), **overrides)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def live(serve: Callable[[ASGIApp], LiveServer], tmp_path: Path) -> Callable[..., LiveServer]:
+    """A parley on a real server: ``live(echo_delay=0.05)``."""
+
+    def start(**overrides: Any) -> LiveServer:
+        return serve(create_app(make_settings(tmp_path, **overrides)))
+
+    return start
+
+
+class Subprocess:
+    """``uvicorn app:app`` as a separate process, for restarts and crashes."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Subprocess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("uvicorn app:app did not start")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process and self.process.poll() is None:
+            if kill:
+                self.process.kill()
+            else:
+                self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def subprocesses() -> Iterator[Callable[[dict[str, str]], Subprocess]]:
+    started: list[Subprocess] = []
+
+    def make(env: dict[str, str]) -> Subprocess:
+        proc = Subprocess(env)
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        proc.stop(kill=True)
+
+
+async def new_session(client: httpx.AsyncClient, **fields: str) -> str:
+    response = await client.post("/api/v1/sessions", json=fields)
+    assert response.status_code == 201, response.text
+    return str(response.json()["ui_session_id"])
+
+
+async def messages(client: httpx.AsyncClient, session_id: str) -> list[dict[str, Any]]:
+    response = await client.get(f"/api/v1/sessions/{session_id}/messages")
+    assert response.status_code == 200, response.text
+    return list(response.json()["messages"])
+
+
+async def eventually(predicate: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds. The servers run in other threads or processes, so tests poll."""
+    with anyio.fail_after(within):
+        while not await predicate():
+            await anyio.sleep(0.02)

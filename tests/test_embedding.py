@@ -1,0 +1,45 @@
+"""parley mounted inside a larger Starlette app, whose lifespan does not run the mounted app's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from app import create_app
+from tests.conftest import LiveServer, make_settings
+
+pytestmark = pytest.mark.anyio
+
+
+async def home(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("the host's own page")
+
+
+async def test_chat_through_a_parent_app(serve: Callable[..., LiveServer], tmp_path: Path) -> None:
+    parley = create_app(make_settings(tmp_path, echo_delay=0.01))
+    host = Starlette(routes=[Route("/", home), Mount("/chat", app=parley)])
+    server = serve(host)
+    async with server.client() as client:
+        assert (await client.get("/")).text == "the host's own page"
+        created = await client.post("/chat/api/v1/sessions")
+        assert created.status_code == 201
+        session_id = created.json()["ui_session_id"]
+        async with client.stream(
+            "POST", "/chat/api/v1/chat", data={"ui_session_id": session_id, "message": "through the host"}
+        ) as response:
+            assert response.status_code == 200
+            body = (await response.aread()).decode()
+        assert body == "through the host"
+        history = (await client.get(f"/chat/api/v1/sessions/{session_id}/messages")).json()["messages"]
+        assert [m["status"] for m in history] == ["complete", "complete"]
+        cancel = await client.post("/chat/api/v1/cancel", data={"ui_session_id": session_id})
+        assert cancel.json()["cancelled"] is False
+        missing = await client.get("/chat/api/v1/nothing")
+        assert missing.status_code == 404
+        assert missing.json()["status"] == "error"

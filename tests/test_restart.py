@@ -1,0 +1,48 @@
+"""``uvicorn app:app`` as its own process: history survives a restart, and a crash mid-stream is recorded."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import Subprocess
+
+
+def test_sessions_and_history_survive_a_restart(subprocesses: Callable[..., Subprocess], tmp_path: Path) -> None:
+    env = {"PARLEY_DATA_DIR": str(tmp_path / "data")}
+    first = subprocesses(env).start()
+    session_id = httpx.post(f"{first.url}/api/v1/sessions").json()["ui_session_id"]
+    reply = httpx.post(f"{first.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "remember me"})
+    assert reply.text == "remember me"
+    first.stop()
+
+    second = subprocesses(env).start()
+    assert httpx.get(f"{second.url}/api/v1/sessions/{session_id}").status_code == 200
+    history = httpx.get(f"{second.url}/api/v1/sessions/{session_id}/messages").json()["messages"]
+    assert [(m["role"], m["content"], m["status"]) for m in history] == [
+        ("user", "remember me", "complete"),
+        ("assistant", "remember me", "complete"),
+    ]
+    assert (tmp_path / "data" / "parley.db").exists()
+
+
+def test_a_crash_mid_stream_is_recorded_as_interrupted(subprocesses: Callable[..., Subprocess], tmp_path: Path) -> None:
+    env = {"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_ECHO_DELAY": "0.05"}
+    first = subprocesses(env).start()
+    session_id = httpx.post(f"{first.url}/api/v1/sessions").json()["ui_session_id"]
+    data = {"ui_session_id": session_id, "message": " ".join(["word"] * 100)}
+    with httpx.stream("POST", f"{first.url}/api/v1/chat", data=data) as response:
+        next(response.iter_raw())
+        first.stop(kill=True)  # kill -9, mid-stream: nothing runs after this
+
+    second = subprocesses(env).start()
+    history = httpx.get(f"{second.url}/api/v1/sessions/{session_id}/messages").json()["messages"]
+    assert [(m["role"], m["status"]) for m in history] == [("user", "complete"), ("assistant", "interrupted")]
+    assert httpx.get(f"{second.url}/api/v1/sessions/{session_id}").json()["status"] == "idle"
+    started = time.monotonic()
+    again = httpx.post(f"{second.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "still here"})
+    assert again.text == "still here"
+    assert time.monotonic() - started < 5

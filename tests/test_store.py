@@ -1,0 +1,109 @@
+"""The store contract. Every implementation runs these same tests (see the ``store`` fixture)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sessions import SQLiteStore, Store
+from sessions.errors import SessionExists
+from sessions.store import FileInfo, Message, Session, new_id, utcnow
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["sqlite", "sqlite-memory"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    kind = request.param
+    store: Store = SQLiteStore(tmp_path / "parley.db") if kind == "sqlite" else SQLiteStore(":memory:")
+    await store.open()
+    yield store
+    await store.close()
+
+
+def turn(session_id: str, text: str = "hi") -> tuple[Message, Message]:
+    interaction_id, now = new_id("int_"), utcnow()
+    user = Message(new_id("msg_"), session_id, "user", text, ("file_a",), "complete", interaction_id, now)
+    reply = Message(new_id("msg_"), session_id, "assistant", "", (), "streaming", interaction_id, now)
+    return user, reply
+
+
+async def test_sessions(store: Store) -> None:
+    first, second = Session("s1", "echo", "2026-01-01T00:00:00Z"), Session("s2", "echo", "2026-01-02T00:00:00Z")
+    await store.create_session(first)
+    await store.create_session(second)
+    with pytest.raises(SessionExists):
+        await store.create_session(Session("s1", "other", utcnow()))
+    assert await store.get_session("s1") == first
+    assert await store.get_session("nope") is None
+    assert await store.list_sessions(10, 0) == [second, first]
+    assert await store.list_sessions(1, 1) == [first]
+    assert await store.delete_session("s1") is True
+    assert await store.delete_session("s1") is False
+    assert await store.list_sessions(10, 0) == [second]
+
+
+async def test_turns(store: Store) -> None:
+    await store.create_session(Session("s", "echo", utcnow()))
+    user, reply = turn("s", "hello")
+    await store.start_turn(user, reply)
+    assert await store.list_messages("s") == [user, reply]
+    await store.finish_turn(reply.id, "hello back", "cancelled")
+    history = await store.list_messages("s")
+    assert [(m.role, m.content, m.status, m.file_ids) for m in history] == [
+        ("user", "hello", "complete", ("file_a",)),
+        ("assistant", "hello back", "cancelled", ()),
+    ]
+    assert await store.list_messages("other") == []
+
+
+async def test_interrupt_turns(store: Store) -> None:
+    for session_id in ("a", "b"):
+        await store.create_session(Session(session_id, "echo", utcnow()))
+        await store.start_turn(*turn(session_id))
+    assert await store.interrupt_turns("a") == 1
+    assert [m.status for m in await store.list_messages("a")] == ["complete", "interrupted"]
+    assert [m.status for m in await store.list_messages("b")] == ["complete", "streaming"]
+    assert await store.interrupt_turns() == 1
+    assert await store.interrupt_turns() == 0
+    assert [m.status for m in await store.list_messages("b")] == ["complete", "interrupted"]
+
+
+async def test_deleting_a_session_deletes_its_history_and_files(store: Store) -> None:
+    await store.create_session(Session("s", "echo", utcnow()))
+    await store.start_turn(*turn("s"))
+    info = FileInfo("file_1", "s", "a.txt", "text/plain", 3, "ab" * 32, utcnow())
+    await store.add_file(info)
+    await store.delete_session("s")
+    await store.create_session(Session("s", "echo", utcnow()))
+    assert await store.list_messages("s") == []
+    assert await store.list_files("s") == []
+
+
+async def test_files(store: Store) -> None:
+    await store.create_session(Session("s", "echo", utcnow()))
+    await store.create_session(Session("t", "echo", utcnow()))
+    first = FileInfo("file_1", "s", "a.txt", "text/plain", 3, "ab" * 32, "2026-01-01T00:00:00Z")
+    second = FileInfo("file_2", "s", "b.bin", "application/octet-stream", 9, "cd" * 32, "2026-01-02T00:00:00Z")
+    await store.add_file(first)
+    await store.add_file(second)
+    assert await store.get_file("s", "file_1") == first
+    assert await store.get_file("t", "file_1") is None  # another session's file is not there
+    assert await store.list_files("s") == [first, second]
+    assert await store.delete_file("t", "file_1") is False
+    assert await store.delete_file("s", "file_1") is True
+    assert await store.list_files("s") == [second]
+
+
+async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "deep" / "parley.db")
+    await store.open()
+    await store.create_session(Session("s", "echo", utcnow()))
+    await store.start_turn(*turn("s"))
+    await store.close()
+    again = SQLiteStore(tmp_path / "deep" / "parley.db")
+    assert await again.get_session("s") is not None  # opens itself on first use
+    assert len(await again.list_messages("s")) == 2
+    await again.close()
