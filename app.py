@@ -14,13 +14,14 @@ import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from agents import Agent, Agents, Attachment, EchoAgent, UnknownAgent
 from sessions import Interactions, SQLiteStore, Store
 from sessions.errors import ApiError, BadRequest, NotFound, PayloadTooLarge
+from sessions.files import Blobs, FileTooLarge, content_disposition, is_text, mime_type, safe_filename
 from sessions.forms import (
     SESSION_ID,
     optional_text,
@@ -30,8 +31,9 @@ from sessions.forms import (
     read_json_or_form,
     required_text,
 )
-from sessions.store import Session, new_id, utcnow
+from sessions.store import FileInfo, Session, new_id, utcnow
 from sessions.streaming import ChatStream, error_response
+from sessions.uploads import receive_upload
 from settings import Settings
 
 logger = logging.getLogger("parley")
@@ -44,6 +46,7 @@ class Parley:
     settings: Settings
     store: Store
     agents: Agents
+    blobs: Blobs
     interactions: Interactions = field(default_factory=Interactions)
     _ready: bool = False
     _ready_lock: anyio.Lock = field(default_factory=anyio.Lock)
@@ -54,6 +57,7 @@ class Parley:
             async with self._ready_lock:
                 if not self._ready:
                     await self.store.open()
+                    await self.blobs.open()
                     # Turns left "streaming" by a process that died cannot finish any more.
                     await self.store.interrupt_turns()
                     self._ready = True
@@ -61,6 +65,7 @@ class Parley:
 
     async def close(self) -> None:
         await self.store.close()
+        self.blobs.close()
 
 
 async def _parley(request: Request) -> Parley:
@@ -111,7 +116,10 @@ async def delete_session(request: Request) -> Response:
     parley = await _parley(request)
     session = await _session(parley, request.path_params["session_id"])
     await parley.interactions.cancel_and_wait(session.ui_session_id, reason="deleted")
+    files = await parley.store.list_files(session.ui_session_id)
     await parley.store.delete_session(session.ui_session_id)
+    for info in files:
+        await parley.blobs.delete(info.id)
     return JSONResponse({"status": "success", "message": f"Session {session.ui_session_id} deleted"})
 
 
@@ -153,7 +161,8 @@ async def _attachments(parley: Parley, session_id: str, file_ids: list[str]) -> 
         info = await parley.store.get_file(session_id, file_id)
         if info is None:
             raise NotFound(f"File not found: {file_id}")
-        attachments.append(Attachment(info.filename, info.mime_type, info.size))
+        text = await parley.blobs.read_text(info.id) if is_text(info.mime_type, info.filename) else None
+        attachments.append(Attachment(info.filename, info.mime_type, info.size, text))
     return attachments
 
 
@@ -171,6 +180,79 @@ async def cancel(request: Request) -> Response:
             "cancelled": cancelled,
         }
     )
+
+
+# files
+
+
+async def upload_file(request: Request) -> Response:
+    parley = await _parley(request)
+    limit = parley.settings.max_upload_bytes
+    too_large = PayloadTooLarge(f"The file is larger than the limit of {limit} bytes.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + 64 * 1024:
+        raise too_large
+    file_id = new_id("file_")
+    async with parley.blobs.writer(file_id, limit) as writer:
+        try:
+            upload = await receive_upload(request, writer)
+        except FileTooLarge:
+            raise too_large from None
+        session_id = upload.fields.get("ui_session_id", "").strip()
+        if not session_id:
+            raise BadRequest("The field 'ui_session_id' is required and must not be empty.")
+        await _session(parley, session_id)
+        blob = await writer.commit()
+    filename = safe_filename(upload.filename or "")
+    info = FileInfo(
+        file_id, session_id, filename, mime_type(upload.declared_type, filename), blob.size, blob.sha256, utcnow()
+    )
+    try:
+        await parley.store.add_file(info)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await parley.blobs.delete(file_id)
+        raise
+    return JSONResponse(info.to_json(), status_code=201)
+
+
+async def _file(parley: Parley, request: Request) -> FileInfo:
+    session = await _session(parley, request.path_params["session_id"])
+    file_id = request.path_params["file_id"]
+    info = await parley.store.get_file(session.ui_session_id, file_id)
+    if info is None:
+        raise NotFound(f"File not found: {file_id}")
+    return info
+
+
+async def list_files(request: Request) -> Response:
+    parley = await _parley(request)
+    session = await _session(parley, request.path_params["session_id"])
+    files = await parley.store.list_files(session.ui_session_id)
+    return JSONResponse({"files": [info.to_json() for info in files]})
+
+
+async def get_file(request: Request) -> Response:
+    parley = await _parley(request)
+    return JSONResponse((await _file(parley, request)).to_json())
+
+
+async def get_file_content(request: Request) -> Response:
+    parley = await _parley(request)
+    info = await _file(parley, request)
+    path = parley.blobs.path(info.id)
+    if not await anyio.Path(path).is_file():
+        raise NotFound(f"File not found: {info.id}")
+    headers = {"content-disposition": content_disposition(info.filename), "x-content-type-options": "nosniff"}
+    return FileResponse(path, media_type=info.mime_type, headers=headers)
+
+
+async def delete_file(request: Request) -> Response:
+    parley = await _parley(request)
+    info = await _file(parley, request)
+    await parley.store.delete_file(info.session_id, info.id)
+    await parley.blobs.delete(info.id)
+    return JSONResponse({"status": "success", "message": f"File {info.filename} deleted"})
 
 
 # the rest
@@ -193,6 +275,11 @@ routes = [
     Route("/api/v1/sessions/{session_id}/messages", list_messages, methods=["GET"]),
     Route("/api/v1/chat", chat, methods=["POST"]),
     Route("/api/v1/cancel", cancel, methods=["POST"]),
+    Route("/api/v1/files", upload_file, methods=["POST"]),
+    Route("/api/v1/files/{session_id}", list_files, methods=["GET"]),
+    Route("/api/v1/files/{session_id}/{file_id}", get_file, methods=["GET"]),
+    Route("/api/v1/files/{session_id}/{file_id}", delete_file, methods=["DELETE"]),
+    Route("/api/v1/files/{session_id}/{file_id}/content", get_file_content, methods=["GET"]),
     Route("/api/v1/agents", list_agents, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
 ]
@@ -233,6 +320,10 @@ def default_store(settings: Settings) -> Store:
     return SQLiteStore(f"{settings.data_dir}/parley.db")
 
 
+def default_blobs(settings: Settings) -> Blobs:
+    return Blobs(None if settings.data_dir == ":memory:" else f"{settings.data_dir}/files")
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -242,7 +333,9 @@ def create_app(
 ) -> Starlette:
     """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*)."""
     settings = settings or Settings.from_env()
-    parley = Parley(settings, store or default_store(settings), agents or default_agents(settings))
+    parley = Parley(
+        settings, store or default_store(settings), agents or default_agents(settings), default_blobs(settings)
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import os
+import re
+import tempfile
+import time
+import unicodedata
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import anyio
+import anyio.to_thread
+from anyio import AsyncFile
+
+_MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
+_TEXT_TYPES = {
+    "application/json",
+    "application/xml",
+    "application/javascript",
+    "application/x-javascript",
+    "application/x-yaml",
+    "application/yaml",
+    "application/toml",
+    "application/x-sh",
+    "application/sql",
+    "application/x-python",
+    "application/x-httpd-php",
+}
+_TEXT_SUFFIXES = {
+    ".txt", ".md", ".markdown", ".rst", ".csv", ".tsv", ".json", ".jsonl", ".xml", ".yaml", ".yml", ".toml",
+    ".ini", ".cfg", ".conf", ".log", ".html", ".htm", ".css", ".py", ".js", ".mjs", ".ts", ".tsx", ".jsx",
+    ".java", ".kt", ".c", ".h", ".cc", ".cpp", ".hpp", ".cs", ".go", ".rs", ".rb", ".php", ".swift", ".sh",
+    ".bash", ".sql", ".r", ".scala", ".lua", ".pl", ".hs", ".ex", ".exs", ".erl", ".clj", ".vue", ".svelte",
+}  # fmt: skip
+MAX_FILENAME = 255
+PARTIAL_MAX_AGE = 3600.0
+
+
+def safe_filename(raw: str) -> str:
+    """The client's filename as metadata only: no path parts, no control characters, a sane length."""
+    name = raw.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch for ch in name if not unicodedata.category(ch).startswith("C")).strip()
+    if name in {"", ".", ".."}:
+        return "file"
+    if len(name) > MAX_FILENAME:
+        stem, dot, suffix = name.rpartition(".")
+        keep = f".{suffix}" if dot and stem and len(suffix) <= 16 else ""
+        name = name[: MAX_FILENAME - len(keep)] + keep
+    return name
+
+
+def mime_type(declared: str | None, filename: str) -> str:
+    declared = (declared or "").split(";")[0].strip().lower()
+    if _MIME.fullmatch(declared) and declared != "application/octet-stream":
+        return declared
+    return mimetypes.guess_type(filename)[0] or "application/octet-stream"
+
+
+def is_text(mime: str, filename: str) -> bool:
+    return mime.startswith("text/") or mime in _TEXT_TYPES or Path(filename).suffix.lower() in _TEXT_SUFFIXES
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with an ASCII fallback name and the exact name in RFC 5987 form."""
+    fallback = "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\;' else "_" for ch in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+class FileTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Blob:
+    size: int
+    sha256: str
+
+
+class Blobs:
+    """Uploaded files' bytes on disk, one file per id under ``root``; metadata lives in the store.
+
+    A blob is written under ``root/.partial`` and moved into place only once it is whole, so a crash or a
+    cancelled upload never leaves a file the API can see.
+    """
+
+    def __init__(self, root: str | Path | None) -> None:
+        self._temporary: tempfile.TemporaryDirectory[str] | None = None
+        if root is None:
+            # PARLEY_DATA_DIR=:memory: keeps blobs in a temporary directory, removed at shutdown.
+            self._temporary = tempfile.TemporaryDirectory(prefix="parley-files-")
+            root = self._temporary.name
+        self.root = Path(root)
+        self._partial = self.root / ".partial"
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(self._prepare)
+
+    def _prepare(self) -> None:
+        self._partial.mkdir(parents=True, exist_ok=True)
+        # Partial uploads left by a crash; recent ones may belong to another worker still receiving them.
+        cutoff = time.time() - PARTIAL_MAX_AGE
+        for leftover in self._partial.iterdir():
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._temporary is not None:
+            self._temporary.cleanup()
+
+    def path(self, file_id: str) -> Path:
+        return self.root / file_id
+
+    @asynccontextmanager
+    async def writer(self, file_id: str, limit: int) -> AsyncIterator[BlobWriter]:
+        """A writer for a new blob; unless ``commit`` ran, whatever it wrote is removed at the end."""
+        writer = BlobWriter(self._partial / f"{file_id}.part", self.path(file_id), limit)
+        try:
+            yield writer
+        finally:
+            await writer.discard()
+
+    async def delete(self, file_id: str) -> None:
+        await anyio.to_thread.run_sync(lambda: self.path(file_id).unlink(missing_ok=True))
+
+    async def read_text(self, file_id: str) -> str:
+        data = await anyio.Path(self.path(file_id)).read_bytes()
+        return data.decode("utf-8", errors="replace")
+
+
+class BlobWriter:
+    """Writes one upload chunk by chunk, counting and hashing as it goes; nothing is kept in memory."""
+
+    def __init__(self, partial: Path, destination: Path, limit: int) -> None:
+        self.partial = partial
+        self.destination = destination
+        self.limit = limit
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._file: AsyncFile[bytes] | None = None
+
+    async def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise FileTooLarge
+        if self._file is None:
+            self._file = await anyio.open_file(self.partial, "wb")
+        self._hash.update(data)
+        await self._file.write(data)
+
+    async def commit(self) -> Blob:
+        if self._file is None:
+            self._file = await anyio.open_file(self.partial, "wb")
+        await self._file.aclose()
+        await anyio.to_thread.run_sync(os.replace, self.partial, self.destination)
+        return Blob(self.size, self._hash.hexdigest())
+
+    async def discard(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._file is not None:
+                await self._file.aclose()
+            await anyio.to_thread.run_sync(lambda: self.partial.unlink(missing_ok=True))
