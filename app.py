@@ -18,7 +18,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from agents import Agent, Agents, Attachment, EchoAgent, UnknownAgent
+from agents import Agent, Agents, Attachment, EchoAgent, OpenAIAgent, UnknownAgent
 from sessions import Interactions, SQLiteStore, Store
 from sessions.errors import ApiError, BadRequest, NotFound, PayloadTooLarge
 from sessions.files import Blobs, FileTooLarge, content_disposition, is_text, mime_type, safe_filename
@@ -64,6 +64,7 @@ class Parley:
         return self
 
     async def close(self) -> None:
+        await self.agents.aclose()
         await self.store.close()
         self.blobs.close()
 
@@ -308,6 +309,16 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 def default_agents(settings: Settings) -> Agents:
     agents: list[Agent] = [EchoAgent(delay=settings.echo_delay)]
+    if settings.openai_base_url:
+        openai = OpenAIAgent(
+            settings.openai_base_url,
+            settings.openai_model,
+            api_key=settings.openai_api_key,
+            system_prompt=settings.openai_system_prompt,
+            connect_timeout=settings.openai_connect_timeout,
+            read_timeout=settings.openai_read_timeout,
+        )
+        agents.append(openai)
     try:
         return Agents(agents, default=settings.agent)
     except UnknownAgent:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from agents.base import Agent, AgentError, Attachment, HistoryEntry, Turn, UpstreamError
 from agents.echo import EchoAgent
+from agents.openai import OpenAIAgent
 
 __all__ = [
     "Agent",
@@ -19,6 +20,7 @@ __all__ = [
     "Attachment",
     "EchoAgent",
     "HistoryEntry",
+    "OpenAIAgent",
     "Turn",
     "UnknownAgent",
     "UpstreamError",
@@ -51,3 +53,10 @@ class Agents:
 
     def __iter__(self) -> Iterator[Agent]:
         return iter(self._by_name.values())
+
+    async def aclose(self) -> None:
+        """Release what the agents hold (an HTTP client, say)."""
+        for agent in self:
+            aclose = getattr(agent, "aclose", None)
+            if aclose is not None:
+                await aclose()
