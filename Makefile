@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test lint format bench clean
+REDIS_URL ?= redis://127.0.0.1:6379/0
+WORKERS ?= 2
+
+.PHONY: install redis-server run run-redis test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -15,10 +18,23 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[redis,dev]'
 	touch $@
 
+# The Redis tests start redis-server processes of their own; install the binary when it is missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null); \
+		else \
+			echo "redis-server is not installed: the Redis tests will be skipped (apt-get install redis-server)"; \
+		fi; }
+
 run: install
 	$(BIN)/uvicorn app:app --host $(HOST) --port $(PORT)
 
-test: install
+# Several worker processes sharing one Redis: cancels, the busy rule and history hold across them.
+run-redis: install
+	PARLEY_REDIS_URL=$(REDIS_URL) $(BIN)/uvicorn app:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+test: install redis-server
 	$(BIN)/python -m pytest
 
 lint: install

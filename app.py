@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 from starlette.applications import Starlette
@@ -20,7 +21,7 @@ from starlette.types import ASGIApp
 
 from agents import Agent, Agents, Attachment, EchoAgent, OpenAIAgent, UnknownAgent
 from sessions import Interactions, SQLiteStore, Store
-from sessions.errors import ApiError, BadRequest, NotFound, PayloadTooLarge
+from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge
 from sessions.files import Blobs, FileTooLarge, content_disposition, is_text, mime_type, safe_filename
 from sessions.forms import (
     SESSION_ID,
@@ -36,6 +37,9 @@ from sessions.streaming import ChatStream, error_response
 from sessions.uploads import receive_upload
 from settings import Settings
 
+if TYPE_CHECKING:
+    from sessions.redis import RedisCoordinator
+
 logger = logging.getLogger("parley")
 
 
@@ -48,6 +52,7 @@ class Parley:
     agents: Agents
     blobs: Blobs
     interactions: Interactions = field(default_factory=Interactions)
+    coordinator: RedisCoordinator | None = None
     _ready: bool = False
     _ready_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
@@ -58,10 +63,42 @@ class Parley:
                 if not self._ready:
                     await self.store.open()
                     await self.blobs.open()
-                    # Turns left "streaming" by a process that died cannot finish any more.
-                    await self.store.interrupt_turns()
+                    if self.coordinator is None:
+                        # Embedded: turns left "streaming" by a process that died cannot finish any more.
+                        # (On Redis, leases tell which owners are gone: see settle() and the sweeper.)
+                        await self.store.interrupt_turns()
                     self._ready = True
         return self
+
+    async def settle(self, session_id: str) -> None:
+        """On Redis: record the session's turns whose process died (its lease ran out) as interrupted."""
+        if self.coordinator is not None:
+            await self.store.interrupt_turns(session_id)
+
+    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
+        """Embedded store only: is the session's reply being streamed by another worker process?"""
+        if self.coordinator is not None or self.interactions.get(session_id) is not None:
+            return False
+        history = await self.store.list_messages(session_id)
+        last = history[-1] if history else None
+        return (
+            last is not None
+            and last.status == "streaming"
+            and (interaction_id is None or last.interaction_id == interaction_id)
+        )
+
+    async def run_background(self) -> None:
+        """What a Redis-backed process runs beside its requests: the cancel listener and the lease sweeper."""
+        if self.coordinator is None:
+            return
+        async with anyio.create_task_group() as tg:
+            await tg.start(self.coordinator.listen, self.interactions.cancel_here)
+            while True:
+                await anyio.sleep(self.settings.redis_lease_seconds)
+                try:
+                    await self.store.interrupt_turns()
+                except ApiError:
+                    logger.warning("lease sweeper: the store is unavailable; will retry")
 
     async def close(self) -> None:
         await self.agents.aclose()
@@ -109,8 +146,11 @@ async def list_sessions(request: Request) -> Response:
 async def get_session(request: Request) -> Response:
     parley = await _parley(request)
     session = await _session(parley, request.path_params["session_id"])
-    status = "streaming" if parley.interactions.get(session.ui_session_id) else "idle"
-    return JSONResponse({**session.to_json(), "status": status})
+    await parley.settle(session.ui_session_id)
+    streaming = await parley.interactions.is_streaming(session.ui_session_id) or await parley.streaming_elsewhere(
+        session.ui_session_id, None
+    )
+    return JSONResponse({**session.to_json(), "status": "streaming" if streaming else "idle"})
 
 
 async def delete_session(request: Request) -> Response:
@@ -127,6 +167,7 @@ async def delete_session(request: Request) -> Response:
 async def list_messages(request: Request) -> Response:
     parley = await _parley(request)
     session = await _session(parley, request.path_params["session_id"])
+    await parley.settle(session.ui_session_id)
     messages = await parley.store.list_messages(session.ui_session_id)
     return JSONResponse({"messages": [message.to_json() for message in messages]})
 
@@ -145,6 +186,7 @@ async def chat(request: Request) -> Response | ASGIApp:
     file_ids = parse_file_ids(optional_text(form, "file_ids"))
     session = await _session(parley, session_id)
     attachments = await _attachments(parley, session_id, file_ids)
+    await parley.settle(session_id)
     return ChatStream(
         store=parley.store,
         interactions=parley.interactions,
@@ -172,8 +214,15 @@ async def cancel(request: Request) -> Response:
     form = await read_form(request)
     session_id = required_text(form, "ui_session_id")
     interaction_id = optional_text(form, "interaction_id")
-    await _session(parley, session_id)
-    cancelled = parley.interactions.cancel(session_id, interaction_id)
+    if parley.interactions.get(session_id) is None:
+        # Not streaming here: the session must exist, and the owner may be another process.
+        await _session(parley, session_id)
+        if await parley.streaming_elsewhere(session_id, interaction_id):
+            raise CancelFailed(
+                f"Failed to cancel interaction for session: {session_id}. It is streaming in another worker "
+                "process, which the embedded store cannot reach: set PARLEY_REDIS_URL to run several processes."
+            )
+    cancelled = await parley.interactions.cancel(session_id, interaction_id)
     return JSONResponse(
         {
             "status": "success",
@@ -331,6 +380,16 @@ def default_store(settings: Settings) -> Store:
     return SQLiteStore(f"{settings.data_dir}/parley.db")
 
 
+def _parts(settings: Settings, store: Store | None) -> tuple[Store, RedisCoordinator | None]:
+    if not settings.redis_url:
+        return store or default_store(settings), None
+    # Imported here: redis-py is an optional extra (parley[redis]), needed only when Redis is configured.
+    from sessions.redis import RedisCoordinator, RedisStore, connect
+
+    redis = connect(settings.redis_url)
+    return store or RedisStore(redis), RedisCoordinator(redis, lease_seconds=settings.redis_lease_seconds)
+
+
 def default_blobs(settings: Settings) -> Blobs:
     return Blobs(None if settings.data_dir == ":memory:" else f"{settings.data_dir}/files")
 
@@ -344,15 +403,24 @@ def create_app(
 ) -> Starlette:
     """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*)."""
     settings = settings or Settings.from_env()
+    store, coordinator = _parts(settings, store)
     parley = Parley(
-        settings, store or default_store(settings), agents or default_agents(settings), default_blobs(settings)
+        settings,
+        store,
+        agents or default_agents(settings),
+        default_blobs(settings),
+        Interactions(coordinator),
+        coordinator,
     )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await parley.ready()
         try:
-            yield
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(parley.run_background)
+                yield
+                tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await parley.close()

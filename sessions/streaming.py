@@ -77,13 +77,14 @@ class ChatStream:
         turn = Turn(self.session_id, self.message, history, self.attachments)
         headers = [*_HEADERS, (b"x-interaction-id", interaction.id.encode())]
         sent: list[str] = []
-        started = False
+        started = recorded = False
         failure: Exception | None = None
         # Stays "interrupted" only if something outside the interaction (a server shutdown) tears it down.
         status: MessageStatus = "interrupted"
         try:
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(_cancel_on_disconnect, receive, interaction)
+                task_group.start_soon(self.interactions.keep_claimed, interaction)
                 with interaction.scope:
                     try:
                         async with aclosing(self.agent.reply(turn)) as tokens:
@@ -105,13 +106,19 @@ class ChatStream:
                 status = _REASON_STATUS[interaction.reason]
             else:
                 status = "complete"
+            # Record before the client sees the end, so that reading the history right after finds the reply;
+            # but if the store is slow (Redis down), end the stream anyway and keep trying in the finally.
+            with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
+                await self.store.finish_turn(reply.id, "".join(sent), status)
+            recorded = not attempt.cancelled_caught
             if failure is None:
                 if not started:
                     await send({"type": "http.response.start", "status": 200, "headers": headers})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.store.finish_turn(reply.id, "".join(sent), status)
+            if not recorded:
+                with anyio.CancelScope(shield=True):
+                    await self.store.finish_turn(reply.id, "".join(sent), status)
 
         if failure is not None:
             if started:
@@ -122,6 +129,9 @@ class ChatStream:
                 raise failure
             logger.error("agent failed in session %s", self.session_id, exc_info=failure)
             raise AgentError("The agent failed before it could reply.")
+
+
+_RECORD_BEFORE_END = 1.0
 
 
 class StreamAborted(Exception):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -161,3 +162,67 @@ async def eventually(predicate: Callable[[], Awaitable[bool]], within: float = 5
     with anyio.fail_after(within):
         while not await predicate():
             await anyio.sleep(0.02)
+
+
+class RedisServer:
+    """A real ``redis-server`` of the test's own, on a free loopback port, that can be stopped and restarted."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            # Append-only with fsync: data written before a stop is there after the restart.
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def _redis_unavailable(reason: str) -> None:
+    if os.environ.get("PARLEY_REQUIRE_REDIS") == "1":
+        pytest.fail(f"PARLEY_REQUIRE_REDIS=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh redis-server for this test alone (tests that stop and restart Redis need their own)."""
+    if shutil.which("redis-server") is None:
+        _redis_unavailable("redis-server is not on PATH (apt-get install redis-server)")
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One redis-server for the whole run (or PARLEY_TEST_REDIS_URL); tests keep apart by key prefix."""
+    if shutil.which("redis-server") is not None:
+        server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+        yield server.url
+        server.stop()
+    elif os.environ.get("PARLEY_TEST_REDIS_URL"):
+        yield os.environ["PARLEY_TEST_REDIS_URL"]
+    else:
+        _redis_unavailable("no redis-server on PATH and no PARLEY_TEST_REDIS_URL")

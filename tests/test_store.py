@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,10 +15,17 @@ from sessions.store import FileInfo, Message, Session, new_id, utcnow
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["sqlite", "sqlite-memory"])
+@pytest.fixture(params=["sqlite", "sqlite-memory", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     kind = request.param
-    store: Store = SQLiteStore(tmp_path / "parley.db") if kind == "sqlite" else SQLiteStore(":memory:")
+    store: Store
+    if kind == "redis":
+        from sessions.redis import RedisStore, connect
+
+        url = request.getfixturevalue("shared_redis_url")
+        store = RedisStore(connect(url), prefix=f"test-{secrets.token_hex(6)}:")
+    else:
+        store = SQLiteStore(tmp_path / "parley.db") if kind == "sqlite" else SQLiteStore(":memory:")
     await store.open()
     yield store
     await store.close()

@@ -1,0 +1,398 @@
+"""Scale-out on Redis: the store, and the coordinator that keeps one interaction per session across
+processes (a claim with a lease) and carries cancels to the process that owns the stream (pub/sub)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import anyio
+import anyio.abc
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+
+from sessions.errors import CancelFailed, SessionExists, StoreUnavailable
+from sessions.store import FileInfo, Message, MessageStatus, Session
+
+logger = logging.getLogger("parley")
+
+_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+# Mark a session's "streaming" turns "interrupted", unless an interaction holds the session's claim.
+_INTERRUPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local key = ARGV[1] .. 'msg:' .. id
+  if redis.call('HGET', key, 'status') == 'streaming' then
+    redis.call('HSET', key, 'status', 'interrupted')
+    n = n + 1
+  end
+end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[2])
+return n
+"""
+
+_FINISH = """
+local session_id = redis.call('HGET', KEYS[1], 'session_id')
+if not session_id then return 0 end
+redis.call('HSET', KEYS[1], 'content', ARGV[1], 'status', ARGV[2])
+local streaming = ARGV[4] .. 'streaming:' .. session_id
+redis.call('SREM', streaming, ARGV[3])
+if redis.call('SCARD', streaming) == 0 then redis.call('SREM', ARGV[4] .. 'streaming', session_id) end
+return 1
+"""
+
+_CREATE_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'agent', ARGV[1], 'created_at', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+
+_DELETE_SESSION = """
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[2])
+for _, id in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do redis.call('DEL', ARGV[1] .. 'msg:' .. id) end
+for _, id in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do redis.call('DEL', ARGV[1] .. 'file:' .. id) end
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+redis.call('SREM', KEYS[6], ARGV[2])
+return 1
+"""
+
+_DELETE_FILE = """
+if redis.call('HGET', KEYS[1], 'session_id') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('LREM', KEYS[2], 0, ARGV[2])
+return 1
+"""
+
+_RENEW = """
+local value = redis.call('GET', KEYS[1])
+if value == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not value then return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0 end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def connect(url: str) -> Redis:
+    # Short timeouts: when Redis is down, requests should hear 503 quickly rather than hang.
+    return Redis.from_url(
+        url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5, health_check_interval=15
+    )
+
+
+@contextmanager
+def _reachable() -> Iterator[None]:
+    try:
+        yield
+    except _DOWN:
+        raise StoreUnavailable("The session store (Redis) is unavailable right now; try again shortly.") from None
+
+
+class RedisStore:
+    """The store on Redis. Behaves exactly like :class:`sessions.sqlite.SQLiteStore` (same tests)."""
+
+    def __init__(self, redis: Redis, prefix: str = "parley:", finish_retry_seconds: float = 300.0) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.finish_retry_seconds = finish_retry_seconds
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    async def open(self) -> None:
+        pass  # connections are made on first use, and again after Redis comes back
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def create_session(self, session: Session) -> None:
+        score = datetime.fromisoformat(session.created_at.replace("Z", "+00:00")).timestamp()
+        with _reachable():
+            created = await self.redis.eval(
+                _CREATE_SESSION,
+                2,
+                self.key("session", session.ui_session_id),
+                self.key("sessions"),
+                session.agent,
+                session.created_at,
+                str(score),
+                session.ui_session_id,
+            )
+        if not created:
+            raise SessionExists(session.ui_session_id)
+
+    async def get_session(self, session_id: str) -> Session | None:
+        with _reachable():
+            fields: Any = await self.redis.hgetall(self.key("session", session_id))
+        return _session(session_id, fields) if fields else None
+
+    async def list_sessions(self, limit: int, offset: int) -> list[Session]:
+        with _reachable():
+            ids: Any = await self.redis.zrevrange(self.key("sessions"), offset, offset + limit - 1)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for session_id in ids:
+                    pipe.hgetall(self.key("session", session_id))
+                rows = await pipe.execute()
+        return [_session(sid, fields) for sid, fields in zip(ids, rows, strict=True) if fields]
+
+    async def delete_session(self, session_id: str) -> bool:
+        with _reachable():
+            deleted = await self.redis.eval(
+                _DELETE_SESSION,
+                6,
+                self.key("session", session_id),
+                self.key("sessions"),
+                self.key("messages", session_id),
+                self.key("files", session_id),
+                self.key("streaming", session_id),
+                self.key("streaming"),
+                self.prefix,
+                session_id,
+            )
+        return bool(deleted)
+
+    async def start_turn(self, user: Message, assistant: Message) -> None:
+        session_id = user.session_id
+        with _reachable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for message in (user, assistant):
+                    pipe.hset(self.key("msg", message.id), mapping=_message_fields(message))
+                pipe.rpush(self.key("messages", session_id), user.id, assistant.id)
+                pipe.sadd(self.key("streaming", session_id), assistant.id)
+                pipe.sadd(self.key("streaming"), session_id)
+                await pipe.execute()
+
+    async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
+        # The last word of an interaction must not be lost to a Redis outage: keep trying until it is back.
+        deadline = time.monotonic() + self.finish_retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                await self.redis.eval(_FINISH, 1, self.key("msg", message_id), content, status, message_id, self.prefix)
+                return
+            except _DOWN:
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable("The session store (Redis) stayed unavailable.") from None
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def interrupt_turns(self, session_id: str | None = None) -> int:
+        with _reachable():
+            if session_id is None:
+                members: Any = await self.redis.smembers(self.key("streaming"))
+                session_ids = sorted(members)
+            else:
+                session_ids = [session_id]
+            count = 0
+            for sid in session_ids:
+                count += await self.redis.eval(
+                    _INTERRUPT,
+                    3,
+                    self.key("claim", sid),
+                    self.key("streaming", sid),
+                    self.key("streaming"),
+                    self.prefix,
+                    sid,
+                )
+        return count
+
+    async def list_messages(self, session_id: str) -> list[Message]:
+        with _reachable():
+            ids: Any = await self.redis.lrange(self.key("messages", session_id), 0, -1)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for message_id in ids:
+                    pipe.hgetall(self.key("msg", message_id))
+                rows = await pipe.execute()
+        return [_message(fields) for fields in rows if fields]
+
+    async def add_file(self, info: FileInfo) -> None:
+        fields: dict[Any, Any] = {
+            "id": info.id,
+            "session_id": info.session_id,
+            "filename": info.filename,
+            "mime_type": info.mime_type,
+            "size": str(info.size),
+            "sha256": info.sha256,
+            "created_at": info.created_at,
+        }
+        with _reachable():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self.key("file", info.id), mapping=fields)
+                pipe.rpush(self.key("files", info.session_id), info.id)
+                await pipe.execute()
+
+    async def get_file(self, session_id: str, file_id: str) -> FileInfo | None:
+        with _reachable():
+            fields: Any = await self.redis.hgetall(self.key("file", file_id))
+        info = _file(fields) if fields else None
+        return info if info is not None and info.session_id == session_id else None
+
+    async def list_files(self, session_id: str) -> list[FileInfo]:
+        with _reachable():
+            ids: Any = await self.redis.lrange(self.key("files", session_id), 0, -1)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for file_id in ids:
+                    pipe.hgetall(self.key("file", file_id))
+                rows = await pipe.execute()
+        return [_file(fields) for fields in rows if fields]
+
+    async def delete_file(self, session_id: str, file_id: str) -> bool:
+        with _reachable():
+            deleted = await self.redis.eval(
+                _DELETE_FILE, 2, self.key("file", file_id), self.key("files", session_id), session_id, file_id
+            )
+        return bool(deleted)
+
+
+def _session(session_id: str, row: dict[str, str]) -> Session:
+    return Session(session_id, row["agent"], row["created_at"])
+
+
+def _message_fields(message: Message) -> dict[Any, Any]:
+    return {
+        "id": message.id,
+        "session_id": message.session_id,
+        "role": message.role,
+        "content": message.content,
+        "file_ids": json.dumps(list(message.file_ids)),
+        "status": message.status,
+        "interaction_id": message.interaction_id,
+        "created_at": message.created_at,
+    }
+
+
+def _message(row: dict[str, str]) -> Message:
+    return Message(
+        row["id"],
+        row["session_id"],
+        row["role"],  # type: ignore[arg-type]
+        row["content"],
+        tuple(json.loads(row["file_ids"])),
+        row["status"],  # type: ignore[arg-type]
+        row["interaction_id"],
+        row["created_at"],
+    )
+
+
+def _file(row: dict[str, str]) -> FileInfo:
+    fields = row["id"], row["session_id"], row["filename"], row["mime_type"], int(row["size"]), row["sha256"]
+    return FileInfo(*fields, row["created_at"])
+
+
+CancelHandler = Callable[[str, "str | None", str], bool]
+
+
+class RedisCoordinator:
+    """One interaction per session across processes, and cancels that reach the process owning the stream.
+
+    A claim is ``SET claim:<session> <process>:<interaction> NX PX <lease>``, renewed while the stream
+    runs; if its process dies, the claim runs out and the session is free again. A cancel for a stream
+    owned elsewhere is published on the owner's channel; the owner cancels the scope and answers on a
+    reply list whether it really had that interaction running.
+    """
+
+    def __init__(self, redis: Redis, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.lease_ms = max(int(lease_seconds * 1000), 100)
+        self.process_id = "proc_" + secrets.token_hex(8)
+        self.listening = False
+
+    def _claim_key(self, session_id: str) -> str:
+        return f"{self.prefix}claim:{session_id}"
+
+    def _channel(self, process_id: str) -> str:
+        return f"{self.prefix}cancel:{process_id}"
+
+    async def claim(self, session_id: str, interaction_id: str) -> bool:
+        with _reachable():
+            value = f"{self.process_id}:{interaction_id}"
+            return bool(await self.redis.set(self._claim_key(session_id), value, nx=True, px=self.lease_ms))
+
+    async def renew(self, session_id: str, interaction_id: str) -> bool:
+        value = f"{self.process_id}:{interaction_id}"
+        with _reachable():
+            return bool(await self.redis.eval(_RENEW, 1, self._claim_key(session_id), value, self.lease_ms))
+
+    async def release(self, session_id: str, interaction_id: str) -> None:
+        value = f"{self.process_id}:{interaction_id}"
+        with _reachable():
+            await self.redis.eval(_RELEASE, 1, self._claim_key(session_id), value)
+
+    async def owner(self, session_id: str) -> tuple[str, str] | None:
+        with _reachable():
+            value: Any = await self.redis.get(self._claim_key(session_id))
+        if value is None:
+            return None
+        process_id, _, interaction_id = str(value).partition(":")
+        return process_id, interaction_id
+
+    async def request_cancel(self, process_id: str, session_id: str, interaction_id: str, reason: str) -> bool:
+        """Ask the owning process to cancel; True if it stopped the stream. Raises CancelFailed if it is silent."""
+        request_id = secrets.token_hex(8)
+        reply_key = f"{self.prefix}cancel-reply:{request_id}"
+        payload = json.dumps(
+            {"request": request_id, "session": session_id, "interaction": interaction_id, "reason": reason}
+        )
+        with _reachable():
+            receivers = await self.redis.publish(self._channel(process_id), payload)
+            reply = await self.redis.blpop([reply_key], timeout=2) if receivers else None
+        if reply is None:
+            raise CancelFailed(
+                f"Failed to cancel interaction for session: {session_id} (the process streaming it did not answer)"
+            )
+        return bool(reply[1] == "1")
+
+    async def listen(
+        self, cancel: CancelHandler, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve cancels addressed to this process until cancelled; rides out Redis outages."""
+        started = False
+        delay = 0.1
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._channel(self.process_id))
+                    self.listening = True
+                    delay = 0.1
+                    if not started:
+                        task_status.started()
+                        started = True
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is not None:
+                            await self._answer(message["data"], cancel)
+            except _DOWN as exc:
+                self.listening = False
+                logger.warning("cancel listener lost Redis (%s); retrying", exc.__class__.__name__)
+                if not started:
+                    task_status.started()
+                    started = True
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _answer(self, data: str, cancel: CancelHandler) -> None:
+        try:
+            request: dict[str, Any] = json.loads(data)
+            cancelled = cancel(request["session"], request["interaction"] or None, request["reason"])
+        except (ValueError, KeyError, TypeError):
+            return
+        reply_key = f"{self.prefix}cancel-reply:{request['request']}"
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(reply_key, "1" if cancelled else "0")
+            pipe.expire(reply_key, 30)
+            await pipe.execute()

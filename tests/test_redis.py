@@ -1,0 +1,187 @@
+"""Scale-out: real uvicorn processes sharing a real redis-server (and, for contrast, one SQLite file)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from tests.conftest import RedisServer, Subprocess, eventually
+
+pytestmark = pytest.mark.anyio
+
+WORDS = " ".join(f"w{i}" for i in range(100))
+
+
+def pair(
+    subprocesses: Callable[[dict[str, str]], Subprocess], tmp_path: Path, redis: RedisServer | None, **env: str
+) -> tuple[Subprocess, Subprocess]:
+    common = {"PARLEY_ECHO_DELAY": "0.05", "PARLEY_REDIS_LEASE_SECONDS": "1", **env}
+    if redis is not None:
+        common["PARLEY_REDIS_URL"] = redis.url
+    else:
+        common["PARLEY_DATA_DIR"] = str(tmp_path / "shared")
+    a = subprocesses({**common, "PARLEY_DATA_DIR": common.get("PARLEY_DATA_DIR", str(tmp_path / "a"))}).start()
+    b = subprocesses({**common, "PARLEY_DATA_DIR": common.get("PARLEY_DATA_DIR", str(tmp_path / "b"))}).start()
+    return a, b
+
+
+async def history(client: httpx.AsyncClient, url: str, session_id: str) -> list[dict[str, str]]:
+    response = await client.get(f"{url}/api/v1/sessions/{session_id}/messages")
+    assert response.status_code == 200, response.text
+    return list(response.json()["messages"])
+
+
+async def test_a_stream_on_a_is_cancelled_through_b(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server)
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        received = ""
+        data = {"ui_session_id": session_id, "message": WORDS}
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+            interaction_id = response.headers["x-interaction-id"]
+            async for chunk in response.aiter_text():
+                received += chunk
+                if len(received.split()) == 3:
+                    assert (await client.get(f"{b.url}/api/v1/sessions/{session_id}")).json()["status"] == "streaming"
+                    busy = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "x"})
+                    assert busy.status_code == 409
+                    stale = await client.post(
+                        f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id, "interaction_id": "int_stale"}
+                    )
+                    assert stale.json()["cancelled"] is False
+                    cancelled_at = time.monotonic()
+                    answer = await client.post(
+                        f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id, "interaction_id": interaction_id}
+                    )
+                    assert answer.status_code == 200, answer.text
+                    assert answer.json()["cancelled"] is True
+            ended_at = time.monotonic()
+        assert ended_at - cancelled_at < 1.0
+        assert len(received.split()) < 100
+        turns = await history(client, b.url, session_id)
+        assert (turns[-1]["status"], turns[-1]["content"]) == ("cancelled", received)
+        assert (await client.get(f"{b.url}/api/v1/sessions/{session_id}")).json()["status"] == "idle"
+        again = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "on b"})
+        assert again.text == "on b"
+        idle = await client.post(f"{a.url}/api/v1/cancel", data={"ui_session_id": session_id})
+        assert idle.json()["cancelled"] is False
+
+
+async def test_delete_on_b_stops_the_stream_on_a(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server)
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        data = {"ui_session_id": session_id, "message": WORDS}
+        received = ""
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+            async for chunk in response.aiter_text():
+                if not received:
+                    deleted = await client.delete(f"{b.url}/api/v1/sessions/{session_id}")
+                    assert deleted.status_code == 200
+                received += chunk
+        assert 0 < len(received.split()) < 100
+        assert (await client.get(f"{a.url}/api/v1/sessions/{session_id}")).status_code == 404
+
+
+async def test_a_killed_owner_frees_the_session_after_its_lease(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server)
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        data = {"ui_session_id": session_id, "message": WORDS}
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+            async for _ in response.aiter_text():
+                a.stop(kill=True)  # kill -9 mid-stream
+                break
+        assert (await client.get(f"{b.url}/api/v1/sessions/{session_id}")).json()["status"] == "streaming"
+
+        async def idle() -> bool:
+            status = (await client.get(f"{b.url}/api/v1/sessions/{session_id}")).json()["status"]
+            return bool(status == "idle")
+
+        await eventually(idle, within=5)
+        turns = await history(client, b.url, session_id)
+        assert [(t["role"], t["status"]) for t in turns] == [("user", "complete"), ("assistant", "interrupted")]
+        again = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "b now"})
+        assert again.text == "b now"
+
+
+async def test_redis_down_means_503_not_a_crash_and_recovery_without_restart(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
+    message = " ".join(f"x{i}" for i in range(60))  # 1.2 s of stream
+    async with httpx.AsyncClient(timeout=20) as client:
+        cancelled_one = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        finished_one = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        other = (await client.post(f"{b.url}/api/v1/sessions")).json()["ui_session_id"]
+        results: dict[str, str] = {}
+
+        async def stream(session_id: str) -> None:
+            data = {"ui_session_id": session_id, "message": message}
+            async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+                results[session_id] = (await response.aread()).decode()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream, cancelled_one)
+            tg.start_soon(stream, finished_one)
+            await anyio.sleep(0.3)
+            redis_server.stop()
+            # A cancel of a stream the receiving process owns still works without Redis, and says so.
+            own = await client.post(f"{a.url}/api/v1/cancel", data={"ui_session_id": cancelled_one})
+            assert (own.status_code, own.json()["cancelled"]) == (200, True)
+            # Anything that needs Redis is a clear 503.
+            chat = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": other, "message": "hi"})
+            assert chat.status_code == 503
+            assert chat.json()["status"] == "error"
+            remote = await client.post(f"{b.url}/api/v1/cancel", data={"ui_session_id": finished_one})
+            assert remote.status_code == 503
+        assert results[finished_one] == message  # a running stream finishes
+        assert len(results[cancelled_one]) < len(message)
+        assert (await client.get(f"{a.url}/healthz")).status_code == 200
+        assert (await client.get(f"{b.url}/healthz")).status_code == 200
+
+        redis_server.start()  # same port, same data
+
+        # The streams ended while Redis was away; A keeps their last words and writes them once it is back.
+        async def recorded() -> bool:
+            statuses = []
+            for session_id in (finished_one, cancelled_one):
+                response = await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")
+                statuses.append(response.json()["messages"][-1]["status"] if response.status_code == 200 else None)
+            return statuses == ["complete", "cancelled"]
+
+        await eventually(recorded, within=10)
+        turns = await history(client, b.url, cancelled_one)
+        assert turns[-1]["content"] == results[cancelled_one]
+        assert (await history(client, b.url, finished_one))[-1]["content"] == message
+        again = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": other, "message": "back"})
+        assert again.text == "back"
+
+
+async def test_the_embedded_store_says_when_a_cancel_cannot_reach_another_process(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path
+) -> None:
+    a, b = pair(subprocesses, tmp_path, None)
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        data = {"ui_session_id": session_id, "message": WORDS}
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+            async for _ in response.aiter_text():
+                answer = await client.post(f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id})
+                assert answer.status_code == 500
+                assert answer.json()["status"] == "error"
+                assert "PARLEY_REDIS_URL" in answer.json()["message"]
+                stop = await client.post(f"{a.url}/api/v1/cancel", data={"ui_session_id": session_id})
+                assert stop.json()["cancelled"] is True
+                break
