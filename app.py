@@ -6,7 +6,7 @@ Run it with ``uvicorn app:app``; embed it with ``Mount("/chat", app=create_app()
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import Receive, Scope, Send
 
 from agents import Agent, Agents, Attachment, EchoAgent, OpenAIAgent, UnknownAgent
 from sessions import Interactions, SQLiteStore, Store
@@ -175,7 +175,7 @@ async def list_messages(request: Request) -> Response:
 # chat
 
 
-async def chat(request: Request) -> Response | ASGIApp:
+async def chat(request: Request) -> Response | ChatStream:
     parley = await _parley(request)
     limit = parley.settings.max_message_bytes
     form = await read_form(request, max_field_bytes=limit)
@@ -317,13 +317,25 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+class _Streaming:
+    """A route endpoint run as a plain ASGI app: Starlette wraps a function endpoint's ``send`` in one more
+    layer, a cost paid on every token of a stream. Errors still reach the app's exception handlers."""
+
+    def __init__(self, handler: Callable[[Request], Awaitable[Response | ChatStream]]) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.handler(Request(scope, receive))
+        await response(scope, receive, send)
+
+
 routes = [
     Route("/api/v1/sessions", create_session, methods=["POST"]),
     Route("/api/v1/sessions", list_sessions, methods=["GET"]),
     Route("/api/v1/sessions/{session_id}", get_session, methods=["GET"]),
     Route("/api/v1/sessions/{session_id}", delete_session, methods=["DELETE"]),
     Route("/api/v1/sessions/{session_id}/messages", list_messages, methods=["GET"]),
-    Route("/api/v1/chat", chat, methods=["POST"]),
+    Route("/api/v1/chat", _Streaming(chat), methods=["POST"]),
     Route("/api/v1/cancel", cancel, methods=["POST"]),
     Route("/api/v1/files", upload_file, methods=["POST"]),
     Route("/api/v1/files/{session_id}", list_files, methods=["GET"]),

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from functools import partial
 
 import anyio
+import anyio.lowlevel
 
 from agents.base import Turn
 
@@ -23,7 +26,17 @@ class EchoAgent:
 
     async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
         text = turn.message + "".join(f"\n[file: {f.filename}, {f.size} bytes]" for f in turn.files)
+        pause = partial(anyio.sleep, self.delay) if self.delay else _checkpoint()
         for token in _TOKEN.findall(text):
-            # Sleeping even for 0 s is a checkpoint: a fast echo still lets a cancel in between tokens.
-            await anyio.sleep(self.delay)
+            # Even with no delay, pause at a checkpoint: a fast echo still lets a cancel in between tokens.
+            await pause()
             yield token
+
+
+def _checkpoint() -> Callable[[], Awaitable[None]]:
+    """The cheapest checkpoint of the running event loop (anyio's generic one costs a backend lookup per call)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return anyio.lowlevel.checkpoint
+    return partial(asyncio.sleep, 0)

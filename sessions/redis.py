@@ -165,8 +165,9 @@ class RedisStore:
             )
         return bool(deleted)
 
-    async def start_turn(self, user: Message, assistant: Message) -> None:
+    async def start_turn(self, user: Message, assistant: Message) -> list[Message]:
         session_id = user.session_id
+        history = await self.list_messages(session_id)
         with _reachable():
             async with self.redis.pipeline(transaction=True) as pipe:
                 for message in (user, assistant):
@@ -175,6 +176,7 @@ class RedisStore:
                 pipe.sadd(self.key("streaming", session_id), assistant.id)
                 pipe.sadd(self.key("streaming"), session_id)
                 await pipe.execute()
+        return history
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         # The last word of an interaction must not be lost to a Redis outage: keep trying until it is back.

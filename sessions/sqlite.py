@@ -49,10 +49,22 @@ _MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction
 _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
 
 
-class SQLiteStore:
-    """The embedded store: one SQLite file (WAL), every query run in a worker thread, one at a time.
+class _Operation:
+    __slots__ = ("done", "error", "fn", "result")
 
-    ``path=":memory:"`` keeps everything in memory for the life of the process.
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        self.fn = fn
+        self.done = anyio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class SQLiteStore:
+    """The embedded store: one SQLite file (WAL), every query run off the event loop, in a worker thread.
+
+    Operations that arrive while the thread is busy wait, then run together in one transaction (each in
+    its own savepoint, so one failing does not undo the others): under load, many chats share one thread
+    hop and one commit. ``path=":memory:"`` keeps everything in memory for the life of the process.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -60,6 +72,8 @@ class SQLiteStore:
         self._db: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
         self._open_lock = anyio.Lock()
+        self._queue: list[_Operation] = []
+        self._flushing = False
 
     async def open(self) -> None:
         async with self._open_lock:
@@ -86,9 +100,49 @@ class SQLiteStore:
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._db is None:
             await self.open()
+        operation = _Operation(fn)
+        self._queue.append(operation)
+        if self._flushing:
+            await operation.done.wait()
+        else:
+            # This caller runs the batches, its own and whatever queues up meanwhile. Shielded: the others
+            # wait on it, and a write that has begun is finished anyway.
+            self._flushing = True
+            try:
+                with anyio.CancelScope(shield=True):
+                    while self._queue:
+                        batch, self._queue = self._queue, []
+                        await anyio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+                        for queued in batch:
+                            queued.done.set()
+            finally:
+                self._flushing = False
+        if operation.error is not None:
+            raise operation.error
+        return operation.result  # type: ignore[no-any-return]
+
+    def _run_batch(self, batch: list[_Operation]) -> None:
         db = self._db
-        assert db is not None
-        return await anyio.to_thread.run_sync(fn, db, limiter=self._limiter)
+        if db is None:
+            for operation in batch:
+                operation.error = RuntimeError("the store is closed")
+            return
+        try:
+            db.execute("BEGIN")
+            for operation in batch:
+                db.execute("SAVEPOINT operation")
+                try:
+                    operation.result = operation.fn(db)
+                except Exception as exc:
+                    operation.error = exc
+                    db.execute("ROLLBACK TO operation")
+                db.execute("RELEASE operation")
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            for operation in batch:
+                operation.error = operation.error or exc
 
     # sessions
 
@@ -129,16 +183,16 @@ class SQLiteStore:
 
     # history
 
-    async def start_turn(self, user: Message, assistant: Message) -> None:
-        def insert(db: sqlite3.Connection) -> None:
-            with db:
-                db.execute("BEGIN")
-                db.executemany(
-                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_message_row(user), _message_row(assistant)],
-                )
+    async def start_turn(self, user: Message, assistant: Message) -> list[Message]:
+        def insert(db: sqlite3.Connection) -> list[Message]:
+            history = _history(db, user.session_id)
+            db.executemany(
+                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [_message_row(user), _message_row(assistant)],
+            )
+            return history
 
-        await self._run(insert)
+        return await self._run(insert)
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         def update(db: sqlite3.Connection) -> None:
@@ -160,13 +214,7 @@ class SQLiteStore:
         return await self._run(update)
 
     async def list_messages(self, session_id: str) -> list[Message]:
-        def select(db: sqlite3.Connection) -> list[Message]:
-            rows = db.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq", (session_id,)
-            ).fetchall()
-            return [_message(row) for row in rows]
-
-        return await self._run(select)
+        return await self._run(lambda db: _history(db, session_id))
 
     # files
 
@@ -203,6 +251,13 @@ class SQLiteStore:
             return cursor.rowcount > 0
 
         return await self._run(delete)
+
+
+def _history(db: sqlite3.Connection, session_id: str) -> list[Message]:
+    rows = db.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq", (session_id,)
+    ).fetchall()
+    return [_message(row) for row in rows]
 
 
 def _message_row(message: Message) -> tuple[Any, ...]:

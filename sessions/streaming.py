@@ -68,11 +68,10 @@ class ChatStream:
             await error_response(exc.status_code, str(exc))(scope, receive, send)
 
     async def _converse(self, interaction: Interaction, receive: Receive, send: Send) -> None:
-        history = [HistoryEntry(m.role, m.content) for m in await self.store.list_messages(self.session_id)]
         now, session_id = utcnow(), self.session_id
         user = Message(new_id("msg_"), session_id, "user", self.message, self.file_ids, "complete", interaction.id, now)
         reply = Message(new_id("msg_"), session_id, "assistant", "", (), "streaming", interaction.id, now)
-        await self.store.start_turn(user, reply)
+        history = [HistoryEntry(m.role, m.content) for m in await self.store.start_turn(user, reply)]
 
         turn = Turn(self.session_id, self.message, history, self.attachments)
         headers = [*_HEADERS, (b"x-interaction-id", interaction.id.encode())]

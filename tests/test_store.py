@@ -6,6 +6,7 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from sessions import SQLiteStore, Store
@@ -56,7 +57,7 @@ async def test_sessions(store: Store) -> None:
 async def test_turns(store: Store) -> None:
     await store.create_session(Session("s", "echo", utcnow()))
     user, reply = turn("s", "hello")
-    await store.start_turn(user, reply)
+    assert await store.start_turn(user, reply) == []
     assert await store.list_messages("s") == [user, reply]
     await store.finish_turn(reply.id, "hello back", "cancelled")
     history = await store.list_messages("s")
@@ -65,6 +66,25 @@ async def test_turns(store: Store) -> None:
         ("assistant", "hello back", "cancelled", ()),
     ]
     assert await store.list_messages("other") == []
+    assert await store.start_turn(*turn("s", "again")) == history  # the history before the new turn
+
+
+async def test_concurrent_operations_each_get_their_own_result(store: Store) -> None:
+    await store.create_session(Session("s", "echo", utcnow()))
+    results: dict[int, object] = {}
+
+    async def create(i: int) -> None:
+        try:
+            await store.create_session(Session("s" if i % 10 == 0 else f"s{i}", "echo", utcnow()))
+            results[i] = "created"
+        except SessionExists:
+            results[i] = "exists"
+
+    async with anyio.create_task_group() as tg:
+        for i in range(100):
+            tg.start_soon(create, i)
+    assert sorted(i for i, result in results.items() if result == "exists") == list(range(0, 100, 10))
+    assert len(await store.list_sessions(1000, 0)) == 91
 
 
 async def test_interrupt_turns(store: Store) -> None:

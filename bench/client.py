@@ -1,0 +1,92 @@
+"""A lean load generator for streams: raw asyncio protocols, one connection per stream, a timestamp per read.
+
+Streaming replies have to be timed token by token, which wrk cannot do; a Python client can, if it
+does no more than record when bytes arrive. It runs pinned to its own core (see run.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+TERMINATOR = b"0\r\n\r\n"
+
+
+def form_post(path: str, fields: dict[str, str], port: int, keep_alive: bool = False) -> bytes:
+    body = urlencode(fields).encode()
+    connection = "keep-alive" if keep_alive else "close"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: {connection}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+@dataclass
+class Stream:
+    sent_at: float = 0.0
+    arrivals: list[float] = field(default_factory=list)
+    ended_at: float | None = None
+    status: int | None = None
+    size: int = 0
+    tail: bytes = b""
+
+
+class _StreamProtocol(asyncio.Protocol):
+    def __init__(self, request: bytes, stream: Stream, first: asyncio.Event, done: asyncio.Future[Stream]) -> None:
+        self.request = request
+        self.stream = stream
+        self.first = first
+        self.done = done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.stream.sent_at = time.perf_counter()
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        stream = self.stream
+        if stream.status is None:
+            stream.status = int(data[9:12])
+        stream.arrivals.append(now)
+        stream.size += len(data)
+        stream.tail = (stream.tail + data)[-16:]
+        if not self.first.is_set():
+            self.first.set()
+        if stream.tail.endswith(TERMINATOR) or (stream.status != 200 and stream.status is not None):
+            stream.ended_at = now
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.stream.ended_at is None:
+            self.stream.ended_at = time.perf_counter()
+        if not self.done.done():
+            self.done.set_result(self.stream)
+
+
+async def open_stream(port: int, request: bytes) -> tuple[Stream, asyncio.Event, asyncio.Future[Stream]]:
+    loop = asyncio.get_running_loop()
+    stream, first, done = Stream(), asyncio.Event(), loop.create_future()
+    await loop.create_connection(lambda: _StreamProtocol(request, stream, first, done), "127.0.0.1", port)
+    return stream, first, done
+
+
+async def request(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
