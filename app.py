@@ -378,6 +378,7 @@ def default_agents(settings: Settings) -> Agents:
             system_prompt=settings.openai_system_prompt,
             connect_timeout=settings.openai_connect_timeout,
             read_timeout=settings.openai_read_timeout,
+            history_limit=settings.openai_history_messages,
         )
         agents.append(openai)
     try:

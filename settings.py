@@ -20,6 +20,7 @@ class Settings:
     openai_system_prompt: str | None = None
     openai_connect_timeout: float = 5.0
     openai_read_timeout: float = 60.0
+    openai_history_messages: int = 100
     redis_url: str | None = None
     redis_lease_seconds: float = 10.0
 
@@ -45,6 +46,7 @@ class Settings:
             openai_system_prompt=text("OPENAI_SYSTEM_PROMPT"),
             openai_connect_timeout=number("OPENAI_CONNECT_TIMEOUT", defaults.openai_connect_timeout),
             openai_read_timeout=number("OPENAI_READ_TIMEOUT", defaults.openai_read_timeout),
+            openai_history_messages=int(number("OPENAI_HISTORY_MESSAGES", defaults.openai_history_messages)),
             redis_url=text("REDIS_URL"),
             redis_lease_seconds=number("REDIS_LEASE_SECONDS", defaults.redis_lease_seconds),
         )

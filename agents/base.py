@@ -44,6 +44,8 @@ class Agent(Protocol):
 
     name: str
     description: str
+    # How many of the session's latest messages the agent is given as history (0: none).
+    history_limit: int
 
     def reply(self, turn: Turn) -> AsyncGenerator[str, None]: ...
 

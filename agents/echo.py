@@ -20,6 +20,7 @@ class EchoAgent:
 
     name = "echo"
     description = "Echoes your message back, one word at a time."
+    history_limit = 0
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay

@@ -34,7 +34,9 @@ class OpenAIAgent:
         system_prompt: str | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
+        history_limit: int = 100,
     ) -> None:
+        self.history_limit = history_limit
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.description = f"{model} at {base_url}"

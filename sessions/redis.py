@@ -165,9 +165,9 @@ class RedisStore:
             )
         return bool(deleted)
 
-    async def start_turn(self, user: Message, assistant: Message) -> list[Message]:
+    async def start_turn(self, user: Message, assistant: Message, history_limit: int) -> list[Message]:
         session_id = user.session_id
-        history = await self.list_messages(session_id)
+        history = await self._messages(session_id, -history_limit) if history_limit > 0 else []
         with _reachable():
             async with self.redis.pipeline(transaction=True) as pipe:
                 for message in (user, assistant):
@@ -213,8 +213,11 @@ class RedisStore:
         return count
 
     async def list_messages(self, session_id: str) -> list[Message]:
+        return await self._messages(session_id, 0)
+
+    async def _messages(self, session_id: str, start: int) -> list[Message]:
         with _reachable():
-            ids: Any = await self.redis.lrange(self.key("messages", session_id), 0, -1)
+            ids: Any = await self.redis.lrange(self.key("messages", session_id), start, -1)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for message_id in ids:
                     pipe.hgetall(self.key("msg", message_id))

@@ -183,9 +183,9 @@ class SQLiteStore:
 
     # history
 
-    async def start_turn(self, user: Message, assistant: Message) -> list[Message]:
+    async def start_turn(self, user: Message, assistant: Message, history_limit: int) -> list[Message]:
         def insert(db: sqlite3.Connection) -> list[Message]:
-            history = _history(db, user.session_id)
+            history = _history(db, user.session_id, history_limit) if history_limit > 0 else []
             db.executemany(
                 f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [_message_row(user), _message_row(assistant)],
@@ -253,11 +253,11 @@ class SQLiteStore:
         return await self._run(delete)
 
 
-def _history(db: sqlite3.Connection, session_id: str) -> list[Message]:
+def _history(db: sqlite3.Connection, session_id: str, limit: int = -1) -> list[Message]:
     rows = db.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq", (session_id,)
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?", (session_id, limit)
     ).fetchall()
-    return [_message(row) for row in rows]
+    return [_message(row) for row in reversed(rows)]
 
 
 def _message_row(message: Message) -> tuple[Any, ...]:

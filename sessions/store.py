@@ -91,9 +91,9 @@ class Store(Protocol):
     async def list_sessions(self, limit: int, offset: int) -> list[Session]: ...
     async def delete_session(self, session_id: str) -> bool: ...
 
-    async def start_turn(self, user: Message, assistant: Message) -> list[Message]:
+    async def start_turn(self, user: Message, assistant: Message, history_limit: int) -> list[Message]:
         """Store the user's message and the assistant's ``streaming`` placeholder together, and return the
-        session's history before them (what the agent is given)."""
+        session's latest ``history_limit`` messages before them (what the agent is given)."""
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         """Give the assistant's placeholder its final text and terminal status."""

@@ -71,7 +71,8 @@ class ChatStream:
         now, session_id = utcnow(), self.session_id
         user = Message(new_id("msg_"), session_id, "user", self.message, self.file_ids, "complete", interaction.id, now)
         reply = Message(new_id("msg_"), session_id, "assistant", "", (), "streaming", interaction.id, now)
-        history = [HistoryEntry(m.role, m.content) for m in await self.store.start_turn(user, reply)]
+        earlier = await self.store.start_turn(user, reply, self.agent.history_limit)
+        history = [HistoryEntry(m.role, m.content) for m in earlier]
 
         turn = Turn(self.session_id, self.message, history, self.attachments)
         headers = [*_HEADERS, (b"x-interaction-id", interaction.id.encode())]

@@ -282,6 +282,7 @@ def test_memory_stays_flat_while_uploading_near_the_limit(
 class RecordingAgent:
     name = "recording"
     description = "test agent"
+    history_limit = 0
 
     def __init__(self) -> None:
         self.turns: list[Turn] = []

@@ -57,7 +57,7 @@ async def test_sessions(store: Store) -> None:
 async def test_turns(store: Store) -> None:
     await store.create_session(Session("s", "echo", utcnow()))
     user, reply = turn("s", "hello")
-    assert await store.start_turn(user, reply) == []
+    assert await store.start_turn(user, reply, 10) == []
     assert await store.list_messages("s") == [user, reply]
     await store.finish_turn(reply.id, "hello back", "cancelled")
     history = await store.list_messages("s")
@@ -66,7 +66,11 @@ async def test_turns(store: Store) -> None:
         ("assistant", "hello back", "cancelled", ()),
     ]
     assert await store.list_messages("other") == []
-    assert await store.start_turn(*turn("s", "again")) == history  # the history before the new turn
+    assert await store.start_turn(*turn("s", "again"), 10) == history  # the history before the new turn
+    so_far = await store.list_messages("s")
+    assert len(so_far) == 4
+    assert await store.start_turn(*turn("s", "more"), 3) == so_far[1:]
+    assert await store.start_turn(*turn("s", "none"), 0) == []
 
 
 async def test_concurrent_operations_each_get_their_own_result(store: Store) -> None:
@@ -90,7 +94,7 @@ async def test_concurrent_operations_each_get_their_own_result(store: Store) -> 
 async def test_interrupt_turns(store: Store) -> None:
     for session_id in ("a", "b"):
         await store.create_session(Session(session_id, "echo", utcnow()))
-        await store.start_turn(*turn(session_id))
+        await store.start_turn(*turn(session_id), 0)
     assert await store.interrupt_turns("a") == 1
     assert [m.status for m in await store.list_messages("a")] == ["complete", "interrupted"]
     assert [m.status for m in await store.list_messages("b")] == ["complete", "streaming"]
@@ -101,7 +105,7 @@ async def test_interrupt_turns(store: Store) -> None:
 
 async def test_deleting_a_session_deletes_its_history_and_files(store: Store) -> None:
     await store.create_session(Session("s", "echo", utcnow()))
-    await store.start_turn(*turn("s"))
+    await store.start_turn(*turn("s"), 0)
     info = FileInfo("file_1", "s", "a.txt", "text/plain", 3, "ab" * 32, utcnow())
     await store.add_file(info)
     await store.delete_session("s")
@@ -129,7 +133,7 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "deep" / "parley.db")
     await store.open()
     await store.create_session(Session("s", "echo", utcnow()))
-    await store.start_turn(*turn("s"))
+    await store.start_turn(*turn("s"), 0)
     await store.close()
     again = SQLiteStore(tmp_path / "deep" / "parley.db")
     assert await again.get_session("s") is not None  # opens itself on first use

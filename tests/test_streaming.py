@@ -161,6 +161,7 @@ class ProbeAgent:
 
     name = "probe"
     description = "test agent"
+    history_limit = 0
 
     def __init__(self) -> None:
         self.closed = anyio.Event()
@@ -211,6 +212,7 @@ async def _last_status_is(client: httpx.AsyncClient, session_id: str, status: st
 class FailingAgent:
     name = "failing"
     description = "test agent"
+    history_limit = 0
 
     def __init__(self, after: int) -> None:
         self.after = after
