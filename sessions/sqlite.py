@@ -50,11 +50,10 @@ _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
 
 
 class _Operation:
-    __slots__ = ("done", "error", "fn", "result")
+    __slots__ = ("error", "fn", "result")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
         self.fn = fn
-        self.done = anyio.Event()
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -74,6 +73,7 @@ class SQLiteStore:
         self._open_lock = anyio.Lock()
         self._queue: list[_Operation] = []
         self._flushing = False
+        self._next_batch_done = anyio.Event()
 
     async def open(self) -> None:
         async with self._open_lock:
@@ -103,7 +103,7 @@ class SQLiteStore:
         operation = _Operation(fn)
         self._queue.append(operation)
         if self._flushing:
-            await operation.done.wait()
+            await self._next_batch_done.wait()
         else:
             # This caller runs the batches, its own and whatever queues up meanwhile. Shielded: the others
             # wait on it, and a write that has begun is finished anyway.
@@ -112,9 +112,9 @@ class SQLiteStore:
                 with anyio.CancelScope(shield=True):
                     while self._queue:
                         batch, self._queue = self._queue, []
+                        batch_done, self._next_batch_done = self._next_batch_done, anyio.Event()
                         await anyio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
-                        for queued in batch:
-                            queued.done.set()
+                        batch_done.set()
             finally:
                 self._flushing = False
         if operation.error is not None:

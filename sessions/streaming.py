@@ -84,7 +84,8 @@ class ChatStream:
         try:
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(_cancel_on_disconnect, receive, interaction)
-                task_group.start_soon(self.interactions.keep_claimed, interaction)
+                if self.interactions.coordinator is not None:
+                    task_group.start_soon(self.interactions.keep_claimed, interaction)
                 with interaction.scope:
                     try:
                         async with aclosing(self.agent.reply(turn)) as tokens:
