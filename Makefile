@@ -8,7 +8,7 @@ PORT ?= 8000
 REDIS_URL ?= redis://127.0.0.1:6379/0
 WORKERS ?= 2
 
-.PHONY: install redis-server run run-redis test lint format bench clean
+.PHONY: install redis-server wrk run run-redis test lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,14 @@ redis-server:
 			echo "redis-server is not installed: the Redis tests will be skipped (apt-get install redis-server)"; \
 		fi; }
 
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null); \
+		else \
+			echo "make bench needs wrk (apt-get install wrk)"; exit 1; \
+		fi; }
+
 run: install
 	$(BIN)/uvicorn app:app --host $(HOST) --port $(PORT)
 
@@ -36,6 +44,11 @@ run-redis: install
 
 test: install redis-server
 	$(BIN)/python -m pytest
+
+# Starts its own servers on loopback, pinned to core 0, with the load generators on core 1; writes bench/RESULTS.md.
+bench: install wrk
+	$(BIN)/python -m pip install --quiet -e '.[redis,dev,bench]'
+	$(BIN)/python -m bench.run --write
 
 lint: install
 	$(BIN)/ruff check .

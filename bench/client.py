@@ -53,7 +53,8 @@ class _StreamProtocol(asyncio.Protocol):
         stream = self.stream
         if stream.status is None:
             stream.status = int(data[9:12])
-        stream.arrivals.append(now)
+        if data != TERMINATOR:  # the end of the body is no token: only tokens' arrivals are timed
+            stream.arrivals.append(now)
         stream.size += len(data)
         stream.tail = (stream.tail + data)[-16:]
         if not self.first.is_set():

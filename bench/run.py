@@ -238,7 +238,7 @@ def _held(level: Level | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="throughput,concurrency,short,cancel")
-    parser.add_argument("--levels", default="250,500,1000,2000,4000")
+    parser.add_argument("--levels", default="500,1000,1500,2000,2500,3000,3500,4000")
     parser.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
     args = parser.parse_args()
     only = set(args.only.split(","))

@@ -50,10 +50,12 @@ _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
 
 
 class _Operation:
-    __slots__ = ("error", "fn", "result")
+    __slots__ = ("atomic", "done", "error", "fn", "result")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], atomic: bool) -> None:
         self.fn = fn
+        self.atomic = atomic
+        self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -61,9 +63,10 @@ class _Operation:
 class SQLiteStore:
     """The embedded store: one SQLite file (WAL), every query run off the event loop, in a worker thread.
 
-    Operations that arrive while the thread is busy wait, then run together in one transaction (each in
-    its own savepoint, so one failing does not undo the others): under load, many chats share one thread
-    hop and one commit. ``path=":memory:"`` keeps everything in memory for the life of the process.
+    Operations that arrive while the thread is busy wait, then run together in one transaction (one that
+    fails does not undo the others: a single statement is atomic by itself, and an operation of several
+    runs in a savepoint): under load, many chats share one thread hop and one commit.
+    ``path=":memory:"`` keeps everything in memory for the life of the process.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -73,7 +76,7 @@ class SQLiteStore:
         self._open_lock = anyio.Lock()
         self._queue: list[_Operation] = []
         self._flushing = False
-        self._next_batch_done = anyio.Event()
+        self._batch_finished = anyio.Event()
 
     async def open(self) -> None:
         async with self._open_lock:
@@ -97,26 +100,32 @@ class SQLiteStore:
                 db, self._db = self._db, None
                 await anyio.to_thread.run_sync(db.close, limiter=self._limiter)
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], atomic: bool = False) -> T:
+        """Run ``fn`` in the store's thread. ``atomic=True`` when it runs several statements that must all
+        happen or none."""
         if self._db is None:
             await self.open()
-        operation = _Operation(fn)
+        operation = _Operation(fn, atomic)
         self._queue.append(operation)
-        if self._flushing:
-            await self._next_batch_done.wait()
-        else:
-            # This caller runs the batches, its own and whatever queues up meanwhile. Shielded: the others
-            # wait on it, and a write that has begun is finished anyway.
+        while not operation.done:
+            if self._flushing:
+                await self._batch_finished.wait()
+                continue
+            # This caller runs one batch: everything queued now, its own operation included. Then the
+            # waiters wake, and one whose operation is still queued runs the next. (A caller that kept
+            # flushing while others queued up would never get back to its own request under load.)
+            # Shielded: the others wait on it, and a write that has begun is finished anyway.
             self._flushing = True
             try:
                 with anyio.CancelScope(shield=True):
-                    while self._queue:
-                        batch, self._queue = self._queue, []
-                        batch_done, self._next_batch_done = self._next_batch_done, anyio.Event()
-                        await anyio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
-                        batch_done.set()
+                    batch, self._queue = self._queue, []
+                    await anyio.to_thread.run_sync(self._run_batch, batch, limiter=self._limiter)
+                    for queued in batch:
+                        queued.done = True
             finally:
                 self._flushing = False
+                finished, self._batch_finished = self._batch_finished, anyio.Event()
+                finished.set()
         if operation.error is not None:
             raise operation.error
         return operation.result  # type: ignore[no-any-return]
@@ -130,13 +139,16 @@ class SQLiteStore:
         try:
             db.execute("BEGIN")
             for operation in batch:
-                db.execute("SAVEPOINT operation")
+                if operation.atomic:
+                    db.execute("SAVEPOINT operation")
                 try:
                     operation.result = operation.fn(db)
                 except Exception as exc:
                     operation.error = exc
-                    db.execute("ROLLBACK TO operation")
-                db.execute("RELEASE operation")
+                    if operation.atomic:
+                        db.execute("ROLLBACK TO operation")
+                if operation.atomic:
+                    db.execute("RELEASE operation")
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             if db.in_transaction:
@@ -192,7 +204,7 @@ class SQLiteStore:
             )
             return history
 
-        return await self._run(insert)
+        return await self._run(insert, atomic=True)
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         def update(db: sqlite3.Connection) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -139,3 +141,29 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
     assert await again.get_session("s") is not None  # opens itself on first use
     assert len(await again.list_messages("s")) == 2
     await again.close()
+
+
+async def test_sqlite_a_caller_that_ran_a_batch_gets_on_while_work_keeps_arriving(tmp_path: Path) -> None:
+    # Regression: the caller that ran a batch used to go on running the next ones as long as work kept
+    # arriving, so under steady load (the short-chat benchmark) its own request stalled for seconds.
+    store = SQLiteStore(tmp_path / "parley.db")
+    await store.open()
+    feeding = True
+    finished_while_feeding = False
+
+    def slow(db: sqlite3.Connection) -> None:
+        time.sleep(0.005)
+
+    async def first_caller() -> None:
+        nonlocal finished_while_feeding
+        await store._run(slow)
+        finished_while_feeding = feeding
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first_caller)
+        for _ in range(100):  # half a second of work arriving faster than one batch takes
+            await anyio.sleep(0.002)
+            tg.start_soon(store._run, slow)
+        feeding = False
+    await store.close()
+    assert finished_while_feeding
