@@ -161,3 +161,13 @@ async def test_cancel_rejects(client: httpx.AsyncClient) -> None:
     assert_error(await client.post("/api/v1/cancel", data={}), 400, "ui_session_id")
     assert_error(await client.post("/api/v1/cancel", data={"ui_session_id": "ses_unknown"}), 404, "ses_unknown")
     assert_error(await client.post("/api/v1/cancel", content=b"", headers={"content-type": "text/plain"}), 400)
+
+
+async def test_urlencoded_text_is_read_as_utf8_raw_or_escaped(client: httpx.AsyncClient) -> None:
+    session_id = await new_session(client)
+    headers = {"content-type": "application/x-www-form-urlencoded"}
+    raw = f"ui_session_id={session_id}&message=caf\u00e9+%E2%9C%93".encode()
+    response = await client.post("/api/v1/chat", content=raw, headers=headers)
+    assert response.text == "caf\u00e9 \u2713"
+    fields = "&".join(f"f{i}=x" for i in range(1001))
+    assert_error(await client.post("/api/v1/chat", content=fields.encode(), headers=headers), 400, "too many")
