@@ -169,5 +169,5 @@ async def test_urlencoded_text_is_read_as_utf8_raw_or_escaped(client: httpx.Asyn
     raw = f"ui_session_id={session_id}&message=caf\u00e9+%E2%9C%93".encode()
     response = await client.post("/api/v1/chat", content=raw, headers=headers)
     assert response.text == "caf\u00e9 \u2713"
-    fields = "&".join(f"f{i}=x" for i in range(1001))
+    fields = "&".join(["a="] * 1001)
     assert_error(await client.post("/api/v1/chat", content=fields.encode(), headers=headers), 400, "too many")
