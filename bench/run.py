@@ -144,6 +144,9 @@ async def _many_streams(server: Server, sessions: list[str], tokens: int) -> Lev
     return Level(len(sessions), percentile(gaps, 99) * 1000, completed, rss / len(sessions), client_cpu)
 
 
+LEVEL_LINES: list[str] = []
+
+
 def concurrency(kind: str, levels: list[int], tokens: int = 200) -> list[Level]:
     results = []
     for n in levels:
@@ -151,8 +154,10 @@ def concurrency(kind: str, levels: list[int], tokens: int = 200) -> list[Level]:
             sessions = server.sessions(n)
             level = asyncio.run(_many_streams(server, sessions, tokens))
         results.append(level)
-        print(f"  {kind:6} N={n:5}: p99 gap {level.p99_gap_ms:7.1f} ms, {level.completed}/{n} complete, "
-              f"{level.rss_per_stream_kib:6.1f} KiB/stream, client CPU {level.client_cpu:.0%}", flush=True)  # fmt: skip
+        line = (f"{kind:6} N={n:5}: p99 gap {level.p99_gap_ms:7.1f} ms, {level.completed}/{n} complete, "
+                f"{level.rss_per_stream_kib:6.1f} KiB/stream, client CPU {level.client_cpu:.0%}")  # fmt: skip
+        LEVEL_LINES.append(line)
+        print("  " + line, flush=True)
         if not level.held:
             break
     return results
@@ -279,8 +284,10 @@ def main() -> None:
     if args.write:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         command = "make bench" if args.only == parser.get_default("only") else " ".join(sys.argv)
+        levels = "\n".join(LEVEL_LINES)
+        details = f"\n## Benchmark 2, level by level\n\n```\n{levels}\n```\n" if LEVEL_LINES else ""
         (ROOT / "bench" / "RESULTS.md").write_text(
-            f"# Benchmark results\n\n{stamp}, `{command}`\n\nMachine: {machine()}\n\n{table}\n"
+            f"# Benchmark results\n\n{stamp}, `{command}`\n\nMachine: {machine()}\n\n{table}\n{details}"
         )
 
 
