@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -30,6 +31,14 @@ def pair(
     return a, b
 
 
+async def session_on(client: httpx.AsyncClient, server: Subprocess) -> str:
+    return str((await client.post(f"{server.url}/api/v1/sessions")).json()["ui_session_id"])
+
+
+def chat(client: httpx.AsyncClient, server: Subprocess, session_id: str, message: str = WORDS) -> Any:
+    return client.stream("POST", f"{server.url}/api/v1/chat", data={"ui_session_id": session_id, "message": message})
+
+
 async def history(client: httpx.AsyncClient, url: str, session_id: str) -> list[dict[str, str]]:
     response = await client.get(f"{url}/api/v1/sessions/{session_id}/messages")
     assert response.status_code == 200, response.text
@@ -41,10 +50,9 @@ async def test_a_stream_on_a_is_cancelled_through_b(
 ) -> None:
     a, b = pair(subprocesses, tmp_path, redis_server)
     async with httpx.AsyncClient(timeout=10) as client:
-        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        session_id = await session_on(client, a)
         received = ""
-        data = {"ui_session_id": session_id, "message": WORDS}
-        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+        async with chat(client, a, session_id) as response:
             interaction_id = response.headers["x-interaction-id"]
             async for chunk in response.aiter_text():
                 received += chunk
@@ -79,10 +87,9 @@ async def test_delete_on_b_stops_the_stream_on_a(
 ) -> None:
     a, b = pair(subprocesses, tmp_path, redis_server)
     async with httpx.AsyncClient(timeout=10) as client:
-        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
-        data = {"ui_session_id": session_id, "message": WORDS}
+        session_id = await session_on(client, a)
         received = ""
-        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+        async with chat(client, a, session_id) as response:
             async for chunk in response.aiter_text():
                 if not received:
                     deleted = await client.delete(f"{b.url}/api/v1/sessions/{session_id}")
@@ -97,9 +104,8 @@ async def test_a_killed_owner_frees_the_session_after_its_lease(
 ) -> None:
     a, b = pair(subprocesses, tmp_path, redis_server)
     async with httpx.AsyncClient(timeout=10) as client:
-        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
-        data = {"ui_session_id": session_id, "message": WORDS}
-        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+        session_id = await session_on(client, a)
+        async with chat(client, a, session_id) as response:
             async for _ in response.aiter_text():
                 a.stop(kill=True)  # kill -9 mid-stream
                 break
@@ -122,14 +128,15 @@ async def test_redis_down_means_503_not_a_crash_and_recovery_without_restart(
     a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
     message = " ".join(f"x{i}" for i in range(60))  # 1.2 s of stream
     async with httpx.AsyncClient(timeout=20) as client:
-        cancelled_one = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
-        finished_one = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
-        other = (await client.post(f"{b.url}/api/v1/sessions")).json()["ui_session_id"]
+        cancelled_one, finished_one, other = (
+            await session_on(client, a),
+            await session_on(client, a),
+            await session_on(client, b),
+        )
         results: dict[str, str] = {}
 
         async def stream(session_id: str) -> None:
-            data = {"ui_session_id": session_id, "message": message}
-            async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+            async with chat(client, a, session_id, message) as response:
                 results[session_id] = (await response.aread()).decode()
 
         async with anyio.create_task_group() as tg:
@@ -141,9 +148,9 @@ async def test_redis_down_means_503_not_a_crash_and_recovery_without_restart(
             own = await client.post(f"{a.url}/api/v1/cancel", data={"ui_session_id": cancelled_one})
             assert (own.status_code, own.json()["cancelled"]) == (200, True)
             # Anything that needs Redis is a clear 503.
-            chat = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": other, "message": "hi"})
-            assert chat.status_code == 503
-            assert chat.json()["status"] == "error"
+            refused = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": other, "message": "hi"})
+            assert refused.status_code == 503
+            assert refused.json()["status"] == "error"
             remote = await client.post(f"{b.url}/api/v1/cancel", data={"ui_session_id": finished_one})
             assert remote.status_code == 503
         assert results[finished_one] == message  # a running stream finishes
@@ -174,9 +181,8 @@ async def test_the_embedded_store_says_when_a_cancel_cannot_reach_another_proces
 ) -> None:
     a, b = pair(subprocesses, tmp_path, None)
     async with httpx.AsyncClient(timeout=10) as client:
-        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
-        data = {"ui_session_id": session_id, "message": WORDS}
-        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+        session_id = await session_on(client, a)
+        async with chat(client, a, session_id) as response:
             async for _ in response.aiter_text():
                 answer = await client.post(f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id})
                 assert answer.status_code == 500
