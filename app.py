@@ -5,11 +5,8 @@ Run it with ``uvicorn app:app``; embed it with ``Mount("/chat", app=create_app()
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import anyio
 from starlette.applications import Starlette
@@ -19,10 +16,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from agents import Agent, Agents, Attachment, EchoAgent, OpenAIAgent, UnknownAgent
-from sessions import Interactions, SQLiteStore, Store
+from agents import Agents, Attachment
+from sessions import Store
 from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge
-from sessions.files import Blobs, FileTooLarge, content_disposition, is_text, mime_type, safe_filename
+from sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
 from sessions.forms import (
     SESSION_ID,
     optional_text,
@@ -32,78 +29,11 @@ from sessions.forms import (
     read_json_or_form,
     required_text,
 )
+from sessions.service import Parley, build
 from sessions.store import FileInfo, Session, new_id, utcnow
 from sessions.streaming import ChatStream, error_response
 from sessions.uploads import receive_upload
 from settings import Settings
-
-if TYPE_CHECKING:
-    from sessions.redis import RedisCoordinator
-
-logger = logging.getLogger("parley")
-
-
-@dataclass
-class Parley:
-    """Everything the routes share: the settings, the store, the agents and the interactions in progress."""
-
-    settings: Settings
-    store: Store
-    agents: Agents
-    blobs: Blobs
-    interactions: Interactions = field(default_factory=Interactions)
-    coordinator: RedisCoordinator | None = None
-    _ready: bool = False
-    _ready_lock: anyio.Lock = field(default_factory=anyio.Lock)
-
-    async def ready(self) -> Parley:
-        # Opened on first use, not in the lifespan: a parent app does not run a mounted app's lifespan.
-        if not self._ready:
-            async with self._ready_lock:
-                if not self._ready:
-                    await self.store.open()
-                    await self.blobs.open()
-                    if self.coordinator is None:
-                        # Embedded: turns left "streaming" by a process that died cannot finish any more.
-                        # (On Redis, leases tell which owners are gone: see settle() and the sweeper.)
-                        await self.store.interrupt_turns()
-                    self._ready = True
-        return self
-
-    async def settle(self, session_id: str) -> None:
-        """On Redis: record the session's turns whose process died (its lease ran out) as interrupted."""
-        if self.coordinator is not None:
-            await self.store.interrupt_turns(session_id)
-
-    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
-        """Embedded store only: is the session's reply being streamed by another worker process?"""
-        if self.coordinator is not None or self.interactions.get(session_id) is not None:
-            return False
-        history = await self.store.list_messages(session_id)
-        last = history[-1] if history else None
-        return (
-            last is not None
-            and last.status == "streaming"
-            and (interaction_id is None or last.interaction_id == interaction_id)
-        )
-
-    async def run_background(self) -> None:
-        """What a Redis-backed process runs beside its requests: the cancel listener and the lease sweeper."""
-        if self.coordinator is None:
-            return
-        async with anyio.create_task_group() as tg:
-            await tg.start(self.coordinator.listen, self.interactions.cancel_here)
-            while True:
-                await anyio.sleep(self.settings.redis_lease_seconds)
-                try:
-                    await self.store.interrupt_turns()
-                except ApiError:
-                    logger.warning("lease sweeper: the store is unavailable; will retry")
-
-    async def close(self) -> None:
-        await self.agents.aclose()
-        await self.store.close()
-        self.blobs.close()
 
 
 async def _parley(request: Request) -> Parley:
@@ -368,45 +298,6 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "Internal server error: the request could not be processed.")
 
 
-def default_agents(settings: Settings) -> Agents:
-    agents: list[Agent] = [EchoAgent(delay=settings.echo_delay)]
-    if settings.openai_base_url:
-        openai = OpenAIAgent(
-            settings.openai_base_url,
-            settings.openai_model,
-            api_key=settings.openai_api_key,
-            system_prompt=settings.openai_system_prompt,
-            connect_timeout=settings.openai_connect_timeout,
-            read_timeout=settings.openai_read_timeout,
-            history_limit=settings.openai_history_messages,
-        )
-        agents.append(openai)
-    try:
-        return Agents(agents, default=settings.agent)
-    except UnknownAgent:
-        raise ValueError(f"PARLEY_AGENT={settings.agent!r} names no configured agent") from None
-
-
-def default_store(settings: Settings) -> Store:
-    if settings.data_dir == ":memory:":
-        return SQLiteStore(":memory:")
-    return SQLiteStore(f"{settings.data_dir}/parley.db")
-
-
-def _parts(settings: Settings, store: Store | None) -> tuple[Store, RedisCoordinator | None]:
-    if not settings.redis_url:
-        return store or default_store(settings), None
-    # Imported here: redis-py is an optional extra (parley[redis]), needed only when Redis is configured.
-    from sessions.redis import RedisCoordinator, RedisStore, connect
-
-    redis = connect(settings.redis_url)
-    return store or RedisStore(redis), RedisCoordinator(redis, lease_seconds=settings.redis_lease_seconds)
-
-
-def default_blobs(settings: Settings) -> Blobs:
-    return Blobs(None if settings.data_dir == ":memory:" else f"{settings.data_dir}/files")
-
-
 def create_app(
     settings: Settings | None = None,
     *,
@@ -416,15 +307,7 @@ def create_app(
 ) -> Starlette:
     """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*)."""
     settings = settings or Settings.from_env()
-    store, coordinator = _parts(settings, store)
-    parley = Parley(
-        settings,
-        store,
-        agents or default_agents(settings),
-        default_blobs(settings),
-        Interactions(coordinator),
-        coordinator,
-    )
+    parley = build(settings, store, agents)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -4,6 +4,9 @@
   :mod:`sessions.sqlite` is the embedded implementation.
 - :mod:`sessions.interactions`: the interactions in progress, one cancel scope each, one per session.
 - :mod:`sessions.streaming`: the chat response that drives an interaction and records how it ended.
+- :mod:`sessions.files` and :mod:`sessions.uploads`: uploaded files' bytes, streamed to disk.
+- :mod:`sessions.redis`: the Redis store and the coordinator that carries claims and cancels across processes.
+- :mod:`sessions.service`: the parts of one app (store, agents, interactions) put together from its settings.
 - :mod:`sessions.errors`: every error a client can get, as one tree.
 """
 
