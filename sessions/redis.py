@@ -17,7 +17,7 @@ import anyio.abc
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from sessions.errors import CancelFailed, SessionExists, StoreUnavailable
+from sessions.errors import CancelFailed, NotFound, SessionExists, StoreUnavailable
 from sessions.store import FileInfo, Message, MessageStatus, Session
 
 logger = logging.getLogger("parley")
@@ -168,14 +168,23 @@ class RedisStore:
     async def start_turn(self, user: Message, assistant: Message, history_limit: int) -> list[Message]:
         session_id = user.session_id
         history = await self._messages(session_id, -history_limit) if history_limit > 0 else []
+        session_key = self.key("session", session_id)
         with _reachable():
             async with self.redis.pipeline(transaction=True) as pipe:
+                # Optimistic: the turn is written only if the session still exists and is not deleted meanwhile.
+                await pipe.watch(session_key)
+                if not await pipe.exists(session_key):
+                    raise NotFound(f"Session not found: {session_id}")
+                pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
                 for message in (user, assistant):
                     pipe.hset(self.key("msg", message.id), mapping=_message_fields(message))
                 pipe.rpush(self.key("messages", session_id), user.id, assistant.id)
                 pipe.sadd(self.key("streaming", session_id), assistant.id)
                 pipe.sadd(self.key("streaming"), session_id)
-                await pipe.execute()
+                try:
+                    await pipe.execute()
+                except redis_errors.WatchError:
+                    raise NotFound(f"Session not found: {session_id}") from None
         return history
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:

@@ -10,7 +10,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from sessions.errors import SessionExists
+from sessions.errors import NotFound, SessionExists
 from sessions.store import FileInfo, Message, MessageStatus, Session
 
 T = TypeVar("T")
@@ -202,10 +202,13 @@ class SQLiteStore:
     async def start_turn(self, user: Message, assistant: Message, history_limit: int) -> list[Message]:
         def insert(db: sqlite3.Connection) -> list[Message]:
             history = _history(db, user.session_id, history_limit) if history_limit > 0 else []
-            db.executemany(
-                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [_message_row(user), _message_row(assistant)],
-            )
+            try:
+                db.executemany(
+                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_message_row(user), _message_row(assistant)],
+                )
+            except sqlite3.IntegrityError:
+                raise NotFound(f"Session not found: {user.session_id}") from None
             return history
 
         return await self._run(insert, atomic=True)

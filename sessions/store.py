@@ -93,7 +93,8 @@ class Store(Protocol):
 
     async def start_turn(self, user: Message, assistant: Message, history_limit: int) -> list[Message]:
         """Store the user's message and the assistant's ``streaming`` placeholder together, and return the
-        session's latest ``history_limit`` messages before them (what the agent is given)."""
+        session's latest ``history_limit`` messages before them (what the agent is given). Raises
+        :class:`sessions.errors.NotFound` when the session does not exist."""
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         """Give the assistant's placeholder its final text and terminal status."""

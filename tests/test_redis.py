@@ -191,3 +191,18 @@ async def test_the_embedded_store_says_when_a_cancel_cannot_reach_another_proces
                 stop = await client.post(f"{a.url}/api/v1/cancel", data={"ui_session_id": session_id})
                 assert stop.json()["cancelled"] is True
                 break
+
+
+async def test_the_embedded_store_refuses_a_chat_for_a_session_another_worker_deleted(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path
+) -> None:
+    a, b = pair(subprocesses, tmp_path, None, PARLEY_ECHO_DELAY="0")
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = await session_on(client, a)
+        first = await client.post(f"{a.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "hi"})
+        assert first.text == "hi"  # A has now seen the session
+        assert (await client.delete(f"{b.url}/api/v1/sessions/{session_id}")).status_code == 200
+        again = await client.post(f"{a.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "hi"})
+        assert again.status_code == 404
+        assert again.json() == {"status": "error", "message": f"Session not found: {session_id}"}
+        assert (await client.get(f"{a.url}/api/v1/sessions/{session_id}/messages")).status_code == 404

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from sessions import SQLiteStore, Store
-from sessions.errors import SessionExists
+from sessions.errors import NotFound, SessionExists
 from sessions.store import FileInfo, Message, Session, new_id, utcnow
 
 pytestmark = pytest.mark.anyio
@@ -73,6 +73,9 @@ async def test_turns(store: Store) -> None:
     assert len(so_far) == 4
     assert await store.start_turn(*turn("s", "more"), 3) == so_far[1:]
     assert await store.start_turn(*turn("s", "none"), 0) == []
+    with pytest.raises(NotFound):
+        await store.start_turn(*turn("gone", "nobody here"), 0)
+    assert await store.list_messages("gone") == []
 
 
 async def test_concurrent_operations_each_get_their_own_result(store: Store) -> None:
