@@ -139,5 +139,10 @@ class Interactions:
                 await anyio.sleep(0.02)
         return cancelled
 
+    async def wait_until_idle(self) -> None:
+        """Wait until every interaction in this process has ended and recorded how."""
+        while self._running:
+            await next(iter(self._running.values())).done.wait()
+
     def __len__(self) -> int:
         return len(self._running)

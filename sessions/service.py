@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("parley")
 
+_SHUTDOWN_PATIENCE = 5.0
+
 
 @dataclass
 class Parley:
@@ -80,6 +82,10 @@ class Parley:
                     logger.warning("lease sweeper: the store is unavailable; will retry")
 
     async def close(self) -> None:
+        # A server that gives up waiting for streams at shutdown (uvicorn --timeout-graceful-shutdown)
+        # cancels them and then runs the lifespan's end: let their last words reach the store before it closes.
+        with anyio.move_on_after(_SHUTDOWN_PATIENCE):
+            await self.interactions.wait_until_idle()
         await self.agents.aclose()
         await self.store.close()
         self.blobs.close()

@@ -98,7 +98,8 @@ def live(serve: Callable[[ASGIApp], LiveServer], tmp_path: Path) -> Callable[...
 class Subprocess:
     """``uvicorn app:app`` as a separate process, for restarts and crashes."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+        self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
@@ -106,7 +107,7 @@ class Subprocess:
 
     def start(self) -> Subprocess:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
             cwd=ROOT,
             env=self.env,
             stdout=subprocess.DEVNULL,
@@ -132,11 +133,11 @@ class Subprocess:
 
 
 @pytest.fixture
-def subprocesses() -> Iterator[Callable[[dict[str, str]], Subprocess]]:
+def subprocesses() -> Iterator[Callable[..., Subprocess]]:
     started: list[Subprocess] = []
 
-    def make(env: dict[str, str]) -> Subprocess:
-        proc = Subprocess(env)
+    def make(env: dict[str, str], args: tuple[str, ...] = ()) -> Subprocess:
+        proc = Subprocess(env, args)
         started.append(proc)
         return proc
 
