@@ -57,14 +57,17 @@ class ChatStream:
         self.message = message
         self.file_ids = tuple(file_ids)
         self.attachments = tuple(attachments)
+        self.response_started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with self.interactions.open(self.session_id) as interaction:
                 await self._converse(interaction, receive, send)
         except (ApiError, AgentError) as exc:
-            # Raised only before the response starts: a busy session, a store that is down, an agent that
-            # failed before its first token. After the first token, failures abort the stream instead.
+            if self.response_started:
+                raise  # the store stayed down after the reply was sent: nothing is left to tell the client
+            # Before the response starts: a busy session, a store that is down, an agent that failed before
+            # its first token. After the first token, failures abort the stream instead.
             await error_response(exc.status_code, str(exc))(scope, receive, send)
 
     async def _converse(self, interaction: Interaction, receive: Receive, send: Send) -> None:
@@ -91,8 +94,8 @@ class ChatStream:
                         async with aclosing(self.agent.reply(turn)) as tokens:
                             async for token in tokens:
                                 if not started:
+                                    started = self.response_started = True
                                     await send({"type": "http.response.start", "status": 200, "headers": headers})
-                                    started = True
                                 await send({"type": "http.response.body", "body": token.encode(), "more_body": True})
                                 sent.append(token)
                     except Exception as exc:
@@ -114,6 +117,7 @@ class ChatStream:
             recorded = not attempt.cancelled_caught
             if failure is None:
                 if not started:
+                    self.response_started = True
                     await send({"type": "http.response.start", "status": 200, "headers": headers})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
