@@ -98,13 +98,20 @@ async def _one_stream(server: Server, session_id: str, message: str) -> float:
     return stream.ended_at - stream.sent_at
 
 
-def throughput(kind: str, runs: int = 5) -> float:
+def throughput(runs: int = 7) -> dict[str, float]:
+    """Tokens per second of each server, the median of ``runs`` streams. The servers take turns, stream by
+    stream, so that a noisy moment on the machine falls on all of them rather than on one."""
     message = " ".join(f"w{i % 1000}" for i in range(WORDS))
-    with serve(kind, 0.0) as server:
-        sessions = server.sessions(runs + 1)
-        asyncio.run(_one_stream(server, sessions[-1], "warm up " * 100))
-        times = [asyncio.run(_one_stream(server, sessions[i], message)) for i in range(runs)]
-    return WORDS / sorted(times)[len(times) // 2]
+    times: dict[str, list[float]] = {kind: [] for kind in APPS}
+    with contextlib.ExitStack() as stack:
+        servers = {kind: stack.enter_context(serve(kind, 0.0)) for kind in APPS}
+        sessions = {kind: server.sessions(runs + 1) for kind, server in servers.items()}
+        for kind, server in servers.items():
+            asyncio.run(_one_stream(server, sessions[kind][-1], "warm up " * 100))
+        for i in range(runs):
+            for kind, server in servers.items():
+                times[kind].append(asyncio.run(_one_stream(server, sessions[kind][i], message)))
+    return {kind: WORDS / sorted(t)[len(t) // 2] for kind, t in times.items()}
 
 
 # 2. Concurrent streams
@@ -147,20 +154,27 @@ async def _many_streams(server: Server, sessions: list[str], tokens: int) -> Lev
 LEVEL_LINES: list[str] = []
 
 
-def concurrency(kind: str, levels: list[int], tokens: int = 200) -> list[Level]:
-    results = []
+def concurrency(levels: list[int], tokens: int = 200) -> dict[str, Level | None]:
+    """The largest level each server held. Levels rise together: at each N every server still in the race
+    runs in turn, so a noisy moment on the machine is shared rather than landing on one server's levels."""
+    held: dict[str, Level | None] = {kind: None for kind in APPS}
+    racing = list(APPS)
     for n in levels:
-        with serve(kind, 0.05) as server:
-            sessions = server.sessions(n)
-            level = asyncio.run(_many_streams(server, sessions, tokens))
-        results.append(level)
-        line = (f"{kind:6} N={n:5}: p99 gap {level.p99_gap_ms:7.1f} ms, {level.completed}/{n} complete, "
-                f"{level.rss_per_stream_kib:6.1f} KiB/stream, client CPU {level.client_cpu:.0%}")  # fmt: skip
-        LEVEL_LINES.append(line)
-        print("  " + line, flush=True)
-        if not level.held:
+        for kind in list(racing):
+            with serve(kind, 0.05) as server:
+                sessions = server.sessions(n)
+                level = asyncio.run(_many_streams(server, sessions, tokens))
+            line = (f"{kind:6} N={n:5}: p99 gap {level.p99_gap_ms:7.1f} ms, {level.completed}/{n} complete, "
+                    f"{level.rss_per_stream_kib:6.1f} KiB/stream, client CPU {level.client_cpu:.0%}")  # fmt: skip
+            LEVEL_LINES.append(line)
+            print("  " + line, flush=True)
+            if level.held:
+                held[kind] = level
+            else:
+                racing.remove(kind)
+        if not racing:
             break
-    return results
+    return held
 
 
 # 3. Short chats per second (wrk)
@@ -254,16 +268,12 @@ def main() -> None:
     rows: list[tuple[str, str, str, str, str]] = []
 
     if "throughput" in only:
-        tps = {kind: throughput(kind) for kind in APPS}
+        tps = throughput()
         cells = [f"{tps[k]:,.0f}" for k in APPS]
         rows.append(("1. one stream, tokens/s", *cells, f"{tps['parley'] / tps['floor']:.2f} (≥ 0.9)"))
     if "concurrency" in only:
         levels = [int(n) for n in args.levels.split(",")]
-        held = {}
-        for kind in APPS:
-            results = concurrency(kind, levels)
-            good = [level for level in results if level.held]
-            held[kind] = good[-1] if good else None
+        held = concurrency(levels)
         cells = [_held(held[k], levels[-1]) for k in APPS]
         ratio = (held["parley"].streams / held["floor"].streams) if held["parley"] and held["floor"] else 0.0
         at_most = "≤ " if held["floor"] and held["floor"].streams == levels[-1] else ""
