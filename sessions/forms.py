@@ -15,9 +15,13 @@ SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def read_form(request: Request, *, max_field_bytes: int = 64 * 1024) -> FormData:
     """The request's form fields (multipart or urlencoded), with every failure a clear 4xx."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = _content_type(request)
     if content_type not in _FORM_TYPES:
         if not content_type and not await request.body():
             return FormData()  # no body at all: let the required fields say what is missing
@@ -53,7 +57,7 @@ async def _read_urlencoded(request: Request, max_size: int, max_field_bytes: int
 
 async def read_json_or_form(request: Request) -> dict[str, Any]:
     """A small body of options, as JSON or as a form; an empty body is no options."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = _content_type(request)
     if content_type == "application/json":
         body = await request.body()
         if not body.strip():
