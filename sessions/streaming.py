@@ -80,7 +80,7 @@ class ChatStream:
         turn = Turn(self.session_id, self.message, history, self.attachments)
         headers = [*_HEADERS, (b"x-interaction-id", interaction.id.encode())]
         sent: list[str] = []
-        started = recorded = False
+        recorded = False
         failure: Exception | None = None
         # Stays "interrupted" only if something outside the interaction (a server shutdown) tears it down.
         status: MessageStatus = "interrupted"
@@ -93,8 +93,8 @@ class ChatStream:
                     try:
                         async with aclosing(self.agent.reply(turn)) as tokens:
                             async for token in tokens:
-                                if not started:
-                                    started = self.response_started = True
+                                if not self.response_started:
+                                    self.response_started = True
                                     await send({"type": "http.response.start", "status": 200, "headers": headers})
                                 await send({"type": "http.response.body", "body": token.encode(), "more_body": True})
                                 sent.append(token)
@@ -116,7 +116,7 @@ class ChatStream:
                 await self.store.finish_turn(reply.id, "".join(sent), status)
             recorded = not attempt.cancelled_caught
             if failure is None:
-                if not started:
+                if not self.response_started:
                     self.response_started = True
                     await send({"type": "http.response.start", "status": 200, "headers": headers})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -126,7 +126,7 @@ class ChatStream:
                     await self.store.finish_turn(reply.id, "".join(sent), status)
 
         if failure is not None:
-            if started:
+            if self.response_started:
                 logger.warning("agent failed mid-stream in session %s: %s", self.session_id, failure)
                 # Raising after the response has started makes the server abort it: no terminating chunk.
                 raise StreamAborted(f"the agent failed mid-stream: {failure}") from failure
