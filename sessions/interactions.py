@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Literal, Protocol
 
 import anyio
+import anyio.abc
 
 from sessions.errors import ApiError, SessionBusy
 from sessions.store import new_id
@@ -46,6 +47,9 @@ class Coordinator(Protocol):
     async def release(self, session_id: str, interaction_id: str) -> None: ...
     async def owner(self, session_id: str) -> tuple[str, str] | None: ...
     async def request_cancel(self, process_id: str, session_id: str, interaction_id: str, reason: str) -> bool: ...
+    async def listen(
+        self, cancel: Callable[[str, str | None, str], bool], *, task_status: anyio.abc.TaskStatus[None] = ...
+    ) -> None: ...
 
     @property
     def process_id(self) -> str: ...

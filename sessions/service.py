@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import anyio
 
 from agents import Agent, Agents, EchoAgent, OpenAIAgent, UnknownAgent
 from sessions.errors import ApiError
 from sessions.files import Blobs
-from sessions.interactions import Interactions
+from sessions.interactions import Coordinator, Interactions
 from sessions.sqlite import SQLiteStore
 from sessions.store import Store
 from settings import Settings
-
-if TYPE_CHECKING:
-    from sessions.redis import RedisCoordinator
 
 logger = logging.getLogger("parley")
 
@@ -33,9 +29,13 @@ class Parley:
     agents: Agents
     blobs: Blobs
     interactions: Interactions = field(default_factory=Interactions)
-    coordinator: RedisCoordinator | None = None
     _ready: bool = False
     _ready_lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    @property
+    def coordinator(self) -> Coordinator | None:
+        """What carries the rules across processes (Redis), if anything: the interactions' own."""
+        return self.interactions.coordinator
 
     async def ready(self) -> Parley:
         # Opened on first use, not in the lifespan: a parent app does not run a mounted app's lifespan.
@@ -96,12 +96,7 @@ def build(settings: Settings, store: Store | None = None, agents: Agents | None 
     the store and agents given."""
     store, coordinator = _store_and_coordinator(settings, store)
     return Parley(
-        settings,
-        store,
-        agents or default_agents(settings),
-        default_blobs(settings),
-        Interactions(coordinator),
-        coordinator,
+        settings, store, agents or default_agents(settings), default_blobs(settings), Interactions(coordinator)
     )
 
 
@@ -130,7 +125,7 @@ def default_store(settings: Settings) -> Store:
     return SQLiteStore(f"{settings.data_dir}/parley.db")
 
 
-def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Store, RedisCoordinator | None]:
+def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Store, Coordinator | None]:
     if not settings.redis_url:
         return store or default_store(settings), None
     # Imported here: redis-py is an optional extra (parley[redis]), needed only when Redis is configured.
