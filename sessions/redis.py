@@ -143,10 +143,7 @@ class RedisStore:
     async def list_sessions(self, limit: int, offset: int) -> list[Session]:
         with _reachable():
             ids: Any = await self.redis.zrevrange(self.key("sessions"), offset, offset + limit - 1)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for session_id in ids:
-                    pipe.hgetall(self.key("session", session_id))
-                rows = await pipe.execute()
+            rows = await self._hashes("session", ids)
         return [_session(sid, fields) for sid, fields in zip(ids, rows, strict=True) if fields]
 
     async def delete_session(self, session_id: str) -> bool:
@@ -227,10 +224,7 @@ class RedisStore:
     async def _messages(self, session_id: str, start: int) -> list[Message]:
         with _reachable():
             ids: Any = await self.redis.lrange(self.key("messages", session_id), start, -1)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for message_id in ids:
-                    pipe.hgetall(self.key("msg", message_id))
-                rows = await pipe.execute()
+            rows = await self._hashes("msg", ids)
         return [_message(fields) for fields in rows if fields]
 
     async def add_file(self, info: FileInfo) -> None:
@@ -258,11 +252,16 @@ class RedisStore:
     async def list_files(self, session_id: str) -> list[FileInfo]:
         with _reachable():
             ids: Any = await self.redis.lrange(self.key("files", session_id), 0, -1)
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for file_id in ids:
-                    pipe.hgetall(self.key("file", file_id))
-                rows = await pipe.execute()
+            rows = await self._hashes("file", ids)
         return [_file(fields) for fields in rows if fields]
+
+    async def _hashes(self, kind: str, ids: list[str]) -> list[dict[str, str]]:
+        """The hashes ``<kind>:<id>`` for these ids, in one round trip; a missing one is an empty dict."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for id_ in ids:
+                pipe.hgetall(self.key(kind, id_))
+            rows: list[dict[str, str]] = await pipe.execute()
+        return rows
 
     async def delete_file(self, session_id: str, file_id: str) -> bool:
         with _reachable():
