@@ -83,12 +83,12 @@ class OpenAIAgent:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.TimeoutException:
-            raise UpstreamError("Upstream model error: the model server did not answer in time.") from None
+            raise _upstream("the model server did not answer in time.") from None
         except httpx.TransportError:
-            raise UpstreamError("Upstream model error: could not connect to the model server.") from None
+            raise _upstream("could not connect to the model server.") from None
         try:
             if response.status_code >= 300:
-                raise UpstreamError(f"Upstream model error: {await self._describe_failure(response)}")
+                raise _upstream(await self._describe_failure(response))
             async with aclosing(sse_data(response.aiter_bytes())) as events:
                 async for data in events:
                     if data.strip() == "[DONE]":
@@ -97,9 +97,9 @@ class OpenAIAgent:
                     if token:
                         yield token
         except httpx.TimeoutException:
-            raise UpstreamError("Upstream model error: the model server stopped sending.") from None
+            raise _upstream("the model server stopped sending.") from None
         except httpx.TransportError:
-            raise UpstreamError("Upstream model error: the connection to the model server broke.") from None
+            raise _upstream("the connection to the model server broke.") from None
         finally:
             # Closing an unfinished response drops its connection: this is what stops the model.
             with anyio.CancelScope(shield=True):
@@ -109,15 +109,15 @@ class OpenAIAgent:
         try:
             event = json.loads(data)
         except ValueError:
-            raise UpstreamError("Upstream model error: the model server sent something that is not JSON.") from None
+            raise _upstream("the model server sent something that is not JSON.") from None
         if not isinstance(event, dict):
-            raise UpstreamError("Upstream model error: the model server sent an unexpected event.")
+            raise _upstream("the model server sent an unexpected event.")
         if "error" in event:
-            raise UpstreamError(f"Upstream model error: {self._redact(_error_message(event['error']))}")
+            raise _upstream(self._redact(_error_message(event["error"])))
         try:
             content = event["choices"][0]["delta"].get("content") if event.get("choices") else None
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise UpstreamError("Upstream model error: the model server sent an unexpected event.") from None
+            raise _upstream("the model server sent an unexpected event.") from None
         return content if isinstance(content, str) else None
 
     async def _describe_failure(self, response: httpx.Response) -> str:
@@ -137,6 +137,10 @@ class OpenAIAgent:
         if self._api_key:
             text = text.replace(self._api_key, "***")
         return _SECRETS.sub("***", text)[:300]
+
+
+def _upstream(detail: str) -> UpstreamError:
+    return UpstreamError(f"Upstream model error: {detail}")
 
 
 def _error_message(error: Any) -> str:
