@@ -218,6 +218,14 @@ class RedisStore:
                 )
         return count
 
+    async def streaming_turn(self, session_id: str) -> str | None:
+        with _reachable():
+            message_id: Any = await self.redis.srandmember(self.key("streaming", session_id))
+            if message_id is None:
+                return None
+            interaction_id: Any = await self.redis.hget(self.key("msg", message_id), "interaction_id")
+        return str(interaction_id) if interaction_id is not None else None
+
     async def list_messages(self, session_id: str) -> list[Message]:
         return await self._messages(session_id, 0)
 

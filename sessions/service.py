@@ -60,13 +60,8 @@ class Parley:
         """Embedded store only: is the session's reply being streamed by another worker process?"""
         if self.coordinator is not None or self.interactions.get(session_id) is not None:
             return False
-        history = await self.store.list_messages(session_id)
-        last = history[-1] if history else None
-        return (
-            last is not None
-            and last.status == "streaming"
-            and (interaction_id is None or last.interaction_id == interaction_id)
-        )
+        streaming = await self.store.streaming_turn(session_id)
+        return streaming is not None and interaction_id in (None, streaming)
 
     async def run_background(self) -> None:
         """What a Redis-backed process runs beside its requests: the cancel listener and the lease sweeper."""

@@ -232,6 +232,17 @@ class SQLiteStore:
 
         return await self._run(update)
 
+    async def streaming_turn(self, session_id: str) -> str | None:
+        def select(db: sqlite3.Connection) -> str | None:
+            row = db.execute(
+                "SELECT interaction_id FROM messages WHERE status = 'streaming' AND session_id = ? "
+                "ORDER BY seq DESC LIMIT 1",
+                (session_id,),
+            ).fetchone()
+            return str(row[0]) if row else None
+
+        return await self._run(select)
+
     async def list_messages(self, session_id: str) -> list[Message]:
         return await self._run(lambda db: _history(db, session_id))
 

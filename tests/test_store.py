@@ -96,6 +96,17 @@ async def test_concurrent_operations_each_get_their_own_result(store: Store) -> 
     assert len(await store.list_sessions(1000, 0)) == 91
 
 
+async def test_streaming_turn(store: Store) -> None:
+    await store.create_session(Session("s", "echo", utcnow()))
+    assert await store.streaming_turn("s") is None
+    user, reply = turn("s")
+    await store.start_turn(user, reply, 0)
+    assert await store.streaming_turn("s") == reply.interaction_id
+    assert await store.streaming_turn("other") is None
+    await store.finish_turn(reply.id, "done", "complete")
+    assert await store.streaming_turn("s") is None
+
+
 async def test_interrupt_turns(store: Store) -> None:
     for session_id in ("a", "b"):
         await store.create_session(Session(session_id, "echo", utcnow()))
