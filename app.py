@@ -260,13 +260,14 @@ class _Streaming:
 
 
 routes = [
+    # The router tries routes in order: the hot path (a chat, and its cancel) comes first.
+    Route("/api/v1/chat", _Streaming(chat), methods=["POST"]),
+    Route("/api/v1/cancel", cancel, methods=["POST"]),
     Route("/api/v1/sessions", create_session, methods=["POST"]),
     Route("/api/v1/sessions", list_sessions, methods=["GET"]),
     Route("/api/v1/sessions/{session_id}", get_session, methods=["GET"]),
     Route("/api/v1/sessions/{session_id}", delete_session, methods=["DELETE"]),
     Route("/api/v1/sessions/{session_id}/messages", list_messages, methods=["GET"]),
-    Route("/api/v1/chat", _Streaming(chat), methods=["POST"]),
-    Route("/api/v1/cancel", cancel, methods=["POST"]),
     Route("/api/v1/files", upload_file, methods=["POST"]),
     Route("/api/v1/files/{session_id}", list_files, methods=["GET"]),
     Route("/api/v1/files/{session_id}/{file_id}", get_file, methods=["GET"]),
