@@ -48,14 +48,14 @@ CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, created_at);
 
 _MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at"
 _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
+_INSERT_TURN = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 class _Operation:
-    __slots__ = ("atomic", "done", "error", "fn", "result")
+    __slots__ = ("done", "error", "fn", "result")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], atomic: bool) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any]) -> None:
         self.fn = fn
-        self.atomic = atomic
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
@@ -65,8 +65,8 @@ class SQLiteStore:
     """The embedded store: one SQLite file (WAL), every query run off the event loop, in a worker thread.
 
     Operations that arrive while the thread is busy wait, then run together in one transaction (one that
-    fails does not undo the others: a single statement is atomic by itself, and an operation of several
-    runs in a savepoint): under load, many chats share one thread hop and one commit.
+    fails does not undo the others, because each operation writes with one statement at most, which is
+    atomic by itself): under load, many chats share one thread hop and one commit.
     ``path=":memory:"`` keeps everything in memory for the life of the process.
     """
 
@@ -101,12 +101,12 @@ class SQLiteStore:
                 db, self._db = self._db, None
                 await anyio.to_thread.run_sync(db.close, limiter=self._limiter)
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], atomic: bool = False) -> T:
-        """Run ``fn`` in the store's thread. ``atomic=True`` when it runs several statements that must all
-        happen or none."""
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in the store's thread, in a transaction shared with other operations: ``fn`` may
+        read as it likes but must write with one statement at most (a failed operation is not undone)."""
         if self._db is None:
             await self.open()
-        operation = _Operation(fn, atomic)
+        operation = _Operation(fn)
         self._queue.append(operation)
         while not operation.done:
             if self._flushing:
@@ -143,16 +143,10 @@ class SQLiteStore:
         try:
             db.execute("BEGIN")
             for operation in batch:
-                if operation.atomic:
-                    db.execute("SAVEPOINT operation")
                 try:
                     operation.result = operation.fn(db)
                 except Exception as exc:
                     operation.error = exc
-                    if operation.atomic:
-                        db.execute("ROLLBACK TO operation")
-                if operation.atomic:
-                    db.execute("RELEASE operation")
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             if db.in_transaction:
@@ -203,15 +197,13 @@ class SQLiteStore:
         def insert(db: sqlite3.Connection) -> list[Message]:
             history = _history(db, user.session_id, history_limit) if history_limit > 0 else []
             try:
-                db.executemany(
-                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_message_row(user), _message_row(assistant)],
-                )
+                # One statement: both rows or neither.
+                db.execute(_INSERT_TURN, (*_message_row(user), *_message_row(assistant)))
             except sqlite3.IntegrityError:
                 raise NotFound(f"Session not found: {user.session_id}") from None
             return history
 
-        return await self._run(insert, atomic=True)
+        return await self._run(insert)
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         def update(db: sqlite3.Connection) -> None:
