@@ -141,7 +141,9 @@ class SQLiteStore:
                 operation.error = RuntimeError("the store is closed")
             return
         try:
-            db.execute("BEGIN")
+            # IMMEDIATE: take the write lock now. A deferred transaction that read first could not write
+            # later if another process (a worker sharing the file) had committed meanwhile.
+            db.execute("BEGIN IMMEDIATE")
             for operation in batch:
                 try:
                     operation.result = operation.fn(db)

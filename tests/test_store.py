@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -181,3 +181,36 @@ async def test_sqlite_a_caller_that_ran_a_batch_gets_on_while_work_keeps_arrivin
         feeding = False
     await store.close()
     assert finished_while_feeding
+
+
+async def test_sqlite_a_batch_survives_another_process_writing_between_its_reads_and_writes(tmp_path: Path) -> None:
+    # Several worker processes may share one SQLite file. A batch that read first and wrote later used to
+    # fail whole ("database is locked") when another process committed in between: the batch's snapshot
+    # was stale. Here the other process is a second connection, and it tries to write in mid-batch.
+    store = SQLiteStore(tmp_path / "parley.db")
+    await store.open()
+    await store.create_session(Session("s", "echo", utcnow()))
+    other = sqlite3.connect(tmp_path / "parley.db", isolation_level=None, timeout=0, check_same_thread=False)
+    others_write: list[str] = []
+
+    def write_from_the_other_process(db: sqlite3.Connection) -> None:
+        try:
+            other.execute("INSERT INTO sessions (id, agent, created_at) VALUES ('o', 'echo', '')")
+            others_write.append("committed")
+        except sqlite3.OperationalError:
+            others_write.append("waits")  # for this batch to commit (it gives up at once here: timeout=0)
+
+    results: dict[str, object] = {}
+
+    async def record(name: str, operation: Callable[[], Awaitable[object]]) -> None:
+        results[name] = await operation()
+
+    async with anyio.create_task_group() as tg:  # queued in the same tick: one batch, in this order
+        tg.start_soon(record, "read", lambda: store.get_session("s"))
+        tg.start_soon(record, "other", lambda: store._run(write_from_the_other_process))
+        tg.start_soon(record, "write", lambda: store.create_session(Session("t", "echo", utcnow())))
+    other.close()
+    assert results["read"] == await store.get_session("s")
+    assert await store.get_session("t") is not None
+    assert others_write == ["waits"]
+    await store.close()
