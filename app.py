@@ -114,13 +114,14 @@ async def chat(request: Request) -> Response | ChatStream:
     if len(message.encode()) > limit:
         raise PayloadTooLarge(f"The message is larger than the limit of {limit} bytes.")
     file_ids = parse_file_ids(optional_text(form, "file_ids"))
-    session = await _session(parley, session_id)
+    if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
+        await _session(parley, session_id)
     attachments = await _attachments(parley, session_id, file_ids)
     await parley.settle(session_id)
     return ChatStream(
         store=parley.store,
         interactions=parley.interactions,
-        agent=parley.agents[session.agent],
+        agents=parley.agents,
         session_id=session_id,
         message=message,
         file_ids=file_ids,

@@ -8,7 +8,8 @@
      │    └── SessionExists        a client-chosen ui_session_id is taken
      ├── PayloadTooLarge      413  a message or an upload over its limit
      ├── CancelFailed         500  a cancel that could not be delivered to the process that owns the stream
-     └── StoreUnavailable     503  the shared store (Redis) cannot be reached right now
+     ├── StoreUnavailable     503  the shared store (Redis) cannot be reached right now
+     └── AgentUnavailable     503  the session's agent is not configured on this server (any more)
 
     agents.AgentError         500  the agent failed before its first token (after it, the stream is aborted)
      └── agents.UpstreamError 502  the model server refused, failed or timed out before the first token
@@ -58,4 +59,8 @@ class CancelFailed(ApiError):
 
 
 class StoreUnavailable(ApiError):
+    status_code = 503
+
+
+class AgentUnavailable(ApiError):
     status_code = 503

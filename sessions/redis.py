@@ -162,16 +162,21 @@ class RedisStore:
             )
         return bool(deleted)
 
-    async def start_turn(self, user: Message, assistant: Message, history_limit: int) -> list[Message]:
+    async def start_turn(
+        self, user: Message, assistant: Message, history_limit: Callable[[Session], int]
+    ) -> tuple[Session, list[Message]]:
         session_id = user.session_id
-        history = await self._messages(session_id, -history_limit) if history_limit > 0 else []
         session_key = self.key("session", session_id)
         with _reachable():
             async with self.redis.pipeline(transaction=True) as pipe:
                 # Optimistic: the turn is written only if the session still exists and is not deleted meanwhile.
                 await pipe.watch(session_key)
-                if not await pipe.exists(session_key):
+                fields: Any = await pipe.hgetall(session_key)
+                if not fields:
                     raise NotFound(f"Session not found: {session_id}")
+                session = _session(session_id, fields)
+                limit = history_limit(session)
+                history = await self._messages(session_id, -limit) if limit > 0 else []
                 pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
                 for message in (user, assistant):
                     pipe.hset(self.key("msg", message.id), mapping=_message_fields(message))
@@ -182,7 +187,7 @@ class RedisStore:
                     await pipe.execute()
                 except redis_errors.WatchError:
                     raise NotFound(f"Session not found: {session_id}") from None
-        return history
+        return session, history
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         # The last word of an interaction must not be lost to a Redis outage: keep trying until it is back.

@@ -171,11 +171,7 @@ class SQLiteStore:
         await self._run(insert)
 
     async def get_session(self, session_id: str) -> Session | None:
-        def select(db: sqlite3.Connection) -> Session | None:
-            row = db.execute("SELECT id, agent, created_at FROM sessions WHERE id = ?", (session_id,)).fetchone()
-            return Session(*row) if row else None
-
-        return await self._run(select)
+        return await self._run(lambda db: _session(db, session_id))
 
     async def list_sessions(self, limit: int, offset: int) -> list[Session]:
         def select(db: sqlite3.Connection) -> list[Session]:
@@ -195,15 +191,19 @@ class SQLiteStore:
 
     # history
 
-    async def start_turn(self, user: Message, assistant: Message, history_limit: int) -> list[Message]:
-        def insert(db: sqlite3.Connection) -> list[Message]:
-            history = _history(db, user.session_id, history_limit) if history_limit > 0 else []
-            try:
-                # One statement: both rows or neither.
-                db.execute(_INSERT_TURN, (*_message_row(user), *_message_row(assistant)))
-            except sqlite3.IntegrityError:
-                raise NotFound(f"Session not found: {user.session_id}") from None
-            return history
+    async def start_turn(
+        self, user: Message, assistant: Message, history_limit: Callable[[Session], int]
+    ) -> tuple[Session, list[Message]]:
+        def insert(db: sqlite3.Connection) -> tuple[Session, list[Message]]:
+            session = _session(db, user.session_id)
+            if session is None:
+                raise NotFound(f"Session not found: {user.session_id}")
+            limit = history_limit(session)
+            history = _history(db, user.session_id, limit) if limit > 0 else []
+            # One statement: both rows or neither. (The batch's transaction holds the write lock from its start,
+            # so no other process can delete the session between the select and this.)
+            db.execute(_INSERT_TURN, (*_message_row(user), *_message_row(assistant)))
+            return session, history
 
         return await self._run(insert)
 
@@ -275,6 +275,11 @@ class SQLiteStore:
             return cursor.rowcount > 0
 
         return await self._run(delete)
+
+
+def _session(db: sqlite3.Connection, session_id: str) -> Session | None:
+    row = db.execute("SELECT id, agent, created_at FROM sessions WHERE id = ?", (session_id,)).fetchone()
+    return Session(*row) if row else None
 
 
 def _history(db: sqlite3.Connection, session_id: str, limit: int = -1) -> list[Message]:

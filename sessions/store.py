@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -91,10 +91,14 @@ class Store(Protocol):
     async def list_sessions(self, limit: int, offset: int) -> list[Session]: ...
     async def delete_session(self, session_id: str) -> bool: ...
 
-    async def start_turn(self, user: Message, assistant: Message, history_limit: int) -> list[Message]:
+    async def start_turn(
+        self, user: Message, assistant: Message, history_limit: Callable[[Session], int]
+    ) -> tuple[Session, list[Message]]:
         """Store the user's message and the assistant's ``streaming`` placeholder together, and return the
-        session's latest ``history_limit`` messages before them (what the agent is given). Raises
-        :class:`sessions.errors.NotFound` when the session does not exist."""
+        session with its latest messages before them (what the agent is given), as many as
+        ``history_limit(session)`` says: that depends on the session's agent, which this call is the first
+        to read. Raises :class:`sessions.errors.NotFound` when the session does not exist, and whatever
+        ``history_limit`` raises, in both cases with nothing stored."""
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         """Give the assistant's placeholder its final text and terminal status."""

@@ -9,10 +9,10 @@ import anyio
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from agents import Agent, AgentError, Attachment, HistoryEntry, Turn
-from sessions.errors import ApiError
+from agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn
+from sessions.errors import AgentUnavailable, ApiError
 from sessions.interactions import Interaction, Interactions
-from sessions.store import Message, MessageStatus, Store, new_id, utcnow
+from sessions.store import Message, MessageStatus, Session, Store, new_id, utcnow
 
 logger = logging.getLogger("parley")
 
@@ -30,7 +30,8 @@ def error_response(status_code: int, message: str) -> JSONResponse:
 class ChatStream:
     """The response to ``POST /api/v1/chat``: one interaction, streamed as plain text, one chunk per token.
 
-    It claims the session, stores the user's message, then runs two tasks in one task group: the agent's
+    It claims the session, stores the user's message (learning the session's agent: one store round trip
+    does both, and says 404 for a session that does not exist), then runs two tasks in one task group: the agent's
     tokens, driven inside the interaction's cancel scope and sent as they come, and a watcher that turns
     the client's disconnect into a cancel of that scope. Whatever ends the interaction (done, cancel,
     disconnect, agent error), the assistant's turn is recorded under a shield.
@@ -44,7 +45,7 @@ class ChatStream:
         *,
         store: Store,
         interactions: Interactions,
-        agent: Agent,
+        agents: Agents,
         session_id: str,
         message: str,
         file_ids: Sequence[str] = (),
@@ -52,7 +53,7 @@ class ChatStream:
     ) -> None:
         self.store = store
         self.interactions = interactions
-        self.agent = agent
+        self.agents = agents
         self.session_id = session_id
         self.message = message
         self.file_ids = tuple(file_ids)
@@ -74,7 +75,8 @@ class ChatStream:
         now, session_id = utcnow(), self.session_id
         user = Message(new_id("msg_"), session_id, "user", self.message, self.file_ids, "complete", interaction.id, now)
         reply = Message(new_id("msg_"), session_id, "assistant", "", (), "streaming", interaction.id, now)
-        earlier = await self.store.start_turn(user, reply, self.agent.history_limit)
+        session, earlier = await self.store.start_turn(user, reply, self._history_limit)
+        agent = self._agent(session)
         history = [HistoryEntry(m.role, m.content) for m in earlier]
 
         turn = Turn(self.session_id, self.message, history, self.attachments)
@@ -91,7 +93,7 @@ class ChatStream:
                     task_group.start_soon(self.interactions.keep_claimed, interaction)
                 with interaction.scope:
                     try:
-                        async with aclosing(self.agent.reply(turn)) as tokens:
+                        async with aclosing(agent.reply(turn)) as tokens:
                             async for token in tokens:
                                 if not self.response_started:
                                     self.response_started = True
@@ -134,6 +136,15 @@ class ChatStream:
                 raise failure
             logger.error("agent failed in session %s", self.session_id, exc_info=failure)
             raise AgentError("The agent failed before it could reply.")
+
+    def _agent(self, session: Session) -> Agent:
+        if session.agent not in self.agents:
+            raise AgentUnavailable(f"This session's agent is not configured on this server: {session.agent}")
+        return self.agents[session.agent]
+
+    def _history_limit(self, session: Session) -> int:
+        # Called by the store before it stores anything: an unknown agent leaves no turn behind.
+        return self._agent(session).history_limit
 
 
 _RECORD_BEFORE_END = 1.0

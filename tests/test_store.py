@@ -34,6 +34,10 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await store.close()
 
 
+def limit(count: int) -> Callable[[Session], int]:
+    return lambda session: count
+
+
 def turn(session_id: str, text: str = "hi") -> tuple[Message, Message]:
     interaction_id, now = new_id("int_"), utcnow()
     user = Message(new_id("msg_"), session_id, "user", text, ("file_a",), "complete", interaction_id, now)
@@ -57,9 +61,17 @@ async def test_sessions(store: Store) -> None:
 
 
 async def test_turns(store: Store) -> None:
-    await store.create_session(Session("s", "echo", utcnow()))
+    session = Session("s", "echo", utcnow())
+    await store.create_session(session)
     user, reply = turn("s", "hello")
-    assert await store.start_turn(user, reply, 10) == []
+    asked: list[Session] = []
+
+    def ten(session: Session) -> int:
+        asked.append(session)
+        return 10
+
+    assert await store.start_turn(user, reply, ten) == (session, [])
+    assert asked == [session]  # the limit depends on the session (its agent)
     assert await store.list_messages("s") == [user, reply]
     await store.finish_turn(reply.id, "hello back", "cancelled")
     history = await store.list_messages("s")
@@ -68,14 +80,26 @@ async def test_turns(store: Store) -> None:
         ("assistant", "hello back", "cancelled", ()),
     ]
     assert await store.list_messages("other") == []
-    assert await store.start_turn(*turn("s", "again"), 10) == history  # the history before the new turn
+    assert await store.start_turn(*turn("s", "again"), ten) == (session, history)  # the history before the turn
     so_far = await store.list_messages("s")
     assert len(so_far) == 4
-    assert await store.start_turn(*turn("s", "more"), 3) == so_far[1:]
-    assert await store.start_turn(*turn("s", "none"), 0) == []
+    assert await store.start_turn(*turn("s", "more"), limit(3)) == (session, so_far[1:])
+    assert await store.start_turn(*turn("s", "none"), limit(0)) == (session, [])
     with pytest.raises(NotFound):
-        await store.start_turn(*turn("gone", "nobody here"), 0)
+        await store.start_turn(*turn("gone", "nobody here"), limit(0))
     assert await store.list_messages("gone") == []
+
+
+async def test_a_turn_refused_by_its_history_limit_stores_nothing(store: Store) -> None:
+    await store.create_session(Session("s", "retired-agent", utcnow()))
+
+    def unknown_agent(session: Session) -> int:
+        raise LookupError(session.agent)
+
+    with pytest.raises(LookupError):
+        await store.start_turn(*turn("s"), unknown_agent)
+    assert await store.list_messages("s") == []
+    assert await store.streaming_turn("s") is None
 
 
 async def test_concurrent_operations_each_get_their_own_result(store: Store) -> None:
@@ -100,7 +124,7 @@ async def test_streaming_turn(store: Store) -> None:
     await store.create_session(Session("s", "echo", utcnow()))
     assert await store.streaming_turn("s") is None
     user, reply = turn("s")
-    await store.start_turn(user, reply, 0)
+    await store.start_turn(user, reply, limit(0))
     assert await store.streaming_turn("s") == reply.interaction_id
     assert await store.streaming_turn("other") is None
     await store.finish_turn(reply.id, "done", "complete")
@@ -110,7 +134,7 @@ async def test_streaming_turn(store: Store) -> None:
 async def test_interrupt_turns(store: Store) -> None:
     for session_id in ("a", "b"):
         await store.create_session(Session(session_id, "echo", utcnow()))
-        await store.start_turn(*turn(session_id), 0)
+        await store.start_turn(*turn(session_id), limit(0))
     assert await store.interrupt_turns("a") == 1
     assert [m.status for m in await store.list_messages("a")] == ["complete", "interrupted"]
     assert [m.status for m in await store.list_messages("b")] == ["complete", "streaming"]
@@ -121,7 +145,7 @@ async def test_interrupt_turns(store: Store) -> None:
 
 async def test_deleting_a_session_deletes_its_history_and_files(store: Store) -> None:
     await store.create_session(Session("s", "echo", utcnow()))
-    await store.start_turn(*turn("s"), 0)
+    await store.start_turn(*turn("s"), limit(0))
     info = FileInfo("file_1", "s", "a.txt", "text/plain", 3, "ab" * 32, utcnow())
     await store.add_file(info)
     await store.delete_session("s")
@@ -149,7 +173,7 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "deep" / "parley.db")
     await store.open()
     await store.create_session(Session("s", "echo", utcnow()))
-    await store.start_turn(*turn("s"), 0)
+    await store.start_turn(*turn("s"), limit(0))
     await store.close()
     again = SQLiteStore(tmp_path / "deep" / "parley.db")
     assert await again.get_session("s") is not None  # opens itself on first use

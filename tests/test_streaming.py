@@ -253,6 +253,25 @@ async def test_agent_failure_mid_stream_aborts_the_response(serve: Callable[...,
         assert (await client.get(f"/api/v1/sessions/{session_id}")).json()["status"] == "idle"
 
 
+async def test_a_session_whose_agent_is_gone_gets_a_503_and_keeps_its_history(
+    serve: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    # A session made for an agent that a restart no longer configures (say, the OpenAI settings removed).
+    before = serve(create_app(make_settings(tmp_path, agent="failing"), agents=Agents([FailingAgent(after=0)])))
+    async with before.client() as client:
+        session_id = await new_session(client)
+    after = serve(create_app(make_settings(tmp_path)))  # the same data directory, echo only
+    async with after.client() as client:
+        response = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "hi"})
+        assert response.status_code == 503
+        assert response.json() == {
+            "status": "error",
+            "message": "This session's agent is not configured on this server: failing",
+        }
+        assert await messages(client, session_id) == []
+        assert (await client.get(f"/api/v1/sessions/{session_id}")).json()["status"] == "idle"
+
+
 async def test_delete_cancels_the_running_interaction(live: Callable[..., LiveServer]) -> None:
     server = live(echo_delay=0.02)
     async with server.client() as client, server.client() as other:
