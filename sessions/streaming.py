@@ -12,7 +12,7 @@ from starlette.types import Receive, Scope, Send
 from agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn
 from sessions.errors import AgentUnavailable, ApiError
 from sessions.interactions import Interaction, Interactions
-from sessions.store import Message, MessageStatus, Session, Store, new_id, utcnow
+from sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
 logger = logging.getLogger("parley")
 
@@ -72,9 +72,11 @@ class ChatStream:
             await error_response(exc.status_code, str(exc))(scope, receive, send)
 
     async def _converse(self, interaction: Interaction, receive: Receive, send: Send) -> None:
-        now, session_id = utcnow(), self.session_id
-        user = Message(new_id("msg_"), session_id, "user", self.message, self.file_ids, "complete", interaction.id, now)
-        reply = Message(new_id("msg_"), session_id, "assistant", "", (), "streaming", interaction.id, now)
+        now, session_id, interaction_id = utcnow(), self.session_id, interaction.id
+        user = Message(
+            new_ordered_id("msg_"), session_id, "user", self.message, self.file_ids, "complete", interaction_id, now
+        )
+        reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction_id, now)
         session, earlier = await self.store.start_turn(user, reply, self._history_limit)
         agent = self._agent(session)
         history = [HistoryEntry(m.role, m.content) for m in earlier]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import sqlite3
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from sessions import SQLiteStore, Store
 from sessions.errors import NotFound, SessionExists
-from sessions.store import FileInfo, Message, Session, new_id, utcnow
+from sessions.store import FileInfo, Message, Session, new_id, new_ordered_id, utcnow
 
 pytestmark = pytest.mark.anyio
 
@@ -238,3 +239,14 @@ async def test_sqlite_a_batch_survives_another_process_writing_between_its_reads
     assert await store.get_session("t") is not None
     assert others_write == ["waits"]
     await store.close()
+
+
+def test_ordered_ids_sort_by_creation_time_and_look_like_the_others() -> None:
+    made = []
+    for _ in range(5):
+        made.append(new_ordered_id("msg_"))
+        time.sleep(0.001)
+    assert made == sorted(made)
+    assert len(set(made)) == 5
+    assert all(re.fullmatch(r"msg_[0-9a-f]{32}", i) for i in made)
+    assert len(made[0]) == len(new_id("msg_"))
