@@ -1,0 +1,151 @@
+"""``make bench-instructions``: CPU instructions per short chat and per streamed token, counted, not timed.
+
+``make bench`` measures throughput, which drifts by ±5% or more between identical runs on a shared
+machine: too coarse to tell whether a change to the hot path helped. This counts the instructions
+the app itself executes, under ``valgrind --tool=callgrind``, which gives the same count run after
+run whatever else the machine does. The app is driven in process through scripted ASGI messages
+(no uvicorn, no sockets), so the counts are the app's own cost: parley with its SQLite history,
+the floor and the peer from ``make bench``.
+
+Each figure is the difference between two runs that differ only in the amount of work, divided by
+that difference, so start-up and warm-up cancel out. ``--inner`` runs one measurement without
+valgrind (what the outer process calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = 64
+SESSIONS = CONCURRENCY * 4
+
+
+async def _call(app: Any, path: str, body: bytes = b"") -> list[dict[str, Any]]:
+    """One request through the app: the body arrives at once; a disconnect only after the response ends."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"bench"),
+            (b"content-type", b"application/x-www-form-urlencoded"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+    ended = asyncio.Event()
+    body_sent = False
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await ended.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            ended.set()
+
+    await app(scope, receive, send)
+    ended.set()
+    return messages
+
+
+async def _inner(kind: str, chats: int, words: int, concurrency: int) -> None:
+    os.environ["PARLEY_ECHO_DELAY"] = "0"
+    os.environ["PARLEY_DATA_DIR"] = tempfile.mkdtemp(prefix="parley-instructions-")
+    lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    if kind == "parley":
+        from app import create_app
+
+        app: Any = create_app()
+    else:
+        app = importlib.import_module(f"bench.{kind}").app
+    await lifespan.put({"type": "lifespan.startup"})
+
+    async def ignore(message: dict[str, Any]) -> None:
+        pass
+
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    running = asyncio.create_task(app(scope, lifespan.get, ignore))
+    sessions = [f"s{i}" for i in range(SESSIONS)]
+    if kind == "parley":
+        sessions = [json.loads((await _call(app, "/api/v1/sessions"))[1]["body"])["ui_session_id"] for _ in sessions]
+    message = "+".join(["w"] * words)
+
+    async def client(first: int, count: int) -> None:
+        for k in range(count):
+            session_id = sessions[(first + concurrency * k) % len(sessions)]
+            answer = await _call(app, "/api/v1/chat", f"ui_session_id={session_id}&message={message}".encode())
+            assert answer[0]["status"] == 200, answer
+
+    await asyncio.gather(*(client(i, 5) for i in range(concurrency)))  # warm-up: every code path taken once
+    await asyncio.gather(*(client(i, chats // concurrency) for i in range(concurrency)))
+    await lifespan.put({"type": "lifespan.shutdown"})
+    await running
+
+
+def _count(kind: str, chats: int, words: int, concurrency: int) -> int:
+    command = [sys.executable, "-m", "bench.instructions", "--inner", kind, str(chats), str(words), str(concurrency)]
+    done = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *command],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    refs = re.search(r"refs:\s+([\d,]+)", done.stderr)
+    assert refs is not None, done.stderr
+    return int(refs.group(1).replace(",", ""))
+
+
+def per_chat(kind: str) -> int:
+    """Instructions per one-word chat, 64 at a time (what ``make bench``'s short chats do)."""
+    low, high = 640, 1920
+    return (_count(kind, high, 1, CONCURRENCY) - _count(kind, low, 1, CONCURRENCY)) // (high - low)
+
+
+def per_token(kind: str) -> int:
+    """Instructions per streamed token: 64 chats of 2,000 words against 64 of 1,000, one at a time."""
+    return (_count(kind, 64, 2000, 1) - _count(kind, 64, 1000, 1)) // (64 * 1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", default="floor,parley,peer")
+    parser.add_argument("--inner", nargs=4, metavar=("KIND", "CHATS", "WORDS", "CONCURRENCY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        kind, chats, words, concurrency = args.inner
+        asyncio.run(_inner(kind, int(chats), int(words), int(concurrency)))
+        return
+    print("| app | instructions per short chat | instructions per token |\n| --- | --- | --- |")
+    for kind in args.only.split(","):
+        print(f"| {kind} | {per_chat(kind):,} | {per_token(kind):,} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
