@@ -90,9 +90,9 @@ class ChatStream:
         status: MessageStatus = "interrupted"
         try:
             async with anyio.create_task_group() as task_group:
-                task_group.start_soon(_cancel_on_disconnect, receive, interaction)
+                helpers = [task_group.start_soon(_cancel_on_disconnect, receive, interaction)]
                 if self.interactions.coordinator is not None:
-                    task_group.start_soon(self.interactions.keep_claimed, interaction)
+                    helpers.append(task_group.start_soon(self.interactions.keep_claimed, interaction))
                 with interaction.scope:
                     try:
                         async with aclosing(agent.reply(turn)) as tokens:
@@ -106,7 +106,10 @@ class ChatStream:
                         failure = exc
                 # From here on, a disconnect is only the server noticing that the response is over.
                 interaction.finished = True
-                task_group.cancel_scope.cancel()
+                # Stop the helpers, each in its own scope: cancelling the whole group's scope would also
+                # cancel this task as it waits for them, an exception raised and caught for nothing.
+                for helper in helpers:
+                    helper.cancel()
 
             if failure is not None:
                 status = "error"
