@@ -154,22 +154,31 @@ async def _many_streams(server: Server, sessions: list[str], tokens: int) -> Lev
 LEVEL_LINES: list[str] = []
 
 
-def concurrency(levels: list[int], tokens: int = 200) -> dict[str, Level | None]:
+def concurrency(levels: list[int], tokens: int = 200, attempts: int = 2) -> dict[str, Level | None]:
     """The largest level each server held. Levels rise together: at each N every server still in the race
-    runs in turn, so a noisy moment on the machine is shared rather than landing on one server's levels."""
+    runs in turn, so a noisy moment on the machine is shared rather than landing on one server's levels.
+    Each server gets ``attempts`` tries at each level, in rounds, and keeps its best: noise on a shared
+    machine only ever adds delay, so the best try is the closer estimate of what the server can do."""
     held: dict[str, Level | None] = {kind: None for kind in APPS}
     racing = list(APPS)
     for n in levels:
+        best: dict[str, Level] = {}
+        for _ in range(attempts):
+            for kind in racing:
+                if kind in best and best[kind].held:
+                    continue
+                with serve(kind, 0.05) as server:
+                    sessions = server.sessions(n)
+                    level = asyncio.run(_many_streams(server, sessions, tokens))
+                line = (f"{kind:6} N={n:5}: p99 gap {level.p99_gap_ms:7.1f} ms, {level.completed}/{n} complete, "
+                        f"{level.rss_per_stream_kib:6.1f} KiB/stream, client CPU {level.client_cpu:.0%}")  # fmt: skip
+                LEVEL_LINES.append(line)
+                print("  " + line, flush=True)
+                if kind not in best or (level.held, -level.p99_gap_ms) > (best[kind].held, -best[kind].p99_gap_ms):
+                    best[kind] = level
         for kind in list(racing):
-            with serve(kind, 0.05) as server:
-                sessions = server.sessions(n)
-                level = asyncio.run(_many_streams(server, sessions, tokens))
-            line = (f"{kind:6} N={n:5}: p99 gap {level.p99_gap_ms:7.1f} ms, {level.completed}/{n} complete, "
-                    f"{level.rss_per_stream_kib:6.1f} KiB/stream, client CPU {level.client_cpu:.0%}")  # fmt: skip
-            LEVEL_LINES.append(line)
-            print("  " + line, flush=True)
-            if level.held:
-                held[kind] = level
+            if best[kind].held:
+                held[kind] = best[kind]
             else:
                 racing.remove(kind)
         if not racing:
@@ -264,7 +273,8 @@ def _held(level: Level | None, top: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="throughput,concurrency,short,cancel")
-    parser.add_argument("--levels", default="500,1000,1500,2000,2500,3000,3500,4000,5000,6000")
+    # Finer steps where the servers' limits have been (2,000 to 4,000 on a 2-core test machine).
+    parser.add_argument("--levels", default="500,1000,1500,2000,2250,2500,2750,3000,3250,3500,3750,4000,5000,6000")
     parser.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
     args = parser.parse_args()
     only = set(args.only.split(","))
