@@ -26,7 +26,8 @@ class Interaction:
         self.scope = anyio.CancelScope()
         self.reason: CancelReason | None = None
         self.finished = False
-        self.done = anyio.Event()
+        self.ended = False
+        self._ended_event: anyio.Event | None = None  # made only if someone waits: most interactions end unwatched
 
     def cancel(self, reason: CancelReason) -> bool:
         """Cancel the stream's scope. True only if this call stopped a stream that was still running."""
@@ -35,6 +36,19 @@ class Interaction:
         self.reason = reason
         self.scope.cancel()
         return True
+
+    def end(self) -> None:
+        """The interaction is over and has recorded how."""
+        self.ended = True
+        if self._ended_event is not None:
+            self._ended_event.set()
+
+    async def wait_ended(self) -> None:
+        if self.ended:
+            return
+        if self._ended_event is None:
+            self._ended_event = anyio.Event()
+        await self._ended_event.wait()
 
 
 class Coordinator(Protocol):
@@ -80,7 +94,7 @@ class Interactions:
             yield interaction
         finally:
             del self._running[session_id]
-            interaction.done.set()
+            interaction.end()
             if self.coordinator is not None:
                 with anyio.CancelScope(shield=True):
                     try:
@@ -137,7 +151,7 @@ class Interactions:
         with anyio.move_on_after(patience):
             interaction = self._running.get(session_id)
             if interaction is not None:
-                await interaction.done.wait()
+                await interaction.wait_ended()
             # Run by another process, its end shows only in Redis: watch the claim go.
             while await self.is_streaming(session_id):  # noqa: ASYNC110
                 await anyio.sleep(0.02)
@@ -146,7 +160,7 @@ class Interactions:
     async def wait_until_idle(self) -> None:
         """Wait until every interaction in this process has ended and recorded how."""
         while self._running:
-            await next(iter(self._running.values())).done.wait()
+            await next(iter(self._running.values())).wait_ended()
 
     def __len__(self) -> int:
         return len(self._running)
