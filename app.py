@@ -114,9 +114,10 @@ async def chat(request: Request) -> Response | ChatStream:
     if len(message.encode()) > limit:
         raise PayloadTooLarge(f"The message is larger than the limit of {limit} bytes.")
     file_ids = parse_file_ids(optional_text(form, "file_ids"))
+    attachments: list[Attachment] = []
     if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
         await _session(parley, session_id)
-    attachments = await _attachments(parley, session_id, file_ids)
+        attachments = await _attachments(parley, session_id, file_ids)
     await parley.settle(session_id)
     return ChatStream(
         store=parley.store,
