@@ -93,14 +93,25 @@ class Interactions:
         try:
             yield interaction
         finally:
-            del self._running[session_id]
-            interaction.end()
-            if self.coordinator is not None:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await self.coordinator.release(session_id, interaction.id)
-                    except ApiError:
-                        logger.warning("could not release session %s; its lease will run out", session_id)
+            await self.release(interaction)
+
+    async def release(self, interaction: Interaction) -> None:
+        """End the interaction and free its session, in this process and (with a coordinator) in all of them.
+
+        The stream calls it as soon as its reply is recorded, before the client sees the end: the client's
+        next message, to this process or another, must find the session idle. :meth:`open` calls it in any
+        case. Only the first call does anything."""
+        if interaction.ended:
+            return
+        if self._running.get(interaction.session_id) is interaction:
+            del self._running[interaction.session_id]
+        interaction.end()
+        if self.coordinator is not None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.coordinator.release(interaction.session_id, interaction.id)
+                except ApiError:
+                    logger.warning("could not release session %s; its lease will run out", interaction.session_id)
 
     async def keep_claimed(self, interaction: Interaction) -> None:
         """Renew the interaction's claim while it runs (a task in the interaction's task group)."""
@@ -109,7 +120,10 @@ class Interactions:
         while True:
             await anyio.sleep(self.coordinator.lease_ms / 3000)
             try:
-                await self.coordinator.renew(interaction.session_id, interaction.id)
+                # Shielded: a renewal cancelled in flight could still reach Redis after the claim's release,
+                # and renew the claim of an interaction that is over. Stopped, this task ends in its sleep.
+                with anyio.CancelScope(shield=True):
+                    await self.coordinator.renew(interaction.session_id, interaction.id)
             except ApiError:
                 logger.warning("could not renew the claim on session %s; retrying", interaction.session_id)
 

@@ -90,9 +90,10 @@ class ChatStream:
         status: MessageStatus = "interrupted"
         try:
             async with anyio.create_task_group() as task_group:
-                helpers = [task_group.start_soon(_cancel_on_disconnect, receive, interaction)]
+                watcher = task_group.start_soon(_cancel_on_disconnect, receive, interaction)
+                renewer = None
                 if self.interactions.coordinator is not None:
-                    helpers.append(task_group.start_soon(self.interactions.keep_claimed, interaction))
+                    renewer = task_group.start_soon(self.interactions.keep_claimed, interaction)
                 with interaction.scope:
                     try:
                         async with aclosing(agent.reply(turn)) as tokens:
@@ -106,27 +107,33 @@ class ChatStream:
                         failure = exc
                 # From here on, a disconnect is only the server noticing that the response is over.
                 interaction.finished = True
-                # Stop the helpers, each in its own scope: cancelling the whole group's scope would also
-                # cancel this task as it waits for them, an exception raised and caught for nothing.
-                for helper in helpers:
-                    helper.cancel()
-
-            if failure is not None:
-                status = "error"
-            elif interaction.scope.cancelled_caught and interaction.reason is not None:
-                status = _REASON_STATUS[interaction.reason]
-            else:
-                status = "complete"
-            # Record before the client sees the end, so that reading the history right after finds the reply;
-            # but if the store is slow (Redis down), end the stream anyway and keep trying in the finally.
-            with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
-                await self.store.finish_turn(reply.id, "".join(sent), status)
-            recorded = not attempt.cancelled_caught
-            if failure is None:
-                if not self.response_started:
-                    self.response_started = True
-                    await send({"type": "http.response.start", "status": 200, "headers": headers})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if failure is not None:
+                    status = "error"
+                elif interaction.scope.cancelled_caught and interaction.reason is not None:
+                    status = _REASON_STATUS[interaction.reason]
+                else:
+                    status = "complete"
+                # Record before the client sees the end, so that reading the history right after finds the
+                # reply; but if the store is slow (Redis down), end the stream anyway and keep trying below.
+                with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
+                    await self.store.finish_turn(reply.id, "".join(sent), status)
+                recorded = not attempt.cancelled_caught
+                if renewer is not None:
+                    renewer.cancel()
+                    await renewer.wait()  # before the release: a renewal after it would claim the session again
+                if recorded:
+                    # Free the session before the client sees the end, so that its next message is welcome.
+                    await self.interactions.release(interaction)
+                if failure is None:
+                    if not self.response_started:
+                        self.response_started = True
+                        await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    # Servers answer a pending receive() once the response is complete (uvicorn: http.disconnect),
+                    # so the watcher usually ends by itself: give it that turn before stopping it. (Letting a
+                    # task return costs less than cancelling it: anyio formats the canceller's repr.)
+                    await anyio.lowlevel.checkpoint()
+                watcher.cancel()
         finally:
             if not recorded:
                 with anyio.CancelScope(shield=True):

@@ -206,3 +206,18 @@ async def test_the_embedded_store_refuses_a_chat_for_a_session_another_worker_de
         assert again.status_code == 404
         assert again.json() == {"status": "error", "message": f"Session not found: {session_id}"}
         assert (await client.get(f"{a.url}/api/v1/sessions/{session_id}/messages")).status_code == 404
+
+
+async def test_the_next_message_may_go_to_any_worker_as_soon_as_the_reply_ends(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Behind a load balancer, a client's next message can reach another worker the moment the previous
+    # reply has ended: the claim is released before the last chunk, not a Redis round trip after it.
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0")
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = await session_on(client, a)
+        for turn in range(40):
+            server = (a, b)[turn % 2]
+            answer = await client.post(f"{server.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "hi"})
+            assert answer.status_code == 200, (turn, answer.text)
+        assert [m["status"] for m in await history(client, b.url, session_id)] == ["complete"] * 80

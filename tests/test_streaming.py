@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import httpx
 import pytest
 
@@ -154,6 +155,28 @@ async def test_a_busy_session_refuses_a_second_message(live: Callable[..., LiveS
             await client.post("/api/v1/cancel", data={"ui_session_id": session_id})
         history = await messages(client, session_id)
     assert [m["content"] for m in history if m["role"] == "user"] == [WORDS]  # the refused one left no trace
+
+
+async def test_the_next_message_is_welcome_as_soon_as_the_reply_ends(live: Callable[..., LiveServer]) -> None:
+    # The session is free before the client sees the end of the reply, not a moment after it: a client
+    # that sends its next message at once, on the same connection, is not told 409. (A blocking client,
+    # in a thread: it answers faster than an async one, which used to hide the race.)
+    server = live(echo_delay=0)
+    async with server.client() as client:
+        session_id = await new_session(client)
+
+    def chat_in_turn() -> list[tuple[int, str]]:
+        answers = []
+        with httpx.Client(base_url=server.url, timeout=10) as blocking:
+            for turn in range(200):
+                answer = blocking.post("/api/v1/chat", data={"ui_session_id": session_id, "message": f"m{turn}"})
+                answers.append((answer.status_code, answer.text))
+        return answers
+
+    answers = await anyio.to_thread.run_sync(chat_in_turn)
+    assert answers == [(200, f"m{turn}") for turn in range(200)]
+    async with server.client() as client:
+        assert [m["status"] for m in await messages(client, session_id)] == ["complete"] * 400
 
 
 class ProbeAgent:
