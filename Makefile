@@ -18,30 +18,24 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[redis,dev]'
 	touch $@
 
+# $(call debian,COMMAND,MESSAGE,ON_MISSING): install COMMAND's Debian package (same name) when it is missing and
+# apt-get may be used; otherwise print MESSAGE and run ON_MISSING (say, exit 1).
+debian = @command -v $(1) >/dev/null 2>&1 || { \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null); \
+	else \
+		echo "$(2)"; $(3) \
+	fi; }
+
 # The Redis tests start redis-server processes of their own; install the binary when it is missing.
 redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null); \
-		else \
-			echo "redis-server is not installed: the Redis tests will be skipped (apt-get install redis-server)"; \
-		fi; }
+	$(call debian,redis-server,redis-server is not installed: the Redis tests will be skipped (apt-get install redis-server),)
 
 wrk:
-	@command -v wrk >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null); \
-		else \
-			echo "make bench needs wrk (apt-get install wrk)"; exit 1; \
-		fi; }
+	$(call debian,wrk,make bench needs wrk (apt-get install wrk),exit 1;)
 
 valgrind:
-	@command -v valgrind >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null); \
-		else \
-			echo "make bench-instructions needs valgrind (apt-get install valgrind)"; exit 1; \
-		fi; }
+	$(call debian,valgrind,make bench-instructions needs valgrind (apt-get install valgrind),exit 1;)
 
 run: install
 	$(BIN)/uvicorn app:app --host $(HOST) --port $(PORT)
