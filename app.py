@@ -11,13 +11,14 @@ from contextlib import asynccontextmanager
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from agents import Agents, Attachment
-from sessions import Store
+from sessions import Store, logs, metrics
 from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge
 from sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
 from sessions.forms import (
@@ -29,9 +30,12 @@ from sessions.forms import (
     read_json_or_form,
     required_text,
 )
+from sessions.health import readiness
+from sessions.openapi import document
 from sessions.service import Parley, build
 from sessions.store import FileInfo, Session, new_id, utcnow
 from sessions.streaming import ChatStream, error_response
+from sessions.telemetry import Telemetry
 from sessions.uploads import receive_upload
 from settings import Settings
 
@@ -249,6 +253,24 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def readyz(request: Request) -> Response:
+    checks = await readiness(request.app.state.parley)
+    down = [name for name, state in checks.items() if state != "ok"]
+    if not down:
+        return JSONResponse({"status": "ok", "checks": checks})
+    message = "Not ready: " + "; ".join(f"{name} is down ({checks[name]})" for name in down)
+    return JSONResponse({"status": "error", "message": message, "checks": checks}, status_code=503)
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    body, content_type = metrics.exposition()
+    return Response(body, headers={"content-type": content_type})
+
+
 class _Streaming:
     """A route endpoint run as a plain ASGI app: Starlette wraps a function endpoint's ``send`` in one more
     layer, a cost paid on every token of a stream. Errors still reach the app's exception handlers."""
@@ -276,8 +298,11 @@ routes = [
     Route("/api/v1/files/{session_id}/{file_id}", delete_file, methods=["DELETE"]),
     Route("/api/v1/files/{session_id}/{file_id}/content", get_file_content, methods=["GET"]),
     Route("/api/v1/agents", list_agents, methods=["GET"]),
+    Route("/api/v1/openapi.json", openapi, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
 ]
+_metrics_route = Route("/metrics", prometheus_metrics, methods=["GET"])
 
 
 # errors: every one is JSON {"status": "error", "message": ...}; see sessions/errors.py for the tree.
@@ -310,6 +335,7 @@ def create_app(
 ) -> Starlette:
     """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*)."""
     settings = settings or Settings.from_env()
+    logs.configure(settings.log_format)
     parley = build(settings, store, agents)
 
     @asynccontextmanager
@@ -323,14 +349,17 @@ def create_app(
         finally:
             with anyio.CancelScope(shield=True):
                 await parley.close()
+            metrics.process_exiting()
 
     app = Starlette(
         debug=debug,
-        routes=routes,
+        routes=[*routes, _metrics_route] if settings.metrics else routes,
+        middleware=[Middleware(Telemetry, metrics=settings.metrics)],
         lifespan=lifespan,
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
     )
     app.state.parley = parley
+    app.state.openapi = document(metrics=settings.metrics)
     return app
 
 

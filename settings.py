@@ -23,6 +23,8 @@ class Settings:
     openai_history_messages: int = 100
     redis_url: str | None = None
     redis_lease_seconds: float = 10.0
+    metrics: bool = True
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -49,6 +51,8 @@ class Settings:
             openai_history_messages=int(number("OPENAI_HISTORY_MESSAGES", defaults.openai_history_messages)),
             redis_url=text("REDIS_URL"),
             redis_lease_seconds=number("REDIS_LEASE_SECONDS", defaults.redis_lease_seconds),
+            metrics=_switch(text("METRICS"), defaults.metrics, "PARLEY_METRICS"),
+            log_format=_choice(text("LOG_FORMAT"), defaults.log_format, ("text", "json"), "PARLEY_LOG_FORMAT"),
         )
 
 
@@ -62,3 +66,21 @@ def _number(value: str | None, default: float, name: str) -> float:
     if number < 0:
         raise ValueError(f"{name} must not be negative, got {value!r}")
     return number
+
+
+def _switch(value: str | None, default: bool, name: str) -> bool:
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0, got {value!r}")
+
+
+def _choice(value: str | None, default: str, choices: tuple[str, ...], name: str) -> str:
+    if value is None:
+        return default
+    if value.lower() not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value.lower()

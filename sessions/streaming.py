@@ -165,6 +165,8 @@ _RECORD_BEFORE_END = 1.0
 class StreamAborted(Exception):
     """Raised to the server to abort a chat response whose agent failed after the first token."""
 
+    logged_by_parley = True  # (the server's own report of it is dropped: see sessions/logs.py)
+
 
 _HEADERS = [
     (b"content-type", b"text/plain; charset=utf-8"),

@@ -1,0 +1,123 @@
+"""parley's log lines, and uvicorn's, in one of two formats: human-readable (the default) or one JSON object
+a line (``PARLEY_LOG_FORMAT=json``). Every line logged while a request is served carries its request id.
+
+What is logged: one INFO line per finished interaction, one line per request that failed with a 5xx.
+What never is: a message's content, a file's content, a key. Lines name sessions, interactions and files by id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextvars import ContextVar
+from typing import Any
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("parley_request_id", default=None)
+
+logger = logging.getLogger("parley")
+
+_UVICORN = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+class _RequestId(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = REQUEST_ID.get()
+        return True
+
+
+class _Expected(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for failures parley expects and has logged itself
+    (an agent that fails mid-stream: raising is the only way to make the server abort the response)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and getattr(record.exc_info[1], "logged_by_parley", False))
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields: dict[str, Any] = getattr(record, "fields", None) or {}
+    if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+        client, method, path, version, status = record.args
+        fields = {"client": client, "method": method, "path": path, "http_version": version, "status": status}
+    return fields
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, request_id, and the line's own fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            line["request_id"] = request_id
+        line.update(_fields(record))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``LEVEL: message key=value ... request_id=...``, around the formatter a handler had (uvicorn's colours)."""
+
+    def __init__(self, inner: logging.Formatter | None = None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter("%(levelname)s:     %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        extra = [f"{key}={_text(value)}" for key, value in getattr(record, "fields", {}).items()]
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            extra.append(f"request_id={request_id}")
+        if not extra:
+            return text
+        first, newline, rest = text.partition("\n")  # after the message, before a traceback
+        return f"{first} {' '.join(extra)}{newline}{rest}"
+
+
+def _text(value: object) -> str:
+    text = "-" if value is None else str(value)
+    return json.dumps(text) if not text or any(c in text for c in ' "=\n') else text
+
+
+def configure(log_format: str) -> None:
+    """Give parley's logger a handler (INFO and up, on stderr), and set the format of uvicorn's handlers.
+
+    Idempotent: every app made in a process calls it. uvicorn configures its loggers before it imports the
+    app (in each worker, too), so this runs after it and its handlers are there to be changed."""
+    handler = next((h for h in logger.handlers if getattr(h, "parley", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.parley = True  # type: ignore[attr-defined]
+        handler.addFilter(_RequestId())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    for name in _UVICORN:
+        uvicorn_logger = logging.getLogger(name)
+        if name == "uvicorn.error" and not any(isinstance(f, _Expected) for f in uvicorn_logger.filters):
+            uvicorn_logger.addFilter(_Expected())
+        for uvicorn_handler in uvicorn_logger.handlers:
+            if not any(isinstance(f, _RequestId) for f in uvicorn_handler.filters):
+                uvicorn_handler.addFilter(_RequestId())
+            current = uvicorn_handler.formatter
+            if isinstance(current, TextFormatter):
+                current = current.inner
+            if log_format == "json":
+                uvicorn_handler.setFormatter(JsonFormatter())
+            elif not isinstance(current, JsonFormatter):
+                uvicorn_handler.setFormatter(TextFormatter(current))
+
+
+def failed_request(method: str, route: str, status: int, error: str, exc: BaseException | None = None) -> None:
+    """The one line for a request that failed with a 5xx."""
+    fields = {"method": method, "route": route, "status": status, "error": error}
+    logger.error("request failed", exc_info=exc, extra={"fields": fields})
