@@ -27,6 +27,7 @@ def _object(required: dict[str, Schema], optional: dict[str, Schema] | None = No
 
 
 _TEXT: Schema = {"type": "string"}
+_REQUIRED_TEXT: Schema = {"type": "string", "pattern": "\\S", "description": "Not empty, not only whitespace"}
 _BYTES: Schema = {"type": "string", "contentMediaType": "application/octet-stream"}
 _TIME: Schema = {"type": "string", "description": "UTC, ISO 8601 with microseconds, e.g. 2026-11-26T14:00:00.000000Z"}
 _ERRORS_WHEN = {
@@ -148,14 +149,14 @@ _SCHEMAS: dict[str, Schema] = {
         },
     ),
     "ChatForm": _object(
-        {"ui_session_id": _TEXT, "message": _TEXT},
+        {"ui_session_id": _REQUIRED_TEXT, "message": _REQUIRED_TEXT},
         {"file_ids": {"type": "string", "description": 'A JSON array of file ids, e.g. ["file_123"]'}},
     ),
     "CancelForm": _object(
-        {"ui_session_id": _TEXT},
+        {"ui_session_id": _REQUIRED_TEXT},
         {"interaction_id": {"type": "string", "description": "Cancel only this interaction (X-Interaction-Id)"}},
     ),
-    "UploadForm": _object({"ui_session_id": _TEXT, "file": _BYTES}),
+    "UploadForm": _object({"ui_session_id": _REQUIRED_TEXT, "file": _BYTES}),
     "Readiness": {
         "type": "object",
         "properties": {
@@ -266,6 +267,17 @@ _PATHS: dict[str, dict[str, Schema]] = {
             {201: _json(_ref("File"), "The file's metadata")},
             (400, 404, 413, 503),
             body=_form(_ref("UploadForm"), urlencoded=False),
+            links={
+                name: {
+                    "operationId": operation_id,
+                    "parameters": {"session_id": "$request.body#/ui_session_id", "file_id": "$response.body#/id"},
+                }
+                for name, operation_id in (
+                    ("GetFile", "getFile"),
+                    ("GetFileContent", "getFileContent"),
+                    ("DeleteFile", "deleteFile"),
+                )
+            },
         )
     },
     "/api/v1/files/{session_id}": {
