@@ -23,6 +23,9 @@ class Settings:
     openai_history_messages: int = 100
     redis_url: str | None = None
     redis_lease_seconds: float = 10.0
+    checkpoint_seconds: float = 1.0
+    sse_keepalive_seconds: float = 15.0
+    on_disconnect: str = "cancel"
     metrics: bool = True
     log_format: str = "text"
 
@@ -51,8 +54,11 @@ class Settings:
             openai_history_messages=int(number("OPENAI_HISTORY_MESSAGES", defaults.openai_history_messages)),
             redis_url=text("REDIS_URL"),
             redis_lease_seconds=number("REDIS_LEASE_SECONDS", defaults.redis_lease_seconds),
+            checkpoint_seconds=number("CHECKPOINT_SECONDS", defaults.checkpoint_seconds),
+            sse_keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", defaults.sse_keepalive_seconds),
+            on_disconnect=_choice(text("ON_DISCONNECT"), defaults.on_disconnect, "PARLEY_ON_DISCONNECT"),
             metrics=_switch(text("METRICS"), defaults.metrics, "PARLEY_METRICS"),
-            log_format=_choice(text("LOG_FORMAT"), defaults.log_format, ("text", "json"), "PARLEY_LOG_FORMAT"),
+            log_format=_choice(text("LOG_FORMAT"), defaults.log_format, "PARLEY_LOG_FORMAT", ("text", "json")),
         )
 
 
@@ -78,9 +84,9 @@ def _switch(value: str | None, default: bool, name: str) -> bool:
     raise ValueError(f"{name} must be 1 or 0, got {value!r}")
 
 
-def _choice(value: str | None, default: str, choices: tuple[str, ...], name: str) -> str:
+def _choice(value: str | None, default: str, name: str, choices: tuple[str, ...] = ("cancel", "continue")) -> str:
     if value is None:
         return default
-    if value.lower() not in choices:
+    if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value.lower()
+    return value

@@ -15,9 +15,8 @@ async def readiness(parley: Parley) -> dict[str, str]:
     """Each dependency and how it answered: ``"ok"``, or why not. The store is asked for one session; on
     Redis, the coordinator for a claim. Each has :data:`READY_WITHIN` seconds, and they are asked at once."""
     probes: dict[str, Callable[[], Awaitable[object]]] = {"store": lambda: _store(parley)}
-    coordinator = parley.coordinator
-    if coordinator is not None:
-        probes["redis"] = lambda: coordinator.owner("parley-readiness-probe")
+    if parley.settings.redis_url:
+        probes["redis"] = lambda: parley.coordinator.streaming_elsewhere("parley-readiness-probe", None)
     checks: dict[str, str] = {}
 
     async def probe(name: str, check: Callable[[], Awaitable[object]]) -> None:
