@@ -152,7 +152,12 @@ async def cancel(request: Request) -> Response:
     interaction_id = optional_text(form, "interaction_id")
     if parley.interactions.get(session_id) is None:
         await _session(parley, session_id)  # not streaming here: the session must exist
-    outcome = await parley.interactions.cancel(session_id, interaction_id)
+    try:
+        outcome = await parley.interactions.cancel(session_id, interaction_id)
+    except CancelFailed:
+        metrics.CANCEL_REQUESTS.labels("failed").inc()
+        raise
+    metrics.CANCEL_REQUESTS.labels(outcome).inc()
     return JSONResponse(
         {
             "status": "success",
@@ -338,7 +343,10 @@ def create_app(
     ``observers`` are told about every turn (see :class:`sessions.turns.TurnObserver`): metrics, logs."""
     settings = settings or Settings.from_env()
     logs.configure(settings.log_format)
-    parley = build(settings, store, agents, observers)
+    ops: list[TurnObserver] = [logs.InteractionLog()]
+    if settings.metrics:
+        ops.append(metrics.InteractionMetrics())
+    parley = build(settings, store, agents, [*ops, *observers])
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -12,7 +12,10 @@ import logging
 import sys
 import time
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sessions.turns import TurnReport
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("parley_request_id", default=None)
 
@@ -83,6 +86,8 @@ class TextFormatter(logging.Formatter):
 
 
 def _text(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6f}"  # seconds, to the microsecond (never 6.4e-05)
     text = "-" if value is None else str(value)
     return json.dumps(text) if not text or any(c in text for c in ' "=\n') else text
 
@@ -121,3 +126,31 @@ def failed_request(method: str, route: str, status: int, error: str, exc: BaseEx
     """The one line for a request that failed with a 5xx."""
     fields = {"method": method, "route": route, "status": status, "error": error}
     logger.error("request failed", exc_info=exc, extra={"fields": fields})
+
+
+class InteractionLog:
+    """A turn observer (:class:`sessions.turns.TurnObserver`): the one INFO line of each finished interaction."""
+
+    def turn_started(self, turn: TurnReport) -> None:
+        pass
+
+    def first_token(self, turn: TurnReport) -> None:
+        pass
+
+    def turn_ended(self, turn: TurnReport) -> None:
+        ended = turn.ended_at if turn.ended_at is not None else time.monotonic()
+        first = turn.first_token_at
+        fields = {
+            "session_id": turn.session_id,
+            "interaction_id": turn.interaction_id,
+            "owner": turn.owner,
+            "agent": turn.agent,
+            "status": turn.status,
+            "reason": turn.reason,
+            "tokens": turn.tokens,
+            "time_to_first_token": None if first is None else round(first - turn.started, 6),
+            "duration": round(ended - turn.started, 6),
+        }
+        if turn.error is not None:
+            fields["error"] = turn.error
+        logger.info("interaction ended", extra={"fields": fields})

@@ -14,14 +14,19 @@ import multiprocessing
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import values
+
+if TYPE_CHECKING:
+    from sessions.turns import TurnReport
 
 _MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _multiprocess_dir() -> str | None:
+    if os.environ.get("PARLEY_METRICS", "").strip().lower() in ("0", "false", "no", "off"):
+        return None  # metrics are off: nothing to share
     if os.environ.get(_MULTIPROC):
         return os.environ[_MULTIPROC]
     parent = multiprocessing.parent_process()
@@ -125,3 +130,25 @@ class RequestMetrics:
         if duration is None:
             duration = self._durations[method, route] = HTTP_DURATION.labels(method, route)
         duration.observe(seconds)
+
+
+class InteractionMetrics:
+    """A turn observer (:class:`sessions.turns.TurnObserver`): streams in progress, interactions by how they
+    ended, time to first token, duration, tokens, and the model servers' failures."""
+
+    def turn_started(self, turn: TurnReport) -> None:
+        STREAMS_IN_PROGRESS.inc()
+
+    def first_token(self, turn: TurnReport) -> None:
+        if turn.first_token_at is not None:
+            TIME_TO_FIRST_TOKEN.labels(turn.agent).observe(turn.first_token_at - turn.started)
+
+    def turn_ended(self, turn: TurnReport) -> None:
+        STREAMS_IN_PROGRESS.dec()
+        INTERACTIONS.labels(turn.agent, turn.status).inc()
+        if turn.ended_at is not None:
+            INTERACTION_DURATION.labels(turn.agent).observe(turn.ended_at - turn.started)
+        if turn.tokens:
+            TOKENS_STREAMED.labels(turn.agent).inc(turn.tokens)
+        if turn.upstream:
+            UPSTREAM_ERRORS.labels(turn.agent).inc()

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import anyio
 
-from agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn
+from agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
 from sessions.errors import AgentUnavailable, ApiError
 from sessions.interactions import Interaction, Interactions
 from sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
@@ -60,6 +60,7 @@ class TurnReport:
     # Why it ended: "complete", "cancelled", "disconnected", "deleted", "error", "interrupted", "lease lost".
     reason: str = ""
     error: str | None = None
+    upstream: bool = False  # the error came from the agent's model server (an UpstreamError)
 
 
 class TurnObserver(Protocol):
@@ -161,6 +162,7 @@ class TurnRunner:
             report.reason = interaction.reason or status
             if error is not None:
                 interaction.error = report.error = str(error)
+                report.upstream = isinstance(error, UpstreamError)
             await renderer.ended(status, error)
         finally:
             if not recorded:

@@ -90,6 +90,11 @@ def test_text_lines_carry_the_request_id(
     assert failed.startswith("ERROR:")
     assert "status=502" in failed and "route=/api/v1/chat" in failed and "request_id=req-502" in failed
     assert "Upstream model error" in failed
+    (chat,) = [line for line in lines if "interaction ended" in line and "request_id=req-chat-1" in line]
+    assert chat.startswith("INFO:")
+    for field in ("session_id=ses_", "interaction_id=int_", "agent=echo", "status=complete", "reason=complete"):
+        assert field in chat
+    assert re.search(r" tokens=[1-9]", chat) and re.search(r" time_to_first_token=[0-9.]+ duration=[0-9.]+", chat)
 
 
 def test_json_lines_are_json_objects_with_the_request_id(
@@ -109,3 +114,16 @@ def test_json_lines_are_json_objects_with_the_request_id(
     assert failed["error"].startswith("Upstream model error")
     (mid_stream,) = [line for line in lines if "agent failed mid-stream" in line["message"]]
     assert mid_stream["level"] == "WARNING" and mid_stream["request_id"]
+
+    ended = {line["request_id"]: line for line in lines if line["message"] == "interaction ended"}
+    assert len(ended) == 3  # the echo chat, the one that failed mid-stream, the 502
+    chat = ended["req-chat-1"]
+    assert chat["level"] == "INFO" and chat["logger"] == "parley"
+    assert (chat["agent"], chat["status"], chat["reason"]) == ("echo", "complete", "complete")
+    assert chat["session_id"].startswith("ses_") and chat["interaction_id"].startswith("int_")
+    assert chat["tokens"] > 0 and 0 <= chat["time_to_first_token"] <= chat["duration"]
+    assert "owner" in chat
+    failed_turn = ended["req-502"]
+    assert (failed_turn["agent"], failed_turn["status"], failed_turn["tokens"]) == ("openai", "error", 0)
+    assert failed_turn["time_to_first_token"] is None and failed_turn["error"].startswith("Upstream model error")
+    assert ended[mid_stream["request_id"]]["status"] == "error"

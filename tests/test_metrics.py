@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Subprocess
+from tests.conftest import RedisServer, Subprocess
 
 pytestmark = pytest.mark.anyio
 
@@ -28,6 +29,15 @@ def scrape(client: httpx.Client | None, url: str) -> dict[tuple[str, frozenset[t
 
 def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def settled(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A scrape once no stream is in progress (a turn is counted just after its client has seen the end)."""
+    deadline = time.monotonic() + 10
+    while value(samples := scrape(None, url), "parley_streams_in_progress") != 0:
+        assert time.monotonic() < deadline, "a stream stayed in progress"
+        time.sleep(0.02)
+    return samples
 
 
 def test_requests_are_counted_by_route_template_never_by_path(
@@ -70,3 +80,104 @@ def test_metrics_can_be_turned_off(subprocesses: Callable[..., Subprocess], tmp_
     server = subprocesses({"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_METRICS": "0"}).start()
     assert httpx.get(f"{server.url}/metrics").status_code == 404
     assert "/metrics" not in httpx.get(f"{server.url}/api/v1/openapi.json").json()["paths"]
+
+
+WORDS = " ".join(f"w{i}" for i in range(200))
+
+
+async def test_a_chat_and_a_cancel_move_the_interaction_metrics(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path
+) -> None:
+    server = subprocesses({"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_ECHO_DELAY": "0.02"}).start()
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        session_id = (await client.post("/api/v1/sessions")).json()["ui_session_id"]
+        before = scrape(None, server.url)
+        reply = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "one two three"})
+        assert reply.text == "one two three"
+        after_chat = scrape(None, server.url)
+
+        async with client.stream("POST", "/api/v1/chat", data={"ui_session_id": session_id, "message": WORDS}) as r:
+            chunks = r.aiter_text()
+            await anext(chunks)
+            during = scrape(None, server.url)
+            cancel = await client.post("/api/v1/cancel", data={"ui_session_id": session_id})
+            assert cancel.json()["cancelled"] is True
+            async for _ in chunks:
+                pass
+        idle = await client.post("/api/v1/cancel", data={"ui_session_id": session_id})
+        assert idle.json()["cancelled"] is False
+        after = settled(server.url)
+
+    def moved(name: str, since: dict[tuple[str, frozenset[tuple[str, str]]], float], **labels: str) -> float:
+        return value(after, name, **labels) - value(since, name, **labels)
+
+    echo = {"agent": "echo"}
+    assert (
+        value(after_chat, "parley_interactions_total", status="complete", **echo)
+        - value(before, "parley_interactions_total", status="complete", **echo)
+        == 1
+    )
+    assert (
+        value(after_chat, "parley_tokens_streamed_total", **echo)
+        - value(before, "parley_tokens_streamed_total", **echo)
+        == 3
+    )
+    assert value(during, "parley_streams_in_progress") == 1
+    assert value(after, "parley_streams_in_progress") == 0
+    assert moved("parley_interactions_total", after_chat, status="cancelled", **echo) == 1
+    assert moved("parley_interactions_total", after_chat, status="complete", **echo) == 0
+    assert moved("parley_cancel_requests_total", after_chat, result="cancelled_here") == 1
+    assert moved("parley_cancel_requests_total", after_chat, result="not_running") == 1
+    assert moved("parley_time_to_first_token_seconds_count", before, **echo) == 2
+    assert moved("parley_interaction_duration_seconds_count", before, **echo) == 2
+
+
+@pytest.mark.redis
+async def test_a_cancel_through_another_process_is_counted_there_as_elsewhere(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_ECHO_DELAY": "0.02"}
+    a = subprocesses({**env, "PARLEY_DATA_DIR": str(tmp_path / "a")}).start()
+    b = subprocesses({**env, "PARLEY_DATA_DIR": str(tmp_path / "b")}).start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        chat = {"ui_session_id": session_id, "message": WORDS}
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=chat) as response:
+            chunks = response.aiter_text()
+            await anext(chunks)
+            assert value(scrape(None, a.url), "parley_streams_in_progress") == 1
+            cancel = await client.post(f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id})
+            assert cancel.json()["cancelled"] is True
+            async for _ in chunks:
+                pass
+    on_a, on_b = settled(a.url), scrape(None, b.url)
+    assert value(on_b, "parley_cancel_requests_total", result="cancelled_elsewhere") == 1
+    assert value(on_a, "parley_interactions_total", agent="echo", status="cancelled") == 1
+    assert value(on_a, "parley_streams_in_progress") == 0
+
+
+async def test_two_workers_count_interactions_and_streams_together(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path
+) -> None:
+    env = {"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_ECHO_DELAY": "0.02"}
+    server = subprocesses(env, ("--workers", "2")).start()
+    sessions = []
+    for _ in range(6):  # a new client (so a new connection) each: the workers share them out
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as fresh:
+            sessions.append((await fresh.post("/api/v1/sessions")).json()["ui_session_id"])
+            reply = await fresh.post("/api/v1/chat", data={"ui_session_id": sessions[-1], "message": "a b"})
+            assert reply.text == "a b"
+    async with httpx.AsyncClient(timeout=10) as client:
+        chat = {"ui_session_id": sessions[0], "message": " ".join(WORDS.split()[:50])}
+        async with client.stream("POST", f"{server.url}/api/v1/chat", data=chat) as response:
+            chunks = response.aiter_text()
+            await anext(chunks)
+            for _ in range(4):  # whichever worker answers, it sees the stream of the other
+                assert value(scrape(None, server.url), "parley_streams_in_progress") == 1
+            async for _ in chunks:
+                pass
+    for _ in range(4):
+        samples = settled(server.url)
+        assert value(samples, "parley_interactions_total", agent="echo", status="complete") == 7
+        assert value(samples, "parley_tokens_streamed_total", agent="echo") == 6 * 2 + 50
+        assert value(samples, "parley_streams_in_progress") == 0
