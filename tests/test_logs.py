@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 
+from sessions.telemetry import Telemetry
 from tests.conftest import LiveServer, Subprocess
 from tests.openai_stub import OpenAIStub
 
@@ -127,3 +130,28 @@ def test_json_lines_are_json_objects_with_the_request_id(
     assert (failed_turn["agent"], failed_turn["status"], failed_turn["tokens"]) == ("openai", "error", 0)
     assert failed_turn["time_to_first_token"] is None and failed_turn["error"].startswith("Upstream model error")
     assert ended[mid_stream["request_id"]]["status"] == "error"
+
+
+@pytest.mark.anyio
+async def test_a_bug_is_answered_500_with_the_request_id_and_logged_once_with_its_traceback() -> None:
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("a bug")
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    parley_logger = logging.getLogger("parley")
+    parley_logger.addHandler(handler)
+    try:
+        transport = httpx.ASGITransport(app=Telemetry(broken, metrics=False))
+        async with httpx.AsyncClient(transport=transport, base_url="http://parley") as client:
+            response = await client.get("/anything", headers={"x-request-id": "req-bug"})
+    finally:
+        parley_logger.removeHandler(handler)
+    assert response.status_code == 500
+    assert response.json()["message"] == "Internal server error: the request could not be processed."
+    assert response.headers["x-request-id"] == "req-bug"
+    (record,) = records
+    assert record.levelname == "ERROR" and record.getMessage() == "request failed"
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
+    assert record.fields["status"] == 500 and record.fields["error"] == "RuntimeError: a bug"  # type: ignore[attr-defined]
