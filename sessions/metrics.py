@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,10 +33,51 @@ def _multiprocess_dir() -> str | None:
     parent = multiprocessing.parent_process()
     if parent is None or parent.pid is None:
         return None  # one process: plain in-memory values
-    path = Path(tempfile.gettempdir()) / f"parley-metrics-{parent.pid}"
+    root = Path(tempfile.gettempdir())
+    _remove_stale(root, parent.pid)
+    path = root / f"parley-metrics-{parent.pid}"
     path.mkdir(mode=0o700, exist_ok=True)
     os.environ[_MULTIPROC] = str(path)
     return str(path)
+
+
+def _remove_stale(root: Path, parent_pid: int) -> None:
+    """Remove the directories of uvicorns that have exited, and ours if an earlier process with our parent's pid
+    left it (its counts are not ours). A sibling worker's files are newer than our parent, so they stay."""
+    for path in root.glob("parley-metrics-*"):
+        pid = path.name.rpartition("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            if int(pid) == parent_pid:
+                stale = path.stat().st_mtime < _started_at(parent_pid)
+            else:
+                stale = not _alive(int(pid))
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
+
+
+def _started_at(pid: int) -> float:
+    """When the process started (seconds since the epoch), from /proc; 0 where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+    except (OSError, StopIteration):
+        return 0.0
+    ticks = int(stat.rpartition(")")[2].split()[19])  # field 22, counted after the command's name
+    return int(boot.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
 
 
 MULTIPROCESS_DIR = _multiprocess_dir()

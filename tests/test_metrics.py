@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,9 +62,14 @@ def test_requests_are_counted_by_route_template_never_by_path(
 
 
 def test_two_workers_add_up(subprocesses: Callable[..., Subprocess], tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])  # a process that has exited: its pid names no uvicorn now
+    gone.wait()
+    left_behind = Path(tempfile.gettempdir()) / f"parley-metrics-{gone.pid}"
+    left_behind.mkdir()
     server = subprocesses({"PARLEY_DATA_DIR": str(tmp_path / "data")}, ("--workers", "2")).start()
     assert server.process is not None
     shared = Path(tempfile.gettempdir()) / f"parley-metrics-{server.process.pid}"
+    assert not left_behind.exists()  # a uvicorn that has exited leaves no directory for long
     requests = 0
     # A new connection for each request, until both workers have served some (each writes its own files).
     while len({path.stem.rsplit("_", 1)[-1] for path in shared.glob("counter_*.db")}) < 2:
