@@ -93,19 +93,24 @@ def _text(value: object) -> str:
 
 
 def configure(log_format: str) -> None:
-    """Give parley's logger a handler (INFO and up, on stderr), and set the format of uvicorn's handlers.
+    """Give parley's logger a handler (INFO and up, on stderr) unless the host set up logging, and set the
+    format of uvicorn's handlers.
 
     Idempotent: every app made in a process calls it. uvicorn configures its loggers before it imports the
     app (in each worker, too), so this runs after it and its handlers are there to be changed."""
+    if not any(isinstance(f, _RequestId) for f in logger.filters):
+        logger.addFilter(_RequestId())  # the request id on parley's records, whoever formats them
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
     handler = next((h for h in logger.handlers if getattr(h, "parley", False)), None)
-    if handler is None:
+    if handler is None and not logging.getLogger().handlers:
+        # Nobody configured logging (uvicorn sets up its own loggers only): parley's lines go to stderr.
         handler = logging.StreamHandler(sys.stderr)
         handler.parley = True  # type: ignore[attr-defined]
-        handler.addFilter(_RequestId())
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
         logger.propagate = False
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    if handler is not None:
+        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     for name in _UVICORN:
         uvicorn_logger = logging.getLogger(name)
         if name == "uvicorn.error" and not any(isinstance(f, _Expected) for f in uvicorn_logger.filters):
