@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from contextvars import ContextVar
@@ -85,11 +86,14 @@ class TextFormatter(logging.Formatter):
         return f"{first} {' '.join(extra)}{newline}{rest}"
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=]')
+
+
 def _text(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.6f}"  # seconds, to the microsecond (never 6.4e-05)
     text = "-" if value is None else str(value)
-    return json.dumps(text) if not text or any(c in text for c in ' "=\n') else text
+    return json.dumps(text) if not text or _NEEDS_QUOTES.search(text) else text
 
 
 def configure(log_format: str) -> None:
@@ -158,4 +162,9 @@ class InteractionLog:
         }
         if turn.error is not None:
             fields["error"] = turn.error
-        logger.info("interaction ended", extra={"fields": fields})
+        if logger.isEnabledFor(logging.INFO):
+            # Made by hand rather than with logger.info(): that would look up the caller's frame, a cost paid
+            # once per interaction for a line whose origin is always this one.
+            record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "interaction ended", (), None)
+            record.fields = fields
+            logger.handle(record)
