@@ -74,7 +74,7 @@ def rates(servers: dict[str, tuple[Server, list[str]]], rounds: int = 3, seconds
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "chat.lua"
         script.write_text(_REQUEST)
-        files = {}
+        files: dict[str, Path] = {}
         for name, (server, sessions) in servers.items():
             files[name] = Path(tmp) / f"{len(files)}.txt"
             files[name].write_text("\n".join(sessions) + "\n")

@@ -127,44 +127,43 @@ class Bench:
         self.rows.append(Row(figure, stack, result, target, ratio >= 0.9))
 
     def stores(self, stack: str) -> None:
-        redis = self.redis_env()
-        if "sqlite" not in self._history:  # filled once, through the API, and kept for the other stack's servers
-            self._history["sqlite"] = (tempfile.mkdtemp(prefix="parley-bench-history-"), [])
-            self._history["redis"] = (self.redis_env()["PARLEY_REDIS_URL"], [])
-        sqlite_dir, redis_url = self._history["sqlite"][0], self._history["redis"][0]
+        """Short chats/s on SQLite and on Redis, fresh and with a long history in every session. The histories are
+        made once, through the API, and kept for the other stack's servers (a data directory, a Redis database)."""
+        messages = f"{2 * self.args.history_chats:,}-message history"
+        places = {"SQLite": {}, "Redis": self.redis_env()} if self.redis and has_redis_extra() else {"SQLite": {}}
+        if not self._history:
+            self._history["SQLite"] = (tempfile.mkdtemp(prefix="parley-bench-history-"), [])
+            if "Redis" in places:
+                self._history["Redis"] = (self.redis_env()["PARLEY_REDIS_URL"], [])
         with contextlib.ExitStack() as stack_of_servers:
-            start = stack_of_servers.enter_context
-            servers = {
-                "SQLite": start(serve("parley", stack)),
-                "Redis": start(serve("parley", stack, redis)),
-                "SQLite, 1,000-message history": start(serve("parley", stack, data_dir=sqlite_dir)),
-                "Redis, 1,000-message history": start(serve("parley", stack, {"PARLEY_REDIS_URL": redis_url})),
-            }
-            for store, name in (("sqlite", "SQLite, 1,000-message history"), ("redis", "Redis, 1,000-message history")):
-                if not self._history[store][1]:
+            group: dict[str, tuple[Server, list[str]]] = {}
+            for store, env in places.items():
+                fresh = stack_of_servers.enter_context(serve("parley", stack, env))
+                group[store] = (fresh, fresh.sessions(4 * chats.CONNECTIONS))
+                place, sessions = self._history[store]
+                full_env = {"PARLEY_REDIS_URL": place} if store == "Redis" else {}
+                full = stack_of_servers.enter_context(serve("parley", stack, full_env, place if not full_env else None))
+                if not sessions:
                     started = time.perf_counter()
-                    sessions = servers[name].sessions(chats.HISTORY_SESSIONS)
-                    chats.fill_history(servers[name], sessions, self.args.history_chats)
-                    self._history[store] = (self._history[store][0], sessions)
-                    self.note("stores", f"{name}: filled in {time.perf_counter() - started:.0f} s")
-            group = {
-                name: (server, self._history["sqlite" if "SQLite" in name else "redis"][1] if "history" in name
-                       else server.sessions(4 * chats.CONNECTIONS))
-                for name, server in servers.items()
-            }  # fmt: skip
+                    sessions = full.sessions(chats.HISTORY_SESSIONS)
+                    chats.fill_history(full, sessions, self.args.history_chats)
+                    self._history[store] = (place, sessions)
+                    self.note("stores", f"{store}: {messages} in {len(sessions)} sessions made in "
+                                        f"{time.perf_counter() - started:.0f} s")  # fmt: skip
+                group[f"{store}, {messages}"] = (full, sessions)
             rate = chats.rates(group, self.args.rounds, self.args.seconds)
         for name, r in rate.items():
             self.note("stores", f"{stack}: {name}: {r} (rounds: {', '.join(f'{x:,.0f}' for x in r.rounds)})")
-        sqlite, redis_rate = rate["SQLite"], rate["Redis"]
-        self.rows.append(Row("Redis store against SQLite", stack,
-                             f"SQLite {sqlite}, Redis {redis_rate}: {redis_rate.per_second / sqlite.per_second:.2f}",
-                             "—", None))  # fmt: skip
+        if "Redis" in rate:
+            sqlite, redis = rate["SQLite"], rate["Redis"]
+            result = f"SQLite {sqlite}, Redis {redis}: {redis.per_second / sqlite.per_second:.2f}"
+            self.rows.append(Row("Redis store against SQLite", stack, result, "", None))
         costs = []
-        for short_name, fresh, full in (("SQLite", sqlite, rate["SQLite, 1,000-message history"]),
-                                        ("Redis", redis_rate, rate["Redis, 1,000-message history"])):  # fmt: skip
-            micros = 1e6 / full.per_second - 1e6 / fresh.per_second
-            costs.append(f"{short_name} {full} ({micros:+.0f} µs per chat)")
-        self.rows.append(Row("1,000-message history", stack, "; ".join(costs), "—", None))
+        for store in places:
+            empty, long = rate[store], rate[f"{store}, {messages}"]
+            micros = 1e6 / long.per_second - 1e6 / empty.per_second
+            costs.append(f"{store} {long} ({micros:+.0f} µs per chat)")
+        self.rows.append(Row(messages, stack, "; ".join(costs), "", None))
 
     # 4, 5, 6
 
