@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.client import form_post
+from bench.client import form_post, run
 from bench.servers import API_KEY, CLIENT_CORE, Server
 
 CONNECTIONS = 64
@@ -114,7 +114,7 @@ async def _fill(server: Server, sessions: list[str], chats: int) -> None:
 def fill_history(server: Server, sessions: list[str], chats: int = HISTORY_CHATS) -> None:
     """``chats`` chats in each session, through the API (so whatever the store keeps is what a real chat leaves).
     wrk cannot do this: it runs for a duration, not a number of requests."""
-    asyncio.run(_fill(server, sessions, chats))
+    run(_fill(server, sessions, chats))
 
 
 def access_features(server: Server) -> tuple[bool, bool]:

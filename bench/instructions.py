@@ -4,8 +4,8 @@
 machine: too coarse to tell whether a change to the hot path helped. This counts the instructions
 the app itself executes, under ``valgrind --tool=callgrind``, which gives the same count run after
 run whatever else the machine does. The app is driven in process through scripted ASGI messages
-(no uvicorn, no sockets), so the counts are the app's own cost: parley with its SQLite history,
-the floor and the peer from ``make bench``.
+(no uvicorn, no sockets), so the counts are the app's own cost: parley and the peer with their SQLite
+history, and the floor, from ``make bench``.
 
 Each figure is the difference between two runs that differ only in the amount of work, divided by
 that difference, so start-up and warm-up cancel out. ``--inner`` runs one measurement without

@@ -8,7 +8,7 @@ import json
 import re
 import time
 
-from bench.client import form_post, open_stream, percentile, raw_request, request
+from bench.client import form_post, open_stream, percentile, raw_request, request, run
 from bench.servers import Server
 
 LONG = " ".join(f"c{i}" for i in range(400))  # 20 s at the echo agent's 0.05 s a token: never over before the end
@@ -46,7 +46,7 @@ async def _cancels(owner: Server, canceller: Server, sessions: list[str]) -> lis
 
 def cancel_latency(owner: Server, canceller: Server, count: int) -> tuple[float, float]:
     """From sending POST /api/v1/cancel (to ``canceller``) to the client seeing the stream end (from ``owner``)."""
-    return p50_p99(asyncio.run(_cancels(owner, canceller, owner.sessions(count))))
+    return p50_p99(run(_cancels(owner, canceller, owner.sessions(count))))
 
 
 async def _rejoins(owner: Server, rejoiner: Server, sessions: list[str]) -> list[float]:
@@ -70,7 +70,7 @@ async def _rejoins(owner: Server, rejoiner: Server, sessions: list[str]) -> list
 def rejoin_latency(owner: Server, rejoiner: Server, count: int) -> tuple[float, float]:
     """From sending GET /api/v1/chat/{id}/stream (to ``rejoiner``) to the first replayed byte, for a reply running
     on ``owner`` with on_disconnect=continue."""
-    return p50_p99(asyncio.run(_rejoins(owner, rejoiner, owner.sessions(count))))
+    return p50_p99(run(_rejoins(owner, rejoiner, owner.sessions(count))))
 
 
 def _stamped_delay(body: bytes, arrived: float | None) -> float:
@@ -102,7 +102,7 @@ def first_token_overhead(parley: Server, stub: Server, count: int, warm_up: int 
     """The stub model server's first token (stamped with its clock as it is sent) to the client's first byte of
     it, through parley's openai agent and straight from the stub; the overhead is the difference."""
     sessions = parley.sessions(count + warm_up, agent="openai")
-    through, direct = asyncio.run(_first_tokens(parley, stub, sessions))
+    through, direct = run(_first_tokens(parley, stub, sessions))
     through, direct = through[warm_up:], direct[warm_up:]
     (t50, t99), (d50, d99) = p50_p99(through), p50_p99(direct)
     return {"through p50": t50, "through p99": t99, "direct p50": d50, "direct p99": d99,

@@ -8,7 +8,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
-from bench.client import form_post, open_stream, percentile
+from bench.client import form_post, open_stream, percentile, run
 from bench.servers import Server, serve
 
 WORDS = 50_000
@@ -35,12 +35,12 @@ def throughput(stack: str, runs: int = 5) -> dict[str, float | None]:
         servers = {kind: stack_of_servers.enter_context(serve(kind, stack)) for kind in ("floor", "parley", "peer")}
         sessions = {way: servers[kind].sessions(runs + 1) for way, (kind, _) in ways.items()}
         for way, (kind, headers) in list(ways.items()):
-            _, first = asyncio.run(_one_stream(servers[kind], sessions[way][-1], "warm up " * 100, headers))
+            _, first = run(_one_stream(servers[kind], sessions[way][-1], "warm up " * 100, headers))
             if headers is SSE and not first.lstrip("0123456789abcdef\r\n").startswith(("data:", "id:", ":")):
                 del ways[way]  # parley answered SSE's Accept in plain text: the feature is not there
         for i in range(runs):
             for way, (kind, headers) in ways.items():
-                times[way].append(asyncio.run(_one_stream(servers[kind], sessions[way][i], message, headers))[0])
+                times[way].append(run(_one_stream(servers[kind], sessions[way][i], message, headers))[0])
     return {way: (WORDS / sorted(t)[len(t) // 2] if t else None) for way, t in times.items()}
 
 
@@ -92,15 +92,15 @@ def concurrency(
     tokens: int,
     attempts: int,
     log: list[str],
-) -> dict[str, tuple[Level | None, bool]]:
+) -> dict[str, tuple[Level | None, Level | None]]:
     """The largest number of 20 tokens/s streams each server holds with a p99 gap ≤ 100 ms. Each server climbs
     from ``start`` by ``step`` (up to ``top``) until it misses, then bisects the bracket down to ``finest``; in
     each round every server still searching takes its turn, so a noisy moment falls on all of them. A level
     missed gets up to ``attempts`` tries and keeps the best: noise on a shared machine only ever adds delay.
-    For each server: the level it held, and whether it missed one (if not, its limit is above the top tried)."""
+    For each server: the level it held, and the lowest it missed (None: its limit is above the top tried)."""
     start, step, finest, top = levels
     best: dict[str, Level | None] = {kind: None for kind in kinds}
-    missed: dict[str, int | None] = {kind: None for kind in kinds}
+    missed: dict[str, Level | None] = {kind: None for kind in kinds}
     trying: dict[str, int | None] = {kind: start for kind in kinds}
     while any(n is not None for n in trying.values()):
         for kind, n in list(trying.items()):
@@ -109,7 +109,7 @@ def concurrency(
             level = None
             for _ in range(attempts):
                 with serve(kind, stack, {"PARLEY_ECHO_DELAY": "0.05"}) as server:
-                    tried = asyncio.run(_many_streams(server, server.sessions(n), tokens))
+                    tried = run(_many_streams(server, server.sessions(n), tokens))
                 line = (f"{stack:16} {kind:6} N={n:5}: p99 gap {tried.p99_gap_ms:7.1f} ms, "
                         f"{tried.completed}/{n} complete, {tried.rss_per_stream_kib:6.1f} KiB/stream, "
                         f"client CPU {tried.client_cpu:.0%}")  # fmt: skip
@@ -123,7 +123,8 @@ def concurrency(
             if level.held:
                 best[kind] = level
             else:
-                missed[kind] = n
-            held = best[kind]
-            trying[kind] = _next_level(held.streams, missed[kind], step, finest, top) if held else None
-    return {kind: (best[kind], missed[kind] is not None) for kind in kinds}
+                missed[kind] = level
+            held, miss = best[kind], missed[kind]
+            bound = miss.streams if miss else None
+            trying[kind] = _next_level(held.streams, bound, step, finest, top) if held else None
+    return {kind: (best[kind], missed[kind]) for kind in kinds}
