@@ -22,7 +22,7 @@ from bench.servers import API_KEY, CLIENT_CORE, Server
 
 CONNECTIONS = 64
 HISTORY_CHATS = 500  # a user message and a reply each: 1,000 messages
-HISTORY_SESSIONS = 2 * CONNECTIONS
+HISTORY_SESSIONS = 96  # more than CONNECTIONS: no session is asked twice at once
 
 _REQUEST = """
 local sessions = {}

@@ -11,7 +11,7 @@ import time
 from bench.client import form_post, open_stream, percentile, raw_request, request, run
 from bench.servers import Server
 
-LONG = " ".join(f"c{i}" for i in range(400))  # 20 s at the echo agent's 0.05 s a token: never over before the end
+LONG = " ".join(f"c{i}" for i in range(400))  # 8 s at 50 tokens/s: a reply never ends before its cancel
 _STAMP = re.compile(rb"T(\d+\.\d+)T")
 
 

@@ -1,8 +1,8 @@
 """``make bench``: parley against the floor (a bare ASGI app) and a peer (FastAPI with history), as ratios within
 one run, every figure under both of uvicorn's stacks (h11+asyncio and httptools+uvloop), side by side.
 
-Every server is pinned to core 0; the load generators (this process for streams, wrk for short chats) and the
-bench's redis-server to core 1. ``python -m bench.run --only 1,1b,4`` runs a subset (figure numbers or names).
+Every server, and the bench's redis-server, is pinned to core 0; the load generators (this process for streams,
+wrk for short chats) to core 1. ``python -m bench.run --only 1,1b,4`` runs a subset (figure numbers or names).
 A figure whose feature the server does not have yet (a 404 from an older branch, say) reads "n/a".
 """
 
@@ -28,6 +28,9 @@ FIGURES = ["throughput", "concurrency", "short", "cancel", "rejoin", "first-toke
 ALIASES = {"1": "throughput", "1b": "throughput", "2": "concurrency", "3": "short", "4": "cancel", "5": "rejoin",
            "6": "first-token", "7": "access"}  # fmt: skip
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# Replies for benchmarks 4 and 5 run at 50 tokens/s, a fast model's pace: they are cancelled or rejoined after the
+# first token, so the pace sets how long each sample waits for it.
+SLOW = {"PARLEY_ECHO_DELAY": "0.02"}
 
 
 @dataclass
@@ -173,17 +176,17 @@ class Bench:
 
     def cancel(self, stack: str) -> None:
         count = self.args.count
-        with serve("parley", stack, {"PARLEY_ECHO_DELAY": "0.05"}) as server:
+        with serve("parley", stack, SLOW) as server:
             p50, p99 = latency.cancel_latency(server, server, count)
         self.rows.append(Row("4. cancel → stream end, one process", stack, f"p50 {p50:.2f} ms, p99 {p99:.2f} ms",
                              "p99 ≤ 5 ms", p99 <= 5))  # fmt: skip
-        with self.workers(stack, {"PARLEY_ECHO_DELAY": "0.05"}) as (a, b):
+        with self.workers(stack, SLOW) as (a, b):
             p50, p99 = latency.cancel_latency(a, b, count)
         self.rows.append(Row("4. cancel → stream end, another worker", stack, f"p50 {p50:.2f} ms, p99 {p99:.2f} ms",
                              "p99 ≤ 8 ms", p99 <= 8))  # fmt: skip
 
     def rejoin(self, stack: str) -> None:
-        env = {"PARLEY_ECHO_DELAY": "0.05"}
+        env = SLOW
         figure = "5. rejoin → first replayed byte"
         with serve("parley", stack, env) as server:
             self._rejoin_row(f"{figure}, one process", stack, server, server, 10)
@@ -222,11 +225,15 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12000, help="benchmark 2: the highest level tried")
     parser.add_argument("--tokens", type=int, default=200, help="benchmark 2: tokens per stream (at 20 a second)")
     parser.add_argument("--rounds", type=int, default=3, help="wrk figures: rounds per server, the median counts")
-    parser.add_argument("--seconds", type=int, default=5, help="wrk figures: seconds per round")
+    parser.add_argument("--seconds", type=int, default=4, help="wrk figures: seconds per round")
     parser.add_argument("--history-chats", type=int, default=chats.HISTORY_CHATS, help="stores: chats per session")
     parser.add_argument("--count", type=int, default=200, help="benchmarks 4 to 6: samples per figure")
     parser.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
+    parser.add_argument("--smoke", action="store_true", help="every code path in about 3 minutes; figures are noise")
     args = parser.parse_args()
+    if args.smoke:
+        smoke = {"runs": 1, "start": 50, "step": 50, "top": 100, "finest": 25, "tokens": 20, "rounds": 1, "seconds": 1}
+        vars(args).update(smoke, count=5, history_chats=5)
     chosen = {ALIASES.get(name.strip(), name.strip()) for name in args.only.split(",")}
     unknown = chosen - set(FIGURES) | set(args.stacks.split(",")) - set(STACKS)
     if unknown:

@@ -131,7 +131,9 @@ def redis_server() -> Iterator[Redis | None]:
         yield None
         return
     port = free_port()
-    command = ["taskset", "-c", str(CLIENT_CORE), "redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    # On the server core: the server side (parley and its store) gets one core, as with SQLite, whose writes run
+    # on a thread of parley's. On the client core, each of a chat's round trips to Redis waited for wrk's slice.
+    command = ["taskset", "-c", str(SERVER_CORE), "redis-server", "--port", str(port), "--bind", "127.0.0.1"]
     process = subprocess.Popen(
         [*command, "--save", "", "--appendonly", "no", "--databases", "64"],
         stdout=subprocess.DEVNULL,
