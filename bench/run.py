@@ -41,6 +41,19 @@ class Bench:
     details: dict[str, list[str]] = field(default_factory=dict)
     _next_db: int = 0
     _history: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # store → (its place, sessions)
+    parley: dict[tuple[str, str], float] = field(default_factory=dict)  # (what, stack) → parley's figure
+
+    def stack_row(self) -> Row | None:
+        """Does the default stack (httptools+uvloop) beat the pure-Python one on parley's own figures?"""
+        slow, fast = STACKS
+        both = self.parley.keys()
+        measured = [what for what in ("one stream", "short chats") if {(what, fast), (what, slow)} <= both]
+        pairs = [(what, self.parley[what, fast] / self.parley[what, slow]) for what in measured]
+        if not pairs:
+            return None
+        result = ", ".join(f"{what} {gain:.2f} ×" for what, gain in pairs)
+        better = min(gain for _, gain in pairs) > 1
+        return Row(f"parley on {fast} against {slow}", "both", result, "> 1 (the default)", better)
 
     def note(self, section: str, line: str) -> None:
         self.details.setdefault(section, []).append(line)
@@ -68,6 +81,7 @@ class Bench:
         assert floor and parley and peer
         self.note("1", f"{stack}: tokens/s floor {floor:,.0f}, parley {parley:,.0f}, "
                        f"parley SSE {f'{sse:,.0f}' if sse else 'n/a'}, peer {peer:,.0f}")  # fmt: skip
+        self.parley["one stream", stack] = parley
         ratio = parley / floor
         result = f"parley {parley:,.0f} tokens/s, floor {floor:,.0f}, peer {peer:,.0f}: {ratio:.2f} × floor"
         self.rows.append(Row("1. one stream, plain text", stack, result, "≥ 0.9 × floor", ratio >= 0.9))
@@ -111,6 +125,7 @@ class Bench:
             rate = chats.rates(group, self.args.rounds, self.args.seconds)
         for kind, r in rate.items():
             self.note("3", f"{stack}: {kind:6} {r} (rounds: {', '.join(f'{x:,.0f}' for x in r.rounds)})")
+        self.parley["short chats", stack] = rate["parley"].per_second
         versus_peer = rate["parley"].per_second / rate["peer"].per_second
         of_floor = rate["parley"].per_second / rate["floor"].per_second
         result = (f"parley {rate['parley']}, peer {rate['peer']}: {versus_peer:.2f} × peer; "
@@ -252,6 +267,9 @@ def main() -> None:
                 except Exception as error:  # one broken figure must not cost the others a 20-minute run
                     traceback.print_exc()
                     bench.rows.append(Row(figure, stack, f"error: {type(error).__name__}: {error}", "", False))
+        stack_row = bench.stack_row()
+        if stack_row:
+            bench.rows.append(stack_row)
     minutes = (time.perf_counter() - started) / 60
     table = report.table(bench.rows)
     print("\n" + table + f"\n\n{minutes:.1f} minutes")
