@@ -55,8 +55,9 @@ fuzz: install
 	PARLEY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PARLEY_FUZZ_SEED=$(FUZZ_SEED) \
 		$(BIN)/python -m pytest tests/test_openapi.py -k schemathesis -s -p no:cacheprovider
 
-# Starts its own servers on loopback, pinned to core 0, with the load generators on core 1; writes bench/RESULTS.md.
-bench: install wrk
+# Starts its own servers (and redis-server) on loopback, pinned to core 0, with the load generators on core 1;
+# every figure under both uvicorn stacks; writes bench/RESULTS.md.
+bench: install wrk redis-server
 	$(BIN)/python -m pip install --quiet -e '.[redis,dev,bench]'
 	$(BIN)/python -m bench.run --write
 
