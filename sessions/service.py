@@ -124,7 +124,8 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
         store = store or default_store(settings)
         return store, LocalCoordinator(store)
     # Imported here: redis-py is an optional extra (parley[redis]), needed only when Redis is configured.
-    from sessions.redis import RedisCoordinator, RedisStore, connect
+    from sessions.redis import RedisStore, connect
+    from sessions.redis_coordinator import RedisCoordinator
 
     redis = connect(settings.redis_url)
     return store or RedisStore(redis), RedisCoordinator(redis, lease_seconds=settings.redis_lease_seconds)
