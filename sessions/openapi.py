@@ -96,11 +96,27 @@ def _link(operation_id: str, *, path: bool = False, body: Schema | None = None) 
     return link
 
 
+_STREAM: Schema = {
+    "description": "The reply, streamed (chunked) as it is produced: plain text, or with Accept: text/event-stream "
+    "(or the AI SDK's body) the AI SDK's UI message stream protocol v1, one JSON part per frame",
+    "headers": {
+        **_REQUEST_ID,
+        "X-Interaction-Id": {"description": "The interaction's id (for POST /api/v1/cancel)", "schema": _TEXT},
+    },
+    "content": {"text/plain": {"schema": _TEXT}, "text/event-stream": {"schema": _TEXT}},
+}
+_ON_DISCONNECT: Schema = {
+    "enum": ["cancel", "continue"],
+    "description": "What the client going away does to the reply (the server's PARLEY_ON_DISCONNECT if absent)",
+}
+_ON_DISCONNECT_QUERY: Schema = {"name": "on_disconnect", "in": "query", "schema": _ON_DISCONNECT}
+
 _SESSION_LINKS = {
     "GetSession": _link("getSession", path=True),
     "ListMessages": _link("listMessages", path=True),
     "DeleteSession": _link("deleteSession", path=True),
     "ListFiles": _link("listFiles", path=True),
+    "Rejoin": _link("rejoinChat", path=True),
     "Chat": _link("chat", body={"ui_session_id": "$response.body#/ui_session_id", "message": "hello there"}),
     "Cancel": _link("cancel", body={"ui_session_id": "$response.body#/ui_session_id"}),
 }
@@ -150,8 +166,42 @@ _SCHEMAS: dict[str, Schema] = {
     ),
     "ChatForm": _object(
         {"ui_session_id": _REQUIRED_TEXT, "message": _REQUIRED_TEXT},
-        {"file_ids": {"type": "string", "description": 'A JSON array of file ids, e.g. ["file_123"]'}},
+        {
+            "file_ids": {"type": "string", "description": 'A JSON array of file ids, e.g. ["file_123"]'},
+            "on_disconnect": _ON_DISCONNECT,
+        },
     ),
+    "ChatJson": _object(
+        {"ui_session_id": _REQUIRED_TEXT, "message": _REQUIRED_TEXT},
+        {
+            "file_ids": {"oneOf": [{"type": "array", "items": _TEXT}, {"type": "string"}]},
+            "on_disconnect": _ON_DISCONNECT,
+        },
+    ),
+    "AiSdkChat": {
+        "type": "object",
+        "description": "The body of the AI SDK's DefaultChatTransport: parley answers the last user message's text",
+        "properties": {
+            "id": {**_REQUIRED_TEXT, "description": "The chat's id: parley's ui_session_id"},
+            "messages": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "role": {"type": "string"},
+                        "parts": {
+                            "type": "array",
+                            "items": {"type": "object", "properties": {"type": _TEXT, "text": _TEXT}},
+                        },
+                    },
+                },
+            },
+            "trigger": {"enum": ["submit-message", "regenerate-message"]},
+            "file_ids": {"oneOf": [{"type": "array", "items": _TEXT}, {"type": "string"}]},
+            "on_disconnect": _ON_DISCONNECT,
+        },
+        "required": ["id", "messages"],
+    },
     "CancelForm": _object(
         {"ui_session_id": _REQUIRED_TEXT},
         {"interaction_id": {"type": "string", "description": "Cancel only this interaction (X-Interaction-Id)"}},
@@ -178,22 +228,43 @@ _PATHS: dict[str, dict[str, Schema]] = {
     "/api/v1/chat": {
         "post": _operation(
             "chat",
-            "Send a message; the agent's reply streams back as plain text, one chunk per token",
-            {
-                200: {
-                    "description": "The reply, streamed (chunked) as it is produced",
-                    "headers": {
-                        **_REQUEST_ID,
-                        "X-Interaction-Id": {
-                            "description": "The interaction's id (for POST /api/v1/cancel)",
-                            "schema": _TEXT,
-                        },
-                    },
-                    "content": {"text/plain": {"schema": _TEXT}},
-                }
-            },
+            "Send a message; the reply streams back as plain text (one chunk per token) or as the AI SDK's SSE",
+            {200: _STREAM},
             (400, 404, 409, 413, 500, 502, 503),
-            body=_form(_ref("ChatForm")),
+            parameters=[_ON_DISCONNECT_QUERY],
+            body={
+                "required": True,
+                "content": {
+                    **_form(_ref("ChatForm"))["content"],
+                    "application/json": {"schema": {"oneOf": [_ref("ChatJson"), _ref("AiSdkChat")]}},
+                },
+            },
+        )
+    },
+    "/api/v1/chat/{session_id}/stream": {
+        "get": _operation(
+            "rejoinChat",
+            "Follow the session's reply in progress: from its start, or after Last-Event-ID, or from a text offset",
+            {
+                200: _STREAM,
+                204: {"description": "No reply of this session is in progress", "headers": _REQUEST_ID},
+            },
+            (404, 500, 503),
+            parameters=[
+                _SESSION_PARAM,
+                {
+                    "name": "offset",
+                    "in": "query",
+                    "description": "With Accept: text/plain, the text from this character on",
+                    "schema": {"type": "integer", "minimum": 0, "maximum": 2**62},
+                },
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "description": "SSE: only the frames after this one (<interaction_id>:<seq>)",
+                    "schema": _TEXT,
+                },
+            ],
         )
     },
     "/api/v1/cancel": {
