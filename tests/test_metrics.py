@@ -106,6 +106,10 @@ async def test_a_chat_and_a_cancel_move_the_interaction_metrics(
             chunks = r.aiter_text()
             await anext(chunks)
             during = scrape(None, server.url)
+            rejoin = f"/api/v1/chat/{session_id}/stream"
+            async with client.stream("GET", rejoin, headers={"accept": "text/plain"}) as follower:
+                assert follower.status_code == 200
+                await anext(follower.aiter_text())
             cancel = await client.post("/api/v1/cancel", data={"ui_session_id": session_id})
             assert cancel.json()["cancelled"] is True
             async for _ in chunks:
@@ -134,6 +138,9 @@ async def test_a_chat_and_a_cancel_move_the_interaction_metrics(
     assert moved("parley_interactions_total", after_chat, status="complete", **echo) == 0
     assert moved("parley_cancel_requests_total", after_chat, result="cancelled_here") == 1
     assert moved("parley_cancel_requests_total", after_chat, result="not_running") == 1
+    assert moved("parley_rejoins_total", after_chat) == 1
+    route = "/api/v1/chat/{session_id}/stream"
+    assert moved("parley_http_requests_total", after_chat, method="GET", route=route, status="200") == 1
     assert moved("parley_time_to_first_token_seconds_count", before, **echo) == 2
     assert moved("parley_interaction_duration_seconds_count", before, **echo) == 2
 
