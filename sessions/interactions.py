@@ -41,7 +41,7 @@ class Interaction:
         self.status = ""  # the history status, once done
         self.error: str | None = None  # what a failure after the first token said, for renderers that can tell
         # Events made only when someone waits: most interactions are neither followed nor watched.
-        self._changed: anyio.Event | None = None
+        self.waiter: anyio.Event | None = None  # set when a follower waits for the next change
         self._over_event: anyio.Event | None = None
 
     def cancel(self, reason: CancelReason) -> bool:
@@ -52,24 +52,25 @@ class Interaction:
         self.scope.cancel()
         return True
 
+    def notify(self) -> None:
+        if self.waiter is not None:
+            self.waiter.set()
+            self.waiter = None
+
     def add(self, token: str) -> None:
         self.tokens.append(token)
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        self.notify()
 
     def finish(self, status: str) -> None:
         self.status = status
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        self.notify()
 
     async def changed(self) -> None:
         """Wait for the next token, or for the reply's end (``status`` set). Only what happens after the call
         wakes it: look at ``tokens`` and ``status`` just before, with no ``await`` in between."""
-        if self._changed is None:
-            self._changed = anyio.Event()
-        await self._changed.wait()
+        if self.waiter is None:
+            self.waiter = anyio.Event()
+        await self.waiter.wait()
 
     def end(self) -> None:
         """The interaction is over: recorded, and its session freed."""
