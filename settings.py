@@ -23,6 +23,9 @@ class Settings:
     openai_history_messages: int = 100
     redis_url: str | None = None
     redis_lease_seconds: float = 10.0
+    checkpoint_seconds: float = 1.0
+    sse_keepalive_seconds: float = 15.0
+    on_disconnect: str = "cancel"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -49,6 +52,9 @@ class Settings:
             openai_history_messages=int(number("OPENAI_HISTORY_MESSAGES", defaults.openai_history_messages)),
             redis_url=text("REDIS_URL"),
             redis_lease_seconds=number("REDIS_LEASE_SECONDS", defaults.redis_lease_seconds),
+            checkpoint_seconds=number("CHECKPOINT_SECONDS", defaults.checkpoint_seconds),
+            sse_keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", defaults.sse_keepalive_seconds),
+            on_disconnect=_choice(text("ON_DISCONNECT"), defaults.on_disconnect, "PARLEY_ON_DISCONNECT"),
         )
 
 
@@ -62,3 +68,11 @@ def _number(value: str | None, default: float, name: str) -> float:
     if number < 0:
         raise ValueError(f"{name} must not be negative, got {value!r}")
     return number
+
+
+def _choice(value: str | None, default: str, name: str, choices: tuple[str, ...] = ("cancel", "continue")) -> str:
+    if value is None:
+        return default
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
