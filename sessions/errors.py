@@ -8,6 +8,7 @@
      │    └── SessionExists        a client-chosen ui_session_id is taken
      ├── PayloadTooLarge      413  a message or an upload over its limit
      ├── CancelFailed         500  a cancel that could not be delivered to the process that owns the stream
+     ├── RejoinFailed         500  a rejoin of a reply that another process streams, which this one cannot reach
      ├── StoreUnavailable     503  the shared store (Redis) cannot be reached right now
      └── AgentUnavailable     503  the session's agent is not configured on this server (any more)
 
@@ -62,6 +63,10 @@ class PayloadTooLarge(ApiError):
 
 
 class CancelFailed(ApiError):
+    status_code = 500
+
+
+class RejoinFailed(ApiError):
     status_code = 500
 
 
