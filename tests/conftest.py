@@ -244,15 +244,15 @@ class AISDK:
     async def run(
         self,
         action: str,
-        server: LiveServer,
+        url: str,
         session_id: str,
         *args: str,
         progress: Callable[[dict[str, Any]], None] | None = None,
         within: float = 60,
     ) -> dict[str, Any]:
-        """Run one action (send, cancel, resume) to its end and return the JSON result the driver prints.
-        ``progress`` sees each change of the chat's status or of the assistant text's length as it happens."""
-        command = [self.node, str(AI_SDK / "driver.mjs"), action, "--base", server.url, "--session", session_id, *args]
+        """Run one action (send, resume) against the parley at ``url`` to its end; return the JSON result the
+        driver prints. ``progress`` sees the chat's status and the assistant's text at each change, as it happens."""
+        command = [self.node, str(AI_SDK / "driver.mjs"), action, "--base", url, "--session", session_id, *args]
         if progress is not None:
             command.append("--progress")
         stderr: list[str] = []

@@ -11,12 +11,13 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import httpx
 import pytest
 from starlette.types import ASGIApp
 
 from agents import AgentError, Agents, Turn
 from app import create_app
-from tests.conftest import AISDK, LiveServer, make_settings, messages, new_session
+from tests.conftest import AISDK, LiveServer, RedisServer, Subprocess, make_settings, messages, new_session
 
 pytestmark = pytest.mark.anyio
 
@@ -33,7 +34,7 @@ async def test_a_sent_message_shows_the_text_that_history_keeps(live: Callable[.
     server = live()
     async with server.client() as client:
         session_id = await new_session(client)
-        result = await ai_sdk.run("send", server, session_id, "--text", " héllo  wörld\n  ✓ two lines ")
+        result = await ai_sdk.run("send", server.url, session_id, "--text", " héllo  wörld\n  ✓ two lines ")
         history = await messages(client, session_id)
 
     assert result["error"] is None and result["status"] == "ready" and not result["timedOut"], result
@@ -56,7 +57,7 @@ async def test_a_conversation_of_several_turns_sends_the_whole_chat_and_answers_
     server = live()
     async with server.client() as client:
         session_id = await new_session(client)
-        result = await ai_sdk.run("send", server, session_id, "--text", "first", "--text", "second one")
+        result = await ai_sdk.run("send", server.url, session_id, "--text", "first", "--text", "second one")
         history = await messages(client, session_id)
 
     assert result["error"] is None and result["status"] == "ready", result
@@ -82,7 +83,7 @@ async def test_a_cancel_mid_reply_ends_the_message_as_cancelled(live: Callable[.
     server = live(echo_delay=0.05)  # 200 words: ten seconds, and the cancel goes out at the first one
     async with server.client() as client:
         session_id = await new_session(client)
-        result = await ai_sdk.run("cancel", server, session_id, "--text", WORDS, "--after-chars", "1")
+        result = await ai_sdk.run("send", server.url, session_id, "--text", WORDS, "--cancel-after-chars", "1")
         history = await messages(client, session_id)
 
     # The app's stop button: POST /api/v1/cancel, while the SDK keeps reading the stream to its end.
@@ -155,7 +156,7 @@ async def test_resume_stream_rejoins_a_running_reply_from_its_start(
                 agent.gate.set()
 
         # A page reload: the app shows the history it has, then calls resumeStream() (useChat's resume: true).
-        result = await ai_sdk.run("resume", server, session_id, "--hydrate", progress=progress)
+        result = await ai_sdk.run("resume", server.url, session_id, "--hydrate", progress=progress)
         history = await messages(client, session_id)
 
     assert agent.gate.is_set(), seen  # the client had the first half while the reply was still running
@@ -173,6 +174,44 @@ async def test_resume_stream_rejoins_a_running_reply_from_its_start(
     }
 
 
+@pytest.mark.redis
+async def test_resume_stream_on_another_worker_follows_the_reply_and_a_cancel_there_stops_it(
+    subprocesses: Callable[..., Subprocess], redis_server: RedisServer, ai_sdk: AISDK
+) -> None:
+    long = " ".join(f"w{i}" for i in range(400))  # twenty seconds at 50 ms a word: it runs while the SDK rejoins
+    env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_ECHO_DELAY": "0.05"}
+    a, b = subprocesses(env).start(), subprocesses(env).start()
+    async with httpx.AsyncClient(timeout=20) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        # Another client starts the reply on worker a, reads a few words and goes away; the reply goes on.
+        form = {"ui_session_id": session_id, "message": long, "on_disconnect": "continue"}
+        received = ""
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=form) as response:
+            assert response.status_code == 200
+            async for chunk in response.aiter_text():
+                received += chunk
+                if len(received.split()) >= 3:
+                    break
+        assert len(received.split()) >= 3
+
+        # The page reloads and lands on worker b: resumeStream() there, then its stop button, also on b, once it
+        # shows more than the first client saw.
+        cancel_at = str(len(received) + 1)
+        result = await ai_sdk.run("resume", b.url, session_id, "--hydrate", "--cancel-after-chars", cancel_at)
+        history = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"]
+
+    assert result["cancel"]["status"] == 200 and result["cancel"]["body"]["cancelled"] is True, result
+    assert result["error"] is None and result["status"] == "ready" and not result["timedOut"], result
+    assert result["finish"]["finishReason"] == "interrupted"
+    reply = assistant_of(history)
+    assert reply["status"] == "cancelled"
+    assert result["assistant"]["metadata"]["status"] == "cancelled"
+    assert result["assistant"]["id"] == reply["id"]
+    text = result["assistant"]["text"]
+    assert text == reply["content"]
+    assert text.startswith(received) and len(text) > len(received) and long.startswith(text) and text != long
+
+
 async def test_resume_stream_with_nothing_running_leaves_the_chat_as_it_was(
     live: Callable[..., LiveServer], ai_sdk: AISDK
 ) -> None:
@@ -182,7 +221,7 @@ async def test_resume_stream_with_nothing_running_leaves_the_chat_as_it_was(
         response = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "done already"})
         assert response.status_code == 200
         assert (await client.get(f"/api/v1/chat/{session_id}/stream")).status_code == 204
-        result = await ai_sdk.run("resume", server, session_id, "--hydrate")
+        result = await ai_sdk.run("resume", server.url, session_id, "--hydrate")
 
     # 204: nothing to resume; the SDK goes back to ready without an error and without touching the messages.
     assert result["error"] is None and result["status"] == "ready" and result["finish"] is None, result
@@ -211,7 +250,7 @@ async def test_an_agent_failure_mid_reply_is_an_error_the_sdk_shows_with_the_tex
     server = serve(create_app(make_settings(tmp_path, agent="failing"), agents=Agents([FailingAgent()])))
     async with server.client() as client:
         session_id = await new_session(client)
-        result = await ai_sdk.run("send", server, session_id, "--text", "hi")
+        result = await ai_sdk.run("send", server.url, session_id, "--text", "hi")
         history = await messages(client, session_id)
 
     # SSE can say what went wrong after the first token: an `error` part puts the chat in status `error`.
@@ -225,7 +264,7 @@ async def test_an_agent_failure_mid_reply_is_an_error_the_sdk_shows_with_the_tex
 
 async def test_an_unknown_session_is_an_error_the_sdk_shows(live: Callable[..., LiveServer], ai_sdk: AISDK) -> None:
     server = live()
-    result = await ai_sdk.run("send", server, "ses_nobody", "--text", "hello")
+    result = await ai_sdk.run("send", server.url, "ses_nobody", "--text", "hello")
     body = {
         "id": "ses_nobody",
         "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hello"}]}],

@@ -2,8 +2,9 @@
 // DefaultChatTransport, with a minimal ChatState. tests/test_ai_sdk.py runs it and reads the one JSON line it prints.
 //
 //   node driver.mjs send   --session ID --text TEXT [--text TEXT...] [--body JSON]
-//   node driver.mjs cancel --session ID --text TEXT [--after-chars N]   (POST /api/v1/cancel once N chars arrived)
-//   node driver.mjs resume --session ID [--hydrate]                      (resumeStream(); --hydrate loads history first)
+//   node driver.mjs resume --session ID [--hydrate]            (resumeStream(); --hydrate loads the history first)
+//
+// --cancel-after-chars N: POST /api/v1/cancel once the assistant's text has N characters, as a stop button would.
 //
 // --progress writes {"progress": {"status", "text"}} to stderr on each change, so a test can act mid-reply.
 //
@@ -59,15 +60,15 @@ const { values, positionals } = parseArgs({
     session: { type: 'string' },
     text: { type: 'string', multiple: true, default: [] },
     body: { type: 'string', default: '{}' },
-    'after-chars': { type: 'string', default: '1' },
+    'cancel-after-chars': { type: 'string' },
     hydrate: { type: 'boolean', default: false },
     progress: { type: 'boolean', default: false },
     'timeout-ms': { type: 'string', default: '30000' },
   },
 });
 const action = positionals[0];
-if (!values.base || !values.session || !['send', 'cancel', 'resume'].includes(action)) {
-  console.error('usage: driver.mjs send|cancel|resume --base URL --session ID [--text T] [--hydrate]');
+if (!values.base || !values.session || !['send', 'resume'].includes(action)) {
+  console.error('usage: driver.mjs send|resume --base URL --session ID [--text T] [--hydrate] [--cancel-after-chars N]');
   process.exit(2);
 }
 const base = values.base.replace(/\/$/, '');
@@ -91,7 +92,7 @@ async function history() {
 const statuses = [];
 const result = { action, session, cancel: null, finish: null, timedOut: false };
 let cancelling = null;
-const afterChars = Number(values['after-chars']);
+const cancelAfterChars = values['cancel-after-chars'] === undefined ? null : Number(values['cancel-after-chars']);
 
 let lastProgress = '';
 
@@ -103,7 +104,7 @@ function onChange(chat) {
     if (progress !== lastProgress) process.stderr.write(progress + '\n');
     lastProgress = progress;
   }
-  if (action === 'cancel' && cancelling === null && assistant && assistant.text.length >= afterChars) {
+  if (cancelAfterChars !== null && cancelling === null && assistant && assistant.text.length >= cancelAfterChars) {
     result.textAtCancel = assistant.text;
     cancelling = cancel().then(outcome => (result.cancel = outcome));
   }
