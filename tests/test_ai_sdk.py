@@ -260,6 +260,8 @@ async def test_an_agent_failure_mid_reply_is_an_error_the_sdk_shows_with_the_tex
     assert reply["status"] == "error"
     assert result["assistant"]["text"] == reply["content"] == "one two three "
     assert result["assistant"]["id"] == reply["id"]
+    # The SDK applies nothing after an error part: the status reaches it in a message-metadata part sent before.
+    assert result["assistant"]["metadata"]["status"] == "error"
 
 
 async def test_an_unknown_session_is_an_error_the_sdk_shows(live: Callable[..., LiveServer], ai_sdk: AISDK) -> None:
