@@ -79,6 +79,31 @@ async def test_a_conversation_of_several_turns_sends_the_whole_chat_and_answers_
     ]
 
 
+async def test_regenerate_answers_the_last_user_message_again_as_a_new_turn(
+    live: Callable[..., LiveServer], ai_sdk: AISDK
+) -> None:
+    server = live()
+    async with server.client() as client:
+        session_id = await new_session(client)
+        result = await ai_sdk.run("send", server.url, session_id, "--text", "the question", "--regenerate")
+        history = await messages(client, session_id)
+
+    assert result["error"] is None and result["status"] == "ready", result
+    assert [(m["role"], m["content"], m["status"]) for m in history] == [
+        ("user", "the question", "complete"),
+        ("assistant", "the question", "complete"),
+        ("user", "the question", "complete"),
+        ("assistant", "the question", "complete"),
+    ]
+    # The SDK drops the old reply and shows the new one: history's second reply, with its own id and interaction.
+    assert [(m["role"], m["text"]) for m in result["messages"]] == [
+        ("user", "the question"),
+        ("assistant", "the question"),
+    ]
+    assert result["assistant"]["id"] == history[3]["id"] != history[1]["id"]
+    assert result["assistant"]["metadata"]["interaction_id"] == history[3]["interaction_id"]
+
+
 async def test_a_cancel_mid_reply_ends_the_message_as_cancelled(live: Callable[..., LiveServer], ai_sdk: AISDK) -> None:
     server = live(echo_delay=0.05)  # 200 words: ten seconds, and the cancel goes out at the first one
     async with server.client() as client:

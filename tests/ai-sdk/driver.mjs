@@ -1,7 +1,7 @@
 // Vercel's AI SDK as a real client of parley, headless: the AbstractChat that React's useChat wraps, over the
 // DefaultChatTransport, with a minimal ChatState. tests/test_ai_sdk.py runs it and reads the one JSON line it prints.
 //
-//   node driver.mjs send   --session ID --text TEXT [--text TEXT...] [--body JSON]
+//   node driver.mjs send   --session ID --text TEXT [--text TEXT...] [--regenerate] [--body JSON]
 //   node driver.mjs resume --session ID [--hydrate]            (resumeStream(); --hydrate loads the history first)
 //
 // --cancel-after-chars N: POST /api/v1/cancel once the assistant's text has N characters, as a stop button would.
@@ -63,6 +63,7 @@ const { values, positionals } = parseArgs({
     'cancel-after-chars': { type: 'string' },
     hydrate: { type: 'boolean', default: false },
     progress: { type: 'boolean', default: false },
+    regenerate: { type: 'boolean', default: false },
     'timeout-ms': { type: 'string', default: '30000' },
   },
 });
@@ -136,6 +137,8 @@ try {
   if (action === 'resume') await chat.resumeStream();
   // Several --text: one turn after another in the same chat, as a user would type them.
   else for (const text of values.text) await chat.sendMessage({ text });
+  // The "regenerate" button: the last reply is asked for again (trigger regenerate-message).
+  if (values.regenerate) await chat.regenerate();
   if (cancelling) await cancelling;
 } catch (error) {
   result.thrown = String(error?.stack ?? error);
