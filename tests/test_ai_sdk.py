@@ -129,6 +129,31 @@ async def test_a_cancel_mid_reply_ends_the_message_as_cancelled(live: Callable[.
     assert text.startswith(result["textAtCancel"]) and WORDS.startswith(text) and len(text) < len(WORDS)
 
 
+async def test_the_sdks_own_stop_with_on_disconnect_continue_leaves_the_reply_running_to_resume(
+    live: Callable[..., LiveServer], ai_sdk: AISDK
+) -> None:
+    words = " ".join(f"w{i}" for i in range(60))
+    server = live(echo_delay=0.05)  # three seconds; the stop comes at the first word, the resume right after it
+    async with server.client() as client:
+        session_id = await new_session(client)
+        # As the README's useChat example: body {on_disconnect: "continue"}, then stop() and resumeStream().
+        args = ("--text", words, "--body", '{"on_disconnect": "continue"}', "--stop-after-chars", "1", "--then-resume")
+        result = await ai_sdk.run("send", server.url, session_id, *args)
+        history = await messages(client, session_id)
+
+    stopped = result["stopped"]
+    assert stopped["status"] == "ready" and stopped["finish"]["isAbort"] is True, result
+    assert words.startswith(stopped["assistant"]["text"]) and stopped["assistant"]["text"] != words
+    # Closing the connection did not stop the reply: the resumed stream has all of it, as history does.
+    assert result["error"] is None and result["status"] == "ready" and not result["timedOut"], result
+    assert result["finish"] == {"isAbort": False, "isDisconnect": False, "isError": False, "finishReason": "stop"}
+    reply = assistant_of(history)
+    assert (reply["status"], reply["content"]) == ("complete", words)
+    assert result["assistant"]["text"] == words and result["assistant"]["metadata"]["status"] == "complete"
+    assert [m["role"] for m in result["messages"]] == ["user", "assistant"]
+    assert result["assistant"]["id"] == stopped["assistant"]["id"] == reply["id"]
+
+
 class GatedAgent:
     """Says ``first``, then waits for the test to open the gate before it says ``rest``: the reply is surely
     still running while a client rejoins it."""

@@ -5,6 +5,8 @@
 //   node driver.mjs resume --session ID [--hydrate]            (resumeStream(); --hydrate loads the history first)
 //
 // --cancel-after-chars N: POST /api/v1/cancel once the assistant's text has N characters, as a stop button would.
+// --stop-after-chars N: the SDK's own stop() instead (it only closes the connection); --then-resume: then call
+// resumeStream() in the same chat, as useChat's resume does after a reload.
 //
 // --progress writes {"progress": {"status", "text"}} to stderr on each change, so a test can act mid-reply.
 //
@@ -61,6 +63,8 @@ const { values, positionals } = parseArgs({
     text: { type: 'string', multiple: true, default: [] },
     body: { type: 'string', default: '{}' },
     'cancel-after-chars': { type: 'string' },
+    'stop-after-chars': { type: 'string' },
+    'then-resume': { type: 'boolean', default: false },
     hydrate: { type: 'boolean', default: false },
     progress: { type: 'boolean', default: false },
     regenerate: { type: 'boolean', default: false },
@@ -93,7 +97,10 @@ async function history() {
 const statuses = [];
 const result = { action, session, cancel: null, finish: null, timedOut: false };
 let cancelling = null;
-const cancelAfterChars = values['cancel-after-chars'] === undefined ? null : Number(values['cancel-after-chars']);
+const chars = name => (values[name] === undefined ? null : Number(values[name]));
+const cancelAfterChars = chars('cancel-after-chars');
+const stopAfterChars = chars('stop-after-chars');
+let stopping = null;
 
 let lastProgress = '';
 
@@ -108,6 +115,9 @@ function onChange(chat) {
   if (cancelAfterChars !== null && cancelling === null && assistant && assistant.text.length >= cancelAfterChars) {
     result.textAtCancel = assistant.text;
     cancelling = cancel().then(outcome => (result.cancel = outcome));
+  }
+  if (stopAfterChars !== null && stopping === null && assistant && assistant.text.length >= stopAfterChars) {
+    stopping = chat.stop();
   }
 }
 
@@ -140,6 +150,12 @@ try {
   // The "regenerate" button: the last reply is asked for again (trigger regenerate-message).
   if (values.regenerate) await chat.regenerate();
   if (cancelling) await cancelling;
+  if (stopping) {
+    await stopping;
+    result.stopped = { status: chat.status, assistant: lastAssistant(chat.messages), finish: result.finish };
+    result.finish = null;
+    if (values['then-resume']) await chat.resumeStream();
+  }
 } catch (error) {
   result.thrown = String(error?.stack ?? error);
 } finally {
