@@ -277,7 +277,10 @@ class AISDK:
                     stdout += chunk
                 await process.wait()
         assert process.returncode == 0, "\n".join(stderr)
-        return dict(json.loads(stdout.decode().splitlines()[-1]))
+        result = dict(json.loads(stdout.decode().splitlines()[-1]))
+        # The chat reports failures in its status and error; a throw or a hang is the driver's own failure.
+        assert "thrown" not in result and not result["timedOut"], result
+        return result
 
 
 @pytest.fixture
