@@ -8,7 +8,7 @@ PORT ?= 8000
 REDIS_URL ?= redis://127.0.0.1:6379/0
 WORKERS ?= 2
 
-.PHONY: install redis-server wrk valgrind run run-redis test fuzz lint format bench bench-instructions clean
+.PHONY: install redis-server npm wrk valgrind run run-redis test fuzz lint format bench bench-instructions clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,18 @@ debian = @command -v $(1) >/dev/null 2>&1 || { \
 redis-server:
 	$(call debian,redis-server,redis-server is not installed: the Redis tests will be skipped (apt-get install redis-server),)
 
+# The AI SDK tests drive parley with Vercel's `ai` package from Node; `npm ci` installs the versions pinned by
+# tests/ai-sdk/package-lock.json (Debian's npm brings Node with it).
+AI_SDK := tests/ai-sdk
+
+npm:
+	$(call debian,npm,npm is not installed: the AI SDK tests will be skipped (apt-get install npm),)
+
+$(AI_SDK)/node_modules/.installed: $(AI_SDK)/package-lock.json | npm
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(AI_SDK) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	fi
+
 wrk:
 	$(call debian,wrk,make bench needs wrk (apt-get install wrk),exit 1;)
 
@@ -44,7 +56,7 @@ run: install
 run-redis: install
 	PARLEY_REDIS_URL=$(REDIS_URL) $(BIN)/uvicorn app:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-test: install redis-server
+test: install redis-server $(AI_SDK)/node_modules/.installed
 	$(BIN)/python -m pytest
 
 # Schemathesis at length against a real uvicorn: many examples per operation, a new seed each run (printed, so a
@@ -76,4 +88,4 @@ format: install
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info $(AI_SDK)/node_modules
