@@ -188,10 +188,26 @@ _SCHEMAS: dict[str, Schema] = {
                 "items": {
                     "type": "object",
                     "properties": {
-                        "role": {"type": "string"},
+                        "role": {"enum": ["system", "user", "assistant"]},
                         "parts": {
                             "type": "array",
                             "items": {"type": "object", "properties": {"type": _TEXT, "text": _TEXT}},
+                        },
+                    },
+                },
+                "description": "The conversation: the last message whose role is user must have a text part",
+                "contains": {
+                    "type": "object",
+                    "required": ["role", "parts"],
+                    "properties": {
+                        "role": {"const": "user"},
+                        "parts": {
+                            "type": "array",
+                            "contains": {
+                                "type": "object",
+                                "required": ["type", "text"],
+                                "properties": {"type": {"const": "text"}, "text": _REQUIRED_TEXT},
+                            },
                         },
                     },
                 },
