@@ -16,6 +16,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+import page
 from agents import Agents, Attachment
 from sessions import Store
 from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge
@@ -306,9 +307,13 @@ def create_app(
     *,
     store: Store | None = None,
     agents: Agents | None = None,
+    ui: bool = True,
     debug: bool = False,
 ) -> Starlette:
-    """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*)."""
+    """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*).
+
+    ``ui=False`` leaves out the chat page (``GET /`` and ``/ui/``), for hosts that serve their own.
+    """
     settings = settings or Settings.from_env()
     parley = build(settings, store, agents)
 
@@ -326,7 +331,7 @@ def create_app(
 
     app = Starlette(
         debug=debug,
-        routes=routes,
+        routes=[*routes, *page.routes] if ui else routes,
         lifespan=lifespan,
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
     )
