@@ -44,6 +44,7 @@ class ApiError extends Error {
 // HTTP
 
 const REASONS = {
+  401: "You are not signed in.",
   409: "This session is busy with another reply.",
   413: "Too large.",
   429: "Too many replies running at once.",
@@ -74,7 +75,8 @@ async function request(path, { method = "GET", body, headers = {}, signal } = {}
       if (signal?.aborted) throw error;
       throw new ApiError(0, `Network error: parley could not be reached (${error.message}).`);
     }
-    if (response.status === 401) {
+    // A 401 that asks for a bearer token wants an API key; any other (a host app's sign-in) is only reported.
+    if (response.status === 401 && /^bearer/i.test(response.headers.get("www-authenticate") ?? "")) {
       await askForKey(await errorText(response));
       continue;
     }
@@ -91,9 +93,12 @@ async function getJSON(path) {
   return (await request(path)).json();
 }
 
+// URL-encoded, except for files: a multipart body would turn the message's line breaks into CRLF.
 function postForm(path, fields, options = {}) {
-  const form = new FormData();
-  for (const [name, value] of Object.entries(fields)) if (value != null) form.set(name, value);
+  const values = Object.entries(fields).filter(([, value]) => value != null);
+  const multipart = values.some(([, value]) => value instanceof Blob);
+  const form = multipart ? new FormData() : new URLSearchParams();
+  for (const [name, value] of values) form.set(name, value);
   return request(path, { method: "POST", body: form, ...options });
 }
 

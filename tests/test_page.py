@@ -1,0 +1,281 @@
+"""The chat page in a real Chromium (Debian's), against a real uvicorn: what a person sees, checked against history."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from app import create_app
+from tests.conftest import LiveServer, make_settings
+
+CHROMIUM = os.environ.get("PARLEY_CHROMIUM", "/usr/bin/chromium")
+WAIT = 15_000  # ms: generous, the machine may be busy
+WORDS = " ".join(f"w{i}" for i in range(120))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if shutil.which(CHROMIUM) is None:
+        reason = f"no Chromium at {CHROMIUM} (apt-get install chromium, or set PARLEY_CHROMIUM)"
+        if os.environ.get("PARLEY_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"PARLEY_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser: Browser) -> Iterator[Callable[..., Page]]:
+    """New pages (``open_page(url)``) in one browser context: they share localStorage, like tabs. Any script
+    error on a page fails the test."""
+    context = browser.new_context()
+    context.set_default_timeout(WAIT)
+    errors: list[str] = []
+
+    def open_(url: str | None = None) -> Page:
+        page = context.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        if url is not None:
+            page.goto(url)
+        return page
+
+    yield open_
+    context.close()
+    assert errors == []
+
+
+def history(server: LiveServer, session_id: str, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    response = httpx.get(f"{server.url}/api/v1/sessions/{session_id}/messages", headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    return list(response.json()["messages"])
+
+
+def session_of(page: Page) -> str:
+    fragment = page.evaluate("location.hash")
+    assert isinstance(fragment, str) and fragment.startswith("#")
+    return fragment[1:]
+
+
+def send(page: Page, text: str) -> None:
+    page.get_by_label("Message").fill(text)
+    page.get_by_label("Message").press("Enter")
+
+
+def reply(page: Page, index: int = -1) -> Locator:
+    replies = page.locator('[data-role="assistant"]')
+    return replies.last if index == -1 else replies.nth(index)
+
+
+def content(message: Locator) -> str:
+    return message.locator("[data-content]").text_content() or ""
+
+
+def wait_for_words(message: Locator, count: int) -> None:
+    deadline = time.monotonic() + WAIT / 1000
+    while len(content(message).split()) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} words after {WAIT} ms: {content(message)!r}"
+        time.sleep(0.02)
+
+
+def test_send_shows_the_echo_reply_and_history_agrees(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live()
+    page = open_page(server.url + "/")
+    send(page, "Hello,  parley!\nSecond line.")
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    session_id = session_of(page)
+    recorded = history(server, session_id)
+    assert [(m["role"], m["status"]) for m in recorded] == [("user", "complete"), ("assistant", "complete")]
+    assert content(reply(page)) == recorded[1]["content"] == "Hello,  parley!\nSecond line."
+    assert content(page.locator('[data-role="user"]')) == recorded[0]["content"]
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    expect(page.get_by_label("Message")).to_have_value("")
+    # The session is in the URL and in the list: a reload (or a shared link) opens it from history.
+    expect(page.get_by_role("link", name="Hello, parley! Second line.")).to_have_attribute("aria-current", "page")
+    page.reload()
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    assert content(reply(page)) == recorded[1]["content"]
+
+
+def test_stop_ends_the_reply_at_once_and_history_agrees(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live(echo_delay=0.05)
+    page = open_page(server.url + "/")
+    send(page, WORDS)
+    expect(reply(page)).to_have_attribute("data-status", "streaming")
+    wait_for_words(reply(page), 5)
+    page.get_by_role("button", name="Stop").click()
+    expect(reply(page)).to_have_attribute("data-status", "cancelled")
+    expect(reply(page).get_by_text("cancelled", exact=True)).to_be_visible()
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    recorded = history(server, session_of(page))
+    assert recorded[-1]["status"] == "cancelled"
+    assert content(reply(page)) == recorded[-1]["content"]
+    assert 5 <= len(recorded[-1]["content"].split()) < 120
+
+    # Esc stops too; the history view shows each reply's status.
+    send(page, WORDS)
+    wait_for_words(reply(page, 1), 3)
+    page.keyboard.press("Escape")
+    expect(reply(page, 1)).to_have_attribute("data-status", "cancelled")
+    recorded = history(server, session_of(page))
+    assert content(reply(page, 1)) == recorded[-1]["content"]
+    page.reload()
+    expect(reply(page, 0)).to_have_attribute("data-status", "cancelled")
+    expect(reply(page, 1)).to_have_attribute("data-status", "cancelled")
+    assert content(reply(page, 1)) == recorded[-1]["content"]
+
+
+def test_attached_files_show_as_chips_and_reach_the_agent(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live()
+    page = open_page(server.url + "/")
+    page.get_by_label("Attach").set_input_files(
+        [
+            {"name": "notes.md", "mimeType": "text/markdown", "buffer": b"# Notes\nhello\n"},
+            {"name": "data.bin", "mimeType": "application/octet-stream", "buffer": bytes(300)},
+        ]
+    )
+    expect(page.get_by_role("list", name="Files to send").get_by_role("listitem")).to_have_count(2)
+    send(page, "Summarise these")
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    chips = page.locator('[data-role="user"] .chip')
+    expect(chips).to_have_text(["notes.md", "data.bin"])
+    expect(page.get_by_role("list", name="Files to send").get_by_role("listitem")).to_have_count(0)
+    text = content(reply(page))
+    assert "[file: notes.md, 14 bytes]" in text
+    assert "[file: data.bin, 300 bytes]" in text
+    recorded = history(server, session_of(page))
+    assert text == recorded[1]["content"]
+    assert len(recorded[0]["file_ids"]) == 2
+    # The history view shows the chips too.
+    page.reload()
+    expect(page.locator('[data-role="user"] .chip')).to_have_text(["notes.md", "data.bin"])
+
+
+def test_markup_from_users_and_files_stays_text(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live()
+    page = open_page(server.url + "/")
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    attack = "<img src=x onerror=alert(1)><script>alert(2)</script>"
+    page.get_by_label("Attach").set_input_files(
+        [{"name": "<img src=x onerror=alert(3)>.txt", "mimeType": "text/plain", "buffer": b"<b>bold</b>"}]
+    )
+    send(page, attack)
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    assert content(page.locator('[data-role="user"]')) == attack
+    assert content(reply(page)).startswith(attack)
+    expect(page.locator('[data-role="user"] .chip')).to_have_text("<img src=x onerror=alert(3)>.txt")
+    page.reload()  # the history view and the session list render the same text
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    assert content(page.locator('[data-role="user"]')) == attack
+    assert page.locator("main img, main script, nav img, nav script").count() == 0
+    assert dialogs == []
+
+    response = httpx.get(server.url + "/", timeout=10)
+    policy = response.headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives["default-src"] == "'none'"
+    assert directives["script-src"] == "'self'"  # no 'unsafe-inline', no other origin
+    assert directives["connect-src"] == "'self'"
+    assert "<script>" not in response.text.replace('<script type="module" src="ui/app.js"></script>', "")
+
+
+def test_a_busy_session_shows_the_409_in_words(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live(echo_delay=0.05)
+    first = open_page(server.url + "/")
+    send(first, "start")
+    expect(reply(first)).to_have_attribute("data-status", "complete")
+    session_id = session_of(first)
+    second = open_page(f"{server.url}/#{session_id}")
+    expect(reply(second)).to_have_attribute("data-status", "complete")
+
+    send(first, WORDS)
+    wait_for_words(reply(first), 2)
+    send(second, "me too")
+    expect(second.get_by_role("alert")).to_contain_text("This session is busy")
+    expect(second.get_by_role("alert")).to_contain_text("in progress")
+    # Nothing was recorded, and the message is back in the box to send again.
+    expect(second.get_by_label("Message")).to_have_value("me too")
+    expect(second.locator("[data-role]")).to_have_count(2)
+    first.get_by_role("button", name="Stop").click()
+    expect(reply(first)).to_have_attribute("data-status", "cancelled")
+    assert [m["content"] for m in history(server, session_id) if m["role"] == "user"] == ["start", WORDS]
+
+
+def test_too_large_is_said_in_words(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live(max_message_bytes=16)
+    page = open_page(server.url + "/")
+    send(page, "this message is over sixteen bytes")
+    expect(page.get_by_role("alert")).to_contain_text("Too large.")
+    expect(page.get_by_label("Message")).to_have_value("this message is over sixteen bytes")
+
+
+def test_sessions_new_open_and_delete(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live()
+    page = open_page(server.url + "/")
+    send(page, "first session")
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    first = session_of(page)
+    page.get_by_role("button", name="New session").click()
+    expect(page.locator("[data-role]")).to_have_count(0)
+    send(page, "second session")
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    second = session_of(page)
+    assert first != second
+    links = page.get_by_role("navigation", name="Sessions").get_by_role("link")
+    expect(links).to_have_count(2)
+    expect(links.first).to_contain_text("second session")  # newest first
+    expect(links.last).to_contain_text("first session")
+
+    links.last.click()
+    expect(page.locator('[data-role="user"] [data-content]')).to_have_text(["first session"])
+    assert session_of(page) == first
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete session").click()
+    expect(links).to_have_count(1)
+    expect(page.locator("[data-role]")).to_have_count(0)
+    assert httpx.get(f"{server.url}/api/v1/sessions/{first}", timeout=10).status_code == 404
+    assert httpx.get(f"{server.url}/api/v1/sessions/{second}", timeout=10).status_code == 200
+
+
+def test_the_page_works_under_a_mount_prefix(serve: Callable[..., LiveServer], tmp_path: Path, open_page: Any) -> None:
+    server = serve(Starlette(routes=[Mount("/chat", app=create_app(make_settings(tmp_path)))]))
+    page = open_page(server.url + "/chat/")
+    send(page, "mounted")
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    assert content(reply(page)) == "mounted"
+    assert httpx.get(server.url + "/", timeout=10).status_code == 404
+
+
+def test_readable_at_phone_width(live: Callable[..., LiveServer], open_page: Any, tmp_path: Path) -> None:
+    server = live()
+    page = open_page()
+    page.set_viewport_size({"width": 360, "height": 740})
+    page.goto(server.url + "/")
+    send(page, "a long line without spaces: " + "x" * 300)
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    for name in ("New session", "Delete session", "Send", "Attach"):
+        box = page.get_by_role("button", name=name).bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 360, name
+    page.screenshot(path=str(tmp_path / "phone.png"))
+
+
+def test_ui_false_leaves_the_page_out(serve: Callable[..., LiveServer], tmp_path: Path) -> None:
+    server = serve(create_app(make_settings(tmp_path), ui=False))
+    for path in ("/", "/ui/app.js", "/ui/style.css"):
+        response = httpx.get(server.url + path, timeout=10)
+        assert response.status_code == 404
+        assert response.json()["status"] == "error"
+    assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
