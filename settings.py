@@ -23,6 +23,10 @@ class Settings:
     openai_history_messages: int = 100
     redis_url: str | None = None
     redis_lease_seconds: float = 10.0
+    api_keys: str | None = field(default=None, repr=False)
+    api_keys_file: str | None = None
+    max_streams_per_owner: int | None = None
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -49,6 +53,10 @@ class Settings:
             openai_history_messages=int(number("OPENAI_HISTORY_MESSAGES", defaults.openai_history_messages)),
             redis_url=text("REDIS_URL"),
             redis_lease_seconds=number("REDIS_LEASE_SECONDS", defaults.redis_lease_seconds),
+            api_keys=text("API_KEYS"),
+            api_keys_file=text("API_KEYS_FILE"),
+            max_streams_per_owner=_positive_int(text("MAX_STREAMS_PER_OWNER"), "PARLEY_MAX_STREAMS_PER_OWNER"),
+            cors_origins=tuple(origin for origin in (text("CORS_ORIGINS") or "").replace(",", " ").split()),
         )
 
 
@@ -62,3 +70,11 @@ def _number(value: str | None, default: float, name: str) -> float:
     if number < 0:
         raise ValueError(f"{name} must not be negative, got {value!r}")
     return number
+
+
+def _positive_int(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a whole number of 1 or more (unset: no limit), got {value!r}")
+    return int(value)

@@ -2,7 +2,9 @@
 
     ApiError                  a request that cannot be served as sent; rendered {"status": "error", "message": ...}
      ├── BadRequest           400  a field missing, empty or malformed; a body that cannot be parsed
-     ├── NotFound             404  unknown session, file or route
+     ├── Unauthorized         401  no owner: no API key, a wrong or malformed one, or the host app's user is not
+     │                             authenticated (auth.py); with API keys it carries WWW-Authenticate: Bearer
+     ├── NotFound             404  unknown session, file or route; another owner's session or file, exactly alike
      ├── Conflict             409
      │    ├── SessionBusy          the session already has an interaction in progress
      │    └── SessionExists        a client-chosen ui_session_id is taken
@@ -14,14 +16,17 @@
     agents.AgentError         500  the agent failed before its first token (after it, the stream is aborted)
      └── agents.UpstreamError 502  the model server refused, failed or timed out before the first token
 
-Messages are sentences a person understands: no tracebacks, no internals, no secrets.
+Messages are sentences a person understands: no tracebacks, no internals, no secrets (never a key).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class ApiError(Exception):
     status_code = 500
+    headers: Mapping[str, str] = {}
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -30,6 +35,15 @@ class ApiError(Exception):
 
 class BadRequest(ApiError):
     status_code = 400
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+
+    def __init__(self, message: str, *, bearer: bool) -> None:
+        super().__init__(message)
+        if bearer:
+            self.headers = {"www-authenticate": "Bearer"}
 
 
 class NotFound(ApiError):

@@ -47,6 +47,7 @@ class ChatStream:
         interactions: Interactions,
         agents: Agents,
         session_id: str,
+        owner: str,
         message: str,
         file_ids: Sequence[str] = (),
         attachments: Sequence[Attachment] = (),
@@ -55,6 +56,7 @@ class ChatStream:
         self.interactions = interactions
         self.agents = agents
         self.session_id = session_id
+        self.owner = owner
         self.message = message
         self.file_ids = tuple(file_ids)
         self.attachments = tuple(attachments)
@@ -77,7 +79,7 @@ class ChatStream:
             new_ordered_id("msg_"), session_id, "user", self.message, self.file_ids, "complete", interaction_id, now
         )
         reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction_id, now)
-        session, earlier = await self.store.start_turn(user, reply, self._history_limit)
+        session, earlier = await self.store.start_turn(user, reply, self._history_limit, owner=self.owner)
         agent = self._agent(session)
         history = [HistoryEntry(m.role, m.content) for m in earlier]
 
