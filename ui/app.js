@@ -32,6 +32,7 @@ const state = {
   run: null, // the reply being followed: {sessionId, interactionId, abort, reply, stopping}
   attachments: [], // [{file, uploaded: FileInfo | null, sessionId}]
   titles: new Map(),
+  agents: new Map(), // session id -> its agent's name, to label its replies
 };
 
 class ApiError extends Error {
@@ -173,7 +174,7 @@ function formatSize(bytes) {
   return `${(bytes / 1024 / 1024).toFixed(1)} MB`;
 }
 
-function messageElement(role, text, { status = null, files = [], messageId = null } = {}) {
+function messageElement(role, text, { status = null, files = [], messageId = null, agent = null } = {}) {
   const article = document.createElement("article");
   article.className = `message ${role}`;
   article.dataset.role = role;
@@ -182,7 +183,7 @@ function messageElement(role, text, { status = null, files = [], messageId = nul
   meta.className = "meta";
   const who = document.createElement("span");
   who.className = "who";
-  who.textContent = role === "user" ? "You" : "Assistant";
+  who.textContent = role === "user" ? "You" : agent || "Assistant";
   const badge = document.createElement("span");
   badge.className = "status";
   meta.append(who, badge);
@@ -250,6 +251,7 @@ function sessionLabel(session) {
 async function loadSessions() {
   const { sessions } = await getJSON("api/v1/sessions?limit=100");
   ui.noSessions.hidden = sessions.length > 0;
+  for (const session of sessions) state.agents.set(session.ui_session_id, session.agent);
   ui.sessions.replaceChildren(
     ...sessions.map((session) => {
       const item = document.createElement("li");
@@ -336,7 +338,9 @@ async function openSession(sessionId) {
   for (const message of messages) {
     const known = message.file_ids.map((id) => byId.get(id) ?? { filename: `${id} (deleted)` });
     const status = message.role === "assistant" ? message.status : null;
-    const article = addMessage(messageElement(message.role, message.content, { status, files: known, messageId: message.id }));
+    const agent = state.agents.get(sessionId);
+    const options = { status, files: known, messageId: message.id, agent };
+    const article = addMessage(messageElement(message.role, message.content, options));
     if (status === "streaming") running = article;
   }
   const title = titleOf(messages);
@@ -516,7 +520,9 @@ async function send() {
         headers: { "Content-Type": "application/json" },
         body: JSON.stringify(agent ? { agent } : {}),
       });
-      sessionId = (await created.json()).ui_session_id;
+      const session = await created.json();
+      sessionId = session.ui_session_id;
+      state.agents.set(sessionId, session.agent);
       if (view !== state.view) return;
       state.sessionId = sessionId;
       history.replaceState(null, "", `#${encodeURIComponent(sessionId)}`);
@@ -536,7 +542,7 @@ async function send() {
     }
     if (view !== state.view) return;
     user = addMessage(messageElement("user", text, { files }));
-    reply = addMessage(messageElement("assistant", "", { status: "streaming" }));
+    reply = addMessage(messageElement("assistant", "", { status: "streaming", agent: state.agents.get(sessionId) }));
     const sent = state.attachments;
     ui.message.value = "";
     setAttachments([]);
