@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Locator, Page, expect, sync_playwright
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -38,21 +39,24 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def open_page(browser: Browser) -> Iterator[Callable[..., Page]]:
-    """New pages (``open_page(url)``) in one browser context: they share localStorage, like tabs. Any script
-    error on a page fails the test."""
-    context = browser.new_context()
-    context.set_default_timeout(WAIT)
+    """New pages (``open_page(url)``), like tabs of one browser profile: they share localStorage.
+    ``open_page(url, new_profile=True)`` starts another profile. Any script error on a page fails the test."""
+    contexts: list[BrowserContext] = []
     errors: list[str] = []
 
-    def open_(url: str | None = None) -> Page:
-        page = context.new_page()
+    def open_(url: str | None = None, *, new_profile: bool = False) -> Page:
+        if new_profile or not contexts:
+            contexts.append(browser.new_context())
+            contexts[-1].set_default_timeout(WAIT)
+        page = contexts[-1].new_page()
         page.on("pageerror", lambda error: errors.append(str(error)))
         if url is not None:
             page.goto(url)
         return page
 
     yield open_
-    context.close()
+    for context in contexts:
+        context.close()
     assert errors == []
 
 
@@ -270,6 +274,50 @@ def test_readable_at_phone_width(live: Callable[..., LiveServer], open_page: Any
         box = page.get_by_role("button", name=name).bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 360, name
     page.screenshot(path=str(tmp_path / "phone.png"))
+
+
+def test_with_api_keys_the_page_asks_for_one_and_each_key_sees_its_own(
+    live: Callable[..., LiveServer], open_page: Any
+) -> None:
+    server = live(api_keys="alice:key-of-alice,bob:key-of-bob")
+    assert httpx.get(server.url + "/", timeout=10).status_code == 200  # the page itself needs no key
+    alice = open_page(server.url + "/")
+    alice.get_by_label("API key").fill("key-of-alice")
+    alice.get_by_label("API key").press("Enter")
+    expect(alice.get_by_label("API key")).to_be_hidden()
+    send(alice, "from alice")
+    expect(reply(alice)).to_have_attribute("data-status", "complete")
+    alice_session = session_of(alice)
+    alice_key = {"Authorization": "Bearer key-of-alice"}
+    assert content(reply(alice)) == history(server, alice_session, alice_key)[1]["content"] == "from alice"
+
+    bob = open_page(server.url + "/", new_profile=True)
+    bob.get_by_label("API key").fill("key-of-bob")
+    bob.get_by_role("button", name="Use this key").click()
+    expect(bob.get_by_text("No sessions yet.")).to_be_visible()
+    send(bob, "from bob")
+    expect(reply(bob)).to_have_attribute("data-status", "complete")
+    bob_links = bob.get_by_role("navigation", name="Sessions").get_by_role("link")
+    expect(bob_links).to_have_text([re.compile("from bob")])
+    # A shared link to someone else's session shows nothing of it.
+    bob.goto(f"{server.url}/#{alice_session}")
+    expect(bob.get_by_role("alert")).to_contain_text(f"There is no session {alice_session}")
+    expect(bob.locator("[data-role]")).to_have_count(0)
+
+    # The key is kept: a reload asks nothing and lists alice's sessions only.
+    alice.reload()
+    alice_links = alice.get_by_role("navigation", name="Sessions").get_by_role("link")
+    expect(alice_links).to_have_text([re.compile("from alice")])
+    expect(reply(alice)).to_have_attribute("data-status", "complete")
+    expect(alice.get_by_label("API key")).to_be_hidden()
+
+    # A key that stops working is asked for again.
+    alice.evaluate("localStorage.setItem('parley.apiKey', 'revoked')")
+    alice.reload()
+    expect(alice.get_by_text("The saved key was refused")).to_be_visible()
+    alice.get_by_label("API key").fill("key-of-alice")
+    alice.get_by_label("API key").press("Enter")
+    expect(alice_links).to_have_text([re.compile("from alice")])
 
 
 def test_ui_false_leaves_the_page_out(serve: Callable[..., LiveServer], tmp_path: Path) -> None:

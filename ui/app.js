@@ -111,7 +111,7 @@ function askForKey(reason) {
     const refused = localStorage.getItem(KEY) !== null;
     ui.keyReason.textContent = refused
       ? `The saved key was refused (${reason}). Enter another one.`
-      : "Enter your key once: this browser keeps it.";
+      : "This server needs a key. Enter it once: this browser keeps it.";
     ui.apiKey.value = "";
     ui.keyForm.addEventListener(
       "submit",
