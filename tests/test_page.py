@@ -17,11 +17,12 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from app import create_app
-from tests.conftest import LiveServer, make_settings
+from tests.conftest import LiveServer, RedisServer, free_port, make_settings
 
 CHROMIUM = os.environ.get("PARLEY_CHROMIUM", "/usr/bin/chromium")
 WAIT = 15_000  # ms: generous, the machine may be busy
 WORDS = " ".join(f"w{i}" for i in range(120))
+expect.set_options(timeout=WAIT)
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +224,37 @@ def test_too_large_is_said_in_words(live: Callable[..., LiveServer], open_page: 
     send(page, "this message is over sixteen bytes")
     expect(page.get_by_role("alert")).to_contain_text("Too large.")
     expect(page.get_by_label("Message")).to_have_value("this message is over sixteen bytes")
+
+
+def test_a_failing_model_server_is_said_in_words(live: Callable[..., LiveServer], open_page: Any) -> None:
+    nobody = f"http://127.0.0.1:{free_port()}/v1"  # a closed port: the connection is refused
+    server = live(openai_base_url=nobody, agent="openai", openai_connect_timeout=2.0)
+    page = open_page(server.url + "/")
+    send(page, "hello model")
+    expect(page.get_by_role("alert")).to_contain_text("The model server failed.")
+    expect(page.get_by_label("Message")).to_have_value("hello model")
+    expect(page.locator("[data-role]")).to_have_count(0)
+
+
+def test_redis_down_is_said_in_words(
+    live: Callable[..., LiveServer], open_page: Any, redis_server: RedisServer
+) -> None:
+    server = live(redis_url=redis_server.url)
+    page = open_page(server.url + "/")
+    send(page, "before")
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    redis_server.stop()
+    send(page, "after")
+    expect(page.get_by_role("alert")).to_contain_text("parley is unavailable right now.")
+    expect(page.get_by_label("Message")).to_have_value("after")
+
+
+def test_an_unreachable_server_is_said_in_words(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live()
+    page = open_page()
+    page.route("**/api/v1/sessions?*", lambda route: route.abort("connectionrefused"))
+    page.goto(server.url + "/")
+    expect(page.get_by_role("alert")).to_contain_text("Network error: parley could not be reached")
 
 
 def test_sessions_new_open_and_delete(live: Callable[..., LiveServer], open_page: Any) -> None:

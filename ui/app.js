@@ -33,6 +33,7 @@ const state = {
   attachments: [], // [{file, uploaded: FileInfo | null, sessionId}]
   titles: new Map(),
   agents: new Map(), // session id -> its agent's name, to label its replies
+  agentChoice: false, // more than one agent: new sessions may pick theirs
 };
 
 class ApiError extends Error {
@@ -305,7 +306,7 @@ function newSession() {
   history.replaceState(null, "", location.pathname + location.search);
   ui.title.textContent = "New conversation";
   ui.deleteSession.hidden = true;
-  ui.agentField.hidden = ui.agent.options.length < 2;
+  ui.agentField.hidden = !state.agentChoice;
   clearMessages();
   hideError();
   markCurrent();
@@ -514,7 +515,7 @@ async function send() {
   try {
     let sessionId = state.sessionId;
     if (!sessionId) {
-      const agent = ui.agentField.hidden ? undefined : ui.agent.value;
+      const agent = ui.agent.value || undefined;
       const created = await request("api/v1/sessions", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
@@ -605,7 +606,12 @@ function setAttachments(attachments) {
 
 async function loadAgents() {
   const { agents } = await getJSON("api/v1/agents");
+  // The server's default (PARLEY_AGENT) comes first; the API does not say which agent it is.
+  const byDefault = document.createElement("option");
+  byDefault.value = "";
+  byDefault.textContent = "default";
   ui.agent.replaceChildren(
+    byDefault,
     ...agents.map((agent) => {
       const option = document.createElement("option");
       option.value = agent.name;
@@ -615,6 +621,7 @@ async function loadAgents() {
     }),
   );
   ui.agentField.hidden = state.sessionId !== null || agents.length < 2;
+  state.agentChoice = agents.length > 1;
 }
 
 // Wiring
@@ -648,14 +655,14 @@ ui.keyDialog.addEventListener("cancel", (event) => event.preventDefault());
 window.addEventListener("hashchange", openFromHash);
 
 async function start() {
+  if (location.hash.length <= 1) newSession();
   try {
     await loadAgents();
     await loadSessions();
   } catch (error) {
     showError(error.message);
   }
-  if (location.hash.length > 1) openFromHash();
-  else newSession();
+  openFromHash();
 }
 
 start();
