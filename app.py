@@ -5,7 +5,8 @@ Run it with ``uvicorn app:app``; embed it with ``Mount("/chat", app=create_app()
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
@@ -22,7 +23,7 @@ import page
 from agents import Agents, Attachment
 from auth import Auth, keys_from
 from sessions import Store
-from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge, Unauthorized
+from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge, SessionError, Unauthorized
 from sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
 from sessions.forms import (
     SESSION_ID,
@@ -35,9 +36,12 @@ from sessions.forms import (
 )
 from sessions.service import Parley, build
 from sessions.store import FileInfo, Session, new_id, utcnow
-from sessions.streaming import ChatStream, error_response
+from sessions.streaming import ChatResponse, PlainText, error_response, http_status
+from sessions.turns import TurnObserver, TurnRequest
 from sessions.uploads import receive_upload
 from settings import Settings
+
+logger = logging.getLogger("parley")
 
 
 async def _parley(request: Request) -> tuple[Parley, str]:
@@ -91,17 +95,20 @@ async def list_sessions(request: Request) -> Response:
 async def get_session(request: Request) -> Response:
     parley, owner = await _parley(request)
     session = await _session(parley, request.path_params["session_id"], owner)
-    await parley.settle(session.ui_session_id)
-    streaming = await parley.interactions.is_streaming(session.ui_session_id) or await parley.streaming_elsewhere(
-        session.ui_session_id, None
-    )
+    await parley.interrupt_orphans(session.ui_session_id)
+    streaming = await parley.interactions.is_streaming(session.ui_session_id)
     return JSONResponse({**session.to_json(), "status": "streaming" if streaming else "idle"})
 
 
 async def delete_session(request: Request) -> Response:
     parley, owner = await _parley(request)
     session = await _session(parley, request.path_params["session_id"], owner)
-    await parley.interactions.cancel_and_wait(session.ui_session_id, reason="deleted")
+    try:
+        await parley.interactions.cancel_and_wait(session.ui_session_id, reason="deleted")
+    except CancelFailed:
+        # Its owner is dead or silent: delete anyway. The delete takes the claim with it, so an owner that
+        # comes back finds its session gone at its next renewal, and stops.
+        logger.warning("session %s: its owner did not answer the cancel; deleting anyway", session.ui_session_id)
     files = await parley.store.list_files(session.ui_session_id)
     await parley.store.delete_session(session.ui_session_id, owner)
     for info in files:
@@ -112,7 +119,7 @@ async def delete_session(request: Request) -> Response:
 async def list_messages(request: Request) -> Response:
     parley, owner = await _parley(request)
     session = await _session(parley, request.path_params["session_id"], owner)
-    await parley.settle(session.ui_session_id)
+    await parley.interrupt_orphans(session.ui_session_id)
     messages = await parley.store.list_messages(session.ui_session_id)
     return JSONResponse({"messages": [message.to_json() for message in messages]})
 
@@ -120,7 +127,7 @@ async def list_messages(request: Request) -> Response:
 # chat
 
 
-async def chat(request: Request) -> Response | ChatStream:
+async def chat(request: Request) -> Response | ChatResponse:
     parley, owner = await _parley(request)
     limit = parley.settings.max_message_bytes
     form = await read_form(request, max_field_bytes=limit)
@@ -133,17 +140,9 @@ async def chat(request: Request) -> Response | ChatStream:
     if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
         await _session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
-    await parley.settle(session_id)
-    return ChatStream(
-        store=parley.store,
-        interactions=parley.interactions,
-        agents=parley.agents,
-        session_id=session_id,
-        owner=owner,
-        message=message,
-        file_ids=file_ids,
-        attachments=attachments,
-    )
+    await parley.interrupt_orphans(session_id)
+    turn = TurnRequest(session_id, message, file_ids, attachments, owner)
+    return ChatResponse(parley.runner, turn, PlainText, parley.settings.on_disconnect)  # type: ignore[arg-type]
 
 
 async def _attachments(parley: Parley, session_id: str, file_ids: list[str]) -> list[Attachment]:
@@ -162,21 +161,15 @@ async def cancel(request: Request) -> Response:
     form = await read_form(request)
     session_id = required_text(form, "ui_session_id")
     interaction_id = optional_text(form, "interaction_id")
-    # The session must be the owner's: another owner's cancel is a 404 and reaches no stream.
-    await _session(parley, session_id, owner)
     if parley.interactions.get(session_id) is None:
-        # Not streaming here: the stream's process may be another one.
-        if await parley.streaming_elsewhere(session_id, interaction_id):
-            raise CancelFailed(
-                f"Failed to cancel interaction for session: {session_id}. It is streaming in another worker "
-                "process, which the embedded store cannot reach: set PARLEY_REDIS_URL to run several processes."
-            )
-    cancelled = await parley.interactions.cancel(session_id, interaction_id)
+        # Not streaming here: the session must exist and be the owner's (another owner's is a 404).
+        await _session(parley, session_id, owner)
+    outcome = await parley.interactions.cancel(session_id, interaction_id)
     return JSONResponse(
         {
             "status": "success",
             "message": f"Cancellation signal sent for session: {session_id}",
-            "cancelled": cancelled,
+            "cancelled": outcome != "not_running",
         }
     )
 
@@ -266,11 +259,11 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-class _Streaming:
+class _PlainEndpoint:
     """A route endpoint run as a plain ASGI app: Starlette wraps a function endpoint's ``send`` in one more
     layer, a cost paid on every token of a stream. Errors still reach the app's exception handlers."""
 
-    def __init__(self, handler: Callable[[Request], Awaitable[Response | ChatStream]]) -> None:
+    def __init__(self, handler: Callable[[Request], Awaitable[Response | ChatResponse]]) -> None:
         self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -280,7 +273,7 @@ class _Streaming:
 
 routes = [
     # The router tries routes in order: the hot path (a chat, and its cancel) comes first.
-    Route("/api/v1/chat", _Streaming(chat), methods=["POST"]),
+    Route("/api/v1/chat", _PlainEndpoint(chat), methods=["POST"]),
     Route("/api/v1/cancel", cancel, methods=["POST"]),
     Route("/api/v1/sessions", create_session, methods=["POST"]),
     Route("/api/v1/sessions", list_sessions, methods=["GET"]),
@@ -307,6 +300,11 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def _domain_error(request: Request, exc: Exception) -> Response:
+    status = http_status(exc)
+    return error_response(status, str(exc)) if status else await _server_error(request, exc)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
@@ -325,17 +323,19 @@ def create_app(
     *,
     store: Store | None = None,
     agents: Agents | None = None,
+    observers: Sequence[TurnObserver] = (),
     auth: Auth | None = None,
     ui: bool = True,
     debug: bool = False,
 ) -> Starlette:
     """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*).
 
+    ``observers`` are told about every turn (see :class:`sessions.turns.TurnObserver`): metrics, logs.
     ``ui=False`` leaves out the chat page (``GET /`` and ``/ui/``), for hosts that serve their own.
     """
     settings = settings or Settings.from_env()
     auth = auth or Auth(keys_from(settings.api_keys, settings.api_keys_file))
-    parley = build(settings, store, agents)
+    parley = build(settings, store, agents, observers)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -367,7 +367,12 @@ def create_app(
         routes=[*routes, *page.routes] if ui else routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={
+            ApiError: _api_error,
+            SessionError: _domain_error,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
     )
     app.state.parley = parley
     app.state.auth = auth

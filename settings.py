@@ -23,6 +23,9 @@ class Settings:
     openai_history_messages: int = 100
     redis_url: str | None = None
     redis_lease_seconds: float = 10.0
+    checkpoint_seconds: float = 1.0
+    sse_keepalive_seconds: float = 15.0
+    on_disconnect: str = "cancel"
     api_keys: str | None = field(default=None, repr=False)
     api_keys_file: str | None = None
     max_streams_per_owner: int | None = None
@@ -53,6 +56,9 @@ class Settings:
             openai_history_messages=int(number("OPENAI_HISTORY_MESSAGES", defaults.openai_history_messages)),
             redis_url=text("REDIS_URL"),
             redis_lease_seconds=number("REDIS_LEASE_SECONDS", defaults.redis_lease_seconds),
+            checkpoint_seconds=number("CHECKPOINT_SECONDS", defaults.checkpoint_seconds),
+            sse_keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", defaults.sse_keepalive_seconds),
+            on_disconnect=_choice(text("ON_DISCONNECT"), defaults.on_disconnect, "PARLEY_ON_DISCONNECT"),
             api_keys=text("API_KEYS"),
             api_keys_file=text("API_KEYS_FILE"),
             max_streams_per_owner=_positive_int(text("MAX_STREAMS_PER_OWNER"), "PARLEY_MAX_STREAMS_PER_OWNER"),
@@ -78,3 +84,11 @@ def _positive_int(value: str | None, name: str) -> int | None:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{name} must be a whole number of 1 or more (unset: no limit), got {value!r}")
     return int(value)
+
+
+def _choice(value: str | None, default: str, name: str, choices: tuple[str, ...] = ("cancel", "continue")) -> str:
+    if value is None:
+        return default
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value

@@ -118,12 +118,15 @@ class Store(Protocol):
         """Store the user's message and the assistant's ``streaming`` placeholder together, and return the
         session with its latest messages before them (what the agent is given), as many as
         ``history_limit(session)`` says: that depends on the session's agent, which this call is the first
-        to read. Raises :class:`sessions.errors.NotFound` when the session does not exist or is not
-        ``owner``'s (checked in the same round trip: a chat pays nothing for it), and whatever
-        ``history_limit`` raises, in both cases with nothing stored."""
+        to read. Raises :class:`sessions.errors.SessionNotFound` when the session does not exist or is not
+        ``owner``'s (checked in the same round trip: a chat pays nothing for it; ``SessionGone`` when it is
+        deleted meanwhile), and whatever ``history_limit`` raises, in all cases with nothing stored."""
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         """Give the assistant's placeholder its final text and terminal status."""
+
+    async def checkpoint_turn(self, message_id: str, content: str) -> None:
+        """Save the text so far of a reply still ``streaming`` (readers see it; it survives a crash)."""
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
         """Mark ``streaming`` turns whose process is gone as ``interrupted`` (all of them, or one session's)."""

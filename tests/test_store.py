@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from sessions import SQLiteStore, Store
-from sessions.errors import NotFound, SessionExists
+from sessions.errors import SessionExists, SessionNotFound
 from sessions.store import FileInfo, Message, Session, new_id, new_ordered_id, utcnow
 
 pytestmark = pytest.mark.anyio
@@ -77,7 +77,7 @@ async def test_another_owners_session_is_exactly_a_missing_one(store: Store) -> 
     assert await store.list_sessions("bob", 10, 0) == [bobs]
     assert await store.list_sessions("", 10, 0) == [opens]
     assert await store.list_sessions("carol", 10, 0) == []
-    with pytest.raises(NotFound):
+    with pytest.raises(SessionNotFound):
         await store.start_turn(*turn("a1"), limit(10), owner="bob")
     assert await store.list_messages("a1") == []
     assert await store.streaming_turn("a1") is None
@@ -119,7 +119,7 @@ async def test_turns(store: Store) -> None:
     assert len(so_far) == 4
     assert await store.start_turn(*turn("s", "more"), limit(3), owner="") == (session, so_far[1:])
     assert await store.start_turn(*turn("s", "none"), limit(0), owner="") == (session, [])
-    with pytest.raises(NotFound):
+    with pytest.raises(SessionNotFound):
         await store.start_turn(*turn("gone", "nobody here"), limit(0), owner="")
     assert await store.list_messages("gone") == []
 
