@@ -28,15 +28,16 @@ from sessions.files import FileTooLarge, content_disposition, is_text, mime_type
 from sessions.forms import (
     SESSION_ID,
     optional_text,
-    parse_file_ids,
     query_int,
+    read_chat,
     read_form,
     read_json_or_form,
     required_text,
 )
 from sessions.service import Parley, build
+from sessions.sse import ServerSentEvents
 from sessions.store import FileInfo, Session, new_id, utcnow
-from sessions.streaming import ChatResponse, PlainText, error_response, http_status
+from sessions.streaming import ChatResponse, OnDisconnect, PlainText, error_response, http_status
 from sessions.turns import TurnObserver, TurnRequest
 from sessions.uploads import receive_upload
 from settings import Settings
@@ -129,20 +130,29 @@ async def list_messages(request: Request) -> Response:
 
 async def chat(request: Request) -> Response | ChatResponse:
     parley, owner = await _parley(request)
-    limit = parley.settings.max_message_bytes
-    form = await read_form(request, max_field_bytes=limit)
-    session_id = required_text(form, "ui_session_id")
-    message = required_text(form, "message")
-    if len(message.encode()) > limit:
-        raise PayloadTooLarge(f"The message is larger than the limit of {limit} bytes.")
-    file_ids = parse_file_ids(optional_text(form, "file_ids"))
+    chat = await read_chat(request, max_message_bytes=parley.settings.max_message_bytes)
+    session_id, file_ids = chat.session_id, chat.file_ids
     attachments: list[Attachment] = []
     if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
         await _session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
     await parley.interrupt_orphans(session_id)
-    turn = TurnRequest(session_id, message, file_ids, attachments, owner)
-    return ChatResponse(parley.runner, turn, PlainText, parley.settings.on_disconnect)  # type: ignore[arg-type]
+    turn = TurnRequest(session_id, chat.message, file_ids, attachments, owner)
+    on_disconnect: OnDisconnect = (
+        "continue" if (chat.on_disconnect or parley.settings.on_disconnect) == "continue" else "cancel"
+    )
+    if _wants_sse(request, chat.ai_sdk):
+        keepalive = parley.settings.sse_keepalive_seconds
+        return ChatResponse(parley.runner, turn, ServerSentEvents, on_disconnect, keepalive)
+    return ChatResponse(parley.runner, turn, PlainText, on_disconnect)
+
+
+def _wants_sse(request: Request, ai_sdk: bool) -> bool:
+    """SSE when the client asks for it, or sends the AI SDK's body without asking for plain text alone."""
+    accept = request.headers.get("accept", "").lower()
+    if "text/event-stream" in accept:
+        return True
+    return ai_sdk and [part.split(";")[0].strip() for part in accept.split(",")] != ["text/plain"]
 
 
 async def _attachments(parley: Parley, session_id: str, file_ids: list[str]) -> list[Attachment]:
