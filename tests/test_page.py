@@ -104,6 +104,7 @@ def test_send_shows_the_echo_reply_and_history_agrees(live: Callable[..., LiveSe
     assert [(m["role"], m["status"]) for m in recorded] == [("user", "complete"), ("assistant", "complete")]
     assert content(reply(page)) == recorded[1]["content"] == "Hello,  parley!\nSecond line."
     assert content(page.locator('[data-role="user"]')) == recorded[0]["content"]
+    expect(reply(page)).to_have_attribute("data-message-id", recorded[1]["id"])  # from the SSE start frame
     expect(page.get_by_role("button", name="Send")).to_be_visible()
     expect(page.get_by_label("Message")).to_have_value("")
     # The session is in the URL and in the list: a reload (or a shared link) opens it from history.

@@ -378,18 +378,12 @@ function setStreaming(on) {
   ui.send.disabled = false;
 }
 
-// Reads one reply's stream into `reply` until it ends; returns the status it ended with (or null when unknown).
+// Reads one reply's stream (the AI SDK's UI message stream, over SSE) into `run.reply` until it ends; returns
+// the status history gave it (null when the stream ended without saying).
 async function readReply(response, run) {
-  const type = response.headers.get("content-type") ?? "";
   run.interactionId = response.headers.get("x-interaction-id") ?? run.interactionId;
-  if (!type.startsWith("text/event-stream")) {
-    // Plain text (a server without SSE): the text as it comes, the status from history afterwards.
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return null;
-      run.show((run.text += value));
-    }
+  if (!(response.headers.get("content-type") ?? "").startsWith("text/event-stream")) {
+    throw new Error(`expected a stream of server-sent events, got ${response.headers.get("content-type")}`);
   }
   let status = null;
   for await (const event of serverSentEvents(response.body)) {
