@@ -142,6 +142,21 @@ def test_stop_ends_the_reply_at_once_and_history_agrees(live: Callable[..., Live
     assert content(reply(page, 1)) == recorded[-1]["content"]
 
 
+def test_leaving_a_reply_lets_it_run_to_its_end(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live(echo_delay=0.02)
+    page = open_page(server.url + "/")
+    send(page, WORDS)
+    wait_for_words(reply(page), 3)
+    session_id = session_of(page)
+    page.get_by_role("button", name="New session").click()
+    expect(page.locator("[data-role]")).to_have_count(0)
+    deadline = time.monotonic() + WAIT / 1000
+    while (recorded := history(server, session_id))[-1]["status"] == "streaming":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (recorded[-1]["status"], recorded[-1]["content"]) == ("complete", WORDS)
+
+
 def test_attached_files_show_as_chips_and_reach_the_agent(live: Callable[..., LiveServer], open_page: Any) -> None:
     server = live()
     page = open_page(server.url + "/")
