@@ -171,10 +171,12 @@ async def cancel(request: Request) -> Response:
     form = await read_form(request)
     session_id = required_text(form, "ui_session_id")
     interaction_id = optional_text(form, "interaction_id")
-    if parley.interactions.get(session_id) is None:
-        # Not streaming here: the session must exist and be the owner's (another owner's is a 404).
+    running = parley.interactions.get(session_id)
+    if running is None or running.owner != owner:
+        # Not streaming here for this owner: the session must exist and be the owner's (another owner's is a
+        # 404, and the owner rides on the cancel bus too: another owner's cancel never reaches a stream).
         await _session(parley, session_id, owner)
-    outcome = await parley.interactions.cancel(session_id, interaction_id)
+    outcome = await parley.interactions.cancel(session_id, interaction_id, owner=owner)
     return JSONResponse(
         {
             "status": "success",

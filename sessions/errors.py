@@ -9,6 +9,7 @@
      │    ├── SessionBusy          the session already has an interaction in progress
      │    └── SessionExists        a client-chosen ui_session_id is taken
      ├── PayloadTooLarge      413  a message or an upload over its limit
+     ├── TooManyStreams       429  the owner already has PARLEY_MAX_STREAMS_PER_OWNER replies running (Retry-After)
      ├── CancelFailed         500  a cancel that could not be delivered to the process that owns the stream
      ├── StoreUnavailable     503  the shared store (Redis) cannot be reached right now
      └── AgentUnavailable     503  the session's agent is not configured on this server (any more)
@@ -73,6 +74,18 @@ class SessionExists(Conflict):
 
 class PayloadTooLarge(ApiError):
     status_code = 413
+
+
+class TooManyStreams(ApiError):
+    status_code = 429
+    retry_after_seconds = 1  # replies usually end within seconds, and a slot frees when one does
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"Too many replies running at once for this owner (the limit is {limit}): wait for one to end, "
+            "or cancel one, and try again."
+        )
+        self.headers = {"retry-after": str(self.retry_after_seconds)}
 
 
 class CancelFailed(ApiError):

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-# Seconds a client is told to wait: replies usually end within seconds, and a slot frees when one does.
-RETRY_AFTER_SECONDS = 1
-
 
 class StreamSlots(Protocol):
     limit: int | None

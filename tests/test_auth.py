@@ -396,3 +396,102 @@ async def test_two_owners_across_two_workers_on_redis(
             return bool((turns[-1]["status"], turns[-1]["content"]) == ("complete", SLOW))
 
         await eventually(recorded)
+
+
+async def test_a_busy_session_of_another_owner_is_a_missing_one(live: Callable[..., LiveServer]) -> None:
+    async with live(api_keys=KEYS, echo_delay=0.02).client() as client:
+        session_id = await create(client, as_(ALICE))
+        data = {"ui_session_id": session_id, "message": SLOW}
+        async with client.stream("POST", "/api/v1/chat", data=data, headers=as_(ALICE)) as response:
+            async for _ in response.aiter_text():
+                busy = await client.post("/api/v1/chat", data={**data, "message": "x"}, headers=as_(ALICE))
+                assert busy.status_code == 409  # to its owner, a busy session says so
+                theirs = await client.post("/api/v1/chat", data={**data, "message": "x"}, headers=as_(BOB))
+                missing = await client.post(
+                    "/api/v1/chat", data={"ui_session_id": "ses_missing", "message": "x"}, headers=as_(BOB)
+                )
+                assert theirs.status_code == missing.status_code == 404
+                assert theirs.text.replace(session_id, "<s>") == missing.text.replace("ses_missing", "<s>")
+                break
+
+
+async def test_the_cancel_bus_carries_the_owner(shared_redis_url: str) -> None:
+    import secrets
+
+    import anyio
+
+    from sessions.interactions import Interactions
+    from sessions.redis import RedisCoordinator, connect
+
+    prefix = f"test-{secrets.token_hex(6)}:"
+    here = Interactions(RedisCoordinator(connect(shared_redis_url), prefix=prefix))
+    there = Interactions(RedisCoordinator(connect(shared_redis_url), prefix=prefix))
+    async with anyio.create_task_group() as tg:
+        await tg.start(there.coordinator.listen, there.cancel_here)  # type: ignore[attr-defined]
+        async with there.open("s", "alice") as interaction:
+            # From another process: Bob's cancel reaches the process, which refuses it; Alice's stops the reply.
+            assert await here.cancel("s", owner="bob") == "not_running"
+            assert await here.cancel("s", interaction.id, owner="bob") == "not_running"
+            assert interaction.reason is None
+            assert await here.cancel("s", owner="alice") == "cancelled_elsewhere"
+            assert interaction.reason == "cancelled"
+        tg.cancel_scope.cancel()
+    for interactions in (here, there):
+        await interactions.coordinator.redis.aclose()  # type: ignore[attr-defined]
+
+
+async def test_the_streams_per_owner_limit(live: Callable[..., LiveServer]) -> None:
+    async with live(api_keys=KEYS, echo_delay=0.02, max_streams_per_owner=1).client() as client:
+        first, second = await create(client, as_(ALICE)), await create(client, as_(ALICE))
+        bobs = await create(client, as_(BOB))
+        await assert_limited(client, client, first, second, bobs)
+
+
+async def assert_limited(
+    a: httpx.AsyncClient, b: httpx.AsyncClient, first: str, second: str, bobs: str, after_words: int = 1
+) -> None:
+    """With a limit of 1: Alice's second reply (sent to ``b``) is refused while her first (on ``a``) runs."""
+    data = {"ui_session_id": first, "message": " ".join(f"w{i}" for i in range(after_words + 60))}
+    async with a.stream("POST", "/api/v1/chat", data=data, headers=as_(ALICE)) as response:
+        received = ""
+        async for chunk in response.aiter_text():
+            received += chunk
+            if len(received.split()) < after_words:
+                continue
+            refused = await b.post("/api/v1/chat", data={"ui_session_id": second, "message": "x"}, headers=as_(ALICE))
+            assert refused.status_code == 429
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["status"] == "error"
+            assert "limit is 1" in refused.json()["message"]
+            bob = await b.post("/api/v1/chat", data={"ui_session_id": bobs, "message": "bob's"}, headers=as_(BOB))
+            assert bob.text == "bob's"  # each owner has a limit of their own
+            break
+    # The first reply ended (its client went away): the slot is free again, and the refusal recorded nothing.
+
+    async def welcome() -> bool:
+        answer = await b.post("/api/v1/chat", data={"ui_session_id": second, "message": "now"}, headers=as_(ALICE))
+        assert answer.status_code in (200, 429), answer.text
+        return answer.status_code == 200
+
+    await eventually(welcome)
+    history = (await b.get(f"/api/v1/sessions/{second}/messages", headers=as_(ALICE))).json()["messages"]
+    assert [(m["role"], m["content"]) for m in history] == [("user", "now"), ("assistant", "now")]
+
+
+async def test_the_streams_per_owner_limit_across_two_workers_on_redis(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: Any
+) -> None:
+    env = {
+        "PARLEY_API_KEYS": KEYS,
+        "PARLEY_REDIS_URL": redis_server.url,
+        "PARLEY_ECHO_DELAY": "0.02",
+        "PARLEY_MAX_STREAMS_PER_OWNER": "1",
+        "PARLEY_REDIS_LEASE_SECONDS": "1",  # so the slot must be renewed while the reply runs
+        "PARLEY_DATA_DIR": str(tmp_path / "shared"),
+    }
+    one, two = subprocesses(env).start(), subprocesses(env).start()
+    async with httpx.AsyncClient(base_url=one.url, timeout=10) as a, httpx.AsyncClient(base_url=two.url) as b:
+        first, second = await create(a, as_(ALICE)), await create(a, as_(ALICE))
+        bobs = await create(a, as_(BOB))
+        # 100 words at 0.02 s: past a lease or two, so the slot held only because its worker renewed it.
+        await assert_limited(a, b, first, second, bobs, after_words=100)
