@@ -206,6 +206,8 @@ function messageElement(role, text, { status = null, files = [], messageId = nul
 
 function setStatus(article, status) {
   article.dataset.status = status;
+  // Screen readers announce the reply once it is whole, not at every token.
+  article.setAttribute("aria-busy", String(status === "streaming"));
   const badge = article.querySelector(".status");
   badge.textContent = status === "complete" ? "" : status === "streaming" ? "writing…" : status;
 }
@@ -246,7 +248,7 @@ function titleOf(messages) {
 }
 
 function sessionLabel(session) {
-  return state.titles.get(session.ui_session_id) || `Session of ${new Date(session.created_at).toLocaleString()}`;
+  return state.titles.get(session.ui_session_id) || "Untitled";
 }
 
 async function loadSessions() {
@@ -284,7 +286,12 @@ function setTitle(sessionId, title) {
   state.titles.set(sessionId, title);
   const link = ui.sessions.querySelector(`a[data-session-id="${CSS.escape(sessionId)}"]`);
   if (link) link.firstChild.textContent = title;
-  if (sessionId === state.sessionId) ui.title.textContent = title;
+  if (sessionId === state.sessionId) showTitle(title);
+}
+
+function showTitle(title) {
+  ui.title.textContent = title;
+  document.title = `${title} · parley`;
 }
 
 function markCurrent() {
@@ -304,7 +311,7 @@ function newSession() {
   state.view += 1;
   state.sessionId = null;
   history.replaceState(null, "", location.pathname + location.search);
-  ui.title.textContent = "New conversation";
+  showTitle("New conversation");
   ui.deleteSession.hidden = true;
   ui.agentField.hidden = !state.agentChoice;
   clearMessages();
@@ -317,7 +324,7 @@ async function openSession(sessionId) {
   leaveRun();
   const view = ++state.view;
   state.sessionId = sessionId;
-  ui.title.textContent = state.titles.get(sessionId) || "Conversation";
+  showTitle(state.titles.get(sessionId) || "Conversation");
   ui.deleteSession.hidden = false;
   ui.agentField.hidden = true;
   hideError();
@@ -326,7 +333,10 @@ async function openSession(sessionId) {
   const path = `api/v1/sessions/${encodeURIComponent(sessionId)}`;
   let messages, files;
   try {
-    [{ messages }, { files }] = await Promise.all([getJSON(`${path}/messages`), getJSON(`api/v1/files/${encodeURIComponent(sessionId)}`)]);
+    [{ messages }, { files }] = await Promise.all([
+      getJSON(`${path}/messages`),
+      getJSON(`api/v1/files/${encodeURIComponent(sessionId)}`),
+    ]);
   } catch (error) {
     if (view !== state.view) return;
     showError(error.status === 404 ? `There is no session ${sessionId} (it may have been deleted).` : error.message);
@@ -386,9 +396,13 @@ async function readReply(response, run) {
     throw new Error(`expected a stream of server-sent events, got ${response.headers.get("content-type")}`);
   }
   let status = null;
+  let done = false;
   for await (const event of serverSentEvents(response.body)) {
     if (event.id) run.lastEventId = event.id;
-    if (event.data === "[DONE]") break;
+    if (event.data === "[DONE]") {
+      done = true;
+      break;
+    }
     const part = JSON.parse(event.data);
     if (part.type === "start") {
       // A rejoin replays the reply from its first frame: rebuild it.
@@ -401,8 +415,11 @@ async function readReply(response, run) {
       showError(`The agent failed: ${part.errorText}`);
     } else if (part.type === "finish") {
       status = part.messageMetadata?.status ?? null;
+      done = true;
     }
   }
+  // A connection cut by a proxy can end as cleanly as a finished reply: only the last frames tell them apart.
+  if (!done) throw new Error("the connection ended before the reply did");
   return status;
 }
 
