@@ -27,15 +27,17 @@ from sessions.files import FileTooLarge, content_disposition, is_text, mime_type
 from sessions.forms import (
     SESSION_ID,
     optional_text,
-    parse_file_ids,
     query_int,
+    read_chat,
     read_form,
     read_json_or_form,
     required_text,
 )
+from sessions.rejoin import Follow, after_seq
 from sessions.service import Parley, build
+from sessions.sse import ServerSentEvents
 from sessions.store import FileInfo, Session, new_id, utcnow
-from sessions.streaming import ChatResponse, PlainText, error_response, http_status
+from sessions.streaming import ChatResponse, OnDisconnect, PlainText, error_response, http_status
 from sessions.turns import TurnObserver, TurnRequest
 from sessions.uploads import receive_upload
 from settings import Settings
@@ -128,20 +130,44 @@ async def list_messages(request: Request) -> Response:
 
 async def chat(request: Request) -> Response | ChatResponse:
     parley, owner = await _parley(request)
-    limit = parley.settings.max_message_bytes
-    form = await read_form(request, max_field_bytes=limit)
-    session_id = required_text(form, "ui_session_id")
-    message = required_text(form, "message")
-    if len(message.encode()) > limit:
-        raise PayloadTooLarge(f"The message is larger than the limit of {limit} bytes.")
-    file_ids = parse_file_ids(optional_text(form, "file_ids"))
+    chat = await read_chat(request, max_message_bytes=parley.settings.max_message_bytes)
+    session_id, file_ids = chat.session_id, chat.file_ids
     attachments: list[Attachment] = []
     if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
         await _session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
     await parley.interrupt_orphans(session_id)
-    turn = TurnRequest(session_id, message, file_ids, attachments, owner)
-    return ChatResponse(parley.runner, turn, PlainText, parley.settings.on_disconnect)  # type: ignore[arg-type]
+    turn = TurnRequest(session_id, chat.message, file_ids, attachments, owner)
+    on_disconnect: OnDisconnect = (
+        "continue" if (chat.on_disconnect or parley.settings.on_disconnect) == "continue" else "cancel"
+    )
+    if _wants_sse(request, chat.ai_sdk):
+        keepalive = parley.settings.sse_keepalive_seconds
+        return ChatResponse(parley.runner, turn, ServerSentEvents, on_disconnect, keepalive)
+    return ChatResponse(parley.runner, turn, PlainText, on_disconnect)
+
+
+def _wants_sse(request: Request, ai_sdk: bool) -> bool:
+    """SSE when the client asks for it, or sends the AI SDK's body without asking for plain text alone."""
+    accept = request.headers.get("accept", "").lower()
+    if "text/event-stream" in accept:
+        return True
+    return ai_sdk and [part.split(";")[0].strip() for part in accept.split(",")] != ["text/plain"]
+
+
+async def rejoin(request: Request) -> Response | Follow:
+    parley, owner = await _parley(request)
+    session = await _session(parley, request.path_params["session_id"], owner)
+    interaction, feed = parley.interactions.get(session.ui_session_id), None
+    if interaction is None:
+        followed = await parley.coordinator.follow(session.ui_session_id)
+        if followed is None:
+            return Response(status_code=204)
+        interaction, feed = followed
+    plain = request.headers.get("accept", "").split(";")[0].strip().lower() == "text/plain"
+    offset = query_int(request, "offset", 0, minimum=0, maximum=2**62)
+    after = after_seq(request.headers.get("last-event-id"), interaction.id)
+    return Follow(interaction, plain=plain, after=after, offset=offset, feed=feed)
 
 
 async def _attachments(parley: Parley, session_id: str, file_ids: list[str]) -> list[Attachment]:
@@ -264,7 +290,7 @@ class _PlainEndpoint:
     """A route endpoint run as a plain ASGI app: Starlette wraps a function endpoint's ``send`` in one more
     layer, a cost paid on every token of a stream. Errors still reach the app's exception handlers."""
 
-    def __init__(self, handler: Callable[[Request], Awaitable[Response | ChatResponse]]) -> None:
+    def __init__(self, handler: Callable[[Request], Awaitable[Response | ChatResponse | Follow]]) -> None:
         self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -276,6 +302,7 @@ routes = [
     # The router tries routes in order: the hot path (a chat, and its cancel) comes first.
     Route("/api/v1/chat", _PlainEndpoint(chat), methods=["POST"]),
     Route("/api/v1/cancel", cancel, methods=["POST"]),
+    Route("/api/v1/chat/{session_id}/stream", _PlainEndpoint(rejoin), methods=["GET"]),
     Route("/api/v1/sessions", create_session, methods=["POST"]),
     Route("/api/v1/sessions", list_sessions, methods=["GET"]),
     Route("/api/v1/sessions/{session_id}", get_session, methods=["GET"]),
