@@ -34,6 +34,7 @@ from sessions.forms import (
     read_json_or_form,
     required_text,
 )
+from sessions.rejoin import Follow, after_seq
 from sessions.service import Parley, build
 from sessions.sse import ServerSentEvents
 from sessions.store import FileInfo, Session, new_id, utcnow
@@ -153,6 +154,21 @@ def _wants_sse(request: Request, ai_sdk: bool) -> bool:
     if "text/event-stream" in accept:
         return True
     return ai_sdk and [part.split(";")[0].strip() for part in accept.split(",")] != ["text/plain"]
+
+
+async def rejoin(request: Request) -> Response | Follow:
+    parley, owner = await _parley(request)
+    session = await _session(parley, request.path_params["session_id"], owner)
+    interaction, feed = parley.interactions.get(session.ui_session_id), None
+    if interaction is None:
+        followed = await parley.coordinator.follow(session.ui_session_id)
+        if followed is None:
+            return Response(status_code=204)
+        interaction, feed = followed
+    plain = request.headers.get("accept", "").split(";")[0].strip().lower() == "text/plain"
+    offset = query_int(request, "offset", 0, minimum=0, maximum=2**62)
+    after = after_seq(request.headers.get("last-event-id"), interaction.id)
+    return Follow(interaction, plain=plain, after=after, offset=offset, feed=feed)
 
 
 async def _attachments(parley: Parley, session_id: str, file_ids: list[str]) -> list[Attachment]:
@@ -275,7 +291,7 @@ class _PlainEndpoint:
     """A route endpoint run as a plain ASGI app: Starlette wraps a function endpoint's ``send`` in one more
     layer, a cost paid on every token of a stream. Errors still reach the app's exception handlers."""
 
-    def __init__(self, handler: Callable[[Request], Awaitable[Response | ChatResponse]]) -> None:
+    def __init__(self, handler: Callable[[Request], Awaitable[Response | ChatResponse | Follow]]) -> None:
         self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -287,6 +303,7 @@ routes = [
     # The router tries routes in order: the hot path (a chat, and its cancel) comes first.
     Route("/api/v1/chat", _PlainEndpoint(chat), methods=["POST"]),
     Route("/api/v1/cancel", cancel, methods=["POST"]),
+    Route("/api/v1/chat/{session_id}/stream", _PlainEndpoint(rejoin), methods=["GET"]),
     Route("/api/v1/sessions", create_session, methods=["POST"]),
     Route("/api/v1/sessions", list_sessions, methods=["GET"]),
     Route("/api/v1/sessions/{session_id}", get_session, methods=["GET"]),

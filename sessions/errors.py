@@ -11,6 +11,7 @@
      ├── PayloadTooLarge      413  a message or an upload over its limit
      ├── TooManyStreams       429  the owner already has PARLEY_MAX_STREAMS_PER_OWNER replies running (Retry-After)
      ├── CancelFailed         500  a cancel that could not be delivered to the process that owns the stream
+     ├── RejoinFailed         500  a rejoin of a reply that another process streams, which this one cannot reach
      ├── StoreUnavailable     503  the shared store (Redis) cannot be reached right now
      └── AgentUnavailable     503  the session's agent is not configured on this server (any more)
 
@@ -89,6 +90,10 @@ class TooManyStreams(ApiError):
 
 
 class CancelFailed(ApiError):
+    status_code = 500
+
+
+class RejoinFailed(ApiError):
     status_code = 500
 
 

@@ -4,13 +4,13 @@ coordinator that carries the one-per-session rule and cancels across processes (
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 
-from sessions.errors import ApiError, CancelFailed, SessionBusy, TooManyStreams
+from sessions.errors import ApiError, CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
 from sessions.limits import LocalStreamSlots, StreamSlots
 from sessions.store import Store, new_id
 
@@ -86,6 +86,9 @@ class Interaction:
         await self._over_event.wait()
 
 
+# A copy of an interaction that another process runs, and the task that fills it as that one goes on.
+Followed = tuple[Interaction, Callable[[], Coroutine[Any, Any, None]]]
+
 # Holds a claim while a reply runs (``async with``): for the Redis coordinator, a renewer task.
 Lease = AbstractAsyncContextManager[None]
 
@@ -112,6 +115,11 @@ class Coordinator(Protocol):
         """Cancel the session's interaction in the process that runs it, if it runs for ``owner`` (any owner:
         None); True if it was stopped there. Raises CancelFailed when that process cannot be reached (or,
         locally, when there might be one)."""
+
+    async def follow(self, session_id: str) -> Followed | None:
+        """A live copy of the session's interaction that another process runs, for a rejoining client, and what
+        keeps it up to date (to run while following); None if no process runs one. Raises RejoinFailed when there
+        is one that cannot be reached."""
 
     async def settle(self, store: Store, session_id: str | None = None) -> None:
         """Record as interrupted the turns (of one session, or all) whose process is gone."""
@@ -160,6 +168,14 @@ class LocalCoordinator:
                 "process, which the embedded store cannot reach: set PARLEY_REDIS_URL to run several processes."
             )
         return False
+
+    async def follow(self, session_id: str) -> Followed | None:
+        if await self.streaming_elsewhere(session_id, None):
+            raise RejoinFailed(
+                f"Failed to rejoin the reply of session: {session_id}. It is streaming in another worker process, "
+                "which the embedded store cannot reach: set PARLEY_REDIS_URL to run several processes."
+            )
+        return None
 
     async def settle(self, store: Store, session_id: str | None = None) -> None:
         # Only at start-up (session_id None): turns left "streaming" by a process that died cannot finish any more.

@@ -1,14 +1,13 @@
-"""Scale-out on Redis: the store, and the coordinator that keeps one interaction per session across
-processes (a claim with a lease) and carries cancels to the process that owns the stream (pub/sub)."""
+"""Scale-out on Redis: the store. (The coordinator that keeps one interaction per session across processes is in
+:mod:`sessions.redis_coordinator`.)"""
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -17,9 +16,8 @@ import anyio.abc
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
-from sessions.errors import ApiError, CancelFailed, SessionExists, SessionGone, SessionNotFound, StoreUnavailable
-from sessions.interactions import CancelReason, Interaction, Interactions
-from sessions.store import FileInfo, Message, MessageStatus, Session, Store
+from sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
+from sessions.store import FileInfo, Message, MessageStatus, Session
 
 logger = logging.getLogger("parley")
 
@@ -82,17 +80,6 @@ if redis.call('HGET', KEYS[1], 'session_id') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('LREM', KEYS[2], 0, ARGV[2])
 return 1
-"""
-
-# Only ever extends the claim: one that is gone is not made again (its owner stops instead).
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """
 
 
@@ -344,181 +331,3 @@ def _message(row: dict[str, str]) -> Message:
 def _file(row: dict[str, str]) -> FileInfo:
     fields = row["id"], row["session_id"], row["filename"], row["mime_type"], int(row["size"]), row["sha256"]
     return FileInfo(*fields, row["created_at"])
-
-
-# (session id, interaction id or None, reason, owner or None: whoever's it is) -> whether a stream was stopped
-CancelHandler = Callable[[str, "str | None", str, "str | None"], bool]
-
-
-class RedisCoordinator:
-    """One interaction per session across processes, and cancels that reach the process owning the stream.
-
-    A claim is ``SET claim:<session> <process>:<interaction> NX PX <lease>``, renewed while the stream runs; if
-    its process dies, the claim runs out and the session is free again. A renewal never re-creates a claim that
-    is gone (run out during a Redis outage, or deleted with its session): the owner stops its reply instead, as
-    it does when it cannot renew before its lease runs out, so two interactions of a session never overlap.
-    A cancel for a stream owned elsewhere is published on the owner's channel; the owner cancels the scope and
-    answers on a reply list whether it really had that interaction running.
-    """
-
-    def __init__(self, redis: Redis, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
-        self.redis = redis
-        self.prefix = prefix
-        self.lease_ms = max(int(lease_seconds * 1000), 100)
-        self.process_id = "proc_" + secrets.token_hex(8)
-        self.listening = False
-
-    def _claim_key(self, session_id: str) -> str:
-        return f"{self.prefix}claim:{session_id}"
-
-    def _channel(self, process_id: str) -> str:
-        return f"{self.prefix}cancel:{process_id}"
-
-    async def claim(self, interaction: Interaction) -> bool:
-        with _reachable():
-            value = f"{self.process_id}:{interaction.id}"
-            return bool(await self.redis.set(self._claim_key(interaction.session_id), value, nx=True, px=self.lease_ms))
-
-    async def renew(self, session_id: str, interaction_id: str) -> bool:
-        """Extend the claim if it is still this interaction's; False if it is gone or another's."""
-        value = f"{self.process_id}:{interaction_id}"
-        with _reachable():
-            return bool(await self.redis.eval(_RENEW, 1, self._claim_key(session_id), value, self.lease_ms))
-
-    @asynccontextmanager
-    async def lease(self, interaction: Interaction) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as task_group:
-            renewer = task_group.start_soon(self._keep_claimed, interaction)
-            try:
-                yield
-            finally:
-                renewer.cancel()
-
-    async def _keep_claimed(self, interaction: Interaction) -> None:
-        lease = self.lease_ms / 1000
-        # Stop a little before the lease runs out, so that the reply is over before another process can claim.
-        margin = lease / 10
-        stop_at = time.monotonic() + lease - margin  # the claim was made just before
-        while True:
-            await anyio.sleep(max(0.0, min(lease / 3, stop_at - time.monotonic())))
-            if time.monotonic() >= stop_at:
-                break
-            sent_at = time.monotonic()
-            renewed: bool | None = None
-            # Shielded, so that a renewal in flight is not torn out of its connection, but not past the lease.
-            with anyio.CancelScope(shield=True, deadline=stop_at):
-                try:
-                    renewed = await self.renew(interaction.session_id, interaction.id)
-                except StoreUnavailable:
-                    logger.warning("could not renew the claim on session %s; retrying", interaction.session_id)
-            if renewed:
-                stop_at = sent_at + lease - margin
-            elif renewed is False:
-                break  # the claim is gone (its session deleted, or it ran out) or another's: stop at once
-        if interaction.cancel("lease lost"):
-            logger.warning("lost the claim on session %s: its reply is stopped", interaction.session_id)
-
-    async def release(self, interaction: Interaction) -> None:
-        value = f"{self.process_id}:{interaction.id}"
-        with _reachable():
-            await self.redis.eval(_RELEASE, 1, self._claim_key(interaction.session_id), value)
-
-    async def owner(self, session_id: str) -> tuple[str, str] | None:
-        with _reachable():
-            value: Any = await self.redis.get(self._claim_key(session_id))
-        if value is None:
-            return None
-        process_id, _, interaction_id = str(value).partition(":")
-        return process_id, interaction_id
-
-    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
-        owner = await self.owner(session_id)
-        return owner is not None and interaction_id in (None, owner[1])
-
-    async def cancel_elsewhere(
-        self, session_id: str, interaction_id: str | None, reason: CancelReason, owner: str | None
-    ) -> bool:
-        claim = await self.owner(session_id)
-        if claim is None or claim[0] == self.process_id:
-            return False
-        process_id, running_id = claim
-        if interaction_id is not None and interaction_id != running_id:
-            return False
-        return await self.request_cancel(process_id, session_id, running_id, reason, owner)
-
-    async def request_cancel(
-        self, process_id: str, session_id: str, interaction_id: str, reason: str, owner: str | None = None
-    ) -> bool:
-        """Ask the process that runs the stream to cancel it (if it runs for ``owner``, when given); True if it
-        stopped the stream. Raises CancelFailed if it is silent."""
-        request_id = secrets.token_hex(8)
-        reply_key = f"{self.prefix}cancel-reply:{request_id}"
-        # The owner rides along: the receiving process checks it too, so another owner's cancel never stops it.
-        fields = {"request": request_id, "session": session_id, "interaction": interaction_id, "reason": reason}
-        payload = json.dumps({**fields, "owner": owner})
-        with _reachable():
-            receivers = await self.redis.publish(self._channel(process_id), payload)
-            reply = await self.redis.blpop([reply_key], timeout=2) if receivers else None
-        if reply is None:
-            raise CancelFailed(
-                f"Failed to cancel interaction for session: {session_id} (the process streaming it did not answer)"
-            )
-        return bool(reply[1] == "1")
-
-    async def settle(self, store: Store, session_id: str | None = None) -> None:
-        # Leases tell which owners are gone: their turns, and only theirs, are interrupted.
-        await store.interrupt_turns(session_id)
-
-    async def run(self, interactions: Interactions, store: Store) -> None:
-        """The cancel listener, and a sweeper that interrupts the turns of processes that died."""
-        async with anyio.create_task_group() as task_group:
-            await task_group.start(self.listen, interactions.cancel_here)
-            while True:
-                await anyio.sleep(self.lease_ms / 1000)
-                try:
-                    await store.interrupt_turns()
-                except ApiError:
-                    logger.warning("lease sweeper: the store is unavailable; will retry")
-
-    async def listen(
-        self, cancel: CancelHandler, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Serve cancels addressed to this process until cancelled; rides out Redis outages."""
-        started = False
-        delay = 0.1
-        while True:
-            try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self._channel(self.process_id))
-                    self.listening = True
-                    delay = 0.1
-                    if not started:
-                        task_status.started()
-                        started = True
-                    while True:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if message is not None:
-                            await self._answer(message["data"], cancel)
-            except _DOWN as exc:
-                self.listening = False
-                logger.warning("cancel listener lost Redis (%s); retrying", exc.__class__.__name__)
-                if not started:
-                    task_status.started()
-                    started = True
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def _answer(self, data: str, cancel: CancelHandler) -> None:
-        try:
-            request: dict[str, Any] = json.loads(data)
-            owner = request.get("owner")
-            if owner is not None and not isinstance(owner, str):
-                return
-            cancelled = cancel(request["session"], request["interaction"] or None, request["reason"], owner)
-        except (ValueError, KeyError, TypeError):
-            return
-        reply_key = f"{self.prefix}cancel-reply:{request['request']}"
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(reply_key, "1" if cancelled else "0")
-            pipe.expire(reply_key, 30)
-            await pipe.execute()

@@ -129,7 +129,8 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
         store = store or default_store(settings)
         return store, LocalCoordinator(store), LocalStreamSlots(limit)
     # Imported here: redis-py is an optional extra (parley[redis]), needed only when Redis is configured.
-    from sessions.redis import RedisCoordinator, RedisStore, connect
+    from sessions.redis import RedisStore, connect
+    from sessions.redis_coordinator import RedisCoordinator
     from sessions.redis_limits import RedisStreamSlots
 
     redis, lease = connect(settings.redis_url), settings.redis_lease_seconds

@@ -163,11 +163,11 @@ class TurnRunner:
                 # Free the session before the client sees the end, so that its next message is welcome.
                 await self.interactions.release(interaction)
             error = self._failure(session_id, failure, bool(tokens))
+            if error is not None:
+                interaction.error = report.error = str(error)
             interaction.finish(status)
             report.status, report.tokens, report.ended_at = status, len(tokens), time.monotonic()
             report.reason = interaction.reason or status
-            if error is not None:
-                interaction.error = report.error = str(error)
             await renderer.ended(status, error)
         finally:
             if not recorded:

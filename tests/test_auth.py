@@ -54,6 +54,8 @@ def requests_on(session_id: str, file_id: str) -> list[tuple[str, str, dict[str,
             "/api/v1/chat",
             {"data": {"ui_session_id": session_id, "message": "hi", "file_ids": f'["{file_id}"]'}},
         ),
+        ("GET", f"/api/v1/chat/{session_id}/stream", {}),
+        ("GET", f"/api/v1/chat/{session_id}/stream", {"headers": {"accept": "text/plain"}}),
         ("POST", "/api/v1/cancel", {"data": {"ui_session_id": session_id}}),
         ("POST", "/api/v1/cancel", {"data": {"ui_session_id": session_id, "interaction_id": "int_x"}}),
         ("POST", "/api/v1/files", {"data": {"ui_session_id": session_id}, "files": files}),
@@ -63,6 +65,13 @@ def requests_on(session_id: str, file_id: str) -> list[tuple[str, str, dict[str,
         ("DELETE", f"/api/v1/files/{session_id}/{file_id}", {}),
         ("DELETE", f"/api/v1/sessions/{session_id}", {}),
     ]
+
+
+async def send(
+    client: httpx.AsyncClient, method: str, path: str, headers: dict[str, str], kwargs: dict[str, Any]
+) -> httpx.Response:
+    extra = kwargs.get("headers", {})
+    return await client.request(method, path, headers={**headers, **extra}, **{**kwargs, "headers": None})
 
 
 async def assert_alike(
@@ -77,8 +86,8 @@ async def assert_alike(
     for (method, path, kwargs), (_, missing_path, missing_kwargs) in requests:
         if only_files and theirs[1] not in repr((path, kwargs)):
             continue
-        answer = await client.request(method, path, headers=headers, **kwargs)
-        expected = await client.request(method, missing_path, headers=headers, **missing_kwargs)
+        answer = await send(client, method, path, headers, kwargs)
+        expected = await send(client, method, missing_path, headers, missing_kwargs)
         assert answer.status_code == expected.status_code == 404, (method, path, answer.text)
         unnamed = answer.text.replace(theirs[0], "<session>").replace(theirs[1], "<file>")
         assert unnamed == expected.text.replace(missing[0], "<session>").replace(missing[1], "<file>")
@@ -144,6 +153,7 @@ ENDPOINTS = [
     ("GET", "/api/v1/sessions/s/messages"),
     ("POST", "/api/v1/chat"),
     ("POST", "/api/v1/cancel"),
+    ("GET", "/api/v1/chat/s/stream"),
     ("POST", "/api/v1/files"),
     ("GET", "/api/v1/files/s"),
     ("GET", "/api/v1/files/s/f"),
