@@ -210,7 +210,7 @@ class RedisCoordinator:
         finally:
             self._mirrored.discard(interaction.id)
 
-    async def settle(self, store: Store, session_id: str | None = None) -> None:
+    async def interrupt_orphans(self, store: Store, session_id: str | None = None) -> None:
         # Leases tell which owners are gone: their turns, and only theirs, are interrupted.
         await store.interrupt_turns(session_id)
 
