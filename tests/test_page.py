@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import re
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -140,6 +144,123 @@ def test_stop_ends_the_reply_at_once_and_history_agrees(live: Callable[..., Live
     expect(reply(page, 0)).to_have_attribute("data-status", "cancelled")
     expect(reply(page, 1)).to_have_attribute("data-status", "cancelled")
     assert content(reply(page, 1)) == recorded[-1]["content"]
+
+
+def test_a_reload_mid_reply_rejoins_it_without_a_gap_or_a_repeat(
+    live: Callable[..., LiveServer], open_page: Any
+) -> None:
+    server = live(echo_delay=0.05)
+    page = open_page(server.url + "/")
+    send(page, WORDS)
+    wait_for_words(reply(page), 5)
+    before = content(reply(page))
+    page.reload()
+    # The rejoined reply streams on, in one message; every text seen is a prefix of the next one.
+    expect(reply(page)).to_have_attribute("data-status", "streaming")
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    seen = [content(reply(page))]
+    while reply(page).get_attribute("data-status") == "streaming":
+        seen.append(content(reply(page)))
+        time.sleep(0.02)
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    final = content(reply(page))
+    recorded = history(server, session_of(page))
+    assert final == recorded[-1]["content"] == WORDS
+    assert final.startswith(before)
+    assert all(final.startswith(text) for text in seen)
+    assert all(len(a) <= len(b) for a, b in itertools.pairwise(seen))
+    assert len({text for text in seen}) > 3  # it was seen growing after the reload
+    expect(page.locator('[data-role="user"]')).to_have_count(1)
+    expect(page.locator('[data-role="assistant"]')).to_have_count(1)
+
+
+def test_another_tab_follows_a_running_reply_and_can_stop_it(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live(echo_delay=0.05)
+    first = open_page(server.url + "/")
+    send(first, WORDS)
+    wait_for_words(reply(first), 3)
+    second = open_page(f"{server.url}/#{session_of(first)}")
+    expect(reply(second)).to_have_attribute("data-status", "streaming")
+    wait_for_words(reply(second), len(content(reply(first)).split()) + 2)
+    second.get_by_role("button", name="Stop").click()
+    expect(reply(second)).to_have_attribute("data-status", "cancelled")
+    expect(reply(first)).to_have_attribute("data-status", "cancelled")
+    recorded = history(server, session_of(first))
+    assert content(reply(first)) == content(reply(second)) == recorded[-1]["content"]
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a server that cuts the connection carrying the first chat reply once it has passed
+    a few text deltas: a network drop, as when a phone changes networks. It keeps what clients sent."""
+
+    def __init__(self, upstream: str, after: int = 5) -> None:
+        self.upstream = ("127.0.0.1", int(upstream.rsplit(":", 1)[1]))
+        self.after = after
+        self.armed = True
+        self.cut = threading.Event()
+        self.sent = bytearray()
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            chat = threading.Event()
+            threading.Thread(target=self._pump, args=(client, upstream, chat, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, chat, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, chat: threading.Event, upward: bool) -> None:
+        seen = b""
+        try:
+            while data := source.recv(65536):
+                with self.lock:
+                    if upward:
+                        self.sent += data
+                        if self.armed and b"POST /api/v1/chat " in data:
+                            chat.set()
+                    elif chat.is_set() and self.armed:
+                        seen += data
+                        if seen.count(b'"text-delta"') >= self.after:
+                            self.armed = False
+                            self.cut.set()
+                            return
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+                end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_dropped_connection_is_picked_up_after_its_last_frame(
+    live: Callable[..., LiveServer], open_page: Any
+) -> None:
+    server = live(echo_delay=0.05)
+    proxy = CuttingProxy(server.url)
+    try:
+        page = open_page(proxy.url + "/")
+        send(page, WORDS)
+        expect(reply(page)).to_have_attribute("data-status", "complete")
+    finally:
+        proxy.close()
+    assert proxy.cut.is_set()
+    recorded = history(server, session_of(page))
+    assert content(reply(page)) == recorded[-1]["content"] == WORDS
+    expect(page.get_by_role("alert")).to_be_hidden()
+    # It went on from the last frame that came, not from the start.
+    rejoin = bytes(proxy.sent).lower().split(b"get /api/v1/chat/")[1].split(b"\r\n\r\n")[0]
+    assert b"\r\nlast-event-id: " in rejoin
 
 
 def test_leaving_a_reply_lets_it_run_to_its_end(live: Callable[..., LiveServer], open_page: Any) -> None:

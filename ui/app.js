@@ -413,8 +413,10 @@ async function readReply(response, run) {
       run.show((run.text += part.delta));
     } else if (part.type === "error") {
       showError(`The agent failed: ${part.errorText}`);
+    } else if (part.type === "message-metadata") {
+      status = part.messageMetadata?.status ?? status;
     } else if (part.type === "finish") {
-      status = part.messageMetadata?.status ?? null;
+      status = part.messageMetadata?.status ?? status;
       done = true;
     }
   }
