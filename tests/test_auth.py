@@ -70,8 +70,8 @@ def requests_on(session_id: str, file_id: str) -> list[tuple[str, str, dict[str,
 async def send(
     client: httpx.AsyncClient, method: str, path: str, headers: dict[str, str], kwargs: dict[str, Any]
 ) -> httpx.Response:
-    extra = kwargs.get("headers", {})
-    return await client.request(method, path, headers={**headers, **extra}, **{**kwargs, "headers": None})
+    rest = {key: value for key, value in kwargs.items() if key != "headers"}
+    return await client.request(method, path, headers={**headers, **kwargs.get("headers", {})}, **rest)
 
 
 async def assert_alike(
@@ -431,13 +431,14 @@ async def test_the_cancel_bus_carries_the_owner(shared_redis_url: str) -> None:
     import anyio
 
     from sessions.interactions import Interactions
-    from sessions.redis import RedisCoordinator, connect
+    from sessions.redis import connect
+    from sessions.redis_coordinator import RedisCoordinator
 
     prefix = f"test-{secrets.token_hex(6)}:"
     here = Interactions(RedisCoordinator(connect(shared_redis_url), prefix=prefix))
     there = Interactions(RedisCoordinator(connect(shared_redis_url), prefix=prefix))
     async with anyio.create_task_group() as tg:
-        await tg.start(there.coordinator.listen, there.cancel_here)  # type: ignore[attr-defined]
+        await tg.start(there.coordinator.listen, there, tg)  # type: ignore[attr-defined]
         async with there.open("s", "alice") as interaction:
             # From another process: Bob's cancel reaches the process, which refuses it; Alice's stops the reply.
             assert await here.cancel("s", owner="bob") == "not_running"
