@@ -22,6 +22,7 @@ from starlette.routing import Mount
 
 from app import create_app
 from tests.conftest import LiveServer, RedisServer, free_port, make_settings
+from tests.openai_stub import OpenAIStub
 
 CHROMIUM = os.environ.get("PARLEY_CHROMIUM", "/usr/bin/chromium")
 WAIT = 15_000  # ms: generous, the machine may be busy
@@ -371,6 +372,21 @@ def test_a_failing_model_server_is_said_in_words(live: Callable[..., LiveServer]
     expect(page.get_by_role("alert")).to_contain_text("The model server failed.")
     expect(page.get_by_label("Message")).to_have_value("hello model")
     expect(page.locator("[data-role]")).to_have_count(0)
+
+
+def test_a_model_failing_mid_reply_shows_the_error_and_keeps_the_text(
+    live: Callable[..., LiveServer], serve: Callable[..., LiveServer], open_page: Any
+) -> None:
+    model = serve(OpenAIStub())
+    server = live(openai_base_url=model.url + "/v1", openai_model="error-event", agent="openai")
+    page = open_page(server.url + "/")
+    send(page, "hello model")
+    expect(reply(page)).to_have_attribute("data-status", "error")
+    expect(page.get_by_role("alert")).to_contain_text("The agent failed:")
+    expect(reply(page).get_by_text("error", exact=True)).to_be_visible()
+    recorded = history(server, session_of(page))
+    assert recorded[-1]["status"] == "error"
+    assert content(reply(page)) == recorded[-1]["content"] == "tok0 "
 
 
 def test_redis_down_is_said_in_words(
