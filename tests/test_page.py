@@ -18,6 +18,10 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Locator, Page, expect, sync_playwright
 from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser, SimpleUser
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 
 from app import create_app
@@ -461,6 +465,28 @@ def test_readable_at_phone_width(live: Callable[..., LiveServer], open_page: Any
     page.screenshot(path=str(tmp_path / "phone.png"))
 
 
+def test_keyboard_reaches_every_control_and_the_theme_follows_the_system(
+    live: Callable[..., LiveServer], open_page: Any
+) -> None:
+    server = live()
+    page = open_page(server.url + "/")
+    send(page, "hello")
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    page.evaluate("document.activeElement.blur()")
+    reached = []
+    for _ in range(12):
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("document.activeElement.getAttribute('aria-label') || document.activeElement.id"))
+    for control in ("new-session", "delete-session", "attach", "Message", "send"):
+        assert control in reached, reached
+    background = "getComputedStyle(document.body).backgroundColor"
+    page.emulate_media(color_scheme="light")
+    light = page.evaluate(background)
+    page.emulate_media(color_scheme="dark")
+    dark = page.evaluate(background)
+    assert light == "rgb(255, 255, 255)" and dark != light
+
+
 def test_with_api_keys_the_page_asks_for_one_and_each_key_sees_its_own(
     live: Callable[..., LiveServer], open_page: Any
 ) -> None:
@@ -503,6 +529,35 @@ def test_with_api_keys_the_page_asks_for_one_and_each_key_sees_its_own(
     alice.get_by_label("API key").fill("key-of-alice")
     alice.get_by_label("API key").press("Enter")
     expect(alice_links).to_have_text([re.compile("from alice")])
+
+
+class CookieUsers(AuthenticationBackend):
+    """A host app's own sign-in: the user named by a cookie."""
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, BaseUser] | None:
+        name = conn.cookies.get("user")
+        return (AuthCredentials(["authenticated"]), SimpleUser(name)) if name in {"alice", "bob"} else None
+
+
+def test_embedded_behind_the_hosts_sign_in_it_uses_the_hosts_cookies(
+    serve: Callable[..., LiveServer], tmp_path: Path, open_page: Any
+) -> None:
+    host = Starlette(
+        routes=[Mount("/chat", app=create_app(make_settings(tmp_path)))],
+        middleware=[Middleware(AuthenticationMiddleware, backend=CookieUsers())],
+    )
+    server = serve(host)
+    stranger = open_page(server.url + "/chat/")
+    expect(stranger.get_by_role("alert")).to_contain_text("You are not signed in.")
+    expect(stranger.get_by_label("API key")).to_be_hidden()  # no key would help: the host signs people in
+
+    alice = open_page(new_profile=True)
+    alice.context.add_cookies([{"name": "user", "value": "alice", "url": server.url}])
+    alice.goto(server.url + "/chat/")
+    send(alice, "from alice")
+    expect(reply(alice)).to_have_attribute("data-status", "complete")
+    assert content(reply(alice)) == "from alice"
+    expect(alice.get_by_role("alert")).to_be_hidden()
 
 
 def test_ui_false_leaves_the_page_out(serve: Callable[..., LiveServer], tmp_path: Path) -> None:
