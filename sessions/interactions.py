@@ -227,6 +227,8 @@ class Interactions:
             return
         if self._running.get(interaction.session_id) is interaction:
             del self._running[interaction.session_id]
+        if not interaction.status:  # it never got going (say, its session was gone): followers must not wait
+            interaction.finish("interrupted")
         interaction.end()
         with anyio.CancelScope(shield=True):
             try:

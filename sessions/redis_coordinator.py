@@ -183,6 +183,8 @@ class RedisCoordinator:
             while not mirror.message_id and not mirror.status:
                 await reader.read()
         if not mirror.message_id:
+            if not await self.streaming_elsewhere(session_id, interaction_id):
+                return None  # it ended meanwhile
             raise RejoinFailed(f"Failed to rejoin the reply of session: {session_id} (its process did not answer)")
         return mirror, reader.run
 
@@ -263,7 +265,7 @@ class RedisCoordinator:
             request: dict[str, Any] = json.loads(data)
             if "follow" in request:
                 interaction = interactions.get(request["session"])
-                if interaction is not None and interaction.id == request["follow"]:
+                if interaction is not None and interaction.id == request["follow"] and interaction.message_id:
                     if interaction.id not in self._mirrored:
                         self._mirrored.add(interaction.id)
                         task_group.start_soon(self._mirror, interaction)
