@@ -159,6 +159,8 @@ async def rejoin(request: Request) -> Response | Follow:
     parley, owner = await _parley(request)
     session = await _session(parley, request.path_params["session_id"], owner)
     interaction, feed = parley.interactions.get(session.ui_session_id), None
+    if interaction is not None and not interaction.message_id:
+        return Response(status_code=204)  # claimed a moment ago, not started yet: nothing to follow
     if interaction is None:
         followed = await parley.coordinator.follow(session.ui_session_id)
         if followed is None:

@@ -121,7 +121,7 @@ class Coordinator(Protocol):
         keeps it up to date (to run while following); None if no process runs one. Raises RejoinFailed when there
         is one that cannot be reached."""
 
-    async def settle(self, store: Store, session_id: str | None = None) -> None:
+    async def interrupt_orphans(self, store: Store, session_id: str | None = None) -> None:
         """Record as interrupted the turns (of one session, or all) whose process is gone."""
 
     async def run(self, interactions: Interactions, store: Store) -> None:
@@ -177,7 +177,7 @@ class LocalCoordinator:
             )
         return None
 
-    async def settle(self, store: Store, session_id: str | None = None) -> None:
+    async def interrupt_orphans(self, store: Store, session_id: str | None = None) -> None:
         # Only at start-up (session_id None): turns left "streaming" by a process that died cannot finish any more.
         if session_id is None:
             await store.interrupt_turns()
@@ -229,6 +229,8 @@ class Interactions:
             return
         if self._running.get(interaction.session_id) is interaction:
             del self._running[interaction.session_id]
+        if not interaction.status:  # it never got going (say, its session was gone): followers must not wait
+            interaction.finish("interrupted")
         interaction.end()
         with anyio.CancelScope(shield=True):
             try:

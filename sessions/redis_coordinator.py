@@ -183,6 +183,8 @@ class RedisCoordinator:
             while not mirror.message_id and not mirror.status:
                 await reader.read()
         if not mirror.message_id:
+            if not await self.streaming_elsewhere(session_id, interaction_id):
+                return None  # it ended meanwhile
             raise RejoinFailed(f"Failed to rejoin the reply of session: {session_id} (its process did not answer)")
         return mirror, reader.run
 
@@ -210,7 +212,7 @@ class RedisCoordinator:
         finally:
             self._mirrored.discard(interaction.id)
 
-    async def settle(self, store: Store, session_id: str | None = None) -> None:
+    async def interrupt_orphans(self, store: Store, session_id: str | None = None) -> None:
         # Leases tell which owners are gone: their turns, and only theirs, are interrupted.
         await store.interrupt_turns(session_id)
 
@@ -263,7 +265,7 @@ class RedisCoordinator:
             request: dict[str, Any] = json.loads(data)
             if "follow" in request:
                 interaction = interactions.get(request["session"])
-                if interaction is not None and interaction.id == request["follow"]:
+                if interaction is not None and interaction.id == request["follow"] and interaction.message_id:
                     if interaction.id not in self._mirrored:
                         self._mirrored.add(interaction.id)
                         task_group.start_soon(self._mirror, interaction)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from agents import Agent, Agents, EchoAgent, OpenAIAgent, UnknownAgent
+from agents import Agents, configured
 from sessions.files import Blobs
 from sessions.interactions import Coordinator, Interactions, LocalCoordinator
 from sessions.limits import LocalStreamSlots, StreamSlots
@@ -54,13 +54,13 @@ class Parley:
                 if not self._ready:
                     await self.store.open()
                     await self.blobs.open()
-                    await self.coordinator.settle(self.store)
+                    await self.coordinator.interrupt_orphans(self.store)
                     self._ready = True
         return self
 
     async def interrupt_orphans(self, session_id: str) -> None:
         """Record as interrupted the session's turns whose process died (on Redis: whose lease ran out)."""
-        await self.coordinator.settle(self.store, session_id)
+        await self.coordinator.interrupt_orphans(self.store, session_id)
 
     async def run_background(self) -> None:
         """What the process runs beside its requests (with Redis: the cancel listener, the lease sweeper, and the
@@ -91,30 +91,11 @@ def build(
     return Parley(
         settings,
         store,
-        agents or default_agents(settings),
+        agents or configured(settings),
         default_blobs(settings),
         Interactions(coordinator, slots),
         list(observers),
     )
-
-
-def default_agents(settings: Settings) -> Agents:
-    agents: list[Agent] = [EchoAgent(delay=settings.echo_delay)]
-    if settings.openai_base_url:
-        openai = OpenAIAgent(
-            settings.openai_base_url,
-            settings.openai_model,
-            api_key=settings.openai_api_key,
-            system_prompt=settings.openai_system_prompt,
-            connect_timeout=settings.openai_connect_timeout,
-            read_timeout=settings.openai_read_timeout,
-            history_limit=settings.openai_history_messages,
-        )
-        agents.append(openai)
-    try:
-        return Agents(agents, default=settings.agent)
-    except UnknownAgent:
-        raise ValueError(f"PARLEY_AGENT={settings.agent!r} names no configured agent") from None
 
 
 def default_store(settings: Settings) -> Store:

@@ -1,9 +1,10 @@
 """Server-sent events in the AI SDK's UI message stream protocol (v1), what ``useChat`` reads.
 
 Every frame has ``id: <interaction_id>:<seq>`` and one JSON part, in an order that follows from the interaction
-alone: ``start`` (seq 0), ``text-start`` (1), one ``text-delta`` per token (2 ...), ``text-end``, ``error`` (only
-after a failure), ``finish``; then ``data: [DONE]``. So a reply can be replayed for a client that rejoins, from
-its start or from any ``Last-Event-ID``, frame for frame as it was first sent.
+alone: ``start`` (seq 0), ``text-start`` (1), one ``text-delta`` per token (2 ...), ``text-end``, after a failure
+``message-metadata`` (the status) and ``error``, then ``finish``; then ``data: [DONE]``. So a reply can be
+replayed for a client that rejoins, from its start or from any ``Last-Event-ID``, frame for frame as it was
+first sent.
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ def _tail(interaction: Interaction) -> list[tuple[int, bytes]]:
     seq = len(interaction.tokens) + 2
     frames = [(seq, _frame(interaction.id, seq, {"type": "text-end", "id": _TEXT_ID}))]
     if interaction.error is not None:
-        seq += 1
+        # The AI SDK stops reading at an error part (its finish is never applied): the status goes first.
+        status = {"type": "message-metadata", "messageMetadata": {"status": interaction.status}}
+        frames.append((seq + 1, _frame(interaction.id, seq + 1, status)))
+        seq += 2
         frames.append((seq, _frame(interaction.id, seq, {"type": "error", "errorText": interaction.error})))
     finish = {
         "type": "finish",

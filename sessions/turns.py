@@ -159,15 +159,15 @@ class TurnRunner:
                 with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
                     await self.store.finish_turn(reply.id, "".join(tokens), status)
                 recorded = not attempt.cancelled_caught
-            if recorded:
-                # Free the session before the client sees the end, so that its next message is welcome.
-                await self.interactions.release(interaction)
             error = self._failure(session_id, failure, bool(tokens))
             if error is not None:
                 interaction.error = report.error = str(error)
-            interaction.finish(status)
+            interaction.finish(status)  # (followers see the end)
             report.status, report.tokens, report.ended_at = status, len(tokens), time.monotonic()
             report.reason = interaction.reason or status
+            if recorded:
+                # Free the session before the client sees the end, so that its next message is welcome.
+                await self.interactions.release(interaction)
             await renderer.ended(status, error)
         finally:
             if not recorded:

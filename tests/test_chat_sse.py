@@ -49,7 +49,7 @@ def check_stream(body: str, interaction_id: str) -> tuple[list[dict[str, Any]], 
     assert parts[-1]["finishReason"] in FINISH_REASONS
     end = kinds.index("text-end")
     assert set(kinds[2:end]) <= {"text-delta"}
-    assert kinds[end + 1 : -1] in ([], ["error"])
+    assert kinds[end + 1 : -1] in ([], ["message-metadata", "error"])
     return parts, "".join(part["delta"] for part in parts[2:end])
 
 
@@ -181,7 +181,8 @@ async def test_a_failure_after_the_first_token_is_an_error_part(
         parts, text = check_stream(response.text, response.headers["x-interaction-id"])
         history = await messages(client, session_id)
     assert (text, history[-1]["content"], history[-1]["status"]) == ("t0 t1 ", "t0 t1 ", "error")
-    assert parts[-2:] == [
+    assert parts[-3:] == [
+        {"type": "message-metadata", "messageMetadata": {"status": "error"}},
         {"type": "error", "errorText": "The model fell over."},
         {"type": "finish", "finishReason": "error", "messageMetadata": {"status": "error"}},
     ]
