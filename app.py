@@ -389,7 +389,7 @@ def create_app(
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["authorization", "x-api-key", "content-type"],
+                allow_headers=["authorization", "x-api-key", "content-type", "last-event-id"],
                 expose_headers=["x-interaction-id"],
             )
         )

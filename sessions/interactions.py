@@ -203,13 +203,15 @@ class Interactions:
         interaction = Interaction(session_id, owner)
         # The slot first: an owner at its limit hears 429 whatever the session, so a busy session of another
         # owner's is not told apart from a missing one by this either.
-        if not await self.slots.take(owner, interaction.id):
+        limited = self.slots.limit is not None  # (unlimited, the default: no slot to take, nothing to pay)
+        if limited and not await self.slots.take(owner, interaction.id):
             raise TooManyStreams(self.slots.limit or 0)
         try:
             if session_id in self._running or not await self.coordinator.claim(interaction):
                 raise SessionBusy(session_id)
         except BaseException:
-            await self.slots.give_back(owner, interaction.id)
+            if limited:
+                await self.slots.give_back(owner, interaction.id)
             raise
         self._running[session_id] = interaction
         try:
@@ -235,7 +237,8 @@ class Interactions:
                 await self.coordinator.release(interaction)
             except ApiError:
                 logger.warning("could not release session %s; its lease will run out", interaction.session_id)
-            await self.slots.give_back(interaction.owner, interaction.id)
+            if self.slots.limit is not None:
+                await self.slots.give_back(interaction.owner, interaction.id)
 
     def get(self, session_id: str) -> Interaction | None:
         return self._running.get(session_id)

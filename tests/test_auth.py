@@ -45,6 +45,7 @@ async def upload(client: httpx.AsyncClient, headers: dict[str, str], session_id:
 def requests_on(session_id: str, file_id: str) -> list[tuple[str, str, dict[str, Any]]]:
     """Every endpoint that names a session (and a file), as (method, path, httpx keyword arguments)."""
     files = {"file": ("x.txt", b"x", "text/plain")}
+    ai_sdk_message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
     return [
         ("GET", f"/api/v1/sessions/{session_id}", {}),
         ("GET", f"/api/v1/sessions/{session_id}/messages", {}),
@@ -54,6 +55,8 @@ def requests_on(session_id: str, file_id: str) -> list[tuple[str, str, dict[str,
             "/api/v1/chat",
             {"data": {"ui_session_id": session_id, "message": "hi", "file_ids": f'["{file_id}"]'}},
         ),
+        ("POST", "/api/v1/chat", {"json": {"ui_session_id": session_id, "message": "hi"}}),
+        ("POST", "/api/v1/chat", {"json": {"id": session_id, "messages": [ai_sdk_message]}}),  # SSE
         ("GET", f"/api/v1/chat/{session_id}/stream", {}),
         ("GET", f"/api/v1/chat/{session_id}/stream", {"headers": {"accept": "text/plain"}}),
         ("POST", "/api/v1/cancel", {"data": {"ui_session_id": session_id}}),
