@@ -31,7 +31,10 @@ def main(output: Path) -> None:
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
+        deadline = time.monotonic() + 15
         while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise SystemExit("uvicorn did not start")
             time.sleep(0.01)
         try:
             with sync_playwright() as playwright:
