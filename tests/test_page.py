@@ -106,7 +106,12 @@ def wait_for_words(message: Locator, count: int) -> None:
 def test_send_shows_the_echo_reply_and_history_agrees(live: Callable[..., LiveServer], open_page: Any) -> None:
     server = live()
     page = open_page(server.url + "/")
-    send(page, "Hello,  parley!\nSecond line.")
+    box = page.get_by_label("Message")
+    box.press_sequentially("Hello,  parley!")
+    box.press("Shift+Enter")  # a new line, not a send
+    box.press_sequentially("Second line.")
+    expect(page.locator("[data-role]")).to_have_count(0)
+    box.press("Enter")
     expect(reply(page)).to_have_attribute("data-status", "complete")
     session_id = session_of(page)
     recorded = history(server, session_id)
