@@ -334,6 +334,8 @@ def test_markup_from_users_and_files_stays_text(live: Callable[..., LiveServer],
     assert page.locator("main img, main script, nav img, nav script").count() == 0
     assert dialogs == []
 
+    script = (Path(__file__).parent.parent / "ui" / "app.js").read_text()
+    assert not any(sink in script for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"))
     response = httpx.get(server.url + "/", timeout=10)
     policy = response.headers["content-security-policy"]
     directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
