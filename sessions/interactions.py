@@ -67,7 +67,8 @@ class Interaction:
             self._changed = None
 
     async def changed(self) -> None:
-        """Wait for the next token, or for the reply's end (``status`` set)."""
+        """Wait for the next token, or for the reply's end (``status`` set). Only what happens after the call
+        wakes it: look at ``tokens`` and ``status`` just before, with no ``await`` in between."""
         if self._changed is None:
             self._changed = anyio.Event()
         await self._changed.wait()

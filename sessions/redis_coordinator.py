@@ -190,12 +190,16 @@ class RedisCoordinator:
 
     async def _mirror(self, interaction: Interaction) -> None:
         key = self._frames_key(interaction.id)
-        sent = 0
+        sent, first = 0, True
         try:
             while True:
                 tokens, status = interaction.tokens[sent:], interaction.status
+                if not (first or tokens or status):
+                    # Nothing new since the last write (checked with no await since): wait for the next change.
+                    await interaction.changed()
+                    continue
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    if sent == 0:
+                    if first:
                         pipe.xadd(key, {"m": interaction.message_id})
                     for token in tokens:
                         pipe.xadd(key, {"t": token})
@@ -203,10 +207,9 @@ class RedisCoordinator:
                         pipe.xadd(key, {"s": status, "e": interaction.error or ""})
                     pipe.expire(key, _FRAMES_TTL)
                     await pipe.execute()
-                sent += len(tokens)
+                sent, first = sent + len(tokens), False
                 if status:
                     return
-                await interaction.changed()
         except _DOWN:
             logger.warning("lost Redis while mirroring interaction %s for a rejoin", interaction.id)
         finally:

@@ -76,8 +76,10 @@ class Follow:
                 await send({"type": "http.response.body", "body": frames, "more_body": False})
                 return
             if frames:
+                # Look again before waiting: what came during the send woke nobody.
                 await send({"type": "http.response.body", "body": frames, "more_body": True})
-            await self.interaction.changed()
+            else:
+                await self.interaction.changed()
 
     async def _plain(self, send: Send) -> None:
         tokens = self.interaction.tokens

@@ -112,8 +112,8 @@ async def test_a_killed_owner_frees_the_session_after_its_lease(
             async for chunk in response.aiter_text():
                 first = chunk
                 break
-        assert first  # the stream had begun
-        a.stop(kill=True)  # kill -9 mid-stream
+            assert first  # the stream had begun
+            a.stop(kill=True)  # kill -9 mid-stream, its client still connected
         assert (await client.get(f"{b.url}/api/v1/sessions/{session_id}")).json()["status"] == "streaming"
 
         async def idle() -> bool:

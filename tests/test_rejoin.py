@@ -164,7 +164,7 @@ async def test_a_killed_owner_leaves_its_checkpointed_text(
                 received += chunk
                 if len(received.split()) >= 20:
                     break
-        server.stop(kill=True)
+            server.stop(kill=True)  # while its client is still connected
     restarted = subprocesses(env).start()
     async with httpx.AsyncClient(base_url=restarted.url, timeout=10) as client:
         last = (await messages(client, session_id))[-1]
@@ -217,3 +217,35 @@ async def test_rejoin_from_another_worker_on_redis(
         assert plain.text == WORDS
         start = json.loads(parse_sse(full.text)[0][1])
         assert start["messageId"] == history[-1]["id"]
+
+
+@pytest.mark.redis
+async def test_a_killed_owner_on_redis_leaves_its_checkpointed_text(
+    subprocesses: Callable[..., Subprocess], redis_server: RedisServer
+) -> None:
+    env = {
+        "PARLEY_REDIS_URL": redis_server.url,
+        "PARLEY_ECHO_DELAY": "0.02",
+        "PARLEY_CHECKPOINT_SECONDS": "0.1",
+        "PARLEY_REDIS_LEASE_SECONDS": "1",
+    }
+    a, b = subprocesses(env).start(), subprocesses(env).start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        received = ""
+        data = {"ui_session_id": session_id, "message": WORDS}
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+            async for chunk in response.aiter_text():
+                received += chunk
+                if len(received.split()) >= 20:
+                    break
+            a.stop(kill=True)  # while its client is still connected
+
+        async def interrupted() -> bool:
+            turns = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"]
+            return turns[-1]["status"] == "interrupted"
+
+        await eventually(interrupted, within=10)
+        last = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"][-1]
+    assert len(last["content"].split()) >= 10
+    assert received.startswith(last["content"]) or last["content"].startswith(received)

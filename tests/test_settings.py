@@ -31,3 +31,16 @@ def test_reads_the_environment() -> None:
 def test_rejects_bad_numbers_with_the_variable_named(value: str) -> None:
     with pytest.raises(ValueError, match="PARLEY_ECHO_DELAY"):
         Settings.from_env({"PARLEY_ECHO_DELAY": value})
+
+
+def test_reads_the_settings_of_replies_that_outlive_their_connection() -> None:
+    env = {"PARLEY_ON_DISCONNECT": "continue", "PARLEY_CHECKPOINT_SECONDS": "0.5", "PARLEY_SSE_KEEPALIVE_SECONDS": "3"}
+    settings = Settings.from_env(env)
+    assert (settings.on_disconnect, settings.checkpoint_seconds, settings.sse_keepalive_seconds) == ("continue", 0.5, 3)
+    assert (Settings().on_disconnect, Settings().checkpoint_seconds, Settings().sse_keepalive_seconds) == (
+        "cancel",
+        1.0,
+        15.0,
+    )
+    with pytest.raises(ValueError, match="PARLEY_ON_DISCONNECT"):
+        Settings.from_env({"PARLEY_ON_DISCONNECT": "later"})
