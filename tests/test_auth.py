@@ -509,3 +509,36 @@ async def test_the_streams_per_owner_limit_across_two_workers_on_redis(
         bobs = await create(a, as_(BOB))
         # 100 words at 0.02 s: past a lease or two, so the slot held only because its worker renewed it.
         await assert_limited(a, b, first, second, bobs, after_words=100)
+
+
+class Owners:
+    """A turn observer that notes whose turns end."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    def turn_started(self, turn: Any) -> None:
+        pass
+
+    def first_token(self, turn: Any) -> None:
+        pass
+
+    def turn_ended(self, turn: Any) -> None:
+        self.ended.append(turn.owner)
+
+
+async def test_turn_observers_see_the_owner(serve: Callable[..., LiveServer], tmp_path: Path) -> None:
+    owners = Owners()
+    server = serve(create_app(make_settings(tmp_path, api_keys=KEYS), observers=[owners]))
+    async with server.client() as client:
+        for key in (ALICE, BOB):
+            session_id = await create(client, as_(key))
+            reply = await client.post(
+                "/api/v1/chat", data={"ui_session_id": session_id, "message": "hi"}, headers=as_(key)
+            )
+            assert reply.text == "hi"
+    await eventually(lambda: _equals(owners.ended, ["alice", "bob"]))
+
+
+async def _equals(value: object, expected: object) -> bool:
+    return value == expected
