@@ -8,7 +8,7 @@ PORT ?= 8000
 REDIS_URL ?= redis://127.0.0.1:6379/0
 WORKERS ?= 2
 
-.PHONY: install redis-server npm wrk valgrind run run-redis test fuzz lint format bench bench-instructions clean
+.PHONY: install redis-server npm chromium wrk valgrind run run-redis test fuzz screenshot lint format bench bench-instructions clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 # apt-get may be used; otherwise print MESSAGE and run ON_MISSING (say, exit 1).
 debian = @command -v $(1) >/dev/null 2>&1 || { \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null); \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) >/dev/null); \
 	else \
 		echo "$(2)"; $(3) \
 	fi; }
@@ -43,6 +43,10 @@ $(AI_SDK)/node_modules/.installed: $(AI_SDK)/package-lock.json | npm
 		cd $(AI_SDK) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
 	fi
 
+# The page's tests drive Debian's Chromium through Playwright (Playwright's own browser download is not used).
+chromium:
+	$(call debian,chromium,chromium is not installed: the browser tests will be skipped (apt-get install chromium),)
+
 wrk:
 	$(call debian,wrk,make bench needs wrk (apt-get install wrk),exit 1;)
 
@@ -56,7 +60,7 @@ run: install
 run-redis: install
 	PARLEY_REDIS_URL=$(REDIS_URL) $(BIN)/uvicorn app:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-test: install redis-server $(AI_SDK)/node_modules/.installed
+test: install redis-server chromium $(AI_SDK)/node_modules/.installed
 	$(BIN)/python -m pytest
 
 # Schemathesis at length against a real uvicorn: many examples per operation, a new seed each run (printed, so a
@@ -66,6 +70,10 @@ FUZZ_SEED ?= $(shell date +%s)
 fuzz: install
 	PARLEY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PARLEY_FUZZ_SEED=$(FUZZ_SEED) \
 		$(BIN)/python -m pytest tests/test_openapi.py -k schemathesis -s -p no:cacheprovider
+
+# docs/page.png: the page in Chromium against a real server, with a finished reply and a cancelled one.
+screenshot: install chromium
+	$(BIN)/python -m tests.screenshot docs/page.png
 
 # Starts its own servers (and redis-server) on loopback, pinned to core 0, with the load generators on core 1;
 # every figure under both uvicorn stacks; writes bench/RESULTS.md.

@@ -38,4 +38,4 @@ async def readiness(parley: Parley) -> dict[str, str]:
 
 async def _store(parley: Parley) -> None:
     await parley.ready()
-    await parley.store.list_sessions(1, 0)
+    await parley.store.list_sessions("parley-readiness-probe", 1, 0)  # an owner with no sessions: a cheap read

@@ -436,28 +436,63 @@ _PATHS: dict[str, dict[str, Schema]] = {
     },
 }
 
-_METRICS: dict[str, Schema] = {
-    "get": _operation(
-        "metrics",
-        "Prometheus metrics, in the text exposition format",
-        {
-            200: {
-                "description": "The metrics",
-                "headers": _REQUEST_ID,
-                "content": {"text/plain": {"schema": _TEXT}},
-            }
-        },
-        (),
-    )
+
+def _file(operation_id: str, summary: str, media_type: str) -> dict[str, Schema]:
+    content = {media_type: {"schema": _TEXT}}
+    return {"get": _operation(operation_id, summary, {200: {"description": summary, "content": content}}, ())}
+
+
+_METRICS = _file("metrics", "Prometheus metrics, in the text exposition format", "text/plain")
+_PAGE = {
+    "/": _file("page", "The chat page", "text/html"),
+    "/ui/app.js": _file("pageScript", "The chat page's script", "text/javascript"),
+    "/ui/style.css": _file("pageStyle", "The chat page's style sheet", "text/css"),
+}
+# Answered without a key, even when keys are configured: probes, this document, the page (it asks for the key).
+_OPEN = {"/healthz", "/readyz", "/api/v1/openapi.json", *_PAGE}
+
+_SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "An API key: Authorization: Bearer <key>"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "An API key"},
+}
+_UNAUTHORIZED: Schema = {
+    "description": "No API key, or one that names no owner (PARLEY_API_KEYS)",
+    "headers": {**_REQUEST_ID, "WWW-Authenticate": {"schema": {"const": "Bearer"}}},
+    "content": {"application/json": {"schema": _ERROR}},
 }
 
 
-def document(*, metrics: bool) -> Schema:
-    """The OpenAPI document of an app: with ``/metrics`` when metrics are on."""
+def document(*, metrics: bool, keys: bool, ui: bool) -> Schema:
+    """The OpenAPI document of an app: with ``/metrics`` when metrics are on, the page when it is served, and
+    the security schemes (and every 401) when API keys are configured."""
     paths = dict(_PATHS)
     if metrics:
         paths["/metrics"] = _METRICS
-    return {
+    if ui:
+        paths.update(_PAGE)
+    components: Schema = {
+        "schemas": _SCHEMAS,
+        "headers": {
+            "RequestId": {
+                "description": "The request's id: the client's X-Request-Id, or a new one; in every log line",
+                "schema": _TEXT,
+            }
+        },
+    }
+    security: list[Schema] = []
+    if keys:
+        components["securitySchemes"] = _SECURITY_SCHEMES
+        security = [{"bearer": []}, {"apiKey": []}]
+        paths = {
+            path: {
+                method: {**operation, "security": []}
+                if path in _OPEN
+                else {**operation, "responses": {**operation["responses"], "401": _UNAUTHORIZED}}
+                for method, operation in operations.items()
+            }
+            for path, operations in paths.items()
+        }
+    document: Schema = {
         "openapi": "3.1.0",
         "info": {
             "title": "parley",
@@ -465,13 +500,8 @@ def document(*, metrics: bool) -> Schema:
             "description": "Chat with an AI agent over HTTP: streamed replies, cancellable mid-stream.",
         },
         "paths": paths,
-        "components": {
-            "schemas": _SCHEMAS,
-            "headers": {
-                "RequestId": {
-                    "description": "The request's id: the client's X-Request-Id, or a new one; in every log line",
-                    "schema": _TEXT,
-                }
-            },
-        },
+        "components": components,
     }
+    if security:
+        document["security"] = security
+    return document

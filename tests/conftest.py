@@ -107,16 +107,16 @@ def live(serve: Callable[[ASGIApp], LiveServer], tmp_path: Path) -> Callable[...
 class Subprocess:
     """``uvicorn app:app`` as a separate process, for restarts and crashes."""
 
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), output: Path | None = None) -> None:
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None) -> None:
         self.args = args
-        self.output = output  # where its stdout and stderr go (its log lines), if anywhere
+        self.log = log  # where its stdout and stderr go (none kept without it)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Subprocess:
-        log = open(self.output, "ab") if self.output else None
+        log = self.log.open("ab") if self.log is not None else None
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
             cwd=ROOT,
@@ -125,7 +125,7 @@ class Subprocess:
             stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
         )
         if log is not None:
-            log.close()
+            log.close()  # the child has its own copy
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
@@ -149,8 +149,8 @@ class Subprocess:
 def subprocesses() -> Iterator[Callable[..., Subprocess]]:
     started: list[Subprocess] = []
 
-    def make(env: dict[str, str], args: tuple[str, ...] = (), output: Path | None = None) -> Subprocess:
-        proc = Subprocess(env, args, output)
+    def make(env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None) -> Subprocess:
+        proc = Subprocess(env, args, log)
         started.append(proc)
         return proc
 

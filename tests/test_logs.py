@@ -62,7 +62,7 @@ def start(subprocesses: Callable[..., Subprocess], tmp_path: Path, stub_url: str
         "PARLEY_OPENAI_API_KEY": KEY,
         "PARLEY_LOG_FORMAT": log_format,
     }
-    return subprocesses(env, output=tmp_path / "log").start()
+    return subprocesses(env, log=tmp_path / "log").start()
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])

@@ -194,3 +194,15 @@ async def test_two_workers_count_interactions_and_streams_together(
         assert value(samples, "parley_interactions_total", agent="echo", status="complete") == 7
         assert value(samples, "parley_tokens_streamed_total", agent="echo") == 6 * 2 + 50
         assert value(samples, "parley_streams_in_progress") == 0
+
+
+def test_with_api_keys_a_scrape_needs_one(subprocesses: Callable[..., Subprocess], tmp_path: Path) -> None:
+    env = {"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_API_KEYS": "alice:alice-key,bob:bob-key"}
+    server = subprocesses(env).start()
+    refused = httpx.get(f"{server.url}/metrics")
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server.url}/metrics", headers={"x-api-key": "nobody's"}).status_code == 401
+    scraped = httpx.get(f"{server.url}/metrics", headers={"authorization": "Bearer bob-key"})
+    assert scraped.status_code == 200 and "parley_http_requests_total" in scraped.text
+    for probe in ("/healthz", "/readyz", "/api/v1/openapi.json"):  # probes and the document stay open
+        assert httpx.get(f"{server.url}{probe}").status_code == 200
