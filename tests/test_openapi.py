@@ -17,7 +17,7 @@ from tests.conftest import Subprocess, make_settings
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 # `make test` runs a short, repeatable pass; `make fuzz` (PARLEY_FUZZ_EXAMPLES=...) a long one.
-EXAMPLES = int(os.environ.get("PARLEY_FUZZ_EXAMPLES", "15"))
+EXAMPLES = int(os.environ.get("PARLEY_FUZZ_EXAMPLES", "10"))
 SEED = os.environ.get("PARLEY_FUZZ_SEED", "20261129")
 
 
