@@ -3,10 +3,11 @@
     ApiError                  a request that cannot be served as sent; rendered {"status": "error", "message": ...}
      ├── BadRequest           400  a field missing, empty or malformed; a body that cannot be parsed
      ├── NotFound             404  unknown session, file or route
+     ├── BodyTimeout          408  a request body that stopped arriving (PARLEY_BODY_TIMEOUT_SECONDS)
      ├── Conflict             409
      │    ├── SessionBusy          the session already has an interaction in progress
      │    └── SessionExists        a client-chosen ui_session_id is taken
-     ├── PayloadTooLarge      413  a message or an upload over its limit
+     ├── PayloadTooLarge      413  a message, an upload or a whole body over its limit
      ├── CancelFailed         500  a cancel that could not be delivered to the process that owns the stream
      ├── StoreUnavailable     503  the shared store (Redis) cannot be reached right now
      └── AgentUnavailable     503  the session's agent is not configured on this server (any more)
@@ -34,6 +35,10 @@ class BadRequest(ApiError):
 
 class NotFound(ApiError):
     status_code = 404
+
+
+class BodyTimeout(ApiError):
+    status_code = 408
 
 
 class Conflict(ApiError):

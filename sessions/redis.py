@@ -57,13 +57,23 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
+# Returns the ids of the files whose records it removed (nil when there was no such session).
 _DELETE_SESSION = """
-if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+if redis.call('DEL', KEYS[1]) == 0 then return false end
+local files = redis.call('LRANGE', KEYS[4], 0, -1)
 redis.call('ZREM', KEYS[2], ARGV[2])
 for _, id in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do redis.call('DEL', ARGV[1] .. 'msg:' .. id) end
 for _, id in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do redis.call('DEL', ARGV[1] .. 'file:' .. id) end
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 redis.call('SREM', KEYS[6], ARGV[2])
+return files
+"""
+
+# A file's record, only while its session exists.
+_ADD_FILE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV))
+redis.call('RPUSH', KEYS[3], ARGV[2])
 return 1
 """
 
@@ -146,9 +156,9 @@ class RedisStore:
             rows = await self._hashes("session", ids)
         return [_session(sid, fields) for sid, fields in zip(ids, rows, strict=True) if fields]
 
-    async def delete_session(self, session_id: str) -> bool:
+    async def delete_session(self, session_id: str) -> list[str] | None:
         with _reachable():
-            deleted = await self.redis.eval(
+            file_ids: Any = await self.redis.eval(
                 _DELETE_SESSION,
                 6,
                 self.key("session", session_id),
@@ -160,7 +170,7 @@ class RedisStore:
                 self.prefix,
                 session_id,
             )
-        return bool(deleted)
+        return None if file_ids is None else [str(file_id) for file_id in file_ids]
 
     async def start_turn(
         self, user: Message, assistant: Message, history_limit: Callable[[Session], int]
@@ -241,7 +251,7 @@ class RedisStore:
         return [_message(fields) for fields in rows if fields]
 
     async def add_file(self, info: FileInfo) -> None:
-        fields: dict[Any, Any] = {
+        fields = {
             "id": info.id,
             "session_id": info.session_id,
             "filename": info.filename,
@@ -250,11 +260,13 @@ class RedisStore:
             "sha256": info.sha256,
             "created_at": info.created_at,
         }
+        # ARGV is the hash's fields and values, "id" first (the script appends ARGV[2], the id, to the list).
+        pairs = [item for pair in fields.items() for item in pair]
+        keys = self.key("session", info.session_id), self.key("file", info.id), self.key("files", info.session_id)
         with _reachable():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self.key("file", info.id), mapping=fields)
-                pipe.rpush(self.key("files", info.session_id), info.id)
-                await pipe.execute()
+            added = await self.redis.eval(_ADD_FILE, 3, *keys, *pairs)
+        if not added:
+            raise NotFound(f"Session not found: {info.session_id}")
 
     async def get_file(self, session_id: str, file_id: str) -> FileInfo | None:
         with _reachable():

@@ -13,7 +13,7 @@ from sessions.files import Blobs
 from sessions.interactions import Coordinator, Interactions
 from sessions.sqlite import SQLiteStore
 from sessions.store import Store
-from settings import Settings
+from settings import Settings, SettingsError
 
 logger = logging.getLogger("parley")
 
@@ -111,7 +111,7 @@ def default_agents(settings: Settings) -> Agents:
     try:
         return Agents(agents, default=settings.agent)
     except UnknownAgent:
-        raise ValueError(f"PARLEY_AGENT={settings.agent!r} names no configured agent") from None
+        raise SettingsError(f"PARLEY_AGENT={settings.agent!r} names no configured agent") from None
 
 
 def default_store(settings: Settings) -> Store:

@@ -56,8 +56,8 @@ async def test_sessions(store: Store) -> None:
     assert await store.get_session("nope") is None
     assert await store.list_sessions(10, 0) == [second, first]
     assert await store.list_sessions(1, 1) == [first]
-    assert await store.delete_session("s1") is True
-    assert await store.delete_session("s1") is False
+    assert await store.delete_session("s1") == []
+    assert await store.delete_session("s1") is None
     assert await store.list_sessions(10, 0) == [second]
 
 
@@ -149,7 +149,7 @@ async def test_deleting_a_session_deletes_its_history_and_files(store: Store) ->
     await store.start_turn(*turn("s"), limit(0))
     info = FileInfo("file_1", "s", "a.txt", "text/plain", 3, "ab" * 32, utcnow())
     await store.add_file(info)
-    await store.delete_session("s")
+    assert await store.delete_session("s") == ["file_1"]  # whose bytes the caller deletes
     await store.create_session(Session("s", "echo", utcnow()))
     assert await store.list_messages("s") == []
     assert await store.list_files("s") == []
@@ -250,3 +250,12 @@ def test_ordered_ids_sort_by_creation_time_and_look_like_the_others() -> None:
     assert len(set(made)) == 5
     assert all(re.fullmatch(r"msg_[0-9a-f]{32}", i) for i in made)
     assert len(made[0]) == len(new_id("msg_"))
+
+
+async def test_a_file_is_recorded_only_while_its_session_exists(store: Store) -> None:
+    info = FileInfo("file_1", "gone", "a.txt", "text/plain", 3, "ab" * 32, utcnow())
+    with pytest.raises(NotFound):
+        await store.add_file(info)
+    await store.create_session(Session("gone", "echo", utcnow()))
+    assert await store.list_files("gone") == []
+    assert await store.get_file("gone", "file_1") is None
