@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from agents import Agents, Attachment
@@ -309,13 +309,25 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         response = error_response(405, f"Method {request.method} is not allowed on {request.url.path}.")
     else:
         response = error_response(exc.status_code, str(exc.detail))
-    response.headers.update(exc.headers or {})  # Allow on a 405, and whatever else the exception carries
+    response.headers.update(exc.headers or {})  # whatever the exception carries (Allow on a 405)
+    if exc.status_code == 405:
+        # Starlette's Allow names the methods of the first route that matched the path; a path served by
+        # several routes (GET and POST /api/v1/sessions) allows all of theirs.
+        response.headers["allow"] = ", ".join(sorted(_allowed_methods(request)))
     return response
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return methods
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
     # An expected event, not a server error: one line, and an answer nobody will read.
-    logger.info("client disconnected while sending %s %s", request.method, request.url.path)
+    logger.warning("client disconnected while sending %s %s", request.method, request.url.path)
     return Response(status_code=400)
 
 

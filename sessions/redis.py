@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import anyio.abc
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from sessions.errors import CancelFailed, NotFound, SessionExists, StoreUnavailable
 from sessions.store import FileInfo, Message, MessageStatus, Session
@@ -97,11 +97,20 @@ return 0
 """
 
 
-def connect(url: str) -> Redis:
-    # Short timeouts: when Redis is down, requests should hear 503 quickly rather than hang.
-    return Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5, health_check_interval=15
+def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0) -> Redis:
+    """A client whose requests queue for one of ``max_connections`` connections (up to ``pool_timeout``
+    seconds) rather than fail: a busy process is not a Redis that is down."""
+    # Short socket timeouts: when Redis is down, requests should hear 503 quickly rather than hang.
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=pool_timeout,
+        decode_responses=True,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        health_check_interval=15,
     )
+    return Redis.from_pool(pool)
 
 
 @contextmanager

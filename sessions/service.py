@@ -126,7 +126,7 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
     # Imported here: redis-py is an optional extra (parley[redis]), needed only when Redis is configured.
     from sessions.redis import RedisCoordinator, RedisStore, connect
 
-    redis = connect(settings.redis_url)
+    redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_seconds)
     return store or RedisStore(redis), RedisCoordinator(redis, lease_seconds=settings.redis_lease_seconds)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -250,8 +251,7 @@ class SQLiteStore:
             cursor = db.execute(
                 f"INSERT INTO files ({_FILE_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ? "
                 "WHERE EXISTS (SELECT 1 FROM sessions WHERE id = ?)",
-                (info.id, info.session_id, info.filename, info.mime_type, info.size, info.sha256, info.created_at)
-                + (info.session_id,),
+                (*astuple(info), info.session_id),
             )
             if cursor.rowcount == 0:
                 raise NotFound(f"Session not found: {info.session_id}")

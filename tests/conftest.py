@@ -98,21 +98,33 @@ def live(serve: Callable[[ASGIApp], LiveServer], tmp_path: Path) -> Callable[...
 class Subprocess:
     """``uvicorn app:app`` as a separate process, for restarts and crashes."""
 
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None) -> None:
         self.args = args
+        self.log = log
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Subprocess:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with self.log.open("ab") if self.log else open(os.devnull, "wb") as stderr:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "app:app",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    *self.args,
+                ],
+                cwd=ROOT,
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
@@ -136,8 +148,8 @@ class Subprocess:
 def subprocesses() -> Iterator[Callable[..., Subprocess]]:
     started: list[Subprocess] = []
 
-    def make(env: dict[str, str], args: tuple[str, ...] = ()) -> Subprocess:
-        proc = Subprocess(env, args)
+    def make(env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None) -> Subprocess:
+        proc = Subprocess(env, args, log)
         started.append(proc)
         return proc
 
