@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from agents import Agents, Attachment
 from sessions import Store
-from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge
+from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge, SessionError
 from sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
 from sessions.forms import (
     FORM_MARGIN_BYTES,
@@ -37,7 +37,8 @@ from sessions.forms import (
 )
 from sessions.service import Parley, build
 from sessions.store import FileInfo, Session, new_id, utcnow
-from sessions.streaming import ChatStream, error_response
+from sessions.streaming import ChatResponse, PlainText, error_response, http_status
+from sessions.turns import TurnObserver, TurnRequest
 from sessions.uploads import receive_upload
 from settings import Settings, SettingsError
 
@@ -90,17 +91,20 @@ async def list_sessions(request: Request) -> Response:
 async def get_session(request: Request) -> Response:
     parley = await _parley(request)
     session = await _session(parley, request.path_params["session_id"])
-    await parley.settle(session.ui_session_id)
-    streaming = await parley.interactions.is_streaming(session.ui_session_id) or await parley.streaming_elsewhere(
-        session.ui_session_id, None
-    )
+    await parley.interrupt_orphans(session.ui_session_id)
+    streaming = await parley.interactions.is_streaming(session.ui_session_id)
     return JSONResponse({**session.to_json(), "status": "streaming" if streaming else "idle"})
 
 
 async def delete_session(request: Request) -> Response:
     parley = await _parley(request)
     session = await _session(parley, request.path_params["session_id"])
-    await parley.interactions.cancel_and_wait(session.ui_session_id, reason="deleted")
+    try:
+        await parley.interactions.cancel_and_wait(session.ui_session_id, reason="deleted")
+    except CancelFailed:
+        # Its owner is dead or silent: delete anyway. The delete takes the claim with it, so an owner that
+        # comes back finds its session gone at its next renewal, and stops.
+        logger.warning("session %s: its owner did not answer the cancel; deleting anyway", session.ui_session_id)
     # The files whose records went with the session, in the same transaction: an upload that lands meanwhile
     # is either among them or finds the session gone (and removes its own blob).
     for file_id in await parley.store.delete_session(session.ui_session_id) or ():
@@ -111,7 +115,7 @@ async def delete_session(request: Request) -> Response:
 async def list_messages(request: Request) -> Response:
     parley = await _parley(request)
     session = await _session(parley, request.path_params["session_id"])
-    await parley.settle(session.ui_session_id)
+    await parley.interrupt_orphans(session.ui_session_id)
     messages = await parley.store.list_messages(session.ui_session_id)
     return JSONResponse({"messages": [message.to_json() for message in messages]})
 
@@ -119,7 +123,7 @@ async def list_messages(request: Request) -> Response:
 # chat
 
 
-async def chat(request: Request) -> Response | ChatStream:
+async def chat(request: Request) -> Response | ChatResponse:
     parley = await _parley(request)
     limit = parley.settings.max_message_bytes
     body = bounded(request, chat_body_limit(request, limit), parley.settings.body_timeout_seconds)
@@ -133,16 +137,9 @@ async def chat(request: Request) -> Response | ChatStream:
     if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
         await _session(parley, session_id)
         attachments = await _attachments(parley, session_id, file_ids)
-    await parley.settle(session_id)
-    return ChatStream(
-        store=parley.store,
-        interactions=parley.interactions,
-        agents=parley.agents,
-        session_id=session_id,
-        message=message,
-        file_ids=file_ids,
-        attachments=attachments,
-    )
+    await parley.interrupt_orphans(session_id)
+    turn = TurnRequest(session_id, message, file_ids, attachments)
+    return ChatResponse(parley.runner, turn, PlainText, parley.settings.on_disconnect)  # type: ignore[arg-type]
 
 
 async def _attachments(parley: Parley, session_id: str, file_ids: list[str]) -> list[Attachment]:
@@ -162,19 +159,13 @@ async def cancel(request: Request) -> Response:
     session_id = required_text(form, "ui_session_id")
     interaction_id = optional_text(form, "interaction_id")
     if parley.interactions.get(session_id) is None:
-        # Not streaming here: the session must exist, and the owner may be another process.
-        await _session(parley, session_id)
-        if await parley.streaming_elsewhere(session_id, interaction_id):
-            raise CancelFailed(
-                f"Failed to cancel interaction for session: {session_id}. It is streaming in another worker "
-                "process, which the embedded store cannot reach: set PARLEY_REDIS_URL to run several processes."
-            )
-    cancelled = await parley.interactions.cancel(session_id, interaction_id)
+        await _session(parley, session_id)  # not streaming here: the session must exist
+    outcome = await parley.interactions.cancel(session_id, interaction_id)
     return JSONResponse(
         {
             "status": "success",
             "message": f"Cancellation signal sent for session: {session_id}",
-            "cancelled": cancelled,
+            "cancelled": outcome != "not_running",
         }
     )
 
@@ -203,7 +194,7 @@ async def upload_file(request: Request) -> Response:
         file_id, session_id, filename, mime_type(upload.declared_type, filename), blob.size, blob.sha256, utcnow()
     )
     try:
-        await parley.store.add_file(info)  # NotFound if the session was deleted since it was looked up
+        await parley.store.add_file(info)  # SessionNotFound if the session was deleted since it was looked up
     except BaseException:
         with anyio.CancelScope(shield=True):
             await parley.blobs.delete(file_id)
@@ -262,11 +253,11 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-class _Streaming:
+class _PlainEndpoint:
     """A route endpoint run as a plain ASGI app: Starlette wraps a function endpoint's ``send`` in one more
     layer, a cost paid on every token of a stream. Errors still reach the app's exception handlers."""
 
-    def __init__(self, handler: Callable[[Request], Awaitable[Response | ChatStream]]) -> None:
+    def __init__(self, handler: Callable[[Request], Awaitable[Response | ChatResponse]]) -> None:
         self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -276,7 +267,7 @@ class _Streaming:
 
 routes = [
     # The router tries routes in order: the hot path (a chat, and its cancel) comes first.
-    Route("/api/v1/chat", _Streaming(chat), methods=["POST"]),
+    Route("/api/v1/chat", _PlainEndpoint(chat), methods=["POST"]),
     Route("/api/v1/cancel", cancel, methods=["POST"]),
     Route("/api/v1/sessions", create_session, methods=["POST"]),
     Route("/api/v1/sessions", list_sessions, methods=["GET"]),
@@ -299,6 +290,11 @@ routes = [
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(exc.status_code, exc.message)
+
+
+async def _domain_error(request: Request, exc: Exception) -> Response:
+    status = http_status(exc)
+    return error_response(status, str(exc)) if status else await _server_error(request, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -340,11 +336,14 @@ def create_app(
     *,
     store: Store | None = None,
     agents: Agents | None = None,
+    observers: Sequence[TurnObserver] = (),
     debug: bool = False,
 ) -> Starlette:
-    """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*)."""
+    """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*).
+
+    ``observers`` are told about every turn (see :class:`sessions.turns.TurnObserver`): metrics, logs."""
     settings = settings or Settings.from_env()
-    parley = build(settings, store, agents)
+    parley = build(settings, store, agents, observers)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -366,6 +365,7 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={
             ApiError: _api_error,
+            SessionError: _domain_error,
             HTTPException: _http_error,
             ClientDisconnect: _client_gone,
             Exception: _server_error,

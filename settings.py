@@ -31,6 +31,9 @@ class Settings:
     redis_lease_seconds: float = 10.0
     redis_max_connections: int = 100
     redis_pool_timeout_seconds: float = 10.0
+    checkpoint_seconds: float = 1.0
+    sse_keepalive_seconds: float = 15.0
+    on_disconnect: str = "cancel"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -69,6 +72,9 @@ class Settings:
             redis_pool_timeout_seconds=number(
                 "REDIS_POOL_TIMEOUT_SECONDS", defaults.redis_pool_timeout_seconds, positive=True
             ),
+            checkpoint_seconds=number("CHECKPOINT_SECONDS", defaults.checkpoint_seconds),
+            sse_keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", defaults.sse_keepalive_seconds),
+            on_disconnect=_choice(text("ON_DISCONNECT"), defaults.on_disconnect, "PARLEY_ON_DISCONNECT"),
         )
 
 
@@ -86,3 +92,11 @@ def _number(value: str | None, default: float, name: str, *, positive: bool = Fa
     if positive and number == 0:
         raise SettingsError(f"{name} must be more than 0, got {value!r}")
     return number
+
+
+def _choice(value: str | None, default: str, name: str, choices: tuple[str, ...] = ("cancel", "continue")) -> str:
+    if value is None:
+        return default
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value

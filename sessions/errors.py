@@ -15,6 +15,13 @@
     agents.AgentError         500  the agent failed before its first token (after it, the stream is aborted)
      └── agents.UpstreamError 502  the model server refused, failed or timed out before the first token
 
+Stores raise domain errors, which know nothing of HTTP; the web layer (:func:`sessions.streaming.http_error`)
+maps them to statuses:
+
+    SessionError
+     ├── SessionNotFound      404  the session does not exist
+     └── SessionGone          404  the session was deleted while the request was using it
+
 Messages are sentences a person understands: no tracebacks, no internals, no secrets.
 """
 
@@ -69,3 +76,17 @@ class StoreUnavailable(ApiError):
 
 class AgentUnavailable(ApiError):
     status_code = 503
+
+
+class SessionError(Exception):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"Session not found: {session_id}")
+        self.session_id = session_id
+
+
+class SessionNotFound(SessionError):
+    pass
+
+
+class SessionGone(SessionError):
+    pass

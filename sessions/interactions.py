@@ -1,83 +1,174 @@
+"""The interactions in progress: one per session, each with the one cancel scope that drives its reply, and the
+coordinator that carries the one-per-session rule and cancels across processes (local, or Redis)."""
+
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Literal, Protocol
 
 import anyio
-import anyio.abc
 
-from sessions.errors import ApiError, SessionBusy
-from sessions.store import new_id
+from sessions.errors import ApiError, CancelFailed, SessionBusy
+from sessions.store import Store, new_id
 
 logger = logging.getLogger("parley")
 
-CancelReason = Literal["cancelled", "disconnected", "deleted"]
+CancelReason = Literal["cancelled", "disconnected", "deleted", "lease lost"]
+# What a cancel did, as the web layer counts it; a failure to reach the owner raises CancelFailed instead.
+CancelOutcome = Literal["cancelled_here", "cancelled_elsewhere", "not_running"]
 _REASONS: dict[str, CancelReason] = {"cancelled": "cancelled", "disconnected": "disconnected", "deleted": "deleted"}
 
 
 class Interaction:
-    """One message being answered: its id, and the one cancel scope that drives its stream."""
+    """One message being answered: its id, the one cancel scope that drives its reply, and the text so far.
+
+    ``done`` turns true the moment the agent has said its last word (or failed): from then on a cancel no
+    longer counts, so a cancel says it stopped the reply exactly when the reply is recorded as stopped.
+    ``over`` turns true once the reply is recorded and the session freed.
+    """
 
     def __init__(self, session_id: str) -> None:
         self.id = new_id("int_")
         self.session_id = session_id
         self.scope = anyio.CancelScope()
         self.reason: CancelReason | None = None
-        self.finished = False
-        self.ended = False
-        self._ended_event: anyio.Event | None = None  # made only if someone waits: most interactions end unwatched
+        self.done = False
+        self.over = False
+        self.message_id = ""  # the assistant's message in history, once the turn has started
+        self.tokens: list[str] = []  # the reply so far: rejoining clients read it from here
+        self.status = ""  # the history status, once done
+        self.error: str | None = None  # what a failure after the first token said, for renderers that can tell
+        # Events made only when someone waits: most interactions are neither followed nor watched.
+        self._changed: anyio.Event | None = None
+        self._over_event: anyio.Event | None = None
 
     def cancel(self, reason: CancelReason) -> bool:
-        """Cancel the stream's scope. True only if this call stopped a stream that was still running."""
-        if self.finished or self.reason is not None:
+        """Cancel the reply's scope. True only if this call stopped a reply that was still running."""
+        if self.done or self.reason is not None:
             return False
         self.reason = reason
         self.scope.cancel()
         return True
 
-    def end(self) -> None:
-        """The interaction is over and has recorded how."""
-        self.ended = True
-        if self._ended_event is not None:
-            self._ended_event.set()
+    def add(self, token: str) -> None:
+        self.tokens.append(token)
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
-    async def wait_ended(self) -> None:
-        if self.ended:
+    def finish(self, status: str) -> None:
+        self.status = status
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def changed(self) -> None:
+        """Wait for the next token, or for the reply's end (``status`` set)."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+    def end(self) -> None:
+        """The interaction is over: recorded, and its session freed."""
+        self.over = True
+        if self._over_event is not None:
+            self._over_event.set()
+
+    async def wait_over(self) -> None:
+        if self.over:
             return
-        if self._ended_event is None:
-            self._ended_event = anyio.Event()
-        await self._ended_event.wait()
+        if self._over_event is None:
+            self._over_event = anyio.Event()
+        await self._over_event.wait()
+
+
+# Holds a claim while a reply runs (``async with``): for the Redis coordinator, a renewer task.
+Lease = AbstractAsyncContextManager[None]
 
 
 class Coordinator(Protocol):
-    """What several processes share so that the rules hold across them (see :mod:`sessions.redis`)."""
+    """What the processes serving one store share so that the rules hold across them. One is chosen at
+    start-up: :class:`LocalCoordinator` (one process, embedded store) or :class:`sessions.redis.RedisCoordinator`.
+    """
 
-    lease_ms: int
+    async def claim(self, interaction: Interaction) -> bool:
+        """Claim the interaction's session across processes; False if another process holds it."""
 
-    async def claim(self, session_id: str, interaction_id: str) -> bool: ...
-    async def renew(self, session_id: str, interaction_id: str) -> bool: ...
-    async def release(self, session_id: str, interaction_id: str) -> None: ...
-    async def owner(self, session_id: str) -> tuple[str, str] | None: ...
-    async def request_cancel(self, process_id: str, session_id: str, interaction_id: str, reason: str) -> bool: ...
-    async def listen(
-        self, cancel: Callable[[str, str | None, str], bool], *, task_status: anyio.abc.TaskStatus[None] = ...
-    ) -> None: ...
+    def lease(self, interaction: Interaction) -> Lease:
+        """Keep the claim while the reply runs; if the claim is lost, cancel the interaction ("lease lost")."""
 
-    @property
-    def process_id(self) -> str: ...
+    async def release(self, interaction: Interaction) -> None: ...
+
+    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
+        """Does another process run the session's interaction (``interaction_id``, if given)?"""
+
+    async def cancel_elsewhere(self, session_id: str, interaction_id: str | None, reason: CancelReason) -> bool:
+        """Cancel the session's interaction in the process that runs it; True if it was stopped there.
+        Raises CancelFailed when that process cannot be reached (or, locally, when there might be one)."""
+
+    async def settle(self, store: Store, session_id: str | None = None) -> None:
+        """Record as interrupted the turns (of one session, or all) whose process is gone."""
+
+    async def run(self, interactions: Interactions, store: Store) -> None:
+        """What the process runs beside its requests (a cancel listener, a sweeper), until cancelled."""
+
+
+class _NoLease:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NO_LEASE = _NoLease()
+
+
+class LocalCoordinator:
+    """One process on the embedded store: claims and cancels stay in the process. The store's file may still be
+    shared by other worker processes, which this cannot reach: a cancel for them says so (set PARLEY_REDIS_URL)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def claim(self, interaction: Interaction) -> bool:
+        return True
+
+    def lease(self, interaction: Interaction) -> Lease:
+        return _NO_LEASE
+
+    async def release(self, interaction: Interaction) -> None:
+        return None
+
+    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
+        streaming = await self.store.streaming_turn(session_id)
+        return streaming is not None and interaction_id in (None, streaming)
+
+    async def cancel_elsewhere(self, session_id: str, interaction_id: str | None, reason: CancelReason) -> bool:
+        if await self.streaming_elsewhere(session_id, interaction_id):
+            raise CancelFailed(
+                f"Failed to cancel interaction for session: {session_id}. It is streaming in another worker "
+                "process, which the embedded store cannot reach: set PARLEY_REDIS_URL to run several processes."
+            )
+        return False
+
+    async def settle(self, store: Store, session_id: str | None = None) -> None:
+        # Only at start-up (session_id None): turns left "streaming" by a process that died cannot finish any more.
+        if session_id is None:
+            await store.interrupt_turns()
+
+    async def run(self, interactions: Interactions, store: Store) -> None:
+        return None
 
 
 class Interactions:
-    """The interactions in progress, at most one per session, each driven inside its own cancel scope.
+    """The interactions in progress in this process, at most one per session, each driven inside its own cancel
+    scope. Cancel, session delete and client disconnect all go through here to the interaction's scope; the
+    coordinator carries the one-per-session rule and the cancels to the other processes."""
 
-    Cancel, session delete and client disconnect all go through here to the interaction's scope. Alone,
-    it is the in-process bus of the embedded setup; with a :class:`Coordinator` (Redis), the one-per-session
-    rule and cancels reach across every process that shares it.
-    """
-
-    def __init__(self, coordinator: Coordinator | None = None) -> None:
+    def __init__(self, coordinator: Coordinator) -> None:
         self._running: dict[str, Interaction] = {}
         self.coordinator = coordinator
 
@@ -87,7 +178,7 @@ class Interactions:
         if session_id in self._running:
             raise SessionBusy(session_id)
         interaction = Interaction(session_id)
-        if self.coordinator is not None and not await self.coordinator.claim(session_id, interaction.id):
+        if not await self.coordinator.claim(interaction):
             raise SessionBusy(session_id)
         self._running[session_id] = interaction
         try:
@@ -96,36 +187,21 @@ class Interactions:
             await self.release(interaction)
 
     async def release(self, interaction: Interaction) -> None:
-        """End the interaction and free its session, in this process and (with a coordinator) in all of them.
+        """End the interaction and free its session, here and in every process.
 
-        The stream calls it as soon as its reply is recorded, before the client sees the end: the client's
+        The turn runner calls it as soon as the reply is recorded, before the client sees the end: the client's
         next message, to this process or another, must find the session idle. :meth:`open` calls it in any
         case. Only the first call does anything."""
-        if interaction.ended:
+        if interaction.over:
             return
         if self._running.get(interaction.session_id) is interaction:
             del self._running[interaction.session_id]
         interaction.end()
-        if self.coordinator is not None:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self.coordinator.release(interaction.session_id, interaction.id)
-                except ApiError:
-                    logger.warning("could not release session %s; its lease will run out", interaction.session_id)
-
-    async def keep_claimed(self, interaction: Interaction) -> None:
-        """Renew the interaction's claim while it runs (a task in the interaction's task group)."""
-        if self.coordinator is None:
-            return
-        while True:
-            await anyio.sleep(self.coordinator.lease_ms / 3000)
+        with anyio.CancelScope(shield=True):
             try:
-                # Shielded: a renewal cancelled in flight could still reach Redis after the claim's release,
-                # and renew the claim of an interaction that is over. Stopped, this task ends in its sleep.
-                with anyio.CancelScope(shield=True):
-                    await self.coordinator.renew(interaction.session_id, interaction.id)
+                await self.coordinator.release(interaction)
             except ApiError:
-                logger.warning("could not renew the claim on session %s; retrying", interaction.session_id)
+                logger.warning("could not release session %s; its lease will run out", interaction.session_id)
 
     def get(self, session_id: str) -> Interaction | None:
         return self._running.get(session_id)
@@ -139,42 +215,35 @@ class Interactions:
 
     async def cancel(
         self, session_id: str, interaction_id: str | None = None, reason: CancelReason = "cancelled"
-    ) -> bool:
-        """Cancel the session's running interaction, wherever it runs. True if one was stopped."""
+    ) -> CancelOutcome:
+        """Cancel the session's running interaction, wherever it runs. Raises CancelFailed if its process
+        cannot be reached."""
         if session_id in self._running:
-            # This process owns it: no need for Redis, so this works even while Redis is down.
-            return self.cancel_here(session_id, interaction_id, reason)
-        if self.coordinator is None:
-            return False
-        owner = await self.coordinator.owner(session_id)
-        if owner is None or owner[0] == self.coordinator.process_id:
-            return False
-        process_id, running_id = owner
-        if interaction_id is not None and interaction_id != running_id:
-            return False
-        return await self.coordinator.request_cancel(process_id, session_id, running_id, reason)
+            # This process owns it: no need for the coordinator, so this works even while Redis is down.
+            return "cancelled_here" if self.cancel_here(session_id, interaction_id, reason) else "not_running"
+        if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason):
+            return "cancelled_elsewhere"
+        return "not_running"
 
     async def is_streaming(self, session_id: str) -> bool:
-        if session_id in self._running:
-            return True
-        return self.coordinator is not None and await self.coordinator.owner(session_id) is not None
+        return session_id in self._running or await self.coordinator.streaming_elsewhere(session_id, None)
 
-    async def cancel_and_wait(self, session_id: str, reason: CancelReason, patience: float = 5.0) -> bool:
+    async def cancel_and_wait(self, session_id: str, reason: CancelReason, patience: float = 5.0) -> CancelOutcome:
         """Cancel the session's interaction and wait (``patience`` seconds at most) until it has ended."""
-        cancelled = await self.cancel(session_id, reason=reason)
+        outcome = await self.cancel(session_id, reason=reason)
         with anyio.move_on_after(patience):
             interaction = self._running.get(session_id)
             if interaction is not None:
-                await interaction.wait_ended()
-            # Run by another process, its end shows only in Redis: watch the claim go.
-            while await self.is_streaming(session_id):  # noqa: ASYNC110
+                await interaction.wait_over()
+            # Run by another process, its end shows only in the coordinator: watch the claim go.
+            while outcome == "cancelled_elsewhere" and await self.coordinator.streaming_elsewhere(session_id, None):  # noqa: ASYNC110
                 await anyio.sleep(0.02)
-        return cancelled
+        return outcome
 
     async def wait_until_idle(self) -> None:
         """Wait until every interaction in this process has ended and recorded how."""
         while self._running:
-            await next(iter(self._running.values())).wait_ended()
+            await next(iter(self._running.values())).wait_over()
 
     def __len__(self) -> int:
         return len(self._running)

@@ -7,8 +7,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -17,8 +17,9 @@ import anyio.abc
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from sessions.errors import CancelFailed, NotFound, SessionExists, StoreUnavailable
-from sessions.store import FileInfo, Message, MessageStatus, Session
+from sessions.errors import ApiError, CancelFailed, SessionExists, SessionGone, SessionNotFound, StoreUnavailable
+from sessions.interactions import CancelReason, Interaction, Interactions
+from sessions.store import FileInfo, Message, MessageStatus, Session, Store
 
 logger = logging.getLogger("parley")
 
@@ -64,7 +65,7 @@ local files = redis.call('LRANGE', KEYS[4], 0, -1)
 redis.call('ZREM', KEYS[2], ARGV[2])
 for _, id in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do redis.call('DEL', ARGV[1] .. 'msg:' .. id) end
 for _, id in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do redis.call('DEL', ARGV[1] .. 'file:' .. id) end
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[7])
 redis.call('SREM', KEYS[6], ARGV[2])
 return files
 """
@@ -77,6 +78,13 @@ redis.call('RPUSH', KEYS[3], ARGV[2])
 return 1
 """
 
+# The text so far of a reply still streaming (a finished one keeps its final text).
+_CHECKPOINT = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'streaming' then return 0 end
+redis.call('HSET', KEYS[1], 'content', ARGV[1])
+return 1
+"""
+
 _DELETE_FILE = """
 if redis.call('HGET', KEYS[1], 'session_id') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
@@ -84,10 +92,9 @@ redis.call('LREM', KEYS[2], 0, ARGV[2])
 return 1
 """
 
+# Only ever extends the claim: one that is gone is not made again (its owner stops instead).
 _RENEW = """
-local value = redis.call('GET', KEYS[1])
-if value == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if not value then return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -169,13 +176,16 @@ class RedisStore:
         with _reachable():
             file_ids: Any = await self.redis.eval(
                 _DELETE_SESSION,
-                6,
+                7,
                 self.key("session", session_id),
                 self.key("sessions"),
                 self.key("messages", session_id),
                 self.key("files", session_id),
                 self.key("streaming", session_id),
                 self.key("streaming"),
+                # Its claim goes too: an owner that did not answer the cancel (dead, or silent for a while) finds
+                # its claim gone at its next renewal, and stops.
+                self.key("claim", session_id),
                 self.prefix,
                 session_id,
             )
@@ -192,7 +202,7 @@ class RedisStore:
                 await pipe.watch(session_key)
                 fields: Any = await pipe.hgetall(session_key)
                 if not fields:
-                    raise NotFound(f"Session not found: {session_id}")
+                    raise SessionNotFound(session_id)
                 session = _session(session_id, fields)
                 limit = history_limit(session)
                 history = await self._messages(session_id, -limit) if limit > 0 else []
@@ -205,7 +215,7 @@ class RedisStore:
                 try:
                     await pipe.execute()
                 except redis_errors.WatchError:
-                    raise NotFound(f"Session not found: {session_id}") from None
+                    raise SessionGone(session_id) from None
         return session, history
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
@@ -221,6 +231,10 @@ class RedisStore:
                     raise StoreUnavailable("The session store (Redis) stayed unavailable.") from None
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    async def checkpoint_turn(self, message_id: str, content: str) -> None:
+        with _reachable():
+            await self.redis.eval(_CHECKPOINT, 1, self.key("msg", message_id), content)
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
         with _reachable():
@@ -275,7 +289,7 @@ class RedisStore:
         with _reachable():
             added = await self.redis.eval(_ADD_FILE, 3, *keys, *pairs)
         if not added:
-            raise NotFound(f"Session not found: {info.session_id}")
+            raise SessionNotFound(info.session_id)
 
     async def get_file(self, session_id: str, file_id: str) -> FileInfo | None:
         with _reachable():
@@ -346,10 +360,12 @@ CancelHandler = Callable[[str, "str | None", str], bool]
 class RedisCoordinator:
     """One interaction per session across processes, and cancels that reach the process owning the stream.
 
-    A claim is ``SET claim:<session> <process>:<interaction> NX PX <lease>``, renewed while the stream
-    runs; if its process dies, the claim runs out and the session is free again. A cancel for a stream
-    owned elsewhere is published on the owner's channel; the owner cancels the scope and answers on a
-    reply list whether it really had that interaction running.
+    A claim is ``SET claim:<session> <process>:<interaction> NX PX <lease>``, renewed while the stream runs; if
+    its process dies, the claim runs out and the session is free again. A renewal never re-creates a claim that
+    is gone (run out during a Redis outage, or deleted with its session): the owner stops its reply instead, as
+    it does when it cannot renew before its lease runs out, so two interactions of a session never overlap.
+    A cancel for a stream owned elsewhere is published on the owner's channel; the owner cancels the scope and
+    answers on a reply list whether it really had that interaction running.
     """
 
     def __init__(self, redis: Redis, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
@@ -365,20 +381,54 @@ class RedisCoordinator:
     def _channel(self, process_id: str) -> str:
         return f"{self.prefix}cancel:{process_id}"
 
-    async def claim(self, session_id: str, interaction_id: str) -> bool:
+    async def claim(self, interaction: Interaction) -> bool:
         with _reachable():
-            value = f"{self.process_id}:{interaction_id}"
-            return bool(await self.redis.set(self._claim_key(session_id), value, nx=True, px=self.lease_ms))
+            value = f"{self.process_id}:{interaction.id}"
+            return bool(await self.redis.set(self._claim_key(interaction.session_id), value, nx=True, px=self.lease_ms))
 
     async def renew(self, session_id: str, interaction_id: str) -> bool:
+        """Extend the claim if it is still this interaction's; False if it is gone or another's."""
         value = f"{self.process_id}:{interaction_id}"
         with _reachable():
             return bool(await self.redis.eval(_RENEW, 1, self._claim_key(session_id), value, self.lease_ms))
 
-    async def release(self, session_id: str, interaction_id: str) -> None:
-        value = f"{self.process_id}:{interaction_id}"
+    @asynccontextmanager
+    async def lease(self, interaction: Interaction) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as task_group:
+            renewer = task_group.start_soon(self._keep_claimed, interaction)
+            try:
+                yield
+            finally:
+                renewer.cancel()
+
+    async def _keep_claimed(self, interaction: Interaction) -> None:
+        lease = self.lease_ms / 1000
+        # Stop a little before the lease runs out, so that the reply is over before another process can claim.
+        margin = lease / 10
+        stop_at = time.monotonic() + lease - margin  # the claim was made just before
+        while True:
+            await anyio.sleep(max(0.0, min(lease / 3, stop_at - time.monotonic())))
+            if time.monotonic() >= stop_at:
+                break
+            sent_at = time.monotonic()
+            renewed: bool | None = None
+            # Shielded, so that a renewal in flight is not torn out of its connection, but not past the lease.
+            with anyio.CancelScope(shield=True, deadline=stop_at):
+                try:
+                    renewed = await self.renew(interaction.session_id, interaction.id)
+                except StoreUnavailable:
+                    logger.warning("could not renew the claim on session %s; retrying", interaction.session_id)
+            if renewed:
+                stop_at = sent_at + lease - margin
+            elif renewed is False:
+                break  # the claim is gone (its session deleted, or it ran out) or another's: stop at once
+        if interaction.cancel("lease lost"):
+            logger.warning("lost the claim on session %s: its reply is stopped", interaction.session_id)
+
+    async def release(self, interaction: Interaction) -> None:
+        value = f"{self.process_id}:{interaction.id}"
         with _reachable():
-            await self.redis.eval(_RELEASE, 1, self._claim_key(session_id), value)
+            await self.redis.eval(_RELEASE, 1, self._claim_key(interaction.session_id), value)
 
     async def owner(self, session_id: str) -> tuple[str, str] | None:
         with _reachable():
@@ -387,6 +437,19 @@ class RedisCoordinator:
             return None
         process_id, _, interaction_id = str(value).partition(":")
         return process_id, interaction_id
+
+    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
+        owner = await self.owner(session_id)
+        return owner is not None and interaction_id in (None, owner[1])
+
+    async def cancel_elsewhere(self, session_id: str, interaction_id: str | None, reason: CancelReason) -> bool:
+        owner = await self.owner(session_id)
+        if owner is None or owner[0] == self.process_id:
+            return False
+        process_id, running_id = owner
+        if interaction_id is not None and interaction_id != running_id:
+            return False
+        return await self.request_cancel(process_id, session_id, running_id, reason)
 
     async def request_cancel(self, process_id: str, session_id: str, interaction_id: str, reason: str) -> bool:
         """Ask the owning process to cancel; True if it stopped the stream. Raises CancelFailed if it is silent."""
@@ -403,6 +466,21 @@ class RedisCoordinator:
                 f"Failed to cancel interaction for session: {session_id} (the process streaming it did not answer)"
             )
         return bool(reply[1] == "1")
+
+    async def settle(self, store: Store, session_id: str | None = None) -> None:
+        # Leases tell which owners are gone: their turns, and only theirs, are interrupted.
+        await store.interrupt_turns(session_id)
+
+    async def run(self, interactions: Interactions, store: Store) -> None:
+        """The cancel listener, and a sweeper that interrupts the turns of processes that died."""
+        async with anyio.create_task_group() as task_group:
+            await task_group.start(self.listen, interactions.cancel_here)
+            while True:
+                await anyio.sleep(self.lease_ms / 1000)
+                try:
+                    await store.interrupt_turns()
+                except ApiError:
+                    logger.warning("lease sweeper: the store is unavailable; will retry")
 
     async def listen(
         self, cancel: CancelHandler, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

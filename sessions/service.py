@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
 
 from agents import Agent, Agents, EchoAgent, OpenAIAgent, UnknownAgent
-from sessions.errors import ApiError
 from sessions.files import Blobs
-from sessions.interactions import Coordinator, Interactions
+from sessions.interactions import Coordinator, Interactions, LocalCoordinator
 from sessions.sqlite import SQLiteStore
 from sessions.store import Store
+from sessions.turns import TurnObserver, TurnRunner
 from settings import Settings, SettingsError
 
 logger = logging.getLogger("parley")
@@ -22,19 +23,27 @@ _SHUTDOWN_PATIENCE = 5.0
 
 @dataclass
 class Parley:
-    """Everything the routes share: the settings, the store, the agents and the interactions in progress."""
+    """Everything the routes share: the settings, the store, the agents, the interactions in progress and the
+    turn runner."""
 
     settings: Settings
     store: Store
     agents: Agents
     blobs: Blobs
-    interactions: Interactions = field(default_factory=Interactions)
+    interactions: Interactions
+    observers: list[TurnObserver] = field(default_factory=list)
+    runner: TurnRunner = field(init=False)
     _ready: bool = False
     _ready_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
+    def __post_init__(self) -> None:
+        self.runner = TurnRunner(
+            self.store, self.interactions, self.agents, self.observers, self.settings.checkpoint_seconds
+        )
+
     @property
-    def coordinator(self) -> Coordinator | None:
-        """What carries the rules across processes (Redis), if anything: the interactions' own."""
+    def coordinator(self) -> Coordinator:
+        """What carries the rules across processes: local, or Redis."""
         return self.interactions.coordinator
 
     async def ready(self) -> Parley:
@@ -44,37 +53,17 @@ class Parley:
                 if not self._ready:
                     await self.store.open()
                     await self.blobs.open()
-                    if self.coordinator is None:
-                        # Embedded: turns left "streaming" by a process that died cannot finish any more.
-                        # (On Redis, leases tell which owners are gone: see settle() and the sweeper.)
-                        await self.store.interrupt_turns()
+                    await self.coordinator.settle(self.store)
                     self._ready = True
         return self
 
-    async def settle(self, session_id: str) -> None:
-        """On Redis: record the session's turns whose process died (its lease ran out) as interrupted."""
-        if self.coordinator is not None:
-            await self.store.interrupt_turns(session_id)
-
-    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
-        """Embedded store only: is the session's reply being streamed by another worker process?"""
-        if self.coordinator is not None or self.interactions.get(session_id) is not None:
-            return False
-        streaming = await self.store.streaming_turn(session_id)
-        return streaming is not None and interaction_id in (None, streaming)
+    async def interrupt_orphans(self, session_id: str) -> None:
+        """Record as interrupted the session's turns whose process died (on Redis: whose lease ran out)."""
+        await self.coordinator.settle(self.store, session_id)
 
     async def run_background(self) -> None:
-        """What a Redis-backed process runs beside its requests: the cancel listener and the lease sweeper."""
-        if self.coordinator is None:
-            return
-        async with anyio.create_task_group() as tg:
-            await tg.start(self.coordinator.listen, self.interactions.cancel_here)
-            while True:
-                await anyio.sleep(self.settings.redis_lease_seconds)
-                try:
-                    await self.store.interrupt_turns()
-                except ApiError:
-                    logger.warning("lease sweeper: the store is unavailable; will retry")
+        """What the process runs beside its requests (with Redis: the cancel listener and the lease sweeper)."""
+        await self.coordinator.run(self.interactions, self.store)
 
     async def close(self) -> None:
         # A server that gives up waiting for streams at shutdown (uvicorn --timeout-graceful-shutdown)
@@ -86,12 +75,22 @@ class Parley:
         self.blobs.close()
 
 
-def build(settings: Settings, store: Store | None = None, agents: Agents | None = None) -> Parley:
+def build(
+    settings: Settings,
+    store: Store | None = None,
+    agents: Agents | None = None,
+    observers: Sequence[TurnObserver] = (),
+) -> Parley:
     """Parley on the embedded defaults (SQLite, echo), on Redis when ``PARLEY_REDIS_URL`` is set, or on
     the store and agents given."""
     store, coordinator = _store_and_coordinator(settings, store)
     return Parley(
-        settings, store, agents or default_agents(settings), default_blobs(settings), Interactions(coordinator)
+        settings,
+        store,
+        agents or default_agents(settings),
+        default_blobs(settings),
+        Interactions(coordinator),
+        list(observers),
     )
 
 
@@ -120,9 +119,10 @@ def default_store(settings: Settings) -> Store:
     return SQLiteStore(f"{settings.data_dir}/parley.db")
 
 
-def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Store, Coordinator | None]:
+def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Store, Coordinator]:
     if not settings.redis_url:
-        return store or default_store(settings), None
+        store = store or default_store(settings)
+        return store, LocalCoordinator(store)
     # Imported here: redis-py is an optional extra (parley[redis]), needed only when Redis is configured.
     from sessions.redis import RedisCoordinator, RedisStore, connect
 

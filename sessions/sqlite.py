@@ -11,7 +11,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from sessions.errors import NotFound, SessionExists
+from sessions.errors import SessionExists, SessionNotFound
 from sessions.store import FileInfo, Message, MessageStatus, Session
 
 T = TypeVar("T")
@@ -201,7 +201,7 @@ class SQLiteStore:
         def insert(db: sqlite3.Connection) -> tuple[Session, list[Message]]:
             session = _session(db, user.session_id)
             if session is None:
-                raise NotFound(f"Session not found: {user.session_id}")
+                raise SessionNotFound(user.session_id)
             limit = history_limit(session)
             history = _history(db, user.session_id, limit) if limit > 0 else []
             # One statement: both rows or neither. (The batch's transaction holds the write lock from its start,
@@ -214,6 +214,12 @@ class SQLiteStore:
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         def update(db: sqlite3.Connection) -> None:
             db.execute("UPDATE messages SET content = ?, status = ? WHERE id = ?", (content, status, message_id))
+
+        await self._run(update)
+
+    async def checkpoint_turn(self, message_id: str, content: str) -> None:
+        def update(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE messages SET content = ? WHERE id = ? AND status = 'streaming'", (content, message_id))
 
         await self._run(update)
 
@@ -254,7 +260,7 @@ class SQLiteStore:
                 (*astuple(info), info.session_id),
             )
             if cursor.rowcount == 0:
-                raise NotFound(f"Session not found: {info.session_id}")
+                raise SessionNotFound(info.session_id)
 
         await self._run(insert)
 

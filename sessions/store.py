@@ -109,11 +109,14 @@ class Store(Protocol):
         """Store the user's message and the assistant's ``streaming`` placeholder together, and return the
         session with its latest messages before them (what the agent is given), as many as
         ``history_limit(session)`` says: that depends on the session's agent, which this call is the first
-        to read. Raises :class:`sessions.errors.NotFound` when the session does not exist, and whatever
-        ``history_limit`` raises, in both cases with nothing stored."""
+        to read. Raises :class:`sessions.errors.SessionNotFound` when the session does not exist (``SessionGone``
+        when it is deleted meanwhile), and whatever ``history_limit`` raises, in all cases with nothing stored."""
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         """Give the assistant's placeholder its final text and terminal status."""
+
+    async def checkpoint_turn(self, message_id: str, content: str) -> None:
+        """Save the text so far of a reply still ``streaming`` (readers see it; it survives a crash)."""
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
         """Mark ``streaming`` turns whose owner is gone as ``interrupted`` (all of them, or one session's)."""
@@ -124,7 +127,7 @@ class Store(Protocol):
         """The interaction id of the session's turn still marked ``streaming``, if there is one."""
 
     async def add_file(self, info: FileInfo) -> None:
-        """Raises :class:`sessions.errors.NotFound` when the session does not exist (checked in the same
+        """Raises :class:`sessions.errors.SessionNotFound` when the session does not exist (checked in the same
         transaction as the write: a file record never outlives its session)."""
 
     async def get_file(self, session_id: str, file_id: str) -> FileInfo | None: ...

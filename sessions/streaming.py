@@ -1,172 +1,65 @@
+"""The chat response: a turn, run by :class:`sessions.turns.TurnRunner`, framed for the wire by a renderer.
+
+A renderer turns the runner's events (started, token, ended) into ASGI messages; a new wire format is one new
+renderer. :class:`PlainText` is the spec's format; :mod:`sessions.sse` holds the AI SDK's.
+"""
+
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
-from contextlib import aclosing
-from typing import Any
+from typing import Any, Literal
 
 import anyio
+import anyio.lowlevel
 from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
-from agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn
-from sessions.errors import AgentUnavailable, ApiError
-from sessions.interactions import Interaction, Interactions
-from sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
+from agents import AgentError
+from sessions.errors import ApiError, SessionError
+from sessions.interactions import Interaction
+from sessions.turns import TurnRequest, TurnRunner
 
-logger = logging.getLogger("parley")
-
-_REASON_STATUS: dict[str, MessageStatus] = {
-    "cancelled": "cancelled",
-    "deleted": "cancelled",
-    "disconnected": "disconnected",
-}
+OnDisconnect = Literal["cancel", "continue"]
 
 
 def error_response(status_code: int, message: str) -> JSONResponse:
     return JSONResponse({"status": "error", "message": message}, status_code=status_code)
 
 
-class ChatStream:
-    """The response to ``POST /api/v1/chat``: one interaction, streamed as plain text, one chunk per token.
-
-    It claims the session, stores the user's message (learning the session's agent: one store round trip
-    does both, and says 404 for a session that does not exist), then runs two tasks in one task group: the agent's
-    tokens, driven inside the interaction's cancel scope and sent as they come, and a watcher that turns
-    the client's disconnect into a cancel of that scope. Whatever ends the interaction (done, cancel,
-    disconnect, agent error), the assistant's turn is recorded under a shield.
-
-    The response starts with the agent's first token, so a failure before it is a proper error status;
-    a failure after it aborts the response (no terminating chunk), so a partial reply never looks whole.
-    """
-
-    def __init__(
-        self,
-        *,
-        store: Store,
-        interactions: Interactions,
-        agents: Agents,
-        session_id: str,
-        message: str,
-        file_ids: Sequence[str] = (),
-        attachments: Sequence[Attachment] = (),
-    ) -> None:
-        self.store = store
-        self.interactions = interactions
-        self.agents = agents
-        self.session_id = session_id
-        self.message = message
-        self.file_ids = tuple(file_ids)
-        self.attachments = tuple(attachments)
-        self.response_started = False
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with self.interactions.open(self.session_id) as interaction:
-                await self._converse(interaction, receive, send)
-        except (ApiError, AgentError) as exc:
-            if self.response_started:
-                raise  # the store stayed down after the reply was sent: nothing is left to tell the client
-            # Before the response starts: a busy session, a store that is down, an agent that failed before
-            # its first token. After the first token, failures abort the stream instead.
-            await error_response(exc.status_code, str(exc))(scope, receive, send)
-
-    async def _converse(self, interaction: Interaction, receive: Receive, send: Send) -> None:
-        now, session_id, interaction_id = utcnow(), self.session_id, interaction.id
-        user = Message(
-            new_ordered_id("msg_"), session_id, "user", self.message, self.file_ids, "complete", interaction_id, now
-        )
-        reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction_id, now)
-        session, earlier = await self.store.start_turn(user, reply, self._history_limit)
-        agent = self._agent(session)
-        history = [HistoryEntry(m.role, m.content) for m in earlier]
-
-        turn = Turn(self.session_id, self.message, history, self.attachments)
-        headers = [*_HEADERS, (b"x-interaction-id", interaction.id.encode())]
-        sent: list[str] = []
-        recorded = False
-        failure: Exception | None = None
-        # Stays "interrupted" only if something outside the interaction (a server shutdown) tears it down.
-        status: MessageStatus = "interrupted"
-        try:
-            async with anyio.create_task_group() as task_group:
-                watcher = task_group.start_soon(_cancel_on_disconnect, receive, interaction)
-                renewer = None
-                if self.interactions.coordinator is not None:
-                    renewer = task_group.start_soon(self.interactions.keep_claimed, interaction)
-                with interaction.scope:
-                    try:
-                        async with aclosing(agent.reply(turn)) as tokens:
-                            async for token in tokens:
-                                if not self.response_started:
-                                    self.response_started = True
-                                    await send({"type": "http.response.start", "status": 200, "headers": headers})
-                                await send({"type": "http.response.body", "body": token.encode(), "more_body": True})
-                                sent.append(token)
-                    except Exception as exc:
-                        failure = exc
-                # From here on, a disconnect is only the server noticing that the response is over.
-                interaction.finished = True
-                if failure is not None:
-                    status = "error"
-                elif interaction.scope.cancelled_caught and interaction.reason is not None:
-                    status = _REASON_STATUS[interaction.reason]
-                else:
-                    status = "complete"
-                # Record before the client sees the end, so that reading the history right after finds the
-                # reply; but if the store is slow (Redis down), end the stream anyway and keep trying below.
-                with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
-                    await self.store.finish_turn(reply.id, "".join(sent), status)
-                recorded = not attempt.cancelled_caught
-                if renewer is not None:
-                    renewer.cancel()
-                    await renewer.wait()  # before the release: a renewal after it would claim the session again
-                if recorded:
-                    # Free the session before the client sees the end, so that its next message is welcome.
-                    await self.interactions.release(interaction)
-                if failure is None:
-                    if not self.response_started:
-                        self.response_started = True
-                        await send({"type": "http.response.start", "status": 200, "headers": headers})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                    # Servers answer a pending receive() once the response is complete (uvicorn: http.disconnect),
-                    # so the watcher usually ends by itself: give it that turn before stopping it. (Letting a
-                    # task return costs less than cancelling it: anyio formats the canceller's repr.)
-                    await anyio.lowlevel.checkpoint()
-                watcher.cancel()
-        finally:
-            if not recorded:
-                with anyio.CancelScope(shield=True):
-                    await self.store.finish_turn(reply.id, "".join(sent), status)
-
-        if failure is not None:
-            if self.response_started:
-                logger.warning("agent failed mid-stream in session %s: %s", self.session_id, failure)
-                # Raising after the response has started makes the server abort it: no terminating chunk.
-                raise StreamAborted(f"the agent failed mid-stream: {failure}") from failure
-            if isinstance(failure, AgentError):
-                raise failure
-            logger.error("agent failed in session %s", self.session_id, exc_info=failure)
-            raise AgentError("The agent failed before it could reply.")
-
-    def _agent(self, session: Session) -> Agent:
-        if session.agent not in self.agents:
-            raise AgentUnavailable(f"This session's agent is not configured on this server: {session.agent}")
-        return self.agents[session.agent]
-
-    def _history_limit(self, session: Session) -> int:
-        # Called by the store before it stores anything: an unknown agent leaves no turn behind.
-        return self._agent(session).history_limit
-
-
-_RECORD_BEFORE_END = 1.0
+def http_status(exc: Exception) -> int | None:
+    """The status a failure is answered with (see the tree in :mod:`sessions.errors`); None for a bug (500)."""
+    if isinstance(exc, (ApiError, AgentError)):
+        return exc.status_code
+    if isinstance(exc, SessionError):
+        return 404
+    return None
 
 
 class StreamAborted(Exception):
     """Raised to the server to abort a chat response whose agent failed after the first token."""
 
 
-_HEADERS = [
+class Wire:
+    """What every renderer shares: the ASGI ``send``, and what happens when its client goes away."""
+
+    def __init__(self, send: Send, on_disconnect: OnDisconnect = "cancel") -> None:
+        self.send = send
+        self.on_disconnect = on_disconnect
+        self.interaction: Interaction | None = None
+        self.response_started = False
+        self.left = False  # the client went away: nothing more is sent
+
+    def client_left(self) -> None:
+        self.left = True
+        if self.interaction is not None and self.on_disconnect == "cancel":
+            self.interaction.cancel("disconnected")
+
+    async def started(self, interaction: Interaction) -> None:
+        self.interaction = interaction
+        if self.left and self.on_disconnect == "cancel":
+            interaction.cancel("disconnected")
+
+
+_PLAIN_HEADERS = [
     (b"content-type", b"text/plain; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     # Tell reverse proxies (nginx) not to buffer the reply: each token should reach the client as it comes.
@@ -174,9 +67,75 @@ _HEADERS = [
 ]
 
 
-async def _cancel_on_disconnect(receive: Receive, interaction: Interaction) -> None:
+class PlainText(Wire):
+    """The spec's format: one chunk per token. The response starts with the first token, so a failure before it
+    is a proper error status; a failure after it aborts the response (no terminating chunk), so a partial reply
+    never looks whole. A stopped reply (cancel, delete, lost claim) ends as a whole one does: history says how."""
+
+    async def _start(self) -> None:
+        assert self.interaction is not None
+        self.response_started = True
+        headers = [*_PLAIN_HEADERS, (b"x-interaction-id", self.interaction.id.encode())]
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    async def token(self, seq: int, text: str) -> None:
+        if not self.response_started:
+            await self._start()
+        await self.send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+
+    async def ended(self, status: str, error: AgentError | None) -> None:
+        if error is not None:
+            if self.response_started:
+                # Raising after the response has started makes the server abort it: no terminating chunk.
+                raise StreamAborted(f"the agent failed mid-stream: {error}") from error
+            raise error
+        if not self.response_started:
+            await self._start()
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class ChatResponse:
+    """The response to ``POST /api/v1/chat``: runs the turn beside a watcher that notices the client going away
+    while the agent is silent (a send only notices it on the next token), and frames it with ``renderer``.
+
+    Before the response starts, a turn that cannot start (busy, unknown session, store down) or an agent that
+    fails before its first token is a JSON error with its status."""
+
+    def __init__(self, runner: TurnRunner, request: TurnRequest, wire: type[PlainText], on_disconnect: OnDisconnect):
+        self.runner = runner
+        self.request = request
+        self.wire = wire
+        self.on_disconnect = on_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        renderer = self.wire(send, self.on_disconnect)
+        failure: Exception | None = None
+        async with anyio.create_task_group() as task_group:
+            watcher = task_group.start_soon(_watch_disconnect, receive, renderer)
+            try:
+                await self.runner.run(self.request, renderer)
+            except Exception as exc:
+                failure = exc  # raised out here, not inside the task group, which would wrap it in a group
+            else:
+                # Servers answer a pending receive() once the response is complete (uvicorn: http.disconnect),
+                # so the watcher usually ends by itself: give it that turn before stopping it. (Letting a task
+                # return costs less than cancelling it: anyio formats the canceller's repr.)
+                await anyio.lowlevel.checkpoint()
+            watcher.cancel()
+        if failure is None:
+            return
+        status = http_status(failure)
+        if status is not None and not renderer.response_started:
+            await error_response(status, str(failure))(scope, receive, send)
+            return
+        # After the response started: an agent failure, or the store staying down after the reply was sent.
+        # Raising makes the server abort the response, which is all that is left to tell the client.
+        raise failure
+
+
+async def _watch_disconnect(receive: Receive, wire: Wire) -> None:
     while True:
         message: Any = await receive()
         if message["type"] == "http.disconnect":
-            interaction.cancel("disconnected")
+            wire.client_left()
             return

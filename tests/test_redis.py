@@ -125,7 +125,9 @@ async def test_a_killed_owner_frees_the_session_after_its_lease(
 async def test_redis_down_means_503_not_a_crash_and_recovery_without_restart(
     subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
+    # A lease longer than the outage lasts while the streams run: a stream outlives a short outage. (One that
+    # cannot renew before its lease runs out stops: see test_an_owner_that_cannot_renew_stops_before_its_lease_ends.)
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02", PARLEY_REDIS_LEASE_SECONDS="5")
     message = " ".join(f"x{i}" for i in range(60))  # 1.2 s of stream
     async with httpx.AsyncClient(timeout=20) as client:
         cancelled_one, finished_one, other = (

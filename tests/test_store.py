@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from sessions import SQLiteStore, Store
-from sessions.errors import NotFound, SessionExists
+from sessions.errors import SessionExists, SessionNotFound
 from sessions.store import FileInfo, Message, Session, new_id, new_ordered_id, utcnow
 
 pytestmark = pytest.mark.anyio
@@ -86,7 +86,7 @@ async def test_turns(store: Store) -> None:
     assert len(so_far) == 4
     assert await store.start_turn(*turn("s", "more"), limit(3)) == (session, so_far[1:])
     assert await store.start_turn(*turn("s", "none"), limit(0)) == (session, [])
-    with pytest.raises(NotFound):
+    with pytest.raises(SessionNotFound):
         await store.start_turn(*turn("gone", "nobody here"), limit(0))
     assert await store.list_messages("gone") == []
 
@@ -254,7 +254,7 @@ def test_ordered_ids_sort_by_creation_time_and_look_like_the_others() -> None:
 
 async def test_a_file_is_recorded_only_while_its_session_exists(store: Store) -> None:
     info = FileInfo("file_1", "gone", "a.txt", "text/plain", 3, "ab" * 32, utcnow())
-    with pytest.raises(NotFound):
+    with pytest.raises(SessionNotFound):
         await store.add_file(info)
     await store.create_session(Session("gone", "echo", utcnow()))
     assert await store.list_files("gone") == []

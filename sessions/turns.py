@@ -1,0 +1,211 @@
+"""The turn runner: one message answered, from the claim of its session to the record of its reply, with no wire
+format in it. What it produces goes to a :class:`Renderer` (one per wire format, see :mod:`sessions.streaming`)
+and to the app's turn observers (metrics, logs)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+
+from agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn
+from sessions.errors import AgentUnavailable, ApiError
+from sessions.interactions import Interaction, Interactions
+from sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
+
+logger = logging.getLogger("parley")
+
+# How a cancel reason is recorded in history.
+_REASON_STATUS: dict[str, MessageStatus] = {
+    "cancelled": "cancelled",
+    "deleted": "cancelled",
+    "disconnected": "disconnected",
+    "lease lost": "interrupted",
+}
+
+# Record before the client sees the end, so that reading the history right after finds the reply; but if the
+# store is slow (Redis down), end the stream after this long anyway and keep trying to record in the background.
+_RECORD_BEFORE_END = 1.0
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """What a client asked for: one message for one session."""
+
+    session_id: str
+    message: str
+    file_ids: Sequence[str] = ()
+    attachments: Sequence[Attachment] = ()
+    owner: str = ""
+
+
+@dataclass(eq=False)
+class TurnReport:
+    """What turn observers see of a turn (``status``, ``reason``, ``ended_at`` are set when it ends)."""
+
+    session_id: str
+    interaction_id: str
+    owner: str
+    agent: str
+    started: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    ended_at: float | None = None
+    tokens: int = 0
+    status: str = "streaming"
+    # Why it ended: "complete", "cancelled", "disconnected", "deleted", "error", "interrupted", "lease lost".
+    reason: str = ""
+    error: str | None = None
+
+
+class TurnObserver(Protocol):
+    """Told about every turn (metrics, logs). Must be cheap; whatever it raises is logged and ignored."""
+
+    def turn_started(self, turn: TurnReport) -> None: ...
+    def first_token(self, turn: TurnReport) -> None: ...
+    def turn_ended(self, turn: TurnReport) -> None: ...
+
+
+class Renderer(Protocol):
+    """Frames a turn's events for one wire format. ``ended`` may raise: that is how a renderer aborts its
+    response (plain text after a failure) or turns a failure before the first token into an error status."""
+
+    async def started(self, interaction: Interaction) -> None: ...
+    async def token(self, seq: int, text: str) -> None: ...
+    async def ended(self, status: str, error: AgentError | None) -> None: ...
+
+
+class TurnRunner:
+    """Runs turns: claim → ``start_turn`` → the agent inside the interaction's one cancel scope (with checkpoints
+    of the text so far) → ``finish_turn`` (shielded) → release, then tells the renderer how it ended."""
+
+    def __init__(
+        self,
+        store: Store,
+        interactions: Interactions,
+        agents: Agents,
+        observers: Sequence[TurnObserver] = (),
+        checkpoint_seconds: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.interactions = interactions
+        self.agents = agents
+        self.observers = tuple(observers)
+        self.checkpoint_seconds = checkpoint_seconds
+
+    async def run(self, request: TurnRequest, renderer: Renderer) -> None:
+        """Raises before ``renderer.started`` when the turn cannot start: SessionBusy, NotFound, AgentUnavailable,
+        StoreUnavailable."""
+        async with self.interactions.open(request.session_id) as interaction:
+            await self._converse(interaction, request, renderer)
+
+    async def _converse(self, interaction: Interaction, request: TurnRequest, renderer: Renderer) -> None:
+        now, session_id, interaction_id, text = utcnow(), request.session_id, interaction.id, request.message
+        user = Message(
+            new_ordered_id("msg_"), session_id, "user", text, request.file_ids, "complete", interaction_id, now
+        )
+        reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction_id, now)
+        session, earlier = await self.store.start_turn(user, reply, self._history_limit)
+        agent = self._agent(session)
+        interaction.message_id = reply.id
+        report = TurnReport(session_id, interaction_id, request.owner, agent.name)
+        if self.observers:
+            self._tell("turn_started", report)
+        turn = Turn(session_id, text, [HistoryEntry(m.role, m.content) for m in earlier], request.attachments)
+        tokens = interaction.tokens
+        failure: Exception | None = None
+        recorded = False
+        # Stays "interrupted" only if something outside the interaction (a server shutdown) tears it down.
+        status: MessageStatus = "interrupted"
+        try:
+            await renderer.started(interaction)
+            async with self.interactions.coordinator.lease(interaction):
+                next_checkpoint = time.monotonic() + self.checkpoint_seconds
+                with interaction.scope:
+                    try:
+                        async with aclosing(agent.reply(turn)) as stream:
+                            async for token in stream:
+                                if not tokens:
+                                    report.first_token_at = time.monotonic()
+                                    if self.observers:
+                                        self._tell("first_token", report)
+                                interaction.add(token)
+                                await renderer.token(len(tokens) - 1, token)
+                                if time.monotonic() >= next_checkpoint:
+                                    await self._checkpoint(reply.id, tokens)
+                                    next_checkpoint = time.monotonic() + self.checkpoint_seconds
+                    except Exception as exc:
+                        failure = exc
+                    # The agent has said its last word: from here on, a cancel does not count (nor says it did).
+                    interaction.done = True
+                interaction.done = True
+                # A cancel that got in first wins over what the agent did next (it may fail as it is stopped).
+                if interaction.reason is not None:
+                    status = _REASON_STATUS[interaction.reason]
+                    failure = None
+                else:
+                    status = "error" if failure is not None else "complete"
+                with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
+                    await self.store.finish_turn(reply.id, "".join(tokens), status)
+                recorded = not attempt.cancelled_caught
+            if recorded:
+                # Free the session before the client sees the end, so that its next message is welcome.
+                await self.interactions.release(interaction)
+            error = self._failure(session_id, failure, bool(tokens))
+            interaction.finish(status)
+            report.status, report.tokens, report.ended_at = status, len(tokens), time.monotonic()
+            report.reason = interaction.reason or status
+            if error is not None:
+                interaction.error = report.error = str(error)
+            await renderer.ended(status, error)
+        finally:
+            if not recorded:
+                # The store is slow or down: the client has seen the end; keep trying to record it.
+                with anyio.CancelScope(shield=True):
+                    await self.store.finish_turn(reply.id, "".join(tokens), status)
+            if report.ended_at is None:  # torn down from outside (a server shutdown)
+                interaction.finish(status)
+                report.status, report.tokens, report.ended_at = status, len(tokens), time.monotonic()
+                report.reason = "interrupted"
+            if self.observers:
+                self._tell("turn_ended", report)
+
+    async def _checkpoint(self, message_id: str, tokens: list[str]) -> None:
+        # The text so far, for readers of the history and for what survives a crash. A store that is slow or
+        # down must not hold the reply up: the checkpoint is skipped, the next one will carry the text.
+        with anyio.move_on_after(self.checkpoint_seconds):
+            try:
+                await self.store.checkpoint_turn(message_id, "".join(tokens))
+            except ApiError:
+                logger.warning("could not checkpoint message %s; will retry", message_id)
+
+    def _failure(self, session_id: str, failure: Exception | None, after_first_token: bool) -> AgentError | None:
+        if failure is None:
+            return None
+        if after_first_token:
+            logger.warning("agent failed mid-stream in session %s: %s", session_id, failure)
+            return failure if isinstance(failure, AgentError) else AgentError("The agent failed mid-stream.")
+        if isinstance(failure, AgentError):
+            return failure
+        logger.error("agent failed in session %s", session_id, exc_info=failure)
+        return AgentError("The agent failed before it could reply.")
+
+    def _tell(self, event: str, report: TurnReport) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(report)
+            except Exception:
+                logger.exception("turn observer %r failed in %s", observer, event)
+
+    def _agent(self, session: Session) -> Agent:
+        if session.agent not in self.agents:
+            raise AgentUnavailable(f"This session's agent is not configured on this server: {session.agent}")
+        return self.agents[session.agent]
+
+    def _history_limit(self, session: Session) -> int:
+        # Called by the store before it stores anything: an unknown agent leaves no turn behind.
+        return self._agent(session).history_limit
