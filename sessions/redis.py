@@ -16,6 +16,8 @@ import anyio
 import anyio.abc
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from sessions.errors import ApiError, CancelFailed, SessionExists, SessionGone, SessionNotFound, StoreUnavailable
 from sessions.interactions import CancelReason, Interaction, Interactions
@@ -116,6 +118,9 @@ def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0) ->
         socket_connect_timeout=2,
         socket_timeout=5,
         health_check_interval=15,
+        # After Redis restarts, the pool's idle connections are dead sockets: a command that fails on one is
+        # sent once more, at once, on a fresh connection (which fails fast, refused, if Redis is really down).
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
     )
     return Redis.from_pool(pool)
 

@@ -305,7 +305,9 @@ async def check(phase: Phase, lease: float) -> tuple[Counter[str], list[str]]:
         during_outage = status == 503 and any(sent <= end + 2 and at >= start for start, end in phase.redis_down)
         counts["5xx while Redis was down (503)" if during_outage else "5xx otherwise"] += 1
         if not during_outage:
-            violations.append(f"{endpoint} answered {status} at {at - START:.1f}s ({detail})")
+            violations.append(
+                f"{endpoint} answered {status} at {at - START:.1f}s, sent at {sent - START:.1f}s ({detail})"
+            )
     return counts, violations
 
 
@@ -360,6 +362,7 @@ async def run_phase(name: str, root: Path, seconds: float, concurrency: int, max
         "PARLEY_REDIS_LEASE_SECONDS": str(lease),
         "PARLEY_DATA_DIR": str(root / name / "data"),
     }
+    (root / name).mkdir(parents=True, exist_ok=True)
     redis = None
     if name == "redis":
         redis = RedisServer(root / name / "redis").start()

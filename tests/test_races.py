@@ -160,3 +160,29 @@ async def test_more_requests_in_flight_than_redis_connections_queue_rather_than_
             for session_id in session_ids:
                 tg.start_soon(read, session_id)
         assert reads.count(200) == 150, sorted(set(reads))
+
+
+async def test_after_a_redis_restart_the_pools_stale_connections_are_not_an_outage(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    server = subprocesses(env).start()
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
+        session_id = await new_session(client)
+
+        async def read_all_at_once() -> list[int]:
+            statuses: list[int] = []
+
+            async def read() -> None:
+                statuses.append((await client.get(f"/api/v1/sessions/{session_id}/messages")).status_code)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(40):
+                    tg.start_soon(read)
+            return statuses
+
+        assert set(await read_all_at_once()) == {200}  # the pool now holds a few dozen connections
+        redis_server.stop()
+        await anyio.to_thread.run_sync(redis_server.start)  # same port, same data: every pooled socket is dead
+        assert set(await read_all_at_once()) == {200}
