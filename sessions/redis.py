@@ -106,6 +106,10 @@ return 0
 """
 
 
+class _LostWhileWatching(Exception):
+    pass
+
+
 def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0) -> Redis:
     """A client whose requests queue for one of ``max_connections`` connections (up to ``pool_timeout``
     seconds) rather than fail: a busy process is not a Redis that is down."""
@@ -199,18 +203,39 @@ class RedisStore:
     async def start_turn(
         self, user: Message, assistant: Message, history_limit: Callable[[Session], int]
     ) -> tuple[Session, list[Message]]:
+        try:
+            return await self._start_turn(user, assistant, history_limit)
+        except _LostWhileWatching:
+            pass  # a dead pooled socket (Redis restarted): once more, on a fresh connection
+        try:
+            return await self._start_turn(user, assistant, history_limit)
+        except _LostWhileWatching:
+            raise StoreUnavailable("The session store (Redis) is unavailable right now; try again shortly.") from None
+
+    async def _start_turn(
+        self, user: Message, assistant: Message, history_limit: Callable[[Session], int]
+    ) -> tuple[Session, list[Message]]:
         session_id = user.session_id
         session_key = self.key("session", session_id)
         with _reachable():
+            # Read before the watch: a watching pipeline holds its connection until it writes, and must not wait
+            # for a second one (with every pooled connection held that way, none would come).
+            fields: Any = await self.redis.hgetall(session_key)
+            if not fields:
+                raise SessionNotFound(session_id)
+            session = _session(session_id, fields)
+            limit = history_limit(session)
+            history = await self._messages(session_id, -limit) if limit > 0 else []
             async with self.redis.pipeline(transaction=True) as pipe:
                 # Optimistic: the turn is written only if the session still exists and is not deleted meanwhile.
-                await pipe.watch(session_key)
-                fields: Any = await pipe.hgetall(session_key)
-                if not fields:
-                    raise SessionNotFound(session_id)
-                session = _session(session_id, fields)
-                limit = history_limit(session)
-                history = await self._messages(session_id, -limit) if limit > 0 else []
+                try:
+                    await pipe.watch(session_key)
+                    exists = await pipe.exists(session_key)
+                except redis_errors.WatchError:
+                    # (redis-py's report of a connection lost while a key is watched: nothing was written)
+                    raise _LostWhileWatching from None
+                if not exists:
+                    raise SessionGone(session_id)
                 pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
                 for message in (user, assistant):
                     pipe.hset(self.key("msg", message.id), mapping=_message_fields(message))

@@ -169,20 +169,47 @@ async def test_after_a_redis_restart_the_pools_stale_connections_are_not_an_outa
     server = subprocesses(env).start()
     limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client:
-        session_id = await new_session(client)
+        session_ids = [await new_session(client) for _ in range(40)]
 
-        async def read_all_at_once() -> list[int]:
+        async def all_at_once(chat: bool) -> list[int]:
             statuses: list[int] = []
 
-            async def read() -> None:
-                statuses.append((await client.get(f"/api/v1/sessions/{session_id}/messages")).status_code)
+            async def one(session_id: str) -> None:
+                if chat:  # (a chat's first store call watches a key: redis-py reports a dead socket differently)
+                    response = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "hi"})
+                else:
+                    response = await client.get(f"/api/v1/sessions/{session_id}/messages")
+                statuses.append(response.status_code)
 
             async with anyio.create_task_group() as tg:
-                for _ in range(40):
-                    tg.start_soon(read)
+                for session_id in session_ids:
+                    tg.start_soon(one, session_id)
             return statuses
 
-        assert set(await read_all_at_once()) == {200}  # the pool now holds a few dozen connections
+        for chat in (False, True):
+            assert set(await all_at_once(chat)) == {200}  # the pool now holds a few dozen connections
+            redis_server.stop()
+            await anyio.to_thread.run_sync(redis_server.start)  # same port, same data: every pooled socket is dead
+            assert set(await all_at_once(chat)) == {200}
+
+
+async def test_a_turn_is_written_with_one_connection_at_a_time_even_after_a_redis_restart(
+    redis_server: RedisServer,
+) -> None:
+    from sessions.redis import RedisStore, connect
+    from sessions.store import Message, Session, utcnow
+
+    # One connection: start_turn must never hold one (its watch) while it waits for another.
+    store = RedisStore(connect(redis_server.url, max_connections=1, pool_timeout=5))
+    try:
+        await store.create_session(Session("s", "echo", utcnow()))  # the pool's one connection is now open
         redis_server.stop()
-        await anyio.to_thread.run_sync(redis_server.start)  # same port, same data: every pooled socket is dead
-        assert set(await read_all_at_once()) == {200}
+        await anyio.to_thread.run_sync(redis_server.start)  # and now a dead socket
+        now = utcnow()
+        user = Message("msg_u", "s", "user", "hi", (), "complete", "int_1", now)
+        reply = Message("msg_a", "s", "assistant", "", (), "streaming", "int_1", now)
+        session, history = await store.start_turn(user, reply, lambda session: 10)
+        assert (session.ui_session_id, history) == ("s", [])
+        assert [m.id for m in await store.list_messages("s")] == ["msg_u", "msg_a"]
+    finally:
+        await store.close()
