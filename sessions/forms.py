@@ -29,8 +29,9 @@ def _content_type(request: Request) -> str:
 
 
 def chat_body_limit(request: Request, max_message_bytes: int) -> int:
-    """The largest chat body: the message, with room for the other fields (x3 when urlencoded: %XX)."""
-    factor = 3 if _content_type(request) == "application/x-www-form-urlencoded" else 1
+    """The largest chat body: the message, with room for the other fields (x3 when urlencoded: %XX; x16 for
+    JSON, where the AI SDK sends the conversation's earlier messages too)."""
+    factor = {"application/x-www-form-urlencoded": 3, "application/json": 16}.get(_content_type(request), 1)
     return factor * max_message_bytes + FORM_MARGIN_BYTES
 
 
