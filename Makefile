@@ -47,8 +47,9 @@ run-redis: install
 test: install redis-server
 	$(BIN)/python -m pytest
 
-# Starts its own servers on loopback, pinned to core 0, with the load generators on core 1; writes bench/RESULTS.md.
-bench: install wrk
+# Starts its own servers (and redis-server) on loopback, pinned to core 0, with the load generators on core 1;
+# every figure under both uvicorn stacks; writes bench/RESULTS.md.
+bench: install wrk redis-server
 	$(BIN)/python -m pip install --quiet -e '.[redis,dev,bench]'
 	$(BIN)/python -m bench.run --write
 
