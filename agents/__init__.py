@@ -1,17 +1,20 @@
 """Agents: what answers a chat message.
 
 An agent is any object with a ``name``, a ``description`` and ``reply(turn)``, an async iterator of
-text tokens (see :class:`agents.base.Agent`). A new agent is one new module; :class:`Agents` is the
-registry the app looks names up in.
+text tokens (see :class:`agents.base.Agent`). A new agent is one new module with a ``from_settings(settings)``
+that makes the agent, or None when it is not configured, listed once in :data:`FACTORIES`; :class:`Agents` is
+the registry the app looks names up in. (Its PARLEY_* variables are declared in ``settings.py``, with the rest.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from agents import echo, openai
 from agents.base import Agent, AgentError, Attachment, HistoryEntry, Turn, UpstreamError
 from agents.echo import EchoAgent
 from agents.openai import OpenAIAgent
+from settings import Settings, SettingsError
 
 __all__ = [
     "Agent",
@@ -24,7 +27,11 @@ __all__ = [
     "Turn",
     "UnknownAgent",
     "UpstreamError",
+    "configured",
 ]
+
+# Every agent this server knows, in the order GET /api/v1/agents lists them; the first is the default default.
+FACTORIES: tuple[Callable[[Settings], Agent | None], ...] = (echo.from_settings, openai.from_settings)
 
 
 class UnknownAgent(LookupError):
@@ -60,3 +67,12 @@ class Agents:
             aclose = getattr(agent, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+def configured(settings: Settings) -> Agents:
+    """The agents that ``settings`` configure, with PARLEY_AGENT as the default for new sessions."""
+    agents = [agent for factory in FACTORIES if (agent := factory(settings)) is not None]
+    try:
+        return Agents(agents, default=settings.agent)
+    except UnknownAgent:
+        raise SettingsError(f"PARLEY_AGENT={settings.agent!r} names no configured agent") from None

@@ -8,6 +8,7 @@ from functools import partial
 import anyio
 
 from agents.base import Turn
+from settings import Settings
 
 # A token is a word with the whitespace that follows it; leading whitespace rides on the first word.
 _TOKEN = re.compile(r"\s*\S+\s*|\s+")
@@ -41,3 +42,8 @@ def _pause(delay: float) -> Callable[[], Awaitable[None]]:
     except RuntimeError:
         return partial(anyio.sleep, delay)
     return partial(asyncio.sleep, delay)
+
+
+def from_settings(settings: Settings) -> EchoAgent:
+    """Always there: the embedded default (PARLEY_ECHO_DELAY slows it down)."""
+    return EchoAgent(delay=settings.echo_delay)

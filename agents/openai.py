@@ -11,6 +11,7 @@ import httpx
 
 from agents.base import Turn, UpstreamError
 from agents.sse import sse_data
+from settings import Settings
 
 _SECRETS = re.compile(r"\b(sk|key|token)[-_][A-Za-z0-9_*-]{6,}", re.IGNORECASE)
 
@@ -147,3 +148,18 @@ def _error_message(error: Any) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error.get("type") or "unknown error")
     return str(error) if error else "unknown error"
+
+
+def from_settings(settings: Settings) -> OpenAIAgent | None:
+    """Configured by PARLEY_OPENAI_*: present when PARLEY_OPENAI_BASE_URL is set."""
+    if not settings.openai_base_url:
+        return None
+    return OpenAIAgent(
+        settings.openai_base_url,
+        settings.openai_model,
+        api_key=settings.openai_api_key,
+        system_prompt=settings.openai_system_prompt,
+        connect_timeout=settings.openai_connect_timeout,
+        read_timeout=settings.openai_read_timeout,
+        history_limit=settings.openai_history_messages,
+    )

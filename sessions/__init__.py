@@ -2,10 +2,16 @@
 
 - :mod:`sessions.store`: the store interface (sessions, history, file metadata) and its records;
   :mod:`sessions.sqlite` is the embedded implementation.
-- :mod:`sessions.interactions`: the interactions in progress, one cancel scope each, one per session.
-- :mod:`sessions.streaming`: the chat response that drives an interaction and records how it ended.
+- :mod:`sessions.interactions`: the interactions in progress, one cancel scope each, one per session, and the
+  coordinator interface (claims, cancels, rejoins across processes) with its local implementation.
+- :mod:`sessions.turns`: the turn runner (claim, history, agent, checkpoints, record, release), with no wire format.
+- :mod:`sessions.streaming` and :mod:`sessions.sse`: the chat response and its renderers (plain text, the AI SDK's
+  SSE); :mod:`sessions.rejoin`: following a reply that is running.
+- :mod:`sessions.limits` and :mod:`sessions.redis_limits`: how many replies one owner may have running at once,
+  in one process and across processes on Redis (owners themselves: see ``auth.py``).
 - :mod:`sessions.files` and :mod:`sessions.uploads`: uploaded files' bytes, streamed to disk.
-- :mod:`sessions.redis`: the Redis store and the coordinator that carries claims and cancels across processes.
+- :mod:`sessions.redis` and :mod:`sessions.redis_coordinator`: the Redis store, and the coordinator that carries
+  claims, cancels and rejoins across processes.
 - :mod:`sessions.service`: the parts of one app (store, agents, interactions) put together from its settings.
 - :mod:`sessions.errors`: every error a client can get, as one tree.
 """

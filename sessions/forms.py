@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -162,3 +163,101 @@ def query_int(request: Request, name: str, default: int, *, minimum: int, maximu
     if not minimum <= value <= maximum:
         raise BadRequest(f"The query parameter '{name}' must be between {minimum} and {maximum}.")
     return value
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A chat message as sent: a form (the spec's), parley's JSON, or the AI SDK's ``DefaultChatTransport`` body."""
+
+    session_id: str
+    message: str
+    file_ids: list[str]
+    on_disconnect: str | None
+    ai_sdk: bool  # the body is the AI SDK's (it has "messages")
+
+
+_ON_DISCONNECT = ("cancel", "continue")
+
+
+async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
+    if _content_type(request) == "application/json":
+        chat = _chat_json(await _read_json(request, 16 * max_message_bytes + 64 * 1024))
+    else:
+        form = await read_form(request, max_field_bytes=max_message_bytes)
+        chat = ChatRequest(
+            required_text(form, "ui_session_id"),
+            required_text(form, "message"),
+            parse_file_ids(optional_text(form, "file_ids")),
+            optional_text(form, "on_disconnect"),
+            ai_sdk=False,
+        )
+    if len(chat.message.encode()) > max_message_bytes:
+        raise PayloadTooLarge(f"The message is larger than the limit of {max_message_bytes} bytes.")
+    on_disconnect = chat.on_disconnect or request.query_params.get("on_disconnect")
+    if on_disconnect is not None and on_disconnect not in _ON_DISCONNECT:
+        raise BadRequest("on_disconnect must be 'cancel' or 'continue'.")
+    if on_disconnect != chat.on_disconnect:
+        chat = ChatRequest(chat.session_id, chat.message, chat.file_ids, on_disconnect, chat.ai_sdk)
+    return chat
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"The body is larger than the limit of {limit} bytes.")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("The body is not valid JSON.") from None
+
+
+def _chat_json(data: Any) -> ChatRequest:
+    if not isinstance(data, dict):
+        raise BadRequest("The JSON body must be an object.")
+    on_disconnect = data.get("on_disconnect")
+    if on_disconnect is not None and not isinstance(on_disconnect, str):
+        raise BadRequest("on_disconnect must be 'cancel' or 'continue'.")
+    file_ids = data.get("file_ids")
+    if isinstance(file_ids, str):
+        file_ids = parse_file_ids(file_ids)
+    elif file_ids is None:
+        file_ids = []
+    elif not isinstance(file_ids, list) or not all(isinstance(item, str) for item in file_ids):
+        raise BadRequest('Invalid file_ids format: expected a JSON array of strings, like ["file_123"].')
+    if "messages" not in data:
+        session_id, message = data.get("ui_session_id"), data.get("message")
+        for name, value in (("ui_session_id", session_id), ("message", message)):
+            if not isinstance(value, str) or not value.strip():
+                raise BadRequest(f"The field '{name}' is required and must not be empty.")
+        assert isinstance(session_id, str) and isinstance(message, str)
+        return ChatRequest(session_id, message, list(dict.fromkeys(file_ids)), on_disconnect, ai_sdk=False)
+    session_id = data.get("id")
+    if not isinstance(session_id, str) or not session_id.strip():
+        raise BadRequest("The field 'id' (the chat's id, parley's ui_session_id) is required and must not be empty.")
+    trigger = data.get("trigger", "submit-message")
+    if trigger not in ("submit-message", "regenerate-message"):
+        raise BadRequest("trigger must be 'submit-message' or 'regenerate-message'.")
+    # Both triggers answer the last user message: a regeneration is a new turn for the same message.
+    message = _last_user_text(data["messages"])
+    return ChatRequest(session_id, message, list(dict.fromkeys(file_ids)), on_disconnect, ai_sdk=True)
+
+
+def _last_user_text(messages: Any) -> str:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise BadRequest("messages must be an array of UI messages.")
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        parts = message.get("parts")
+        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+            raise BadRequest("A UI message's parts must be an array of objects.")
+        texts = [p.get("text") for p in parts if p.get("type") == "text"]
+        if not all(isinstance(t, str) for t in texts):
+            raise BadRequest("A text part's text must be a string.")
+        text = "".join(t for t in texts if isinstance(t, str))
+        if not text.strip():
+            raise BadRequest("The last user message has no text.")
+        return text
+    raise BadRequest("messages has no user message to answer.")

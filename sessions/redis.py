@@ -1,14 +1,13 @@
-"""Scale-out on Redis: the store, and the coordinator that keeps one interaction per session across
-processes (a claim with a lease) and carries cancels to the process that owns the stream (pub/sub)."""
+"""Scale-out on Redis: the store. (The coordinator that keeps one interaction per session across processes is in
+:mod:`sessions.redis_coordinator`.)"""
 
 from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -19,9 +18,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from sessions.errors import ApiError, CancelFailed, SessionExists, SessionGone, SessionNotFound, StoreUnavailable
-from sessions.interactions import CancelReason, Interaction, Interactions
-from sessions.store import FileInfo, Message, MessageStatus, Session, Store
+from sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
+from sessions.store import FileInfo, Message, MessageStatus, Session
 
 logger = logging.getLogger("parley")
 
@@ -55,13 +53,15 @@ return 1
 
 _CREATE_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'agent', ARGV[1], 'created_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'agent', ARGV[1], 'created_at', ARGV[2], 'owner', ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
-# Returns the ids of the files whose records it removed (nil when there was no such session).
+# Returns the ids of the files whose records it removed (nil when there was no such session for this owner).
+# A session hash without 'owner' was stored before owners existed: it is the open owner's ('').
 _DELETE_SESSION = """
+if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[3] then return false end
 if redis.call('DEL', KEYS[1]) == 0 then return false end
 local files = redis.call('LRANGE', KEYS[4], 0, -1)
 redis.call('ZREM', KEYS[2], ARGV[2])
@@ -92,17 +92,6 @@ if redis.call('HGET', KEYS[1], 'session_id') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('LREM', KEYS[2], 0, ARGV[2])
 return 1
-"""
-
-# Only ever extends the claim: one that is gone is not made again (its owner stops instead).
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """
 
 
@@ -148,6 +137,11 @@ class RedisStore:
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
+    def _index(self, owner: str) -> str:
+        """The sorted set of the owner's session ids, by creation time. The open owner's is the one that held
+        every session before owners existed, so those sessions are listed as before."""
+        return self.key("sessions") if owner == "" else self.key("owner", owner, "sessions")
+
     async def open(self) -> None:
         pass  # connections are made on first use, and again after Redis comes back
 
@@ -161,33 +155,35 @@ class RedisStore:
                 _CREATE_SESSION,
                 2,
                 self.key("session", session.ui_session_id),
-                self.key("sessions"),
+                self._index(session.owner),
                 session.agent,
                 session.created_at,
                 str(score),
                 session.ui_session_id,
+                session.owner,
             )
         if not created:
             raise SessionExists(session.ui_session_id)
 
-    async def get_session(self, session_id: str) -> Session | None:
+    async def get_session(self, session_id: str, owner: str) -> Session | None:
         with _reachable():
             fields: Any = await self.redis.hgetall(self.key("session", session_id))
-        return _session(session_id, fields) if fields else None
+        return _session(session_id, fields, owner)
 
-    async def list_sessions(self, limit: int, offset: int) -> list[Session]:
+    async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
         with _reachable():
-            ids: Any = await self.redis.zrevrange(self.key("sessions"), offset, offset + limit - 1)
+            ids: Any = await self.redis.zrevrange(self._index(owner), offset, offset + limit - 1)
             rows = await self._hashes("session", ids)
-        return [_session(sid, fields) for sid, fields in zip(ids, rows, strict=True) if fields]
+        found = (_session(sid, fields, owner) for sid, fields in zip(ids, rows, strict=True))
+        return [session for session in found if session is not None]
 
-    async def delete_session(self, session_id: str) -> list[str] | None:
+    async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         with _reachable():
             file_ids: Any = await self.redis.eval(
                 _DELETE_SESSION,
                 7,
                 self.key("session", session_id),
-                self.key("sessions"),
+                self._index(owner),
                 self.key("messages", session_id),
                 self.key("files", session_id),
                 self.key("streaming", session_id),
@@ -197,23 +193,24 @@ class RedisStore:
                 self.key("claim", session_id),
                 self.prefix,
                 session_id,
+                owner,
             )
         return None if file_ids is None else [str(file_id) for file_id in file_ids]
 
     async def start_turn(
-        self, user: Message, assistant: Message, history_limit: Callable[[Session], int]
+        self, user: Message, assistant: Message, history_limit: Callable[[Session], int], *, owner: str
     ) -> tuple[Session, list[Message]]:
         try:
-            return await self._start_turn(user, assistant, history_limit)
+            return await self._start_turn(user, assistant, history_limit, owner)
         except _LostWhileWatching:
             pass  # a dead pooled socket (Redis restarted): once more, on a fresh connection
         try:
-            return await self._start_turn(user, assistant, history_limit)
+            return await self._start_turn(user, assistant, history_limit, owner)
         except _LostWhileWatching:
             raise StoreUnavailable("The session store (Redis) is unavailable right now; try again shortly.") from None
 
     async def _start_turn(
-        self, user: Message, assistant: Message, history_limit: Callable[[Session], int]
+        self, user: Message, assistant: Message, history_limit: Callable[[Session], int], owner: str
     ) -> tuple[Session, list[Message]]:
         session_id = user.session_id
         session_key = self.key("session", session_id)
@@ -221,20 +218,20 @@ class RedisStore:
             # Read before the watch: a watching pipeline holds its connection until it writes, and must not wait
             # for a second one (with every pooled connection held that way, none would come).
             fields: Any = await self.redis.hgetall(session_key)
-            if not fields:
+            session = _session(session_id, fields, owner)
+            if session is None:
                 raise SessionNotFound(session_id)
-            session = _session(session_id, fields)
             limit = history_limit(session)
             history = await self._messages(session_id, -limit) if limit > 0 else []
             async with self.redis.pipeline(transaction=True) as pipe:
                 # Optimistic: the turn is written only if the session still exists and is not deleted meanwhile.
                 try:
                     await pipe.watch(session_key)
-                    exists = await pipe.exists(session_key)
+                    still: Any = await pipe.hgetall(session_key)
                 except redis_errors.WatchError:
                     # (redis-py's report of a connection lost while a key is watched: nothing was written)
                     raise _LostWhileWatching from None
-                if not exists:
+                if _session(session_id, still, owner) is None:  # deleted since (and its id perhaps taken again)
                     raise SessionGone(session_id)
                 pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
                 for message in (user, assistant):
@@ -349,8 +346,11 @@ class RedisStore:
         return bool(deleted)
 
 
-def _session(session_id: str, row: dict[str, str]) -> Session:
-    return Session(session_id, row["agent"], row["created_at"])
+def _session(session_id: str, row: dict[str, str], owner: str) -> Session | None:
+    """The session in ``row`` if it is ``owner``'s; None for no session (an empty row) or another owner's."""
+    if not row or row.get("owner", "") != owner:
+        return None
+    return Session(session_id, row["agent"], row["created_at"], owner)
 
 
 def _message_fields(message: Message) -> dict[Any, Any]:
@@ -382,172 +382,3 @@ def _message(row: dict[str, str]) -> Message:
 def _file(row: dict[str, str]) -> FileInfo:
     fields = row["id"], row["session_id"], row["filename"], row["mime_type"], int(row["size"]), row["sha256"]
     return FileInfo(*fields, row["created_at"])
-
-
-CancelHandler = Callable[[str, "str | None", str], bool]
-
-
-class RedisCoordinator:
-    """One interaction per session across processes, and cancels that reach the process owning the stream.
-
-    A claim is ``SET claim:<session> <process>:<interaction> NX PX <lease>``, renewed while the stream runs; if
-    its process dies, the claim runs out and the session is free again. A renewal never re-creates a claim that
-    is gone (run out during a Redis outage, or deleted with its session): the owner stops its reply instead, as
-    it does when it cannot renew before its lease runs out, so two interactions of a session never overlap.
-    A cancel for a stream owned elsewhere is published on the owner's channel; the owner cancels the scope and
-    answers on a reply list whether it really had that interaction running.
-    """
-
-    def __init__(self, redis: Redis, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
-        self.redis = redis
-        self.prefix = prefix
-        self.lease_ms = max(int(lease_seconds * 1000), 100)
-        self.process_id = "proc_" + secrets.token_hex(8)
-        self.listening = False
-
-    def _claim_key(self, session_id: str) -> str:
-        return f"{self.prefix}claim:{session_id}"
-
-    def _channel(self, process_id: str) -> str:
-        return f"{self.prefix}cancel:{process_id}"
-
-    async def claim(self, interaction: Interaction) -> bool:
-        with _reachable():
-            value = f"{self.process_id}:{interaction.id}"
-            return bool(await self.redis.set(self._claim_key(interaction.session_id), value, nx=True, px=self.lease_ms))
-
-    async def renew(self, session_id: str, interaction_id: str) -> bool:
-        """Extend the claim if it is still this interaction's; False if it is gone or another's."""
-        value = f"{self.process_id}:{interaction_id}"
-        with _reachable():
-            return bool(await self.redis.eval(_RENEW, 1, self._claim_key(session_id), value, self.lease_ms))
-
-    @asynccontextmanager
-    async def lease(self, interaction: Interaction) -> AsyncIterator[None]:
-        async with anyio.create_task_group() as task_group:
-            renewer = task_group.start_soon(self._keep_claimed, interaction)
-            try:
-                yield
-            finally:
-                renewer.cancel()
-
-    async def _keep_claimed(self, interaction: Interaction) -> None:
-        lease = self.lease_ms / 1000
-        # Stop a little before the lease runs out, so that the reply is over before another process can claim.
-        margin = lease / 10
-        stop_at = time.monotonic() + lease - margin  # the claim was made just before
-        while True:
-            await anyio.sleep(max(0.0, min(lease / 3, stop_at - time.monotonic())))
-            if time.monotonic() >= stop_at:
-                break
-            sent_at = time.monotonic()
-            renewed: bool | None = None
-            # Shielded, so that a renewal in flight is not torn out of its connection, but not past the lease.
-            with anyio.CancelScope(shield=True, deadline=stop_at):
-                try:
-                    renewed = await self.renew(interaction.session_id, interaction.id)
-                except StoreUnavailable:
-                    logger.warning("could not renew the claim on session %s; retrying", interaction.session_id)
-            if renewed:
-                stop_at = sent_at + lease - margin
-            elif renewed is False:
-                break  # the claim is gone (its session deleted, or it ran out) or another's: stop at once
-        if interaction.cancel("lease lost"):
-            logger.warning("lost the claim on session %s: its reply is stopped", interaction.session_id)
-
-    async def release(self, interaction: Interaction) -> None:
-        value = f"{self.process_id}:{interaction.id}"
-        with _reachable():
-            await self.redis.eval(_RELEASE, 1, self._claim_key(interaction.session_id), value)
-
-    async def owner(self, session_id: str) -> tuple[str, str] | None:
-        with _reachable():
-            value: Any = await self.redis.get(self._claim_key(session_id))
-        if value is None:
-            return None
-        process_id, _, interaction_id = str(value).partition(":")
-        return process_id, interaction_id
-
-    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
-        owner = await self.owner(session_id)
-        return owner is not None and interaction_id in (None, owner[1])
-
-    async def cancel_elsewhere(self, session_id: str, interaction_id: str | None, reason: CancelReason) -> bool:
-        owner = await self.owner(session_id)
-        if owner is None or owner[0] == self.process_id:
-            return False
-        process_id, running_id = owner
-        if interaction_id is not None and interaction_id != running_id:
-            return False
-        return await self.request_cancel(process_id, session_id, running_id, reason)
-
-    async def request_cancel(self, process_id: str, session_id: str, interaction_id: str, reason: str) -> bool:
-        """Ask the owning process to cancel; True if it stopped the stream. Raises CancelFailed if it is silent."""
-        request_id = secrets.token_hex(8)
-        reply_key = f"{self.prefix}cancel-reply:{request_id}"
-        payload = json.dumps(
-            {"request": request_id, "session": session_id, "interaction": interaction_id, "reason": reason}
-        )
-        with _reachable():
-            receivers = await self.redis.publish(self._channel(process_id), payload)
-            reply = await self.redis.blpop([reply_key], timeout=2) if receivers else None
-        if reply is None:
-            raise CancelFailed(
-                f"Failed to cancel interaction for session: {session_id} (the process streaming it did not answer)"
-            )
-        return bool(reply[1] == "1")
-
-    async def settle(self, store: Store, session_id: str | None = None) -> None:
-        # Leases tell which owners are gone: their turns, and only theirs, are interrupted.
-        await store.interrupt_turns(session_id)
-
-    async def run(self, interactions: Interactions, store: Store) -> None:
-        """The cancel listener, and a sweeper that interrupts the turns of processes that died."""
-        async with anyio.create_task_group() as task_group:
-            await task_group.start(self.listen, interactions.cancel_here)
-            while True:
-                await anyio.sleep(self.lease_ms / 1000)
-                try:
-                    await store.interrupt_turns()
-                except ApiError:
-                    logger.warning("lease sweeper: the store is unavailable; will retry")
-
-    async def listen(
-        self, cancel: CancelHandler, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Serve cancels addressed to this process until cancelled; rides out Redis outages."""
-        started = False
-        delay = 0.1
-        while True:
-            try:
-                async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self._channel(self.process_id))
-                    self.listening = True
-                    delay = 0.1
-                    if not started:
-                        task_status.started()
-                        started = True
-                    while True:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if message is not None:
-                            await self._answer(message["data"], cancel)
-            except _DOWN as exc:
-                self.listening = False
-                logger.warning("cancel listener lost Redis (%s); retrying", exc.__class__.__name__)
-                if not started:
-                    task_status.started()
-                    started = True
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def _answer(self, data: str, cancel: CancelHandler) -> None:
-        try:
-            request: dict[str, Any] = json.loads(data)
-            cancelled = cancel(request["session"], request["interaction"] or None, request["reason"])
-        except (ValueError, KeyError, TypeError):
-            return
-        reply_key = f"{self.prefix}cancel-reply:{request['request']}"
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(reply_key, "1" if cancelled else "0")
-            pipe.expire(reply_key, 30)
-            await pipe.execute()

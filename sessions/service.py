@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from agents import Agent, Agents, EchoAgent, OpenAIAgent, UnknownAgent
+from agents import Agents, configured
 from sessions.files import Blobs
 from sessions.interactions import Coordinator, Interactions, LocalCoordinator
+from sessions.limits import LocalStreamSlots, StreamSlots
 from sessions.sqlite import SQLiteStore
 from sessions.store import Store
 from sessions.turns import TurnObserver, TurnRunner
-from settings import Settings, SettingsError
+from settings import Settings
 
 logger = logging.getLogger("parley")
 
@@ -53,17 +54,20 @@ class Parley:
                 if not self._ready:
                     await self.store.open()
                     await self.blobs.open()
-                    await self.coordinator.settle(self.store)
+                    await self.coordinator.interrupt_orphans(self.store)
                     self._ready = True
         return self
 
     async def interrupt_orphans(self, session_id: str) -> None:
         """Record as interrupted the session's turns whose process died (on Redis: whose lease ran out)."""
-        await self.coordinator.settle(self.store, session_id)
+        await self.coordinator.interrupt_orphans(self.store, session_id)
 
     async def run_background(self) -> None:
-        """What the process runs beside its requests (with Redis: the cancel listener and the lease sweeper)."""
-        await self.coordinator.run(self.interactions, self.store)
+        """What the process runs beside its requests (with Redis: the cancel listener, the lease sweeper, and the
+        renewal of its stream slots when streams per owner are limited)."""
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self.interactions.slots.keep_alive)
+            await self.coordinator.run(self.interactions, self.store)
 
     async def close(self) -> None:
         # A server that gives up waiting for streams at shutdown (uvicorn --timeout-graceful-shutdown)
@@ -83,34 +87,15 @@ def build(
 ) -> Parley:
     """Parley on the embedded defaults (SQLite, echo), on Redis when ``PARLEY_REDIS_URL`` is set, or on
     the store and agents given."""
-    store, coordinator = _store_and_coordinator(settings, store)
+    store, coordinator, slots = _store_and_coordinator(settings, store)
     return Parley(
         settings,
         store,
-        agents or default_agents(settings),
+        agents or configured(settings),
         default_blobs(settings),
-        Interactions(coordinator),
+        Interactions(coordinator, slots),
         list(observers),
     )
-
-
-def default_agents(settings: Settings) -> Agents:
-    agents: list[Agent] = [EchoAgent(delay=settings.echo_delay)]
-    if settings.openai_base_url:
-        openai = OpenAIAgent(
-            settings.openai_base_url,
-            settings.openai_model,
-            api_key=settings.openai_api_key,
-            system_prompt=settings.openai_system_prompt,
-            connect_timeout=settings.openai_connect_timeout,
-            read_timeout=settings.openai_read_timeout,
-            history_limit=settings.openai_history_messages,
-        )
-        agents.append(openai)
-    try:
-        return Agents(agents, default=settings.agent)
-    except UnknownAgent:
-        raise SettingsError(f"PARLEY_AGENT={settings.agent!r} names no configured agent") from None
 
 
 def default_store(settings: Settings) -> Store:
@@ -119,15 +104,23 @@ def default_store(settings: Settings) -> Store:
     return SQLiteStore(f"{settings.data_dir}/parley.db")
 
 
-def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Store, Coordinator]:
+def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Store, Coordinator, StreamSlots]:
+    limit = settings.max_streams_per_owner
     if not settings.redis_url:
         store = store or default_store(settings)
-        return store, LocalCoordinator(store)
+        return store, LocalCoordinator(store), LocalStreamSlots(limit)
     # Imported here: redis-py is an optional extra (parley[redis]), needed only when Redis is configured.
-    from sessions.redis import RedisCoordinator, RedisStore, connect
+    from sessions.redis import RedisStore, connect
+    from sessions.redis_coordinator import RedisCoordinator
+    from sessions.redis_limits import RedisStreamSlots
 
     redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_seconds)
-    return store or RedisStore(redis), RedisCoordinator(redis, lease_seconds=settings.redis_lease_seconds)
+    lease = settings.redis_lease_seconds
+    return (
+        store or RedisStore(redis),
+        RedisCoordinator(redis, lease_seconds=lease),
+        RedisStreamSlots(redis, limit, lease_seconds=lease),
+    )
 
 
 def default_blobs(settings: Settings) -> Blobs:

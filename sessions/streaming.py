@@ -41,9 +41,10 @@ class StreamAborted(Exception):
 class Wire:
     """What every renderer shares: the ASGI ``send``, and what happens when its client goes away."""
 
-    def __init__(self, send: Send, on_disconnect: OnDisconnect = "cancel") -> None:
+    def __init__(self, send: Send, on_disconnect: OnDisconnect = "cancel", keepalive_seconds: float = 0.0) -> None:
         self.send = send
         self.on_disconnect = on_disconnect
+        self.keepalive_seconds = keepalive_seconds
         self.interaction: Interaction | None = None
         self.response_started = False
         self.left = False  # the client went away: nothing more is sent
@@ -57,6 +58,17 @@ class Wire:
         self.interaction = interaction
         if self.left and self.on_disconnect == "cancel":
             interaction.cancel("disconnected")
+
+    sent = 0  # messages sent so far: a keep-alive is due only when nothing was sent for a while
+
+    async def keepalive(self) -> None:
+        """Say something that clients ignore, to keep the connection open (for formats that can)."""
+
+    async def token(self, seq: int, text: str) -> None:
+        raise NotImplementedError
+
+    async def ended(self, status: str, error: AgentError | None) -> None:
+        raise NotImplementedError
 
 
 _PLAIN_HEADERS = [
@@ -101,17 +113,26 @@ class ChatResponse:
     Before the response starts, a turn that cannot start (busy, unknown session, store down) or an agent that
     fails before its first token is a JSON error with its status."""
 
-    def __init__(self, runner: TurnRunner, request: TurnRequest, wire: type[PlainText], on_disconnect: OnDisconnect):
+    def __init__(
+        self,
+        runner: TurnRunner,
+        request: TurnRequest,
+        wire: type[Wire],
+        on_disconnect: OnDisconnect,
+        keepalive_seconds: float = 0.0,
+    ) -> None:
         self.runner = runner
         self.request = request
         self.wire = wire
         self.on_disconnect = on_disconnect
+        self.keepalive_seconds = keepalive_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        renderer = self.wire(send, self.on_disconnect)
+        renderer = self.wire(send, self.on_disconnect, self.keepalive_seconds)
         failure: Exception | None = None
         async with anyio.create_task_group() as task_group:
             watcher = task_group.start_soon(_watch_disconnect, receive, renderer)
+            keeper = task_group.start_soon(_keep_alive, renderer) if self.keepalive_seconds > 0 else None
             try:
                 await self.runner.run(self.request, renderer)
             except Exception as exc:
@@ -122,15 +143,28 @@ class ChatResponse:
                 # return costs less than cancelling it: anyio formats the canceller's repr.)
                 await anyio.lowlevel.checkpoint()
             watcher.cancel()
+            if keeper is not None:
+                keeper.cancel()
         if failure is None:
             return
         status = http_status(failure)
         if status is not None and not renderer.response_started:
-            await error_response(status, str(failure))(scope, receive, send)
+            response = error_response(status, str(failure))
+            response.headers.update(getattr(failure, "headers", {}))  # Retry-After for TooManyStreams
+            await response(scope, receive, send)
             return
         # After the response started: an agent failure, or the store staying down after the reply was sent.
         # Raising makes the server abort the response, which is all that is left to tell the client.
         raise failure
+
+
+async def _keep_alive(wire: Wire) -> None:
+    seen = -1
+    while True:
+        await anyio.sleep(wire.keepalive_seconds)
+        if wire.sent == seen and not wire.left:
+            await wire.keepalive()
+        seen = wire.sent
 
 
 async def _watch_disconnect(receive: Receive, wire: Wire) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,11 +53,12 @@ async def test_a_stream_on_a_is_cancelled_through_b(
     async with httpx.AsyncClient(timeout=10) as client:
         session_id = await session_on(client, a)
         received = ""
+        answer: httpx.Response | None = None
         async with chat(client, a, session_id) as response:
             interaction_id = response.headers["x-interaction-id"]
             async for chunk in response.aiter_text():
                 received += chunk
-                if len(received.split()) == 3:
+                if len(received.split()) >= 3 and answer is None:  # once, however the words came in chunks
                     assert (await client.get(f"{b.url}/api/v1/sessions/{session_id}")).json()["status"] == "streaming"
                     busy = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "x"})
                     assert busy.status_code == 409
@@ -68,9 +70,9 @@ async def test_a_stream_on_a_is_cancelled_through_b(
                     answer = await client.post(
                         f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id, "interaction_id": interaction_id}
                     )
-                    assert answer.status_code == 200, answer.text
-                    assert answer.json()["cancelled"] is True
             ended_at = time.monotonic()
+        assert answer is not None and answer.status_code == 200, answer
+        assert answer.json()["cancelled"] is True
         assert ended_at - cancelled_at < 1.0
         assert len(received.split()) < 100
         turns = await history(client, b.url, session_id)
@@ -105,10 +107,13 @@ async def test_a_killed_owner_frees_the_session_after_its_lease(
     a, b = pair(subprocesses, tmp_path, redis_server)
     async with httpx.AsyncClient(timeout=10) as client:
         session_id = await session_on(client, a)
+        first = ""
         async with chat(client, a, session_id) as response:
-            async for _ in response.aiter_text():
-                a.stop(kill=True)  # kill -9 mid-stream
+            async for chunk in response.aiter_text():
+                first = chunk
                 break
+            assert first  # the stream had begun
+            a.stop(kill=True)  # kill -9 mid-stream, its client still connected
         assert (await client.get(f"{b.url}/api/v1/sessions/{session_id}")).json()["status"] == "streaming"
 
         async def idle() -> bool:
@@ -144,7 +149,7 @@ async def test_redis_down_means_503_not_a_crash_and_recovery_without_restart(
         async with anyio.create_task_group() as tg:
             tg.start_soon(stream, cancelled_one)
             tg.start_soon(stream, finished_one)
-            await anyio.sleep(0.3)
+            await eventually(lambda: _both_streaming(client, a, cancelled_one, finished_one))
             redis_server.stop()
             # A cancel of a stream the receiving process owns still works without Redis, and says so.
             own = await client.post(f"{a.url}/api/v1/cancel", data={"ui_session_id": cancelled_one})
@@ -184,15 +189,26 @@ async def test_the_embedded_store_says_when_a_cancel_cannot_reach_another_proces
     a, b = pair(subprocesses, tmp_path, None)
     async with httpx.AsyncClient(timeout=10) as client:
         session_id = await session_on(client, a)
+        first = ""
         async with chat(client, a, session_id) as response:
-            async for _ in response.aiter_text():
+            async for chunk in response.aiter_text():
+                first = chunk
                 answer = await client.post(f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id})
-                assert answer.status_code == 500
-                assert answer.json()["status"] == "error"
-                assert "PARLEY_REDIS_URL" in answer.json()["message"]
                 stop = await client.post(f"{a.url}/api/v1/cancel", data={"ui_session_id": session_id})
-                assert stop.json()["cancelled"] is True
                 break
+        assert first  # the stream had begun when B was asked
+        assert answer.status_code == 500
+        assert answer.json()["status"] == "error"
+        assert "PARLEY_REDIS_URL" in answer.json()["message"]
+        assert stop.json()["cancelled"] is True
+
+
+async def _both_streaming(client: httpx.AsyncClient, server: Subprocess, *session_ids: str) -> bool:
+    for session_id in session_ids:
+        turns = (await client.get(f"{server.url}/api/v1/sessions/{session_id}/messages")).json()["messages"]
+        if not turns or turns[-1]["status"] != "streaming":
+            return False
+    return True
 
 
 async def test_the_embedded_store_refuses_a_chat_for_a_session_another_worker_deleted(
@@ -223,3 +239,110 @@ async def test_the_next_message_may_go_to_any_worker_as_soon_as_the_reply_ends(
             answer = await client.post(f"{server.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "hi"})
             assert answer.status_code == 200, (turn, answer.text)
         assert [m["status"] for m in await history(client, b.url, session_id)] == ["complete"] * 80
+
+
+async def test_an_owner_that_cannot_renew_stops_before_its_lease_ends(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Redis goes away for longer than the lease while A streams: A stops its reply before its claim can run out
+    # (so B may take the session once Redis is back, and the two turns never overlap), and records it interrupted.
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="2")
+    message = " ".join(f"y{i}" for i in range(400))  # 20 s of stream
+    async with httpx.AsyncClient(timeout=30) as client:
+        session_id = await session_on(client, a)
+        received = ""
+        ended_at: float | None = None
+
+        async def follow() -> None:
+            nonlocal received, ended_at
+            async with chat(client, a, session_id, message) as response:
+                async for chunk in response.aiter_text():
+                    received += chunk
+            ended_at = time.monotonic()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            await eventually(lambda: _true(len(received.split()) >= 3))
+            redis_server.stop()
+            stopped_at = time.monotonic()
+            # Stopped before its lease ran out (then A tried to record it for up to 1 s before ending the response).
+            await eventually(lambda: _true(ended_at is not None), within=10)
+            await anyio.sleep(max(0.0, stopped_at + 3 - time.monotonic()))  # the outage outlasts the lease
+            redis_server.start()
+            second = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "b"})
+            assert second.status_code == 200, second.text
+            assert second.text == "b"
+        assert 3 <= len(received.split()) < 400
+
+        async def recorded() -> bool:
+            turns = await history(client, b.url, session_id)
+            # (B may mark it interrupted first, as its lease is gone; A then writes its text once Redis is back.)
+            return len(turns) == 4 and turns[1]["status"] == "interrupted" and turns[1]["content"] == received
+
+        await eventually(recorded, within=10)
+        turns = await history(client, b.url, session_id)
+        assert [(t["role"], t["status"]) for t in turns] == [
+            ("user", "complete"),
+            ("assistant", "interrupted"),
+            ("user", "complete"),
+            ("assistant", "complete"),
+        ]
+        assert turns[1]["content"] == received
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_delete_works_while_the_owner_is_dead_or_silent(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # A long lease: the delete must not wait for it to run out.
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="20")
+    async with httpx.AsyncClient(timeout=30) as client:
+        # The owner dies mid-stream.
+        dead = await session_on(client, a)
+        async with chat(client, a, dead) as response:
+            async for _ in response.aiter_text():
+                break
+        a.stop(kill=True)
+        started = time.monotonic()
+        deleted = await client.delete(f"{b.url}/api/v1/sessions/{dead}")
+        assert deleted.status_code == 200, deleted.text
+        assert time.monotonic() - started < 10
+        assert (await client.get(f"{b.url}/api/v1/sessions/{dead}")).status_code == 404
+
+        # The owner is silent (stopped) while the session is deleted, then comes back: it finds the session
+        # gone and stops its reply, and nothing of the session comes back.
+        c = subprocesses({"PARLEY_REDIS_URL": redis_server.url, "PARLEY_ECHO_DELAY": "0.05",
+                          "PARLEY_REDIS_LEASE_SECONDS": "20"}).start()  # fmt: skip
+        silent = await session_on(client, c)
+        received = ""
+        ended = False
+
+        async def follow() -> None:
+            nonlocal received, ended
+            async with chat(client, c, silent, " ".join(f"z{i}" for i in range(400))) as response:
+                async for chunk in response.aiter_text():
+                    received += chunk
+            ended = True
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            await eventually(lambda: _true(len(received.split()) >= 2))
+            assert c.process is not None
+            c.process.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                deleted = await client.delete(f"{b.url}/api/v1/sessions/{silent}")
+                assert deleted.status_code == 200, deleted.text
+                assert time.monotonic() - started < 10
+            finally:
+                c.process.send_signal(signal.SIGCONT)
+            await eventually(lambda: _true(ended), within=10)
+        assert len(received.split()) < 400
+        assert (await client.get(f"{b.url}/api/v1/sessions/{silent}")).status_code == 404
+        assert (await client.get(f"{c.url}/api/v1/sessions/{silent}")).status_code == 404
+        assert (
+            await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": silent, "message": "x"})
+        ).status_code == 404

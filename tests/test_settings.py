@@ -69,3 +69,38 @@ def test_uvicorn_stops_with_one_line_naming_the_variable(tmp_path: Path, variabl
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [f"parley: {name} must be a finite number, got {value!r}"]
+
+
+def test_reads_the_settings_of_replies_that_outlive_their_connection() -> None:
+    env = {"PARLEY_ON_DISCONNECT": "continue", "PARLEY_CHECKPOINT_SECONDS": "0.5", "PARLEY_SSE_KEEPALIVE_SECONDS": "3"}
+    settings = Settings.from_env(env)
+    assert (settings.on_disconnect, settings.checkpoint_seconds, settings.sse_keepalive_seconds) == ("continue", 0.5, 3)
+    assert (Settings().on_disconnect, Settings().checkpoint_seconds, Settings().sse_keepalive_seconds) == (
+        "cancel",
+        1.0,
+        15.0,
+    )
+    with pytest.raises(ValueError, match="PARLEY_ON_DISCONNECT"):
+        Settings.from_env({"PARLEY_ON_DISCONNECT": "later"})
+
+
+def test_reads_the_owner_settings() -> None:
+    env = {
+        "PARLEY_API_KEYS": "alice:secret-key",
+        "PARLEY_API_KEYS_FILE": "/etc/parley/keys",
+        "PARLEY_MAX_STREAMS_PER_OWNER": "3",
+        "PARLEY_CORS_ORIGINS": "https://a.example, https://b.example",
+    }
+    settings = Settings.from_env(env)
+    assert settings.api_keys == "alice:secret-key"
+    assert settings.api_keys_file == "/etc/parley/keys"
+    assert settings.max_streams_per_owner == 3
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert "secret-key" not in repr(settings)
+    assert Settings.from_env({}).max_streams_per_owner is None  # no limit
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "many"])
+def test_rejects_a_bad_stream_limit_with_the_variable_named(value: str) -> None:
+    with pytest.raises(ValueError, match="PARLEY_MAX_STREAMS_PER_OWNER"):
+        Settings.from_env({"PARLEY_MAX_STREAMS_PER_OWNER": value})

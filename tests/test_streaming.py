@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -66,18 +67,19 @@ async def test_cancel_mid_stream_ends_it_and_records_what_was_sent(live: Callabl
     async with server.client() as client, server.client() as canceller:
         session_id = await new_session(client)
         received = ""
+        answer: httpx.Response | None = None
         data = {"ui_session_id": session_id, "message": WORDS}
         async with client.stream("POST", "/api/v1/chat", data=data) as response:
             interaction_id = response.headers["x-interaction-id"]
             async for chunk in response.aiter_text():
                 received += chunk
-                if len(received.split()) == 5:
+                if len(received.split()) >= 5 and answer is None:  # (a chunk may carry several words)
                     cancelled_at = time.monotonic()
                     answer = await canceller.post(
                         "/api/v1/cancel", data={"ui_session_id": session_id, "interaction_id": interaction_id}
                     )
             ended_at = time.monotonic()
-        assert answer.status_code == 200
+        assert answer is not None and answer.status_code == 200
         assert answer.json() == {
             "status": "success",
             "message": f"Cancellation signal sent for session: {session_id}",
@@ -314,3 +316,73 @@ async def test_echo_stream_of_many_tokens_without_delay(live: Callable[..., Live
         session_id = await new_session(client)
         chunks, _, _ = await chat_chunks(client, session_id, message)
     assert "".join(chunks) == message
+
+
+async def test_cancelled_is_true_exactly_when_the_reply_is_recorded_cancelled(live: Callable[..., LiveServer]) -> None:
+    # Cancels that race the end of a short reply (sent 0 to 12 ms into a 10 ms reply): whichever wins, the
+    # cancel's answer and the record agree.
+    server = live(echo_delay=0.002)
+    async with server.client() as client, server.client() as canceller:
+        session_id = await new_session(client)
+        answers: list[bool] = []
+        for attempt in range(200):
+            async with client.stream(
+                "POST", "/api/v1/chat", data={"ui_session_id": session_id, "message": "one two three four five"}
+            ) as response:
+                fields = {"ui_session_id": session_id, "interaction_id": response.headers["x-interaction-id"]}
+
+                async def cancel(fields: dict[str, str] = fields, pause: float = (attempt % 13) / 1000) -> None:
+                    await anyio.sleep(pause)
+                    answers.append((await canceller.post("/api/v1/cancel", data=fields)).json()["cancelled"])
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(cancel)
+                    received = (await response.aread()).decode()
+            await eventually(lambda: _idle(client, session_id))
+            record = (await messages(client, session_id))[-1]
+            assert answers[-1] == (record["status"] == "cancelled"), (attempt, answers[-1], record, received)
+            assert record["content"] == received
+    # Both sides of the race were seen: otherwise this test proved nothing.
+    assert set(answers) == {True, False}
+
+
+async def _idle(client: httpx.AsyncClient, session_id: str) -> bool:
+    return not await _streaming(client, session_id)
+
+
+class RaisingObserver:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, int, str]] = []
+
+    def turn_started(self, turn: Any) -> None:
+        self.seen.append(("started", turn.status, turn.tokens, turn.reason))
+        raise RuntimeError("observers must not break a turn")
+
+    def first_token(self, turn: Any) -> None:
+        assert turn.first_token_at is not None
+        self.seen.append(("first_token", turn.status, turn.tokens, turn.reason))
+        raise RuntimeError("observers must not break a turn")
+
+    def turn_ended(self, turn: Any) -> None:
+        assert turn.ended_at is not None and turn.ended_at >= turn.started
+        self.seen.append(("ended", turn.status, turn.tokens, turn.reason))
+        raise RuntimeError("observers must not break a turn")
+
+
+async def test_observers_see_each_turn_and_cannot_break_it(serve: Callable[..., LiveServer], tmp_path: Path) -> None:
+    observer = RaisingObserver()
+    server = serve(create_app(make_settings(tmp_path), observers=[observer]))
+    async with server.client() as client:
+        session_id = await new_session(client)
+        response = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "a b c"})
+        assert response.text == "a b c"
+        await eventually(lambda: _anyio_true(len(observer.seen) == 3))
+    assert observer.seen == [
+        ("started", "streaming", 0, ""),
+        ("first_token", "streaming", 0, ""),
+        ("ended", "complete", 3, "complete"),
+    ]
+
+
+async def _anyio_true(value: bool) -> bool:
+    return value

@@ -1,0 +1,251 @@
+"""Replies that outlive their connection: rejoin (GET /api/v1/chat/{id}/stream), on_disconnect, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from tests.conftest import LiveServer, RedisServer, Subprocess, eventually, messages, new_session
+from tests.test_chat_sse import SSE, check_stream, parse_sse
+
+pytestmark = pytest.mark.anyio
+
+WORDS = " ".join(f"w{i}" for i in range(60))
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+class Reader:
+    """Reads a streaming response in a task; ``text`` grows as it comes."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.headers: httpx.Headers | None = None
+        self.done = False
+
+    async def read(self, client: httpx.AsyncClient, method: str, url: str, **kwargs: object) -> None:
+        async with client.stream(method, url, **kwargs) as response:  # type: ignore[arg-type]
+            self.headers = response.headers
+            self.status = response.status_code
+            async for chunk in response.aiter_text():
+                self.text += chunk
+        self.done = True
+
+
+async def test_rejoin_replays_from_the_start_then_follows_live(live: Callable[..., LiveServer]) -> None:
+    server = live(echo_delay=0.03)
+    async with server.client() as client:
+        session_id = await new_session(client)
+        assert (await client.get("/api/v1/chat/ses_nobody/stream")).status_code == 404
+        assert (await client.get(f"/api/v1/chat/{session_id}/stream")).status_code == 204
+        original, first, second, leaver = Reader(), Reader(), Reader(), Reader()
+        data = {"ui_session_id": session_id, "message": WORDS}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: original.read(client, "POST", "/api/v1/chat", data=data, headers=SSE))
+            await eventually(lambda: _true(original.text.count("text-delta") >= 5))
+            stream = f"/api/v1/chat/{session_id}/stream"
+            tg.start_soon(lambda: first.read(client, "GET", stream))
+            tg.start_soon(lambda: second.read(client, "GET", stream, headers=SSE))
+            with anyio.move_on_after(0.2):  # a follower that leaves: the reply goes on
+                await leaver.read(client, "GET", stream)
+        assert not leaver.done
+        assert original.headers is not None
+        interaction_id = original.headers["x-interaction-id"]
+        history = await messages(client, session_id)
+        assert history[-1]["status"] == "complete"
+        for reader in (original, first, second):
+            assert reader.headers is not None and reader.headers["x-interaction-id"] == interaction_id
+            assert reader.headers["content-type"] == "text/event-stream"
+            assert check_stream(reader.text, interaction_id)[1] == history[-1]["content"] == WORDS
+        assert first.text == original.text  # frame for frame
+        assert (await client.get(f"/api/v1/chat/{session_id}/stream")).status_code == 204
+
+
+async def test_rejoin_from_last_event_id_and_in_plain_text_from_an_offset(live: Callable[..., LiveServer]) -> None:
+    server = live(echo_delay=0.03)
+    async with server.client() as client:
+        session_id = await new_session(client)
+        original, after, plain, other = Reader(), Reader(), Reader(), Reader()
+        data = {"ui_session_id": session_id, "message": WORDS}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: original.read(client, "POST", "/api/v1/chat", data=data, headers=SSE))
+            await eventually(lambda: _true(original.text.count("text-delta") >= 5))
+            assert original.headers is not None
+            interaction_id = original.headers["x-interaction-id"]
+            stream = f"/api/v1/chat/{session_id}/stream"
+            tg.start_soon(lambda: after.read(client, "GET", stream, headers={"last-event-id": f"{interaction_id}:4"}))
+            tg.start_soon(lambda: plain.read(client, "GET", stream + "?offset=7", headers={"accept": "text/plain"}))
+            # Another interaction's id: a full replay.
+            tg.start_soon(lambda: other.read(client, "GET", stream, headers={"last-event-id": "int_old:40"}))
+        full = parse_sse(original.text)
+        assert parse_sse(after.text) == full[5:]
+        assert other.text == original.text
+        assert plain.headers is not None and plain.headers["content-type"] == "text/plain; charset=utf-8"
+        assert plain.text == WORDS[7:]
+
+
+async def test_on_disconnect_continue_lets_the_reply_finish(live: Callable[..., LiveServer]) -> None:
+    server = live(echo_delay=0.02)
+    async with server.client() as client:
+        session_id = await new_session(client)
+        received = ""
+        data = {"ui_session_id": session_id, "message": WORDS}
+        async with client.stream("POST", "/api/v1/chat?on_disconnect=continue", data=data) as response:
+            async for chunk in response.aiter_text():
+                received += chunk
+                if len(received.split()) >= 3:
+                    break  # leaving closes the connection
+        rest = await client.get(f"/api/v1/chat/{session_id}/stream", headers={"accept": "text/plain"})
+        assert rest.status_code == 200
+        assert rest.text == WORDS
+
+        async def complete() -> bool:
+            return (await messages(client, session_id))[-1]["status"] == "complete"
+
+        await eventually(complete)
+        assert (await messages(client, session_id))[-1]["content"] == WORDS
+
+        # A later cancel still stops a reply whose client left.
+        async with client.stream(
+            "POST", "/api/v1/chat", json={"ui_session_id": session_id, "message": WORDS, "on_disconnect": "continue"}
+        ) as response:
+            async for _ in response.aiter_text():
+                break
+        answer = await client.post("/api/v1/cancel", data={"ui_session_id": session_id})
+        assert answer.json()["cancelled"] is True
+
+        async def cancelled() -> bool:
+            return (await messages(client, session_id))[-1]["status"] == "cancelled"
+
+        await eventually(cancelled)
+
+
+async def test_the_history_shows_the_text_so_far_while_the_reply_streams(live: Callable[..., LiveServer]) -> None:
+    server = live(echo_delay=0.02, checkpoint_seconds=0.1)
+    async with server.client() as client:
+        session_id = await new_session(client)
+        reader = Reader()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: reader.read(
+                    client, "POST", "/api/v1/chat", data={"ui_session_id": session_id, "message": WORDS}
+                )
+            )
+
+            async def partial() -> bool:
+                history = await messages(client, session_id)
+                return (
+                    bool(history) and history[-1]["status"] == "streaming" and len(history[-1]["content"].split()) >= 3
+                )
+
+            await eventually(partial)
+            last = (await messages(client, session_id))[-1]
+            assert WORDS.startswith(last["content"])
+        assert (await messages(client, session_id))[-1]["content"] == WORDS
+
+
+async def test_a_killed_owner_leaves_its_checkpointed_text(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path
+) -> None:
+    env = {"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_ECHO_DELAY": "0.02", "PARLEY_CHECKPOINT_SECONDS": "0.1"}
+    server = subprocesses(env).start()
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        session_id = await new_session(client)
+        received = ""
+        async with client.stream("POST", "/api/v1/chat", data={"ui_session_id": session_id, "message": WORDS}) as r:
+            async for chunk in r.aiter_text():
+                received += chunk
+                if len(received.split()) >= 20:
+                    break
+            server.stop(kill=True)  # while its client is still connected
+    restarted = subprocesses(env).start()
+    async with httpx.AsyncClient(base_url=restarted.url, timeout=10) as client:
+        last = (await messages(client, session_id))[-1]
+    assert last["status"] == "interrupted"
+    assert len(last["content"].split()) >= 10  # checkpoints every 0.1 s, 20 words in 0.4 s
+    assert received.startswith(last["content"]) or last["content"].startswith(received)
+
+
+async def test_the_embedded_store_says_when_a_rejoin_cannot_reach_another_process(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path
+) -> None:
+    env = {"PARLEY_DATA_DIR": str(tmp_path / "shared"), "PARLEY_ECHO_DELAY": "0.05"}
+    a, b = subprocesses(env).start(), subprocesses(env).start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        data = {"ui_session_id": session_id, "message": WORDS}
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+            async for _ in response.aiter_text():
+                answer = await client.get(f"{b.url}/api/v1/chat/{session_id}/stream")
+                assert answer.status_code == 500
+                assert "PARLEY_REDIS_URL" in answer.json()["message"]
+                break
+
+
+@pytest.mark.redis
+async def test_rejoin_from_another_worker_on_redis(
+    subprocesses: Callable[..., Subprocess], redis_server: RedisServer
+) -> None:
+    env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_ECHO_DELAY": "0.03"}
+    a, b = subprocesses(env).start(), subprocesses(env).start()
+    async with httpx.AsyncClient(timeout=20) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        assert (await client.get(f"{b.url}/api/v1/chat/{session_id}/stream")).status_code == 204
+        original, full, after, plain = Reader(), Reader(), Reader(), Reader()
+        data = {"ui_session_id": session_id, "message": WORDS}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: original.read(client, "POST", f"{a.url}/api/v1/chat", data=data, headers=SSE))
+            await eventually(lambda: _true(original.text.count("text-delta") >= 5))
+            assert original.headers is not None
+            interaction_id = original.headers["x-interaction-id"]
+            stream = f"{b.url}/api/v1/chat/{session_id}/stream"
+            tg.start_soon(lambda: full.read(client, "GET", stream))
+            tg.start_soon(lambda: after.read(client, "GET", stream, headers={"last-event-id": f"{interaction_id}:6"}))
+            tg.start_soon(lambda: plain.read(client, "GET", stream, headers={"accept": "text/plain"}))
+        history = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"]
+        assert history[-1]["content"] == WORDS
+        assert full.text == original.text
+        assert check_stream(full.text, interaction_id)[1] == WORDS
+        assert parse_sse(after.text) == parse_sse(original.text)[7:]
+        assert plain.text == WORDS
+        start = json.loads(parse_sse(full.text)[0][1])
+        assert start["messageId"] == history[-1]["id"]
+
+
+@pytest.mark.redis
+async def test_a_killed_owner_on_redis_leaves_its_checkpointed_text(
+    subprocesses: Callable[..., Subprocess], redis_server: RedisServer
+) -> None:
+    env = {
+        "PARLEY_REDIS_URL": redis_server.url,
+        "PARLEY_ECHO_DELAY": "0.02",
+        "PARLEY_CHECKPOINT_SECONDS": "0.1",
+        "PARLEY_REDIS_LEASE_SECONDS": "1",
+    }
+    a, b = subprocesses(env).start(), subprocesses(env).start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        received = ""
+        data = {"ui_session_id": session_id, "message": WORDS}
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data) as response:
+            async for chunk in response.aiter_text():
+                received += chunk
+                if len(received.split()) >= 20:
+                    break
+            a.stop(kill=True)  # while its client is still connected
+
+        async def interrupted() -> bool:
+            turns = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"]
+            return turns[-1]["status"] == "interrupted"
+
+        await eventually(interrupted, within=10)
+        last = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"][-1]
+    assert len(last["content"].split()) >= 10
+    assert received.startswith(last["content"]) or last["content"].startswith(received)
