@@ -208,7 +208,7 @@ async def test_a_turn_is_written_with_one_connection_at_a_time_even_after_a_redi
         now = utcnow()
         user = Message("msg_u", "s", "user", "hi", (), "complete", "int_1", now)
         reply = Message("msg_a", "s", "assistant", "", (), "streaming", "int_1", now)
-        session, history = await store.start_turn(user, reply, lambda session: 10)
+        session, history = await store.start_turn(user, reply, lambda session: 10, owner="")
         assert (session.ui_session_id, history) == ("s", [])
         assert [m.id for m in await store.list_messages("s")] == ["msg_u", "msg_a"]
     finally:
