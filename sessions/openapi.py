@@ -33,6 +33,7 @@ _TIME: Schema = {"type": "string", "description": "UTC, ISO 8601 with microsecon
 _ERRORS_WHEN = {
     400: "Bad request: a field missing, empty or malformed; a body that cannot be parsed",
     404: "Not found: an unknown session or file",
+    408: "The body stopped arriving for PARLEY_BODY_TIMEOUT_SECONDS",
     409: "Conflict",
     413: "Payload too large",
     500: "Internal server error",
@@ -246,7 +247,7 @@ _PATHS: dict[str, dict[str, Schema]] = {
             "chat",
             "Send a message; the reply streams back as plain text (one chunk per token) or as the AI SDK's SSE",
             {200: _STREAM},
-            (400, 404, 409, 413, 500, 502, 503),
+            (400, 404, 408, 409, 413, 500, 502, 503),
             parameters=[_ON_DISCONNECT_QUERY],
             body={
                 "required": True,
@@ -288,7 +289,7 @@ _PATHS: dict[str, dict[str, Schema]] = {
             "cancel",
             "Stop the session's interaction in progress, wherever it runs",
             {200: _json(_ref("CancelReply"), "The cancel was delivered (cancelled says if anything was stopped)")},
-            (400, 404, 500, 503),
+            (400, 404, 408, 413, 500, 503),
             body=_form(_ref("CancelForm")),
         )
     },
@@ -297,7 +298,7 @@ _PATHS: dict[str, dict[str, Schema]] = {
             "createSession",
             "Create a session",
             {201: _json(_ref("Session"), "The session")},
-            (400, 409, 503),
+            (400, 408, 409, 413, 503),
             body={
                 "required": False,
                 "content": {
@@ -352,7 +353,7 @@ _PATHS: dict[str, dict[str, Schema]] = {
             "uploadFile",
             "Upload a file to a session (multipart, the bytes in the part named file)",
             {201: _json(_ref("File"), "The file's metadata")},
-            (400, 404, 413, 503),
+            (400, 404, 408, 413, 503),
             body=_form(_ref("UploadForm"), urlencoded=False),
             links={
                 name: {
