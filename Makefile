@@ -8,7 +8,7 @@ PORT ?= 8000
 REDIS_URL ?= redis://127.0.0.1:6379/0
 WORKERS ?= 2
 
-.PHONY: install redis-server wrk valgrind run run-redis test lint format bench bench-instructions clean
+.PHONY: install redis-server npm chromium wrk valgrind run run-redis test screenshot lint format bench bench-instructions clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 # apt-get may be used; otherwise print MESSAGE and run ON_MISSING (say, exit 1).
 debian = @command -v $(1) >/dev/null 2>&1 || { \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null); \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) >/dev/null); \
 	else \
 		echo "$(2)"; $(3) \
 	fi; }
@@ -30,6 +30,22 @@ debian = @command -v $(1) >/dev/null 2>&1 || { \
 # The Redis tests start redis-server processes of their own; install the binary when it is missing.
 redis-server:
 	$(call debian,redis-server,redis-server is not installed: the Redis tests will be skipped (apt-get install redis-server),)
+
+# The AI SDK tests drive parley with Vercel's `ai` package from Node; `npm ci` installs the versions pinned by
+# tests/ai-sdk/package-lock.json (Debian's npm brings Node with it).
+AI_SDK := tests/ai-sdk
+
+npm:
+	$(call debian,npm,npm is not installed: the AI SDK tests will be skipped (apt-get install npm),)
+
+$(AI_SDK)/node_modules/.installed: $(AI_SDK)/package-lock.json | npm
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(AI_SDK) && npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	fi
+
+# The page's tests drive Debian's Chromium through Playwright (Playwright's own browser download is not used).
+chromium:
+	$(call debian,chromium,chromium is not installed: the browser tests will be skipped (apt-get install chromium),)
 
 wrk:
 	$(call debian,wrk,make bench needs wrk (apt-get install wrk),exit 1;)
@@ -44,11 +60,16 @@ run: install
 run-redis: install
 	PARLEY_REDIS_URL=$(REDIS_URL) $(BIN)/uvicorn app:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
-test: install redis-server
+test: install redis-server chromium $(AI_SDK)/node_modules/.installed
 	$(BIN)/python -m pytest
 
-# Starts its own servers on loopback, pinned to core 0, with the load generators on core 1; writes bench/RESULTS.md.
-bench: install wrk
+# docs/page.png: the page in Chromium against a real server, with a finished reply and a cancelled one.
+screenshot: install chromium
+	$(BIN)/python -m tests.screenshot docs/page.png
+
+# Starts its own servers (and redis-server) on loopback, pinned to core 0, with the load generators on core 1;
+# every figure under both uvicorn stacks; writes bench/RESULTS.md.
+bench: install wrk redis-server
 	$(BIN)/python -m pip install --quiet -e '.[redis,dev,bench]'
 	$(BIN)/python -m bench.run --write
 
@@ -67,4 +88,4 @@ format: install
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info $(AI_SDK)/node_modules

@@ -12,14 +12,18 @@ from contextlib import asynccontextmanager
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+import page
 from agents import Agents, Attachment
+from auth import Auth, keys_from
 from sessions import Store
-from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge, SessionError
+from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge, SessionError, Unauthorized
 from sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
 from sessions.forms import (
     SESSION_ID,
@@ -42,13 +46,24 @@ from settings import Settings
 logger = logging.getLogger("parley")
 
 
-async def _parley(request: Request) -> Parley:
+async def _parley(request: Request) -> tuple[Parley, str]:
+    """The app's parts, and the owner the request acts for (401 when it has none: see auth.py)."""
     parley: Parley = request.app.state.parley
-    return await parley.ready()
+    owner = request.app.state.auth.owner(request.scope)
+    if owner is None:
+        bearer = "user" not in request.scope  # a host app's users sign in the host's way, not with our keys
+        raise Unauthorized(
+            "Authentication required: send an API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'."
+            if bearer
+            else "Authentication required.",
+            bearer=bearer,
+        )
+    return await parley.ready(), owner
 
 
-async def _session(parley: Parley, session_id: str) -> Session:
-    session = await parley.store.get_session(session_id)
+async def _session(parley: Parley, session_id: str, owner: str) -> Session:
+    # Another owner's session is answered exactly like one that does not exist.
+    session = await parley.store.get_session(session_id, owner)
     if session is None:
         raise NotFound(f"Session not found: {session_id}")
     return session
@@ -58,7 +73,7 @@ async def _session(parley: Parley, session_id: str) -> Session:
 
 
 async def create_session(request: Request) -> Response:
-    parley = await _parley(request)
+    parley, owner = await _parley(request)
     options = await read_json_or_form(request)
     agent = options.get("agent") or parley.agents.default
     if not isinstance(agent, str) or agent not in parley.agents:
@@ -66,30 +81,30 @@ async def create_session(request: Request) -> Response:
     session_id = options.get("ui_session_id") or new_id("ses_")
     if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
         raise BadRequest("ui_session_id must be 1 to 128 characters: letters, digits, '_' or '-'.")
-    session = Session(session_id, agent, utcnow())
+    session = Session(session_id, agent, utcnow(), owner)
     await parley.store.create_session(session)
     return JSONResponse(session.to_json(), status_code=201)
 
 
 async def list_sessions(request: Request) -> Response:
-    parley = await _parley(request)
+    parley, owner = await _parley(request)
     limit = query_int(request, "limit", 50, minimum=1, maximum=1000)
     offset = query_int(request, "offset", 0, minimum=0, maximum=2**31)
-    sessions = await parley.store.list_sessions(limit, offset)
+    sessions = await parley.store.list_sessions(owner, limit, offset)
     return JSONResponse({"sessions": [session.to_json() for session in sessions]})
 
 
 async def get_session(request: Request) -> Response:
-    parley = await _parley(request)
-    session = await _session(parley, request.path_params["session_id"])
+    parley, owner = await _parley(request)
+    session = await _session(parley, request.path_params["session_id"], owner)
     await parley.interrupt_orphans(session.ui_session_id)
     streaming = await parley.interactions.is_streaming(session.ui_session_id)
     return JSONResponse({**session.to_json(), "status": "streaming" if streaming else "idle"})
 
 
 async def delete_session(request: Request) -> Response:
-    parley = await _parley(request)
-    session = await _session(parley, request.path_params["session_id"])
+    parley, owner = await _parley(request)
+    session = await _session(parley, request.path_params["session_id"], owner)
     try:
         await parley.interactions.cancel_and_wait(session.ui_session_id, reason="deleted")
     except CancelFailed:
@@ -97,15 +112,15 @@ async def delete_session(request: Request) -> Response:
         # comes back finds its session gone at its next renewal, and stops.
         logger.warning("session %s: its owner did not answer the cancel; deleting anyway", session.ui_session_id)
     files = await parley.store.list_files(session.ui_session_id)
-    await parley.store.delete_session(session.ui_session_id)
+    await parley.store.delete_session(session.ui_session_id, owner)
     for info in files:
         await parley.blobs.delete(info.id)
     return JSONResponse({"status": "success", "message": f"Session {session.ui_session_id} deleted"})
 
 
 async def list_messages(request: Request) -> Response:
-    parley = await _parley(request)
-    session = await _session(parley, request.path_params["session_id"])
+    parley, owner = await _parley(request)
+    session = await _session(parley, request.path_params["session_id"], owner)
     await parley.interrupt_orphans(session.ui_session_id)
     messages = await parley.store.list_messages(session.ui_session_id)
     return JSONResponse({"messages": [message.to_json() for message in messages]})
@@ -115,15 +130,15 @@ async def list_messages(request: Request) -> Response:
 
 
 async def chat(request: Request) -> Response | ChatResponse:
-    parley = await _parley(request)
+    parley, owner = await _parley(request)
     chat = await read_chat(request, max_message_bytes=parley.settings.max_message_bytes)
     session_id, file_ids = chat.session_id, chat.file_ids
     attachments: list[Attachment] = []
     if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
-        await _session(parley, session_id)
+        await _session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
     await parley.interrupt_orphans(session_id)
-    turn = TurnRequest(session_id, chat.message, file_ids, attachments)
+    turn = TurnRequest(session_id, chat.message, file_ids, attachments, owner)
     on_disconnect: OnDisconnect = (
         "continue" if (chat.on_disconnect or parley.settings.on_disconnect) == "continue" else "cancel"
     )
@@ -142,8 +157,8 @@ def _wants_sse(request: Request, ai_sdk: bool) -> bool:
 
 
 async def rejoin(request: Request) -> Response | Follow:
-    parley = await _parley(request)
-    session = await _session(parley, request.path_params["session_id"])
+    parley, owner = await _parley(request)
+    session = await _session(parley, request.path_params["session_id"], owner)
     interaction, feed = parley.interactions.get(session.ui_session_id), None
     if interaction is not None and not interaction.message_id:
         return Response(status_code=204)  # claimed a moment ago, not started yet: nothing to follow
@@ -170,13 +185,16 @@ async def _attachments(parley: Parley, session_id: str, file_ids: list[str]) -> 
 
 
 async def cancel(request: Request) -> Response:
-    parley = await _parley(request)
+    parley, owner = await _parley(request)
     form = await read_form(request)
     session_id = required_text(form, "ui_session_id")
     interaction_id = optional_text(form, "interaction_id")
-    if parley.interactions.get(session_id) is None:
-        await _session(parley, session_id)  # not streaming here: the session must exist
-    outcome = await parley.interactions.cancel(session_id, interaction_id)
+    running = parley.interactions.get(session_id)
+    if running is None or running.owner != owner:
+        # Not streaming here for this owner: the session must exist and be the owner's (another owner's is a
+        # 404, and the owner rides on the cancel bus too: another owner's cancel never reaches a stream).
+        await _session(parley, session_id, owner)
+    outcome = await parley.interactions.cancel(session_id, interaction_id, owner=owner)
     return JSONResponse(
         {
             "status": "success",
@@ -190,7 +208,7 @@ async def cancel(request: Request) -> Response:
 
 
 async def upload_file(request: Request) -> Response:
-    parley = await _parley(request)
+    parley, owner = await _parley(request)
     limit = parley.settings.max_upload_bytes
     too_large = PayloadTooLarge(f"The file is larger than the limit of {limit} bytes.")
     declared = request.headers.get("content-length", "")
@@ -205,7 +223,7 @@ async def upload_file(request: Request) -> Response:
         session_id = upload.fields.get("ui_session_id", "").strip()
         if not session_id:
             raise BadRequest("The field 'ui_session_id' is required and must not be empty.")
-        await _session(parley, session_id)
+        await _session(parley, session_id, owner)
         blob = await writer.commit()
     filename = safe_filename(upload.filename or "")
     info = FileInfo(
@@ -220,8 +238,8 @@ async def upload_file(request: Request) -> Response:
     return JSONResponse(info.to_json(), status_code=201)
 
 
-async def _file(parley: Parley, request: Request) -> FileInfo:
-    session = await _session(parley, request.path_params["session_id"])
+async def _file(parley: Parley, request: Request, owner: str) -> FileInfo:
+    session = await _session(parley, request.path_params["session_id"], owner)
     file_id = request.path_params["file_id"]
     info = await parley.store.get_file(session.ui_session_id, file_id)
     if info is None:
@@ -230,20 +248,20 @@ async def _file(parley: Parley, request: Request) -> FileInfo:
 
 
 async def list_files(request: Request) -> Response:
-    parley = await _parley(request)
-    session = await _session(parley, request.path_params["session_id"])
+    parley, owner = await _parley(request)
+    session = await _session(parley, request.path_params["session_id"], owner)
     files = await parley.store.list_files(session.ui_session_id)
     return JSONResponse({"files": [info.to_json() for info in files]})
 
 
 async def get_file(request: Request) -> Response:
-    parley = await _parley(request)
-    return JSONResponse((await _file(parley, request)).to_json())
+    parley, owner = await _parley(request)
+    return JSONResponse((await _file(parley, request, owner)).to_json())
 
 
 async def get_file_content(request: Request) -> Response:
-    parley = await _parley(request)
-    info = await _file(parley, request)
+    parley, owner = await _parley(request)
+    info = await _file(parley, request, owner)
     path = parley.blobs.path(info.id)
     if not await anyio.Path(path).is_file():
         raise NotFound(f"File not found: {info.id}")
@@ -252,8 +270,8 @@ async def get_file_content(request: Request) -> Response:
 
 
 async def delete_file(request: Request) -> Response:
-    parley = await _parley(request)
-    info = await _file(parley, request)
+    parley, owner = await _parley(request)
+    info = await _file(parley, request, owner)
     await parley.store.delete_file(info.session_id, info.id)
     await parley.blobs.delete(info.id)
     return JSONResponse({"status": "success", "message": f"File {info.filename} deleted"})
@@ -263,7 +281,7 @@ async def delete_file(request: Request) -> Response:
 
 
 async def list_agents(request: Request) -> Response:
-    parley = await _parley(request)
+    parley, _ = await _parley(request)
     return JSONResponse({"agents": [{"name": a.name, "description": a.description} for a in parley.agents]})
 
 
@@ -308,7 +326,9 @@ routes = [
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status_code, exc.message)
+    response = error_response(exc.status_code, exc.message)
+    response.headers.update(exc.headers)
+    return response
 
 
 async def _domain_error(request: Request, exc: Exception) -> Response:
@@ -335,16 +355,22 @@ def create_app(
     store: Store | None = None,
     agents: Agents | None = None,
     observers: Sequence[TurnObserver] = (),
+    auth: Auth | None = None,
+    ui: bool = True,
     debug: bool = False,
 ) -> Starlette:
     """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*).
 
-    ``observers`` are told about every turn (see :class:`sessions.turns.TurnObserver`): metrics, logs."""
+    ``observers`` are told about every turn (see :class:`sessions.turns.TurnObserver`): metrics, logs.
+    ``ui=False`` leaves out the chat page (``GET /`` and ``/ui/``), for hosts that serve their own.
+    """
     settings = settings or Settings.from_env()
+    auth = auth or Auth(keys_from(settings.api_keys, settings.api_keys_file))
     parley = build(settings, store, agents, observers)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        auth.warn_if_open()
         await parley.ready()
         try:
             async with anyio.create_task_group() as tg:
@@ -355,9 +381,22 @@ def create_app(
             with anyio.CancelScope(shield=True):
                 await parley.close()
 
+    middleware = []
+    if settings.cors_origins:
+        # A browser client on another origin may call the API and read the interaction id of a reply.
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["authorization", "x-api-key", "content-type", "last-event-id"],
+                expose_headers=["x-interaction-id"],
+            )
+        )
     app = Starlette(
         debug=debug,
-        routes=routes,
+        routes=[*routes, *page.routes] if ui else routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
             ApiError: _api_error,
@@ -367,6 +406,7 @@ def create_app(
         },
     )
     app.state.parley = parley
+    app.state.auth = auth
     return app
 
 

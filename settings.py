@@ -26,6 +26,10 @@ class Settings:
     checkpoint_seconds: float = 1.0
     sse_keepalive_seconds: float = 15.0
     on_disconnect: str = "cancel"
+    api_keys: str | None = field(default=None, repr=False)
+    api_keys_file: str | None = None
+    max_streams_per_owner: int | None = None
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -55,6 +59,10 @@ class Settings:
             checkpoint_seconds=number("CHECKPOINT_SECONDS", defaults.checkpoint_seconds),
             sse_keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", defaults.sse_keepalive_seconds),
             on_disconnect=_choice(text("ON_DISCONNECT"), defaults.on_disconnect, "PARLEY_ON_DISCONNECT"),
+            api_keys=text("API_KEYS"),
+            api_keys_file=text("API_KEYS_FILE"),
+            max_streams_per_owner=_positive_int(text("MAX_STREAMS_PER_OWNER"), "PARLEY_MAX_STREAMS_PER_OWNER"),
+            cors_origins=tuple(origin for origin in (text("CORS_ORIGINS") or "").replace(",", " ").split()),
         )
 
 
@@ -68,6 +76,14 @@ def _number(value: str | None, default: float, name: str) -> float:
     if number < 0:
         raise ValueError(f"{name} must not be negative, got {value!r}")
     return number
+
+
+def _positive_int(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a whole number of 1 or more (unset: no limit), got {value!r}")
+    return int(value)
 
 
 def _choice(value: str | None, default: str, name: str, choices: tuple[str, ...] = ("cancel", "continue")) -> str:

@@ -4,8 +4,8 @@
 machine: too coarse to tell whether a change to the hot path helped. This counts the instructions
 the app itself executes, under ``valgrind --tool=callgrind``, which gives the same count run after
 run whatever else the machine does. The app is driven in process through scripted ASGI messages
-(no uvicorn, no sockets), so the counts are the app's own cost: parley with its SQLite history,
-the floor and the peer from ``make bench``.
+(no uvicorn, no sockets), so the counts are the app's own cost: parley and the peer with their SQLite
+history, and the floor, from ``make bench``.
 
 Each figure is the difference between two runs that differ only in the amount of work, divided by
 that difference, so start-up and warm-up cancel out. ``--inner`` runs one measurement without
@@ -86,13 +86,18 @@ async def _inner(kind: str, chats: int, words: int, concurrency: int) -> None:
         app = importlib.import_module(f"bench.{kind}").app
     await lifespan.put({"type": "lifespan.startup"})
 
-    async def ignore(message: dict[str, Any]) -> None:
-        pass
+    started = asyncio.Event()
+
+    async def lifespan_send(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
 
     scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
-    running = asyncio.create_task(app(scope, lifespan.get, ignore))
+    running = asyncio.create_task(app(scope, lifespan.get, lifespan_send))
+    # The peer opens its database at start-up; the floor has no lifespan at all (it returns at once).
+    await asyncio.wait([running, asyncio.ensure_future(started.wait())], return_when=asyncio.FIRST_COMPLETED)
     sessions = [f"s{i}" for i in range(SESSIONS)]
-    if kind == "parley":
+    if kind != "floor":  # the peer keeps history too: it needs real sessions
         sessions = [json.loads((await _call(app, "/api/v1/sessions"))[1]["body"])["ui_session_id"] for _ in sessions]
     message = "+".join(["w"] * words)
 

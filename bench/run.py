@@ -1,318 +1,283 @@
-"""``make bench``: parley against the floor (a bare ASGI app) and a peer (FastAPI), in one run, as ratios.
+"""``make bench``: parley against the floor (a bare ASGI app) and a peer (FastAPI with history), as ratios within
+one run, every figure under both of uvicorn's stacks (h11+asyncio and httptools+uvloop), side by side.
 
-Every server runs under the same uvicorn settings, pinned to core 0; the load generators (this process
-for streams, wrk for short chats) are pinned to core 1, so client and server never share a core.
+Every server, and the bench's redis-server, is pinned to core 0; the load generators (this process for streams,
+wrk for short chats) to core 1. ``python -m bench.run --only 1,1b,4`` runs a subset (figure numbers or names).
+A figure whose feature the server does not have yet (a 404 from an older branch, say) reads "n/a".
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime as dt
-import itertools
 import os
-import platform
-import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
-from importlib import metadata
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import httpx
+from bench import chats, latency, report, streams
+from bench.latency import Missing
+from bench.report import Row
+from bench.servers import API_KEY, CLIENT_CORE, STACKS, Redis, Server, has_redis_extra, redis_server, serve
 
-from bench.client import form_post, open_stream, percentile, request
-
-ROOT = Path(__file__).resolve().parent.parent
-SERVER_CORE, CLIENT_CORE = 0, 1
-APPS = {"floor": "bench.floor:app", "parley": "app:app", "peer": "bench.peer:app"}
-UVICORN = ["--http", "h11", "--loop", "asyncio", "--no-access-log", "--log-level", "warning", "--backlog", "8192"]
-WORDS = 50_000
-GAP_LIMIT_MS = 100.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+FIGURES = ["throughput", "concurrency", "short", "cancel", "rejoin", "first-token", "access", "stores"]
+ALIASES = {"1": "throughput", "1b": "throughput", "2": "concurrency", "3": "short", "4": "cancel", "5": "rejoin",
+           "6": "first-token", "7": "access"}  # fmt: skip
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# Replies for benchmarks 4 and 5 run at 50 tokens/s, a fast model's pace: they are cancelled or rejoined after the
+# first token, so the pace sets how long each sample waits for it.
+SLOW = {"PARLEY_ECHO_DELAY": "0.02"}
 
 
 @dataclass
-class Server:
-    kind: str
-    port: int
-    process: subprocess.Popen[bytes]
+class Bench:
+    args: argparse.Namespace
+    redis: Redis | None
+    rows: list[Row] = field(default_factory=list)
+    details: dict[str, list[str]] = field(default_factory=dict)
+    _next_db: int = 0
+    _history: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # store → (its place, sessions)
+    parley: dict[tuple[str, str], float] = field(default_factory=dict)  # (what, stack) → parley's figure
 
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+    def stack_row(self) -> Row | None:
+        """Does the default stack (httptools+uvloop) beat the pure-Python one on parley's own figures?"""
+        slow, fast = STACKS
+        both = self.parley.keys()
+        measured = [what for what in ("one stream", "short chats") if {(what, fast), (what, slow)} <= both]
+        pairs = [(what, self.parley[what, fast] / self.parley[what, slow]) for what in measured]
+        if not pairs:
+            return None
+        result = ", ".join(f"{what} {gain:.2f} ×" for what, gain in pairs)
+        better = min(gain for _, gain in pairs) > 1
+        return Row(f"parley on {fast} against {slow}", "both", result, "> 1 (the default)", better)
 
-    def sessions(self, count: int) -> list[str]:
-        if self.kind != "parley":
-            return [f"ses_{i}" for i in range(count)]
-        with httpx.Client(base_url=f"http://127.0.0.1:{self.port}") as client:
-            return [client.post("/api/v1/sessions").json()["ui_session_id"] for _ in range(count)]
+    def note(self, section: str, line: str) -> None:
+        self.details.setdefault(section, []).append(line)
+        print(f"  {line}", flush=True)
 
+    def redis_env(self) -> dict[str, str]:
+        if self.redis is None or not has_redis_extra():
+            raise Missing("no redis-server (or no redis-py) on this machine")
+        self._next_db += 1
+        return {"PARLEY_REDIS_URL": self.redis.url(self._next_db)}
 
-@contextlib.contextmanager
-def serve(kind: str, echo_delay: float) -> Iterator[Server]:
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="parley-bench-") as data_dir:
-        env = {
-            **os.environ,
-            "PARLEY_ECHO_DELAY": str(echo_delay),
-            "PARLEY_DATA_DIR": data_dir,
-            "PARLEY_MAX_MESSAGE_BYTES": str(1024 * 1024),
-        }
-        command = ["taskset", "-c", str(SERVER_CORE), sys.executable, "-m", "uvicorn", APPS[kind]]
-        process = subprocess.Popen([*command, *UVICORN, "--port", str(port)], cwd=ROOT, env=env)
+    @contextlib.contextmanager
+    def workers(self, stack: str, env: dict[str, str] | None = None) -> Iterator[tuple[Server, Server]]:
+        """Two parley processes on one Redis, sharing a data directory: two workers behind a load balancer."""
+        shared = {**self.redis_env(), **(env or {})}
+        with tempfile.TemporaryDirectory(prefix="parley-bench-") as data, serve("parley", stack, shared, data) as a:
+            with serve("parley", stack, shared, data) as b:
+                yield a, b
+
+    # 1 and 1b
+
+    def throughput(self, stack: str) -> None:
+        tps = streams.throughput(stack, self.args.runs)
+        floor, parley, sse, peer = tps["floor"], tps["parley"], tps["parley SSE"], tps["peer"]
+        assert floor and parley and peer
+        self.note("1", f"{stack}: tokens/s floor {floor:,.0f}, parley {parley:,.0f}, "
+                       f"parley SSE {f'{sse:,.0f}' if sse else 'n/a'}, peer {peer:,.0f}")  # fmt: skip
+        self.parley["one stream", stack] = parley
+        ratio = parley / floor
+        result = f"parley {parley:,.0f} tokens/s, floor {floor:,.0f}, peer {peer:,.0f}: {ratio:.2f} × floor"
+        self.rows.append(Row("1. one stream, plain text", stack, result, "≥ 0.9 × floor", ratio >= 0.9))
+        if sse is None:
+            self.rows.append(Row("1b. one stream, SSE", stack, "n/a (feature missing)", "≥ 0.75 × floor", None))
+        else:
+            ratio = sse / floor
+            result = f"parley SSE {sse:,.0f} tokens/s: {ratio:.2f} × floor"
+            self.rows.append(Row("1b. one stream, SSE", stack, result, "≥ 0.75 × floor", ratio >= 0.75))
+
+    # 2
+
+    def concurrency(self, stack: str) -> None:
+        a = self.args
+        log = self.details.setdefault("2", [])
+        levels = (a.start, a.step, a.finest, a.top)
+        held = streams.concurrency(stack, ("floor", "parley"), levels, a.tokens, 2, log)
+        (floor, floor_missed), (parley, parley_missed) = held["floor"], held["parley"]
+        if floor is None or parley is None:
+            floor_n, parley_n = (f"{x.streams}" if x else f"< {a.start}" for x in (floor, parley))
+            result = f"floor {floor_n}, parley {parley_n}"
+            self.rows.append(Row("2. concurrent streams", stack, result, "≥ 0.8 × floor's N", False))
+            return
+        at_least = "" if floor_missed else "≥ "  # held the highest level tried: its limit is above
+        # A miss with the client's core busy may be the client's limit, not the server's: say so.
+        misses = (("floor", floor_missed), ("parley", parley_missed))
+        busy = [f"{kind} missed {m.streams} with the client at {m.client_cpu:.0%} CPU"
+                for kind, m in misses if m and m.client_cpu >= 0.9]  # fmt: skip
+        ratio, memory = parley.streams / floor.streams, parley.rss_per_stream_kib / floor.rss_per_stream_kib
+        result = (f"floor {at_least}{floor.streams} ({floor.rss_per_stream_kib:.0f} KiB/stream), "
+                  f"parley {parley.streams} ({parley.rss_per_stream_kib:.0f} KiB/stream): {ratio:.2f} × floor's N, "
+                  f"{memory:.2f} × its memory") + "".join(f" ({b})" for b in busy)  # fmt: skip
+        target = "≥ 0.8 × floor's N; memory ≤ 1.3 × floor's"
+        self.rows.append(Row("2. concurrent streams", stack, result, target, ratio >= 0.8 and memory <= 1.3))
+
+    # 3, 7 and the stores
+
+    def short(self, stack: str) -> None:
+        with serve("floor", stack) as floor, serve("parley", stack) as parley, serve("peer", stack) as peer:
+            group = {s.kind: (s, s.sessions(4 * chats.CONNECTIONS)) for s in (floor, parley, peer)}
+            rate = chats.rates(group, self.args.rounds, self.args.seconds)
+        for kind, r in rate.items():
+            self.note("3", f"{stack}: {kind:6} {r} (rounds: {', '.join(f'{x:,.0f}' for x in r.rounds)})")
+        self.parley["short chats", stack] = rate["parley"].per_second
+        versus_peer = rate["parley"].per_second / rate["peer"].per_second
+        of_floor = rate["parley"].per_second / rate["floor"].per_second
+        result = (f"parley {rate['parley']}, peer {rate['peer']}: {versus_peer:.2f} × peer; "
+                  f"floor {rate['floor']}: {of_floor:.2f} × floor")  # fmt: skip
+        self.rows.append(Row("3. short chats, 64 clients", stack, result, "≥ 2 × peer", versus_peer >= 2))
+
+    def access(self, stack: str) -> None:
+        on_env = {"PARLEY_API_KEYS": f"bench:{API_KEY}", "PARLEY_METRICS": "1"}
+        with serve("parley", stack, {"PARLEY_METRICS": "0"}) as off, serve("parley", stack, on_env, headers=AUTH) as on:
+            keys, metrics = chats.access_features(on)
+            figure, target = "7. short chats, API keys and metrics on", "≥ 0.9 × both off"
+            if not keys and not metrics:
+                self.rows.append(Row(figure, stack, "n/a (feature missing)", target, None))
+                return
+            group = {"off": (off, off.sessions(4 * chats.CONNECTIONS)), "on": (on, on.sessions(4 * chats.CONNECTIONS))}
+            rate = chats.rates(group, self.args.rounds, self.args.seconds)
+        ratio = rate["on"].per_second / rate["off"].per_second
+        partial = "" if keys and metrics else f" (only {'API keys' if keys else 'metrics'}: the other is missing)"
+        self.note("7", f"{stack}: on {rate['on']} {rate['on'].rounds}, off {rate['off']} {rate['off'].rounds}")
+        result = f"on {rate['on']}, off {rate['off']}: {ratio:.2f}{partial}"
+        self.rows.append(Row(figure, stack, result, target, ratio >= 0.9))
+
+    def stores(self, stack: str) -> None:
+        """Short chats/s on SQLite and on Redis, fresh and with a long history in every session. The histories are
+        made once, through the API, and kept for the other stack's servers (a data directory, a Redis database)."""
+        messages = f"{2 * self.args.history_chats:,}-message history"
+        places = {"SQLite": {}, "Redis": self.redis_env()} if self.redis and has_redis_extra() else {"SQLite": {}}
+        if not self._history:
+            self._history["SQLite"] = (tempfile.mkdtemp(prefix="parley-bench-history-"), [])
+            if "Redis" in places:
+                self._history["Redis"] = (self.redis_env()["PARLEY_REDIS_URL"], [])
+        with contextlib.ExitStack() as stack_of_servers:
+            group: dict[str, tuple[Server, list[str]]] = {}
+            for store, env in places.items():
+                fresh = stack_of_servers.enter_context(serve("parley", stack, env))
+                group[store] = (fresh, fresh.sessions(4 * chats.CONNECTIONS))
+                place, sessions = self._history[store]
+                full_env = {"PARLEY_REDIS_URL": place} if store == "Redis" else {}
+                full = stack_of_servers.enter_context(serve("parley", stack, full_env, place if not full_env else None))
+                if not sessions:
+                    started = time.perf_counter()
+                    sessions = full.sessions(chats.HISTORY_SESSIONS)
+                    chats.fill_history(full, sessions, self.args.history_chats)
+                    self._history[store] = (place, sessions)
+                    self.note("stores", f"{store}: {messages} in {len(sessions)} sessions made in "
+                                        f"{time.perf_counter() - started:.0f} s")  # fmt: skip
+                group[f"{store}, {messages}"] = (full, sessions)
+            rate = chats.rates(group, self.args.rounds, self.args.seconds)
+        for name, r in rate.items():
+            self.note("stores", f"{stack}: {name}: {r} (rounds: {', '.join(f'{x:,.0f}' for x in r.rounds)})")
+        if "Redis" in rate:
+            sqlite, redis = rate["SQLite"], rate["Redis"]
+            result = f"SQLite {sqlite}, Redis {redis}: {redis.per_second / sqlite.per_second:.2f}"
+            self.rows.append(Row("Redis store against SQLite", stack, result, "", None))
+        costs = []
+        for store in places:
+            empty, long = rate[store], rate[f"{store}, {messages}"]
+            micros = 1e6 / long.per_second - 1e6 / empty.per_second
+            costs.append(f"{store} {long} ({micros:+.0f} µs per chat)")
+        self.rows.append(Row(messages, stack, "; ".join(costs), "", None))
+
+    # 4, 5, 6
+
+    def cancel(self, stack: str) -> None:
+        count = self.args.count
+        with serve("parley", stack, SLOW) as server:
+            p50, p99 = latency.cancel_latency(server, server, count)
+        self.rows.append(Row("4. cancel → stream end, one process", stack, f"p50 {p50:.2f} ms, p99 {p99:.2f} ms",
+                             "p99 ≤ 5 ms", p99 <= 5))  # fmt: skip
+        with self.workers(stack, SLOW) as (a, b):
+            p50, p99 = latency.cancel_latency(a, b, count)
+        self.rows.append(Row("4. cancel → stream end, another worker", stack, f"p50 {p50:.2f} ms, p99 {p99:.2f} ms",
+                             "p99 ≤ 8 ms", p99 <= 8))  # fmt: skip
+
+    def rejoin(self, stack: str) -> None:
+        env = SLOW
+        figure = "5. rejoin → first replayed byte"
+        with serve("parley", stack, env) as server:
+            self._rejoin_row(f"{figure}, one process", stack, server, server, 10)
+        with self.workers(stack, env) as (a, b):
+            self._rejoin_row(f"{figure}, owning worker (Redis)", stack, a, a, 10)
+            self._rejoin_row(f"{figure}, another worker (Redis)", stack, a, b, 20)
+
+    def _rejoin_row(self, figure: str, stack: str, owner: Server, rejoiner: Server, limit: float) -> None:
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"{kind} did not start")
-                time.sleep(0.05)
-            yield Server(kind, port, process)
-        finally:
-            process.terminate()
-            process.wait(10)
+            p50, p99 = latency.rejoin_latency(owner, rejoiner, self.args.count)
+        except Missing as missing:
+            self.rows.append(Row(figure, stack, f"n/a (feature missing: {missing})", f"p99 ≤ {limit:g} ms", None))
+            return
+        self.rows.append(Row(figure, stack, f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", f"p99 ≤ {limit:g} ms", p99 <= limit))
 
-
-# 1. One stream's throughput
-
-
-async def _one_stream(server: Server, session_id: str, message: str) -> float:
-    raw = form_post("/api/v1/chat", {"ui_session_id": session_id, "message": message}, server.port)
-    stream, _, done = await open_stream(server.port, raw)
-    await done
-    assert stream.status == 200 and stream.ended_at is not None, f"{server.kind}: status {stream.status}"
-    return stream.ended_at - stream.sent_at
-
-
-def throughput(runs: int = 7) -> dict[str, float]:
-    """Tokens per second of each server, the median of ``runs`` streams. The servers take turns, stream by
-    stream, so that a noisy moment on the machine falls on all of them rather than on one."""
-    message = " ".join(f"w{i % 1000}" for i in range(WORDS))
-    times: dict[str, list[float]] = {kind: [] for kind in APPS}
-    with contextlib.ExitStack() as stack:
-        servers = {kind: stack.enter_context(serve(kind, 0.0)) for kind in APPS}
-        sessions = {kind: server.sessions(runs + 1) for kind, server in servers.items()}
-        for kind, server in servers.items():
-            asyncio.run(_one_stream(server, sessions[kind][-1], "warm up " * 100))
-        for i in range(runs):
-            for kind, server in servers.items():
-                times[kind].append(asyncio.run(_one_stream(server, sessions[kind][i], message)))
-    return {kind: WORDS / sorted(t)[len(t) // 2] for kind, t in times.items()}
-
-
-# 2. Concurrent streams
-
-
-@dataclass
-class Level:
-    streams: int
-    p99_gap_ms: float
-    completed: int
-    rss_per_stream_kib: float
-    client_cpu: float
-
-    @property
-    def held(self) -> bool:
-        return self.completed == self.streams and self.p99_gap_ms <= GAP_LIMIT_MS
-
-
-async def _many_streams(server: Server, sessions: list[str], tokens: int) -> Level:
-    message = " ".join(f"t{i}" for i in range(tokens))
-    idle_rss = server.rss_kib()
-    cpu_start, wall_start = time.process_time(), time.perf_counter()
-    opened = [
-        await open_stream(server.port, form_post("/api/v1/chat", {"ui_session_id": s, "message": message}, server.port))
-        for s in sessions
-    ]
-    await asyncio.sleep(tokens * 0.05 / 2)
-    rss = server.rss_kib() - idle_rss
-    await asyncio.wait_for(asyncio.gather(*(done for _, _, done in opened)), timeout=tokens * 0.05 * 6 + 30)
-    client_cpu = (time.process_time() - cpu_start) / (time.perf_counter() - wall_start)
-    gaps: list[float] = []
-    completed = 0
-    for stream, _, _ in opened:
-        arrivals = stream.arrivals
-        gaps.extend(b - a for a, b in itertools.pairwise(arrivals[1:]))
-        completed += stream.status == 200 and stream.size > len(message)
-    return Level(len(sessions), percentile(gaps, 99) * 1000, completed, rss / len(sessions), client_cpu)
-
-
-LEVEL_LINES: list[str] = []
-
-
-def concurrency(levels: list[int], tokens: int = 200, attempts: int = 2) -> dict[str, Level | None]:
-    """The largest level each server held. Levels rise together: at each N every server still in the race
-    runs in turn, so a noisy moment on the machine is shared rather than landing on one server's levels.
-    Each server gets ``attempts`` tries at each level, in rounds, and keeps its best: noise on a shared
-    machine only ever adds delay, so the best try is the closer estimate of what the server can do."""
-    held: dict[str, Level | None] = {kind: None for kind in APPS}
-    racing = list(APPS)
-    for n in levels:
-        best: dict[str, Level] = {}
-        for _ in range(attempts):
-            for kind in racing:
-                if kind in best and best[kind].held:
-                    continue
-                with serve(kind, 0.05) as server:
-                    sessions = server.sessions(n)
-                    level = asyncio.run(_many_streams(server, sessions, tokens))
-                line = (f"{kind:6} N={n:5}: p99 gap {level.p99_gap_ms:7.1f} ms, {level.completed}/{n} complete, "
-                        f"{level.rss_per_stream_kib:6.1f} KiB/stream, client CPU {level.client_cpu:.0%}")  # fmt: skip
-                LEVEL_LINES.append(line)
-                print("  " + line, flush=True)
-                if kind not in best or (level.held, -level.p99_gap_ms) > (best[kind].held, -best[kind].p99_gap_ms):
-                    best[kind] = level
-        for kind in list(racing):
-            if best[kind].held:
-                held[kind] = best[kind]
-            else:
-                racing.remove(kind)
-        if not racing:
-            break
-    return held
-
-
-# 3. Short chats per second (wrk)
-
-
-WRK_SCRIPT = """
-local sessions = {}
-local i = 0
-init = function(args)
-  for line in io.lines(args[1]) do sessions[#sessions + 1] = line end
-end
-request = function()
-  i = i % #sessions + 1
-  local body = "ui_session_id=" .. sessions[i] .. "&message=hi"
-  return wrk.format("POST", "/api/v1/chat", {["Content-Type"] = "application/x-www-form-urlencoded"}, body)
-end
-"""
-
-
-def short_chats(kind: str, seconds: int = 10, connections: int = 64) -> tuple[float, int]:
-    with serve(kind, 0.0) as server, tempfile.TemporaryDirectory() as tmp:
-        # Many more sessions than connections, used in turn, so no session is ever asked twice at once. The
-        # warm-up has sessions of its own: the chats it leaves cut off at its end may still be recording when
-        # the measured run starts, and a session of theirs would answer 409.
-        sessions = server.sessions(connections * 20)
-        (Path(tmp) / "warm-up.txt").write_text("\n".join(sessions[: connections * 4]) + "\n")
-        (Path(tmp) / "sessions.txt").write_text("\n".join(sessions[connections * 4 :]) + "\n")
-        (Path(tmp) / "chat.lua").write_text(WRK_SCRIPT)
-        url = f"http://127.0.0.1:{server.port}"
-        wrk = ["taskset", "-c", str(CLIENT_CORE), "wrk", "-t1", f"-c{connections}", "-s", f"{tmp}/chat.lua"]
-        subprocess.run([*wrk, "-d2s", url, "--", f"{tmp}/warm-up.txt"], capture_output=True, check=True)
-        out = subprocess.run(
-            [*wrk, f"-d{seconds}s", url, "--", f"{tmp}/sessions.txt"], capture_output=True, text=True, check=True
-        ).stdout
-    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return rate, int(bad.group(1)) if bad else 0
-
-
-# 4. Cancel latency
-
-
-async def _cancels(server: Server, sessions: list[str]) -> list[float]:
-    message = " ".join(f"c{i}" for i in range(400))
-    latencies = []
-    for session_id in sessions:
-        chat = form_post("/api/v1/chat", {"ui_session_id": session_id, "message": message}, server.port)
-        stream, first, done = await open_stream(server.port, chat)
-        await first.wait()
-        cancel = form_post("/api/v1/cancel", {"ui_session_id": session_id}, server.port)
-        started = time.perf_counter()
-        answer = asyncio.ensure_future(request(server.port, cancel))
-        await done
-        assert stream.ended_at is not None
-        latencies.append(stream.ended_at - started)
-        assert b'"cancelled":true' in await answer
-    return latencies
-
-
-def cancel_latency(count: int = 200) -> tuple[float, float]:
-    with serve("parley", 0.05) as server:
-        sessions = server.sessions(count)
-        latencies = asyncio.run(_cancels(server, sessions))
-    return percentile(latencies, 50) * 1000, percentile(latencies, 99) * 1000
-
-
-# the report
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    versions = ", ".join(
-        f"{name} {metadata.version(name)}" for name in ("starlette", "uvicorn", "anyio", "fastapi", "httpx")
-    )
-    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("[")[0].strip()
-    system = f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}"
-    return f"{system}; {versions}; {wrk}"
-
-
-def _held(level: Level | None, top: int) -> str:
-    if level is None:
-        return "< first level"
-    at_least = "≥ " if level.streams == top else ""  # held the highest level tried: its limit is above
-    return f"{at_least}{level.streams} ({level.rss_per_stream_kib:.0f} KiB/stream)"
+    def first_token(self, stack: str) -> None:
+        with serve("stub", stack, core=CLIENT_CORE) as stub:
+            env = {"PARLEY_OPENAI_BASE_URL": f"{stub.url}/v1", "PARLEY_OPENAI_API_KEY": "sk-bench"}
+            with serve("parley", stack, env) as parley:
+                figures = latency.first_token_overhead(parley, stub, self.args.count)
+        self.note("6", f"{stack}: " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in figures.items()))
+        p50, p99 = figures["overhead p50"], figures["overhead p99"]
+        result = (f"overhead p50 {p50:.2f} ms, p99 {p99:.2f} ms (through parley p99 {figures['through p99']:.2f}, "
+                  f"stub direct p99 {figures['direct p99']:.2f})")  # fmt: skip
+        self.rows.append(Row("6. first-token overhead, openai agent", stack, result, "p99 ≤ 2 ms", p99 <= 2))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", default="throughput,concurrency,short,cancel")
-    # Finer steps where the servers' limits have been (2,000 to 4,000 on a 2-core test machine).
-    parser.add_argument("--levels", default="500,1000,1500,2000,2250,2500,2750,3000,3250,3500,3750,4000,5000,6000")
+    parser.add_argument("--only", default=",".join(FIGURES), help="figures: " + ", ".join(FIGURES) + " or 1..7, 1b")
+    parser.add_argument("--stacks", default=",".join(STACKS), help=", ".join(STACKS))
+    parser.add_argument("--runs", type=int, default=5, help="benchmark 1: streams per server, the median counts")
+    parser.add_argument("--start", type=int, default=1000, help="benchmark 2: the first level")
+    parser.add_argument("--step", type=int, default=1000, help="benchmark 2: climb by this until a level is missed")
+    parser.add_argument("--finest", type=int, default=250, help="benchmark 2: then bisect down to this")
+    parser.add_argument("--top", type=int, default=12000, help="benchmark 2: the highest level tried")
+    parser.add_argument("--tokens", type=int, default=200, help="benchmark 2: tokens per stream (at 20 a second)")
+    parser.add_argument("--rounds", type=int, default=3, help="wrk figures: rounds per server, the median counts")
+    parser.add_argument("--seconds", type=int, default=4, help="wrk figures: seconds per round")
+    parser.add_argument("--history-chats", type=int, default=chats.HISTORY_CHATS, help="stores: chats per session")
+    parser.add_argument("--count", type=int, default=200, help="benchmarks 4 to 6: samples per figure")
     parser.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
+    parser.add_argument("--smoke", action="store_true", help="every code path in about 3 minutes; figures are noise")
     args = parser.parse_args()
-    only = set(args.only.split(","))
+    if args.smoke:
+        smoke = {"runs": 1, "start": 50, "step": 50, "top": 100, "finest": 25, "tokens": 20, "rounds": 1, "seconds": 1}
+        vars(args).update(smoke, count=5, history_chats=5)
+    chosen = {ALIASES.get(name.strip(), name.strip()) for name in args.only.split(",")}
+    unknown = chosen - set(FIGURES) | set(args.stacks.split(",")) - set(STACKS)
+    if unknown:
+        parser.error(f"unknown: {', '.join(sorted(unknown))}")
     os.sched_setaffinity(0, {CLIENT_CORE})
-    rows: list[tuple[str, str, str, str, str]] = []
-
-    if "throughput" in only:
-        tps = throughput()
-        cells = [f"{tps[k]:,.0f}" for k in APPS]
-        rows.append(("1. one stream, tokens/s", *cells, f"{tps['parley'] / tps['floor']:.2f} (≥ 0.9)"))
-    if "concurrency" in only:
-        levels = [int(n) for n in args.levels.split(",")]
-        held = concurrency(levels)
-        cells = [_held(held[k], levels[-1]) for k in APPS]
-        ratio = (held["parley"].streams / held["floor"].streams) if held["parley"] and held["floor"] else 0.0
-        at_most = "≤ " if held["floor"] and held["floor"].streams == levels[-1] else ""
-        rows.append(("2. streams held at p99 gap ≤ 100 ms", *cells, f"{at_most}{ratio:.2f} (≥ 0.8)"))
-    if "short" in only:
-        rps = {kind: short_chats(kind) for kind in APPS}
-        cells = [f"{rps[k][0]:,.0f}" + (f" ({rps[k][1]} non-2xx)" if rps[k][1] else "") for k in APPS]
-        ratio = rps["parley"][0] / rps["floor"][0]
-        versus_peer = rps["parley"][0] / rps["peer"][0]
-        rows.append(("3. short chats/s, 64 clients", *cells, f"{ratio:.2f} (≥ 0.6); {versus_peer:.2f}x peer (≥ 1.2)"))
-    if "cancel" in only:
-        p50, p99 = cancel_latency()
-        rows.append(("4. cancel → stream end, ms", "", f"p50 {p50:.2f}, p99 {p99:.2f}", "", f"p99 {p99:.2f} ms (≤ 5)"))
-
-    header = ("benchmark", "floor", "parley", "peer (FastAPI)", "parley vs target")
-    table = "\n".join("| " + " | ".join(row) + " |" for row in [header, ("---",) * 5, *rows])
-    print("\n" + table)
+    started = time.perf_counter()
+    with redis_server() as redis:
+        bench = Bench(args, redis)
+        for figure in (f for f in FIGURES if f in chosen):
+            for stack in args.stacks.split(","):
+                print(f"{figure} ({stack})", flush=True)
+                try:
+                    getattr(bench, figure.replace("-", "_"))(stack)
+                except Missing as missing:
+                    bench.rows.append(Row(figure, stack, f"n/a ({missing})", "", None))
+                except Exception as error:  # one broken figure must not cost the others a 20-minute run
+                    traceback.print_exc()
+                    bench.rows.append(Row(figure, stack, f"error: {type(error).__name__}: {error}", "", False))
+        stack_row = bench.stack_row()
+        if stack_row:
+            bench.rows.append(stack_row)
+    minutes = (time.perf_counter() - started) / 60
+    table = report.table(bench.rows)
+    print("\n" + table + f"\n\n{minutes:.1f} minutes")
     if args.write:
+        everything = args.only == parser.get_default("only")
+        command = "make bench" if everything else "python -m bench.run " + " ".join(sys.argv[1:])
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        command = "make bench" if args.only == parser.get_default("only") else " ".join(sys.argv)
-        levels = "\n".join(LEVEL_LINES)
-        details = f"\n## Benchmark 2, level by level\n\n```\n{levels}\n```\n" if LEVEL_LINES else ""
-        (ROOT / "bench" / "RESULTS.md").write_text(
-            f"# Benchmark results\n\n{stamp}, `{command}`\n\nMachine: {machine()}\n\n{table}\n{details}"
-        )
+        report.write(stamp, command, minutes, table, bench.details)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
 - :mod:`sessions.turns`: the turn runner (claim, history, agent, checkpoints, record, release), with no wire format.
 - :mod:`sessions.streaming` and :mod:`sessions.sse`: the chat response and its renderers (plain text, the AI SDK's
   SSE); :mod:`sessions.rejoin`: following a reply that is running.
+- :mod:`sessions.limits` and :mod:`sessions.redis_limits`: how many replies one owner may have running at once,
+  in one process and across processes on Redis (owners themselves: see ``auth.py``).
 - :mod:`sessions.files` and :mod:`sessions.uploads`: uploaded files' bytes, streamed to disk.
 - :mod:`sessions.redis` and :mod:`sessions.redis_coordinator`: the Redis store, and the coordinator that carries
   claims, cancels and rejoins across processes.

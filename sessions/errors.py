@@ -2,11 +2,14 @@
 
     ApiError                  a request that cannot be served as sent; rendered {"status": "error", "message": ...}
      ├── BadRequest           400  a field missing, empty or malformed; a body that cannot be parsed
-     ├── NotFound             404  unknown session, file or route
+     ├── Unauthorized         401  no owner: no API key, a wrong or malformed one, or the host app's user is not
+     │                             authenticated (auth.py); with API keys it carries WWW-Authenticate: Bearer
+     ├── NotFound             404  unknown session, file or route; another owner's session or file, exactly alike
      ├── Conflict             409
      │    ├── SessionBusy          the session already has an interaction in progress
      │    └── SessionExists        a client-chosen ui_session_id is taken
      ├── PayloadTooLarge      413  a message or an upload over its limit
+     ├── TooManyStreams       429  the owner already has PARLEY_MAX_STREAMS_PER_OWNER replies running (Retry-After)
      ├── CancelFailed         500  a cancel that could not be delivered to the process that owns the stream
      ├── RejoinFailed         500  a rejoin of a reply that another process streams, which this one cannot reach
      ├── StoreUnavailable     503  the shared store (Redis) cannot be reached right now
@@ -22,14 +25,17 @@ maps them to statuses:
      ├── SessionNotFound      404  the session does not exist
      └── SessionGone          404  the session was deleted while the request was using it
 
-Messages are sentences a person understands: no tracebacks, no internals, no secrets.
+Messages are sentences a person understands: no tracebacks, no internals, no secrets (never a key).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class ApiError(Exception):
     status_code = 500
+    headers: Mapping[str, str] = {}
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -38,6 +44,15 @@ class ApiError(Exception):
 
 class BadRequest(ApiError):
     status_code = 400
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+
+    def __init__(self, message: str, *, bearer: bool) -> None:
+        super().__init__(message)
+        if bearer:
+            self.headers = {"www-authenticate": "Bearer"}
 
 
 class NotFound(ApiError):
@@ -60,6 +75,18 @@ class SessionExists(Conflict):
 
 class PayloadTooLarge(ApiError):
     status_code = 413
+
+
+class TooManyStreams(ApiError):
+    status_code = 429
+    retry_after_seconds = 1  # replies usually end within seconds, and a slot frees when one does
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"Too many replies running at once for this owner (the limit is {limit}): wait for one to end, "
+            "or cancel one, and try again."
+        )
+        self.headers = {"retry-after": str(self.retry_after_seconds)}
 
 
 class CancelFailed(ApiError):

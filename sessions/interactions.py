@@ -10,7 +10,8 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from sessions.errors import ApiError, CancelFailed, RejoinFailed, SessionBusy
+from sessions.errors import ApiError, CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
+from sessions.limits import LocalStreamSlots, StreamSlots
 from sessions.store import Store, new_id
 
 logger = logging.getLogger("parley")
@@ -29,9 +30,10 @@ class Interaction:
     ``over`` turns true once the reply is recorded and the session freed.
     """
 
-    def __init__(self, session_id: str) -> None:
+    def __init__(self, session_id: str, owner: str = "") -> None:
         self.id = new_id("int_")
         self.session_id = session_id
+        self.owner = owner  # whom the request acts for (auth.py); only that owner's cancels reach it
         self.scope = anyio.CancelScope()
         self.reason: CancelReason | None = None
         self.done = False
@@ -109,9 +111,12 @@ class Coordinator(Protocol):
     async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
         """Does another process run the session's interaction (``interaction_id``, if given)?"""
 
-    async def cancel_elsewhere(self, session_id: str, interaction_id: str | None, reason: CancelReason) -> bool:
-        """Cancel the session's interaction in the process that runs it; True if it was stopped there.
-        Raises CancelFailed when that process cannot be reached (or, locally, when there might be one)."""
+    async def cancel_elsewhere(
+        self, session_id: str, interaction_id: str | None, reason: CancelReason, owner: str | None
+    ) -> bool:
+        """Cancel the session's interaction in the process that runs it, if it runs for ``owner`` (any owner:
+        None); True if it was stopped there. Raises CancelFailed when that process cannot be reached (or,
+        locally, when there might be one)."""
 
     async def follow(self, session_id: str) -> Followed | None:
         """A live copy of the session's interaction that another process runs, for a rejoining client, and what
@@ -156,7 +161,9 @@ class LocalCoordinator:
         streaming = await self.store.streaming_turn(session_id)
         return streaming is not None and interaction_id in (None, streaming)
 
-    async def cancel_elsewhere(self, session_id: str, interaction_id: str | None, reason: CancelReason) -> bool:
+    async def cancel_elsewhere(
+        self, session_id: str, interaction_id: str | None, reason: CancelReason, owner: str | None
+    ) -> bool:
         if await self.streaming_elsewhere(session_id, interaction_id):
             raise CancelFailed(
                 f"Failed to cancel interaction for session: {session_id}. It is streaming in another worker "
@@ -186,18 +193,28 @@ class Interactions:
     scope. Cancel, session delete and client disconnect all go through here to the interaction's scope; the
     coordinator carries the one-per-session rule and the cancels to the other processes."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, slots: StreamSlots | None = None) -> None:
         self._running: dict[str, Interaction] = {}
         self.coordinator = coordinator
+        self.slots: StreamSlots = slots or LocalStreamSlots(None)
 
     @asynccontextmanager
-    async def open(self, session_id: str) -> AsyncIterator[Interaction]:
-        """Claim the session for one interaction, for as long as the block runs. Raises SessionBusy."""
-        if session_id in self._running:
-            raise SessionBusy(session_id)
-        interaction = Interaction(session_id)
-        if not await self.coordinator.claim(interaction):
-            raise SessionBusy(session_id)
+    async def open(self, session_id: str, owner: str = "") -> AsyncIterator[Interaction]:
+        """Take one of the owner's stream slots and claim the session for one interaction, for as long as the
+        block runs. Raises TooManyStreams, then SessionBusy."""
+        interaction = Interaction(session_id, owner)
+        # The slot first: an owner at its limit hears 429 whatever the session, so a busy session of another
+        # owner's is not told apart from a missing one by this either.
+        limited = self.slots.limit is not None  # (unlimited, the default: no slot to take, nothing to pay)
+        if limited and not await self.slots.take(owner, interaction.id):
+            raise TooManyStreams(self.slots.limit or 0)
+        try:
+            if session_id in self._running or not await self.coordinator.claim(interaction):
+                raise SessionBusy(session_id)
+        except BaseException:
+            if limited:
+                await self.slots.give_back(owner, interaction.id)
+            raise
         self._running[session_id] = interaction
         try:
             yield interaction
@@ -222,26 +239,42 @@ class Interactions:
                 await self.coordinator.release(interaction)
             except ApiError:
                 logger.warning("could not release session %s; its lease will run out", interaction.session_id)
+            if self.slots.limit is not None:
+                await self.slots.give_back(interaction.owner, interaction.id)
 
     def get(self, session_id: str) -> Interaction | None:
         return self._running.get(session_id)
 
-    def cancel_here(self, session_id: str, interaction_id: str | None = None, reason: str = "cancelled") -> bool:
-        """Cancel the session's interaction if this process runs it (and it is ``interaction_id``, when given)."""
+    def cancel_here(
+        self,
+        session_id: str,
+        interaction_id: str | None = None,
+        reason: str = "cancelled",
+        owner: str | None = None,
+    ) -> bool:
+        """Cancel the session's interaction if this process runs it (and it is ``interaction_id``, when given,
+        and it runs for ``owner``, when given: another owner's cancel never reaches a stream)."""
         interaction = self._running.get(session_id)
         if interaction is None or (interaction_id is not None and interaction.id != interaction_id):
+            return False
+        if owner is not None and interaction.owner != owner:
             return False
         return interaction.cancel(_REASONS.get(reason, "cancelled"))
 
     async def cancel(
-        self, session_id: str, interaction_id: str | None = None, reason: CancelReason = "cancelled"
+        self,
+        session_id: str,
+        interaction_id: str | None = None,
+        reason: CancelReason = "cancelled",
+        owner: str | None = None,
     ) -> CancelOutcome:
-        """Cancel the session's running interaction, wherever it runs. Raises CancelFailed if its process
-        cannot be reached."""
+        """Cancel the session's running interaction, wherever it runs, if it runs for ``owner`` (None: whoever's
+        it is). Raises CancelFailed if its process cannot be reached."""
         if session_id in self._running:
             # This process owns it: no need for the coordinator, so this works even while Redis is down.
-            return "cancelled_here" if self.cancel_here(session_id, interaction_id, reason) else "not_running"
-        if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason):
+            cancelled = self.cancel_here(session_id, interaction_id, reason, owner)
+            return "cancelled_here" if cancelled else "not_running"
+        if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason, owner):
             return "cancelled_elsewhere"
         return "not_running"
 

@@ -51,12 +51,14 @@ return 1
 
 _CREATE_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'agent', ARGV[1], 'created_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'agent', ARGV[1], 'created_at', ARGV[2], 'owner', ARGV[5])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
+# A session hash without 'owner' was stored before owners existed: it is the open owner's ('').
 _DELETE_SESSION = """
+if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[3] then return 0 end
 if redis.call('DEL', KEYS[1]) == 0 then return 0 end
 redis.call('ZREM', KEYS[2], ARGV[2])
 for _, id in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do redis.call('DEL', ARGV[1] .. 'msg:' .. id) end
@@ -107,6 +109,11 @@ class RedisStore:
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
+    def _index(self, owner: str) -> str:
+        """The sorted set of the owner's session ids, by creation time. The open owner's is the one that held
+        every session before owners existed, so those sessions are listed as before."""
+        return self.key("sessions") if owner == "" else self.key("owner", owner, "sessions")
+
     async def open(self) -> None:
         pass  # connections are made on first use, and again after Redis comes back
 
@@ -120,33 +127,35 @@ class RedisStore:
                 _CREATE_SESSION,
                 2,
                 self.key("session", session.ui_session_id),
-                self.key("sessions"),
+                self._index(session.owner),
                 session.agent,
                 session.created_at,
                 str(score),
                 session.ui_session_id,
+                session.owner,
             )
         if not created:
             raise SessionExists(session.ui_session_id)
 
-    async def get_session(self, session_id: str) -> Session | None:
+    async def get_session(self, session_id: str, owner: str) -> Session | None:
         with _reachable():
             fields: Any = await self.redis.hgetall(self.key("session", session_id))
-        return _session(session_id, fields) if fields else None
+        return _session(session_id, fields, owner)
 
-    async def list_sessions(self, limit: int, offset: int) -> list[Session]:
+    async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
         with _reachable():
-            ids: Any = await self.redis.zrevrange(self.key("sessions"), offset, offset + limit - 1)
+            ids: Any = await self.redis.zrevrange(self._index(owner), offset, offset + limit - 1)
             rows = await self._hashes("session", ids)
-        return [_session(sid, fields) for sid, fields in zip(ids, rows, strict=True) if fields]
+        found = (_session(sid, fields, owner) for sid, fields in zip(ids, rows, strict=True))
+        return [session for session in found if session is not None]
 
-    async def delete_session(self, session_id: str) -> bool:
+    async def delete_session(self, session_id: str, owner: str) -> bool:
         with _reachable():
             deleted = await self.redis.eval(
                 _DELETE_SESSION,
                 7,
                 self.key("session", session_id),
-                self.key("sessions"),
+                self._index(owner),
                 self.key("messages", session_id),
                 self.key("files", session_id),
                 self.key("streaming", session_id),
@@ -156,11 +165,12 @@ class RedisStore:
                 self.key("claim", session_id),
                 self.prefix,
                 session_id,
+                owner,
             )
         return bool(deleted)
 
     async def start_turn(
-        self, user: Message, assistant: Message, history_limit: Callable[[Session], int]
+        self, user: Message, assistant: Message, history_limit: Callable[[Session], int], *, owner: str
     ) -> tuple[Session, list[Message]]:
         session_id = user.session_id
         session_key = self.key("session", session_id)
@@ -169,9 +179,9 @@ class RedisStore:
                 # Optimistic: the turn is written only if the session still exists and is not deleted meanwhile.
                 await pipe.watch(session_key)
                 fields: Any = await pipe.hgetall(session_key)
-                if not fields:
+                session = _session(session_id, fields, owner)
+                if session is None:
                     raise SessionNotFound(session_id)
-                session = _session(session_id, fields)
                 limit = history_limit(session)
                 history = await self._messages(session_id, -limit) if limit > 0 else []
                 pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
@@ -285,8 +295,11 @@ class RedisStore:
         return bool(deleted)
 
 
-def _session(session_id: str, row: dict[str, str]) -> Session:
-    return Session(session_id, row["agent"], row["created_at"])
+def _session(session_id: str, row: dict[str, str], owner: str) -> Session | None:
+    """The session in ``row`` if it is ``owner``'s; None for no session (an empty row) or another owner's."""
+    if not row or row.get("owner", "") != owner:
+        return None
+    return Session(session_id, row["agent"], row["created_at"], owner)
 
 
 def _message_fields(message: Message) -> dict[Any, Any]:

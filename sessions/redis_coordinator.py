@@ -126,22 +126,27 @@ class RedisCoordinator:
         owner = await self.owner(session_id)
         return owner is not None and interaction_id in (None, owner[1])
 
-    async def cancel_elsewhere(self, session_id: str, interaction_id: str | None, reason: CancelReason) -> bool:
-        owner = await self.owner(session_id)
-        if owner is None or owner[0] == self.process_id:
+    async def cancel_elsewhere(
+        self, session_id: str, interaction_id: str | None, reason: CancelReason, owner: str | None
+    ) -> bool:
+        claim = await self.owner(session_id)
+        if claim is None or claim[0] == self.process_id:
             return False
-        process_id, running_id = owner
+        process_id, running_id = claim
         if interaction_id is not None and interaction_id != running_id:
             return False
-        return await self.request_cancel(process_id, session_id, running_id, reason)
+        return await self.request_cancel(process_id, session_id, running_id, reason, owner)
 
-    async def request_cancel(self, process_id: str, session_id: str, interaction_id: str, reason: str) -> bool:
-        """Ask the owning process to cancel; True if it stopped the stream. Raises CancelFailed if it is silent."""
+    async def request_cancel(
+        self, process_id: str, session_id: str, interaction_id: str, reason: str, owner: str | None = None
+    ) -> bool:
+        """Ask the process that runs the stream to cancel it (if it runs for ``owner``, when given); True if it
+        stopped the stream. Raises CancelFailed if it is silent."""
         request_id = secrets.token_hex(8)
         reply_key = f"{self.prefix}cancel-reply:{request_id}"
-        payload = json.dumps(
-            {"request": request_id, "session": session_id, "interaction": interaction_id, "reason": reason}
-        )
+        # The owner rides along: the receiving process checks it too, so another owner's cancel never stops it.
+        fields = {"request": request_id, "session": session_id, "interaction": interaction_id, "reason": reason}
+        payload = json.dumps({**fields, "owner": owner})
         with _reachable():
             receivers = await self.redis.publish(self._channel(process_id), payload)
             reply = await self.redis.blpop([reply_key], timeout=2) if receivers else None
@@ -268,7 +273,12 @@ class RedisCoordinator:
                         self._mirrored.add(interaction.id)
                         task_group.start_soon(self._mirror, interaction)
                 return
-            cancelled = interactions.cancel_here(request["session"], request["interaction"] or None, request["reason"])
+            owner = request.get("owner")
+            if owner is not None and not isinstance(owner, str):
+                return
+            cancelled = interactions.cancel_here(
+                request["session"], request["interaction"] or None, request["reason"], owner
+            )
         except (ValueError, KeyError, TypeError):
             return
         reply_key = f"{self.prefix}cancel-reply:{request['request']}"

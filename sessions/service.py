@@ -11,6 +11,7 @@ import anyio
 from agents import Agents, configured
 from sessions.files import Blobs
 from sessions.interactions import Coordinator, Interactions, LocalCoordinator
+from sessions.limits import LocalStreamSlots, StreamSlots
 from sessions.sqlite import SQLiteStore
 from sessions.store import Store
 from sessions.turns import TurnObserver, TurnRunner
@@ -62,8 +63,11 @@ class Parley:
         await self.coordinator.interrupt_orphans(self.store, session_id)
 
     async def run_background(self) -> None:
-        """What the process runs beside its requests (with Redis: the cancel listener and the lease sweeper)."""
-        await self.coordinator.run(self.interactions, self.store)
+        """What the process runs beside its requests (with Redis: the cancel listener, the lease sweeper, and the
+        renewal of its stream slots when streams per owner are limited)."""
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self.interactions.slots.keep_alive)
+            await self.coordinator.run(self.interactions, self.store)
 
     async def close(self) -> None:
         # A server that gives up waiting for streams at shutdown (uvicorn --timeout-graceful-shutdown)
@@ -83,13 +87,13 @@ def build(
 ) -> Parley:
     """Parley on the embedded defaults (SQLite, echo), on Redis when ``PARLEY_REDIS_URL`` is set, or on
     the store and agents given."""
-    store, coordinator = _store_and_coordinator(settings, store)
+    store, coordinator, slots = _store_and_coordinator(settings, store)
     return Parley(
         settings,
         store,
         agents or configured(settings),
         default_blobs(settings),
-        Interactions(coordinator),
+        Interactions(coordinator, slots),
         list(observers),
     )
 
@@ -100,16 +104,22 @@ def default_store(settings: Settings) -> Store:
     return SQLiteStore(f"{settings.data_dir}/parley.db")
 
 
-def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Store, Coordinator]:
+def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Store, Coordinator, StreamSlots]:
+    limit = settings.max_streams_per_owner
     if not settings.redis_url:
         store = store or default_store(settings)
-        return store, LocalCoordinator(store)
+        return store, LocalCoordinator(store), LocalStreamSlots(limit)
     # Imported here: redis-py is an optional extra (parley[redis]), needed only when Redis is configured.
     from sessions.redis import RedisStore, connect
     from sessions.redis_coordinator import RedisCoordinator
+    from sessions.redis_limits import RedisStreamSlots
 
-    redis = connect(settings.redis_url)
-    return store or RedisStore(redis), RedisCoordinator(redis, lease_seconds=settings.redis_lease_seconds)
+    redis, lease = connect(settings.redis_url), settings.redis_lease_seconds
+    return (
+        store or RedisStore(redis),
+        RedisCoordinator(redis, lease_seconds=lease),
+        RedisStreamSlots(redis, limit, lease_seconds=lease),
+    )
 
 
 def default_blobs(settings: Settings) -> Blobs:

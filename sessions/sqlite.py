@@ -19,7 +19,8 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     agent TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -45,6 +46,12 @@ CREATE TABLE IF NOT EXISTS files (
 );
 CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, created_at);
 """
+
+# Files made before sessions had owners: theirs become the open owner's ('', auth.OPEN_OWNER). Run after
+# _SCHEMA, in a write transaction, so that two workers opening one old file do not both add the column.
+_OWNERS = "ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''"
+_OWNERS_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions(owner, created_at)"
+_SESSION_COLUMNS = "id, agent, created_at, owner"
 
 _MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at"
 _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
@@ -93,6 +100,16 @@ class SQLiteStore:
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=5000")
         db.executescript(_SCHEMA)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
+            if "owner" not in columns:
+                db.execute(_OWNERS)
+            db.execute(_OWNERS_INDEX)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         return db
 
     async def close(self) -> None:
@@ -162,40 +179,41 @@ class SQLiteStore:
         def insert(db: sqlite3.Connection) -> None:
             try:
                 db.execute(
-                    "INSERT INTO sessions (id, agent, created_at) VALUES (?, ?, ?)",
-                    (session.ui_session_id, session.agent, session.created_at),
+                    f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?)",
+                    (session.ui_session_id, session.agent, session.created_at, session.owner),
                 )
             except sqlite3.IntegrityError:
                 raise SessionExists(session.ui_session_id) from None
 
         await self._run(insert)
 
-    async def get_session(self, session_id: str) -> Session | None:
-        return await self._run(lambda db: _session(db, session_id))
+    async def get_session(self, session_id: str, owner: str) -> Session | None:
+        return await self._run(lambda db: _session(db, session_id, owner))
 
-    async def list_sessions(self, limit: int, offset: int) -> list[Session]:
+    async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
         def select(db: sqlite3.Connection) -> list[Session]:
             rows = db.execute(
-                "SELECT id, agent, created_at FROM sessions ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
-                (limit, offset),
+                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE owner = ? "
+                "ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
+                (owner, limit, offset),
             ).fetchall()
             return [Session(*row) for row in rows]
 
         return await self._run(select)
 
-    async def delete_session(self, session_id: str) -> bool:
+    async def delete_session(self, session_id: str, owner: str) -> bool:
         def delete(db: sqlite3.Connection) -> bool:
-            return db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount > 0
+            return db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)).rowcount > 0
 
         return await self._run(delete)
 
     # history
 
     async def start_turn(
-        self, user: Message, assistant: Message, history_limit: Callable[[Session], int]
+        self, user: Message, assistant: Message, history_limit: Callable[[Session], int], *, owner: str
     ) -> tuple[Session, list[Message]]:
         def insert(db: sqlite3.Connection) -> tuple[Session, list[Message]]:
-            session = _session(db, user.session_id)
+            session = _session(db, user.session_id, owner)
             if session is None:
                 raise SessionNotFound(user.session_id)
             limit = history_limit(session)
@@ -283,8 +301,10 @@ class SQLiteStore:
         return await self._run(delete)
 
 
-def _session(db: sqlite3.Connection, session_id: str) -> Session | None:
-    row = db.execute("SELECT id, agent, created_at FROM sessions WHERE id = ?", (session_id,)).fetchone()
+def _session(db: sqlite3.Connection, session_id: str, owner: str) -> Session | None:
+    row = db.execute(
+        f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
+    ).fetchone()
     return Session(*row) if row else None
 
 

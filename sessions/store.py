@@ -3,7 +3,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
@@ -35,9 +35,13 @@ class Session:
     ui_session_id: str
     agent: str
     created_at: str
+    # Who may see and touch it (see auth.py): fixed at creation. "" is the open owner (auth.OPEN_OWNER),
+    # which is also the owner of every session stored before owners existed.
+    owner: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # The owner stays out of the API: a client knows who it is, and the spec's bodies stay as they are.
+        return {"ui_session_id": self.ui_session_id, "agent": self.agent, "created_at": self.created_at}
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,11 @@ class Store(Protocol):
 
     Implementations: :class:`sessions.sqlite.SQLiteStore` (embedded default) and
     :class:`sessions.redis.RedisStore` (scale-out). Both pass the same tests in ``tests/test_store.py``.
+
+    Every session has an owner. The calls that find a session by its id take the request's owner, and
+    another owner's session is exactly a session that does not exist (None, False, NotFound). Session ids are
+    global, though: :meth:`create_session` refuses an id that any owner has taken. The other calls take a
+    session id that the caller has already found for its owner.
     """
 
     async def open(self) -> None: ...
@@ -97,18 +106,21 @@ class Store(Protocol):
     async def create_session(self, session: Session) -> None:
         """Raises :class:`sessions.errors.SessionExists` when the id is taken."""
 
-    async def get_session(self, session_id: str) -> Session | None: ...
-    async def list_sessions(self, limit: int, offset: int) -> list[Session]: ...
-    async def delete_session(self, session_id: str) -> bool: ...
+    async def get_session(self, session_id: str, owner: str) -> Session | None: ...
+    async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
+        """The owner's sessions, newest first."""
+
+    async def delete_session(self, session_id: str, owner: str) -> bool: ...
 
     async def start_turn(
-        self, user: Message, assistant: Message, history_limit: Callable[[Session], int]
+        self, user: Message, assistant: Message, history_limit: Callable[[Session], int], *, owner: str
     ) -> tuple[Session, list[Message]]:
         """Store the user's message and the assistant's ``streaming`` placeholder together, and return the
         session with its latest messages before them (what the agent is given), as many as
         ``history_limit(session)`` says: that depends on the session's agent, which this call is the first
-        to read. Raises :class:`sessions.errors.SessionNotFound` when the session does not exist (``SessionGone``
-        when it is deleted meanwhile), and whatever ``history_limit`` raises, in all cases with nothing stored."""
+        to read. Raises :class:`sessions.errors.SessionNotFound` when the session does not exist or is not
+        ``owner``'s (checked in the same round trip: a chat pays nothing for it; ``SessionGone`` when it is
+        deleted meanwhile), and whatever ``history_limit`` raises, in all cases with nothing stored."""
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         """Give the assistant's placeholder its final text and terminal status."""
@@ -117,7 +129,7 @@ class Store(Protocol):
         """Save the text so far of a reply still ``streaming`` (readers see it; it survives a crash)."""
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
-        """Mark ``streaming`` turns whose owner is gone as ``interrupted`` (all of them, or one session's)."""
+        """Mark ``streaming`` turns whose process is gone as ``interrupted`` (all of them, or one session's)."""
 
     async def list_messages(self, session_id: str) -> list[Message]: ...
 

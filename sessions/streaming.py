@@ -152,7 +152,9 @@ class ChatResponse:
             return
         status = http_status(failure)
         if status is not None and not renderer.response_started:
-            await error_response(status, str(failure))(scope, receive, send)
+            response = error_response(status, str(failure))
+            response.headers.update(getattr(failure, "headers", {}))  # Retry-After for TooManyStreams
+            await response(scope, receive, send)
             return
         # After the response started: an agent failure, or the store staying down after the reply was sent.
         # Raising makes the server abort the response, which is all that is left to tell the client.

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import anyio
 
 from agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn
-from sessions.errors import AgentUnavailable, ApiError
+from sessions.errors import AgentUnavailable, ApiError, SessionBusy, SessionNotFound
 from sessions.interactions import Interaction, Interactions
 from sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
@@ -105,10 +105,17 @@ class TurnRunner:
         self.checkpoint_seconds = checkpoint_seconds
 
     async def run(self, request: TurnRequest, renderer: Renderer) -> None:
-        """Raises before ``renderer.started`` when the turn cannot start: SessionBusy, NotFound, AgentUnavailable,
-        StoreUnavailable."""
-        async with self.interactions.open(request.session_id) as interaction:
-            await self._converse(interaction, request, renderer)
+        """Raises before ``renderer.started`` when the turn cannot start: TooManyStreams, SessionBusy (only to the
+        session's owner), SessionNotFound, AgentUnavailable, StoreUnavailable."""
+        try:
+            async with self.interactions.open(request.session_id, request.owner) as interaction:
+                await self._converse(interaction, request, renderer)
+        except SessionBusy:
+            # Only the session's owner may hear that it is busy: to anyone else it is a session that does not
+            # exist. (One store read, on this rare path only: a chat that starts pays nothing for it.)
+            if await self.store.get_session(request.session_id, request.owner) is None:
+                raise SessionNotFound(request.session_id) from None
+            raise
 
     async def _converse(self, interaction: Interaction, request: TurnRequest, renderer: Renderer) -> None:
         now, session_id, interaction_id, text = utcnow(), request.session_id, interaction.id, request.message
@@ -116,7 +123,7 @@ class TurnRunner:
             new_ordered_id("msg_"), session_id, "user", text, request.file_ids, "complete", interaction_id, now
         )
         reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction_id, now)
-        session, earlier = await self.store.start_turn(user, reply, self._history_limit)
+        session, earlier = await self.store.start_turn(user, reply, self._history_limit, owner=request.owner)
         agent = self._agent(session)
         interaction.message_id = reply.id
         report = TurnReport(session_id, interaction_id, request.owner, agent.name)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -16,6 +17,8 @@ import anyio
 import httpx
 import pytest
 import uvicorn
+from anyio.abc import ByteReceiveStream
+from anyio.streams.text import TextReceiveStream
 from starlette.types import ASGIApp
 
 from app import create_app
@@ -57,7 +60,13 @@ def serve() -> Iterator[Callable[[ASGIApp], LiveServer]]:
 
     def start(app: ASGIApp) -> LiveServer:
         port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="auto")
+        # The pure-Python stack, named: these servers share the test process (and its GIL) with the clients, and
+        # under the C stack (httptools, uvloop) tests/test_stress.py's cancels all came too late in 6 of 10 runs on
+        # a loaded machine (0 of 5 with h11 and asyncio). The C stack, the default, is what the `uvicorn app:app`
+        # subprocesses run (tests/test_restart.py, tests/test_redis.py, tests/test_stacks.py).
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="auto", http="h11", loop="asyncio"
+        )
         server = _ThreadedServer(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -98,21 +107,25 @@ def live(serve: Callable[[ASGIApp], LiveServer], tmp_path: Path) -> Callable[...
 class Subprocess:
     """``uvicorn app:app`` as a separate process, for restarts and crashes."""
 
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None) -> None:
         self.args = args
+        self.log = log  # where its stdout and stderr go (none kept without it)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Subprocess:
+        log = self.log.open("ab") if self.log is not None else None
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
             cwd=ROOT,
             env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
         )
+        if log is not None:
+            log.close()  # the child has its own copy
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
@@ -136,8 +149,8 @@ class Subprocess:
 def subprocesses() -> Iterator[Callable[..., Subprocess]]:
     started: list[Subprocess] = []
 
-    def make(env: dict[str, str], args: tuple[str, ...] = ()) -> Subprocess:
-        proc = Subprocess(env, args)
+    def make(env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None) -> Subprocess:
+        proc = Subprocess(env, args, log)
         started.append(proc)
         return proc
 
@@ -227,3 +240,70 @@ def shared_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield os.environ["PARLEY_TEST_REDIS_URL"]
     else:
         _redis_unavailable("no redis-server on PATH and no PARLEY_TEST_REDIS_URL")
+
+
+AI_SDK = ROOT / "tests" / "ai-sdk"
+
+
+@dataclass
+class AISDK:
+    """``tests/ai-sdk/driver.mjs``: Vercel's AI SDK (``AbstractChat`` over ``DefaultChatTransport``) run by Node."""
+
+    node: str
+
+    async def run(
+        self,
+        action: str,
+        url: str,
+        session_id: str,
+        *args: str,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        within: float = 60,
+    ) -> dict[str, Any]:
+        """Run one action (send, resume) against the parley at ``url`` to its end; return the JSON result the
+        driver prints. ``progress`` sees the chat's status and the assistant's text at each change, as it happens."""
+        command = [self.node, str(AI_SDK / "driver.mjs"), action, "--base", url, "--session", session_id, *args]
+        if progress is not None:
+            command.append("--progress")
+        stderr: list[str] = []
+        stdout = b""
+
+        async def read_stderr(stream: ByteReceiveStream) -> None:
+            pending = ""
+            async for text in TextReceiveStream(stream):
+                *lines, pending = (pending + text).split("\n")
+                for line in lines:
+                    if progress is not None and line.startswith('{"progress"'):
+                        progress(json.loads(line)["progress"])
+                    else:
+                        stderr.append(line)
+            stderr.append(pending)
+
+        with anyio.fail_after(within):
+            async with await anyio.open_process(command) as process, anyio.create_task_group() as tg:
+                assert process.stdout is not None and process.stderr is not None
+                tg.start_soon(read_stderr, process.stderr)
+                async for chunk in process.stdout:
+                    stdout += chunk
+                await process.wait()
+        assert process.returncode == 0, "\n".join(stderr)
+        result = dict(json.loads(stdout.decode().splitlines()[-1]))
+        # The chat reports failures in its status and error; a throw or a hang is the driver's own failure.
+        assert "thrown" not in result and not result["timedOut"], result
+        return result
+
+
+@pytest.fixture
+def ai_sdk() -> AISDK:
+    """The AI SDK as a client; skipped without Node or ``npm ci`` (``make test`` runs it), unless
+    PARLEY_REQUIRE_NODE=1 (as .ci/run sets), which makes that a failure."""
+    node = shutil.which("node")
+    if node is None:
+        reason = "node is not on PATH (apt-get install npm)"
+    elif not (AI_SDK / "node_modules" / "ai" / "package.json").exists():
+        reason = f"the ai package is not installed (cd {AI_SDK.relative_to(ROOT)} && npm ci; make test does it)"
+    else:
+        return AISDK(node)
+    if os.environ.get("PARLEY_REQUIRE_NODE") == "1":
+        pytest.fail(f"PARLEY_REQUIRE_NODE=1 but {reason}")
+    pytest.skip(reason)

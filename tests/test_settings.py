@@ -44,3 +44,25 @@ def test_reads_the_settings_of_replies_that_outlive_their_connection() -> None:
     )
     with pytest.raises(ValueError, match="PARLEY_ON_DISCONNECT"):
         Settings.from_env({"PARLEY_ON_DISCONNECT": "later"})
+
+
+def test_reads_the_owner_settings() -> None:
+    env = {
+        "PARLEY_API_KEYS": "alice:secret-key",
+        "PARLEY_API_KEYS_FILE": "/etc/parley/keys",
+        "PARLEY_MAX_STREAMS_PER_OWNER": "3",
+        "PARLEY_CORS_ORIGINS": "https://a.example, https://b.example",
+    }
+    settings = Settings.from_env(env)
+    assert settings.api_keys == "alice:secret-key"
+    assert settings.api_keys_file == "/etc/parley/keys"
+    assert settings.max_streams_per_owner == 3
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert "secret-key" not in repr(settings)
+    assert Settings.from_env({}).max_streams_per_owner is None  # no limit
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "many"])
+def test_rejects_a_bad_stream_limit_with_the_variable_named(value: str) -> None:
+    with pytest.raises(ValueError, match="PARLEY_MAX_STREAMS_PER_OWNER"):
+        Settings.from_env({"PARLEY_MAX_STREAMS_PER_OWNER": value})

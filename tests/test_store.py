@@ -52,13 +52,43 @@ async def test_sessions(store: Store) -> None:
     await store.create_session(second)
     with pytest.raises(SessionExists):
         await store.create_session(Session("s1", "other", utcnow()))
-    assert await store.get_session("s1") == first
-    assert await store.get_session("nope") is None
-    assert await store.list_sessions(10, 0) == [second, first]
-    assert await store.list_sessions(1, 1) == [first]
-    assert await store.delete_session("s1") is True
-    assert await store.delete_session("s1") is False
-    assert await store.list_sessions(10, 0) == [second]
+    assert await store.get_session("s1", "") == first
+    assert await store.get_session("nope", "") is None
+    assert await store.list_sessions("", 10, 0) == [second, first]
+    assert await store.list_sessions("", 1, 1) == [first]
+    assert await store.delete_session("s1", "") is True
+    assert await store.delete_session("s1", "") is False
+    assert await store.list_sessions("", 10, 0) == [second]
+
+
+async def test_another_owners_session_is_exactly_a_missing_one(store: Store) -> None:
+    alices = Session("a1", "echo", "2026-01-01T00:00:00Z", "alice")
+    bobs = Session("b1", "echo", "2026-01-02T00:00:00Z", "bob")
+    opens = Session("o1", "echo", "2026-01-03T00:00:00Z")
+    for session in (alices, bobs, opens):
+        await store.create_session(session)
+    with pytest.raises(SessionExists):  # ids are global: bob cannot take alice's
+        await store.create_session(Session("a1", "echo", utcnow(), "bob"))
+    assert await store.get_session("a1", "alice") == alices
+    assert await store.get_session("a1", "bob") is None
+    assert await store.get_session("a1", "") is None
+    assert await store.get_session("o1", "alice") is None
+    assert await store.list_sessions("alice", 10, 0) == [alices]
+    assert await store.list_sessions("bob", 10, 0) == [bobs]
+    assert await store.list_sessions("", 10, 0) == [opens]
+    assert await store.list_sessions("carol", 10, 0) == []
+    with pytest.raises(SessionNotFound):
+        await store.start_turn(*turn("a1"), limit(10), owner="bob")
+    assert await store.list_messages("a1") == []
+    assert await store.streaming_turn("a1") is None
+    assert await store.delete_session("a1", "bob") is False
+    assert await store.get_session("a1", "alice") == alices
+    user, reply = turn("a1")
+    assert await store.start_turn(user, reply, limit(10), owner="alice") == (alices, [])
+    assert await store.delete_session("a1", "alice") is True
+    assert await store.list_sessions("alice", 10, 0) == []
+    await store.create_session(Session("a1", "echo", utcnow(), "bob"))  # a deleted id is free for anyone
+    assert await store.list_messages("a1") == []
 
 
 async def test_turns(store: Store) -> None:
@@ -71,7 +101,7 @@ async def test_turns(store: Store) -> None:
         asked.append(session)
         return 10
 
-    assert await store.start_turn(user, reply, ten) == (session, [])
+    assert await store.start_turn(user, reply, ten, owner="") == (session, [])
     assert asked == [session]  # the limit depends on the session (its agent)
     assert await store.list_messages("s") == [user, reply]
     await store.finish_turn(reply.id, "hello back", "cancelled")
@@ -81,13 +111,16 @@ async def test_turns(store: Store) -> None:
         ("assistant", "hello back", "cancelled", ()),
     ]
     assert await store.list_messages("other") == []
-    assert await store.start_turn(*turn("s", "again"), ten) == (session, history)  # the history before the turn
+    assert await store.start_turn(*turn("s", "again"), ten, owner="") == (
+        session,
+        history,
+    )  # the history before the turn
     so_far = await store.list_messages("s")
     assert len(so_far) == 4
-    assert await store.start_turn(*turn("s", "more"), limit(3)) == (session, so_far[1:])
-    assert await store.start_turn(*turn("s", "none"), limit(0)) == (session, [])
+    assert await store.start_turn(*turn("s", "more"), limit(3), owner="") == (session, so_far[1:])
+    assert await store.start_turn(*turn("s", "none"), limit(0), owner="") == (session, [])
     with pytest.raises(SessionNotFound):
-        await store.start_turn(*turn("gone", "nobody here"), limit(0))
+        await store.start_turn(*turn("gone", "nobody here"), limit(0), owner="")
     assert await store.list_messages("gone") == []
 
 
@@ -98,7 +131,7 @@ async def test_a_turn_refused_by_its_history_limit_stores_nothing(store: Store) 
         raise LookupError(session.agent)
 
     with pytest.raises(LookupError):
-        await store.start_turn(*turn("s"), unknown_agent)
+        await store.start_turn(*turn("s"), unknown_agent, owner="")
     assert await store.list_messages("s") == []
     assert await store.streaming_turn("s") is None
 
@@ -118,14 +151,14 @@ async def test_concurrent_operations_each_get_their_own_result(store: Store) -> 
         for i in range(100):
             tg.start_soon(create, i)
     assert sorted(i for i, result in results.items() if result == "exists") == list(range(0, 100, 10))
-    assert len(await store.list_sessions(1000, 0)) == 91
+    assert len(await store.list_sessions("", 1000, 0)) == 91
 
 
 async def test_streaming_turn(store: Store) -> None:
     await store.create_session(Session("s", "echo", utcnow()))
     assert await store.streaming_turn("s") is None
     user, reply = turn("s")
-    await store.start_turn(user, reply, limit(0))
+    await store.start_turn(user, reply, limit(0), owner="")
     assert await store.streaming_turn("s") == reply.interaction_id
     assert await store.streaming_turn("other") is None
     await store.finish_turn(reply.id, "done", "complete")
@@ -135,7 +168,7 @@ async def test_streaming_turn(store: Store) -> None:
 async def test_interrupt_turns(store: Store) -> None:
     for session_id in ("a", "b"):
         await store.create_session(Session(session_id, "echo", utcnow()))
-        await store.start_turn(*turn(session_id), limit(0))
+        await store.start_turn(*turn(session_id), limit(0), owner="")
     assert await store.interrupt_turns("a") == 1
     assert [m.status for m in await store.list_messages("a")] == ["complete", "interrupted"]
     assert [m.status for m in await store.list_messages("b")] == ["complete", "streaming"]
@@ -146,10 +179,10 @@ async def test_interrupt_turns(store: Store) -> None:
 
 async def test_deleting_a_session_deletes_its_history_and_files(store: Store) -> None:
     await store.create_session(Session("s", "echo", utcnow()))
-    await store.start_turn(*turn("s"), limit(0))
+    await store.start_turn(*turn("s"), limit(0), owner="")
     info = FileInfo("file_1", "s", "a.txt", "text/plain", 3, "ab" * 32, utcnow())
     await store.add_file(info)
-    await store.delete_session("s")
+    await store.delete_session("s", "")
     await store.create_session(Session("s", "echo", utcnow()))
     assert await store.list_messages("s") == []
     assert await store.list_files("s") == []
@@ -174,10 +207,10 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "deep" / "parley.db")
     await store.open()
     await store.create_session(Session("s", "echo", utcnow()))
-    await store.start_turn(*turn("s"), limit(0))
+    await store.start_turn(*turn("s"), limit(0), owner="")
     await store.close()
     again = SQLiteStore(tmp_path / "deep" / "parley.db")
-    assert await again.get_session("s") is not None  # opens itself on first use
+    assert await again.get_session("s", "") is not None  # opens itself on first use
     assert len(await again.list_messages("s")) == 2
     await again.close()
 
@@ -231,12 +264,12 @@ async def test_sqlite_a_batch_survives_another_process_writing_between_its_reads
         results[name] = await operation()
 
     async with anyio.create_task_group() as tg:  # queued in the same tick: one batch, in this order
-        tg.start_soon(record, "read", lambda: store.get_session("s"))
+        tg.start_soon(record, "read", lambda: store.get_session("s", ""))
         tg.start_soon(record, "other", lambda: store._run(write_from_the_other_process))
         tg.start_soon(record, "write", lambda: store.create_session(Session("t", "echo", utcnow())))
     other.close()
-    assert results["read"] == await store.get_session("s")
-    assert await store.get_session("t") is not None
+    assert results["read"] == await store.get_session("s", "")
+    assert await store.get_session("t", "") is not None
     assert others_write == ["waits"]
     await store.close()
 
@@ -250,3 +283,72 @@ def test_ordered_ids_sort_by_creation_time_and_look_like_the_others() -> None:
     assert len(set(made)) == 5
     assert all(re.fullmatch(r"msg_[0-9a-f]{32}", i) for i in made)
     assert len(made[0]) == len(new_id("msg_"))
+
+
+def _old_sqlite_file(path: Path) -> None:
+    """A store file as parley wrote it before sessions had owners."""
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE sessions (id TEXT PRIMARY KEY, agent TEXT NOT NULL, created_at TEXT NOT NULL);
+        CREATE TABLE messages (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE, role TEXT NOT NULL,
+            content TEXT NOT NULL, file_ids TEXT NOT NULL, status TEXT NOT NULL, interaction_id TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        CREATE TABLE files (
+            id TEXT PRIMARY KEY, session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+            filename TEXT NOT NULL, mime_type TEXT NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        INSERT INTO sessions VALUES ('old', 'echo', '2025-01-01T00:00:00Z');
+        INSERT INTO messages (id, session_id, role, content, file_ids, status, interaction_id, created_at)
+            VALUES ('msg_1', 'old', 'user', 'from before', '[]', 'complete', 'int_1', '2025-01-01T00:00:01Z');
+        INSERT INTO files VALUES ('file_1', 'old', 'a.txt', 'text/plain', 3, 'ab', '2025-01-01T00:00:02Z');
+        """
+    )
+    db.commit()
+    db.close()
+
+
+async def test_sqlite_serves_sessions_stored_before_owners_to_the_open_owner(tmp_path: Path) -> None:
+    path = tmp_path / "parley.db"
+    _old_sqlite_file(path)
+    first, second = SQLiteStore(path), SQLiteStore(path)  # two workers upgrading one file at once
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first.open)
+        tg.start_soon(second.open)
+    await second.close()
+    old = Session("old", "echo", "2025-01-01T00:00:00Z", "")
+    assert await first.get_session("old", "") == old
+    assert await first.get_session("old", "alice") is None
+    assert await first.list_sessions("", 10, 0) == [old]
+    assert [m.content for m in await first.list_messages("old")] == ["from before"]
+    assert [f.id for f in await first.list_files("old")] == ["file_1"]
+    before = await first.list_messages("old")
+    assert await first.start_turn(*turn("old"), limit(10), owner="") == (old, before)
+    await first.create_session(Session("new", "echo", utcnow(), "alice"))
+    assert [s.ui_session_id for s in await first.list_sessions("alice", 10, 0)] == ["new"]
+    await first.close()
+
+
+async def test_redis_serves_sessions_stored_before_owners_to_the_open_owner(shared_redis_url: str) -> None:
+    from sessions.redis import RedisStore, connect
+
+    prefix = f"test-{secrets.token_hex(6)}:"
+    redis = connect(shared_redis_url)
+    # What the Redis store wrote before sessions had owners: no 'owner' field, one index of every session.
+    await redis.hset(f"{prefix}session:old", mapping={"agent": "echo", "created_at": "2025-01-01T00:00:00Z"})
+    await redis.zadd(f"{prefix}sessions", {"old": 1735689600.0})
+    store = RedisStore(redis, prefix=prefix)
+    old = Session("old", "echo", "2025-01-01T00:00:00Z", "")
+    assert await store.get_session("old", "") == old
+    assert await store.get_session("old", "alice") is None
+    assert await store.list_sessions("", 10, 0) == [old]
+    assert await store.list_sessions("alice", 10, 0) == []
+    assert await store.start_turn(*turn("old"), limit(10), owner="") == (old, [])
+    assert await store.delete_session("old", "alice") is False
+    assert await store.delete_session("old", "") is True
+    assert await store.list_sessions("", 10, 0) == []
+    await store.close()

@@ -1,0 +1,155 @@
+"""The servers a benchmark runs: each app under one of two uvicorn stacks, pinned to the server core; redis-server.
+
+Every server is a separate ``uvicorn`` process on a free loopback port, started and stopped by a context manager,
+so a benchmark owns exactly the processes it measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_CORE, CLIENT_CORE = 0, 1
+APPS = {"floor": "bench.floor:app", "parley": "app:app", "peer": "bench.peer:app", "stub": "bench.model_stub:app"}
+# uvicorn's two stacks: its pure-Python HTTP parser on the standard event loop, and the C ones (what its
+# `standard` extra installs). The names are what the table prints.
+STACKS = {
+    "h11+asyncio": ["--http", "h11", "--loop", "asyncio"],
+    "httptools+uvloop": ["--http", "httptools", "--loop", "uvloop"],
+}
+COMMON = ["--no-access-log", "--log-level", "warning", "--backlog", "8192"]
+API_KEY = "bench-key-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.05)
+
+
+@dataclass
+class Server:
+    kind: str
+    port: int
+    process: subprocess.Popen[bytes]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def status(self, method: str, path: str, headers: dict[str, str] | None = None) -> int:
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            return client.request(method, path, headers=headers if headers is not None else self.headers).status_code
+
+    def sessions(self, count: int, agent: str | None = None) -> list[str]:
+        """``count`` new sessions (the floor keeps none: any id will do)."""
+        if self.kind == "floor":
+            return [f"ses_{i}" for i in range(count)]
+        body = json.dumps({"agent": agent} if agent else {})
+        headers = {**self.headers, "content-type": "application/json"}
+        with httpx.Client(base_url=self.url, headers=headers, timeout=30) as client:
+            created = [client.post("/api/v1/sessions", content=body) for _ in range(count)]
+        for response in created:
+            if response.status_code != 201:
+                raise RuntimeError(f"{self.kind}: POST /api/v1/sessions answered {response.status_code}")
+        return [str(response.json()["ui_session_id"]) for response in created]
+
+
+@contextlib.contextmanager
+def serve(
+    kind: str,
+    stack: str,
+    env: dict[str, str] | None = None,
+    data_dir: str | None = None,
+    core: int = SERVER_CORE,
+    headers: dict[str, str] | None = None,
+) -> Iterator[Server]:
+    """``kind``'s app under ``stack``, with PARLEY_* ``env`` on top of the bench's defaults, until the block ends."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="parley-bench-") as scratch:
+        full_env = {
+            **os.environ,
+            "PARLEY_ECHO_DELAY": "0",
+            "PARLEY_DATA_DIR": data_dir or scratch,
+            "PARLEY_MAX_MESSAGE_BYTES": str(1024 * 1024),
+            **(env or {}),
+        }
+        command = ["taskset", "-c", str(core), sys.executable, "-m", "uvicorn", APPS[kind], *STACKS[stack], *COMMON]
+        process = subprocess.Popen([*command, "--port", str(port)], cwd=ROOT, env=full_env)
+        try:
+            _wait_for_port(port, process, f"{kind} ({stack})")
+            yield Server(kind, port, process, headers or {})
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+@dataclass
+class Redis:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[Redis | None]:
+    """A redis-server of the bench's own on a free loopback port, in memory only (no snapshots, no append-only
+    file: like the SQLite store's ``synchronous=NORMAL``, a commit is not an fsync). None when there is none."""
+    if shutil.which("redis-server") is None:
+        yield None
+        return
+    port = free_port()
+    # On the server core: the server side (parley and its store) gets one core, as with SQLite, whose writes run
+    # on a thread of parley's. On the client core, each of a chat's round trips to Redis waited for wrk's slice.
+    command = ["taskset", "-c", str(SERVER_CORE), "redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    process = subprocess.Popen(
+        [*command, "--save", "", "--appendonly", "no", "--databases", "64"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_port(port, process, "redis-server")
+        yield Redis(port, process)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def has_redis_extra() -> bool:
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return False
+    return True

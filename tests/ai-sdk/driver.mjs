@@ -1,0 +1,172 @@
+// Vercel's AI SDK as a real client of parley, headless: the AbstractChat that React's useChat wraps, over the
+// DefaultChatTransport, with a minimal ChatState. tests/test_ai_sdk.py runs it and reads the one JSON line it prints.
+//
+//   node driver.mjs send   --session ID --text TEXT [--text TEXT...] [--regenerate] [--body JSON]
+//   node driver.mjs resume --session ID [--hydrate]            (resumeStream(); --hydrate loads the history first)
+//
+// --cancel-after-chars N: POST /api/v1/cancel once the assistant's text has N characters, as a stop button would.
+// --stop-after-chars N: the SDK's own stop() instead (it only closes the connection); --then-resume: then call
+// resumeStream() in the same chat, as useChat's resume does after a reload.
+//
+// --progress writes {"progress": {"status", "text"}} to stderr on each change, so a test can act mid-reply.
+//
+// The base URL is --base URL or $PARLEY_URL. Exit code 0 whenever a result was printed: the test judges it.
+import { parseArgs } from 'node:util';
+import { AbstractChat, DefaultChatTransport } from 'ai';
+
+// What useChat's React state does, without React: the chat replaces messages and assigns `messages` wholesale.
+class State {
+  constructor(messages, onChange) {
+    this.status = 'ready';
+    this.error = undefined;
+    this.messages = messages;
+    this.onChange = onChange;
+  }
+  pushMessage(message) {
+    this.messages = this.messages.concat(message);
+    this.onChange();
+  }
+  popMessage() {
+    this.messages = this.messages.slice(0, -1);
+    this.onChange();
+  }
+  replaceMessage(index, message) {
+    this.messages = [...this.messages.slice(0, index), this.snapshot(message), ...this.messages.slice(index + 1)];
+    this.onChange();
+  }
+  snapshot(thing) {
+    return structuredClone(thing);
+  }
+}
+
+class HeadlessChat extends AbstractChat {
+  constructor({ messages = [], onChange = () => {}, ...init }) {
+    super({ ...init, state: new State(messages, () => onChange(this)) });
+  }
+  get messages() {
+    return this.state.messages;
+  }
+}
+
+const textOf = message => message.parts.filter(part => part.type === 'text').map(part => part.text).join('');
+
+function lastAssistant(messages) {
+  const message = messages.findLast(m => m.role === 'assistant');
+  return message ? { id: message.id, text: textOf(message), metadata: message.metadata ?? null } : null;
+}
+
+const { values, positionals } = parseArgs({
+  allowPositionals: true,
+  options: {
+    base: { type: 'string', default: process.env.PARLEY_URL },
+    session: { type: 'string' },
+    text: { type: 'string', multiple: true, default: [] },
+    body: { type: 'string', default: '{}' },
+    'cancel-after-chars': { type: 'string' },
+    'stop-after-chars': { type: 'string' },
+    'then-resume': { type: 'boolean', default: false },
+    hydrate: { type: 'boolean', default: false },
+    progress: { type: 'boolean', default: false },
+    regenerate: { type: 'boolean', default: false },
+    'timeout-ms': { type: 'string', default: '30000' },
+  },
+});
+const action = positionals[0];
+if (!values.base || !values.session || !['send', 'resume'].includes(action)) {
+  console.error('usage: driver.mjs send|resume --base URL --session ID [--text T] [--hydrate] [--cancel-after-chars N]');
+  process.exit(2);
+}
+const base = values.base.replace(/\/$/, '');
+const session = values.session;
+
+// A cancel is an ordinary HTTP call from the app: the SDK's own stop() only closes the connection.
+async function cancel() {
+  const response = await fetch(`${base}/api/v1/cancel`, {
+    method: 'POST',
+    body: new URLSearchParams({ ui_session_id: session }),
+  });
+  return { status: response.status, body: await response.json().catch(() => null) };
+}
+
+async function history() {
+  const response = await fetch(`${base}/api/v1/sessions/${encodeURIComponent(session)}/messages`);
+  if (!response.ok) throw new Error(`history: ${response.status} ${await response.text()}`);
+  return (await response.json()).messages;
+}
+
+const statuses = [];
+const result = { action, session, cancel: null, finish: null, timedOut: false };
+let cancelling = null;
+const chars = name => (values[name] === undefined ? null : Number(values[name]));
+const cancelAfterChars = chars('cancel-after-chars');
+const stopAfterChars = chars('stop-after-chars');
+let stopping = null;
+
+let lastProgress = '';
+
+function onChange(chat) {
+  if (statuses.at(-1) !== chat.status) statuses.push(chat.status);
+  const assistant = lastAssistant(chat.messages);
+  if (values.progress) {
+    const progress = JSON.stringify({ progress: { status: chat.status, text: assistant?.text ?? null } });
+    if (progress !== lastProgress) process.stderr.write(progress + '\n');
+    lastProgress = progress;
+  }
+  if (cancelAfterChars !== null && cancelling === null && assistant && assistant.text.length >= cancelAfterChars) {
+    result.textAtCancel = assistant.text;
+    cancelling = cancel().then(outcome => (result.cancel = outcome));
+  }
+  if (stopAfterChars !== null && stopping === null && assistant && assistant.text.length >= stopAfterChars) {
+    stopping = chat.stop();
+  }
+}
+
+let messages = [];
+if (values.hydrate) {
+  // What a page does on load before useChat({resume: true}): show the history it has, then rejoin.
+  messages = (await history()).map(m => ({ id: m.id, role: m.role, parts: [{ type: 'text', text: m.content }] }));
+  result.hydrated = messages.map(m => ({ id: m.id, role: m.role, text: textOf(m) }));
+}
+
+const chat = new HeadlessChat({
+  id: session,
+  messages,
+  transport: new DefaultChatTransport({ api: `${base}/api/v1/chat`, body: JSON.parse(values.body) }),
+  onChange,
+  onFinish: ({ isAbort, isDisconnect, isError, finishReason }) => {
+    result.finish = { isAbort, isDisconnect, isError, finishReason: finishReason ?? null };
+  },
+});
+
+const timer = setTimeout(() => {
+  result.timedOut = true;
+  chat.stop();
+}, Number(values['timeout-ms']));
+
+try {
+  if (action === 'resume') await chat.resumeStream();
+  // Several --text: one turn after another in the same chat, as a user would type them.
+  else for (const text of values.text) await chat.sendMessage({ text });
+  // The "regenerate" button: the last reply is asked for again (trigger regenerate-message).
+  if (values.regenerate) await chat.regenerate();
+  if (cancelling) await cancelling;
+  if (stopping) {
+    await stopping;
+    result.stopped = { status: chat.status, assistant: lastAssistant(chat.messages), finish: result.finish };
+    result.finish = null;
+    if (values['then-resume']) await chat.resumeStream();
+  }
+} catch (error) {
+  result.thrown = String(error?.stack ?? error);
+} finally {
+  clearTimeout(timer);
+}
+
+Object.assign(result, {
+  status: chat.status,
+  error: chat.error ? { name: chat.error.name, message: chat.error.message, statusCode: chat.error.statusCode } : null,
+  statuses,
+  assistant: lastAssistant(chat.messages),
+  messages: chat.messages.map(m => ({ id: m.id, role: m.role, text: textOf(m), metadata: m.metadata ?? null })),
+});
+process.stdout.write(JSON.stringify(result) + '\n');

@@ -1,0 +1,329 @@
+"""Vercel's AI SDK as a client nobody here wrote: its ``AbstractChat`` (what React's ``useChat`` wraps) over its
+``DefaultChatTransport``, run by Node (tests/ai-sdk/driver.mjs) against a real uvicorn. What it shows must be
+what history says."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import httpx
+import pytest
+from starlette.types import ASGIApp
+
+from agents import AgentError, Agents, Turn
+from app import create_app
+from tests.conftest import AISDK, LiveServer, RedisServer, Subprocess, make_settings, messages, new_session
+
+pytestmark = pytest.mark.anyio
+
+WORDS = " ".join(f"w{i}" for i in range(200))
+
+
+def assistant_of(history: list[dict[str, Any]]) -> dict[str, Any]:
+    replies = [m for m in history if m["role"] == "assistant"]
+    assert len(replies) == 1, history
+    return replies[0]
+
+
+async def test_a_sent_message_shows_the_text_that_history_keeps(live: Callable[..., LiveServer], ai_sdk: AISDK) -> None:
+    server = live()
+    async with server.client() as client:
+        session_id = await new_session(client)
+        result = await ai_sdk.run("send", server.url, session_id, "--text", " héllo  wörld\n  ✓ two lines ")
+        history = await messages(client, session_id)
+
+    assert result["error"] is None and result["status"] == "ready" and not result["timedOut"], result
+    assert result["finish"] == {"isAbort": False, "isDisconnect": False, "isError": False, "finishReason": "stop"}
+    reply = assistant_of(history)
+    assert reply["status"] == "complete"
+    assert result["assistant"]["text"] == reply["content"] == " héllo  wörld\n  ✓ two lines "
+    # The client's message is history's: the same id, and the metadata parley sent at start and finish, merged.
+    assert result["assistant"]["id"] == reply["id"]
+    assert result["assistant"]["metadata"] == {
+        "ui_session_id": session_id,
+        "interaction_id": reply["interaction_id"],
+        "status": "complete",
+    }
+
+
+async def test_a_conversation_of_several_turns_sends_the_whole_chat_and_answers_the_last(
+    live: Callable[..., LiveServer], ai_sdk: AISDK
+) -> None:
+    server = live()
+    async with server.client() as client:
+        session_id = await new_session(client)
+        result = await ai_sdk.run("send", server.url, session_id, "--text", "first", "--text", "second one")
+        history = await messages(client, session_id)
+
+    assert result["error"] is None and result["status"] == "ready", result
+    # The second request carries the first reply (with its metadata) in `messages`: parley answers the last user one.
+    assert [(m["role"], m["text"]) for m in result["messages"]] == [
+        ("user", "first"),
+        ("assistant", "first"),
+        ("user", "second one"),
+        ("assistant", "second one"),
+    ]
+    assert [(m["role"], m["content"], m["status"]) for m in history] == [
+        ("user", "first", "complete"),
+        ("assistant", "first", "complete"),
+        ("user", "second one", "complete"),
+        ("assistant", "second one", "complete"),
+    ]
+    assert [m["id"] for m in result["messages"] if m["role"] == "assistant"] == [
+        m["id"] for m in history if m["role"] == "assistant"
+    ]
+
+
+async def test_regenerate_answers_the_last_user_message_again_as_a_new_turn(
+    live: Callable[..., LiveServer], ai_sdk: AISDK
+) -> None:
+    server = live()
+    async with server.client() as client:
+        session_id = await new_session(client)
+        result = await ai_sdk.run("send", server.url, session_id, "--text", "the question", "--regenerate")
+        history = await messages(client, session_id)
+
+    assert result["error"] is None and result["status"] == "ready", result
+    assert [(m["role"], m["content"], m["status"]) for m in history] == [
+        ("user", "the question", "complete"),
+        ("assistant", "the question", "complete"),
+        ("user", "the question", "complete"),
+        ("assistant", "the question", "complete"),
+    ]
+    # The SDK drops the old reply and shows the new one: history's second reply, with its own id and interaction.
+    assert [(m["role"], m["text"]) for m in result["messages"]] == [
+        ("user", "the question"),
+        ("assistant", "the question"),
+    ]
+    assert result["assistant"]["id"] == history[3]["id"] != history[1]["id"]
+    assert result["assistant"]["metadata"]["interaction_id"] == history[3]["interaction_id"]
+
+
+async def test_a_cancel_mid_reply_ends_the_message_as_cancelled(live: Callable[..., LiveServer], ai_sdk: AISDK) -> None:
+    server = live(echo_delay=0.05)  # 200 words: ten seconds, and the cancel goes out at the first one
+    async with server.client() as client:
+        session_id = await new_session(client)
+        result = await ai_sdk.run("send", server.url, session_id, "--text", WORDS, "--cancel-after-chars", "1")
+        history = await messages(client, session_id)
+
+    # The app's stop button: POST /api/v1/cancel, while the SDK keeps reading the stream to its end.
+    assert result["cancel"]["status"] == 200 and result["cancel"]["body"]["cancelled"] is True, result
+    assert result["error"] is None and result["status"] == "ready" and not result["timedOut"], result
+    # parley ends a cancelled reply with finishReason "interrupted", which the SDK accepts and reports.
+    assert result["finish"] == {
+        "isAbort": False,
+        "isDisconnect": False,
+        "isError": False,
+        "finishReason": "interrupted",
+    }
+    reply = assistant_of(history)
+    assert reply["status"] == "cancelled"
+    assert result["assistant"]["metadata"]["status"] == "cancelled"
+    text = result["assistant"]["text"]
+    assert text == reply["content"]
+    assert text.startswith(result["textAtCancel"]) and WORDS.startswith(text) and len(text) < len(WORDS)
+
+
+async def test_the_sdks_own_stop_with_on_disconnect_continue_leaves_the_reply_running_to_resume(
+    live: Callable[..., LiveServer], ai_sdk: AISDK
+) -> None:
+    words = " ".join(f"w{i}" for i in range(60))
+    server = live(echo_delay=0.05)  # three seconds; the stop comes at the first word, the resume right after it
+    async with server.client() as client:
+        session_id = await new_session(client)
+        # As the README's useChat example: body {on_disconnect: "continue"}, then stop() and resumeStream().
+        args = ("--text", words, "--body", '{"on_disconnect": "continue"}', "--stop-after-chars", "1", "--then-resume")
+        result = await ai_sdk.run("send", server.url, session_id, *args)
+        history = await messages(client, session_id)
+
+    stopped = result["stopped"]
+    assert stopped["status"] == "ready" and stopped["finish"]["isAbort"] is True, result
+    assert words.startswith(stopped["assistant"]["text"]) and stopped["assistant"]["text"] != words
+    # Closing the connection did not stop the reply: the resumed stream has all of it, as history does.
+    assert result["error"] is None and result["status"] == "ready" and not result["timedOut"], result
+    assert result["finish"] == {"isAbort": False, "isDisconnect": False, "isError": False, "finishReason": "stop"}
+    reply = assistant_of(history)
+    assert (reply["status"], reply["content"]) == ("complete", words)
+    assert result["assistant"]["text"] == words and result["assistant"]["metadata"]["status"] == "complete"
+    assert [m["role"] for m in result["messages"]] == ["user", "assistant"]
+    assert result["assistant"]["id"] == stopped["assistant"]["id"] == reply["id"]
+
+
+class GatedAgent:
+    """Says ``first``, then waits for the test to open the gate before it says ``rest``: the reply is surely
+    still running while a client rejoins it."""
+
+    name = "gated"
+    description = "Says its first half, then waits for a gate."
+    history_limit = 0
+
+    def __init__(self, first: list[str], rest: list[str]) -> None:
+        self.first = first
+        self.rest = rest
+        self.gate = threading.Event()  # set from the test's thread; the agent runs in the server's
+
+    async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
+        for token in self.first:
+            yield token
+        with anyio.move_on_after(30):
+            while not self.gate.is_set():
+                await anyio.sleep(0.01)
+        if not self.gate.is_set():
+            raise AgentError("the test never opened the gate")
+        for token in self.rest:
+            yield token
+
+
+async def test_resume_stream_rejoins_a_running_reply_from_its_start(
+    serve: Callable[[ASGIApp], LiveServer], tmp_path: Path, ai_sdk: AISDK
+) -> None:
+    agent = GatedAgent([f"a{i} " for i in range(20)], [f"b{i} " for i in range(20)])
+    first, full = "".join(agent.first), "".join(agent.first + agent.rest)
+    server = serve(create_app(make_settings(tmp_path, agent="gated"), agents=Agents([agent])))
+    async with server.client() as client:
+        session_id = await new_session(client)
+        # Another client starts the reply, reads its first half and goes away; on_disconnect=continue keeps it going.
+        form = {"ui_session_id": session_id, "message": "hi", "on_disconnect": "continue"}
+        async with client.stream("POST", "/api/v1/chat", data=form, headers={"accept": "text/plain"}) as response:
+            assert response.status_code == 200
+            received = ""
+            async for chunk in response.aiter_text():
+                received += chunk
+                if received == first:
+                    break
+        assert received == first
+
+        seen: list[dict[str, Any]] = []
+
+        def progress(state: dict[str, Any]) -> None:
+            seen.append(state)
+            if state["text"] == first:  # the replay has caught up with the paused reply: let it finish
+                agent.gate.set()
+
+        # A page reload: the app shows the history it has, then calls resumeStream() (useChat's resume: true).
+        result = await ai_sdk.run("resume", server.url, session_id, "--hydrate", progress=progress)
+        history = await messages(client, session_id)
+
+    assert agent.gate.is_set(), seen  # the client had the first half while the reply was still running
+    assert result["error"] is None and result["status"] == "ready" and not result["timedOut"], result
+    assert result["finish"] == {"isAbort": False, "isDisconnect": False, "isError": False, "finishReason": "stop"}
+    reply = assistant_of(history)
+    assert reply["status"] == "complete" and reply["content"] == full
+    # The replay rebuilt the message the page already showed (same id): one assistant message, with the whole text.
+    assert [(m["role"], m["id"]) for m in result["messages"]] == [(m["role"], m["id"]) for m in history]
+    assert result["assistant"]["text"] == full
+    assert result["assistant"]["metadata"] == {
+        "ui_session_id": session_id,
+        "interaction_id": reply["interaction_id"],
+        "status": "complete",
+    }
+
+
+@pytest.mark.redis
+async def test_resume_stream_on_another_worker_follows_the_reply_and_a_cancel_there_stops_it(
+    subprocesses: Callable[..., Subprocess], redis_server: RedisServer, ai_sdk: AISDK
+) -> None:
+    long = " ".join(f"w{i}" for i in range(400))  # twenty seconds at 50 ms a word: it runs while the SDK rejoins
+    env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_ECHO_DELAY": "0.05"}
+    a, b = subprocesses(env).start(), subprocesses(env).start()
+    async with httpx.AsyncClient(timeout=20) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        # Another client starts the reply on worker a, reads a few words and goes away; the reply goes on.
+        form = {"ui_session_id": session_id, "message": long, "on_disconnect": "continue"}
+        received = ""
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=form) as response:
+            assert response.status_code == 200
+            async for chunk in response.aiter_text():
+                received += chunk
+                if len(received.split()) >= 3:
+                    break
+        assert len(received.split()) >= 3
+
+        # The page reloads and lands on worker b: resumeStream() there, then its stop button, also on b, once it
+        # shows more than the first client saw.
+        cancel_at = str(len(received) + 1)
+        result = await ai_sdk.run("resume", b.url, session_id, "--hydrate", "--cancel-after-chars", cancel_at)
+        history = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"]
+
+    assert result["cancel"]["status"] == 200 and result["cancel"]["body"]["cancelled"] is True, result
+    assert result["error"] is None and result["status"] == "ready" and not result["timedOut"], result
+    assert result["finish"]["finishReason"] == "interrupted"
+    reply = assistant_of(history)
+    assert reply["status"] == "cancelled"
+    assert result["assistant"]["metadata"]["status"] == "cancelled"
+    assert result["assistant"]["id"] == reply["id"]
+    text = result["assistant"]["text"]
+    assert text == reply["content"]
+    assert text.startswith(received) and len(text) > len(received) and long.startswith(text) and text != long
+
+
+async def test_resume_stream_with_nothing_running_leaves_the_chat_as_it_was(
+    live: Callable[..., LiveServer], ai_sdk: AISDK
+) -> None:
+    server = live()
+    async with server.client() as client:
+        session_id = await new_session(client)
+        response = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "done already"})
+        assert response.status_code == 200
+        assert (await client.get(f"/api/v1/chat/{session_id}/stream")).status_code == 204
+        result = await ai_sdk.run("resume", server.url, session_id, "--hydrate")
+
+    # 204: nothing to resume; the SDK goes back to ready without an error and without touching the messages.
+    assert result["error"] is None and result["status"] == "ready" and result["finish"] is None, result
+    assert "streaming" not in result["statuses"]
+    assert [(m["role"], m["text"], m["metadata"]) for m in result["messages"]] == [
+        ("user", "done already", None),
+        ("assistant", "done already", None),
+    ]
+
+
+class FailingAgent:
+    name = "failing"
+    description = "Says three words, then fails."
+    history_limit = 0
+
+    async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
+        for word in ("one ", "two ", "three "):
+            await anyio.lowlevel.checkpoint()
+            yield word
+        raise AgentError("The model fell over.")
+
+
+async def test_an_agent_failure_mid_reply_is_an_error_the_sdk_shows_with_the_text_so_far(
+    serve: Callable[[ASGIApp], LiveServer], tmp_path: Path, ai_sdk: AISDK
+) -> None:
+    server = serve(create_app(make_settings(tmp_path, agent="failing"), agents=Agents([FailingAgent()])))
+    async with server.client() as client:
+        session_id = await new_session(client)
+        result = await ai_sdk.run("send", server.url, session_id, "--text", "hi")
+        history = await messages(client, session_id)
+
+    # SSE can say what went wrong after the first token: an `error` part puts the chat in status `error`.
+    assert result["status"] == "error" and result["finish"]["isError"] is True, result
+    assert "The model fell over." in result["error"]["message"]
+    reply = assistant_of(history)
+    assert reply["status"] == "error"
+    assert result["assistant"]["text"] == reply["content"] == "one two three "
+    assert result["assistant"]["id"] == reply["id"]
+    # The SDK applies nothing after an error part: the status reaches it in a message-metadata part sent before.
+    assert result["assistant"]["metadata"]["status"] == "error"
+
+
+async def test_an_unknown_session_is_an_error_the_sdk_shows(live: Callable[..., LiveServer], ai_sdk: AISDK) -> None:
+    server = live()
+    result = await ai_sdk.run("send", server.url, "ses_nobody", "--text", "hello")
+    body = {
+        "id": "ses_nobody",
+        "messages": [{"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hello"}]}],
+    }
+    async with server.client() as client:
+        direct = await client.post("/api/v1/chat", json={**body, "trigger": "submit-message"})
+    assert direct.status_code == 404
+    # The SDK turns a non-2xx answer into an error whose message is the body, and the chat's status into `error`.
+    assert result["status"] == "error" and result["error"]["statusCode"] == 404, result
+    assert result["error"]["message"] == direct.text
