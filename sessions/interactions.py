@@ -10,7 +10,7 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from sessions.errors import ApiError, CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
+from sessions.errors import CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
 from sessions.limits import LocalStreamSlots, StreamSlots
 from sessions.store import Store, new_id
 
@@ -106,7 +106,8 @@ class Coordinator(Protocol):
     def lease(self, interaction: Interaction) -> Lease:
         """Keep the claim while the reply runs; if the claim is lost, cancel the interaction ("lease lost")."""
 
-    async def release(self, interaction: Interaction) -> None: ...
+    async def release(self, interaction: Interaction) -> None:
+        """Free the claim. Never raises, and finishes even when cancelled (it shields what it must)."""
 
     async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
         """Does another process run the session's interaction (``interaction_id``, if given)?"""
@@ -234,12 +235,9 @@ class Interactions:
         if not interaction.status:  # it never got going (say, its session was gone): followers must not wait
             interaction.finish("interrupted")
         interaction.end()
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.coordinator.release(interaction)
-            except ApiError:
-                logger.warning("could not release session %s; its lease will run out", interaction.session_id)
-            if self.slots.limit is not None:
+        await self.coordinator.release(interaction)
+        if self.slots.limit is not None:
+            with anyio.CancelScope(shield=True):
                 await self.slots.give_back(interaction.owner, interaction.id)
 
     def get(self, session_id: str) -> Interaction | None:

@@ -111,8 +111,12 @@ class RedisCoordinator:
 
     async def release(self, interaction: Interaction) -> None:
         value = f"{self.process_id}:{interaction.id}"
-        with _reachable():
-            await self.redis.eval(_RELEASE, 1, self._claim_key(interaction.session_id), value)
+        with anyio.CancelScope(shield=True):
+            try:
+                with _reachable():
+                    await self.redis.eval(_RELEASE, 1, self._claim_key(interaction.session_id), value)
+            except ApiError:
+                logger.warning("could not release session %s; its lease will run out", interaction.session_id)
 
     async def owner(self, session_id: str) -> tuple[str, str] | None:
         with _reachable():
