@@ -90,9 +90,12 @@ _NEEDS_QUOTES = re.compile(r'[\s"=]')
 
 
 def _text(value: object) -> str:
-    if isinstance(value, float):
+    if type(value) is str:  # most fields (ids, names): first, since this runs for every field of every line
+        text = value
+    elif isinstance(value, float):
         return f"{value:.6f}"  # seconds, to the microsecond (never 6.4e-05)
-    text = "-" if value is None else str(value)
+    else:
+        text = "-" if value is None else str(value)
     return json.dumps(text) if not text or _NEEDS_QUOTES.search(text) else text
 
 
@@ -147,6 +150,8 @@ class InteractionLog:
         pass
 
     def turn_ended(self, turn: TurnReport) -> None:
+        if not logger.isEnabledFor(logging.INFO):
+            return
         ended = turn.ended_at if turn.ended_at is not None else time.monotonic()
         first = turn.first_token_at
         fields = {
@@ -162,9 +167,8 @@ class InteractionLog:
         }
         if turn.error is not None:
             fields["error"] = turn.error
-        if logger.isEnabledFor(logging.INFO):
-            # Made by hand rather than with logger.info(): that would look up the caller's frame, a cost paid
-            # once per interaction for a line whose origin is always this one.
-            record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "interaction ended", (), None)
-            record.fields = fields
-            logger.handle(record)
+        # Made by hand rather than with logger.info(): that would look up the caller's frame, a cost paid
+        # once per interaction for a line whose origin is always this one.
+        record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "interaction ended", (), None)
+        record.fields = fields
+        logger.handle(record)
