@@ -107,12 +107,11 @@ async def test_a_killed_owner_frees_the_session_after_its_lease(
     a, b = pair(subprocesses, tmp_path, redis_server)
     async with httpx.AsyncClient(timeout=10) as client:
         session_id = await session_on(client, a)
-        first = ""
         async with chat(client, a, session_id) as response:
-            async for chunk in response.aiter_text():
-                first = chunk
-                break
-            assert first  # the stream had begun
+            # Keep the iterator: once dropped, it is closed at the next await, and closing it closes the
+            # connection, which the server may then record as 'disconnected' before the kill lands.
+            chunks = response.aiter_text()
+            assert await anext(chunks)  # the stream had begun
             a.stop(kill=True)  # kill -9 mid-stream, its client still connected
         assert (await client.get(f"{b.url}/api/v1/sessions/{session_id}")).json()["status"] == "streaming"
 
@@ -303,9 +302,9 @@ async def test_delete_works_while_the_owner_is_dead_or_silent(
         # The owner dies mid-stream.
         dead = await session_on(client, a)
         async with chat(client, a, dead) as response:
-            async for _ in response.aiter_text():
-                break
-        a.stop(kill=True)
+            chunks = response.aiter_text()
+            assert await anext(chunks)
+            a.stop(kill=True)  # while its client is still connected: else its reply may end 'disconnected' first
         started = time.monotonic()
         deleted = await client.delete(f"{b.url}/api/v1/sessions/{dead}")
         assert deleted.status_code == 200, deleted.text
