@@ -5,6 +5,7 @@ Run it with ``uvicorn app:app``; embed it with ``Mount("/chat", app=create_app()
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -14,9 +15,9 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 import page
@@ -26,7 +27,11 @@ from sessions import Store
 from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge, SessionError, Unauthorized
 from sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
 from sessions.forms import (
+    FORM_MARGIN_BYTES,
+    OPTIONS_BODY_BYTES,
     SESSION_ID,
+    bounded,
+    chat_body_limit,
     optional_text,
     query_int,
     read_chat,
@@ -41,7 +46,7 @@ from sessions.store import FileInfo, Session, new_id, utcnow
 from sessions.streaming import ChatResponse, OnDisconnect, PlainText, error_response, http_status
 from sessions.turns import TurnObserver, TurnRequest
 from sessions.uploads import receive_upload
-from settings import Settings
+from settings import Settings, SettingsError
 
 logger = logging.getLogger("parley")
 
@@ -74,11 +79,17 @@ async def _session(parley: Parley, session_id: str, owner: str) -> Session:
 
 async def create_session(request: Request) -> Response:
     parley, owner = await _parley(request)
-    options = await read_json_or_form(request)
-    agent = options.get("agent") or parley.agents.default
+    options = await read_json_or_form(bounded(request, OPTIONS_BODY_BYTES, parley.settings.body_timeout_seconds))
+    # A field left out (or JSON null) takes its default; one that is present must be valid: false, 0 or ""
+    # are mistakes to report, not requests for the default.
+    agent = options.get("agent")
+    if agent is None or agent == "":
+        agent = parley.agents.default
     if not isinstance(agent, str) or agent not in parley.agents:
-        raise BadRequest(f"Unknown agent: {agent}. GET /api/v1/agents lists the agents.")
-    session_id = options.get("ui_session_id") or new_id("ses_")
+        raise BadRequest(f"Unknown agent: {json.dumps(agent)}. GET /api/v1/agents lists the agents.")
+    session_id = options.get("ui_session_id")
+    if session_id is None:
+        session_id = new_id("ses_")
     if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
         raise BadRequest("ui_session_id must be 1 to 128 characters: letters, digits, '_' or '-'.")
     session = Session(session_id, agent, utcnow(), owner)
@@ -111,10 +122,10 @@ async def delete_session(request: Request) -> Response:
         # Its owner is dead or silent: delete anyway. The delete takes the claim with it, so an owner that
         # comes back finds its session gone at its next renewal, and stops.
         logger.warning("session %s: its owner did not answer the cancel; deleting anyway", session.ui_session_id)
-    files = await parley.store.list_files(session.ui_session_id)
-    await parley.store.delete_session(session.ui_session_id, owner)
-    for info in files:
-        await parley.blobs.delete(info.id)
+    # The files whose records went with the session, in the same transaction: an upload that lands meanwhile
+    # is either among them or finds the session gone (and removes its own blob).
+    for file_id in await parley.store.delete_session(session.ui_session_id, owner) or ():
+        await parley.blobs.delete(file_id)
     return JSONResponse({"status": "success", "message": f"Session {session.ui_session_id} deleted"})
 
 
@@ -131,7 +142,9 @@ async def list_messages(request: Request) -> Response:
 
 async def chat(request: Request) -> Response | ChatResponse:
     parley, owner = await _parley(request)
-    chat = await read_chat(request, max_message_bytes=parley.settings.max_message_bytes)
+    limit = parley.settings.max_message_bytes
+    body = bounded(request, chat_body_limit(request, limit), parley.settings.body_timeout_seconds)
+    chat = await read_chat(body, max_message_bytes=limit)
     session_id, file_ids = chat.session_id, chat.file_ids
     attachments: list[Attachment] = []
     if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
@@ -186,7 +199,7 @@ async def _attachments(parley: Parley, session_id: str, file_ids: list[str]) -> 
 
 async def cancel(request: Request) -> Response:
     parley, owner = await _parley(request)
-    form = await read_form(request)
+    form = await read_form(bounded(request, OPTIONS_BODY_BYTES, parley.settings.body_timeout_seconds))
     session_id = required_text(form, "ui_session_id")
     interaction_id = optional_text(form, "interaction_id")
     running = parley.interactions.get(session_id)
@@ -211,13 +224,11 @@ async def upload_file(request: Request) -> Response:
     parley, owner = await _parley(request)
     limit = parley.settings.max_upload_bytes
     too_large = PayloadTooLarge(f"The file is larger than the limit of {limit} bytes.")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit + 64 * 1024:
-        raise too_large
+    body = bounded(request, limit + FORM_MARGIN_BYTES, parley.settings.body_timeout_seconds)
     file_id = new_id("file_")
     async with parley.blobs.writer(file_id, limit) as writer:
         try:
-            upload = await receive_upload(request, writer)
+            upload = await receive_upload(body, writer)
         except FileTooLarge:
             raise too_large from None
         session_id = upload.fields.get("ui_session_id", "").strip()
@@ -230,7 +241,7 @@ async def upload_file(request: Request) -> Response:
         file_id, session_id, filename, mime_type(upload.declared_type, filename), blob.size, blob.sha256, utcnow()
     )
     try:
-        await parley.store.add_file(info)
+        await parley.store.add_file(info)  # SessionNotFound if the session was deleted since it was looked up
     except BaseException:
         with anyio.CancelScope(shield=True):
             await parley.blobs.delete(file_id)
@@ -339,10 +350,31 @@ async def _domain_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return error_response(404, f"Not found: {request.url.path}")
+        response = error_response(404, f"Not found: {request.url.path}")
+    elif exc.status_code == 405:
+        response = error_response(405, f"Method {request.method} is not allowed on {request.url.path}.")
+    else:
+        response = error_response(exc.status_code, str(exc.detail))
+    response.headers.update(exc.headers or {})  # whatever the exception carries (Allow on a 405)
     if exc.status_code == 405:
-        return error_response(405, f"Method {request.method} is not allowed on {request.url.path}.")
-    return error_response(exc.status_code, str(exc.detail))
+        # Starlette's Allow names the methods of the first route that matched the path; a path served by
+        # several routes (GET and POST /api/v1/sessions) allows all of theirs.
+        response.headers["allow"] = ", ".join(sorted(_allowed_methods(request)))
+    return response
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return methods
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # An expected event, not a server error: one line, and an answer nobody will read.
+    logger.warning("client disconnected while sending %s %s", request.method, request.url.path)
+    return Response(status_code=400)
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
@@ -375,6 +407,8 @@ def create_app(
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(parley.run_background)
+                # Partial uploads of a killed process: untouched for twice the time a body may stall.
+                tg.start_soon(parley.blobs.sweep_partials, 2 * parley.settings.body_timeout_seconds)
                 yield
                 tg.cancel_scope.cancel()
         finally:
@@ -402,6 +436,7 @@ def create_app(
             ApiError: _api_error,
             SessionError: _domain_error,
             HTTPException: _http_error,
+            ClientDisconnect: _client_gone,
             Exception: _server_error,
         },
     )
@@ -410,4 +445,12 @@ def create_app(
     return app
 
 
-app = create_app()
+def _app_from_environment() -> Starlette:
+    try:
+        return create_app()
+    except SettingsError as exc:
+        # A configuration mistake is the operator's to fix: say which variable, in one line, no traceback.
+        raise SystemExit(f"parley: {exc}") from None
+
+
+app = _app_from_environment()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+
+class SettingsError(ValueError):
+    """A PARLEY_* variable with a value parley cannot use; the message names it, in one line."""
 
 
 @dataclass(frozen=True)
@@ -14,6 +19,7 @@ class Settings:
     echo_delay: float = 0.0
     max_message_bytes: int = 256 * 1024
     max_upload_bytes: int = 10 * 1024 * 1024
+    body_timeout_seconds: float = 30.0
     openai_base_url: str | None = None
     openai_api_key: str | None = field(default=None, repr=False)
     openai_model: str = "gpt-4o-mini"
@@ -23,6 +29,8 @@ class Settings:
     openai_history_messages: int = 100
     redis_url: str | None = None
     redis_lease_seconds: float = 10.0
+    redis_max_connections: int = 100
+    redis_pool_timeout_seconds: float = 10.0
     checkpoint_seconds: float = 1.0
     sse_keepalive_seconds: float = 15.0
     on_disconnect: str = "cancel"
@@ -33,29 +41,41 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Raises :class:`SettingsError` for a value that is not a finite number in its range."""
         defaults = cls()
 
         def text(name: str) -> str | None:
             return environ.get(f"PARLEY_{name}", "").strip() or None
 
-        def number(name: str, default: float) -> float:
-            return _number(text(name), default, f"PARLEY_{name}")
+        def number(name: str, default: float, *, positive: bool = False) -> float:
+            return _number(text(name), default, f"PARLEY_{name}", positive=positive)
+
+        def whole(name: str, default: int, *, positive: bool = False) -> int:
+            value = number(name, default, positive=positive)
+            if not float(value).is_integer():
+                raise SettingsError(f"PARLEY_{name} must be a whole number, got {text(name)!r}")
+            return int(value)
 
         return cls(
             data_dir=text("DATA_DIR") or defaults.data_dir,
             agent=text("AGENT") or defaults.agent,
             echo_delay=number("ECHO_DELAY", defaults.echo_delay),
-            max_message_bytes=int(number("MAX_MESSAGE_BYTES", defaults.max_message_bytes)),
-            max_upload_bytes=int(number("MAX_UPLOAD_BYTES", defaults.max_upload_bytes)),
+            max_message_bytes=whole("MAX_MESSAGE_BYTES", defaults.max_message_bytes),
+            max_upload_bytes=whole("MAX_UPLOAD_BYTES", defaults.max_upload_bytes),
+            body_timeout_seconds=number("BODY_TIMEOUT_SECONDS", defaults.body_timeout_seconds, positive=True),
             openai_base_url=text("OPENAI_BASE_URL"),
             openai_api_key=text("OPENAI_API_KEY"),
             openai_model=text("OPENAI_MODEL") or defaults.openai_model,
             openai_system_prompt=text("OPENAI_SYSTEM_PROMPT"),
-            openai_connect_timeout=number("OPENAI_CONNECT_TIMEOUT", defaults.openai_connect_timeout),
-            openai_read_timeout=number("OPENAI_READ_TIMEOUT", defaults.openai_read_timeout),
-            openai_history_messages=int(number("OPENAI_HISTORY_MESSAGES", defaults.openai_history_messages)),
+            openai_connect_timeout=number("OPENAI_CONNECT_TIMEOUT", defaults.openai_connect_timeout, positive=True),
+            openai_read_timeout=number("OPENAI_READ_TIMEOUT", defaults.openai_read_timeout, positive=True),
+            openai_history_messages=whole("OPENAI_HISTORY_MESSAGES", defaults.openai_history_messages),
             redis_url=text("REDIS_URL"),
-            redis_lease_seconds=number("REDIS_LEASE_SECONDS", defaults.redis_lease_seconds),
+            redis_lease_seconds=number("REDIS_LEASE_SECONDS", defaults.redis_lease_seconds, positive=True),
+            redis_max_connections=whole("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, positive=True),
+            redis_pool_timeout_seconds=number(
+                "REDIS_POOL_TIMEOUT_SECONDS", defaults.redis_pool_timeout_seconds, positive=True
+            ),
             checkpoint_seconds=number("CHECKPOINT_SECONDS", defaults.checkpoint_seconds),
             sse_keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", defaults.sse_keepalive_seconds),
             on_disconnect=_choice(text("ON_DISCONNECT"), defaults.on_disconnect, "PARLEY_ON_DISCONNECT"),
@@ -66,15 +86,19 @@ class Settings:
         )
 
 
-def _number(value: str | None, default: float, name: str) -> float:
+def _number(value: str | None, default: float, name: str, *, positive: bool = False) -> float:
     if value is None:
         return default
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        raise SettingsError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise SettingsError(f"{name} must be a finite number, got {value!r}")
     if number < 0:
-        raise ValueError(f"{name} must not be negative, got {value!r}")
+        raise SettingsError(f"{name} must not be negative, got {value!r}")
+    if positive and number == 0:
+        raise SettingsError(f"{name} must be more than 0, got {value!r}")
     return number
 
 
@@ -90,5 +114,5 @@ def _choice(value: str | None, default: str, name: str, choices: tuple[str, ...]
     if value is None:
         return default
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value

@@ -14,7 +14,7 @@ from agents import echo, openai
 from agents.base import Agent, AgentError, Attachment, HistoryEntry, Turn, UpstreamError
 from agents.echo import EchoAgent
 from agents.openai import OpenAIAgent
-from settings import Settings
+from settings import Settings, SettingsError
 
 __all__ = [
     "Agent",
@@ -75,4 +75,4 @@ def configured(settings: Settings) -> Agents:
     try:
         return Agents(agents, default=settings.agent)
     except UnknownAgent:
-        raise ValueError(f"PARLEY_AGENT={settings.agent!r} names no configured agent") from None
+        raise SettingsError(f"PARLEY_AGENT={settings.agent!r} names no configured agent") from None

@@ -5,10 +5,11 @@
      ├── Unauthorized         401  no owner: no API key, a wrong or malformed one, or the host app's user is not
      │                             authenticated (auth.py); with API keys it carries WWW-Authenticate: Bearer
      ├── NotFound             404  unknown session, file or route; another owner's session or file, exactly alike
+     ├── BodyTimeout          408  a request body that stopped arriving (PARLEY_BODY_TIMEOUT_SECONDS)
      ├── Conflict             409
      │    ├── SessionBusy          the session already has an interaction in progress
      │    └── SessionExists        a client-chosen ui_session_id is taken
-     ├── PayloadTooLarge      413  a message or an upload over its limit
+     ├── PayloadTooLarge      413  a message, an upload or a whole body over its limit
      ├── TooManyStreams       429  the owner already has PARLEY_MAX_STREAMS_PER_OWNER replies running (Retry-After)
      ├── CancelFailed         500  a cancel that could not be delivered to the process that owns the stream
      ├── RejoinFailed         500  a rejoin of a reply that another process streams, which this one cannot reach
@@ -57,6 +58,10 @@ class Unauthorized(ApiError):
 
 class NotFound(ApiError):
     status_code = 404
+
+
+class BodyTimeout(ApiError):
+    status_code = 408
 
 
 class Conflict(ApiError):

@@ -17,6 +17,8 @@ import anyio
 import anyio.to_thread
 from anyio import AsyncFile
 
+from sessions.errors import NotFound
+
 _MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _TEXT_TYPES = {
     "application/json",
@@ -102,11 +104,28 @@ class Blobs:
 
     def _prepare(self) -> None:
         self._partial.mkdir(parents=True, exist_ok=True)
-        # Partial uploads left by a crash; recent ones may belong to another worker still receiving them.
-        cutoff = time.time() - PARTIAL_MAX_AGE
-        for leftover in self._partial.iterdir():
-            if leftover.stat().st_mtime < cutoff:
-                leftover.unlink(missing_ok=True)
+        self._sweep(PARTIAL_MAX_AGE)
+
+    async def sweep_partials(self, max_age: float) -> None:
+        """Remove, every ``max_age / 2`` seconds and until cancelled, the partial uploads untouched for
+        ``max_age``: those of a process that was killed. (A live upload writes to its file as its body
+        arrives, and a body that stalls is dropped after PARLEY_BODY_TIMEOUT_SECONDS.)"""
+        while True:
+            await anyio.sleep(max_age / 2)
+            await anyio.to_thread.run_sync(self._sweep, max_age)
+
+    def _sweep(self, max_age: float) -> int:
+        # Recent ones may belong to another worker still receiving them.
+        cutoff = time.time() - max_age
+        removed = 0
+        for leftover in self._partial.glob("*.part"):
+            try:
+                if leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass  # committed or discarded meanwhile
+        return removed
 
     def close(self) -> None:
         if self._temporary is not None:
@@ -128,7 +147,10 @@ class Blobs:
         await anyio.to_thread.run_sync(lambda: self.path(file_id).unlink(missing_ok=True))
 
     async def read_text(self, file_id: str) -> str:
-        data = await anyio.Path(self.path(file_id)).read_bytes()
+        try:
+            data = await anyio.Path(self.path(file_id)).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"File not found: {file_id}") from None  # deleted since its metadata was read
         return data.decode("utf-8", errors="replace")
 
 
@@ -148,9 +170,12 @@ class BlobWriter:
         if self.size > self.limit:
             raise FileTooLarge
         if self._file is None:
-            self._file = await anyio.open_file(self.partial, "wb")
+            # Unbuffered: each chunk reaches the file as it arrives, so its mtime says the upload is alive.
+            self._file = await anyio.open_file(self.partial, "wb", buffering=0)
         self._hash.update(data)
-        await self._file.write(data)
+        view = memoryview(data)
+        while view:  # (a raw file may take part of a write)
+            view = view[await self._file.write(view) :]
 
     async def commit(self) -> Blob:
         if self._file is None:

@@ -14,7 +14,9 @@ from typing import Any
 import anyio
 import anyio.abc
 from redis import exceptions as redis_errors
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
 from sessions.store import FileInfo, Message, MessageStatus, Session
@@ -56,15 +58,25 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
+# Returns the ids of the files whose records it removed (nil when there was no such session for this owner).
 # A session hash without 'owner' was stored before owners existed: it is the open owner's ('').
 _DELETE_SESSION = """
-if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[3] then return 0 end
-if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[3] then return false end
+if redis.call('DEL', KEYS[1]) == 0 then return false end
+local files = redis.call('LRANGE', KEYS[4], 0, -1)
 redis.call('ZREM', KEYS[2], ARGV[2])
 for _, id in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do redis.call('DEL', ARGV[1] .. 'msg:' .. id) end
 for _, id in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do redis.call('DEL', ARGV[1] .. 'file:' .. id) end
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[7])
 redis.call('SREM', KEYS[6], ARGV[2])
+return files
+"""
+
+# A file's record, only while its session exists.
+_ADD_FILE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV))
+redis.call('RPUSH', KEYS[3], ARGV[2])
 return 1
 """
 
@@ -83,11 +95,27 @@ return 1
 """
 
 
-def connect(url: str) -> Redis:
-    # Short timeouts: when Redis is down, requests should hear 503 quickly rather than hang.
-    return Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=2, socket_timeout=5, health_check_interval=15
+class _LostWhileWatching(Exception):
+    pass
+
+
+def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0) -> Redis:
+    """A client whose requests queue for one of ``max_connections`` connections (up to ``pool_timeout``
+    seconds) rather than fail: a busy process is not a Redis that is down."""
+    # Short socket timeouts: when Redis is down, requests should hear 503 quickly rather than hang.
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=pool_timeout,
+        decode_responses=True,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        health_check_interval=15,
+        # After Redis restarts, the pool's idle connections are dead sockets: a command that fails on one is
+        # sent once more, at once, on a fresh connection (which fails fast, refused, if Redis is really down).
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
     )
+    return Redis.from_pool(pool)
 
 
 @contextmanager
@@ -149,9 +177,9 @@ class RedisStore:
         found = (_session(sid, fields, owner) for sid, fields in zip(ids, rows, strict=True))
         return [session for session in found if session is not None]
 
-    async def delete_session(self, session_id: str, owner: str) -> bool:
+    async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         with _reachable():
-            deleted = await self.redis.eval(
+            file_ids: Any = await self.redis.eval(
                 _DELETE_SESSION,
                 7,
                 self.key("session", session_id),
@@ -167,23 +195,44 @@ class RedisStore:
                 session_id,
                 owner,
             )
-        return bool(deleted)
+        return None if file_ids is None else [str(file_id) for file_id in file_ids]
 
     async def start_turn(
         self, user: Message, assistant: Message, history_limit: Callable[[Session], int], *, owner: str
     ) -> tuple[Session, list[Message]]:
+        try:
+            return await self._start_turn(user, assistant, history_limit, owner)
+        except _LostWhileWatching:
+            pass  # a dead pooled socket (Redis restarted): once more, on a fresh connection
+        try:
+            return await self._start_turn(user, assistant, history_limit, owner)
+        except _LostWhileWatching:
+            raise StoreUnavailable("The session store (Redis) is unavailable right now; try again shortly.") from None
+
+    async def _start_turn(
+        self, user: Message, assistant: Message, history_limit: Callable[[Session], int], owner: str
+    ) -> tuple[Session, list[Message]]:
         session_id = user.session_id
         session_key = self.key("session", session_id)
         with _reachable():
+            # Read before the watch: a watching pipeline holds its connection until it writes, and must not wait
+            # for a second one (with every pooled connection held that way, none would come).
+            fields: Any = await self.redis.hgetall(session_key)
+            session = _session(session_id, fields, owner)
+            if session is None:
+                raise SessionNotFound(session_id)
+            limit = history_limit(session)
+            history = await self._messages(session_id, -limit) if limit > 0 else []
             async with self.redis.pipeline(transaction=True) as pipe:
                 # Optimistic: the turn is written only if the session still exists and is not deleted meanwhile.
-                await pipe.watch(session_key)
-                fields: Any = await pipe.hgetall(session_key)
-                session = _session(session_id, fields, owner)
-                if session is None:
-                    raise SessionNotFound(session_id)
-                limit = history_limit(session)
-                history = await self._messages(session_id, -limit) if limit > 0 else []
+                try:
+                    await pipe.watch(session_key)
+                    still: Any = await pipe.hgetall(session_key)
+                except redis_errors.WatchError:
+                    # (redis-py's report of a connection lost while a key is watched: nothing was written)
+                    raise _LostWhileWatching from None
+                if _session(session_id, still, owner) is None:  # deleted since (and its id perhaps taken again)
+                    raise SessionGone(session_id)
                 pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
                 for message in (user, assistant):
                     pipe.hset(self.key("msg", message.id), mapping=_message_fields(message))
@@ -252,7 +301,7 @@ class RedisStore:
         return [_message(fields) for fields in rows if fields]
 
     async def add_file(self, info: FileInfo) -> None:
-        fields: dict[Any, Any] = {
+        fields = {
             "id": info.id,
             "session_id": info.session_id,
             "filename": info.filename,
@@ -261,11 +310,13 @@ class RedisStore:
             "sha256": info.sha256,
             "created_at": info.created_at,
         }
+        # ARGV is the hash's fields and values, "id" first (the script appends ARGV[2], the id, to the list).
+        pairs = [item for pair in fields.items() for item in pair]
+        keys = self.key("session", info.session_id), self.key("file", info.id), self.key("files", info.session_id)
         with _reachable():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self.key("file", info.id), mapping=fields)
-                pipe.rpush(self.key("files", info.session_id), info.id)
-                await pipe.execute()
+            added = await self.redis.eval(_ADD_FILE, 3, *keys, *pairs)
+        if not added:
+            raise SessionNotFound(info.session_id)
 
     async def get_file(self, session_id: str, file_id: str) -> FileInfo | None:
         with _reachable():

@@ -114,7 +114,8 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
     from sessions.redis_coordinator import RedisCoordinator
     from sessions.redis_limits import RedisStreamSlots
 
-    redis, lease = connect(settings.redis_url), settings.redis_lease_seconds
+    redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_seconds)
+    lease = settings.redis_lease_seconds
     return (
         store or RedisStore(redis),
         RedisCoordinator(redis, lease_seconds=lease),

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -201,9 +202,12 @@ class SQLiteStore:
 
         return await self._run(select)
 
-    async def delete_session(self, session_id: str, owner: str) -> bool:
-        def delete(db: sqlite3.Connection) -> bool:
-            return db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)).rowcount > 0
+    async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
+        def delete(db: sqlite3.Connection) -> list[str] | None:
+            file_ids = [row[0] for row in db.execute("SELECT id FROM files WHERE session_id = ?", (session_id,))]
+            if db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)).rowcount == 0:
+                return None
+            return file_ids  # (their rows went with the session: ON DELETE CASCADE)
 
         return await self._run(delete)
 
@@ -268,10 +272,13 @@ class SQLiteStore:
 
     async def add_file(self, info: FileInfo) -> None:
         def insert(db: sqlite3.Connection) -> None:
-            db.execute(
-                f"INSERT INTO files ({_FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (info.id, info.session_id, info.filename, info.mime_type, info.size, info.sha256, info.created_at),
+            cursor = db.execute(
+                f"INSERT INTO files ({_FILE_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM sessions WHERE id = ?)",
+                (*astuple(info), info.session_id),
             )
+            if cursor.rowcount == 0:
+                raise SessionNotFound(info.session_id)
 
         await self._run(insert)
 

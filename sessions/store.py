@@ -110,7 +110,10 @@ class Store(Protocol):
     async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
         """The owner's sessions, newest first."""
 
-    async def delete_session(self, session_id: str, owner: str) -> bool: ...
+    async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
+        """Delete the owner's session with its history and its files' records, in one transaction; return the
+        ids of the files removed (their bytes are the caller's to delete), or None if the owner has no such
+        session."""
 
     async def start_turn(
         self, user: Message, assistant: Message, history_limit: Callable[[Session], int], *, owner: str
@@ -136,7 +139,10 @@ class Store(Protocol):
     async def streaming_turn(self, session_id: str) -> str | None:
         """The interaction id of the session's turn still marked ``streaming``, if there is one."""
 
-    async def add_file(self, info: FileInfo) -> None: ...
+    async def add_file(self, info: FileInfo) -> None:
+        """Raises :class:`sessions.errors.SessionNotFound` when the session does not exist (checked in the same
+        transaction as the write: a file record never outlives its session)."""
+
     async def get_file(self, session_id: str, file_id: str) -> FileInfo | None: ...
     async def list_files(self, session_id: str) -> list[FileInfo]: ...
     async def delete_file(self, session_id: str, file_id: str) -> bool: ...

@@ -3,11 +3,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import Request
 
 from sessions.errors import BadRequest
 from sessions.files import BlobWriter
+from sessions.forms import MAX_FIELDS
 
 MAX_FIELD_BYTES = 64 * 1024
 # Clients send very long filenames; they are cut to size afterwards, so let the header line carry them.
@@ -45,8 +46,13 @@ async def receive_upload(request: Request, writer: BlobWriter, file_field: str =
     pending: list[bytes] = []  # file bytes parsed from the latest network read, written out after it
     seen_file = False
 
+    parts = 0
+
     def on_part_begin() -> None:
-        nonlocal part
+        nonlocal part, parts
+        parts += 1
+        if parts > MAX_FIELDS + 1:
+            raise BadRequest(f"The upload has too many fields (at most {MAX_FIELDS} besides the file).")
         part = _Part()
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
@@ -85,20 +91,21 @@ async def receive_upload(request: Request, writer: BlobWriter, file_field: str =
         if part.filename is None:
             upload.fields[part.name] = part.data.decode("utf-8", "replace")
 
-    parser = MultipartParser(
-        params[b"boundary"],
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-        max_header_size=MAX_HEADER_BYTES,
-    )
     try:
+        # (Inside the try: the constructor refuses a boundary it cannot use, such as one too long.)
+        parser = MultipartParser(
+            params[b"boundary"],
+            {
+                "on_part_begin": on_part_begin,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_headers_finished": on_headers_finished,
+                "on_part_data": on_part_data,
+                "on_part_end": on_part_end,
+            },
+            max_header_size=MAX_HEADER_BYTES,
+        )
         async for chunk in request.stream():
             parser.write(chunk)
             for data in pending:
@@ -107,6 +114,9 @@ async def receive_upload(request: Request, writer: BlobWriter, file_field: str =
         parser.finalize()
     except FormParserError:
         raise BadRequest("The upload could not be parsed as multipart/form-data.") from None
+    if parser.state != MultipartState.END:
+        # The body ended before its closing boundary: the file in it may be cut short.
+        raise BadRequest("The upload ended before its closing boundary: it is incomplete, and nothing was kept.")
     if not seen_file:
         raise BadRequest(f"The upload has no file: send it in a part named '{file_field}'.")
     return upload

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from settings import Settings
+from settings import Settings, SettingsError
+from tests.conftest import ROOT, free_port
 
 
 def test_defaults() -> None:
@@ -31,6 +37,38 @@ def test_reads_the_environment() -> None:
 def test_rejects_bad_numbers_with_the_variable_named(value: str) -> None:
     with pytest.raises(ValueError, match="PARLEY_ECHO_DELAY"):
         Settings.from_env({"PARLEY_ECHO_DELAY": value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAX_UPLOAD_BYTES", "inf"),
+        ("MAX_MESSAGE_BYTES", "nan"),
+        ("MAX_MESSAGE_BYTES", "1.5"),
+        ("REDIS_LEASE_SECONDS", "nan"),
+        ("REDIS_LEASE_SECONDS", "0"),
+        ("ECHO_DELAY", "nan"),
+        ("ECHO_DELAY", "-inf"),
+        ("BODY_TIMEOUT_SECONDS", "inf"),
+        ("BODY_TIMEOUT_SECONDS", "0"),
+        ("REDIS_MAX_CONNECTIONS", "0"),
+        ("REDIS_POOL_TIMEOUT_SECONDS", "-1"),
+        ("OPENAI_READ_TIMEOUT", "nan"),
+    ],
+)
+def test_refuses_numbers_out_of_range(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"PARLEY_{name}"):
+        Settings.from_env({f"PARLEY_{name}": value})
+
+
+@pytest.mark.parametrize("variable", ["PARLEY_MAX_UPLOAD_BYTES=inf", "PARLEY_REDIS_LEASE_SECONDS=nan"])
+def test_uvicorn_stops_with_one_line_naming_the_variable(tmp_path: Path, variable: str) -> None:
+    name, value = variable.split("=")
+    env = {**os.environ, "PARLEY_DATA_DIR": str(tmp_path), name: value}
+    command = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(free_port())]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [f"parley: {name} must be a finite number, got {value!r}"]
 
 
 def test_reads_the_settings_of_replies_that_outlive_their_connection() -> None:

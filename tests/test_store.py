@@ -56,8 +56,8 @@ async def test_sessions(store: Store) -> None:
     assert await store.get_session("nope", "") is None
     assert await store.list_sessions("", 10, 0) == [second, first]
     assert await store.list_sessions("", 1, 1) == [first]
-    assert await store.delete_session("s1", "") is True
-    assert await store.delete_session("s1", "") is False
+    assert await store.delete_session("s1", "") == []
+    assert await store.delete_session("s1", "") is None
     assert await store.list_sessions("", 10, 0) == [second]
 
 
@@ -81,11 +81,11 @@ async def test_another_owners_session_is_exactly_a_missing_one(store: Store) -> 
         await store.start_turn(*turn("a1"), limit(10), owner="bob")
     assert await store.list_messages("a1") == []
     assert await store.streaming_turn("a1") is None
-    assert await store.delete_session("a1", "bob") is False
+    assert await store.delete_session("a1", "bob") is None
     assert await store.get_session("a1", "alice") == alices
     user, reply = turn("a1")
     assert await store.start_turn(user, reply, limit(10), owner="alice") == (alices, [])
-    assert await store.delete_session("a1", "alice") is True
+    assert await store.delete_session("a1", "alice") == []
     assert await store.list_sessions("alice", 10, 0) == []
     await store.create_session(Session("a1", "echo", utcnow(), "bob"))  # a deleted id is free for anyone
     assert await store.list_messages("a1") == []
@@ -182,7 +182,7 @@ async def test_deleting_a_session_deletes_its_history_and_files(store: Store) ->
     await store.start_turn(*turn("s"), limit(0), owner="")
     info = FileInfo("file_1", "s", "a.txt", "text/plain", 3, "ab" * 32, utcnow())
     await store.add_file(info)
-    await store.delete_session("s", "")
+    assert await store.delete_session("s", "") == ["file_1"]  # whose bytes the caller deletes
     await store.create_session(Session("s", "echo", utcnow()))
     assert await store.list_messages("s") == []
     assert await store.list_files("s") == []
@@ -285,6 +285,15 @@ def test_ordered_ids_sort_by_creation_time_and_look_like_the_others() -> None:
     assert len(made[0]) == len(new_id("msg_"))
 
 
+async def test_a_file_is_recorded_only_while_its_session_exists(store: Store) -> None:
+    info = FileInfo("file_1", "gone", "a.txt", "text/plain", 3, "ab" * 32, utcnow())
+    with pytest.raises(SessionNotFound):
+        await store.add_file(info)
+    await store.create_session(Session("gone", "echo", utcnow()))
+    assert await store.list_files("gone") == []
+    assert await store.get_file("gone", "file_1") is None
+
+
 def _old_sqlite_file(path: Path) -> None:
     """A store file as parley wrote it before sessions had owners."""
     db = sqlite3.connect(path)
@@ -348,7 +357,7 @@ async def test_redis_serves_sessions_stored_before_owners_to_the_open_owner(shar
     assert await store.list_sessions("", 10, 0) == [old]
     assert await store.list_sessions("alice", 10, 0) == []
     assert await store.start_turn(*turn("old"), limit(10), owner="") == (old, [])
-    assert await store.delete_session("old", "alice") is False
-    assert await store.delete_session("old", "") is True
+    assert await store.delete_session("old", "alice") is None
+    assert await store.delete_session("old", "") == []
     assert await store.list_sessions("", 10, 0) == []
     await store.close()
