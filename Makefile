@@ -8,7 +8,7 @@ PORT ?= 8000
 REDIS_URL ?= redis://127.0.0.1:6379/0
 WORKERS ?= 2
 
-.PHONY: install redis-server npm chromium wrk valgrind run run-redis test screenshot lint format bench bench-instructions soak clean
+.PHONY: install redis-server npm chromium wrk valgrind run run-redis test fuzz screenshot lint format bench bench-instructions soak clean
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,14 @@ run-redis: install
 
 test: install redis-server chromium $(AI_SDK)/node_modules/.installed
 	$(BIN)/python -m pytest
+
+# Schemathesis at length against a real uvicorn: many examples per operation, a new seed each run (printed, so a
+# failure can be replayed with FUZZ_SEED=...), and the stateful phase that follows the document's links.
+FUZZ_EXAMPLES ?= 500
+FUZZ_SEED ?= $(shell date +%s)
+fuzz: install
+	PARLEY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) PARLEY_FUZZ_SEED=$(FUZZ_SEED) \
+		$(BIN)/python -m pytest tests/test_openapi.py -k schemathesis -s -p no:cacheprovider
 
 # docs/page.png: the page in Chromium against a real server, with a finished reply and a cancelled one.
 screenshot: install chromium

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 import page
 from agents import Agents, Attachment
 from auth import Auth, keys_from
-from sessions import Store
+from sessions import Store, logs, metrics
 from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge, SessionError, Unauthorized
 from sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
 from sessions.forms import (
@@ -39,11 +39,14 @@ from sessions.forms import (
     read_json_or_form,
     required_text,
 )
+from sessions.health import readiness
+from sessions.openapi import document
 from sessions.rejoin import Follow, after_seq
 from sessions.service import Parley, build
 from sessions.sse import ServerSentEvents
 from sessions.store import FileInfo, Session, new_id, utcnow
 from sessions.streaming import ChatResponse, OnDisconnect, PlainText, error_response, http_status
+from sessions.telemetry import Telemetry
 from sessions.turns import TurnObserver, TurnRequest
 from sessions.uploads import receive_upload
 from settings import Settings, SettingsError
@@ -183,6 +186,7 @@ async def rejoin(request: Request) -> Response | Follow:
     plain = request.headers.get("accept", "").split(";")[0].strip().lower() == "text/plain"
     offset = query_int(request, "offset", 0, minimum=0, maximum=2**62)
     after = after_seq(request.headers.get("last-event-id"), interaction.id)
+    metrics.REJOINS.inc()
     return Follow(interaction, plain=plain, after=after, offset=offset, feed=feed)
 
 
@@ -207,7 +211,13 @@ async def cancel(request: Request) -> Response:
         # Not streaming here for this owner: the session must exist and be the owner's (another owner's is a
         # 404, and the owner rides on the cancel bus too: another owner's cancel never reaches a stream).
         await _session(parley, session_id, owner)
-    outcome = await parley.interactions.cancel(session_id, interaction_id, owner=owner)
+    try:
+        # A silent owner (dead, or between two subscriptions) is waited out: the answer stays true to history.
+        outcome = await parley.interactions.cancel(session_id, interaction_id, owner=owner, wait_out_silence=True)
+    except CancelFailed:
+        metrics.CANCEL_REQUESTS.labels("failed").inc()
+        raise
+    metrics.CANCEL_REQUESTS.labels(outcome).inc()
     return JSONResponse(
         {
             "status": "success",
@@ -300,6 +310,25 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+async def readyz(request: Request) -> Response:
+    checks = await readiness(request.app.state.parley)
+    down = [name for name, state in checks.items() if state != "ok"]
+    if not down:
+        return JSONResponse({"status": "ok", "checks": checks})
+    message = "Not ready: " + "; ".join(f"{name} is down ({checks[name]})" for name in down)
+    return JSONResponse({"status": "error", "message": message, "checks": checks}, status_code=503)
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(request.app.state.openapi)
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    await _parley(request)  # with API keys configured, a scrape needs one too (any owner's)
+    body, content_type = metrics.exposition()
+    return Response(body, headers={"content-type": content_type})
+
+
 class _PlainEndpoint:
     """A route endpoint run as a plain ASGI app: Starlette wraps a function endpoint's ``send`` in one more
     layer, a cost paid on every token of a stream. Errors still reach the app's exception handlers."""
@@ -328,8 +357,11 @@ routes = [
     Route("/api/v1/files/{session_id}/{file_id}", delete_file, methods=["DELETE"]),
     Route("/api/v1/files/{session_id}/{file_id}/content", get_file_content, methods=["GET"]),
     Route("/api/v1/agents", list_agents, methods=["GET"]),
+    Route("/api/v1/openapi.json", openapi, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
 ]
+_metrics_routes = (Route("/metrics", prometheus_metrics, methods=["GET"]),)
 
 
 # errors: every one is JSON {"status": "error", "message": ...}; see sessions/errors.py for the tree.
@@ -398,7 +430,11 @@ def create_app(
     """
     settings = settings or Settings.from_env()
     auth = auth or Auth(keys_from(settings.api_keys, settings.api_keys_file))
-    parley = build(settings, store, agents, observers)
+    logs.configure(settings.log_format)
+    ops: list[TurnObserver] = [logs.InteractionLog()]
+    if settings.metrics:
+        ops.append(metrics.InteractionMetrics())
+    parley = build(settings, store, agents, [*ops, *observers])
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -414,8 +450,10 @@ def create_app(
         finally:
             with anyio.CancelScope(shield=True):
                 await parley.close()
+            metrics.process_exiting()
 
-    middleware = []
+    # Outermost: every response gets its request id and is counted, a CORS preflight's too.
+    middleware = [Middleware(Telemetry, metrics=settings.metrics)]
     if settings.cors_origins:
         # A browser client on another origin may call the API and read the interaction id of a reply.
         middleware.append(
@@ -424,12 +462,12 @@ def create_app(
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST", "DELETE"],
                 allow_headers=["authorization", "x-api-key", "content-type", "last-event-id"],
-                expose_headers=["x-interaction-id"],
+                expose_headers=["x-interaction-id", "x-request-id"],
             )
         )
     app = Starlette(
         debug=debug,
-        routes=[*routes, *page.routes] if ui else routes,
+        routes=[*routes, *(_metrics_routes if settings.metrics else ()), *(page.routes if ui else ())],
         middleware=middleware,
         lifespan=lifespan,
         exception_handlers={
@@ -442,6 +480,7 @@ def create_app(
     )
     app.state.parley = parley
     app.state.auth = auth
+    app.state.openapi = document(metrics=settings.metrics, keys=auth.uses_keys, ui=ui)
     return app
 
 

@@ -38,6 +38,8 @@ class Settings:
     api_keys_file: str | None = None
     max_streams_per_owner: int | None = None
     cors_origins: tuple[str, ...] = ()
+    metrics: bool = True
+    log_format: str = "text"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -83,6 +85,8 @@ class Settings:
             api_keys_file=text("API_KEYS_FILE"),
             max_streams_per_owner=_positive_int(text("MAX_STREAMS_PER_OWNER"), "PARLEY_MAX_STREAMS_PER_OWNER"),
             cors_origins=tuple(origin for origin in (text("CORS_ORIGINS") or "").replace(",", " ").split()),
+            metrics=_switch(text("METRICS"), defaults.metrics, "PARLEY_METRICS"),
+            log_format=_choice(text("LOG_FORMAT"), defaults.log_format, "PARLEY_LOG_FORMAT", ("text", "json")),
         )
 
 
@@ -100,6 +104,16 @@ def _number(value: str | None, default: float, name: str, *, positive: bool = Fa
     if positive and number == 0:
         raise SettingsError(f"{name} must be more than 0, got {value!r}")
     return number
+
+
+def _switch(value: str | None, default: bool, name: str) -> bool:
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0, got {value!r}")
 
 
 def _positive_int(value: str | None, name: str) -> int | None:

@@ -14,6 +14,9 @@
   claims, cancels and rejoins across processes.
 - :mod:`sessions.service`: the parts of one app (store, agents, interactions) put together from its settings.
 - :mod:`sessions.errors`: every error a client can get, as one tree.
+- Operations: :mod:`sessions.openapi` (the OpenAPI document), :mod:`sessions.metrics` (Prometheus),
+  :mod:`sessions.logs` (log formats, the per-interaction line), :mod:`sessions.telemetry` (each request's id,
+  metrics and 5xx line), :mod:`sessions.health` (readiness).
 """
 
 from __future__ import annotations

@@ -193,7 +193,9 @@ async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
         )
     if len(chat.message.encode()) > max_message_bytes:
         raise PayloadTooLarge(f"The message is larger than the limit of {max_message_bytes} bytes.")
-    on_disconnect = chat.on_disconnect or request.query_params.get("on_disconnect")
+    on_disconnect = chat.on_disconnect
+    if on_disconnect is None and b"on_disconnect" in request.scope.get("query_string", b""):
+        on_disconnect = request.query_params.get("on_disconnect")  # (parsed only when it may be there)
     if on_disconnect is not None and on_disconnect not in _ON_DISCONNECT:
         raise BadRequest("on_disconnect must be 'cancel' or 'continue'.")
     if on_disconnect != chat.on_disconnect:

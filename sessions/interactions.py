@@ -10,7 +10,7 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from sessions.errors import ApiError, CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
+from sessions.errors import CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
 from sessions.limits import LocalStreamSlots, StreamSlots
 from sessions.store import Store, new_id
 
@@ -19,7 +19,11 @@ logger = logging.getLogger("parley")
 CancelReason = Literal["cancelled", "disconnected", "deleted", "lease lost"]
 # What a cancel did, as the web layer counts it; a failure to reach the owner raises CancelFailed instead.
 CancelOutcome = Literal["cancelled_here", "cancelled_elsewhere", "not_running"]
-_REASONS: dict[str, CancelReason] = {"cancelled": "cancelled", "disconnected": "disconnected", "deleted": "deleted"}
+CANCEL_REASONS: dict[str, CancelReason] = {
+    "cancelled": "cancelled",
+    "disconnected": "disconnected",
+    "deleted": "deleted",
+}
 
 
 class Interaction:
@@ -43,7 +47,7 @@ class Interaction:
         self.status = ""  # the history status, once done
         self.error: str | None = None  # what a failure after the first token said, for renderers that can tell
         # Events made only when someone waits: most interactions are neither followed nor watched.
-        self._changed: anyio.Event | None = None
+        self.waiter: anyio.Event | None = None  # set when a follower waits for the next change
         self._over_event: anyio.Event | None = None
 
     def cancel(self, reason: CancelReason) -> bool:
@@ -54,24 +58,25 @@ class Interaction:
         self.scope.cancel()
         return True
 
+    def notify(self) -> None:
+        if self.waiter is not None:
+            self.waiter.set()
+            self.waiter = None
+
     def add(self, token: str) -> None:
         self.tokens.append(token)
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        self.notify()
 
     def finish(self, status: str) -> None:
         self.status = status
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        self.notify()
 
     async def changed(self) -> None:
         """Wait for the next token, or for the reply's end (``status`` set). Only what happens after the call
         wakes it: look at ``tokens`` and ``status`` just before, with no ``await`` in between."""
-        if self._changed is None:
-            self._changed = anyio.Event()
-        await self._changed.wait()
+        if self.waiter is None:
+            self.waiter = anyio.Event()
+        await self.waiter.wait()
 
     def end(self) -> None:
         """The interaction is over: recorded, and its session freed."""
@@ -105,17 +110,24 @@ class Coordinator(Protocol):
     def lease(self, interaction: Interaction) -> Lease:
         """Keep the claim while the reply runs; if the claim is lost, cancel the interaction ("lease lost")."""
 
-    async def release(self, interaction: Interaction) -> None: ...
+    async def release(self, interaction: Interaction) -> None:
+        """Free the claim. Never raises, and finishes even when cancelled (it shields what it must)."""
 
     async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
         """Does another process run the session's interaction (``interaction_id``, if given)?"""
 
     async def cancel_elsewhere(
-        self, session_id: str, interaction_id: str | None, reason: CancelReason, owner: str | None
+        self,
+        session_id: str,
+        interaction_id: str | None,
+        reason: CancelReason,
+        owner: str | None,
+        wait_out_silence: bool = False,
     ) -> bool:
         """Cancel the session's interaction in the process that runs it, if it runs for ``owner`` (any owner:
         None); True if it was stopped there. Raises CancelFailed when that process cannot be reached (or,
-        locally, when there might be one)."""
+        locally, when there might be one); with ``wait_out_silence``, a silent process is waited out first
+        (a lease at most): see :meth:`sessions.redis_coordinator.RedisCoordinator.request_cancel`."""
 
     async def follow(self, session_id: str) -> Followed | None:
         """A live copy of the session's interaction that another process runs, for a rejoining client, and what
@@ -161,7 +173,12 @@ class LocalCoordinator:
         return streaming is not None and interaction_id in (None, streaming)
 
     async def cancel_elsewhere(
-        self, session_id: str, interaction_id: str | None, reason: CancelReason, owner: str | None
+        self,
+        session_id: str,
+        interaction_id: str | None,
+        reason: CancelReason,
+        owner: str | None,
+        wait_out_silence: bool = False,
     ) -> bool:
         if await self.streaming_elsewhere(session_id, interaction_id):
             raise CancelFailed(
@@ -233,12 +250,9 @@ class Interactions:
         if not interaction.status:  # it never got going (say, its session was gone): followers must not wait
             interaction.finish("interrupted")
         interaction.end()
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.coordinator.release(interaction)
-            except ApiError:
-                logger.warning("could not release session %s; its lease will run out", interaction.session_id)
-            if self.slots.limit is not None:
+        await self.coordinator.release(interaction)
+        if self.slots.limit is not None:
+            with anyio.CancelScope(shield=True):
                 await self.slots.give_back(interaction.owner, interaction.id)
 
     def get(self, session_id: str) -> Interaction | None:
@@ -258,7 +272,7 @@ class Interactions:
             return False
         if owner is not None and interaction.owner != owner:
             return False
-        return interaction.cancel(_REASONS.get(reason, "cancelled"))
+        return interaction.cancel(CANCEL_REASONS.get(reason, "cancelled"))
 
     async def cancel(
         self,
@@ -266,14 +280,16 @@ class Interactions:
         interaction_id: str | None = None,
         reason: CancelReason = "cancelled",
         owner: str | None = None,
+        wait_out_silence: bool = False,
     ) -> CancelOutcome:
         """Cancel the session's running interaction, wherever it runs, if it runs for ``owner`` (None: whoever's
-        it is). Raises CancelFailed if its process cannot be reached."""
+        it is). Raises CancelFailed if its process cannot be reached (with ``wait_out_silence``: nor waited out,
+        see :meth:`Coordinator.cancel_elsewhere`)."""
         if session_id in self._running:
             # This process owns it: no need for the coordinator, so this works even while Redis is down.
             cancelled = self.cancel_here(session_id, interaction_id, reason, owner)
             return "cancelled_here" if cancelled else "not_running"
-        if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason, owner):
+        if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason, owner, wait_out_silence):
             return "cancelled_elsewhere"
         return "not_running"
 

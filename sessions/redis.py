@@ -19,6 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
+from sessions.metrics import STORE_ERRORS
 from sessions.store import FileInfo, Message, MessageStatus, Session
 
 logger = logging.getLogger("parley")
@@ -123,6 +124,7 @@ def _reachable() -> Iterator[None]:
     try:
         yield
     except _DOWN:
+        STORE_ERRORS.labels("redis").inc()
         raise StoreUnavailable("The session store (Redis) is unavailable right now; try again shortly.") from None
 
 
@@ -254,6 +256,7 @@ class RedisStore:
                 await self.redis.eval(_FINISH, 1, self.key("msg", message_id), content, status, message_id, self.prefix)
                 return
             except _DOWN:
+                STORE_ERRORS.labels("redis").inc()
                 if time.monotonic() > deadline:
                     raise StoreUnavailable("The session store (Redis) stayed unavailable.") from None
                 await anyio.sleep(delay)

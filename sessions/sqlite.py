@@ -12,6 +12,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from sessions.errors import SessionExists, SessionNotFound
+from sessions.metrics import STORE_ERRORS
 from sessions.store import FileInfo, Message, MessageStatus, Session
 
 T = TypeVar("T")
@@ -149,6 +150,8 @@ class SQLiteStore:
                 finished, self._batch_finished = self._batch_finished, anyio.Event()
                 finished.set()
         if operation.error is not None:
+            if isinstance(operation.error, sqlite3.Error):
+                STORE_ERRORS.labels("sqlite").inc()
             raise operation.error
         return operation.result  # type: ignore[no-any-return]
 

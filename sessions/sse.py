@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from starlette.types import Message
+
 from agents import AgentError
 from sessions.interactions import Interaction
 from sessions.streaming import Wire
@@ -118,14 +120,16 @@ class ServerSentEvents(Wire):
         await self._body(head(self.interaction))
 
     async def _body(self, body: bytes, more: bool = True) -> None:
-        self.sent += 1
         await self.send({"type": "http.response.body", "body": body, "more_body": more})
 
-    async def token(self, seq: int, text: str) -> None:
-        if not self.response_started:
+    async def first_token(self, text: str) -> None:
+        if not self.response_started:  # (a keep-alive may have started it)
             await self._start()
+        await self.send(self.frame(0, text))
+
+    def frame(self, seq: int, text: str) -> Message:
         assert self.interaction is not None
-        await self._body(delta(self.interaction.id, seq, text))
+        return {"type": "http.response.body", "body": delta(self.interaction.id, seq, text), "more_body": True}
 
     async def keepalive(self) -> None:
         if self.closed or self.interaction is None:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import anyio
 import anyio.lowlevel
 from starlette.responses import JSONResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from agents import AgentError
 from sessions.errors import ApiError, SessionError
@@ -37,12 +37,14 @@ def http_status(exc: Exception) -> int | None:
 class StreamAborted(Exception):
     """Raised to the server to abort a chat response whose agent failed after the first token."""
 
+    logged_by_parley = True  # (the server's own report of it is dropped: see sessions/logs.py)
+
 
 class Wire:
     """What every renderer shares: the ASGI ``send``, and what happens when its client goes away."""
 
     def __init__(self, send: Send, on_disconnect: OnDisconnect = "cancel", keepalive_seconds: float = 0.0) -> None:
-        self.send = send
+        self.send = self.write = send
         self.on_disconnect = on_disconnect
         self.keepalive_seconds = keepalive_seconds
         self.interaction: Interaction | None = None
@@ -59,12 +61,13 @@ class Wire:
         if self.left and self.on_disconnect == "cancel":
             interaction.cancel("disconnected")
 
-    sent = 0  # messages sent so far: a keep-alive is due only when nothing was sent for a while
-
     async def keepalive(self) -> None:
         """Say something that clients ignore, to keep the connection open (for formats that can)."""
 
-    async def token(self, seq: int, text: str) -> None:
+    async def first_token(self, text: str) -> None:
+        raise NotImplementedError
+
+    def frame(self, seq: int, text: str) -> Message:
         raise NotImplementedError
 
     async def ended(self, status: str, error: AgentError | None) -> None:
@@ -90,10 +93,12 @@ class PlainText(Wire):
         headers = [*_PLAIN_HEADERS, (b"x-interaction-id", self.interaction.id.encode())]
         await self.send({"type": "http.response.start", "status": 200, "headers": headers})
 
-    async def token(self, seq: int, text: str) -> None:
-        if not self.response_started:
-            await self._start()
-        await self.send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+    async def first_token(self, text: str) -> None:
+        await self._start()
+        await self.send(self.frame(0, text))
+
+    def frame(self, seq: int, text: str) -> Message:
+        return {"type": "http.response.body", "body": text.encode(), "more_body": True}
 
     async def ended(self, status: str, error: AgentError | None) -> None:
         if error is not None:
@@ -162,9 +167,10 @@ async def _keep_alive(wire: Wire) -> None:
     seen = -1
     while True:
         await anyio.sleep(wire.keepalive_seconds)
-        if wire.sent == seen and not wire.left:
+        tokens = len(wire.interaction.tokens) if wire.interaction is not None else 0
+        if tokens == seen and not wire.left:  # the agent said nothing for a while
             await wire.keepalive()
-        seen = wire.sent
+        seen = tokens
 
 
 async def _watch_disconnect(receive: Receive, wire: Wire) -> None:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 
-from agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn
+from agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
 from sessions.errors import AgentUnavailable, ApiError, SessionBusy, SessionNotFound
 from sessions.interactions import Interaction, Interactions
 from sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
@@ -60,6 +60,7 @@ class TurnReport:
     # Why it ended: "complete", "cancelled", "disconnected", "deleted", "error", "interrupted", "lease lost".
     reason: str = ""
     error: str | None = None
+    upstream: bool = False  # the error came from the agent's model server (an UpstreamError)
 
 
 class TurnObserver(Protocol):
@@ -71,11 +72,18 @@ class TurnObserver(Protocol):
 
 
 class Renderer(Protocol):
-    """Frames a turn's events for one wire format. ``ended`` may raise: that is how a renderer aborts its
-    response (plain text after a failure) or turns a failure before the first token into an error status."""
+    """Frames a turn's events for one wire format: started, each token (seq from 0), ended. ``ended`` may raise:
+    that is how a renderer aborts its response (plain text after a failure) or turns a failure before the first
+    token into an error status.
+
+    A token after the first is framed by ``frame`` (plain, no await) and passed to ``write`` (the server's own
+    send): the hot path pays one await per token, as a bare send does. The first token may start the response."""
+
+    write: Callable[[Any], Awaitable[None]]
 
     async def started(self, interaction: Interaction) -> None: ...
-    async def token(self, seq: int, text: str) -> None: ...
+    async def first_token(self, text: str) -> None: ...
+    def frame(self, seq: int, text: str) -> Any: ...
     async def ended(self, status: str, error: AgentError | None) -> None: ...
 
 
@@ -128,23 +136,34 @@ class TurnRunner:
         recorded = False
         # Stays "interrupted" only if something outside the interaction (a server shutdown) tears it down.
         status: MessageStatus = "interrupted"
+        write, frame, append, monotonic = renderer.write, renderer.frame, tokens.append, time.monotonic
+        next_checkpoint, seq = 0.0, 0
         try:
             await renderer.started(interaction)
             async with self.interactions.coordinator.lease(interaction):
-                next_checkpoint = time.monotonic() + self.checkpoint_seconds
                 with interaction.scope:
                     try:
                         async with aclosing(agent.reply(turn)) as stream:
                             async for token in stream:
-                                if not tokens:
-                                    report.first_token_at = time.monotonic()
-                                    if self.observers:
-                                        self._tell("first_token", report)
+                                if tokens:
+                                    # (Inlined Interaction.add: this is the cost of every token.)
+                                    append(token)
+                                    if interaction.waiter is not None:
+                                        interaction.notify()
+                                    await write(frame(seq, token))
+                                    seq += 1
+                                    if monotonic() >= next_checkpoint:
+                                        await self._checkpoint(reply.id, tokens)
+                                        next_checkpoint = monotonic() + self.checkpoint_seconds
+                                    continue
+                                # The first token. (Checkpoints count from it: before it there is no text to save.)
+                                report.first_token_at = time.monotonic()
+                                next_checkpoint = report.first_token_at + self.checkpoint_seconds
+                                if self.observers:
+                                    self._tell("first_token", report)
                                 interaction.add(token)
-                                await renderer.token(len(tokens) - 1, token)
-                                if time.monotonic() >= next_checkpoint:
-                                    await self._checkpoint(reply.id, tokens)
-                                    next_checkpoint = time.monotonic() + self.checkpoint_seconds
+                                await renderer.first_token(token)
+                                seq = 1
                     except Exception as exc:
                         failure = exc
                     # The agent has said its last word: from here on, a cancel does not count (nor says it did).
@@ -162,6 +181,7 @@ class TurnRunner:
             error = self._failure(session_id, failure, bool(tokens))
             if error is not None:
                 interaction.error = report.error = str(error)
+                report.upstream = isinstance(error, UpstreamError)
             interaction.finish(status)  # (followers see the end)
             report.status, report.tokens, report.ended_at = status, len(tokens), time.monotonic()
             report.reason = interaction.reason or status

@@ -30,6 +30,7 @@ class OpenAIStub:
     tokens: list[str] = field(default_factory=lambda: [f"tok{i} " for i in range(10)])
     delay: float = 0.02
     calls: list[StubCall] = field(default_factory=list)
+    behaviour: str | None = None  # when set, it overrides the requests' model (one server, several behaviours)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,7 +60,7 @@ class OpenAIStub:
             tg.cancel_scope.cancel()
 
     async def _respond(self, call: StubCall, send: Send) -> None:
-        model = call.body.get("model")
+        model = self.behaviour or call.body.get("model")
         if model == "unauthorized":
             error = {"message": "Incorrect API key provided: sk-abc123456789xyz.", "type": "invalid_request_error"}
             await _json(send, 401, {"error": error})

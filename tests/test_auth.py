@@ -311,7 +311,8 @@ async def test_cors_lets_the_allowed_origins_read_the_interaction_id(live: Calla
         reply = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "hi"}, headers=headers)
         assert reply.text == "hi"
         assert reply.headers["access-control-allow-origin"] == "http://ui.example"
-        assert reply.headers["access-control-expose-headers"].lower() == "x-interaction-id"
+        exposed = {name.strip() for name in reply.headers["access-control-expose-headers"].lower().split(",")}
+        assert exposed == {"x-interaction-id", "x-request-id"}
         refused = await client.get("/api/v1/sessions", headers={"origin": "http://ui.example"})
         assert refused.status_code == 401  # a browser can read why
         assert refused.headers["access-control-allow-origin"] == "http://ui.example"

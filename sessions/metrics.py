@@ -1,0 +1,215 @@
+"""Prometheus metrics, served at ``GET /metrics`` (``PARLEY_METRICS=0`` turns them off).
+
+Under ``uvicorn --workers N`` every worker is a process of its own, and a scrape reaches one of them: the
+metrics must add up across all of them. prometheus_client does that in its multiprocess mode, where each
+process writes its values to files in one directory (``PROMETHEUS_MULTIPROC_DIR``) and a scrape reads them
+all. parley sets it up by itself: uvicorn starts its workers with :mod:`multiprocessing`, so a worker
+finds its siblings' directory through their common parent's process id. Set ``PROMETHEUS_MULTIPROC_DIR``
+yourself for other process managers (gunicorn forks its workers: it is not a multiprocessing parent).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import values
+
+if TYPE_CHECKING:
+    from sessions.turns import TurnReport
+
+_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _multiprocess_dir() -> str | None:
+    if os.environ.get("PARLEY_METRICS", "").strip().lower() in ("0", "false", "no", "off"):
+        return None  # metrics are off: nothing to share
+    if os.environ.get(_MULTIPROC):
+        return os.environ[_MULTIPROC]
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None:
+        return None  # one process: plain in-memory values
+    root = Path(tempfile.gettempdir())
+    _remove_stale(root, parent.pid)
+    path = root / f"parley-metrics-{parent.pid}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.environ[_MULTIPROC] = str(path)
+    return str(path)
+
+
+def _remove_stale(root: Path, parent_pid: int) -> None:
+    """Remove the directories of uvicorns that have exited, and ours if an earlier process with our parent's pid
+    left it (its counts are not ours). A sibling worker's files are newer than our parent, so they stay."""
+    for path in root.glob("parley-metrics-*"):
+        pid = path.name.rpartition("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            if int(pid) == parent_pid:
+                stale = path.stat().st_mtime < _started_at(parent_pid)
+            else:
+                stale = not _alive(int(pid))
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
+
+
+def _started_at(pid: int) -> float:
+    """When the process started (seconds since the epoch), from /proc; 0 where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(line for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
+    except (OSError, StopIteration):
+        return 0.0
+    ticks = int(stat.rpartition(")")[2].split()[19])  # field 22, counted after the command's name
+    return int(boot.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
+
+
+MULTIPROCESS_DIR = _multiprocess_dir()
+if MULTIPROCESS_DIR is not None:
+    # prometheus_client picks its value class when it is first imported, from the environment; this
+    # module may come after that import (a host app's), so pick again before any metric below exists.
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+# Imported after the choice above on purpose: the metrics below are made with the value class it set.
+from prometheus_client import (  # noqa: E402
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+# A chat request lasts as long as its stream: the buckets reach minutes.
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+HTTP_REQUESTS = Counter(
+    "parley_http_requests", "HTTP requests answered, by route template and status.", ["method", "route", "status"]
+)
+HTTP_DURATION = Histogram(
+    "parley_http_request_duration_seconds",
+    "Time from a request's arrival to the end of its response (a chat's: to the end of its stream).",
+    ["method", "route"],
+    buckets=_DURATION_BUCKETS,
+)
+STREAMS_IN_PROGRESS = Gauge("parley_streams_in_progress", "Interactions running now.", multiprocess_mode="livesum")
+INTERACTIONS = Counter(
+    "parley_interactions", "Interactions ended, by agent and the status recorded in history.", ["agent", "status"]
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "parley_time_to_first_token_seconds",
+    "Time from an interaction's start to its first token.",
+    ["agent"],
+    buckets=_FIRST_TOKEN_BUCKETS,
+)
+INTERACTION_DURATION = Histogram(
+    "parley_interaction_duration_seconds", "Time from an interaction's start to its end.", ["agent"],
+    buckets=_DURATION_BUCKETS,
+)  # fmt: skip
+TOKENS_STREAMED = Counter("parley_tokens_streamed", "Tokens streamed to clients.", ["agent"])
+CANCEL_REQUESTS = Counter(
+    "parley_cancel_requests",
+    "POST /api/v1/cancel, by result: cancelled_here, cancelled_elsewhere, not_running, failed.",
+    ["result"],
+)
+REJOINS = Counter("parley_rejoins", "Streams rejoined (GET /api/v1/chat/{ui_session_id}/stream).")
+STORE_ERRORS = Counter(
+    "parley_store_errors", "Store operations that failed (Redis unreachable, an SQLite error).", ["store"]
+)
+UPSTREAM_ERRORS = Counter("parley_upstream_errors", "Failures of an agent's model server.", ["agent"])
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics in Prometheus' text format, with their content type: every worker's, in multiprocess mode."""
+    if MULTIPROCESS_DIR is None:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def process_exiting() -> None:
+    """Drop this process's share of the live gauges (streams in progress) when it shuts down."""
+    if MULTIPROCESS_DIR is not None:
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+
+class RequestMetrics:
+    """Counts one HTTP request, labelled by its route template (never its path: no session ids in labels).
+
+    The labelled children are kept, since looking one up through ``labels()`` costs a lock and some
+    allocation on every request, and a service has only a few dozen (method, route, status) triples."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, int], Any] = {}
+        self._durations: dict[tuple[str, str], Any] = {}
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        count = self._counts.get((method, route, status))
+        if count is None:
+            count = self._counts[method, route, status] = HTTP_REQUESTS.labels(method, route, str(status))
+        count.inc()
+        duration = self._durations.get((method, route))
+        if duration is None:
+            duration = self._durations[method, route] = HTTP_DURATION.labels(method, route)
+        duration.observe(seconds)
+
+
+class InteractionMetrics:
+    """A turn observer (:class:`sessions.turns.TurnObserver`): streams in progress, interactions by how they
+    ended, time to first token, duration, tokens, and the model servers' failures. (The labelled children
+    are kept per agent, as in :class:`RequestMetrics`: a lookup through ``labels()`` costs more than the count.)"""
+
+    def __init__(self) -> None:
+        self._agents: dict[str, tuple[Any, Any, Any]] = {}
+        self._ended: dict[tuple[str, str], Any] = {}
+
+    def _of(self, agent: str) -> tuple[Any, Any, Any]:
+        children = self._agents.get(agent)
+        if children is None:
+            children = self._agents[agent] = (
+                TIME_TO_FIRST_TOKEN.labels(agent),
+                INTERACTION_DURATION.labels(agent),
+                TOKENS_STREAMED.labels(agent),
+            )
+        return children
+
+    def turn_started(self, turn: TurnReport) -> None:
+        STREAMS_IN_PROGRESS.inc()
+
+    def first_token(self, turn: TurnReport) -> None:
+        if turn.first_token_at is not None:
+            self._of(turn.agent)[0].observe(turn.first_token_at - turn.started)
+
+    def turn_ended(self, turn: TurnReport) -> None:
+        STREAMS_IN_PROGRESS.dec()
+        ended = self._ended.get((turn.agent, turn.status))
+        if ended is None:
+            ended = self._ended[turn.agent, turn.status] = INTERACTIONS.labels(turn.agent, turn.status)
+        ended.inc()
+        _, duration, tokens = self._of(turn.agent)
+        if turn.ended_at is not None:
+            duration.observe(turn.ended_at - turn.started)
+        if turn.tokens:
+            tokens.inc(turn.tokens)
+        if turn.upstream:
+            UPSTREAM_ERRORS.labels(turn.agent).inc()

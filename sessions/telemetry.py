@@ -1,0 +1,108 @@
+"""What every HTTP request goes through: its request id, its metrics, and the line for a 5xx."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from time import perf_counter
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sessions import logs
+from sessions.metrics import RequestMetrics
+
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_ERROR_BODY_LIMIT = 4096
+
+
+class Telemetry:
+    """ASGI middleware: an ``X-Request-Id`` on every response (the client's, when it sent a sane one, or a new
+    one) and in every log line of the request; ``parley_http_*`` metrics by route template (when
+    ``metrics``); one log line per 5xx, with its error. An exception that escapes before the response
+    started is answered here with a JSON 500 and logged once, with its traceback, in parley's words."""
+
+    def __init__(self, app: ASGIApp, *, metrics: bool) -> None:
+        self.app = app
+        self.metrics = RequestMetrics() if metrics else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        # Not reset at the end: uvicorn runs each request in a task of its own, so the id stays in that task's
+        # context, where uvicorn logs the request's own lines (its access line, its "Exception in ASGI application").
+        logs.REQUEST_ID.set(request_id)
+        id_header = (b"x-request-id", request_id.encode())
+        status = 0
+        error_body: list[bytes] | None = None
+        started = perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, error_body
+            if status == 0 and message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), id_header]}
+                if status >= 500:
+                    error_body = []
+            elif error_body is not None and message["type"] == "http.response.body":
+                error_body.append(message.get("body", b"")[:_ERROR_BODY_LIMIT])
+            await send(message)
+
+        failure: Exception | None = None
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if status != 0 or getattr(exc, "logged_by_parley", False):
+                raise  # the response has started: only the server can abort it now
+            failure = exc
+            status = 500
+            body = b'{"status": "error", "message": "Internal server error: the request could not be processed."}'
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json"), id_header],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            if self.metrics is not None and status:
+                self.metrics.observe(method, route, status, perf_counter() - started)
+            if status >= 500:
+                error = _error_message(error_body) if failure is None else f"{type(failure).__name__}: {failure}"
+                logs.failed_request(method, route, status, error, failure)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if _REQUEST_ID.fullmatch(value):
+                return str(value.decode())
+            break
+    return f"{_id_prefix}{next(_id_counter):08x}"
+
+
+def _new_id_prefix() -> None:
+    # A random prefix per process and a counter: unique ids without a random draw (a system call) per request.
+    global _id_prefix, _id_counter
+    _id_prefix, _id_counter = os.urandom(8).hex(), itertools.count()
+
+
+_id_prefix, _id_counter = "", itertools.count()
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)  # a forked worker must not repeat its parent's ids
+
+
+def _error_message(body: list[bytes] | None) -> str:
+    try:
+        message: Any = json.loads(b"".join(body or ()))["message"]
+    except (ValueError, KeyError, TypeError):
+        return "(no error message)"
+    return str(message)
