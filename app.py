@@ -212,7 +212,8 @@ async def cancel(request: Request) -> Response:
         # 404, and the owner rides on the cancel bus too: another owner's cancel never reaches a stream).
         await _session(parley, session_id, owner)
     try:
-        outcome = await parley.interactions.cancel(session_id, interaction_id, owner=owner)
+        # A silent owner (dead, or between two subscriptions) is waited out: the answer stays true to history.
+        outcome = await parley.interactions.cancel(session_id, interaction_id, owner=owner, wait_out_silence=True)
     except CancelFailed:
         metrics.CANCEL_REQUESTS.labels("failed").inc()
         raise

@@ -19,7 +19,11 @@ logger = logging.getLogger("parley")
 CancelReason = Literal["cancelled", "disconnected", "deleted", "lease lost"]
 # What a cancel did, as the web layer counts it; a failure to reach the owner raises CancelFailed instead.
 CancelOutcome = Literal["cancelled_here", "cancelled_elsewhere", "not_running"]
-_REASONS: dict[str, CancelReason] = {"cancelled": "cancelled", "disconnected": "disconnected", "deleted": "deleted"}
+CANCEL_REASONS: dict[str, CancelReason] = {
+    "cancelled": "cancelled",
+    "disconnected": "disconnected",
+    "deleted": "deleted",
+}
 
 
 class Interaction:
@@ -113,11 +117,17 @@ class Coordinator(Protocol):
         """Does another process run the session's interaction (``interaction_id``, if given)?"""
 
     async def cancel_elsewhere(
-        self, session_id: str, interaction_id: str | None, reason: CancelReason, owner: str | None
+        self,
+        session_id: str,
+        interaction_id: str | None,
+        reason: CancelReason,
+        owner: str | None,
+        wait_out_silence: bool = False,
     ) -> bool:
         """Cancel the session's interaction in the process that runs it, if it runs for ``owner`` (any owner:
         None); True if it was stopped there. Raises CancelFailed when that process cannot be reached (or,
-        locally, when there might be one)."""
+        locally, when there might be one); with ``wait_out_silence``, a silent process is waited out first
+        (a lease at most): see :meth:`sessions.redis_coordinator.RedisCoordinator.request_cancel`."""
 
     async def follow(self, session_id: str) -> Followed | None:
         """A live copy of the session's interaction that another process runs, for a rejoining client, and what
@@ -163,7 +173,12 @@ class LocalCoordinator:
         return streaming is not None and interaction_id in (None, streaming)
 
     async def cancel_elsewhere(
-        self, session_id: str, interaction_id: str | None, reason: CancelReason, owner: str | None
+        self,
+        session_id: str,
+        interaction_id: str | None,
+        reason: CancelReason,
+        owner: str | None,
+        wait_out_silence: bool = False,
     ) -> bool:
         if await self.streaming_elsewhere(session_id, interaction_id):
             raise CancelFailed(
@@ -257,7 +272,7 @@ class Interactions:
             return False
         if owner is not None and interaction.owner != owner:
             return False
-        return interaction.cancel(_REASONS.get(reason, "cancelled"))
+        return interaction.cancel(CANCEL_REASONS.get(reason, "cancelled"))
 
     async def cancel(
         self,
@@ -265,14 +280,16 @@ class Interactions:
         interaction_id: str | None = None,
         reason: CancelReason = "cancelled",
         owner: str | None = None,
+        wait_out_silence: bool = False,
     ) -> CancelOutcome:
         """Cancel the session's running interaction, wherever it runs, if it runs for ``owner`` (None: whoever's
-        it is). Raises CancelFailed if its process cannot be reached."""
+        it is). Raises CancelFailed if its process cannot be reached (with ``wait_out_silence``: nor waited out,
+        see :meth:`Coordinator.cancel_elsewhere`)."""
         if session_id in self._running:
             # This process owns it: no need for the coordinator, so this works even while Redis is down.
             cancelled = self.cancel_here(session_id, interaction_id, reason, owner)
             return "cancelled_here" if cancelled else "not_running"
-        if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason, owner):
+        if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason, owner, wait_out_silence):
             return "cancelled_elsewhere"
         return "not_running"
 

@@ -17,22 +17,30 @@ import anyio.abc
 from redis.asyncio import Redis
 
 from sessions.errors import ApiError, CancelFailed, RejoinFailed, StoreUnavailable
-from sessions.interactions import CancelReason, Followed, Interaction, Interactions
+from sessions.interactions import CANCEL_REASONS, CancelReason, Followed, Interaction, Interactions
 from sessions.redis import _DOWN, _reachable
 from sessions.store import Store
 
 logger = logging.getLogger("parley")
 
-# Only ever extends the claim: one that is gone is not made again (its owner stops instead).
+# Only ever extends the claim: one that is gone is not made again (its owner stops instead). Answers 0 (gone),
+# 1 (extended), or the reason of a cancel left for the interaction by a process its owner did not answer.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('GET', KEYS[2]) or 1
 """
 
+# Frees the claim; a reply recorded "cancelled" says so for a while, for a canceller waiting on a silent owner.
 _RELEASE = """
+if ARGV[2] == 'cancelled' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+# How long a canceller waits for an owner's answer on its channel before it leaves the cancel in Redis instead.
+_CANCEL_ANSWER_SECONDS = 2
+_CANCELLED_TTL_MS = 60_000
 
 
 # How long a rejoin waits for the owner to start its mirror; how long a mirror outlives its interaction.
@@ -70,11 +78,20 @@ class RedisCoordinator:
             value = f"{self.process_id}:{interaction.id}"
             return bool(await self.redis.set(self._claim_key(interaction.session_id), value, nx=True, px=self.lease_ms))
 
-    async def renew(self, session_id: str, interaction_id: str) -> bool:
-        """Extend the claim if it is still this interaction's; False if it is gone or another's."""
+    def _cancel_key(self, interaction_id: str) -> str:
+        return f"{self.prefix}cancel-left:{interaction_id}"
+
+    def _cancelled_key(self, interaction_id: str) -> str:
+        return f"{self.prefix}cancelled:{interaction_id}"
+
+    async def renew(self, session_id: str, interaction_id: str) -> bool | str:
+        """Extend the claim if it is still this interaction's; False if it is gone or another's. A cancel left
+        for the interaction (see :meth:`request_cancel`) comes back as its reason."""
         value = f"{self.process_id}:{interaction_id}"
+        keys = (self._claim_key(session_id), self._cancel_key(interaction_id))
         with _reachable():
-            return bool(await self.redis.eval(_RENEW, 1, self._claim_key(session_id), value, self.lease_ms))
+            answer: Any = await self.redis.eval(_RENEW, 2, *keys, value, self.lease_ms)
+        return answer if isinstance(answer, str) else bool(answer)
 
     @asynccontextmanager
     async def lease(self, interaction: Interaction) -> AsyncIterator[None]:
@@ -95,13 +112,15 @@ class RedisCoordinator:
             if time.monotonic() >= stop_at:
                 break
             sent_at = time.monotonic()
-            renewed: bool | None = None
+            renewed: bool | str | None = None
             # Shielded, so that a renewal in flight is not torn out of its connection, but not past the lease.
             with anyio.CancelScope(shield=True, deadline=stop_at):
                 try:
                     renewed = await self.renew(interaction.session_id, interaction.id)
                 except StoreUnavailable:
                     logger.warning("could not renew the claim on session %s; retrying", interaction.session_id)
+            if isinstance(renewed, str) and interaction.cancel(CANCEL_REASONS.get(renewed, "cancelled")):
+                logger.info("session %s: a cancel left in Redis stopped its reply", interaction.session_id)
             if renewed:
                 stop_at = sent_at + lease - margin
             elif renewed is False:
@@ -111,10 +130,11 @@ class RedisCoordinator:
 
     async def release(self, interaction: Interaction) -> None:
         value = f"{self.process_id}:{interaction.id}"
+        keys = (self._claim_key(interaction.session_id), self._cancelled_key(interaction.id))
         with anyio.CancelScope(shield=True):
             try:
                 with _reachable():
-                    await self.redis.eval(_RELEASE, 1, self._claim_key(interaction.session_id), value)
+                    await self.redis.eval(_RELEASE, 2, *keys, value, interaction.status, _CANCELLED_TTL_MS)
             except ApiError:
                 logger.warning("could not release session %s; its lease will run out", interaction.session_id)
 
@@ -131,7 +151,12 @@ class RedisCoordinator:
         return owner is not None and interaction_id in (None, owner[1])
 
     async def cancel_elsewhere(
-        self, session_id: str, interaction_id: str | None, reason: CancelReason, owner: str | None
+        self,
+        session_id: str,
+        interaction_id: str | None,
+        reason: CancelReason,
+        owner: str | None,
+        wait_out_silence: bool = False,
     ) -> bool:
         claim = await self.owner(session_id)
         if claim is None or claim[0] == self.process_id:
@@ -139,13 +164,25 @@ class RedisCoordinator:
         process_id, running_id = claim
         if interaction_id is not None and interaction_id != running_id:
             return False
-        return await self.request_cancel(process_id, session_id, running_id, reason, owner)
+        return await self.request_cancel(process_id, session_id, running_id, reason, owner, wait_out_silence)
 
     async def request_cancel(
-        self, process_id: str, session_id: str, interaction_id: str, reason: str, owner: str | None = None
+        self,
+        process_id: str,
+        session_id: str,
+        interaction_id: str,
+        reason: str,
+        owner: str | None = None,
+        wait_out_silence: bool = False,
     ) -> bool:
         """Ask the process that runs the stream to cancel it (if it runs for ``owner``, when given); True if it
-        stopped the stream. Raises CancelFailed if it is silent."""
+        stopped the stream.
+
+        A process that does not answer on its channel is dead, stopped, or between two subscriptions (Redis was
+        away). The cancel is then left in Redis, where a live owner finds it at its next renewal. With
+        ``wait_out_silence``, this waits until the claim is gone (a lease at most) and says whether the reply was
+        recorded cancelled: a dead owner's reply ends ``interrupted``, and nothing was cancelled. Without it, or
+        if the claim outlives that wait, it raises CancelFailed."""
         request_id = secrets.token_hex(8)
         reply_key = f"{self.prefix}cancel-reply:{request_id}"
         # The owner rides along: the receiving process checks it too, so another owner's cancel never stops it.
@@ -153,12 +190,21 @@ class RedisCoordinator:
         payload = json.dumps({**fields, "owner": owner})
         with _reachable():
             receivers = await self.redis.publish(self._channel(process_id), payload)
-            reply = await self.redis.blpop([reply_key], timeout=2) if receivers else None
-        if reply is None:
-            raise CancelFailed(
-                f"Failed to cancel interaction for session: {session_id} (the process streaming it did not answer)"
-            )
-        return bool(reply[1] == "1")
+            reply = await self.redis.blpop([reply_key], timeout=_CANCEL_ANSWER_SECONDS) if receivers else None
+            if reply is not None:
+                return bool(reply[1] == "1")
+            # (Left only after the owner check the web layer made: the session is the canceller's owner's.)
+            await self.redis.set(self._cancel_key(interaction_id), reason, px=self.lease_ms + 1000)
+            if wait_out_silence:
+                claim = f"{process_id}:{interaction_id}"
+                with anyio.move_on_after(self.lease_ms / 1000 + 1):
+                    # The claim lives in Redis, which says nothing when it goes: look again until it has.
+                    while await self.redis.get(self._claim_key(session_id)) == claim:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                    return bool(await self.redis.exists(self._cancelled_key(interaction_id)))
+        raise CancelFailed(
+            f"Failed to cancel interaction for session: {session_id} (the process streaming it did not answer)"
+        )
 
     # Rejoining from another process. The owner mirrors an interaction into a Redis stream only when someone asks
     # (a "follow" message on its channel): the whole reply from its first token, then each token as it comes, then

@@ -33,9 +33,25 @@ def anyio_backend() -> str:
 
 
 def free_port() -> int:
+    """A loopback port free right now. Only for a port nothing should answer on, or for a server that is then
+    checked to be ours (:func:`listens`): until it binds, another process (other suites, other servers) may."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself listens on loopback ``port`` (Linux /proc): a server that answers on the
+    port it was given may be another's, if it took the port between our pick and our server's bind."""
+    sockets = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":  # 127.0.0.1:port, LISTEN
+            sockets.add(f"socket:[{fields[9]}]")
+    try:
+        return any(os.readlink(fd) in sockets for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # it has exited
 
 
 @dataclass
@@ -59,7 +75,10 @@ def serve() -> Iterator[Callable[[ASGIApp], LiveServer]]:
     running: list[tuple[_ThreadedServer, threading.Thread]] = []
 
     def start(app: ASGIApp) -> LiveServer:
-        port = free_port()
+        # Bound here and handed over, so that the port cannot be taken by another process before uvicorn has it.
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
         # The pure-Python stack, named: these servers share the test process (and its GIL) with the clients, and
         # under the C stack (httptools, uvloop) tests/test_stress.py's cancels all came too late in 6 of 10 runs on
         # a loaded machine (0 of 5 with h11 and asyncio). The C stack, the default, is what the `uvicorn app:app`
@@ -68,7 +87,7 @@ def serve() -> Iterator[Callable[[ASGIApp], LiveServer]]:
             app, host="127.0.0.1", port=port, log_level="warning", lifespan="auto", http="h11", loop="asyncio"
         )
         server = _ThreadedServer(config)
-        thread = threading.Thread(target=server.run, daemon=True)
+        thread = threading.Thread(target=server.run, args=([sock],), daemon=True)
         thread.start()
         deadline = time.monotonic() + 10
         while not server.started:
@@ -127,14 +146,18 @@ class Subprocess:
         if log is not None:
             log.close()  # the child has its own copy
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
+                # Ours, not another process's that took the port before our uvicorn could bind it.
+                if listens(self.process.pid, self.port):
+                    if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                        return self
+                else:
+                    time.sleep(0.05)
             except httpx.TransportError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError("uvicorn app:app did not start")
+        raise RuntimeError(f"uvicorn app:app did not start on port {self.port} (exit status {self.process.poll()})")
 
     def stop(self, kill: bool = False) -> None:
         if self.process and self.process.poll() is None:
@@ -197,15 +220,20 @@ class RedisServer:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
+                # Ours, not another process's that took the port before our redis-server could bind it.
+                if not listens(self.process.pid, self.port):
+                    time.sleep(0.05)
+                    continue
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
                     sock.sendall(b"PING\r\n")
                     if sock.recv(64).startswith(b"+PONG"):
                         return self
             except OSError:
                 time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port} (exit status {self.process.poll()})")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

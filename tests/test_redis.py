@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from redis import Redis
 
 from tests.conftest import RedisServer, Subprocess, eventually
 
@@ -107,12 +108,11 @@ async def test_a_killed_owner_frees_the_session_after_its_lease(
     a, b = pair(subprocesses, tmp_path, redis_server)
     async with httpx.AsyncClient(timeout=10) as client:
         session_id = await session_on(client, a)
-        first = ""
         async with chat(client, a, session_id) as response:
-            async for chunk in response.aiter_text():
-                first = chunk
-                break
-            assert first  # the stream had begun
+            # Keep the iterator: once dropped, it is closed at the next await, and closing it closes the
+            # connection, which the server may then record as 'disconnected' before the kill lands.
+            chunks = response.aiter_text()
+            assert await anext(chunks)  # the stream had begun
             a.stop(kill=True)  # kill -9 mid-stream, its client still connected
         assert (await client.get(f"{b.url}/api/v1/sessions/{session_id}")).json()["status"] == "streaming"
 
@@ -303,9 +303,9 @@ async def test_delete_works_while_the_owner_is_dead_or_silent(
         # The owner dies mid-stream.
         dead = await session_on(client, a)
         async with chat(client, a, dead) as response:
-            async for _ in response.aiter_text():
-                break
-        a.stop(kill=True)
+            chunks = response.aiter_text()
+            assert await anext(chunks)
+            a.stop(kill=True)  # while its client is still connected: else its reply may end 'disconnected' first
         started = time.monotonic()
         deleted = await client.delete(f"{b.url}/api/v1/sessions/{dead}")
         assert deleted.status_code == 200, deleted.text
@@ -346,3 +346,67 @@ async def test_delete_works_while_the_owner_is_dead_or_silent(
         assert (
             await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": silent, "message": "x"})
         ).status_code == 404
+
+
+async def test_a_cancel_through_b_for_a_dead_owner_answers_what_history_says(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # The owner is killed mid-reply: nobody answers on its channel. The cancel is not a 500: it waits the
+    # lease out and says nothing was cancelled, and history says the reply was interrupted.
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="2")
+    async with httpx.AsyncClient(timeout=30) as client:
+        session_id = await session_on(client, a)
+        async with chat(client, a, session_id) as response:
+            chunks = response.aiter_text()
+            assert await anext(chunks)  # the stream had begun
+            a.stop(kill=True)  # kill -9 mid-stream, its client still connected
+        answer = await client.post(f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["cancelled"] is False
+
+        async def interrupted() -> bool:
+            turns = await history(client, b.url, session_id)
+            return [(t["role"], t["status"]) for t in turns] == [("user", "complete"), ("assistant", "interrupted")]
+
+        await eventually(interrupted, within=10)
+
+
+async def test_a_cancel_left_for_a_silent_owner_stops_its_reply_when_it_wakes(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # The owner is alive but does not answer (stopped, as a process paused or between two subscriptions is):
+    # the cancel is left in Redis, the owner finds it when it runs again, and the answer agrees with history.
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="8")
+    redis = Redis.from_url(redis_server.url)
+    received = ""
+    answer: httpx.Response | None = None
+    async with httpx.AsyncClient(timeout=30) as client:
+        session_id = await session_on(client, a)
+
+        async def read() -> None:
+            nonlocal received
+            async with chat(client, a, session_id, " ".join(f"z{i}" for i in range(400))) as response:
+                async for chunk in response.aiter_text():
+                    received += chunk
+
+        async def cancel() -> None:
+            nonlocal answer
+            answer = await client.post(f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id})
+
+        assert a.process is not None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await eventually(lambda: _true(len(received.split()) >= 2))
+            a.process.send_signal(signal.SIGSTOP)
+            try:
+                tg.start_soon(cancel)
+                await eventually(lambda: _true(bool(redis.keys("parley:cancel-left:*"))), within=10)
+            finally:
+                a.process.send_signal(signal.SIGCONT)
+        redis.close()
+    assert answer is not None and answer.status_code == 200, answer
+    assert answer.json()["cancelled"] is True
+    assert len(received.split()) < 400
+    async with httpx.AsyncClient(timeout=10) as client:
+        turns = await history(client, b.url, session_id)
+    assert (turns[-1]["status"], turns[-1]["content"]) == ("cancelled", received)

@@ -37,8 +37,11 @@ def test_a_crash_mid_stream_is_recorded_as_interrupted(subprocesses: Callable[..
     session_id = httpx.post(f"{first.url}/api/v1/sessions").json()["ui_session_id"]
     data = {"ui_session_id": session_id, "message": " ".join(["word"] * 100)}
     with httpx.stream("POST", f"{first.url}/api/v1/chat", data=data) as response:
-        next(response.iter_raw())
-        first.stop(kill=True)  # kill -9, mid-stream: nothing runs after this
+        # Keep the iterator: a dropped one is closed at once, and closing it closes the connection (httpcore), so
+        # the server could record 'disconnected' before the kill.
+        chunks = response.iter_raw()
+        assert next(chunks)  # the stream had begun
+        first.stop(kill=True)  # kill -9, mid-stream, its client still connected: nothing runs after this
 
     second = subprocesses(env).start()
     history = httpx.get(f"{second.url}/api/v1/sessions/{session_id}/messages").json()["messages"]
