@@ -8,12 +8,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 import uvicorn
@@ -21,6 +22,7 @@ from anyio.abc import ByteReceiveStream
 from anyio.streams.text import TextReceiveStream
 from starlette.types import ASGIApp
 
+from agents import AgentError, Turn
 from app import create_app
 from settings import Settings
 
@@ -335,3 +337,20 @@ def ai_sdk() -> AISDK:
     if os.environ.get("PARLEY_REQUIRE_NODE") == "1":
         pytest.fail(f"PARLEY_REQUIRE_NODE=1 but {reason}")
     pytest.skip(reason)
+
+
+class FailingAgent:
+    """An agent that says ``after`` tokens, then fails as a model server can."""
+
+    name = "failing"
+    description = "test agent"
+    history_limit = 0
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
+        for i in range(self.after):
+            await anyio.lowlevel.checkpoint()
+            yield f"t{i} "
+        raise AgentError("The model fell over.")

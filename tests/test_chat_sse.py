@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.lowlevel
 import httpx
 import pytest
 
-from agents import AgentError, Agents, Turn
+from agents import Agents
 from app import create_app
-from tests.conftest import LiveServer, make_settings, messages, new_session
+from tests.conftest import FailingAgent, LiveServer, make_settings, messages, new_session
 
 pytestmark = pytest.mark.anyio
 
@@ -153,21 +151,6 @@ async def test_a_bad_json_body_is_a_400(live: Callable[..., LiveServer], body: b
         response = await client.post("/api/v1/chat", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json() == {"status": "error", "message": message}
-
-
-class FailingAgent:
-    name = "failing"
-    description = "test agent"
-    history_limit = 0
-
-    def __init__(self, after: int) -> None:
-        self.after = after
-
-    async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
-        for i in range(self.after):
-            await anyio.lowlevel.checkpoint()
-            yield f"t{i} "
-        raise AgentError("The model fell over.")
 
 
 async def test_a_failure_after_the_first_token_is_an_error_part(

@@ -13,9 +13,9 @@ import anyio.to_thread
 import httpx
 import pytest
 
-from agents import AgentError, Agents, Turn
+from agents import Agents, Turn
 from app import create_app
-from tests.conftest import LiveServer, eventually, make_settings, messages, new_session
+from tests.conftest import FailingAgent, LiveServer, eventually, make_settings, messages, new_session
 
 pytestmark = pytest.mark.anyio
 
@@ -232,21 +232,6 @@ async def _anyio_event_set(event: anyio.Event) -> bool:
 async def _last_status_is(client: httpx.AsyncClient, session_id: str, status: str) -> bool:
     history = await messages(client, session_id)
     return bool(history and history[-1]["status"] == status)
-
-
-class FailingAgent:
-    name = "failing"
-    description = "test agent"
-    history_limit = 0
-
-    def __init__(self, after: int) -> None:
-        self.after = after
-
-    async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
-        for i in range(self.after):
-            await anyio.lowlevel.checkpoint()
-            yield f"t{i} "
-        raise AgentError("The model fell over.")
 
 
 async def test_agent_failure_before_the_first_token_is_a_500(serve: Callable[..., LiveServer], tmp_path: Path) -> None:
