@@ -84,11 +84,7 @@ async def read_form(request: Request, *, max_field_bytes: int = 64 * 1024, max_f
 async def _read_urlencoded(request: Request, max_size: int, max_field_bytes: int, max_fields: int) -> FormData:
     # The standard library's parser over the (bounded) body: cheaper than the streaming parser, which counts
     # for short chats, and it reads raw UTF-8 as UTF-8 where the streaming one reads it as Latin-1.
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_size:
-            raise PayloadTooLarge(f"A form field is larger than the limit of {max_field_bytes} bytes.")
+    body = await _read_at_most(request, max_size, f"A form field is larger than the limit of {max_field_bytes} bytes.")
     try:
         fields: list[tuple[str, str | UploadFile]] = list(
             parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True, max_num_fields=max_fields)
@@ -98,7 +94,16 @@ async def _read_urlencoded(request: Request, max_size: int, max_field_bytes: int
     return FormData(fields)
 
 
-def loads(raw: str | bytes, what: str) -> Any:
+async def _read_at_most(request: Request, limit: int, too_large: str) -> bytearray:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(too_large)
+    return body
+
+
+def loads(raw: str | bytes | bytearray, what: str) -> Any:
     """JSON from a client: whatever the parser raises (a RecursionError for deep nesting too) is a 400."""
     try:
         return json.loads(raw)
@@ -204,15 +209,9 @@ async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
 
 
 async def _read_json(request: Request, limit: int) -> Any:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"The body is larger than the limit of {limit} bytes.")
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError):
-        raise BadRequest("The body is not valid JSON.") from None
+    return loads(
+        await _read_at_most(request, limit, f"The body is larger than the limit of {limit} bytes."), "The body"
+    )
 
 
 def _chat_json(data: Any) -> ChatRequest:
