@@ -41,6 +41,16 @@ def chat(client: httpx.AsyncClient, server: Subprocess, session_id: str, message
     return client.stream("POST", f"{server.url}/api/v1/chat", data={"ui_session_id": session_id, "message": message})
 
 
+async def kill_mid_reply(client: httpx.AsyncClient, owner: Subprocess, session_id: str) -> None:
+    """``kill -9`` the owner once its reply has begun, its client still connected."""
+    async with chat(client, owner, session_id) as response:
+        # Keep the iterator: once dropped, it is closed at the next await, and closing it closes the
+        # connection, which the server may then record as 'disconnected' before the kill lands.
+        chunks = response.aiter_text()
+        assert await anext(chunks)  # the stream had begun
+        owner.stop(kill=True)
+
+
 async def history(client: httpx.AsyncClient, url: str, session_id: str) -> list[dict[str, str]]:
     response = await client.get(f"{url}/api/v1/sessions/{session_id}/messages")
     assert response.status_code == 200, response.text
@@ -108,12 +118,7 @@ async def test_a_killed_owner_frees_the_session_after_its_lease(
     a, b = pair(subprocesses, tmp_path, redis_server)
     async with httpx.AsyncClient(timeout=10) as client:
         session_id = await session_on(client, a)
-        async with chat(client, a, session_id) as response:
-            # Keep the iterator: once dropped, it is closed at the next await, and closing it closes the
-            # connection, which the server may then record as 'disconnected' before the kill lands.
-            chunks = response.aiter_text()
-            assert await anext(chunks)  # the stream had begun
-            a.stop(kill=True)  # kill -9 mid-stream, its client still connected
+        await kill_mid_reply(client, a, session_id)
         assert (await client.get(f"{b.url}/api/v1/sessions/{session_id}")).json()["status"] == "streaming"
 
         async def idle() -> bool:
@@ -302,10 +307,7 @@ async def test_delete_works_while_the_owner_is_dead_or_silent(
     async with httpx.AsyncClient(timeout=30) as client:
         # The owner dies mid-stream.
         dead = await session_on(client, a)
-        async with chat(client, a, dead) as response:
-            chunks = response.aiter_text()
-            assert await anext(chunks)
-            a.stop(kill=True)  # while its client is still connected: else its reply may end 'disconnected' first
+        await kill_mid_reply(client, a, dead)
         started = time.monotonic()
         deleted = await client.delete(f"{b.url}/api/v1/sessions/{dead}")
         assert deleted.status_code == 200, deleted.text
@@ -356,10 +358,7 @@ async def test_a_cancel_through_b_for_a_dead_owner_answers_what_history_says(
     a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="2")
     async with httpx.AsyncClient(timeout=30) as client:
         session_id = await session_on(client, a)
-        async with chat(client, a, session_id) as response:
-            chunks = response.aiter_text()
-            assert await anext(chunks)  # the stream had begun
-            a.stop(kill=True)  # kill -9 mid-stream, its client still connected
+        await kill_mid_reply(client, a, session_id)
         answer = await client.post(f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id})
         assert answer.status_code == 200, answer.text
         assert answer.json()["cancelled"] is False
