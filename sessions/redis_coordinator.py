@@ -32,15 +32,22 @@ return redis.call('GET', KEYS[2]) or 1
 """
 
 # Frees the claim; a reply recorded "cancelled" says so for a while, for a canceller waiting on a silent owner.
+# The canceller that stopped the reply through the cancel bus, if one did, hears its answer on its list (KEYS[3]).
 _RELEASE = """
 if ARGV[2] == 'cancelled' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[3]) end
+if KEYS[3] then
+  redis.call('RPUSH', KEYS[3], '1')
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
 # How long a canceller waits for an owner's answer on its channel before it leaves the cancel in Redis instead.
+# (An owner that stopped the reply answers once it is recorded, which it waits for a second at most: see turns.)
 _CANCEL_ANSWER_SECONDS = 2
 _CANCELLED_TTL_MS = 60_000
+_ANSWER_TTL = 30  # an answer its canceller gave up on
 
 
 # How long a rejoin waits for the owner to start its mirror; how long a mirror outlives its interaction.
@@ -56,7 +63,8 @@ class RedisCoordinator:
     is gone (run out during a Redis outage, or deleted with its session): the owner stops its reply instead, as
     it does when it cannot renew before its lease runs out, so two interactions of a session never overlap.
     A cancel for a stream owned elsewhere is published on the owner's channel; the owner cancels the scope and
-    answers on a reply list whether it really had that interaction running.
+    answers on a reply list whether it really had that interaction running: at once if not, and if it did, when
+    it releases the claim (the reply recorded, the session free), in the same round trip.
     """
 
     def __init__(self, redis: Redis, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
@@ -66,6 +74,7 @@ class RedisCoordinator:
         self.process_id = "proc_" + secrets.token_hex(8)
         self.listening = False
         self._mirrored: set[str] = set()  # interactions being mirrored into Redis for rejoins
+        self._answer_at_release: dict[str, str] = {}  # interaction → the reply list of the cancel that stopped it
 
     def _claim_key(self, session_id: str) -> str:
         return f"{self.prefix}claim:{session_id}"
@@ -130,11 +139,15 @@ class RedisCoordinator:
 
     async def release(self, interaction: Interaction) -> None:
         value = f"{self.process_id}:{interaction.id}"
-        keys = (self._claim_key(interaction.session_id), self._cancelled_key(interaction.id))
+        keys = [self._claim_key(interaction.session_id), self._cancelled_key(interaction.id)]
+        answer = self._answer_at_release.pop(interaction.id, None)
+        if answer is not None:
+            keys.append(answer)
         with anyio.CancelScope(shield=True):
             try:
                 with _reachable():
-                    await self.redis.eval(_RELEASE, 2, *keys, value, interaction.status, _CANCELLED_TTL_MS)
+                    arguments = (value, interaction.status, _CANCELLED_TTL_MS, _ANSWER_TTL)
+                    await self.redis.eval(_RELEASE, len(keys), *keys, *arguments)
             except ApiError:
                 logger.warning("could not release session %s; its lease will run out", interaction.session_id)
 
@@ -326,15 +339,19 @@ class RedisCoordinator:
             owner = request.get("owner")
             if owner is not None and not isinstance(owner, str):
                 return
-            cancelled = interactions.cancel_here(
-                request["session"], request["interaction"] or None, request["reason"], owner
-            )
+            session_id, reply_key = request["session"], f"{self.prefix}cancel-reply:{request['request']}"
+            running = interactions.get(session_id)
+            cancelled = interactions.cancel_here(session_id, request["interaction"] or None, request["reason"], owner)
         except (ValueError, KeyError, TypeError):
             return
-        reply_key = f"{self.prefix}cancel-reply:{request['request']}"
+        if cancelled and running is not None:
+            # Answered at release (see release): the canceller's "true" then finds the reply recorded and the
+            # session free, and the stopped stream's last round trips do not queue behind this answer's.
+            self._answer_at_release[running.id] = reply_key
+            return
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(reply_key, "1" if cancelled else "0")
-            pipe.expire(reply_key, 30)
+            pipe.rpush(reply_key, "0")
+            pipe.expire(reply_key, _ANSWER_TTL)
             await pipe.execute()
 
 

@@ -441,15 +441,24 @@ async def test_the_cancel_bus_carries_the_owner(shared_redis_url: str) -> None:
     prefix = f"test-{secrets.token_hex(6)}:"
     here = Interactions(RedisCoordinator(connect(shared_redis_url), prefix=prefix))
     there = Interactions(RedisCoordinator(connect(shared_redis_url), prefix=prefix))
+    outcomes = []
+
+    async def cancel_as_alice() -> None:
+        outcomes.append(await here.cancel("s", owner="alice"))
+
     async with anyio.create_task_group() as tg:
         await tg.start(there.coordinator.listen, there, tg)  # type: ignore[attr-defined]
-        async with there.open("s", "alice") as interaction:
-            # From another process: Bob's cancel reaches the process, which refuses it; Alice's stops the reply.
+        async with anyio.create_task_group() as alice, there.open("s", "alice") as interaction:
+            # From another process: Bob's cancel reaches the process, which refuses it; Alice's stops the reply
+            # (run in its interaction's scope, as a turn's is), and is answered once the reply is released.
             assert await here.cancel("s", owner="bob") == "not_running"
             assert await here.cancel("s", interaction.id, owner="bob") == "not_running"
             assert interaction.reason is None
-            assert await here.cancel("s", owner="alice") == "cancelled_elsewhere"
-            assert interaction.reason == "cancelled"
+            alice.start_soon(cancel_as_alice)
+            with interaction.scope:
+                await anyio.sleep_forever()
+        assert outcomes == ["cancelled_elsewhere"]
+        assert interaction.reason == "cancelled"
         tg.cancel_scope.cancel()
     for interactions in (here, there):
         await interactions.coordinator.redis.aclose()  # type: ignore[attr-defined]
