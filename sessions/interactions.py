@@ -127,7 +127,7 @@ class Coordinator(Protocol):
         """Cancel the session's interaction in the process that runs it, if it runs for ``owner`` (any owner:
         None); True if it was stopped there. Raises CancelFailed when that process cannot be reached (or,
         locally, when there might be one); with ``wait_out_silence``, a silent process is waited out first
-        (a lease at most): see :meth:`sessions.redis_coordinator.RedisCoordinator.request_cancel`."""
+        (a lease at most): see :meth:`sessions.redis_coordinator.RedisCoordinator.cancel_elsewhere`."""
 
     async def follow(self, session_id: str) -> Followed | None:
         """A live copy of the session's interaction that another process runs, for a rejoining client, and what

@@ -43,6 +43,19 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Sends a cancel (ARGV[1], JSON) to the process holding the session's claim, naming the interaction it holds, in
+# the round trip that reads the claim. Not to this process (ARGV[2]), nor if the claim is another interaction
+# than ARGV[3] (when given). Answers nil (no claim), or the claim and how many listeners heard it (-1: not sent).
+_SEND_CANCEL = """
+local claim = redis.call('GET', KEYS[1])
+if not claim then return nil end
+local process, interaction = string.match(claim, '^(.-):(.*)$')
+if process == ARGV[2] or (ARGV[3] ~= '' and ARGV[3] ~= interaction) then return {claim, -1} end
+local request = cjson.decode(ARGV[1])
+request['interaction'] = interaction
+return {claim, redis.call('PUBLISH', ARGV[4] .. process, cjson.encode(request))}
+"""
+
 # How long a canceller waits for an owner's answer on its channel before it leaves the cancel in Redis instead.
 # (An owner that stopped the reply answers once it is recorded, which it waits for a second at most: see turns.)
 _CANCEL_ANSWER_SECONDS = 2
@@ -171,23 +184,6 @@ class RedisCoordinator:
         owner: str | None,
         wait_out_silence: bool = False,
     ) -> bool:
-        claim = await self.owner(session_id)
-        if claim is None or claim[0] == self.process_id:
-            return False
-        process_id, running_id = claim
-        if interaction_id is not None and interaction_id != running_id:
-            return False
-        return await self.request_cancel(process_id, session_id, running_id, reason, owner, wait_out_silence)
-
-    async def request_cancel(
-        self,
-        process_id: str,
-        session_id: str,
-        interaction_id: str,
-        reason: str,
-        owner: str | None = None,
-        wait_out_silence: bool = False,
-    ) -> bool:
         """Ask the process that runs the stream to cancel it (if it runs for ``owner``, when given); True if it
         stopped the stream.
 
@@ -199,22 +195,28 @@ class RedisCoordinator:
         request_id = secrets.token_hex(8)
         reply_key = f"{self.prefix}cancel-reply:{request_id}"
         # The owner rides along: the receiving process checks it too, so another owner's cancel never stops it.
-        fields = {"request": request_id, "session": session_id, "interaction": interaction_id, "reason": reason}
-        payload = json.dumps({**fields, "owner": owner})
+        # (The script names the interaction the claim holds, so that the cancel never stops a later one.)
+        payload = json.dumps({"request": request_id, "session": session_id, "reason": reason, "owner": owner})
+        claim_key = self._claim_key(session_id)
         with _reachable():
-            receivers = await self.redis.publish(self._channel(process_id), payload)
+            sent: Any = await self.redis.eval(
+                _SEND_CANCEL, 1, claim_key, payload, self.process_id, interaction_id or "", self._channel("")
+            )
+            if sent is None or sent[1] < 0:
+                return False  # no stream, or not that one, or it is this process's
+            claim, receivers = str(sent[0]), int(sent[1])
+            running_id = claim.partition(":")[2]
             reply = await self.redis.blpop([reply_key], timeout=_CANCEL_ANSWER_SECONDS) if receivers else None
             if reply is not None:
                 return bool(reply[1] == "1")
             # (Left only after the owner check the web layer made: the session is the canceller's owner's.)
-            await self.redis.set(self._cancel_key(interaction_id), reason, px=self.lease_ms + 1000)
+            await self.redis.set(self._cancel_key(running_id), reason, px=self.lease_ms + 1000)
             if wait_out_silence:
-                claim = f"{process_id}:{interaction_id}"
                 with anyio.move_on_after(self.lease_ms / 1000 + 1):
                     # The claim lives in Redis, which says nothing when it goes: look again until it has.
-                    while await self.redis.get(self._claim_key(session_id)) == claim:  # noqa: ASYNC110
+                    while await self.redis.get(claim_key) == claim:  # noqa: ASYNC110
                         await anyio.sleep(0.05)
-                    return bool(await self.redis.exists(self._cancelled_key(interaction_id)))
+                    return bool(await self.redis.exists(self._cancelled_key(running_id)))
         raise CancelFailed(
             f"Failed to cancel interaction for session: {session_id} (the process streaming it did not answer)"
         )
