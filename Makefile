@@ -87,6 +87,7 @@ bench-instructions: install valgrind
 	$(BIN)/python -m bench.instructions
 
 lint: install
+	@! git grep -n -E '^(<<<<<<<|>>>>>>>)( |$$)' -- . ':!*.lock' || { echo 'merge-conflict markers left in the files above'; exit 1; }
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
