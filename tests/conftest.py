@@ -140,6 +140,10 @@ class Subprocess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Subprocess:
+        return self.launch().wait_ready()
+
+    def launch(self) -> Subprocess:
+        """Start the process without waiting for it: see :func:`start_together`."""
         log = self.log.open("ab") if self.log is not None else None
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
@@ -150,6 +154,10 @@ class Subprocess:
         )
         if log is not None:
             log.close()  # the child has its own copy
+        return self
+
+    def wait_ready(self) -> Subprocess:
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
@@ -171,6 +179,14 @@ class Subprocess:
             else:
                 self.process.terminate()
             self.process.wait(10)
+
+
+def start_together(*procs: Subprocess) -> tuple[Subprocess, ...]:
+    """Start several servers at once: each takes a second or so to import the app, and the machine has more
+    than one core. (Not for servers whose start-up order matters.)"""
+    for proc in procs:
+        proc.launch()
+    return tuple(proc.wait_ready() for proc in procs)
 
 
 @pytest.fixture
