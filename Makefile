@@ -60,8 +60,12 @@ run: install
 run-redis: install
 	PARLEY_REDIS_URL=$(REDIS_URL) $(BIN)/uvicorn app:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
+# Two workers (pytest-xdist): most of a test's time is spent waiting on servers, replies and leases, so two
+# at once take about half as long on two cores. Whole files per worker (loadfile), so that a module's browser
+# or server is started once.
+TEST_WORKERS ?= 2
 test: install redis-server chromium $(AI_SDK)/node_modules/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Schemathesis at length against a real uvicorn: many examples per operation, a new seed each run (printed, so a
 # failure can be replayed with FUZZ_SEED=...), and the stateful phase that follows the document's links.

@@ -78,7 +78,10 @@ def serve() -> Iterator[Callable[[ASGIApp], LiveServer]]:
 
     def start(app: ASGIApp) -> LiveServer:
         # Bound here and handed over, so that the port cannot be taken by another process before uvicorn has it.
-        sock = socket.socket()
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (a bare socket() says
+        # 0), and without it Nagle held each response's second write until the client's delayed ACK: ~40 ms a
+        # request, as a server that uvicorn binds itself never waits.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
         # The pure-Python stack, named: these servers share the test process (and its GIL) with the clients, and
@@ -137,6 +140,10 @@ class Subprocess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Subprocess:
+        return self.launch().wait_ready()
+
+    def launch(self) -> Subprocess:
+        """Start the process without waiting for it: see :func:`start_together`."""
         log = self.log.open("ab") if self.log is not None else None
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
@@ -147,6 +154,10 @@ class Subprocess:
         )
         if log is not None:
             log.close()  # the child has its own copy
+        return self
+
+    def wait_ready(self) -> Subprocess:
+        assert self.process is not None, "launch() first"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
@@ -168,6 +179,14 @@ class Subprocess:
             else:
                 self.process.terminate()
             self.process.wait(10)
+
+
+def start_together(*procs: Subprocess) -> tuple[Subprocess, ...]:
+    """Start several servers at once: each takes a second or so to import the app, and the machine has more
+    than one core. (Not for servers whose start-up order matters.)"""
+    for proc in procs:
+        proc.launch()
+    return tuple(proc.wait_ready() for proc in procs)
 
 
 @pytest.fixture

@@ -17,7 +17,16 @@ from starlette.types import ASGIApp
 
 from agents import AgentError, Agents, Turn
 from app import create_app
-from tests.conftest import AISDK, LiveServer, RedisServer, Subprocess, make_settings, messages, new_session
+from tests.conftest import (
+    AISDK,
+    LiveServer,
+    RedisServer,
+    Subprocess,
+    make_settings,
+    messages,
+    new_session,
+    start_together,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -230,7 +239,7 @@ async def test_resume_stream_on_another_worker_follows_the_reply_and_a_cancel_th
 ) -> None:
     long = " ".join(f"w{i}" for i in range(400))  # twenty seconds at 50 ms a word: it runs while the SDK rejoins
     env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_ECHO_DELAY": "0.05"}
-    a, b = subprocesses(env).start(), subprocesses(env).start()
+    a, b = start_together(subprocesses(env), subprocesses(env))
     async with httpx.AsyncClient(timeout=20) as client:
         session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
         # Another client starts the reply on worker a, reads a few words and goes away; the reply goes on.

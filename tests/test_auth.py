@@ -18,7 +18,7 @@ from starlette.routing import Mount
 
 from app import create_app
 from auth import Auth, KeyFileError, keys_from
-from tests.conftest import LiveServer, Subprocess, eventually, make_settings, messages
+from tests.conftest import LiveServer, Subprocess, eventually, make_settings, messages, start_together
 
 pytestmark = pytest.mark.anyio
 
@@ -383,7 +383,7 @@ async def test_two_owners_across_two_workers_on_redis(
         "PARLEY_ECHO_DELAY": "0.02",
         "PARLEY_DATA_DIR": str(tmp_path / "shared"),
     }
-    a, b = subprocesses(env).start(), subprocesses(env).start()
+    a, b = start_together(subprocesses(env), subprocesses(env))
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as client:
         await assert_isolated(client, as_(ALICE), as_(BOB))
     async with httpx.AsyncClient(timeout=10) as client:
@@ -513,7 +513,7 @@ async def test_the_streams_per_owner_limit_across_two_workers_on_redis(
         "PARLEY_REDIS_LEASE_SECONDS": "1",  # so the slot must be renewed while the reply runs
         "PARLEY_DATA_DIR": str(tmp_path / "shared"),
     }
-    one, two = subprocesses(env).start(), subprocesses(env).start()
+    one, two = start_together(subprocesses(env), subprocesses(env))
     async with httpx.AsyncClient(base_url=one.url, timeout=10) as a, httpx.AsyncClient(base_url=two.url) as b:
         first, second = await create(a, as_(ALICE)), await create(a, as_(ALICE))
         bobs = await create(a, as_(BOB))

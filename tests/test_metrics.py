@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import RedisServer, Subprocess
+from tests.conftest import RedisServer, Subprocess, start_together
 
 pytestmark = pytest.mark.anyio
 
@@ -150,8 +150,10 @@ async def test_a_cancel_through_another_process_is_counted_there_as_elsewhere(
     subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
 ) -> None:
     env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_ECHO_DELAY": "0.02"}
-    a = subprocesses({**env, "PARLEY_DATA_DIR": str(tmp_path / "a")}).start()
-    b = subprocesses({**env, "PARLEY_DATA_DIR": str(tmp_path / "b")}).start()
+    a, b = start_together(
+        subprocesses({**env, "PARLEY_DATA_DIR": str(tmp_path / "a")}),
+        subprocesses({**env, "PARLEY_DATA_DIR": str(tmp_path / "b")}),
+    )
     async with httpx.AsyncClient(timeout=10) as client:
         session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
         chat = {"ui_session_id": session_id, "message": WORDS}

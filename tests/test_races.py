@@ -13,7 +13,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import LiveServer, RedisServer, Subprocess, new_session
+from tests.conftest import LiveServer, RedisServer, Subprocess, new_session, start_together
 
 pytestmark = pytest.mark.anyio
 
@@ -82,7 +82,7 @@ async def test_uploads_racing_their_sessions_delete_on_two_workers_sharing_redis
     subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
 ) -> None:
     env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_DATA_DIR": str(tmp_path / "shared")}
-    a, b = subprocesses(env).start(), subprocesses(env).start()
+    a, b = start_together(subprocesses(env), subprocesses(env))
     uploads, deletes = await race_uploads_with_deletes(a.url, b.url, a.url)
     assert set(uploads) <= {201, 404}, uploads
     assert set(deletes) == {200}, deletes

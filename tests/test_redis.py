@@ -13,7 +13,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from tests.conftest import RedisServer, Subprocess, eventually
+from tests.conftest import RedisServer, Subprocess, eventually, start_together
 
 pytestmark = pytest.mark.anyio
 
@@ -28,8 +28,10 @@ def pair(
         common["PARLEY_REDIS_URL"] = redis.url
     else:
         common["PARLEY_DATA_DIR"] = str(tmp_path / "shared")
-    a = subprocesses({**common, "PARLEY_DATA_DIR": common.get("PARLEY_DATA_DIR", str(tmp_path / "a"))}).start()
-    b = subprocesses({**common, "PARLEY_DATA_DIR": common.get("PARLEY_DATA_DIR", str(tmp_path / "b"))}).start()
+    a, b = start_together(
+        subprocesses({**common, "PARLEY_DATA_DIR": common.get("PARLEY_DATA_DIR", str(tmp_path / "a"))}),
+        subprocesses({**common, "PARLEY_DATA_DIR": common.get("PARLEY_DATA_DIR", str(tmp_path / "b"))}),
+    )
     return a, b
 
 

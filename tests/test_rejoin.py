@@ -10,7 +10,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, RedisServer, Subprocess, eventually, messages, new_session
+from tests.conftest import LiveServer, RedisServer, Subprocess, eventually, messages, new_session, start_together
 from tests.test_chat_sse import SSE, check_stream, parse_sse
 
 pytestmark = pytest.mark.anyio
@@ -177,7 +177,7 @@ async def test_the_embedded_store_says_when_a_rejoin_cannot_reach_another_proces
     subprocesses: Callable[..., Subprocess], tmp_path: Path
 ) -> None:
     env = {"PARLEY_DATA_DIR": str(tmp_path / "shared"), "PARLEY_ECHO_DELAY": "0.05"}
-    a, b = subprocesses(env).start(), subprocesses(env).start()
+    a, b = start_together(subprocesses(env), subprocesses(env))
     async with httpx.AsyncClient(timeout=10) as client:
         session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
         data = {"ui_session_id": session_id, "message": WORDS}
@@ -194,7 +194,7 @@ async def test_rejoin_from_another_worker_on_redis(
     subprocesses: Callable[..., Subprocess], redis_server: RedisServer
 ) -> None:
     env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_ECHO_DELAY": "0.03"}
-    a, b = subprocesses(env).start(), subprocesses(env).start()
+    a, b = start_together(subprocesses(env), subprocesses(env))
     async with httpx.AsyncClient(timeout=20) as client:
         session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
         assert (await client.get(f"{b.url}/api/v1/chat/{session_id}/stream")).status_code == 204
@@ -229,7 +229,7 @@ async def test_a_killed_owner_on_redis_leaves_its_checkpointed_text(
         "PARLEY_CHECKPOINT_SECONDS": "0.1",
         "PARLEY_REDIS_LEASE_SECONDS": "1",
     }
-    a, b = subprocesses(env).start(), subprocesses(env).start()
+    a, b = start_together(subprocesses(env), subprocesses(env))
     async with httpx.AsyncClient(timeout=10) as client:
         session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
         received = ""
