@@ -73,7 +73,10 @@ def bounded(request: Request, max_bytes: int, timeout: float) -> Request:
 
 async def read_form(request: Request, *, max_field_bytes: int = 64 * 1024, max_fields: int = MAX_FIELDS) -> FormData:
     """The request's form fields (multipart or urlencoded), with every failure a clear 4xx."""
-    content_type = _content_type(request)
+    return await _read_form(request, _content_type(request), max_field_bytes, max_fields)
+
+
+async def _read_form(request: Request, content_type: str, max_field_bytes: int, max_fields: int) -> FormData:
     if content_type not in _FORM_TYPES:
         if not content_type and not await request.body():
             return FormData()  # no body at all: let the required fields say what is missing
@@ -202,10 +205,11 @@ _ON_DISCONNECT = ("cancel", "continue")
 
 
 async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
-    if _content_type(request) == "application/json":
+    content_type = _content_type(request)
+    if content_type == "application/json":
         chat = _chat_json(await _read_json(request, 16 * max_message_bytes + 64 * 1024))
     else:
-        form = await read_form(request, max_field_bytes=max_message_bytes)
+        form = await _read_form(request, content_type, max_message_bytes, MAX_FIELDS)
         chat = ChatRequest(
             required_text(form, "ui_session_id"),
             required_text(form, "message"),
