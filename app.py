@@ -32,6 +32,7 @@ from sessions.forms import (
     SESSION_ID,
     bounded,
     chat_body_limit,
+    header,
     optional_text,
     query_int,
     read_chat,
@@ -166,7 +167,7 @@ async def chat(request: Request) -> Response | ChatResponse:
 
 def _wants_sse(request: Request, ai_sdk: bool) -> bool:
     """SSE when the client asks for it, or sends the AI SDK's body without asking for plain text alone."""
-    accept = request.headers.get("accept", "").lower()
+    accept = header(request, b"accept").lower()
     if "text/event-stream" in accept:
         return True
     return ai_sdk and [part.split(";")[0].strip() for part in accept.split(",")] != ["text/plain"]

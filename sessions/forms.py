@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 import anyio
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
 from sessions.errors import BadRequest, BodyTimeout, PayloadTooLarge
@@ -25,8 +25,17 @@ FORM_MARGIN_BYTES = 64 * 1024
 MAX_FIELDS = 16
 
 
+def header(request: Request, name: bytes) -> str:
+    """A request header's value, "" when it is absent; ``name`` in lower case, as ASGI gives names. (Read from
+    the scope: request.headers builds a mapping first, and looks up an absent name by raising KeyError.)"""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return ""
+
+
 def _content_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return header(request, b"content-type").split(";")[0].strip().lower()
 
 
 def chat_body_limit(request: Request, max_message_bytes: int) -> int:
@@ -39,7 +48,7 @@ def chat_body_limit(request: Request, max_message_bytes: int) -> int:
 def bounded(request: Request, max_bytes: int, timeout: float) -> Request:
     """The request, with its body counted as it arrives (PayloadTooLarge past ``max_bytes``, whatever the
     transfer encoding, chunked included) and dropped if it stalls for ``timeout`` seconds (BodyTimeout)."""
-    declared = request.headers.get("content-length", "")
+    declared = header(request, b"content-length")
     if declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"The request body is larger than the limit of {max_bytes} bytes for this endpoint.")
     received = 0
@@ -64,7 +73,10 @@ def bounded(request: Request, max_bytes: int, timeout: float) -> Request:
 
 async def read_form(request: Request, *, max_field_bytes: int = 64 * 1024, max_fields: int = MAX_FIELDS) -> FormData:
     """The request's form fields (multipart or urlencoded), with every failure a clear 4xx."""
-    content_type = _content_type(request)
+    return await _read_form(request, _content_type(request), max_field_bytes, max_fields)
+
+
+async def _read_form(request: Request, content_type: str, max_field_bytes: int, max_fields: int) -> FormData:
     if content_type not in _FORM_TYPES:
         if not content_type and not await request.body():
             return FormData()  # no body at all: let the required fields say what is missing
@@ -94,13 +106,21 @@ async def _read_urlencoded(request: Request, max_size: int, max_field_bytes: int
     return FormData(fields)
 
 
-async def _read_at_most(request: Request, limit: int, too_large: str) -> bytearray:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+async def _read_at_most(request: Request, limit: int, too_large: str) -> bytes:
+    # The ASGI messages read as they come rather than through request.stream(), an async generator: every
+    # chat pays for this, and its body is one message.
+    chunks, size = [], 0
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
             raise PayloadTooLarge(too_large)
-    return body
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def loads(raw: str | bytes | bytearray, what: str) -> Any:
@@ -185,10 +205,11 @@ _ON_DISCONNECT = ("cancel", "continue")
 
 
 async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
-    if _content_type(request) == "application/json":
+    content_type = _content_type(request)
+    if content_type == "application/json":
         chat = _chat_json(await _read_json(request, 16 * max_message_bytes + 64 * 1024))
     else:
-        form = await read_form(request, max_field_bytes=max_message_bytes)
+        form = await _read_form(request, content_type, max_message_bytes, MAX_FIELDS)
         chat = ChatRequest(
             required_text(form, "ui_session_id"),
             required_text(form, "message"),

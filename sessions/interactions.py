@@ -4,8 +4,8 @@ coordinator that carries the one-per-session rule and cancels across processes (
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -214,28 +214,10 @@ class Interactions:
         self.coordinator = coordinator
         self.slots: StreamSlots = slots or LocalStreamSlots(None)
 
-    @asynccontextmanager
-    async def open(self, session_id: str, owner: str = "") -> AsyncIterator[Interaction]:
+    def open(self, session_id: str, owner: str = "") -> _Open:
         """Take one of the owner's stream slots and claim the session for one interaction, for as long as the
-        block runs. Raises TooManyStreams, then SessionBusy."""
-        interaction = Interaction(session_id, owner)
-        # The slot first: an owner at its limit hears 429 whatever the session, so a busy session of another
-        # owner's is not told apart from a missing one by this either.
-        limited = self.slots.limit is not None  # (unlimited, the default: no slot to take, nothing to pay)
-        if limited and not await self.slots.take(owner, interaction.id):
-            raise TooManyStreams(self.slots.limit or 0)
-        try:
-            if session_id in self._running or not await self.coordinator.claim(interaction):
-                raise SessionBusy(session_id)
-        except BaseException:
-            if limited:
-                await self.slots.give_back(owner, interaction.id)
-            raise
-        self._running[session_id] = interaction
-        try:
-            yield interaction
-        finally:
-            await self.release(interaction)
+        ``async with`` block runs. Raises TooManyStreams, then SessionBusy."""
+        return _Open(self, session_id, owner)
 
     async def release(self, interaction: Interaction) -> None:
         """End the interaction and free its session, here and in every process.
@@ -315,3 +297,35 @@ class Interactions:
 
     def __len__(self) -> int:
         return len(self._running)
+
+
+class _Open:
+    """``async with interactions.open(session_id, owner) as interaction``. (A class rather than an
+    ``@asynccontextmanager``: every chat pays for it, and a generator costs more to drive.)"""
+
+    __slots__ = ("interaction", "interactions")
+
+    def __init__(self, interactions: Interactions, session_id: str, owner: str) -> None:
+        self.interactions = interactions
+        self.interaction = Interaction(session_id, owner)
+
+    async def __aenter__(self) -> Interaction:
+        interactions, interaction = self.interactions, self.interaction
+        session_id, owner, slots = interaction.session_id, interaction.owner, interactions.slots
+        # The slot first: an owner at its limit hears 429 whatever the session, so a busy session of another
+        # owner's is not told apart from a missing one by this either.
+        limited = slots.limit is not None  # (unlimited, the default: no slot to take, nothing to pay)
+        if limited and not await slots.take(owner, interaction.id):
+            raise TooManyStreams(slots.limit or 0)
+        try:
+            if session_id in interactions._running or not await interactions.coordinator.claim(interaction):
+                raise SessionBusy(session_id)
+        except BaseException:
+            if limited:
+                await slots.give_back(owner, interaction.id)
+            raise
+        interactions._running[session_id] = interaction
+        return interaction
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.interactions.release(self.interaction)
