@@ -25,6 +25,7 @@ from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 
 from app import create_app
+from page import UI_DIR
 from tests.conftest import LiveServer, RedisServer, free_port, make_settings
 from tests.openai_stub import OpenAIStub
 
@@ -334,7 +335,7 @@ def test_markup_from_users_and_files_stays_text(live: Callable[..., LiveServer],
     assert page.locator("main img, main script, nav img, nav script").count() == 0
     assert dialogs == []
 
-    script = (Path(__file__).parent.parent / "ui" / "app.js").read_text()
+    script = (UI_DIR / "app.js").read_text()
     assert not any(sink in script for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write"))
     response = httpx.get(server.url + "/", timeout=10)
     policy = response.headers["content-security-policy"]

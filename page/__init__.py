@@ -1,4 +1,7 @@
-"""The chat page: ``GET /`` and its script and stylesheet under ``/ui/``, all three files from ``ui/``.
+"""The chat page: ``GET /`` and its script and stylesheet under ``/ui/``, all three files beside this module.
+
+They ship as this package's data (pyproject.toml's ``package-data``): an installed wheel serves them as a checkout
+does.
 
 The page's URLs are relative, so it works wherever parley is mounted. Its Content-Security-Policy allows only
 its own files: no inline script, nothing from another origin.
@@ -12,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 
-UI_DIR = Path(__file__).resolve().parent / "ui"
+UI_DIR = Path(__file__).resolve().parent
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
