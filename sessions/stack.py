@@ -26,9 +26,11 @@ Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
 class App(Starlette):
-    """A Starlette app whose exception handlers are keyed by exception class and are async functions."""
+    """A Starlette app whose exception handlers are keyed by exception class and are async functions (not by
+    status code), and without ``max_body_size`` (parley bounds its bodies itself)."""
 
     def build_middleware_stack(self) -> ASGIApp:
+        assert self.max_body_size is None and all(isinstance(key, type) for key in self.exception_handlers)
         app: ASGIApp = ExceptionHandlers(self.router, self.exception_handlers)
         for cls, args, kwargs in reversed(self.user_middleware):
             app = cls(app, *args, **kwargs)
