@@ -45,6 +45,7 @@ from sessions.openapi import document
 from sessions.rejoin import Follow, after_seq
 from sessions.service import Parley, build
 from sessions.sse import ServerSentEvents
+from sessions.stack import App
 from sessions.store import FileInfo, Session, new_id, utcnow
 from sessions.streaming import ChatResponse, OnDisconnect, PlainText, error_response, http_status
 from sessions.telemetry import Telemetry
@@ -453,7 +454,8 @@ def create_app(
                 await parley.close()
             metrics.process_exiting()
 
-    # Outermost: every response gets its request id and is counted, a CORS preflight's too.
+    # Outermost: every response gets its request id and is counted, a CORS preflight's too, and an unhandled
+    # exception is answered there (see sessions/stack.py).
     middleware = [Middleware(Telemetry, metrics=settings.metrics)]
     if settings.cors_origins:
         # A browser client on another origin may call the API and read the interaction id of a reply.
@@ -466,7 +468,7 @@ def create_app(
                 expose_headers=["x-interaction-id", "x-request-id"],
             )
         )
-    app = Starlette(
+    app = App(
         debug=debug,
         routes=[*routes, *(_metrics_routes if settings.metrics else ()), *(page.routes if ui else ())],
         middleware=middleware,
@@ -476,7 +478,6 @@ def create_app(
             SessionError: _domain_error,
             HTTPException: _http_error,
             ClientDisconnect: _client_gone,
-            Exception: _server_error,
         },
     )
     app.state.parley = parley

@@ -3,7 +3,6 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from functools import partial
 
 import anyio
 
@@ -27,21 +26,21 @@ class EchoAgent:
 
     async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
         text = turn.message + "".join(f"\n[file: {f.filename}, {f.size} bytes]" for f in turn.files)
-        pause = _pause(self.delay)
+        sleep, delay = _sleep(), self.delay
         for token in _TOKEN.findall(text):
             # Even with no delay, pause at a checkpoint: a fast echo still lets a cancel in between tokens.
-            await pause()
+            await sleep(delay)
             yield token
 
 
-def _pause(delay: float) -> Callable[[], Awaitable[None]]:
+def _sleep() -> Callable[[float], Awaitable[None]]:
     """The cheapest sleep of the running event loop: anyio's generic one looks its backend up on every
     call, which is a real share of the cost of a token. (Sleeping 0 s is still a checkpoint.)"""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return partial(anyio.sleep, delay)
-    return partial(asyncio.sleep, delay)
+        return anyio.sleep
+    return asyncio.sleep
 
 
 def from_settings(settings: Settings) -> EchoAgent:

@@ -8,8 +8,9 @@ run whatever else the machine does. The app is driven in process through scripte
 history, and the floor, from ``make bench``.
 
 Each figure is the difference between two runs that differ only in the amount of work, divided by
-that difference, so start-up and warm-up cancel out. ``--inner`` runs one measurement without
-valgrind (what the outer process calls).
+that difference, so start-up cancels out. ``--inner`` runs one measurement without
+valgrind (what the outer process calls). ``--what`` picks the figures: ``chat``, ``token`` (plain text) and
+``sse`` (per token of parley's server-sent events; the others have none).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 64
+WARM_UP = 5  # chats per client before the counted ones
 SESSIONS = CONCURRENCY * 4
 
 
-async def _call(app: Any, path: str, body: bytes = b"") -> list[dict[str, Any]]:
+async def _call(app: Any, path: str, body: bytes = b"", accept: bytes = b"*/*") -> list[dict[str, Any]]:
     """One request through the app: the body arrives at once; a disconnect only after the response ends."""
     scope = {
         "type": "http",
@@ -47,6 +49,7 @@ async def _call(app: Any, path: str, body: bytes = b"") -> list[dict[str, Any]]:
             (b"host", b"bench"),
             (b"content-type", b"application/x-www-form-urlencoded"),
             (b"content-length", str(len(body)).encode()),
+            (b"accept", accept),
         ],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
@@ -74,8 +77,11 @@ async def _call(app: Any, path: str, body: bytes = b"") -> list[dict[str, Any]]:
     return messages
 
 
-async def _inner(kind: str, chats: int, words: int, concurrency: int) -> None:
+async def _inner(kind: str, chats: int, words: int, concurrency: int, accept: bytes) -> None:
     os.environ["PARLEY_ECHO_DELAY"] = "0"
+    # Checkpoints of a reply are timed (one a second): under valgrind, ~50 times slower, they would come ~50
+    # times as often per token, and as often as the machine's load makes it. One a second is nothing per token.
+    os.environ["PARLEY_CHECKPOINT_SECONDS"] = "3600"
     os.environ["PARLEY_DATA_DIR"] = tempfile.mkdtemp(prefix="parley-instructions-")
     lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     if kind == "parley":
@@ -104,17 +110,19 @@ async def _inner(kind: str, chats: int, words: int, concurrency: int) -> None:
     async def client(first: int, count: int) -> None:
         for k in range(count):
             session_id = sessions[(first + concurrency * k) % len(sessions)]
-            answer = await _call(app, "/api/v1/chat", f"ui_session_id={session_id}&message={message}".encode())
+            body = f"ui_session_id={session_id}&message={message}".encode()
+            answer = await _call(app, "/api/v1/chat", body, accept)
             assert answer[0]["status"] == 200, answer
 
-    await asyncio.gather(*(client(i, 5) for i in range(concurrency)))  # warm-up: every code path taken once
+    await asyncio.gather(*(client(i, WARM_UP) for i in range(concurrency)))  # every code path taken once
     await asyncio.gather(*(client(i, chats // concurrency) for i in range(concurrency)))
     await lifespan.put({"type": "lifespan.shutdown"})
     await running
 
 
-def _count(kind: str, chats: int, words: int, concurrency: int) -> int:
+def _count(kind: str, chats: int, words: int, concurrency: int, accept: str = "*/*") -> int:
     command = [sys.executable, "-m", "bench.instructions", "--inner", kind, str(chats), str(words), str(concurrency)]
+    command += [accept]
     done = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *command],
         cwd=ROOT,
@@ -133,23 +141,37 @@ def per_chat(kind: str) -> int:
     return (_count(kind, high, 1, CONCURRENCY) - _count(kind, low, 1, CONCURRENCY)) // (high - low)
 
 
-def per_token(kind: str) -> int:
-    """Instructions per streamed token: 64 chats of 2,000 words against 64 of 1,000, one at a time."""
-    return (_count(kind, 64, 2000, 1) - _count(kind, 64, 1000, 1)) // (64 * 1000)
+def per_token(kind: str, accept: str = "*/*") -> int:
+    """Instructions per streamed token: 64 chats of 2,000 words against 64 of 1,000, one at a time (the warm-up
+    chats have as many words: they count too)."""
+    return (_count(kind, 64, 2000, 1, accept) - _count(kind, 64, 1000, 1, accept)) // ((64 + WARM_UP) * 1000)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="floor,parley,peer")
-    parser.add_argument("--inner", nargs=4, metavar=("KIND", "CHATS", "WORDS", "CONCURRENCY"), help=argparse.SUPPRESS)
+    parser.add_argument("--what", default="chat,token", help="chat, token, sse (comma-separated)")
+    parser.add_argument(
+        "--inner", nargs=5, metavar=("KIND", "CHATS", "WORDS", "CONCURRENCY", "ACCEPT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.inner:
-        kind, chats, words, concurrency = args.inner
-        asyncio.run(_inner(kind, int(chats), int(words), int(concurrency)))
+        kind, chats, words, concurrency, accept = args.inner
+        asyncio.run(_inner(kind, int(chats), int(words), int(concurrency), accept.encode()))
         return
-    print("| app | instructions per short chat | instructions per token |\n| --- | --- | --- |")
+    titles = {"chat": "instructions per short chat", "token": "instructions per token", "sse": "per SSE token"}
+    what = args.what.split(",")
+    print("| app | " + " | ".join(titles[name] for name in what) + " |\n| --- |" + " --- |" * len(what))
     for kind in args.only.split(","):
-        print(f"| {kind} | {per_chat(kind):,} | {per_token(kind):,} |", flush=True)
+        cells = []
+        for name in what:
+            if name == "chat":
+                cells.append(f"{per_chat(kind):,}")
+            elif name == "token":
+                cells.append(f"{per_token(kind):,}")
+            else:  # only parley speaks SSE: the floor and the peer would stream plain text
+                cells.append(f"{per_token(kind, 'text/event-stream'):,}" if kind == "parley" else "—")
+        print(f"| {kind} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

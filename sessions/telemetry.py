@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Awaitable
 from time import perf_counter
 from typing import Any
 
@@ -23,7 +24,8 @@ class Telemetry:
     """ASGI middleware: an ``X-Request-Id`` on every response (the client's, when it sent a sane one, or a new
     one) and in every log line of the request; ``parley_http_*`` metrics by route template (when
     ``metrics``); one log line per 5xx, with its error. An exception that escapes before the response
-    started is answered here with a JSON 500 and logged once, with its traceback, in parley's words."""
+    started is answered here with a JSON 500 and logged once, with its traceback, in parley's words: this is
+    the app's outermost layer, in the place of Starlette's ServerErrorMiddleware (see app.py)."""
 
     def __init__(self, app: ASGIApp, *, metrics: bool) -> None:
         self.app = app
@@ -42,7 +44,8 @@ class Telemetry:
         error_body: list[bytes] | None = None
         started = perf_counter()
 
-        async def send_with_id(message: Message) -> None:
+        def send_with_id(message: Message) -> Awaitable[None]:
+            # A plain function that returns send's awaitable: no coroutine of its own on every token of a stream.
             nonlocal status, error_body
             if status == 0 and message["type"] == "http.response.start":
                 status = message["status"]
@@ -51,13 +54,13 @@ class Telemetry:
                     error_body = []
             elif error_body is not None and message["type"] == "http.response.body":
                 error_body.append(message.get("body", b"")[:_ERROR_BODY_LIMIT])
-            await send(message)
+            return send(message)
 
         failure: Exception | None = None
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            if status != 0 or getattr(exc, "logged_by_parley", False):
+            if status != 0:
                 raise  # the response has started: only the server can abort it now
             failure = exc
             status = 500

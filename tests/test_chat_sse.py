@@ -12,6 +12,7 @@ import pytest
 
 from agents import Agents
 from app import create_app
+from sessions import sse
 from tests.conftest import FailingAgent, LiveServer, make_settings, messages, new_session
 
 pytestmark = pytest.mark.anyio
@@ -66,6 +67,14 @@ def ai_sdk_body(session_id: str, text: str, trigger: str = "submit-message", **e
         "trigger": trigger,
         **extra,
     }
+
+
+@pytest.mark.parametrize("text", ["hello ", 'a "quote" and a \\ ', "line\n\ttab", "café ✓ 😀", "</script>", "\x00\x1f"])
+async def test_a_delta_frame_carries_its_text_exactly(text: str) -> None:
+    head = "id: int_1:5\ndata: "  # token 3 is frame 5 (after start and text-start)
+    frame = sse.delta("int_1", 3, text).decode()
+    assert frame.startswith(head) and frame.endswith("\n\n")
+    assert json.loads(frame[len(head) : -2]) == {"type": "text-delta", "id": "text", "delta": text}
 
 
 async def test_a_form_chat_asking_for_sse_gets_the_ui_message_stream(live: Callable[..., LiveServer]) -> None:
