@@ -10,6 +10,10 @@ history, and the floor, from ``make bench``.
 Each figure is the difference between two runs that differ only in the amount of work, divided by
 that difference, so start-up and warm-up cancel out. ``--inner`` runs one measurement without
 valgrind (what the outer process calls).
+
+``--env NAME=VALUE`` (repeatable) sets a variable for the app, to count what a setting costs, e.g.
+``--only parley --env PARLEY_METRICS=0 --env PARLEY_API_KEYS=bench:bench-key``; with API keys, every
+request carries the first one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ CONCURRENCY = 64
 SESSIONS = CONCURRENCY * 4
 
 
+def _key_header() -> list[tuple[bytes, bytes]]:
+    """``Authorization: Bearer`` with the first key of PARLEY_API_KEYS, when the app has keys (see ``--env``)."""
+    pairs = os.environ.get("PARLEY_API_KEYS", "").replace(",", " ").split()
+    return [(b"authorization", b"Bearer " + pairs[0].partition(":")[2].encode())] if pairs else []
+
+
+KEY_HEADER = _key_header()  # the measured process gets --env in its environment
+
+
 async def _call(app: Any, path: str, body: bytes = b"") -> list[dict[str, Any]]:
     """One request through the app: the body arrives at once; a disconnect only after the response ends."""
     scope = {
@@ -47,6 +60,7 @@ async def _call(app: Any, path: str, body: bytes = b"") -> list[dict[str, Any]]:
             (b"host", b"bench"),
             (b"content-type", b"application/x-www-form-urlencoded"),
             (b"content-length", str(len(body)).encode()),
+            *KEY_HEADER,
         ],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
@@ -113,7 +127,7 @@ async def _inner(kind: str, chats: int, words: int, concurrency: int) -> None:
     await running
 
 
-def _count(kind: str, chats: int, words: int, concurrency: int) -> int:
+def _count(kind: str, chats: int, words: int, concurrency: int, env: dict[str, str]) -> int:
     command = [sys.executable, "-m", "bench.instructions", "--inner", kind, str(chats), str(words), str(concurrency)]
     done = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *command],
@@ -121,35 +135,39 @@ def _count(kind: str, chats: int, words: int, concurrency: int) -> int:
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, **env},
     )
     refs = re.search(r"refs:\s+([\d,]+)", done.stderr)
     assert refs is not None, done.stderr
     return int(refs.group(1).replace(",", ""))
 
 
-def per_chat(kind: str) -> int:
+def per_chat(kind: str, env: dict[str, str]) -> int:
     """Instructions per one-word chat, 64 at a time (what ``make bench``'s short chats do)."""
     low, high = 640, 1920
-    return (_count(kind, high, 1, CONCURRENCY) - _count(kind, low, 1, CONCURRENCY)) // (high - low)
+    return (_count(kind, high, 1, CONCURRENCY, env) - _count(kind, low, 1, CONCURRENCY, env)) // (high - low)
 
 
-def per_token(kind: str) -> int:
+def per_token(kind: str, env: dict[str, str]) -> int:
     """Instructions per streamed token: 64 chats of 2,000 words against 64 of 1,000, one at a time."""
-    return (_count(kind, 64, 2000, 1) - _count(kind, 64, 1000, 1)) // (64 * 1000)
+    return (_count(kind, 64, 2000, 1, env) - _count(kind, 64, 1000, 1, env)) // (64 * 1000)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="floor,parley,peer")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set for the app")
     parser.add_argument("--inner", nargs=4, metavar=("KIND", "CHATS", "WORDS", "CONCURRENCY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
         kind, chats, words, concurrency = args.inner
         asyncio.run(_inner(kind, int(chats), int(words), int(concurrency)))
         return
+    env = dict(item.split("=", 1) for item in args.env)
     print("| app | instructions per short chat | instructions per token |\n| --- | --- | --- |")
     for kind in args.only.split(","):
-        print(f"| {kind} | {per_chat(kind):,} | {per_token(kind):,} |", flush=True)
+        name = " ".join([kind, *args.env])
+        print(f"| {name} | {per_chat(kind, env):,} | {per_token(kind, env):,} |", flush=True)
 
 
 if __name__ == "__main__":
