@@ -7,6 +7,7 @@ What never is: a message's content, a file's content, a key. Lines name sessions
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -47,12 +48,21 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+# Made once: json.dumps(..., default=str) would build an encoder for every line.
+_JSON = json.JSONEncoder(default=str)
+
+
+@functools.lru_cache(maxsize=4)  # lines come many to a second: strftime once a second, not once a line
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, request_id, and the line's own fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": f"{_utc_second(int(record.created))}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -63,7 +73,7 @@ class JsonFormatter(logging.Formatter):
         line.update(_fields(record))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return _JSON.encode(line)
 
 
 class TextFormatter(logging.Formatter):
