@@ -11,6 +11,10 @@ Each figure is the difference between two runs that differ only in the amount of
 that difference, so start-up cancels out. ``--inner`` runs one measurement without
 valgrind (what the outer process calls). ``--what`` picks the figures: ``chat``, ``token`` (plain text) and
 ``sse`` (per token of parley's server-sent events; the others have none).
+
+``--env NAME=VALUE`` (repeatable) sets a variable for the app, to count what a setting costs, e.g.
+``--only parley --env PARLEY_METRICS=0 --env PARLEY_API_KEYS=bench:bench-key``; with API keys, every
+request carries the first one.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ WARM_UP = 5  # chats per client before the counted ones
 SESSIONS = CONCURRENCY * 4
 
 
+def _key_header() -> list[tuple[bytes, bytes]]:
+    """``Authorization: Bearer`` with the first key of PARLEY_API_KEYS, when the app has keys (see ``--env``)."""
+    pairs = os.environ.get("PARLEY_API_KEYS", "").replace(",", " ").split()
+    return [(b"authorization", b"Bearer " + pairs[0].partition(":")[2].encode())] if pairs else []
+
+
+KEY_HEADER = _key_header()  # the measured process gets --env in its environment
+
+
 async def _call(app: Any, path: str, body: bytes = b"", accept: bytes = b"*/*") -> list[dict[str, Any]]:
     """One request through the app: the body arrives at once; a disconnect only after the response ends."""
     scope = {
@@ -50,6 +63,7 @@ async def _call(app: Any, path: str, body: bytes = b"", accept: bytes = b"*/*") 
             (b"content-type", b"application/x-www-form-urlencoded"),
             (b"content-length", str(len(body)).encode()),
             (b"accept", accept),
+            *KEY_HEADER,
         ],
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 80),
@@ -120,7 +134,7 @@ async def _inner(kind: str, chats: int, words: int, concurrency: int, accept: by
     await running
 
 
-def _count(kind: str, chats: int, words: int, concurrency: int, accept: str = "*/*") -> int:
+def _count(kind: str, chats: int, words: int, concurrency: int, env: dict[str, str], accept: str = "*/*") -> int:
     command = [sys.executable, "-m", "bench.instructions", "--inner", kind, str(chats), str(words), str(concurrency)]
     command += [accept]
     done = subprocess.run(
@@ -129,28 +143,31 @@ def _count(kind: str, chats: int, words: int, concurrency: int, accept: str = "*
         capture_output=True,
         text=True,
         check=True,
+        env={**os.environ, **env},
     )
     refs = re.search(r"refs:\s+([\d,]+)", done.stderr)
     assert refs is not None, done.stderr
     return int(refs.group(1).replace(",", ""))
 
 
-def per_chat(kind: str) -> int:
+def per_chat(kind: str, env: dict[str, str]) -> int:
     """Instructions per one-word chat, 64 at a time (what ``make bench``'s short chats do)."""
     low, high = 640, 1920
-    return (_count(kind, high, 1, CONCURRENCY) - _count(kind, low, 1, CONCURRENCY)) // (high - low)
+    return (_count(kind, high, 1, CONCURRENCY, env) - _count(kind, low, 1, CONCURRENCY, env)) // (high - low)
 
 
-def per_token(kind: str, accept: str = "*/*") -> int:
+def per_token(kind: str, env: dict[str, str], accept: str = "*/*") -> int:
     """Instructions per streamed token: 64 chats of 2,000 words against 64 of 1,000, one at a time (the warm-up
     chats have as many words: they count too)."""
-    return (_count(kind, 64, 2000, 1, accept) - _count(kind, 64, 1000, 1, accept)) // ((64 + WARM_UP) * 1000)
+    counts = [_count(kind, 64, words, 1, env, accept) for words in (2000, 1000)]
+    return (counts[0] - counts[1]) // ((64 + WARM_UP) * 1000)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="floor,parley,peer")
     parser.add_argument("--what", default="chat,token", help="chat, token, sse (comma-separated)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set for the app")
     parser.add_argument(
         "--inner", nargs=5, metavar=("KIND", "CHATS", "WORDS", "CONCURRENCY", "ACCEPT"), help=argparse.SUPPRESS
     )
@@ -159,6 +176,7 @@ def main() -> None:
         kind, chats, words, concurrency, accept = args.inner
         asyncio.run(_inner(kind, int(chats), int(words), int(concurrency), accept.encode()))
         return
+    env = dict(item.split("=", 1) for item in args.env)
     titles = {"chat": "instructions per short chat", "token": "instructions per token", "sse": "per SSE token"}
     what = args.what.split(",")
     print("| app | " + " | ".join(titles[name] for name in what) + " |\n| --- |" + " --- |" * len(what))
@@ -166,12 +184,12 @@ def main() -> None:
         cells = []
         for name in what:
             if name == "chat":
-                cells.append(f"{per_chat(kind):,}")
+                cells.append(f"{per_chat(kind, env):,}")
             elif name == "token":
-                cells.append(f"{per_token(kind):,}")
+                cells.append(f"{per_token(kind, env):,}")
             else:  # only parley speaks SSE: the floor and the peer would stream plain text
-                cells.append(f"{per_token(kind, 'text/event-stream'):,}" if kind == "parley" else "—")
-        print(f"| {kind} | " + " | ".join(cells) + " |", flush=True)
+                cells.append(f"{per_token(kind, env, 'text/event-stream'):,}" if kind == "parley" else "—")
+        print(f"| {' '.join([kind, *args.env])} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

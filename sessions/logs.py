@@ -7,9 +7,9 @@ What never is: a message's content, a file's content, a key. Lines name sessions
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import re
 import sys
 import time
 from contextvars import ContextVar
@@ -48,12 +48,21 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+# Made once: json.dumps(..., default=str) would build an encoder for every line.
+_JSON = json.JSONEncoder(default=str)
+
+
+@functools.lru_cache(maxsize=4)  # lines come many to a second: strftime once a second, not once a line
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, request_id, and the line's own fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": f"{_utc_second(int(record.created))}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -64,7 +73,7 @@ class JsonFormatter(logging.Formatter):
         line.update(_fields(record))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return _JSON.encode(line)
 
 
 class TextFormatter(logging.Formatter):
@@ -86,9 +95,6 @@ class TextFormatter(logging.Formatter):
         return f"{first} {' '.join(extra)}{newline}{rest}"
 
 
-_NEEDS_QUOTES = re.compile(r'[\s"=]')
-
-
 def _text(value: object) -> str:
     if type(value) is str:  # most fields (ids, names): first, since this runs for every field of every line
         text = value
@@ -96,19 +102,25 @@ def _text(value: object) -> str:
         return f"{value:.6f}"  # seconds, to the microsecond (never 6.4e-05)
     else:
         text = "-" if value is None else str(value)
-    return json.dumps(text) if not text or _NEEDS_QUOTES.search(text) else text
+    # Quoted when empty or holding a space, a quote, an "=" or anything unprintable (a newline, a control
+    # character, Unicode spaces): str methods, since a regex costs a hundred instructions a character.
+    if text and text.isprintable() and " " not in text and '"' not in text and "=" not in text:
+        return text
+    return json.dumps(text)
 
 
 def configure(log_format: str) -> None:
-    """Give parley's logger a handler (INFO and up, on stderr) unless the host set up logging, and set the
-    format of uvicorn's handlers.
+    """Give parley's logger a level (uvicorn's ``--log-level``, else INFO) and a handler (on stderr) unless the
+    host set up logging, and set the format of uvicorn's handlers.
 
     Idempotent: every app made in a process calls it. uvicorn configures its loggers before it imports the
     app (in each worker, too), so this runs after it and its handlers are there to be changed."""
     if not any(isinstance(f, _RequestId) for f in logger.filters):
         logger.addFilter(_RequestId())  # the request id on parley's records, whoever formats them
     if logger.level == logging.NOTSET:
-        logger.setLevel(logging.INFO)
+        # Under uvicorn, its --log-level (set on uvicorn.error before the app is imported) is the server's level:
+        # `--log-level warning` leaves out the INFO line of every interaction too.
+        logger.setLevel(logging.getLogger("uvicorn.error").level or logging.INFO)
     handler = next((h for h in logger.handlers if getattr(h, "parley", False)), None)
     if handler is None and not logging.getLogger().handlers:
         # Nobody configured logging (uvicorn sets up its own loggers only): parley's lines go to stderr.

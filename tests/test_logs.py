@@ -132,6 +132,25 @@ def test_json_lines_are_json_objects_with_the_request_id(
     assert ended[mid_stream["request_id"]]["status"] == "error"
 
 
+def test_uvicorns_log_level_applies_to_parleys_lines(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, stub_url: tuple[OpenAIStub, str]
+) -> None:
+    stub, url = stub_url
+    env = {"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_OPENAI_BASE_URL": url}
+    server = subprocesses(env, ("--log-level", "warning"), log=tmp_path / "log").start()
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        echo = client.post("/api/v1/sessions", json={"agent": "echo"}).json()["ui_session_id"]
+        assert client.post("/api/v1/chat", data={"ui_session_id": echo, "message": "hi"}).status_code == 200
+        model = client.post("/api/v1/sessions", json={"agent": "openai"}).json()["ui_session_id"]
+        stub.behaviour = "broken"
+        failed = client.post("/api/v1/chat", data={"ui_session_id": model, "message": "hi"})
+        assert failed.status_code == 502
+    server.stop()
+    logged = (tmp_path / "log").read_text()
+    assert "request failed" in logged  # an ERROR line still is
+    assert "interaction ended" not in logged  # an INFO line is not
+
+
 @pytest.mark.anyio
 async def test_a_bug_is_answered_500_with_the_request_id_and_logged_once_with_its_traceback() -> None:
     async def broken(scope: Scope, receive: Receive, send: Send) -> None:
