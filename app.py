@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 import page
 from agents import Agents, Attachment
 from auth import Auth, keys_from
-from sessions import Store, logs, metrics
+from sessions import Store, collector, logs, metrics
 from sessions.errors import ApiError, BadRequest, CancelFailed, NotFound, PayloadTooLarge, SessionError, Unauthorized
 from sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
 from sessions.forms import (
@@ -424,11 +424,14 @@ def create_app(
     auth: Auth | None = None,
     ui: bool = True,
     debug: bool = False,
+    owns_process: bool = False,
 ) -> Starlette:
     """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*).
 
     ``observers`` are told about every turn (see :class:`sessions.turns.TurnObserver`): metrics, logs.
     ``ui=False`` leaves out the chat page (``GET /`` and ``/ui/``), for hosts that serve their own.
+    ``owns_process=True`` (``uvicorn app:app``) lets its lifespan tune the process's garbage collector for many
+    long streams (see :mod:`sessions.collector`); a host app that embeds parley leaves the collector to itself.
     """
     settings = settings or Settings.from_env()
     auth = auth or Auth(keys_from(settings.api_keys, settings.api_keys_file))
@@ -440,6 +443,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if owns_process:
+            collector.tune_for_streams()
         auth.warn_if_open()
         await parley.ready()
         try:
@@ -488,7 +493,7 @@ def create_app(
 
 def _app_from_environment() -> Starlette:
     try:
-        return create_app()
+        return create_app(owns_process=True)  # `uvicorn app:app`: the process is parley's
     except SettingsError as exc:
         # A configuration mistake is the operator's to fix: say which variable, in one line, no traceback.
         raise SystemExit(f"parley: {exc}") from None

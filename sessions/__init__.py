@@ -16,7 +16,8 @@
 - :mod:`sessions.errors`: every error a client can get, as one tree.
 - Operations: :mod:`sessions.openapi` (the OpenAPI document), :mod:`sessions.metrics` (Prometheus),
   :mod:`sessions.logs` (log formats, the per-interaction line), :mod:`sessions.telemetry` (each request's id,
-  metrics and 5xx line), :mod:`sessions.health` (readiness).
+  metrics and 5xx line), :mod:`sessions.health` (readiness), :mod:`sessions.collector` (the garbage collector's
+  settings when parley owns its process).
 """
 
 from __future__ import annotations

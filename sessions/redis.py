@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -262,9 +262,12 @@ class RedisStore:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def checkpoint_turn(self, message_id: str, content: str) -> None:
+    async def checkpoint_turns(self, contents: Mapping[str, str]) -> None:
         with _reachable():
-            await self.redis.eval(_CHECKPOINT, 1, self.key("msg", message_id), content)
+            async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for them all
+                for message_id, content in contents.items():
+                    pipe.eval(_CHECKPOINT, 1, self.key("msg", message_id), content)
+                await pipe.execute()
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
         with _reachable():

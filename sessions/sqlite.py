@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
@@ -238,9 +238,13 @@ class SQLiteStore:
 
         await self._run(update)
 
-    async def checkpoint_turn(self, message_id: str, content: str) -> None:
+    async def checkpoint_turns(self, contents: Mapping[str, str]) -> None:
+        rows = [(content, message_id) for message_id, content in contents.items()]
+
         def update(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE messages SET content = ? WHERE id = ? AND status = 'streaming'", (content, message_id))
+            # Several statements, unlike the other operations: one that fails leaves the others' rows written,
+            # which is harmless here (each row is the text so far of one reply; the next checkpoint writes it anew).
+            db.executemany("UPDATE messages SET content = ? WHERE id = ? AND status = 'streaming'", rows)
 
         await self._run(update)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -128,8 +128,9 @@ class Store(Protocol):
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         """Give the assistant's placeholder its final text and terminal status."""
 
-    async def checkpoint_turn(self, message_id: str, content: str) -> None:
-        """Save the text so far of a reply still ``streaming`` (readers see it; it survives a crash)."""
+    async def checkpoint_turns(self, contents: Mapping[str, str]) -> None:
+        """Save the text so far of replies still ``streaming`` (message id → text; readers see it, it survives a
+        crash), in one write for them all. A reply no longer ``streaming`` is left as it is."""
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
         """Mark ``streaming`` turns whose process is gone as ``interrupted`` (all of them, or one session's)."""

@@ -104,6 +104,10 @@ class TurnRunner:
         self.agents = agents
         self.observers = tuple(observers)
         self.checkpoint_seconds = checkpoint_seconds
+        # Replies whose text is due to be saved (message id → its tokens so far), and whether a write is under way:
+        # see _checkpoint.
+        self._due: dict[str, list[str]] = {}
+        self._saving = False
 
     async def run(self, request: TurnRequest, renderer: Renderer) -> None:
         """Raises before ``renderer.started`` when the turn cannot start: TooManyStreams, SessionBusy (only to the
@@ -169,6 +173,7 @@ class TurnRunner:
                     # The agent has said its last word: from here on, a cancel does not count (nor says it did).
                     interaction.done = True
                 interaction.done = True
+                self._due.pop(reply.id, None)  # (its last word is recorded below)
                 # A cancel that got in first wins over what the agent did next (it may fail as it is stopped).
                 if interaction.reason is not None:
                     status = _REASON_STATUS[interaction.reason]
@@ -202,13 +207,28 @@ class TurnRunner:
                 self._tell("turn_ended", report)
 
     async def _checkpoint(self, message_id: str, tokens: list[str]) -> None:
-        # The text so far, for readers of the history and for what survives a crash. A store that is slow or
-        # down must not hold the reply up: the checkpoint is skipped, the next one will carry the text.
-        with anyio.move_on_after(self.checkpoint_seconds):
-            try:
-                await self.store.checkpoint_turn(message_id, "".join(tokens))
-            except ApiError:
-                logger.warning("could not checkpoint message %s; will retry", message_id)
+        # The text so far, for readers of the history and for what survives a crash. Replies come due one by one;
+        # the first that finds no write under way saves every reply due, in one store call, then once more those
+        # that came due meanwhile; the others go on at once (1,000 streams: a few writes a second, rather than
+        # 1,000 replies each waiting for its own). One that comes due during that second write is saved by the
+        # next reply that comes due. A store that is slow or down must not hold the reply up: the write is given
+        # up after a while, and the next one carries the text.
+        self._due[message_id] = tokens
+        if self._saving:
+            return
+        self._saving = True
+        try:
+            with anyio.move_on_after(self.checkpoint_seconds):
+                for _ in range(2):
+                    due, self._due = self._due, {}
+                    if not due:
+                        break
+                    try:
+                        await self.store.checkpoint_turns({saved: "".join(text) for saved, text in due.items()})
+                    except ApiError:
+                        logger.warning("could not checkpoint %d messages; will retry", len(due))
+        finally:
+            self._saving = False
 
     def _failure(self, session_id: str, failure: Exception | None, after_first_token: bool) -> AgentError | None:
         if failure is None:

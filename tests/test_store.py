@@ -165,6 +165,24 @@ async def test_streaming_turn(store: Store) -> None:
     assert await store.streaming_turn("s") is None
 
 
+async def test_checkpoints_save_the_text_so_far_of_replies_still_streaming(store: Store) -> None:
+    replies: dict[str, Message] = {}
+    for session_id in ("a", "b", "c"):
+        await store.create_session(Session(session_id, "echo", utcnow()))
+        user, replies[session_id] = turn(session_id)
+        await store.start_turn(user, replies[session_id], limit(0), owner="")
+    await store.finish_turn(replies["c"].id, "all of it", "complete")
+    await store.checkpoint_turns({replies["a"].id: "so far", replies["b"].id: "so", replies["c"].id: "all"})
+    await store.checkpoint_turns({replies["a"].id: "so far, more"})
+    last = {session_id: (await store.list_messages(session_id))[-1] for session_id in replies}
+    assert {session_id: (m.content, m.status) for session_id, m in last.items()} == {
+        "a": ("so far, more", "streaming"),
+        "b": ("so", "streaming"),
+        "c": ("all of it", "complete"),  # no longer streaming: left as it was
+    }
+    await store.checkpoint_turns({})
+
+
 async def test_interrupt_turns(store: Store) -> None:
     for session_id in ("a", "b"):
         await store.create_session(Session(session_id, "echo", utcnow()))
