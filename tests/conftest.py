@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -151,6 +152,7 @@ class Subprocess:
             env=self.env,
             stdout=log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: see stop()
         )
         if log is not None:
             log.close()  # the child has its own copy
@@ -175,7 +177,9 @@ class Subprocess:
     def stop(self, kill: bool = False) -> None:
         if self.process and self.process.poll() is None:
             if kill:
-                self.process.kill()
+                # The whole group: under --workers, a SIGKILLed uvicorn cannot stop its worker processes, which
+                # would be left running (and serving) after the test.
+                os.killpg(self.process.pid, signal.SIGKILL)
             else:
                 self.process.terminate()
             self.process.wait(10)
