@@ -208,14 +208,18 @@ async def cancel(request: Request) -> Response:
     form = await read_form(bounded(request, OPTIONS_BODY_BYTES, parley.settings.body_timeout_seconds))
     session_id = required_text(form, "ui_session_id")
     interaction_id = optional_text(form, "interaction_id")
-    running = parley.interactions.get(session_id)
-    if running is None or running.owner != owner:
-        # Not streaming here for this owner: the session must exist and be the owner's (another owner's is a
-        # 404, and the owner rides on the cancel bus too: another owner's cancel never reaches a stream).
-        await _session(parley, session_id, owner)
+
+    async def check() -> Session:
+        # The session must exist and be the owner's (another owner's is a 404). Run only when no interaction
+        # running for this owner shows it: the owner rides on the cancel bus, so a cancel that stops a reply in
+        # another process does not wait for this read first.
+        return await _session(parley, session_id, owner)
+
     try:
         # A silent owner (dead, or between two subscriptions) is waited out: the answer stays true to history.
-        outcome = await parley.interactions.cancel(session_id, interaction_id, owner=owner, wait_out_silence=True)
+        outcome = await parley.interactions.cancel(
+            session_id, interaction_id, owner=owner, wait_out_silence=True, check=check
+        )
     except CancelFailed:
         metrics.CANCEL_REQUESTS.labels("failed").inc()
         raise

@@ -4,7 +4,7 @@ coordinator that carries the one-per-session rule and cancels across processes (
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
@@ -92,6 +92,10 @@ class Interaction:
         await self._over_event.wait()
 
 
+# The web layer's check that the session is the canceller's owner's (it raises NotFound if not): run only when
+# nothing else has shown it, before a cancel answers "not running" or leaves anything on the session's behalf.
+OwnerCheck = Callable[[], Awaitable[object]]
+
 # A copy of an interaction that another process runs, and the task that fills it as that one goes on.
 Followed = tuple[Interaction, Callable[[], Coroutine[Any, Any, None]]]
 
@@ -123,11 +127,14 @@ class Coordinator(Protocol):
         reason: CancelReason,
         owner: str | None,
         wait_out_silence: bool = False,
+        check: OwnerCheck | None = None,
     ) -> bool:
         """Cancel the session's interaction in the process that runs it, if it runs for ``owner`` (any owner:
         None); True if it was stopped there. Raises CancelFailed when that process cannot be reached (or,
         locally, when there might be one); with ``wait_out_silence``, a silent process is waited out first
-        (a lease at most): see :meth:`sessions.redis_coordinator.RedisCoordinator.cancel_elsewhere`."""
+        (a lease at most): see :meth:`sessions.redis_coordinator.RedisCoordinator.cancel_elsewhere`. Runs
+        ``check`` before it answers False, raises CancelFailed or leaves anything for the canceller: only a
+        True, which the owner's process gave after checking ``owner`` itself, may skip it."""
 
     async def follow(self, session_id: str) -> Followed | None:
         """A live copy of the session's interaction that another process runs, for a rejoining client, and what
@@ -179,7 +186,10 @@ class LocalCoordinator:
         reason: CancelReason,
         owner: str | None,
         wait_out_silence: bool = False,
+        check: OwnerCheck | None = None,
     ) -> bool:
+        if check is not None:
+            await check()  # first: nothing here can prove the owner
         if await self.streaming_elsewhere(session_id, interaction_id):
             raise CancelFailed(
                 f"Failed to cancel interaction for session: {session_id}. It is streaming in another worker "
@@ -263,15 +273,20 @@ class Interactions:
         reason: CancelReason = "cancelled",
         owner: str | None = None,
         wait_out_silence: bool = False,
+        check: OwnerCheck | None = None,
     ) -> CancelOutcome:
         """Cancel the session's running interaction, wherever it runs, if it runs for ``owner`` (None: whoever's
         it is). Raises CancelFailed if its process cannot be reached (with ``wait_out_silence``: nor waited out,
-        see :meth:`Coordinator.cancel_elsewhere`)."""
-        if session_id in self._running:
+        see :meth:`Coordinator.cancel_elsewhere`). ``check`` (see :data:`OwnerCheck`) runs unless the interaction
+        running for ``owner``, here or in the process that stopped it, shows the session is the owner's."""
+        running = self._running.get(session_id)
+        if running is not None:
             # This process owns it: no need for the coordinator, so this works even while Redis is down.
+            if check is not None and running.owner != owner:
+                await check()
             cancelled = self.cancel_here(session_id, interaction_id, reason, owner)
             return "cancelled_here" if cancelled else "not_running"
-        if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason, owner, wait_out_silence):
+        if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason, owner, wait_out_silence, check):
             return "cancelled_elsewhere"
         return "not_running"
 

@@ -17,7 +17,7 @@ import anyio.abc
 from redis.asyncio import Redis
 
 from sessions.errors import ApiError, CancelFailed, RejoinFailed, StoreUnavailable
-from sessions.interactions import CANCEL_REASONS, CancelReason, Followed, Interaction, Interactions
+from sessions.interactions import CANCEL_REASONS, CancelReason, Followed, Interaction, Interactions, OwnerCheck
 from sessions.redis import _DOWN, _reachable
 from sessions.store import Store
 
@@ -183,6 +183,7 @@ class RedisCoordinator:
         reason: CancelReason,
         owner: str | None,
         wait_out_silence: bool = False,
+        check: OwnerCheck | None = None,
     ) -> bool:
         """Ask the process that runs the stream to cancel it (if it runs for ``owner``, when given); True if it
         stopped the stream.
@@ -191,7 +192,10 @@ class RedisCoordinator:
         away). The cancel is then left in Redis, where a live owner finds it at its next renewal. With
         ``wait_out_silence``, this waits until the claim is gone (a lease at most) and says whether the reply was
         recorded cancelled: a dead owner's reply ends ``interrupted``, and nothing was cancelled. Without it, or
-        if the claim outlives that wait, it raises CancelFailed."""
+        if the claim outlives that wait, it raises CancelFailed.
+
+        ``check`` runs only when the owner's process has not answered True (which it does only for ``owner``'s
+        interaction): a cancel that stops the reply does not wait for a read of the session first."""
         request_id = secrets.token_hex(8)
         reply_key = f"{self.prefix}cancel-reply:{request_id}"
         # The owner rides along: the receiving process checks it too, so another owner's cancel never stops it.
@@ -202,14 +206,18 @@ class RedisCoordinator:
             sent: Any = await self.redis.eval(
                 _SEND_CANCEL, 1, claim_key, payload, self.process_id, interaction_id or "", self._channel("")
             )
-            if sent is None or sent[1] < 0:
-                return False  # no stream, or not that one, or it is this process's
-            claim, receivers = str(sent[0]), int(sent[1])
+            reply = None
+            if sent is not None and int(sent[1]) > 0:
+                reply = await self.redis.blpop([reply_key], timeout=_CANCEL_ANSWER_SECONDS)
+                if reply is not None and reply[1] == "1":
+                    return True
+            if check is not None:
+                await check()
+            if sent is None or int(sent[1]) < 0 or reply is not None:
+                return False  # no stream, or not that one, or it is this process's, or its process said no
+            claim = str(sent[0])
             running_id = claim.partition(":")[2]
-            reply = await self.redis.blpop([reply_key], timeout=_CANCEL_ANSWER_SECONDS) if receivers else None
-            if reply is not None:
-                return bool(reply[1] == "1")
-            # (Left only after the owner check the web layer made: the session is the canceller's owner's.)
+            # (Left only once ``check`` has passed: the session is the canceller's owner's.)
             await self.redis.set(self._cancel_key(running_id), reason, px=self.lease_ms + 1000)
             if wait_out_silence:
                 with anyio.move_on_after(self.lease_ms / 1000 + 1):

@@ -412,6 +412,50 @@ async def test_two_owners_across_two_workers_on_redis(
         await eventually(recorded)
 
 
+async def test_another_owners_cancel_for_a_silent_worker_leaves_nothing(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: Any
+) -> None:
+    # The owning worker is stopped: nobody answers Bob's cancel on the bus, and a cancel left in Redis would stop
+    # Alice's reply when it wakes. Bob hears the 404 of a missing session, and nothing is left.
+    import signal
+
+    from redis import Redis
+
+    env = {
+        "PARLEY_API_KEYS": KEYS,
+        "PARLEY_REDIS_URL": redis_server.url,
+        "PARLEY_ECHO_DELAY": "0.02",
+        "PARLEY_REDIS_LEASE_SECONDS": "8",
+        "PARLEY_DATA_DIR": str(tmp_path / "shared"),
+    }
+    a, b = start_together(subprocesses(env), subprocesses(env))
+    assert a.process is not None
+    redis = Redis.from_url(redis_server.url)
+    async with httpx.AsyncClient(timeout=30) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions", headers=as_(ALICE))).json()["ui_session_id"]
+        data = {"ui_session_id": session_id, "message": SLOW}
+        received = ""
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data, headers=as_(ALICE)) as response:
+            async for chunk in response.aiter_text():
+                if not received:
+                    a.process.send_signal(signal.SIGSTOP)
+                    try:
+                        answer = await client.post(
+                            f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id}, headers=as_(BOB)
+                        )
+                        missing = await client.post(
+                            f"{b.url}/api/v1/cancel", data={"ui_session_id": "ses_missing"}, headers=as_(BOB)
+                        )
+                        assert answer.status_code == missing.status_code == 404, answer.text
+                        assert answer.text.replace(session_id, "<s>") == missing.text.replace("ses_missing", "<s>")
+                        assert redis.keys("parley:cancel-left:*") == []
+                    finally:
+                        a.process.send_signal(signal.SIGCONT)
+                received += chunk
+    redis.close()
+    assert received == SLOW
+
+
 async def test_a_busy_session_of_another_owner_is_a_missing_one(live: Callable[..., LiveServer]) -> None:
     async with live(api_keys=KEYS, echo_delay=0.02).client() as client:
         session_id = await create(client, as_(ALICE))
