@@ -374,16 +374,24 @@ async def assert_old_session_served(client: httpx.AsyncClient) -> None:
     assert [m["content"] for m in history] == ["from before", "after", "after"]
 
 
-async def test_two_owners_across_two_workers_on_redis(
-    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: Any
-) -> None:
+def _two_workers_on_redis(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: Any, **env: str
+) -> tuple[Subprocess, ...]:
+    """Two `uvicorn app:app` workers sharing the test's redis-server, with KEYS and a slow echo."""
     env = {
         "PARLEY_API_KEYS": KEYS,
         "PARLEY_REDIS_URL": redis_server.url,
         "PARLEY_ECHO_DELAY": "0.02",
         "PARLEY_DATA_DIR": str(tmp_path / "shared"),
+        **env,
     }
-    a, b = start_together(subprocesses(env), subprocesses(env))
+    return start_together(subprocesses(env), subprocesses(env))
+
+
+async def test_two_owners_across_two_workers_on_redis(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: Any
+) -> None:
+    a, b = _two_workers_on_redis(subprocesses, tmp_path, redis_server)
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as client:
         await assert_isolated(client, as_(ALICE), as_(BOB))
     async with httpx.AsyncClient(timeout=10) as client:
@@ -421,14 +429,7 @@ async def test_another_owners_cancel_for_a_silent_worker_leaves_nothing(
 
     from redis import Redis
 
-    env = {
-        "PARLEY_API_KEYS": KEYS,
-        "PARLEY_REDIS_URL": redis_server.url,
-        "PARLEY_ECHO_DELAY": "0.02",
-        "PARLEY_REDIS_LEASE_SECONDS": "8",
-        "PARLEY_DATA_DIR": str(tmp_path / "shared"),
-    }
-    a, b = start_together(subprocesses(env), subprocesses(env))
+    a, b = _two_workers_on_redis(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="8")
     assert a.process is not None
     redis = Redis.from_url(redis_server.url)
     async with httpx.AsyncClient(timeout=30) as client:
