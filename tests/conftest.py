@@ -377,3 +377,20 @@ class FailingAgent:
             await anyio.lowlevel.checkpoint()
             yield f"t{i} "
         raise AgentError("The model fell over.")
+
+
+def pair(
+    subprocesses: Callable[[dict[str, str]], Subprocess], tmp_path: Path, redis: RedisServer | None, **env: str
+) -> tuple[Subprocess, Subprocess]:
+    """Two `uvicorn app:app` workers, started together, sharing ``redis`` (each with its own data directory for
+    files) or, without it, one SQLite file; a slow echo and a 1 s lease unless ``env`` says otherwise."""
+    common = {"PARLEY_ECHO_DELAY": "0.05", "PARLEY_REDIS_LEASE_SECONDS": "1", **env}
+    if redis is not None:
+        common["PARLEY_REDIS_URL"] = redis.url
+    else:
+        common["PARLEY_DATA_DIR"] = str(tmp_path / "shared")
+    a, b = start_together(
+        subprocesses({**common, "PARLEY_DATA_DIR": common.get("PARLEY_DATA_DIR", str(tmp_path / "a"))}),
+        subprocesses({**common, "PARLEY_DATA_DIR": common.get("PARLEY_DATA_DIR", str(tmp_path / "b"))}),
+    )
+    return a, b

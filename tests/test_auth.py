@@ -18,7 +18,7 @@ from starlette.routing import Mount
 
 from app import create_app
 from auth import Auth, KeyFileError, keys_from
-from tests.conftest import LiveServer, Subprocess, eventually, make_settings, messages, start_together
+from tests.conftest import LiveServer, Subprocess, eventually, make_settings, messages, pair, start_together
 
 pytestmark = pytest.mark.anyio
 
@@ -374,24 +374,14 @@ async def assert_old_session_served(client: httpx.AsyncClient) -> None:
     assert [m["content"] for m in history] == ["from before", "after", "after"]
 
 
-def _two_workers_on_redis(
-    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: Any, **env: str
-) -> tuple[Subprocess, ...]:
-    """Two `uvicorn app:app` workers sharing the test's redis-server, with KEYS and a slow echo."""
-    env = {
-        "PARLEY_API_KEYS": KEYS,
-        "PARLEY_REDIS_URL": redis_server.url,
-        "PARLEY_ECHO_DELAY": "0.02",
-        "PARLEY_DATA_DIR": str(tmp_path / "shared"),
-        **env,
-    }
-    return start_together(subprocesses(env), subprocesses(env))
+# Two workers on the test's redis-server (see conftest.pair), with keys and a slow echo.
+_KEYED_WORKERS = {"PARLEY_API_KEYS": KEYS, "PARLEY_ECHO_DELAY": "0.02"}
 
 
 async def test_two_owners_across_two_workers_on_redis(
     subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: Any
 ) -> None:
-    a, b = _two_workers_on_redis(subprocesses, tmp_path, redis_server)
+    a, b = pair(subprocesses, tmp_path, redis_server, **_KEYED_WORKERS, PARLEY_REDIS_LEASE_SECONDS="10")
     async with httpx.AsyncClient(base_url=a.url, timeout=10) as client:
         await assert_isolated(client, as_(ALICE), as_(BOB))
     async with httpx.AsyncClient(timeout=10) as client:
@@ -429,7 +419,7 @@ async def test_another_owners_cancel_for_a_silent_worker_leaves_nothing(
 
     from redis import Redis
 
-    a, b = _two_workers_on_redis(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="8")
+    a, b = pair(subprocesses, tmp_path, redis_server, **_KEYED_WORKERS, PARLEY_REDIS_LEASE_SECONDS="8")
     assert a.process is not None
     redis = Redis.from_url(redis_server.url)
     async with httpx.AsyncClient(timeout=30) as client:

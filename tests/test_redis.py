@@ -13,26 +13,11 @@ import httpx
 import pytest
 from redis import Redis
 
-from tests.conftest import RedisServer, Subprocess, eventually, start_together
+from tests.conftest import RedisServer, Subprocess, eventually, pair
 
 pytestmark = pytest.mark.anyio
 
 WORDS = " ".join(f"w{i}" for i in range(100))
-
-
-def pair(
-    subprocesses: Callable[[dict[str, str]], Subprocess], tmp_path: Path, redis: RedisServer | None, **env: str
-) -> tuple[Subprocess, Subprocess]:
-    common = {"PARLEY_ECHO_DELAY": "0.05", "PARLEY_REDIS_LEASE_SECONDS": "1", **env}
-    if redis is not None:
-        common["PARLEY_REDIS_URL"] = redis.url
-    else:
-        common["PARLEY_DATA_DIR"] = str(tmp_path / "shared")
-    a, b = start_together(
-        subprocesses({**common, "PARLEY_DATA_DIR": common.get("PARLEY_DATA_DIR", str(tmp_path / "a"))}),
-        subprocesses({**common, "PARLEY_DATA_DIR": common.get("PARLEY_DATA_DIR", str(tmp_path / "b"))}),
-    )
-    return a, b
 
 
 async def session_on(client: httpx.AsyncClient, server: Subprocess) -> str:
