@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from agents import echo, openai
-from agents.base import Agent, AgentError, Attachment, HistoryEntry, Turn, UpstreamError
-from agents.echo import EchoAgent
-from agents.openai import OpenAIAgent
-from settings import Settings, SettingsError
+from parley.agents import echo, openai
+from parley.agents.base import Agent, AgentError, Attachment, HistoryEntry, Turn, UpstreamError
+from parley.agents.echo import EchoAgent
+from parley.agents.openai import OpenAIAgent
+from parley.settings import Settings, SettingsError
 
 __all__ = [
     "Agent",

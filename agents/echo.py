@@ -6,8 +6,8 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import anyio
 
-from agents.base import Turn
-from settings import Settings
+from parley.agents.base import Turn
+from parley.settings import Settings
 
 # A token is a word with the whitespace that follows it; leading whitespace rides on the first word.
 _TOKEN = re.compile(r"\s*\S+\s*|\s+")

@@ -9,9 +9,9 @@ from typing import Any
 import anyio
 import httpx
 
-from agents.base import Turn, UpstreamError
-from agents.sse import sse_data
-from settings import Settings
+from parley.agents.base import Turn, UpstreamError
+from parley.agents.event_stream import sse_data
+from parley.settings import Settings
 
 _SECRETS = re.compile(r"\b(sk|key|token)[-_][A-Za-z0-9_*-]{6,}", re.IGNORECASE)
 

@@ -99,7 +99,7 @@ async def _inner(kind: str, chats: int, words: int, concurrency: int, accept: by
     os.environ["PARLEY_DATA_DIR"] = tempfile.mkdtemp(prefix="parley-instructions-")
     lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     if kind == "parley":
-        from app import create_app
+        from parley.app import create_app
 
         app: Any = create_app()
     else:

@@ -22,8 +22,8 @@
 
 from __future__ import annotations
 
-from sessions.interactions import Interaction, Interactions
-from sessions.sqlite import SQLiteStore
-from sessions.store import FileInfo, Message, Session, Store
+from parley.sessions.interactions import Interaction, Interactions
+from parley.sessions.sqlite import SQLiteStore
+from parley.sessions.store import FileInfo, Message, Session, Store
 
 __all__ = ["FileInfo", "Interaction", "Interactions", "Message", "SQLiteStore", "Session", "Store"]

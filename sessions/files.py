@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 from anyio import AsyncFile
 
-from sessions.errors import NotFound
+from parley.sessions.errors import NotFound
 
 _MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _TEXT_TYPES = {

@@ -10,9 +10,9 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from sessions.errors import CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
-from sessions.limits import LocalStreamSlots, StreamSlots
-from sessions.store import Store, new_id
+from parley.sessions.errors import CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
+from parley.sessions.limits import LocalStreamSlots, StreamSlots
+from parley.sessions.store import Store, new_id
 
 logger = logging.getLogger("parley")
 

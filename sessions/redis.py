@@ -18,9 +18,9 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
-from sessions.metrics import STORE_ERRORS
-from sessions.store import FileInfo, Message, MessageStatus, Session
+from parley.metrics import STORE_ERRORS
+from parley.sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session
 
 logger = logging.getLogger("parley")
 

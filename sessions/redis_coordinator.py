@@ -16,10 +16,10 @@ import anyio
 import anyio.abc
 from redis.asyncio import Redis
 
-from sessions.errors import ApiError, CancelFailed, RejoinFailed, StoreUnavailable
-from sessions.interactions import CANCEL_REASONS, CancelReason, Followed, Interaction, Interactions, OwnerCheck
-from sessions.redis import _DOWN, _reachable
-from sessions.store import Store
+from parley.sessions.errors import ApiError, CancelFailed, RejoinFailed, StoreUnavailable
+from parley.sessions.interactions import CANCEL_REASONS, CancelReason, Followed, Interaction, Interactions, OwnerCheck
+from parley.sessions.redis import _DOWN, _reachable
+from parley.sessions.store import Store
 
 logger = logging.getLogger("parley")
 

@@ -8,8 +8,8 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 
-from sessions.errors import ApiError
-from sessions.redis import _reachable as reachable  # (one rule for 'Redis is down' in every module)
+from parley.sessions.errors import ApiError
+from parley.sessions.redis import _reachable as reachable  # (one rule for 'Redis is down' in every module)
 
 logger = logging.getLogger("parley")
 

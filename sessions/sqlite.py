@@ -11,9 +11,9 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from sessions.errors import SessionExists, SessionNotFound
-from sessions.metrics import STORE_ERRORS
-from sessions.store import FileInfo, Message, MessageStatus, Session
+from parley.metrics import STORE_ERRORS
+from parley.sessions.errors import SessionExists, SessionNotFound
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session
 
 T = TypeVar("T")
 

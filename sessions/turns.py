@@ -13,10 +13,10 @@ from typing import Any, Protocol
 
 import anyio
 
-from agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
-from sessions.errors import AgentUnavailable, ApiError, SessionBusy, SessionNotFound
-from sessions.interactions import Interaction, Interactions
-from sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
+from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
+from parley.sessions.errors import AgentUnavailable, ApiError, SessionBusy, SessionNotFound
+from parley.sessions.interactions import Interaction, Interactions
+from parley.sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
 logger = logging.getLogger("parley")
 

@@ -23,9 +23,9 @@ from anyio.abc import ByteReceiveStream
 from anyio.streams.text import TextReceiveStream
 from starlette.types import ASGIApp
 
-from agents import AgentError, Turn
-from app import create_app
-from settings import Settings
+from parley.agents import AgentError, Turn
+from parley.app import create_app
+from parley.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

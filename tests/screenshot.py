@@ -12,8 +12,8 @@ from pathlib import Path
 import uvicorn
 from playwright.sync_api import expect, sync_playwright
 
-from app import create_app
-from settings import Settings
+from parley.app import create_app
+from parley.settings import Settings
 from tests.conftest import free_port
 from tests.test_page import CHROMIUM, WAIT, reply, send, wait_for_words
 

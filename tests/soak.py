@@ -27,7 +27,7 @@ import anyio
 import httpx
 from redis.asyncio import Redis
 
-from sessions.store import TERMINAL_STATUSES
+from parley.sessions.store import TERMINAL_STATUSES
 from tests.conftest import RedisServer, Subprocess
 
 WORDS = [f"w{i}" for i in range(60)]

@@ -15,8 +15,8 @@ import httpx
 import pytest
 from starlette.types import ASGIApp
 
-from agents import AgentError, Agents, Turn
-from app import create_app
+from parley.agents import AgentError, Agents, Turn
+from parley.app import create_app
 from tests.conftest import (
     AISDK,
     LiveServer,

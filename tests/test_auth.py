@@ -16,8 +16,8 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 
-from app import create_app
-from auth import Auth, KeyFileError, keys_from
+from parley.app import create_app
+from parley.auth import Auth, KeyFileError, keys_from
 from tests.conftest import LiveServer, Subprocess, eventually, make_settings, messages, pair, start_together
 
 pytestmark = pytest.mark.anyio
@@ -340,7 +340,7 @@ async def test_sessions_stored_before_owners_are_served_in_open_mode_on_sqlite(
 async def test_sessions_stored_before_owners_are_served_in_open_mode_on_redis(
     live: Callable[..., LiveServer], redis_server: Any
 ) -> None:
-    from sessions.redis import connect
+    from parley.sessions.redis import connect
 
     redis = connect(redis_server.url)
     await redis.hset("parley:session:old", mapping={"agent": "echo", "created_at": "2025-01-01T00:00:00Z"})
@@ -469,9 +469,9 @@ async def test_the_cancel_bus_carries_the_owner(shared_redis_url: str) -> None:
 
     import anyio
 
-    from sessions.interactions import Interactions
-    from sessions.redis import connect
-    from sessions.redis_coordinator import RedisCoordinator
+    from parley.sessions.interactions import Interactions
+    from parley.sessions.redis import connect
+    from parley.sessions.redis_coordinator import RedisCoordinator
 
     prefix = f"test-{secrets.token_hex(6)}:"
     here = Interactions(RedisCoordinator(connect(shared_redis_url), prefix=prefix))

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 import anyio
 import pytest
 
-from app import create_app
+from parley.app import create_app
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.anyio
@@ -77,7 +77,7 @@ async def _history(app: Any, session_id: str) -> list[Any]:
 
 async def _session(app: Any) -> str:
     parley = await app.state.parley.ready()
-    from sessions.store import Session, utcnow
+    from parley.sessions.store import Session, utcnow
 
     await parley.store.create_session(Session("ses_scripted", "echo", utcnow()))
     return "ses_scripted"

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from agents import Agents
-from app import create_app
-from sessions import sse
+from parley import ui_messages
+from parley.agents import Agents
+from parley.app import create_app
 from tests.conftest import FailingAgent, LiveServer, make_settings, messages, new_session
 
 pytestmark = pytest.mark.anyio
@@ -72,7 +72,7 @@ def ai_sdk_body(session_id: str, text: str, trigger: str = "submit-message", **e
 @pytest.mark.parametrize("text", ["hello ", 'a "quote" and a \\ ', "line\n\ttab", "café ✓ 😀", "</script>", "\x00\x1f"])
 async def test_a_delta_frame_carries_its_text_exactly(text: str) -> None:
     head = "id: int_1:5\ndata: "  # token 3 is frame 5 (after start and text-start)
-    frame = sse.delta("int_1", 3, text).decode()
+    frame = ui_messages.delta("int_1", 3, text).decode()
     assert frame.startswith(head) and frame.endswith("\n\n")
     assert json.loads(frame[len(head) : -2]) == {"type": "text-delta", "id": "text", "delta": text}
 

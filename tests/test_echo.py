@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from agents import Attachment, EchoAgent, Turn
+from parley.agents import Attachment, EchoAgent, Turn
 
 pytestmark = pytest.mark.anyio
 

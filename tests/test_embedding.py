@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from app import create_app
+from parley.app import create_app
 from tests.conftest import LiveServer, make_settings
 
 pytestmark = pytest.mark.anyio

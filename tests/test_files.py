@@ -11,8 +11,8 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from agents import Agents, Turn
-from app import create_app
+from parley.agents import Agents, Turn
+from parley.app import create_app
 from tests.conftest import LiveServer, Subprocess, eventually, make_settings, messages, new_session
 
 pytestmark = pytest.mark.anyio

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import anyio
 import pytest
 
-from sessions.limits import LocalStreamSlots, StreamSlots
+from parley.sessions.limits import LocalStreamSlots, StreamSlots
 
 pytestmark = pytest.mark.anyio
 
@@ -23,8 +23,8 @@ async def make_slots(request: pytest.FixtureRequest) -> AsyncIterator[Callable[.
         if request.param == "local":
             slots = LocalStreamSlots(limit)
         else:
-            from sessions.redis import connect
-            from sessions.redis_limits import RedisStreamSlots
+            from parley.sessions.redis import connect
+            from parley.sessions.redis_limits import RedisStreamSlots
 
             url = request.getfixturevalue("shared_redis_url")
             slots = RedisStreamSlots(connect(url), limit, prefix=prefix, lease_seconds=lease_seconds)
@@ -60,8 +60,8 @@ async def test_no_limit_takes_nothing(make_slots: Callable[..., StreamSlots]) ->
 
 
 async def test_redis_slots_are_shared_by_processes_and_a_dead_ones_run_out(shared_redis_url: str) -> None:
-    from sessions.redis import connect
-    from sessions.redis_limits import RedisStreamSlots
+    from parley.sessions.redis import connect
+    from parley.sessions.redis_limits import RedisStreamSlots
 
     prefix = f"test-{secrets.token_hex(6)}:"
     alive = RedisStreamSlots(connect(shared_redis_url), 2, prefix=prefix, lease_seconds=0.3)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from sessions.telemetry import Telemetry
+from parley.telemetry import Telemetry
 from tests.conftest import LiveServer, Subprocess
 from tests.openai_stub import OpenAIStub
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from app import create_app
+from parley.app import create_app
 from tests.conftest import LiveServer, eventually, free_port, make_settings, messages, new_session
 from tests.openai_stub import OpenAIStub
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from starlette.routing import Route
 
-from app import create_app
+from parley.app import create_app
 from tests.conftest import Subprocess, make_settings
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"

@@ -24,8 +24,8 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 
-from app import create_app
 from page import UI_DIR
+from parley.app import create_app
 from tests.conftest import LiveServer, RedisServer, free_port, make_settings
 from tests.openai_stub import OpenAIStub
 

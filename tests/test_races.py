@@ -196,8 +196,8 @@ async def test_after_a_redis_restart_the_pools_stale_connections_are_not_an_outa
 async def test_a_turn_is_written_with_one_connection_at_a_time_even_after_a_redis_restart(
     redis_server: RedisServer,
 ) -> None:
-    from sessions.redis import RedisStore, connect
-    from sessions.store import Message, Session, utcnow
+    from parley.sessions.redis import RedisStore, connect
+    from parley.sessions.store import Message, Session, utcnow
 
     # One connection: start_turn must never hold one (its watch) while it waits for another.
     store = RedisStore(connect(redis_server.url, max_connections=1, pool_timeout=5))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from settings import Settings, SettingsError
+from parley.settings import Settings, SettingsError
 from tests.conftest import ROOT, free_port
 
 

@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agents.sse import sse_data
+from parley.agents.event_stream import sse_data
 
 pytestmark = pytest.mark.anyio
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from sessions import SQLiteStore, Store
-from sessions.errors import SessionExists, SessionNotFound
-from sessions.store import FileInfo, Message, Session, new_id, new_ordered_id, utcnow
+from parley.sessions import SQLiteStore, Store
+from parley.sessions.errors import SessionExists, SessionNotFound
+from parley.sessions.store import FileInfo, Message, Session, new_id, new_ordered_id, utcnow
 
 pytestmark = pytest.mark.anyio
 
@@ -24,7 +24,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     kind = request.param
     store: Store
     if kind == "redis":
-        from sessions.redis import RedisStore, connect
+        from parley.sessions.redis import RedisStore, connect
 
         url = request.getfixturevalue("shared_redis_url")
         store = RedisStore(connect(url), prefix=f"test-{secrets.token_hex(6)}:")
@@ -361,7 +361,7 @@ async def test_sqlite_serves_sessions_stored_before_owners_to_the_open_owner(tmp
 
 
 async def test_redis_serves_sessions_stored_before_owners_to_the_open_owner(shared_redis_url: str) -> None:
-    from sessions.redis import RedisStore, connect
+    from parley.sessions.redis import RedisStore, connect
 
     prefix = f"test-{secrets.token_hex(6)}:"
     redis = connect(shared_redis_url)

@@ -13,8 +13,8 @@ import anyio.to_thread
 import httpx
 import pytest
 
-from agents import Agents, Turn
-from app import create_app
+from parley.agents import Agents, Turn
+from parley.app import create_app
 from tests.conftest import FailingAgent, LiveServer, eventually, make_settings, messages, new_session
 
 pytestmark = pytest.mark.anyio

@@ -12,10 +12,10 @@ import httpx
 import pytest
 from starlette.types import ASGIApp
 
-from agents import Agents, Turn
-from agents.echo import EchoAgent
-from app import create_app
-from sessions.store import TERMINAL_STATUSES
+from parley.agents import Agents, Turn
+from parley.agents.echo import EchoAgent
+from parley.app import create_app
+from parley.sessions.store import TERMINAL_STATUSES
 from tests.conftest import LiveServer, eventually, make_settings, messages, new_session
 
 pytestmark = pytest.mark.anyio

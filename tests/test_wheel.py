@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-import page
+from parley import page
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE_FILES = ("index.html", "app.js", "style.css")
@@ -24,16 +24,17 @@ PAGE_FILES = ("index.html", "app.js", "style.css")
 SERVE_THE_PAGE = """
 import json, sys
 from starlette.testclient import TestClient
-import app, page
-from settings import Settings
+import parley
+from parley import page
+from parley.settings import Settings
 
-with TestClient(app.create_app(Settings(data_dir=sys.argv[1])), raise_server_exceptions=False) as client:
+with TestClient(parley.create_app(Settings(data_dir=sys.argv[1])), raise_server_exceptions=False) as client:
     responses = {
         path: {"status": r.status_code, "csp": r.headers.get("content-security-policy"), "body": r.text}
         for path in ("/", "/ui/app.js", "/ui/style.css")
         for r in [client.get(path)]
     }
-print(json.dumps({"app": app.__file__, "page": page.__file__, "responses": responses}))
+print(json.dumps({"app": parley.__file__, "page": page.__file__, "responses": responses}))
 """
 
 
@@ -56,7 +57,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_wheel_carries_the_page_where_the_code_looks_for_it(wheel: Path) -> None:
     # Where the page's files are relative to the import root is where they must be in the wheel.
-    where = page.UI_DIR.relative_to(ROOT).as_posix()
+    where = "parley/" + page.UI_DIR.relative_to(ROOT).as_posix()
     assert {f"{where}/{name}" for name in PAGE_FILES} <= set(zipfile.ZipFile(wheel).namelist())
 
 

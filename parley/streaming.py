@@ -13,10 +13,10 @@ import anyio
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from agents import AgentError
-from sessions.errors import ApiError, SessionError
-from sessions.interactions import Interaction
-from sessions.turns import TurnRequest, TurnRunner
+from parley.agents import AgentError
+from parley.sessions.errors import ApiError, SessionError
+from parley.sessions.interactions import Interaction
+from parley.sessions.turns import TurnRequest, TurnRunner
 
 OnDisconnect = Literal["cancel", "continue"]
 

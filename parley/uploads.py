@@ -6,9 +6,9 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import Request
 
-from sessions.errors import BadRequest
-from sessions.files import BlobWriter
-from sessions.forms import MAX_FIELDS
+from parley.forms import MAX_FIELDS
+from parley.sessions.errors import BadRequest
+from parley.sessions.files import BlobWriter
 
 MAX_FIELD_BYTES = 64 * 1024
 # Clients send very long filenames; they are cut to size afterwards, so let the header line carry them.

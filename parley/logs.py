@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sessions.turns import TurnReport
+    from parley.sessions.turns import TurnReport
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("parley_request_id", default=None)
 

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from sessions.service import Parley
+from parley.service import Parley
 
 READY_WITHIN = 1.0
 

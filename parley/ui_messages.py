@@ -15,9 +15,9 @@ from typing import Any
 
 from starlette.types import Message
 
-from agents import AgentError
-from sessions.interactions import Interaction
-from sessions.streaming import Wire
+from parley.agents import AgentError
+from parley.sessions.interactions import Interaction
+from parley.streaming import Wire
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),

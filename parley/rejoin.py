@@ -13,8 +13,8 @@ from typing import Any
 import anyio
 from starlette.types import Receive, Scope, Send
 
-from sessions import sse
-from sessions.interactions import Interaction
+from parley import ui_messages
+from parley.sessions.interactions import Interaction
 
 _PLAIN_HEADERS = [
     (b"content-type", b"text/plain; charset=utf-8"),
@@ -54,7 +54,7 @@ class Follow:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         interaction = self.interaction
-        headers = _PLAIN_HEADERS if self.plain else sse.SSE_HEADERS
+        headers = _PLAIN_HEADERS if self.plain else ui_messages.SSE_HEADERS
         headers = [*headers, (b"x-interaction-id", interaction.id.encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         async with anyio.create_task_group() as task_group:
@@ -71,7 +71,7 @@ class Follow:
     async def _sse(self, send: Send) -> None:
         after = self.after
         while True:
-            frames, after = sse.replay(self.interaction, after)
+            frames, after = ui_messages.replay(self.interaction, after)
             if self.interaction.status:
                 await send({"type": "http.response.body", "body": frames, "more_body": False})
                 return

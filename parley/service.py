@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from agents import Agents, configured
-from sessions.files import Blobs
-from sessions.interactions import Coordinator, Interactions, LocalCoordinator
-from sessions.limits import LocalStreamSlots, StreamSlots
-from sessions.sqlite import SQLiteStore
-from sessions.store import Store
-from sessions.turns import TurnObserver, TurnRunner
-from settings import Settings
+from parley.agents import Agents, configured
+from parley.sessions.files import Blobs
+from parley.sessions.interactions import Coordinator, Interactions, LocalCoordinator
+from parley.sessions.limits import LocalStreamSlots, StreamSlots
+from parley.sessions.sqlite import SQLiteStore
+from parley.sessions.store import Store
+from parley.sessions.turns import TurnObserver, TurnRunner
+from parley.settings import Settings
 
 logger = logging.getLogger("parley")
 
@@ -110,9 +110,9 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
         store = store or default_store(settings)
         return store, LocalCoordinator(store), LocalStreamSlots(limit)
     # Imported here: redis-py is an optional extra (parley[redis]), needed only when Redis is configured.
-    from sessions.redis import RedisStore, connect
-    from sessions.redis_coordinator import RedisCoordinator
-    from sessions.redis_limits import RedisStreamSlots
+    from parley.sessions.redis import RedisStore, connect
+    from parley.sessions.redis_coordinator import RedisCoordinator
+    from parley.sessions.redis_limits import RedisStreamSlots
 
     redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_seconds)
     lease = settings.redis_lease_seconds

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import values
 
 if TYPE_CHECKING:
-    from sessions.turns import TurnReport
+    from parley.sessions.turns import TurnReport
 
 _MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
 
