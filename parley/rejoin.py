@@ -69,10 +69,10 @@ class Follow:
             task_group.cancel_scope.cancel()
 
     async def _sse(self, send: Send) -> None:
-        after = self.after
+        replay = ui_messages.Replay(self.interaction, self.after)
         while True:
-            frames, after = ui_messages.replay(self.interaction, after)
-            if self.interaction.status:
+            frames, ended = replay.more()
+            if ended:
                 await send({"type": "http.response.body", "body": frames, "more_body": False})
                 return
             if frames:
@@ -85,7 +85,8 @@ class Follow:
         tokens = self.interaction.tokens
         skip, sent = self.offset, 0
         while True:
-            text, sent = "".join(tokens[sent:]), len(tokens)
+            # The text alone, as the chat's plain text response sends it.
+            text, sent = "".join(token for token in tokens[sent:] if type(token) is str), len(tokens)
             if skip:
                 cut = min(skip, len(text))
                 text, skip = text[cut:], skip - cut

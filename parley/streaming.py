@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from parley.agents import AgentError
+from parley.agents.events import Event
 from parley.sessions.errors import ApiError, SessionError
 from parley.sessions.interactions import Interaction
 from parley.sessions.turns import TurnRequest, TurnRunner
@@ -64,13 +65,13 @@ class Wire:
     async def keepalive(self) -> None:
         """Say something that clients ignore, to keep the connection open (for formats that can)."""
 
-    async def first_token(self, text: str) -> None:
+    async def event(self, seq: int, event: Event) -> int:
         raise NotImplementedError
 
     def frame(self, seq: int, text: str) -> Message:
         raise NotImplementedError
 
-    async def ended(self, status: str, error: AgentError | None) -> None:
+    async def ended(self, status: str, error: AgentError | None, seq: int) -> None:
         raise NotImplementedError
 
 
@@ -83,9 +84,10 @@ _PLAIN_HEADERS = [
 
 
 class PlainText(Wire):
-    """The spec's format: one chunk per token. The response starts with the first token, so a failure before it
-    is a proper error status; a failure after it aborts the response (no terminating chunk), so a partial reply
-    never looks whole. A stopped reply (cancel, delete, lost claim) ends as a whole one does: history says how."""
+    """The spec's format: one chunk per text token, and nothing else of the reply. The response starts with the
+    first token, so a failure before it is a proper error status; a failure after it aborts the response (no
+    terminating chunk), so a partial reply never looks whole. A stopped reply (cancel, delete, lost claim) ends as a
+    whole one does: history says how."""
 
     async def _start(self) -> None:
         assert self.interaction is not None
@@ -93,14 +95,18 @@ class PlainText(Wire):
         headers = [*_PLAIN_HEADERS, (b"x-interaction-id", self.interaction.id.encode())]
         await self.send({"type": "http.response.start", "status": 200, "headers": headers})
 
-    async def first_token(self, text: str) -> None:
-        await self._start()
-        await self.send(self.frame(0, text))
+    async def event(self, seq: int, event: Event) -> int:
+        if type(event) is not str:
+            return seq  # plain text is the text alone
+        if not self.response_started:
+            await self._start()
+        await self.send(self.frame(seq, event))
+        return seq + 1
 
     def frame(self, seq: int, text: str) -> Message:
         return {"type": "http.response.body", "body": text.encode(), "more_body": True}
 
-    async def ended(self, status: str, error: AgentError | None) -> None:
+    async def ended(self, status: str, error: AgentError | None, seq: int) -> None:
         if error is not None:
             if self.response_started:
                 # Raising after the response has started makes the server abort it: no terminating chunk.

@@ -10,6 +10,7 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
+from parley.agents.events import Event
 from parley.sessions.errors import CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
 from parley.sessions.limits import LocalStreamSlots, StreamSlots
 from parley.sessions.store import Store, new_id
@@ -43,7 +44,8 @@ class Interaction:
         self.done = False
         self.over = False
         self.message_id = ""  # the assistant's message in history, once the turn has started
-        self.tokens: list[str] = []  # the reply so far: rejoining clients read it from here
+        # The reply so far, as the agent's events (text tokens and the rest): rejoining clients read it from here.
+        self.tokens: list[Event] = []
         self.status = ""  # the history status, once done
         self.error: str | None = None  # what a failure after the first token said, for renderers that can tell
         # Events made only when someone waits: most interactions are neither followed nor watched.
@@ -63,7 +65,7 @@ class Interaction:
             self.waiter.set()
             self.waiter = None
 
-    def add(self, token: str) -> None:
+    def add(self, token: Event) -> None:
         self.tokens.append(token)
         self.notify()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -20,6 +20,7 @@ from redis.backoff import NoBackoff
 
 from parley.metrics import STORE_ERRORS
 from parley.sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
+from parley.sessions.parts import Part
 from parley.sessions.store import FileInfo, Message, MessageStatus, Session
 
 logger = logging.getLogger("parley")
@@ -46,6 +47,8 @@ _FINISH = """
 local session_id = redis.call('HGET', KEYS[1], 'session_id')
 if not session_id then return 0 end
 redis.call('HSET', KEYS[1], 'content', ARGV[1], 'status', ARGV[2])
+if ARGV[5] == '' then redis.call('HDEL', KEYS[1], 'parts') else redis.call('HSET', KEYS[1], 'parts', ARGV[5]) end
+if ARGV[6] == '' then redis.call('HDEL', KEYS[1], 'usage') else redis.call('HSET', KEYS[1], 'usage', ARGV[6]) end
 local streaming = ARGV[4] .. 'streaming:' .. session_id
 redis.call('SREM', streaming, ARGV[3])
 if redis.call('SCARD', streaming) == 0 then redis.call('SREM', ARGV[4] .. 'streaming', session_id) end
@@ -81,10 +84,11 @@ redis.call('RPUSH', KEYS[3], ARGV[2])
 return 1
 """
 
-# The text so far of a reply still streaming (a finished one keeps its final text).
+# The text (and parts, if not text alone) so far of a reply still streaming (a finished one keeps its final text).
 _CHECKPOINT = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'streaming' then return 0 end
 redis.call('HSET', KEYS[1], 'content', ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'parts', ARGV[2]) end
 return 1
 """
 
@@ -247,13 +251,23 @@ class RedisStore:
                     raise SessionGone(session_id) from None
         return session, history
 
-    async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
+    async def finish_turn(
+        self,
+        message_id: str,
+        content: str,
+        status: MessageStatus,
+        *,
+        parts: Sequence[Part] | None = None,
+        usage: Mapping[str, int] | None = None,
+    ) -> None:
+        extra = _json(parts), _json(usage)
         # The last word of an interaction must not be lost to a Redis outage: keep trying until it is back.
         deadline = time.monotonic() + self.finish_retry_seconds
         delay = 0.05
         while True:
             try:
-                await self.redis.eval(_FINISH, 1, self.key("msg", message_id), content, status, message_id, self.prefix)
+                key = self.key("msg", message_id)
+                await self.redis.eval(_FINISH, 1, key, content, status, message_id, self.prefix, *extra)
                 return
             except _DOWN:
                 STORE_ERRORS.labels("redis").inc()
@@ -262,11 +276,14 @@ class RedisStore:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def checkpoint_turns(self, contents: Mapping[str, str]) -> None:
+    async def checkpoint_turns(
+        self, contents: Mapping[str, str], parts: Mapping[str, Sequence[Part]] | None = None
+    ) -> None:
+        parts = parts or {}
         with _reachable():
             async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for them all
                 for message_id, content in contents.items():
-                    pipe.eval(_CHECKPOINT, 1, self.key("msg", message_id), content)
+                    pipe.eval(_CHECKPOINT, 1, self.key("msg", message_id), content, _json(parts.get(message_id)))
                 await pipe.execute()
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
@@ -359,8 +376,15 @@ def _session(session_id: str, row: dict[str, str], owner: str) -> Session | None
     return Session(session_id, row["agent"], row["created_at"], owner)
 
 
+def _json(value: object) -> str:
+    """A message's parts or usage as a hash field ('' for None: no such field, see _FINISH)."""
+    return "" if value is None else json.dumps(value, separators=(",", ":"), default=str)
+
+
 def _message_fields(message: Message) -> dict[Any, Any]:
-    return {
+    # No "parts" or "usage" field: the message is text alone, with no usage (so is every one stored before they
+    # existed, which is how old data reads as it always did).
+    fields = {
         "id": message.id,
         "session_id": message.session_id,
         "role": message.role,
@@ -370,6 +394,11 @@ def _message_fields(message: Message) -> dict[Any, Any]:
         "interaction_id": message.interaction_id,
         "created_at": message.created_at,
     }
+    if message.parts is not None:
+        fields["parts"] = _json(message.parts)
+    if message.usage is not None:
+        fields["usage"] = _json(message.usage)
+    return fields
 
 
 def _message(row: dict[str, str]) -> Message:
@@ -382,6 +411,8 @@ def _message(row: dict[str, str]) -> Message:
         row["status"],  # type: ignore[arg-type]
         row["interaction_id"],
         row["created_at"],
+        json.loads(row["parts"]) if "parts" in row else None,
+        json.loads(row["usage"]) if "usage" in row else None,
     )
 
 

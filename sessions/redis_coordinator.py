@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from parley.sessions.errors import ApiError, CancelFailed, RejoinFailed, StoreUnavailable
 from parley.sessions.interactions import CANCEL_REASONS, CancelReason, Followed, Interaction, Interactions, OwnerCheck
+from parley.sessions.parts import decode, encode
 from parley.sessions.redis import _DOWN, _reachable
 from parley.sessions.store import Store
 
@@ -275,7 +276,8 @@ class RedisCoordinator:
                     if first:
                         pipe.xadd(key, {"m": interaction.message_id})
                     for token in tokens:
-                        pipe.xadd(key, {"t": token})
+                        # Text as it is; any other event as parts.encode's JSON (parts.decode reads it back).
+                        pipe.xadd(key, {"t": token} if type(token) is str else {"x": encode(token)})
                     if status:
                         pipe.xadd(key, {"s": status, "e": interaction.error or ""})
                     pipe.expire(key, _FRAMES_TTL)
@@ -390,6 +392,8 @@ class _MirrorReader:
             self.last = entry_id
             if "t" in fields:
                 mirror.add(fields["t"])
+            elif "x" in fields:
+                mirror.add(decode(fields["x"]))
             elif "m" in fields:
                 mirror.message_id = fields["m"]
             elif "s" in fields:

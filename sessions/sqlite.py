@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,6 +13,7 @@ import anyio.to_thread
 
 from parley.metrics import STORE_ERRORS
 from parley.sessions.errors import SessionExists, SessionNotFound
+from parley.sessions.parts import Part
 from parley.sessions.store import FileInfo, Message, MessageStatus, Session
 
 T = TypeVar("T")
@@ -33,7 +34,9 @@ CREATE TABLE IF NOT EXISTS messages (
     file_ids TEXT NOT NULL,
     status TEXT NOT NULL,
     interaction_id TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    parts TEXT,
+    usage TEXT
 );
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages(session_id, seq);
 CREATE INDEX IF NOT EXISTS messages_streaming ON messages(status) WHERE status = 'streaming';
@@ -53,11 +56,15 @@ CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, created_at);
 # _SCHEMA, in a write transaction, so that two workers opening one old file do not both add the column.
 _OWNERS = "ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''"
 _OWNERS_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions(owner, created_at)"
+# Files made before messages had parts and usage: NULL in both is a message of text alone with no usage (see
+# sessions/store.py's Message), which is what every message of theirs is.
+_PARTS = ("ALTER TABLE messages ADD COLUMN parts TEXT", "ALTER TABLE messages ADD COLUMN usage TEXT")
 _SESSION_COLUMNS = "id, agent, created_at, owner"
 
-_MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at"
+_MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at, parts, usage"
 _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
-_INSERT_TURN = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?, ?)"
+_ROW = "(" + ", ".join("?" * 10) + ")"
+_INSERT_TURN = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES {_ROW}, {_ROW}"
 
 
 class _Operation:
@@ -108,6 +115,9 @@ class SQLiteStore:
             if "owner" not in columns:
                 db.execute(_OWNERS)
             db.execute(_OWNERS_INDEX)
+            if "parts" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:
+                for statement in _PARTS:
+                    db.execute(statement)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -232,19 +242,32 @@ class SQLiteStore:
 
         return await self._run(insert)
 
-    async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
+    async def finish_turn(
+        self,
+        message_id: str,
+        content: str,
+        status: MessageStatus,
+        *,
+        parts: Sequence[Part] | None = None,
+        usage: Mapping[str, int] | None = None,
+    ) -> None:
+        row = (content, status, _json(parts), _json(usage), message_id)
+
         def update(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE messages SET content = ?, status = ? WHERE id = ?", (content, status, message_id))
+            db.execute("UPDATE messages SET content = ?, status = ?, parts = ?, usage = ? WHERE id = ?", row)
 
         await self._run(update)
 
-    async def checkpoint_turns(self, contents: Mapping[str, str]) -> None:
-        rows = [(content, message_id) for message_id, content in contents.items()]
+    async def checkpoint_turns(
+        self, contents: Mapping[str, str], parts: Mapping[str, Sequence[Part]] | None = None
+    ) -> None:
+        parts = parts or {}
+        rows = [(content, _json(parts.get(message_id)), message_id) for message_id, content in contents.items()]
 
         def update(db: sqlite3.Connection) -> None:
             # Several statements, unlike the other operations: one that fails leaves the others' rows written,
             # which is harmless here (each row is the text so far of one reply; the next checkpoint writes it anew).
-            db.executemany("UPDATE messages SET content = ? WHERE id = ? AND status = 'streaming'", rows)
+            db.executemany("UPDATE messages SET content = ?, parts = ? WHERE id = ? AND status = 'streaming'", rows)
 
         await self._run(update)
 
@@ -339,9 +362,26 @@ def _message_row(message: Message) -> tuple[Any, ...]:
         message.status,
         message.interaction_id,
         message.created_at,
+        _json(message.parts),
+        _json(message.usage),
     )
 
 
+def _json(value: object) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
+
+
 def _message(row: tuple[Any, ...]) -> Message:
-    id_, session_id, role, content, file_ids, status, interaction_id, created_at = row
-    return Message(id_, session_id, role, content, tuple(json.loads(file_ids)), status, interaction_id, created_at)
+    id_, session_id, role, content, file_ids, status, interaction_id, created_at, parts, usage = row
+    return Message(
+        id_,
+        session_id,
+        role,
+        content,
+        tuple(json.loads(file_ids)),
+        status,
+        interaction_id,
+        created_at,
+        json.loads(parts) if parts is not None else None,
+        json.loads(usage) if usage is not None else None,
+    )

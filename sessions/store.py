@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
+from parley.sessions.parts import Part, text_parts
+
 Role = Literal["user", "assistant"]
 # "streaming" marks the assistant turn of an interaction in progress; every other status is terminal.
 MessageStatus = Literal["complete", "streaming", "cancelled", "disconnected", "error", "interrupted"]
@@ -54,12 +56,22 @@ class Message:
     status: MessageStatus
     interaction_id: str
     created_at: str
+    # The AI SDK's UIMessage parts (see sessions/parts.py); None for a message of text alone (a user's, a reply
+    # with no reasoning nor tool calls, any message stored before parts existed), whose parts are its text.
+    parts: Sequence[Part] | None = None
+    # The tokens the reply used (input_tokens, output_tokens, total_tokens, ...), or None when the agent said none.
+    usage: Mapping[str, int] | None = None
+
+    def all_parts(self) -> list[Part]:
+        return list(self.parts) if self.parts is not None else text_parts(self.role, self.content)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "role": self.role,
             "content": self.content,
+            "parts": self.all_parts(),
+            "usage": dict(self.usage) if self.usage is not None else None,
             "file_ids": list(self.file_ids),
             "status": self.status,
             "interaction_id": self.interaction_id,
@@ -125,12 +137,24 @@ class Store(Protocol):
         ``owner``'s (checked in the same round trip: a chat pays nothing for it; ``SessionGone`` when it is
         deleted meanwhile), and whatever ``history_limit`` raises, in all cases with nothing stored."""
 
-    async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
-        """Give the assistant's placeholder its final text and terminal status."""
+    async def finish_turn(
+        self,
+        message_id: str,
+        content: str,
+        status: MessageStatus,
+        *,
+        parts: Sequence[Part] | None = None,
+        usage: Mapping[str, int] | None = None,
+    ) -> None:
+        """Give the assistant's placeholder its final text, parts (None: text alone, see :class:`Message`), usage
+        and terminal status."""
 
-    async def checkpoint_turns(self, contents: Mapping[str, str]) -> None:
+    async def checkpoint_turns(
+        self, contents: Mapping[str, str], parts: Mapping[str, Sequence[Part]] | None = None
+    ) -> None:
         """Save the text so far of replies still ``streaming`` (message id → text; readers see it, it survives a
-        crash), in one write for them all. A reply no longer ``streaming`` is left as it is."""
+        crash), and the parts so far of those that are not text alone (``parts``), in one write for them all. A
+        reply no longer ``streaming`` is left as it is."""
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
         """Mark ``streaming`` turns whose process is gone as ``interrupted`` (all of them, or one session's)."""

@@ -14,8 +14,10 @@ from typing import Any, Protocol
 import anyio
 
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
+from parley.agents.events import Event, Step, ToolCall, ToolError, ToolResult
 from parley.sessions.errors import AgentUnavailable, ApiError, SessionBusy, SessionNotFound
 from parley.sessions.interactions import Interaction, Interactions
+from parley.sessions.parts import EVENT_TYPES, Part, split, unfinished_calls
 from parley.sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
 logger = logging.getLogger("parley")
@@ -27,6 +29,10 @@ _REASON_STATUS: dict[str, MessageStatus] = {
     "disconnected": "disconnected",
     "lease lost": "interrupted",
 }
+
+# Events after which the reply so far is saved at once, not at the next checkpoint: a tool runs after a call, and
+# the model after a result, for a while, maybe long.
+_SAVE_AT_ONCE = (Step, ToolCall, ToolResult, ToolError)
 
 # Record before the client sees the end, so that reading the history right after finds the reply; but if the
 # store is slow (Redis down), end the stream after this long anyway and keep trying to record in the background.
@@ -72,19 +78,22 @@ class TurnObserver(Protocol):
 
 
 class Renderer(Protocol):
-    """Frames a turn's events for one wire format: started, each token (seq from 0), ended. ``ended`` may raise:
-    that is how a renderer aborts its response (plain text after a failure) or turns a failure before the first
-    token into an error status.
+    """Frames a turn's events for one wire format: started, each event, ended. ``ended`` may raise: that is how a
+    renderer aborts its response (plain text after a failure) or turns a failure before the first token into an
+    error status.
 
-    A token after the first is framed by ``frame`` (plain, no await) and passed to ``write`` (the server's own
-    send): the hot path pays one await per token, as a bare send does. The first token may start the response."""
+    A text token that follows text is framed by ``frame`` (plain, no await) and passed to ``write`` (the server's
+    own send): the hot path pays one await per token, as a bare send does. Every other event (the first, and any
+    that is not text or follows one that is not) goes to ``event``, which may start the response. ``seq`` numbers
+    the response's frames from 1 (a head, if the format has one, is 0): ``frame(seq, ...)`` is one frame, ``event``
+    frames from ``seq`` on and returns the seq after its frames, ``ended`` frames the end from ``seq`` on."""
 
     write: Callable[[Any], Awaitable[None]]
 
     async def started(self, interaction: Interaction) -> None: ...
-    async def first_token(self, text: str) -> None: ...
+    async def event(self, seq: int, event: Event) -> int: ...
     def frame(self, seq: int, text: str) -> Any: ...
-    async def ended(self, status: str, error: AgentError | None) -> None: ...
+    async def ended(self, status: str, error: AgentError | None, seq: int) -> None: ...
 
 
 class TurnRunner:
@@ -106,7 +115,7 @@ class TurnRunner:
         self.checkpoint_seconds = checkpoint_seconds
         # Replies whose text is due to be saved (message id → its tokens so far), and whether a write is under way:
         # see _checkpoint.
-        self._due: dict[str, list[str]] = {}
+        self._due: dict[str, list[Event]] = {}
         self._saving = False
 
     async def run(self, request: TurnRequest, renderer: Renderer) -> None:
@@ -135,39 +144,47 @@ class TurnRunner:
         if self.observers:
             self._tell("turn_started", report)
         turn = Turn(session_id, text, [HistoryEntry(m.role, m.content) for m in earlier], request.attachments)
-        tokens = interaction.tokens
+        events = interaction.tokens
         failure: Exception | None = None
         recorded = False
         # Stays "interrupted" only if something outside the interaction (a server shutdown) tears it down.
         status: MessageStatus = "interrupted"
-        write, frame, append, monotonic = renderer.write, renderer.frame, tokens.append, time.monotonic
-        next_checkpoint, seq = 0.0, 0
+        write, frame, append, monotonic = renderer.write, renderer.frame, events.append, time.monotonic
+        next_checkpoint, seq = 0.0, 1
+        text_run = False  # the last event was text: the next text token is framed by renderer.frame
         try:
             await renderer.started(interaction)
             async with self.interactions.coordinator.lease(interaction):
                 with interaction.scope:
                     try:
                         async with aclosing(agent.reply(turn)) as stream:
-                            async for token in stream:
-                                if tokens:
+                            async for event in stream:
+                                if text_run and type(event) is str:
                                     # (Inlined Interaction.add: this is the cost of every token.)
-                                    append(token)
+                                    append(event)
                                     if interaction.waiter is not None:
                                         interaction.notify()
-                                    await write(frame(seq, token))
+                                    await write(frame(seq, event))
                                     seq += 1
                                     if monotonic() >= next_checkpoint:
-                                        await self._checkpoint(reply.id, tokens)
+                                        await self._checkpoint(reply.id, events)
                                         next_checkpoint = monotonic() + self.checkpoint_seconds
                                     continue
-                                # The first token. (Checkpoints count from it: before it there is no text to save.)
-                                report.first_token_at = time.monotonic()
-                                next_checkpoint = report.first_token_at + self.checkpoint_seconds
-                                if self.observers:
-                                    self._tell("first_token", report)
-                                interaction.add(token)
-                                await renderer.first_token(token)
-                                seq = 1
+                                # The first event, or one that is not a token in a run of text.
+                                text_run = type(event) is str
+                                if not text_run and not isinstance(event, EVENT_TYPES):
+                                    raise TypeError(f"the agent yielded {type(event).__name__}, not an event")
+                                if not events:  # (checkpoints count from it: before it there is nothing to save)
+                                    report.first_token_at = time.monotonic()
+                                    next_checkpoint = report.first_token_at + self.checkpoint_seconds
+                                    if self.observers:
+                                        self._tell("first_token", report)
+                                interaction.add(event)
+                                seq = await renderer.event(seq, event)
+                                # A tool call is often followed by a long silence: what it is should survive a crash.
+                                if monotonic() >= next_checkpoint or isinstance(event, _SAVE_AT_ONCE):
+                                    await self._checkpoint(reply.id, events)
+                                    next_checkpoint = monotonic() + self.checkpoint_seconds
                     except Exception as exc:
                         failure = exc
                     # The agent has said its last word: from here on, a cancel does not count (nor says it did).
@@ -180,33 +197,45 @@ class TurnRunner:
                     failure = None
                 else:
                     status = "error" if failure is not None else "complete"
+                # The agent was stopped (or ended) while a tool ran: the runner records the call as failed.
+                closing = unfinished_calls(events, status)
+                events.extend(closing)
                 with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
-                    await self.store.finish_turn(reply.id, "".join(tokens), status)
+                    await self._record(reply.id, events, status)
                 recorded = not attempt.cancelled_caught
-            error = self._failure(session_id, failure, bool(tokens))
+            error = self._failure(session_id, failure, bool(events))
             if error is not None:
                 interaction.error = report.error = str(error)
                 report.upstream = isinstance(error, UpstreamError)
             interaction.finish(status)  # (followers see the end)
-            report.status, report.tokens, report.ended_at = status, len(tokens), time.monotonic()
+            report.status, report.tokens, report.ended_at = status, len(events), time.monotonic()
             report.reason = interaction.reason or status
             if recorded:
                 # Free the session before the client sees the end, so that its next message is welcome.
                 await self.interactions.release(interaction)
-            await renderer.ended(status, error)
+            for closed in closing:
+                seq = await renderer.event(seq, closed)
+            await renderer.ended(status, error, seq)
         finally:
             if not recorded:
-                # The store is slow or down: the client has seen the end; keep trying to record it.
+                # The store is slow or down, or this was torn down from outside (a server shutdown): the client
+                # has seen the end, or will not; keep trying to record it.
                 with anyio.CancelScope(shield=True):
-                    await self.store.finish_turn(reply.id, "".join(tokens), status)
+                    if report.ended_at is None:
+                        events.extend(unfinished_calls(events, status))
+                    await self._record(reply.id, events, status)
             if report.ended_at is None:  # torn down from outside (a server shutdown)
                 interaction.finish(status)
-                report.status, report.tokens, report.ended_at = status, len(tokens), time.monotonic()
+                report.status, report.tokens, report.ended_at = status, len(events), time.monotonic()
                 report.reason = "interrupted"
             if self.observers:
                 self._tell("turn_ended", report)
 
-    async def _checkpoint(self, message_id: str, tokens: list[str]) -> None:
+    async def _record(self, message_id: str, events: list[Event], status: MessageStatus) -> None:
+        content, parts, usage = split(events)
+        await self.store.finish_turn(message_id, content, status, parts=parts, usage=usage)
+
+    async def _checkpoint(self, message_id: str, tokens: list[Event]) -> None:
         # The text so far, for readers of the history and for what survives a crash. Replies come due one by one;
         # the first that finds no write under way saves every reply due, in one store call, then once more those
         # that came due meanwhile; the others go on at once (1,000 streams: a few writes a second, rather than
@@ -224,7 +253,7 @@ class TurnRunner:
                     if not due:
                         break
                     try:
-                        await self.store.checkpoint_turns({saved: "".join(text) for saved, text in due.items()})
+                        await self.store.checkpoint_turns(*_checkpoints(due))
                     except ApiError:
                         logger.warning("could not checkpoint %d messages; will retry", len(due))
         finally:
@@ -256,3 +285,14 @@ class TurnRunner:
     def _history_limit(self, session: Session) -> int:
         # Called by the store before it stores anything: an unknown agent leaves no turn behind.
         return self._agent(session).history_limit
+
+
+def _checkpoints(due: dict[str, list[Event]]) -> tuple[dict[str, str], dict[str, list[Part]]]:
+    """What a checkpoint saves of the replies due: their text, and the parts of those that are not text alone."""
+    contents: dict[str, str] = {}
+    parts: dict[str, list[Part]] = {}
+    for message_id, events in due.items():
+        contents[message_id], folded, _ = split(events)
+        if folded is not None:
+            parts[message_id] = folded
+    return contents, parts

@@ -1,0 +1,210 @@
+"""A reply's parts: the events an agent yields (:mod:`parley.agents.events`) folded into the AI SDK's UIMessage
+parts, the shapes ``useChat`` keeps for a finished reply, so that a client restores a conversation from history as
+it saw it stream:
+
+- ``{"type": "step-start"}``
+- ``{"type": "reasoning", "id", "text", "state": "done"}``
+- ``{"type": "dynamic-tool", "toolName", "toolCallId", "state", "input", "output"?, "errorText"?}``, ``state``
+  one of ``input-streaming``, ``input-available``, ``output-available``, ``output-error``
+- ``{"type": "text", "text", "state": "done"}``
+
+A run of text is one text part and a run of reasoning one reasoning part; any other event (a step, a tool call, its
+outcome) ends the run, and a :class:`Usage` is no part at all (it is summed into the reply's usage). The SSE renderer
+(:mod:`parley.ui_messages`) opens and closes its parts by the same rule, so what a client builds from the stream and
+what history keeps agree. A reply made of text alone is kept as its text (``parts`` None): its one text part is
+implied, which keeps the text path as cheap as it was and reads every message stored before parts existed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from parley.agents.events import (
+    Event,
+    Reasoning,
+    Step,
+    ToolCall,
+    ToolError,
+    ToolInputDelta,
+    ToolInputStart,
+    ToolResult,
+    Usage,
+)
+
+Part = dict[str, Any]
+
+# Everything an agent may yield, for the turn runner's check of what it is given.
+EVENT_TYPES = (str, Reasoning, Step, ToolInputStart, ToolInputDelta, ToolCall, ToolResult, ToolError, Usage)
+
+_STATUS_WORDS = {
+    "cancelled": "the reply was cancelled",
+    "disconnected": "the client went away",
+    "interrupted": "the reply was interrupted",
+    "error": "the agent failed",
+    "complete": "the agent ended without its result",
+}
+
+
+def text_parts(role: str, content: str) -> list[Part]:
+    """The parts of a message kept as its text alone: a user's message (as ``useChat`` sends it), or a reply of
+    text only (as ``useChat`` keeps it)."""
+    if role == "user":
+        return [{"type": "text", "text": content}]
+    return [{"type": "text", "text": content, "state": "done"}] if content else []
+
+
+def reasoning_id(index: int) -> str:
+    """The id of a reply's ``index``-th reasoning part, in history and on the wire (``useChat`` keeps it)."""
+    return f"reasoning-{index}"
+
+
+def fold(events: Sequence[Event]) -> list[Part]:
+    """The parts of a reply made of ``events`` (its state so far, if it is still streaming)."""
+    parts: list[Part] = []
+    run: list[str] = []  # the pieces of the text or reasoning part at the end of ``parts``
+    running = ""  # what that part is ("text", "reasoning"), or "" when the last part is of another kind
+    calls: dict[str, Part] = {}
+    raw: dict[str, str] = {}  # the input text of calls still streaming it
+    reasonings = 0
+
+    def close() -> None:
+        nonlocal running
+        if running:
+            parts[-1]["text"] = "".join(run)
+            run.clear()
+            running = ""
+
+    for event in events:
+        kind = type(event)
+        if kind is str:
+            if running != "text":
+                close()
+                parts.append({"type": "text", "text": "", "state": "done"})
+                running = "text"
+            run.append(event)  # type: ignore[arg-type]
+        elif kind is Reasoning:
+            if running != "reasoning":
+                close()
+                parts.append({"type": "reasoning", "id": reasoning_id(reasonings), "text": "", "state": "done"})
+                reasonings += 1
+                running = "reasoning"
+            run.append(event.text)  # type: ignore[union-attr]
+        elif kind is Usage:
+            continue
+        else:
+            close()
+            if isinstance(event, Step):
+                parts.append({"type": "step-start"})
+            elif isinstance(event, ToolInputStart):
+                part = {"type": "dynamic-tool", "toolName": event.name, "toolCallId": event.call_id}
+                part["state"] = "input-streaming"
+                calls[event.call_id] = part
+                raw[event.call_id] = ""
+                parts.append(part)
+            elif isinstance(event, ToolInputDelta):
+                if event.call_id in raw:
+                    raw[event.call_id] += event.delta
+                    partial = _partial_json(raw[event.call_id])
+                    if partial is not None:
+                        calls[event.call_id]["input"] = partial
+            elif isinstance(event, ToolCall):
+                raw.pop(event.call_id, None)
+                part = calls.get(event.call_id) or {}
+                if not part:
+                    calls[event.call_id] = part
+                    parts.append(part)
+                part.update(type="dynamic-tool", toolName=event.name, toolCallId=event.call_id)
+                part.update(state="input-available", input=event.input)
+            elif isinstance(event, ToolResult):
+                if event.call_id in calls:
+                    calls[event.call_id].update(state="output-available", output=event.output)
+            elif isinstance(event, ToolError) and event.call_id in calls:
+                calls[event.call_id].update(state="output-error", errorText=event.error)
+    close()
+    return parts
+
+
+def usage_of(events: Sequence[Event]) -> Usage | None:
+    """The reply's usage: the sum of its model calls' (None when the agent reported none)."""
+    total: Usage | None = None
+    for event in events:
+        if type(event) is Usage:
+            total = event if total is None else total + event
+    return total
+
+
+def split(events: Sequence[Event]) -> tuple[str, list[Part] | None, dict[str, int] | None]:
+    """What history keeps of a reply: its text (the text parts joined), its parts (None for text alone: see the
+    module's docstring) and its usage (None when there is none)."""
+    try:
+        return "".join(events), None, None  # type: ignore[arg-type]
+    except TypeError:  # (not text alone)
+        pass
+    content = "".join(event for event in events if type(event) is str)
+    usage = usage_of(events)
+    return content, fold(events), usage.to_json() if usage is not None else None
+
+
+def unfinished_calls(events: Sequence[Event], status: str) -> list[Event]:
+    """The events that close a reply's tool calls that have no outcome, as failed (a cancel, say, stopped the
+    agent while a tool ran): the model, on a later turn, and the user see every call answered."""
+    started: dict[str, str] = {}  # call id → tool name, for calls whose input was still streaming
+    raw: dict[str, str] = {}
+    open_calls: dict[str, None] = {}
+    for event in events:
+        if isinstance(event, ToolInputStart):
+            started[event.call_id], raw[event.call_id] = event.name, ""
+            open_calls[event.call_id] = None
+        elif isinstance(event, ToolInputDelta) and event.call_id in raw:
+            raw[event.call_id] += event.delta
+        elif isinstance(event, ToolCall):
+            started.pop(event.call_id, None)
+            open_calls[event.call_id] = None
+        elif isinstance(event, (ToolResult, ToolError)):
+            open_calls.pop(event.call_id, None)
+    if not open_calls:
+        return []
+    error = f"Cancelled: {_STATUS_WORDS.get(status, 'the reply ended')} before the tool call finished."
+    closing: list[Event] = []
+    for call_id in open_calls:
+        if call_id in started:  # its input never completed: it is what the model had sent
+            text = raw[call_id]
+            closing.append(ToolCall(call_id, started[call_id], _json_or_text(text)))
+        closing.append(ToolError(call_id, error))
+    return closing
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _partial_json(text: str) -> Any:
+    # What a client shows of an input still streaming; history keeps it only until the call is complete.
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+# Events as JSON, for what carries a reply's events between processes (the Redis coordinator's mirror for rejoins).
+_KINDS: dict[str, type[Any]] = {
+    kind.__name__: kind
+    for kind in (Reasoning, Step, ToolInputStart, ToolInputDelta, ToolCall, ToolResult, ToolError, Usage)
+}
+
+
+def encode(event: Event) -> str:
+    """An event that is not text, as JSON (see :func:`decode`)."""
+    fields = {field.name: getattr(event, field.name) for field in dataclasses.fields(event)}  # type: ignore[arg-type]
+    return json.dumps([type(event).__name__, fields], default=str, separators=(",", ":"))
+
+
+def decode(data: str) -> Event:
+    kind, fields = json.loads(data)
+    return _KINDS[kind](**fields)  # type: ignore[no-any-return]
