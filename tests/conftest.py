@@ -132,8 +132,11 @@ def live(serve: Callable[[ASGIApp], LiveServer], tmp_path: Path) -> Callable[...
 class Subprocess:
     """``uvicorn app:app`` as a separate process, for restarts and crashes."""
 
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None, app: str = "app:app"
+    ) -> None:
         self.args = args
+        self.app = app  # what uvicorn serves: tests.acting:app for a host's own agent
         self.log = log  # where its stdout and stderr go (none kept without it)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -147,7 +150,7 @@ class Subprocess:
         """Start the process without waiting for it: see :func:`start_together`."""
         log = self.log.open("ab") if self.log is not None else None
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1", "--port", str(self.port), *self.args],
             cwd=ROOT,
             env=self.env,
             stdout=log or subprocess.DEVNULL,
@@ -197,8 +200,10 @@ def start_together(*procs: Subprocess) -> tuple[Subprocess, ...]:
 def subprocesses() -> Iterator[Callable[..., Subprocess]]:
     started: list[Subprocess] = []
 
-    def make(env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None) -> Subprocess:
-        proc = Subprocess(env, args, log)
+    def make(
+        env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None, app: str = "app:app"
+    ) -> Subprocess:
+        proc = Subprocess(env, args, log, app)
         started.append(proc)
         return proc
 

@@ -379,3 +379,82 @@ async def test_redis_serves_sessions_stored_before_owners_to_the_open_owner(shar
     assert await store.delete_session("old", "") == []
     assert await store.list_sessions("", 10, 0) == []
     await store.close()
+
+
+REASONED = [
+    {"type": "step-start"},
+    {"type": "reasoning", "id": "reasoning-0", "text": "think", "state": "done"},
+    {"type": "dynamic-tool", "toolName": "add", "toolCallId": "c1", "state": "output-available", "input": {"a": 1}},
+    {"type": "text", "text": "two", "state": "done"},
+]
+USAGE = {"input_tokens": 10, "output_tokens": 4, "total_tokens": 14, "reasoning_tokens": 2}
+
+
+async def test_a_reply_keeps_its_parts_and_usage(store: Store) -> None:
+    await store.create_session(Session("p", "echo", utcnow()))
+    user, reply = turn("p", "add")
+    await store.start_turn(user, reply, limit(0), owner="")
+    # A reply of text alone keeps no parts: they are its text. A user's message is its text.
+    history = await store.list_messages("p")
+    assert [m.all_parts() for m in history] == [[{"type": "text", "text": "add"}], []]
+    assert [(m.parts, m.usage) for m in history] == [(None, None), (None, None)]
+    await store.checkpoint_turns({reply.id: "tw"}, {reply.id: REASONED[:3]})
+    so_far = (await store.list_messages("p"))[-1]
+    assert (so_far.content, so_far.parts, so_far.status) == ("tw", REASONED[:3], "streaming")
+    await store.finish_turn(reply.id, "two", "complete", parts=REASONED, usage=USAGE)
+    await store.checkpoint_turns({reply.id: "late"}, {reply.id: []})  # a finished reply is left as it is
+    done = (await store.list_messages("p"))[-1]
+    assert (done.content, done.parts, done.usage, done.status) == ("two", REASONED, USAGE, "complete")
+    assert done.to_json()["parts"] == REASONED and done.to_json()["usage"] == USAGE
+    # The history an agent is given carries them too.
+    _, earlier = await store.start_turn(*turn("p", "again"), limit(10), owner="")
+    assert earlier[-1] == done
+    plain_user, plain = turn("p", "plain")
+    await store.start_turn(plain_user, plain, limit(0), owner="")
+    await store.finish_turn(plain.id, "just text", "complete")
+    last = (await store.list_messages("p"))[-1]
+    assert (last.parts, last.usage, last.all_parts()) == (
+        None,
+        None,
+        [{"type": "text", "text": "just text", "state": "done"}],
+    )
+
+
+async def test_sqlite_files_from_before_parts_read_as_text_and_take_parts(tmp_path: Path) -> None:
+    path = tmp_path / "parley.db"
+    _old_sqlite_file(path)
+    store = SQLiteStore(path)
+    await store.open()
+    (old,) = await store.list_messages("old")
+    assert (old.content, old.parts, old.usage) == ("from before", None, None)
+    assert old.to_json()["parts"] == [{"type": "text", "text": "from before"}] and old.to_json()["usage"] is None
+    user, reply = turn("old")
+    await store.start_turn(user, reply, limit(10), owner="")
+    await store.finish_turn(reply.id, "two", "complete", parts=REASONED, usage=USAGE)
+    await store.close()
+    reopened = SQLiteStore(path)  # the upgrade happens once: the second open finds the columns there
+    messages = await reopened.list_messages("old")
+    assert [(m.content, m.parts, m.usage) for m in messages] == [
+        ("from before", None, None),
+        ("hi", None, None),
+        ("two", REASONED, USAGE),
+    ]
+    await reopened.close()
+
+
+async def test_redis_messages_from_before_parts_read_as_text(shared_redis_url: str) -> None:
+    from parley.sessions.redis import RedisStore, connect
+
+    prefix = f"test-{secrets.token_hex(6)}:"
+    redis = connect(shared_redis_url)
+    store = RedisStore(redis, prefix=prefix)
+    await store.create_session(Session("s", "echo", utcnow()))
+    user, reply = turn("s", "hello")
+    await store.start_turn(user, reply, limit(0), owner="")
+    await store.finish_turn(reply.id, "hello back", "complete", parts=REASONED, usage=USAGE)
+    # What the Redis store wrote before messages had parts: the same hash with no 'parts' nor 'usage' field.
+    await redis.hdel(f"{prefix}msg:{reply.id}", "parts", "usage")
+    history = await store.list_messages("s")
+    assert [(m.content, m.parts, m.usage) for m in history] == [("hello", None, None), ("hello back", None, None)]
+    assert history[-1].to_json()["parts"] == [{"type": "text", "text": "hello back", "state": "done"}]
+    await store.close()
