@@ -22,6 +22,7 @@ from tests.conftest import (
     LiveServer,
     RedisServer,
     Subprocess,
+    eventually,
     make_settings,
     messages,
     new_session,
@@ -336,3 +337,60 @@ async def test_an_unknown_session_is_an_error_the_sdk_shows(live: Callable[..., 
     # The SDK turns a non-2xx answer into an error whose message is the body, and the chat's status into `error`.
     assert result["status"] == "error" and result["error"]["statusCode"] == 404, result
     assert result["error"]["message"] == direct.text
+
+
+@pytest.fixture
+def acting_parley(serve: Callable[[ASGIApp], LiveServer], tmp_path: Path) -> tuple[LiveServer, Any]:
+    """A parley whose default agent reasons, calls a tool and answers (tests/acting.py), and that agent."""
+    from tests import acting
+
+    agents = acting.agents()
+    return serve(create_app(make_settings(tmp_path, agent="acting"), agents=agents)), agents["acting"]
+
+
+async def test_a_reply_with_reasoning_and_a_tool_call_streams_into_the_parts_history_keeps(
+    acting_parley: tuple[LiveServer, Any], ai_sdk: AISDK
+) -> None:
+    from tests import acting
+
+    server, _ = acting_parley
+    async with server.client() as client:
+        session_id = await new_session(client)
+        result = await ai_sdk.run("send", server.url, session_id, "--text", "what is 2 + 3?")
+        history = await messages(client, session_id)
+        # A new chat, built from history alone (as a page does on load), has the same parts.
+        rebuilt = await ai_sdk.run("resume", server.url, session_id, "--hydrate")
+
+    assert result["error"] is None and result["status"] == "ready", result
+    assert result["finish"]["finishReason"] == "stop"
+    reply = assistant_of(history)
+    assert result["assistant"]["parts"] == reply["parts"] == acting.PARTS
+    assert result["assistant"]["text"] == reply["content"] == acting.TEXT
+    assert result["assistant"]["metadata"]["usage"] == reply["usage"] == acting.USAGE
+    assert [m["parts"] for m in rebuilt["messages"]] == [m["parts"] for m in result["messages"]]
+    assert [m["parts"] for m in rebuilt["messages"]] == [m["parts"] for m in history]
+
+
+async def test_stop_during_a_tool_call_cancels_the_tool_and_history_answers_the_call(
+    acting_parley: tuple[LiveServer, Any], ai_sdk: AISDK
+) -> None:
+    server, agent = acting_parley
+    async with server.client() as client:
+        session_id = await new_session(client)
+        result = await ai_sdk.run("send", server.url, session_id, "--text", "slow sum", "--stop-at-tool")
+
+        async def recorded() -> bool:
+            return assistant_of(await messages(client, session_id))["status"] != "streaming"
+
+        await eventually(recorded)
+        reply = assistant_of(await messages(client, session_id))
+        again = await ai_sdk.run("send", server.url, session_id, "--text", "sum")
+
+    stopped = result["stopped"]["assistant"]["parts"]
+    assert stopped[-1]["type"] == "dynamic-tool" and stopped[-1]["state"] == "input-available"
+    assert reply["status"] == "disconnected"
+    tool = reply["parts"][-1]
+    assert (tool["toolCallId"], tool["state"]) == ("call_1", "output-error") and "Cancelled" in tool["errorText"]
+    assert reply["parts"][:-1] == stopped[:-1]  # what the client saw, and the call answered
+    assert agent.tool_runs[0] == "cancelled"
+    assert again["error"] is None and again["finish"]["finishReason"] == "stop"  # the next message works

@@ -8,6 +8,9 @@
 // --stop-after-chars N: the SDK's own stop() instead (it only closes the connection); --then-resume: then call
 // resumeStream() in the same chat, as useChat's resume does after a reload.
 //
+// --stop-at-tool: stop() as soon as a tool call's input is complete (its part is input-available): a stop
+// during a tool call.
+//
 // --progress writes {"progress": {"status", "text"}} to stderr on each change, so a test can act mid-reply.
 //
 // The base URL is --base URL or $PARLEY_URL. Exit code 0 whenever a result was printed: the test judges it.
@@ -48,11 +51,16 @@ class HeadlessChat extends AbstractChat {
   }
 }
 
+// A message's parts as JSON has them (what parley's history returns): no undefined fields.
+const plain = parts => JSON.parse(JSON.stringify(parts));
+
 const textOf = message => message.parts.filter(part => part.type === 'text').map(part => part.text).join('');
 
 function lastAssistant(messages) {
   const message = messages.findLast(m => m.role === 'assistant');
-  return message ? { id: message.id, text: textOf(message), metadata: message.metadata ?? null } : null;
+  return message
+    ? { id: message.id, text: textOf(message), metadata: message.metadata ?? null, parts: plain(message.parts) }
+    : null;
 }
 
 const { values, positionals } = parseArgs({
@@ -64,6 +72,7 @@ const { values, positionals } = parseArgs({
     body: { type: 'string', default: '{}' },
     'cancel-after-chars': { type: 'string' },
     'stop-after-chars': { type: 'string' },
+    'stop-at-tool': { type: 'boolean', default: false },
     'then-resume': { type: 'boolean', default: false },
     hydrate: { type: 'boolean', default: false },
     progress: { type: 'boolean', default: false },
@@ -119,12 +128,15 @@ function onChange(chat) {
   if (stopAfterChars !== null && stopping === null && assistant && assistant.text.length >= stopAfterChars) {
     stopping = chat.stop();
   }
+  const toolRunning = assistant?.parts.some(part => part.type === 'dynamic-tool' && part.state === 'input-available');
+  if (values['stop-at-tool'] && stopping === null && toolRunning) stopping = chat.stop();
 }
 
 let messages = [];
 if (values.hydrate) {
   // What a page does on load before useChat({resume: true}): show the history it has, then rejoin.
-  messages = (await history()).map(m => ({ id: m.id, role: m.role, parts: [{ type: 'text', text: m.content }] }));
+  // History's parts are the ones useChat keeps: a new chat built from them shows the conversation as it streamed.
+  messages = (await history()).map(m => ({ id: m.id, role: m.role, parts: m.parts ?? [{ type: 'text', text: m.content }] }));
   result.hydrated = messages.map(m => ({ id: m.id, role: m.role, text: textOf(m) }));
 }
 
@@ -167,6 +179,12 @@ Object.assign(result, {
   error: chat.error ? { name: chat.error.name, message: chat.error.message, statusCode: chat.error.statusCode } : null,
   statuses,
   assistant: lastAssistant(chat.messages),
-  messages: chat.messages.map(m => ({ id: m.id, role: m.role, text: textOf(m), metadata: m.metadata ?? null })),
+  messages: chat.messages.map(m => ({
+    id: m.id,
+    role: m.role,
+    text: textOf(m),
+    metadata: m.metadata ?? null,
+    parts: plain(m.parts),
+  })),
 });
 process.stdout.write(JSON.stringify(result) + '\n');
