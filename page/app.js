@@ -212,11 +212,168 @@ function setStatus(article, status) {
   badge.textContent = status === "complete" ? "" : status === "streaming" ? "writing…" : status;
 }
 
-function setContent(article, text) {
+// A reply's parts (the AI SDK's UIMessage parts, as history keeps them and the stream builds them): text, reasoning
+// (collapsed, open while it streams) and each tool call as a card with its name, input, output or error, and state.
+// Elements are kept across updates, part by part, so that a reasoning the user opened stays open.
+function setParts(article, parts) {
   const nearBottom = ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight < 80;
-  article.querySelector("[data-content]").textContent = text;
+  const content = article.querySelector("[data-content]");
+  const shown = parts.filter((part) => partKind(part) !== null);
+  if (content.childElementCount !== content.childNodes.length) content.replaceChildren(); // plain text (a user's)
+  while (content.childElementCount > shown.length) content.lastElementChild.remove();
+  shown.forEach((part, index) => {
+    let element = content.children[index];
+    if (!element || element.dataset.part !== partKind(part)) {
+      const fresh = partElement(part);
+      if (element) element.replaceWith(fresh);
+      else content.append(fresh);
+      element = fresh;
+    }
+    updatePart(element, part);
+  });
   if (nearBottom) ui.messages.scrollTop = ui.messages.scrollHeight;
 }
+
+function partKind(part) {
+  if (part.type === "text" || part.type === "reasoning") return part.type;
+  if (part.type === "dynamic-tool" || part.type?.startsWith("tool-")) return "tool";
+  return null; // step-start: no element
+}
+
+function partElement(part) {
+  const kind = partKind(part);
+  if (kind === "text") {
+    const span = document.createElement("span");
+    span.dataset.part = "text";
+    return span;
+  }
+  if (kind === "reasoning") {
+    const details = document.createElement("details");
+    details.dataset.part = "reasoning";
+    details.className = "reasoning";
+    const summary = document.createElement("summary");
+    summary.textContent = "Reasoning";
+    const text = document.createElement("div");
+    text.className = "reasoning-text";
+    details.append(summary, text);
+    return details;
+  }
+  const card = document.createElement("section");
+  card.dataset.part = "tool";
+  card.className = "tool";
+  const header = document.createElement("header");
+  const name = document.createElement("span");
+  name.className = "tool-name";
+  const badge = document.createElement("span");
+  badge.className = "tool-state";
+  header.append(name, badge);
+  const input = document.createElement("pre");
+  input.className = "tool-input";
+  const output = document.createElement("pre");
+  output.className = "tool-output";
+  card.append(header, input, output);
+  return card;
+}
+
+const TOOL_STATES = {
+  "input-streaming": "preparing…",
+  "input-available": "running…",
+  "output-available": "done",
+  "output-error": "failed",
+};
+
+function updatePart(element, part) {
+  if (part.type === "text") {
+    if (element.textContent !== part.text) element.textContent = part.text;
+    return;
+  }
+  if (part.type === "reasoning") {
+    const streaming = part.state === "streaming";
+    // Open while it streams; closed once it is done, unless the user opened it meanwhile.
+    if (streaming && !element.dataset.state) element.open = true;
+    if (!streaming && element.dataset.state === "streaming") element.open = false;
+    element.dataset.state = part.state ?? "done";
+    element.querySelector(".reasoning-text").textContent = part.text;
+    return;
+  }
+  const name = part.toolName ?? part.type.slice("tool-".length);
+  element.dataset.toolName = name;
+  element.dataset.state = part.state;
+  element.querySelector(".tool-name").textContent = name;
+  element.querySelector(".tool-state").textContent = TOOL_STATES[part.state] ?? part.state;
+  element.querySelector(".tool-input").textContent = part.input === undefined ? "" : pretty(part.input);
+  const output = element.querySelector(".tool-output");
+  output.textContent =
+    part.state === "output-error" ? part.errorText ?? "" : part.output === undefined ? "" : pretty(part.output);
+  output.classList.toggle("error", part.state === "output-error");
+  output.hidden = !output.textContent;
+}
+
+function pretty(value) {
+  return typeof value === "string" ? value : JSON.stringify(value, null, 2);
+}
+
+// The UI message stream's chunks, folded into parts as useChat folds them.
+function applyChunk(parts, chunk, open) {
+  const tool = (id) => parts.find((part) => part.type === "dynamic-tool" && part.toolCallId === id);
+  switch (chunk.type) {
+    case "text-start":
+    case "reasoning-start": {
+      const kind = chunk.type.slice(0, -"-start".length);
+      open[kind] = { type: kind, text: "", state: "streaming" };
+      parts.push(open[kind]);
+      return true;
+    }
+    case "text-delta":
+    case "reasoning-delta": {
+      const part = open[chunk.type.slice(0, -"-delta".length)];
+      if (part) part.text += chunk.delta;
+      return Boolean(part);
+    }
+    case "text-end":
+    case "reasoning-end": {
+      const kind = chunk.type.slice(0, -"-end".length);
+      if (open[kind]) open[kind].state = "done";
+      open[kind] = null;
+      return true;
+    }
+    case "start-step":
+      parts.push({ type: "step-start" });
+      return false;
+    case "tool-input-start":
+      parts.push({ type: "dynamic-tool", toolName: chunk.toolName, toolCallId: chunk.toolCallId, state: "input-streaming" });
+      open.inputs[chunk.toolCallId] = "";
+      return true;
+    case "tool-input-delta": {
+      const part = tool(chunk.toolCallId);
+      if (!part) return false;
+      open.inputs[chunk.toolCallId] = (open.inputs[chunk.toolCallId] ?? "") + chunk.inputTextDelta;
+      try {
+        part.input = JSON.parse(open.inputs[chunk.toolCallId]);
+      } catch {
+        part.input = open.inputs[chunk.toolCallId];
+      }
+      return true;
+    }
+    case "tool-input-available": {
+      let part = tool(chunk.toolCallId);
+      if (!part) parts.push((part = { type: "dynamic-tool", toolCallId: chunk.toolCallId }));
+      Object.assign(part, { toolName: chunk.toolName, state: "input-available", input: chunk.input });
+      return true;
+    }
+    case "tool-output-available":
+    case "tool-output-error": {
+      const part = tool(chunk.toolCallId);
+      if (!part) return false;
+      if (chunk.type === "tool-output-available") Object.assign(part, { state: "output-available", output: chunk.output });
+      else Object.assign(part, { state: "output-error", errorText: chunk.errorText });
+      return true;
+    }
+    default:
+      return false;
+  }
+}
+
 
 function addMessage(article) {
   ui.empty.hidden = true;
@@ -352,6 +509,7 @@ async function openSession(sessionId) {
     const agent = state.agents.get(sessionId);
     const options = { status, files: known, messageId: message.id, agent };
     const article = addMessage(messageElement(message.role, message.content, options));
+    if (message.role === "assistant" && message.parts) setParts(article, message.parts);
     if (status === "streaming") running = article;
   }
   const title = titleOf(messages);
@@ -406,11 +564,12 @@ async function readReply(response, run) {
     const part = JSON.parse(event.data);
     if (part.type === "start") {
       // A rejoin replays the reply from its first frame: rebuild it.
-      run.text = "";
+      run.parts = [];
+      run.open = { inputs: {} };
       run.interactionId = part.messageMetadata?.interaction_id ?? run.interactionId;
       if (part.messageId) run.reply.dataset.messageId = part.messageId;
-    } else if (part.type === "text-delta") {
-      run.show((run.text += part.delta));
+    } else if (applyChunk(run.parts, part, run.open)) {
+      run.show(run.parts);
     } else if (part.type === "error") {
       showError(`The agent failed: ${part.errorText}`);
     } else if (part.type === "message-metadata") {
@@ -456,19 +615,27 @@ async function readToEnd(response, run) {
 // already on screen (a rejoin starts from history's text so far) only ever grows: the rejoin's replay from the
 // first frame catches up with it before the display moves, so there is no flash back to empty.
 async function follow(reply, sessionId, open) {
-  let floor = reply.querySelector("[data-content]").textContent.length;
+  let floor = reply.querySelectorAll("[data-content] > *").length;
   const run = {
     sessionId,
     reply,
-    text: "",
+    parts: [],
+    open: { inputs: {} },
     interactionId: null,
     lastEventId: null,
     abort: new AbortController(),
     stopping: false,
-    show(text) {
-      if (text.length < floor) return;
+    show(parts) {
+      // (Counted in parts shown and, within the last, in text: the replay catches up before the display moves.)
+      const shown = parts.filter((part) => partKind(part) !== null);
+      if (floor && shown.length < floor) return;
+      const last = shown.at(-1);
+      if (floor && shown.length === floor && (last.type === "text" || last.type === "reasoning")) {
+        const now = reply.querySelector("[data-content]").lastElementChild?.textContent.length ?? 0;
+        if (last.text.length < now - (last.type === "reasoning" ? "Reasoning".length : 0)) return;
+      }
       floor = 0;
-      setContent(reply, text);
+      setParts(reply, parts);
     },
   };
   state.run = run;
@@ -493,7 +660,7 @@ async function follow(reply, sessionId, open) {
     if (run.abort.signal.aborted) return;
     if (!status) {
       const message = await recorded(sessionId, reply).catch(() => null);
-      if (message && response.status === 204) setContent(reply, message.content);
+      if (message && response.status === 204) setParts(reply, message.parts ?? [{ type: "text", text: message.content }]);
       status = message?.status ?? "disconnected";
     }
     setStatus(reply, status);

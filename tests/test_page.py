@@ -575,3 +575,57 @@ def test_ui_false_leaves_the_page_out(serve: Callable[..., LiveServer], tmp_path
         assert response.status_code == 404
         assert response.json()["status"] == "error"
     assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
+def acting_parley(serve: Callable[..., LiveServer], tmp_path: Path, delay: float = 0.0) -> tuple[LiveServer, Any]:
+    """A parley whose default agent reasons, calls a tool and answers (tests/acting.py), and that agent."""
+    from tests import acting
+
+    agents = acting.agents(delay)
+    return serve(create_app(make_settings(tmp_path, agent="acting"), agents=agents)), agents["acting"]
+
+
+def test_reasoning_and_a_tool_card_show_as_they_stream_and_from_history(
+    serve: Callable[..., LiveServer], tmp_path: Path, open_page: Any
+) -> None:
+    from tests import acting
+
+    server, _ = acting_parley(serve, tmp_path, delay=0.3)
+    page = open_page(server.url + "/")
+    send(page, "what is 2 + 3?")
+    reasoning = reply(page).locator('[data-part="reasoning"]')
+    expect(reasoning).to_have_attribute("open", "")  # open while it streams
+    card = reply(page).locator('[data-part="tool"]')
+    expect(card).to_have_attribute("data-tool-name", "add")
+    expect(card).to_have_attribute("data-state", "output-available")
+    expect(card.locator(".tool-output")).to_contain_text('"sum": 5')
+    expect(card.locator(".tool-input")).to_contain_text('"a": 2')
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    expect(reasoning).not_to_have_attribute("open", "")  # collapsed once done
+    expect(reasoning.locator(".reasoning-text")).to_have_text("".join(acting.REASONING))
+    recorded = history(server, session_of(page))
+    texts = reply(page).locator('[data-part="text"]')
+    assert texts.all_text_contents() == [p["text"] for p in recorded[-1]["parts"] if p["type"] == "text"]
+    kinds = reply(page).locator("[data-part]").evaluate_all("elements => elements.map(e => e.dataset.part)")
+    assert kinds == ["reasoning", "text", "tool", "text"]
+    page.reload()  # from history's parts
+    expect(reply(page).locator('[data-part="tool"]')).to_have_attribute("data-state", "output-available")
+    kinds = reply(page).locator("[data-part]").evaluate_all("elements => elements.map(e => e.dataset.part)")
+    assert kinds == ["reasoning", "text", "tool", "text"]
+    assert reply(page).locator('[data-part="text"]').all_text_contents() == texts.all_text_contents()
+
+
+def test_stop_during_a_tool_call(serve: Callable[..., LiveServer], tmp_path: Path, open_page: Any) -> None:
+    server, agent = acting_parley(serve, tmp_path)
+    page = open_page(server.url + "/")
+    send(page, "a slow sum")
+    card = reply(page).locator('[data-part="tool"]')
+    expect(card).to_have_attribute("data-state", "input-available")
+    page.get_by_role("button", name="Stop").click()
+    expect(reply(page)).to_have_attribute("data-status", "cancelled")
+    expect(card).to_have_attribute("data-state", "output-error")
+    expect(card.locator(".tool-output")).to_contain_text("Cancelled")
+    recorded = history(server, session_of(page))[-1]
+    assert recorded["status"] == "cancelled" and recorded["parts"][-1]["state"] == "output-error"
+    assert agent.tool_runs == ["cancelled"]
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
