@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -43,6 +45,7 @@ from parley.sessions.errors import (
     ApiError,
     BadRequest,
     CancelFailed,
+    EventLoopUnsupported,
     NotFound,
     PayloadTooLarge,
     SessionError,
@@ -455,7 +458,15 @@ def create_app(
         if owns_process:
             gc_tuning.tune_for_streams()
         auth.warn_if_open()
-        await parley.ready()
+        try:
+            await parley.ready()
+        except EventLoopUnsupported as exc:
+            if not owns_process:
+                raise
+            # The server would wrap the reason in a page of tracebacks (hypercorn's, and then exit 0): say it in
+            # one line and stop the process, as a bad setting does.
+            print(f"parley: {exc}", file=sys.stderr, flush=True)
+            os._exit(1)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(parley.run_background)
