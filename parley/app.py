@@ -55,7 +55,6 @@ from parley.sessions.files import FileTooLarge, content_disposition, is_text, mi
 from parley.sessions.store import FileInfo, Session, new_id, utcnow
 from parley.sessions.turns import TurnObserver, TurnRequest
 from parley.settings import Settings, SettingsError
-from parley.stack import App
 from parley.streaming import ChatResponse, OnDisconnect, PlainText, error_response, http_status
 from parley.telemetry import Telemetry
 from parley.ui_messages import ServerSentEvents
@@ -427,6 +426,15 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "Internal server error: the request could not be processed.")
 
 
+async def _bug(request: Request, exc: Exception) -> Response:
+    # Sent by Starlette's ServerErrorMiddleware, around the telemetry that gives every other response its id.
+    response = await _server_error(request, exc)
+    request_id = logs.REQUEST_ID.get()
+    if request_id is not None:
+        response.headers["x-request-id"] = request_id
+    return response
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -442,6 +450,7 @@ def create_app(
 
     ``observers`` are told about every turn (see :class:`sessions.turns.TurnObserver`): metrics, logs.
     ``ui=False`` leaves out the chat page (``GET /`` and ``/ui/``), for hosts that serve their own.
+    ``debug=True`` is Starlette's: a bug is answered with its traceback (never in production).
     ``owns_process=True`` (``uvicorn app:app``) lets its lifespan tune the process's garbage collector for many
     long streams (see :mod:`parley.gc_tuning`); a host app that embeds parley leaves the collector to itself.
     """
@@ -479,8 +488,7 @@ def create_app(
                 await parley.close()
             metrics.process_exiting()
 
-    # Outermost: every response gets its request id and is counted, a CORS preflight's too, and an unhandled
-    # exception is answered there (see sessions/stack.py).
+    # Every response gets its request id and is counted, a CORS preflight's too; a bug is logged there, once.
     middleware = [Middleware(Telemetry, metrics=settings.metrics)]
     if settings.cors_origins:
         # A browser client on another origin may call the API and read the interaction id of a reply.
@@ -493,7 +501,7 @@ def create_app(
                 expose_headers=["x-interaction-id", "x-request-id"],
             )
         )
-    app = App(
+    app = Starlette(
         debug=debug,
         routes=[*routes, *(_metrics_routes if settings.metrics else ()), *(page.routes if ui else ())],
         middleware=middleware,
@@ -503,6 +511,7 @@ def create_app(
             SessionError: _domain_error,
             HTTPException: _http_error,
             ClientDisconnect: _client_gone,
+            Exception: _bug,  # (Starlette's ServerErrorMiddleware answers with it; with debug, a traceback)
         },
     )
     app.state.parley = parley
