@@ -89,8 +89,10 @@ def agents(delay: float = 0.0, tool_seconds: float = 0.0) -> Agents:
 
 def _app() -> object:
     from parley.app import create_app
+    from parley.settings import Settings
 
-    return create_app(agents=agents(float(os.environ.get("PARLEY_ACTING_DELAY", "0"))), owns_process=True)
+    delay = float(os.environ.get("PARLEY_ACTING_DELAY", "0"))
+    return create_app(Settings.from_env(), agents=agents(delay), owns_process=True)
 
 
 def __getattr__(name: str) -> object:

@@ -294,7 +294,7 @@ async def test_a_rejoin_on_another_worker_replays_every_part(
 
             await eventually(running)
             async with second.stream("GET", f"/api/v1/chat/{session_id}/stream", headers=SSE) as rejoin:
-                assert rejoin.status_code == 200
+                assert rejoin.status_code == 200, await rejoin.aread()
                 seen, texts = "", rejoin.aiter_text()
                 async for text in texts:
                     seen += text
