@@ -27,6 +27,7 @@ def _object(required: dict[str, Schema], optional: dict[str, Schema] | None = No
 
 
 _TEXT: Schema = {"type": "string"}
+_COUNT: Schema = {"type": "integer", "minimum": 0}
 _REQUIRED_TEXT: Schema = {"type": "string", "pattern": "\\S", "description": "Not empty, not only whitespace"}
 _BYTES: Schema = {"type": "string", "contentMediaType": "application/octet-stream"}
 _TIME: Schema = {"type": "string", "description": "UTC, ISO 8601 with microseconds, e.g. 2026-11-26T14:00:00.000000Z"}
@@ -133,12 +134,36 @@ _SCHEMAS: dict[str, Schema] = {
         {
             "id": _TEXT,
             "role": {"enum": ["user", "assistant"]},
-            "content": {"type": "string", "description": "Exactly the text that was streamed"},
+            "content": {"type": "string", "description": "Exactly the text that was streamed (the text parts joined)"},
+            "parts": {"type": "array", "items": _ref("Part"), "description": "The AI SDK's UIMessage parts"},
+            "usage": {"oneOf": [_ref("Usage"), {"type": "null"}], "description": "null when the agent reported none"},
             "file_ids": {"type": "array", "items": _TEXT},
             "status": {"enum": ["complete", "cancelled", "disconnected", "error", "interrupted", "streaming"]},
             "interaction_id": _TEXT,
             "created_at": _TIME,
         }
+    ),
+    # The parts useChat keeps (step-start, reasoning, dynamic-tool, text): a client restores a chat from them.
+    "Part": {
+        "type": "object",
+        "properties": {
+            "type": {"enum": ["text", "reasoning", "step-start", "dynamic-tool"]},
+            "text": _TEXT,
+            "state": {
+                "enum": ["done", "streaming", "input-streaming", "input-available", "output-available", "output-error"]
+            },
+            "id": _TEXT,
+            "toolName": _TEXT,
+            "toolCallId": _TEXT,
+            "input": {},
+            "output": {},
+            "errorText": _TEXT,
+        },
+        "required": ["type"],
+    },
+    "Usage": _object(
+        {"input_tokens": _COUNT, "output_tokens": _COUNT, "total_tokens": _COUNT},
+        {"reasoning_tokens": _COUNT, "cached_input_tokens": _COUNT},
     ),
     "File": _object(
         {
