@@ -3,7 +3,8 @@
 ...)``) and as ``uvicorn tests.acting:app`` (kill -9, two workers on Redis).
 
 A message with ``slow`` in it makes the tool take a minute (to cancel it mid-call); ``PARLEY_ACTING_DELAY`` (or
-``delay``) spaces the events out. What became of each tool run is in ``tool_runs``.
+``delay``) spaces the events out, ``PARLEY_ACTING_TOOL_SECONDS`` (or ``tool_seconds``) is how long the tool takes
+otherwise. What became of each tool run is in ``tool_runs``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def _app() -> object:
     from parley.settings import Settings
 
     delay = float(os.environ.get("PARLEY_ACTING_DELAY", "0"))
-    return create_app(Settings.from_env(), agents=agents(delay), owns_process=True)
+    tool_seconds = float(os.environ.get("PARLEY_ACTING_TOOL_SECONDS", "0"))
+    return create_app(Settings.from_env(), agents=agents(delay, tool_seconds), owns_process=True)
 
 
 def __getattr__(name: str) -> object:

@@ -1,6 +1,9 @@
 """``make soak``: thousands of chats against real servers, with cancels, disconnects, deletes racing uploads
 and chats, a Redis restart and a ``kill -9`` of a worker; then every promise is checked. About 5 minutes.
 
+A third of the sessions talk to an agent that acts (tests/acting.py: reasoning, a tool call that takes a while,
+usage), so some replies are cancelled or left mid-tool: their records must answer every tool call.
+
 Driven only through the HTTP API (plus a look at the store and the files directory at the end), so it keeps
 working whatever the streaming internals become. Loopback only. Exits non-zero on any violation.
 
@@ -31,6 +34,7 @@ from parley.sessions.store import TERMINAL_STATUSES
 from tests.conftest import RedisServer, Subprocess
 
 WORDS = [f"w{i}" for i in range(60)]
+APP = "tests.acting:app"  # parley with the echo agent and one that acts
 
 
 @dataclass
@@ -98,7 +102,8 @@ class Driver:
 
     async def new_session(self) -> None:
         _, base = self.url()
-        response = await self.request("create", "POST", f"{base}/api/v1/sessions")
+        agent = self.rng.choices(["echo", "acting"], [2, 1])[0]
+        response = await self.request("create", "POST", f"{base}/api/v1/sessions", json={"agent": agent})
         if response is not None and response.status_code == 201:
             self.phase.sessions.append(response.json()["ui_session_id"])
 
@@ -278,6 +283,7 @@ async def check(phase: Phase, lease: float) -> tuple[Counter[str], list[str]]:
             continue
         counts[f"replies recorded {record['status']}"] += 1
         content, received = record["content"], chat.received
+        check_parts(chat, record, counts, violations)
         killed = (
             any(name == chat.server and chat.started <= at for name, at, _ in phase.killed)
             and record["status"] == "interrupted"
@@ -309,6 +315,23 @@ async def check(phase: Phase, lease: float) -> tuple[Counter[str], list[str]]:
                 f"{endpoint} answered {status} at {at - START:.1f}s, sent at {sent - START:.1f}s ({detail})"
             )
     return counts, violations
+
+
+def check_parts(chat: Chat, record: dict[str, Any], counts: Counter[str], violations: list[str]) -> None:
+    """A reply's parts: its text is its content; every tool call is answered once the reply has ended (a killed
+    process's may be left running: nobody was there to answer it)."""
+    parts = record["parts"]
+    text = "".join(part["text"] for part in parts if part["type"] == "text")
+    if text != record["content"]:
+        violations.append(f"{chat.interaction_id}: parts say {text!r}, content {record['content']!r}")
+    for part in parts:
+        if part["type"] != "dynamic-tool":
+            continue
+        counts[f"tool calls recorded {part['state']} ({record['status']})"] += 1
+        if part["state"] == "output-error" and part["errorText"].startswith("Cancelled"):
+            counts["tool calls cancelled mid-tool"] += 1
+        if part["state"] not in ("output-available", "output-error") and record["status"] != "interrupted":
+            violations.append(f"{chat.interaction_id}: a tool call left {part['state']} ({record['status']})")
 
 
 async def check_files(phase: Phase, counts: Counter[str], violations: list[str]) -> None:
@@ -357,6 +380,8 @@ async def run_phase(name: str, root: Path, seconds: float, concurrency: int, max
     lease = 2.0
     env = {
         "PARLEY_ECHO_DELAY": "0.01",
+        "PARLEY_ACTING_DELAY": "0.01",
+        "PARLEY_ACTING_TOOL_SECONDS": "0.2",
         "PARLEY_MAX_UPLOAD_BYTES": "65536",
         "PARLEY_BODY_TIMEOUT_SECONDS": "3",
         "PARLEY_REDIS_LEASE_SECONDS": str(lease),
@@ -368,11 +393,11 @@ async def run_phase(name: str, root: Path, seconds: float, concurrency: int, max
         redis = RedisServer(root / name / "redis").start()
         env["PARLEY_REDIS_URL"] = redis.url
         servers = {
-            "a": Subprocess(env, log=root / name / "a.log").start(),
-            "b": Subprocess(env, log=root / name / "b.log").start(),
+            "a": Subprocess(env, log=root / name / "a.log", app=APP).start(),
+            "b": Subprocess(env, log=root / name / "b.log", app=APP).start(),
         }
     else:
-        servers = {"a": Subprocess(env, log=root / name / "a.log").start()}
+        servers = {"a": Subprocess(env, log=root / name / "a.log", app=APP).start()}
     phase = Phase(name, servers, root / name / "data", redis)
     began = time.monotonic()
     try:
