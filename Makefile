@@ -8,7 +8,7 @@ PORT ?= 8000
 REDIS_URL ?= redis://127.0.0.1:6379/0
 WORKERS ?= 2
 
-.PHONY: install redis-server npm chromium wrk valgrind run run-redis test fuzz screenshot lint format bench bench-instructions soak clean
+.PHONY: install redis-server npm chromium wrk valgrind run run-redis demo test fuzz screenshot lint format bench bench-instructions soak clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,11 @@ valgrind:
 
 run: install
 	$(BIN)/uvicorn app:app --host $(HOST) --port $(PORT)
+
+# A reply that reasons and calls a tool, with no model server and no GPU: the tests' scripted model server, the
+# example MCP server and parley wired to both (tests/demo.py); it says what to open.
+demo: install
+	$(BIN)/python -m tests.demo --port $(PORT)
 
 # Several worker processes sharing one Redis: cancels, the busy rule and history hold across them.
 run-redis: install

@@ -310,7 +310,9 @@ function updatePart(element, part) {
 }
 
 function pretty(value) {
-  return typeof value === "string" ? value : JSON.stringify(value, null, 2);
+  if (typeof value === "string") return value;
+  const short = JSON.stringify(value, null, 1)?.replace(/\n\s*/g, " ") ?? String(value);
+  return short.length <= 72 ? short : JSON.stringify(value, null, 2);
 }
 
 // The UI message stream's chunks, folded into parts as useChat folds them.

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import anyio
 
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
-from parley.agents.events import Event, Step, ToolCall, ToolError, ToolResult
+from parley.agents.events import Event, Step, ToolCall, ToolError, ToolResult, Usage
 from parley.sessions.errors import AgentUnavailable, ApiError, SessionBusy, SessionNotFound
 from parley.sessions.interactions import Interaction, Interactions
 from parley.sessions.parts import EVENT_TYPES, Part, split, unfinished_calls
@@ -33,6 +33,8 @@ _REASON_STATUS: dict[str, MessageStatus] = {
 # Events after which the reply so far is saved at once, not at the next checkpoint: a tool runs after a call, and
 # the model after a result, for a while, maybe long.
 _SAVE_AT_ONCE = (Step, ToolCall, ToolResult, ToolError)
+# Events that show nothing: a reply's first token (its time to first token) is the first event of another kind.
+_UNSEEN = (Step, Usage)
 
 # Record before the client sees the end, so that reading the history right after finds the reply; but if the
 # store is slow (Redis down), end the stream after this long anyway and keep trying to record in the background.
@@ -174,7 +176,8 @@ class TurnRunner:
                                 text_run = type(event) is str
                                 if not text_run and not isinstance(event, EVENT_TYPES):
                                     raise TypeError(f"the agent yielded {type(event).__name__}, not an event")
-                                if not events:  # (checkpoints count from it: before it there is nothing to save)
+                                if report.first_token_at is None and not isinstance(event, _UNSEEN):
+                                    # The first thing the user sees. (Checkpoints count from it.)
                                     report.first_token_at = time.monotonic()
                                     next_checkpoint = report.first_token_at + self.checkpoint_seconds
                                     if self.observers:

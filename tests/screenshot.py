@@ -1,5 +1,6 @@
-"""``make screenshot``: docs/page.png, the chat page in Chromium against a real parley (echo agent), with a
-finished reply (and a file) and a cancelled one. Usage: ``python -m tests.screenshot docs/page.png``."""
+"""``make screenshot``: docs/page.png, the chat page in Chromium against a real parley wired as ``make demo`` wires it
+(the ``openai`` agent at the scripted model server, the example MCP server's tools), showing a reply that reasoned
+and called a tool. Usage: ``python -m tests.screenshot docs/page.png``."""
 
 from __future__ import annotations
 
@@ -15,18 +16,17 @@ from playwright.sync_api import expect, sync_playwright
 from parley.app import create_app
 from parley.settings import Settings
 from tests.conftest import free_port
-from tests.test_page import CHROMIUM, WAIT, reply, send, wait_for_words
+from tests.demo import environment, model, serve_in_thread
+from tests.test_page import CHROMIUM, WAIT, reply, send
 
-FIRST = "Hello! Which agent am I talking to?"
-SECOND = (
-    "The echo agent repeats each message word by word, slowly enough to watch the reply stream in and to "
-    "press Stop halfway: the reply keeps the words that came, and history records it as cancelled."
-)
+QUESTION = "What is 2 + 3? Use a tool, please."
 
 
 def main(output: Path) -> None:
+    model_port = free_port()
+    stub = serve_in_thread(model(), model_port)
     with tempfile.TemporaryDirectory() as data:
-        app = create_app(Settings(data_dir=data, echo_delay=0.08))
+        app = create_app(Settings.from_env(environment(model_port, Path(data))))
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
@@ -45,21 +45,17 @@ def main(output: Path) -> None:
                 send(page, "An earlier conversation")
                 expect(reply(page)).to_have_attribute("data-status", "complete")
                 page.get_by_role("button", name="New session").click()
-                page.get_by_label("Attach").set_input_files(
-                    [{"name": "notes.md", "mimeType": "text/markdown", "buffer": b"# Notes\n\nthe chat page\n"}]
-                )
-                send(page, FIRST)
+                send(page, QUESTION)
                 expect(reply(page)).to_have_attribute("data-status", "complete")
-                send(page, SECOND)
-                wait_for_words(reply(page), 18)
-                page.get_by_role("button", name="Stop").click()
-                expect(reply(page)).to_have_attribute("data-status", "cancelled")
+                # The first reasoning opened, as a reader would to see why the tool was called.
+                reply(page).locator('[data-part="reasoning"]').first.locator("summary").click()
                 output.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(output))
                 browser.close()
         finally:
             server.should_exit = True
             thread.join(10)
+            stub.should_exit = True
     print(f"wrote {output}")
 
 
