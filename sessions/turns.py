@@ -149,6 +149,8 @@ class TurnRunner:
                     try:
                         async with aclosing(agent.reply(turn)) as stream:
                             async for token in stream:
+                                if not isinstance(token, str):
+                                    continue  # (until the runner keeps the other events as the reply's parts)
                                 if tokens:
                                     # (Inlined Interaction.add: this is the cost of every token.)
                                     append(token)
