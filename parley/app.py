@@ -18,7 +18,7 @@ from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from parley import gc_tuning, logs, metrics, page
-from parley.agents import Agents, Attachment
+from parley.agents import Agents, Attachment, tools_of
 from parley.auth import Auth, keys_from
 from parley.forms import (
     FORM_MARGIN_BYTES,
@@ -314,7 +314,11 @@ async def delete_file(request: Request) -> Response:
 
 async def list_agents(request: Request) -> Response:
     parley, _ = await _parley(request)
-    return JSONResponse({"agents": [{"name": a.name, "description": a.description} for a in parley.agents]})
+    agents = [
+        {"name": a.name, "description": a.description, "tools": [t.describe() for t in await tools_of(a)]}
+        for a in parley.agents
+    ]
+    return JSONResponse({"agents": agents})
 
 
 async def healthz(request: Request) -> Response:
@@ -458,6 +462,8 @@ def create_app(
         await parley.ready()
         try:
             async with anyio.create_task_group() as tg:
+                # The agents' connections (MCP servers): open before the first request, or the start is refused.
+                await tg.start(parley.agents.run)
                 tg.start_soon(parley.run_background)
                 # Partial uploads of a killed process: untouched for twice the time a body may stall.
                 tg.start_soon(parley.blobs.sweep_partials, 2 * parley.settings.body_timeout_seconds)

@@ -27,6 +27,9 @@ class Settings:
     openai_connect_timeout: float = 5.0
     openai_read_timeout: float = 60.0
     openai_history_messages: int = 100
+    max_steps: int = 8
+    mcp_config: str | None = None
+    tool_timeout_seconds: float = 60.0
     redis_url: str | None = None
     redis_lease_seconds: float = 10.0
     redis_max_connections: int = 100
@@ -72,6 +75,9 @@ class Settings:
             openai_connect_timeout=number("OPENAI_CONNECT_TIMEOUT", defaults.openai_connect_timeout, positive=True),
             openai_read_timeout=number("OPENAI_READ_TIMEOUT", defaults.openai_read_timeout, positive=True),
             openai_history_messages=whole("OPENAI_HISTORY_MESSAGES", defaults.openai_history_messages),
+            max_steps=whole("MAX_STEPS", defaults.max_steps, positive=True),
+            mcp_config=text("MCP_CONFIG"),
+            tool_timeout_seconds=number("TOOL_TIMEOUT_SECONDS", defaults.tool_timeout_seconds, positive=True),
             redis_url=text("REDIS_URL"),
             redis_lease_seconds=number("REDIS_LEASE_SECONDS", defaults.redis_lease_seconds, positive=True),
             redis_max_connections=whole("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, positive=True),
