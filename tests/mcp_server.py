@@ -22,8 +22,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 
-def record(event: str, **fields: Any) -> None:
-    path = os.environ.get("PARLEY_MCP_RECORD")
+def record(path: str | None, event: str, **fields: Any) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as file:
             file.write(json.dumps({"event": event, "at": time.time(), "pid": os.getpid(), **fields}) + "\n")
@@ -38,7 +37,10 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return []
 
 
-def make_server(prefix: str = "") -> MCPServer:
+def make_server(prefix: str = "", record_to: str | None = None) -> MCPServer:
+    """The server; ``record_to`` is the file its ``slow`` and ``die`` tools record in (PARLEY_MCP_RECORD by
+    default)."""
+    record_to = record_to or os.environ.get("PARLEY_MCP_RECORD")
     server = MCPServer("parley-example", instructions="Example tools for parley's tests and demo.", log_level="WARNING")
 
     @server.tool(name=f"{prefix}add", description="Add two numbers.")
@@ -47,14 +49,13 @@ def make_server(prefix: str = "") -> MCPServer:
 
     @server.tool(name=f"{prefix}slow", description="Wait for the given number of seconds, then say so.")
     async def slow(seconds: float = 30.0, tag: str = "") -> str:
-        record("started", tool="slow", tag=tag)
+        record(record_to, "started", tool="slow", tag=tag)
         try:
             await anyio.sleep(seconds)
         except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True):
-                record("cancelled", tool="slow", tag=tag)
+            record(record_to, "cancelled", tool="slow", tag=tag)
             raise
-        record("finished", tool="slow", tag=tag)
+        record(record_to, "finished", tool="slow", tag=tag)
         return f"waited {seconds} s"
 
     @server.tool(name=f"{prefix}fail", description="Always fails, with the given message.")
@@ -63,7 +64,7 @@ def make_server(prefix: str = "") -> MCPServer:
 
     @server.tool(name=f"{prefix}die", description="Ends this server's process at once (as a crash does).")
     async def die() -> str:
-        record("died", tool="die")
+        record(record_to, "died", tool="die")
         os._exit(3)
 
     return server
