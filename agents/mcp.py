@@ -90,6 +90,7 @@ class MCPTools:
     def __init__(self, servers: Mapping[str, Target], *, connect_timeout: float = 60.0) -> None:
         self.servers = [_Connection(name, target, connect_timeout) for name, target in servers.items()]
         self._tools: dict[str, tuple[_Connection, Tool]] | None = None
+        self._listed: tuple[int, ...] = ()  # which listings self._tools was made from
         self._running = False
         self._lock = anyio.Lock()
 
@@ -98,28 +99,41 @@ class MCPTools:
         :class:`ToolNameClash` (before it reports started) when two servers offer a tool of the same name."""
         if self._running:
             raise RuntimeError("MCPTools.run is already running")
+        clash: ToolNameClash | None = None
         try:
             async with anyio.create_task_group() as task_group:
                 for server in self.servers:
                     await task_group.start(server.keep_open)
-                self._tools = self._index(refuse=True)
-                self._running = True
-                task_status.started()
+                try:
+                    self._tools = self._index(refuse=True)
+                except ToolNameClash as exc:
+                    clash = exc  # (raised below as itself, not wrapped in the task group's exception group)
+                    task_group.cancel_scope.cancel()
+                else:
+                    self._listed = tuple(id(server.tools) for server in self.servers)
+                    self._running = True
+                    task_status.started()
         finally:
             self._running = False
+        if clash is not None:
+            raise clash
 
     async def list_tools(self) -> Sequence[Tool]:
         if self._running:
-            # (A server that could not be reached at start has its tools listed once it is.)
-            assert self._tools is not None
-            if len(self._tools) != sum(len(s.tools) for s in self.servers):
-                self._tools = self._index(refuse=False)
+            # A server that could not be reached (at start, or since) is tried again, without waiting for it: its
+            # tools are offered once it answers.
+            for server in self.servers:
+                server.want()
+            listed = tuple(id(server.tools) for server in self.servers)
+            if listed != self._listed:
+                self._tools, self._listed = self._index(refuse=False), listed
         elif self._tools is None:
             async with self._lock:
                 if self._tools is None:  # first use, without the lifespan: list each server once
                     for server in self.servers:
                         await server.list_once()
                     self._tools = self._index(refuse=False)
+        assert self._tools is not None
         return [tool for _, tool in self._tools.values()]
 
     async def call_tool(self, name: str, arguments: dict[str, Any]) -> Any:
@@ -164,19 +178,24 @@ class _Connection:
         self._attempt = anyio.Event()  # set when the next (or current) attempt to connect ends
 
     async def keep_open(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Connects now, and again whenever a call finds the connection broken; reports started after the first
-        attempt, whether it connected or not (a server that is down at start is tried again on first use)."""
+        """Connects now, and again when a call wants a connection after it was lost; reports started after the
+        first attempt, whether it connected or not (a server that is down at start is tried again on first use).
+
+        While connected, ``_client`` is the client and ``_attempt`` is set; while not, ``_client`` is None and
+        ``_attempt`` is set when the next (or current) attempt to connect ends."""
         self._wanted.set()
         started = False
         while True:
             await self._wanted.wait()
             self._wanted, attempt = anyio.Event(), self._attempt
+            connected: Client | None = None
             try:
                 with anyio.CancelScope(deadline=anyio.current_time() + self.connect_timeout) as deadline:
                     async with Client(self.target) as client:
                         self.tools = await _list_tools(client)
                         deadline.deadline = math.inf
-                        self._client, self._gone = client, anyio.Event()
+                        connected = self._client = client
+                        self._gone = anyio.Event()
                         attempt.set()
                         if not started:
                             started = True
@@ -187,12 +206,25 @@ class _Connection:
             except Exception as exc:
                 logger.warning("MCP server %r: %s", self.name, _describe(exc))
             finally:
-                self._client = None
-                self._attempt = anyio.Event()
+                if connected is not None:
+                    self._lose(connected)
+                else:
+                    self._attempt = anyio.Event()
                 attempt.set()
             if not started:
                 started = True
                 task_status.started()
+
+    def want(self) -> None:
+        """Not connected: have the keeper try again (this does not wait for it)."""
+        if self._client is None:
+            self._wanted.set()
+
+    def _lose(self, client: Client) -> None:
+        """The connection broke: the next call asks for a new one (the keeper closes this one)."""
+        if self._client is client:
+            self._client, self._attempt = None, anyio.Event()
+            self._gone.set()
 
     async def call(self, name: str, arguments: dict[str, Any]) -> CallToolResult:
         client = self._client
@@ -208,8 +240,7 @@ class _Connection:
             return await client.call_tool(name, arguments)
         except MCPError as exc:
             if exc.error.code == CONNECTION_CLOSED:
-                if self._client is client:
-                    self._gone.set()
+                self._lose(client)
                 raise ToolFailed(
                     f"The connection to the MCP server {self.name!r} was lost during the call "
                     "(it is opened again for the next call)."

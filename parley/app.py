@@ -463,7 +463,11 @@ def create_app(
         try:
             async with anyio.create_task_group() as tg:
                 # The agents' connections (MCP servers): open before the first request, or the start is refused.
-                await tg.start(parley.agents.run)
+                try:
+                    await tg.start(parley.agents.run)
+                except* SettingsError as refused:
+                    logger.error("parley: %s", _first(refused))  # (the one line to read above the traceback)
+                    raise
                 tg.start_soon(parley.run_background)
                 # Partial uploads of a killed process: untouched for twice the time a body may stall.
                 tg.start_soon(parley.blobs.sweep_partials, 2 * parley.settings.body_timeout_seconds)
@@ -504,6 +508,13 @@ def create_app(
     app.state.auth = auth
     app.state.openapi = document(metrics=settings.metrics, keys=auth.uses_keys, ui=ui)
     return app
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def serve_from_environment() -> Starlette:
