@@ -24,6 +24,7 @@ from parley.agents.events import (
     Usage,
 )
 from parley.agents.mcp import MCPTools
+from parley.settings import Settings, SettingsError
 from tests.conftest import LiveServer
 from tests.mcp_server import make_server, read_records
 from tests.openai_stub import OpenAIStub, invalid_conversation
@@ -239,3 +240,15 @@ async def test_history_parts_become_the_conversation_the_model_made(stub: OpenAI
         {"role": "assistant", "content": "plain"},
         {"role": "user", "content": "again"},
     ]
+
+
+def test_the_settings_of_tools() -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.max_steps, defaults.tool_timeout_seconds, defaults.mcp_config) == (8, 60.0, None)
+    chosen = Settings.from_env(
+        {"PARLEY_MAX_STEPS": "3", "PARLEY_TOOL_TIMEOUT_SECONDS": "2.5", "PARLEY_MCP_CONFIG": "/etc/parley/mcp.json"}
+    )
+    assert (chosen.max_steps, chosen.tool_timeout_seconds, chosen.mcp_config) == (3, 2.5, "/etc/parley/mcp.json")
+    for name, value in [("MAX_STEPS", "0"), ("MAX_STEPS", "1.5"), ("TOOL_TIMEOUT_SECONDS", "0")]:
+        with pytest.raises(SettingsError, match=f"PARLEY_{name}"):
+            Settings.from_env({f"PARLEY_{name}": value})

@@ -16,13 +16,13 @@ import anyio
 import httpx
 import pytest
 
-from parley.agents import OpenAIAgent, ToolFailed, Turn
+from parley.agents import Agents, EchoAgent, OpenAIAgent, ToolFailed, Turn
 from parley.agents.events import Event, ToolCall, ToolError, ToolResult
 from parley.agents.mcp import MCPTools, ToolNameClash, load_config
 from parley.app import create_app
 from parley.settings import SettingsError
 from tests.conftest import ROOT, LiveServer, eventually, free_port, listens, make_settings, messages, new_session
-from tests.mcp_server import read_records
+from tests.mcp_server import make_server, read_records
 from tests.openai_stub import OpenAIStub
 
 pytestmark = pytest.mark.anyio
@@ -342,3 +342,19 @@ async def test_mounted_without_its_lifespan_a_call_opens_a_connection_of_its_own
         assert answer.text == "Done."
     assert stub.calls[-1].body["messages"][-1] == {"role": "tool", "tool_call_id": "call_0_0", "content": "42.0"}
     await app.state.parley.close()
+
+
+async def test_a_host_hands_in_an_mcp_server_in_process(
+    serve: Callable[..., LiveServer], tmp_path: Path, record: Path, stub: OpenAIStub, stub_url: str
+) -> None:
+    stub.tool_plan = [[{"name": "add", "arguments": {"a": 1, "b": 2}}]]
+    tools = MCPTools({"mine": make_server(record_to=str(record))})
+    agents = Agents([EchoAgent(), OpenAIAgent(stub_url, "tools", tools=tools)], default="openai")
+    server = serve(create_app(make_settings(tmp_path), agents=agents))
+    async with server.client() as client:
+        listed = (await client.get("/api/v1/agents")).json()["agents"]
+        assert [len(a["tools"]) for a in listed] == [0, 4]
+        session_id = await new_session(client)
+        answer = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "add"})
+        assert answer.text == "Done."
+    assert stub.calls[-1].body["messages"][-1]["content"] == "3.0"
