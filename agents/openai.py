@@ -231,10 +231,14 @@ class OpenAIAgent:
         try:
             if response.status_code >= 300:
                 raise _upstream(await self._describe_failure(response))
+            done = False
             async with aclosing(sse_data(response.aiter_bytes())) as events:
                 async for data in events:
-                    if data.strip() == "[DONE]":
-                        break
+                    # Read on to the end of the body after [DONE] (it follows at once): an HTTP stream left
+                    # unfinished is left to the garbage collector, which trio warns about.
+                    if done or data.strip() == "[DONE]":
+                        done = True
+                        continue
                     for event in self._events(data, call):
                         yield event
             for event in call.start_unnamed():

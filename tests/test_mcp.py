@@ -128,6 +128,8 @@ async def test_tools_are_listed_and_called(config: str) -> None:
             await tools.call_tool("nope", {})
 
 
+# (Also under trio: parley serves on it too, under Hypercorn, and the mcp client is anyio's.)
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_a_cancel_reaches_the_tool_within_a_second(
     config: str, record: Path, stub: OpenAIStub, stub_url: str
 ) -> None:
