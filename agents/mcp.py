@@ -38,6 +38,9 @@ from parley.settings import SettingsError
 
 logger = logging.getLogger("parley.agents.mcp")
 
+# How often listing the tools tries again a server that could not be reached (a call tries at once).
+_RETRY_SECONDS = 5.0
+
 # What a server is: a URL (streamable HTTP), a command to run (stdio), or (handed in by a host) a server object.
 Target: TypeAlias = "str | StdioServerParameters | MCPServer | Server[Any]"
 
@@ -176,6 +179,7 @@ class _Connection:
         self._gone = anyio.Event()  # set when a call finds the connection broken
         self._wanted = anyio.Event()  # set when a call wants a (new) connection
         self._attempt = anyio.Event()  # set when the next (or current) attempt to connect ends
+        self._tried_at = -math.inf
 
     async def keep_open(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Connects now, and again when a call wants a connection after it was lost; reports started after the
@@ -187,7 +191,7 @@ class _Connection:
         started = False
         while True:
             await self._wanted.wait()
-            self._wanted, attempt = anyio.Event(), self._attempt
+            self._wanted, attempt, self._tried_at = anyio.Event(), self._attempt, anyio.current_time()
             connected: Client | None = None
             try:
                 with anyio.CancelScope(deadline=anyio.current_time() + self.connect_timeout) as deadline:
@@ -216,8 +220,9 @@ class _Connection:
                 task_status.started()
 
     def want(self) -> None:
-        """Not connected: have the keeper try again (this does not wait for it)."""
-        if self._client is None:
+        """Not connected: have the keeper try again (this does not wait for it), at most every few seconds: every
+        reply lists the tools, and a server that is down must not be tried by each."""
+        if self._client is None and anyio.current_time() >= self._tried_at + _RETRY_SECONDS:
             self._wanted.set()
 
     def _lose(self, client: Client) -> None:
