@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 from starlette.applications import Starlette
@@ -13,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
@@ -46,6 +47,7 @@ from parley.sessions.errors import (
     NotFound,
     PayloadTooLarge,
     SessionError,
+    StoreUnavailable,
     Unauthorized,
 )
 from parley.sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
@@ -294,11 +296,12 @@ async def get_file(request: Request) -> Response:
 async def get_file_content(request: Request) -> Response:
     parley, owner = await _parley(request)
     info = await _file(parley, request, owner)
-    path = parley.blobs.path(info.id)
-    if not await anyio.Path(path).is_file():
-        raise NotFound(f"File not found: {info.id}")
+    content = await parley.blobs.content(info.id)
     headers = {"content-disposition": content_disposition(info.filename), "x-content-type-options": "nosniff"}
-    return FileResponse(path, media_type=info.mime_type, headers=headers)
+    if isinstance(content, Path):
+        return FileResponse(content, media_type=info.mime_type, headers=headers)
+    headers["content-length"] = str(info.size)
+    return StreamingResponse(content, media_type=info.mime_type, headers=headers)
 
 
 async def delete_file(request: Request) -> Response:
@@ -455,7 +458,11 @@ def create_app(
         if owns_process:
             gc_tuning.tune_for_streams()
         auth.warn_if_open()
-        await parley.ready()
+        try:
+            await parley.ready()
+        except StoreUnavailable as exc:
+            # Not ready until the store answers (see /readyz): the first request that finds it back opens it.
+            logger.error("parley: starting not ready: %s", exc.message)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(parley.run_background)

@@ -133,7 +133,13 @@ CANCEL_REQUESTS = Counter(
 )
 REJOINS = Counter("parley_rejoins", "Streams rejoined (GET /api/v1/chat/{ui_session_id}/stream).")
 STORE_ERRORS = Counter(
-    "parley_store_errors", "Store operations that failed (Redis unreachable, an SQLite error).", ["store"]
+    "parley_store_errors", "Store operations that failed (Redis or PostgreSQL unreachable, an SQLite error).", ["store"]
+)
+STORE_DURATION = Histogram(
+    "parley_store_duration_seconds",
+    "Time a store operation took, retries included (PostgreSQL).",
+    ["store"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 UPSTREAM_ERRORS = Counter("parley_upstream_errors", "Failures of an agent's model server.", ["agent"])
 
