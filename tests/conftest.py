@@ -337,7 +337,7 @@ class PostgresServer:
     def start(self) -> PostgresServer:
         options = (
             f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            "-c full_page_writes=off -c max_connections=200"
         )
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.directory / "log"), "-w",
                   "-o", options, "start")  # fmt: skip
