@@ -309,3 +309,33 @@ async def test_a_host_killed_mid_reply_leaves_the_other_to_serve_the_session_and
 def test_the_store_refuses_an_event_loop_other_than_asyncio() -> None:
     with pytest.raises(RuntimeError, match="asyncio only"):
         postgres.require_asyncio()  # (no loop running at all here)
+
+
+async def test_an_sqlite_history_moves_into_postgres_and_reads_the_same(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, postgres_url: str
+) -> None:
+    data = tmp_path / "old"
+    old = subprocesses({"PARLEY_DATA_DIR": str(data), "PARLEY_ECHO_DELAY": "0"}).start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = await session_on(client, old)
+        for text in ("one", "two"):
+            await client.post(f"{old.url}/api/v1/chat", data={"ui_session_id": session_id, "message": text})
+        uploaded = await client.post(
+            f"{old.url}/api/v1/files", data={"ui_session_id": session_id}, files={"file": ("a.txt", b"bytes\n")}
+        )
+        file_id = uploaded.json()["id"]
+        before = await history(client, old.url, session_id)
+        old.stop()
+
+        command = [sys.executable, "-m", "parley.sessions.postgres_import", str(data / "parley.db")]
+        for _ in range(2):  # a second run finds everything there and changes nothing
+            done = await anyio.run_process(
+                command, env={**os.environ, "PARLEY_DATABASE_URL": postgres_url}, check=False
+            )
+            assert done.returncode == 0, done.stderr
+        assert "sessions already there: 1" in done.stdout.decode()
+
+        new = host(subprocesses, tmp_path, "new", postgres_url).start()
+        assert await history(client, new.url, session_id) == before
+        download = await client.get(f"{new.url}/api/v1/files/{session_id}/{file_id}/content")
+        assert download.content == b"bytes\n"
