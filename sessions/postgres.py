@@ -28,10 +28,9 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from parley.metrics import STORE_DURATION, STORE_ERRORS
 from parley.sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
 from parley.sessions.postgres_schema import migrate
-from parley.sessions.store import FileInfo, Message, MessageStatus, Session
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session, ignore_error
 
 logger = logging.getLogger("parley")
 
@@ -128,10 +127,15 @@ class PostgresStore:
     ``streaming`` is taken for an orphan when :meth:`interrupt_turns` runs (at start-up, as on SQLite).
     """
 
+    name = "postgres"
+
     def __init__(self, pool: Pool, claims: Claims | None = None, finish_retry_seconds: float = 300.0) -> None:
         self.pool = pool
         self.claims = claims
         self.finish_retry_seconds = finish_retry_seconds
+        # The app points these at its metrics: an operation that failed, and how long each took.
+        self.on_error: Callable[[str], None] = ignore_error
+        self.on_duration: Callable[[str, float], None] = _ignore_duration
         self._opened = False
         self._open_lock = anyio.Lock()
         # History limits by agent, as each caller's history_limit gave them (see start_turn).
@@ -170,10 +174,10 @@ class PostgresStore:
             async with self.pool.connection() as connection:
                 return await operation(connection)
         except psycopg.OperationalError:
-            STORE_ERRORS.labels("postgres").inc()
+            self.on_error(self.name)
             raise StoreUnavailable(_UNAVAILABLE) from None
         finally:
-            STORE_DURATION.labels("postgres").observe(time.perf_counter() - started)
+            self.on_duration(self.name, time.perf_counter() - started)
 
     async def fetch(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         """One statement's rows."""
@@ -363,6 +367,10 @@ class PostgresStore:
 
     async def delete_file(self, session_id: str, file_id: str) -> bool:
         return await self.execute("DELETE FROM files WHERE id = %s AND session_id = %s", (file_id, session_id)) > 0
+
+
+def _ignore_duration(store: str, seconds: float) -> None:
+    pass
 
 
 def _message(row: Any) -> Message:
