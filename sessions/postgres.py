@@ -128,6 +128,8 @@ class PostgresStore:
     """
 
     name = "postgres"
+    # start_turn marks the session's turns left streaming "interrupted" (its caller holds the session's claim).
+    interrupts_orphans_in_start_turn = True
 
     def __init__(self, pool: Pool, claims: Claims | None = None, finish_retry_seconds: float = 300.0) -> None:
         self.pool = pool
