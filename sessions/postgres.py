@@ -28,7 +28,7 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from parley.sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
+from parley.sessions.errors import EventLoopUnsupported, SessionExists, SessionGone, SessionNotFound, StoreUnavailable
 from parley.sessions.postgres_schema import migrate
 from parley.sessions.store import FileInfo, Message, MessageStatus, Session, ignore_error
 
@@ -111,11 +111,13 @@ def connect(url: str, max_connections: int = 20, pool_timeout: float = 5.0) -> P
 
 
 def require_asyncio() -> None:
+    """Raise EventLoopUnsupported unless this runs on asyncio: psycopg's async connections know no other loop."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        raise RuntimeError(
-            "the PostgreSQL store (PARLEY_DATABASE_URL) runs on asyncio only, not on this event loop"
+        raise EventLoopUnsupported(
+            "PARLEY_DATABASE_URL: the PostgreSQL store runs on asyncio only (psycopg); serve parley on asyncio "
+            "(uvicorn, or hypercorn's asyncio or uvloop worker class), not on trio"
         ) from None
 
 

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from parley.sessions import postgres, postgres_schema
+from parley.sessions.errors import EventLoopUnsupported
 from parley.sessions.postgres_blobs import CHUNK_BYTES
 from tests.conftest import ROOT, PostgresServer, RedisServer, Subprocess, eventually, start_together
 from tests.test_redis import chat, history, session_on
@@ -306,9 +307,24 @@ async def test_a_host_killed_mid_reply_leaves_the_other_to_serve_the_session_and
         assert again.text == "b now"
 
 
-def test_the_store_refuses_an_event_loop_other_than_asyncio() -> None:
-    with pytest.raises(RuntimeError, match="asyncio only"):
-        postgres.require_asyncio()  # (no loop running at all here)
+def test_postgres_refuses_trio_at_start_up_in_one_line(tmp_path: Path, postgres_url: str) -> None:
+    log = tmp_path / "server.log"
+    env = {"PARLEY_DATABASE_URL": postgres_url, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    server = Subprocess(env, ("--worker-class", "trio"), log=log, hypercorn=True).launch()
+    assert server.process is not None
+    try:
+        server.process.wait(20)
+    finally:
+        server.stop(kill=True)
+    output = log.read_text()
+    refusal = [line for line in output.splitlines() if line.startswith("parley: ")]
+    assert refusal == [
+        "parley: PARLEY_DATABASE_URL: the PostgreSQL store runs on asyncio only (psycopg); serve parley on asyncio "
+        "(uvicorn, or hypercorn's asyncio or uvloop worker class), not on trio"
+    ], output
+    assert "Traceback" not in output, output
+    with pytest.raises(EventLoopUnsupported, match="asyncio only"):
+        postgres.require_asyncio()  # (and in this thread, where no loop runs at all)
 
 
 async def test_an_sqlite_history_moves_into_postgres_and_reads_the_same(
