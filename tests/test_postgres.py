@@ -31,7 +31,7 @@ def tables(url: str) -> dict[str, int]:
     with psycopg.connect(url) as connection:
         counts = {}
         for table in ("sessions", "messages", "files", "blobs", "blob_chunks"):
-            row = connection.execute(f"SELECT count(*) FROM {table}").fetchone()  # type: ignore[arg-type]
+            row = connection.execute(f"SELECT count(*) FROM {table}").fetchone()
             counts[table] = int(row[0]) if row else 0
         return counts
 
