@@ -11,7 +11,8 @@
   in one process and across processes on Redis (owners themselves: see ``auth.py``).
 - :mod:`sessions.files` and :mod:`sessions.uploads`: uploaded files' bytes, streamed to disk.
 - :mod:`sessions.redis` and :mod:`sessions.redis_coordinator`: the Redis store, and the coordinator that carries
-  claims, cancels and rejoins across processes.
+  claims (:mod:`sessions.redis_claims`), cancels (:mod:`sessions.redis_cancels`) and rejoins
+  (:mod:`sessions.redis_rejoin`) across processes; their Lua scripts are in :mod:`sessions.redis_scripts`.
 - :mod:`sessions.service`: the parts of one app (store, agents, interactions) put together from its settings.
 - :mod:`sessions.errors`: every error a client can get, as one tree.
 - Operations: :mod:`sessions.openapi` (the OpenAPI document), :mod:`sessions.metrics` (Prometheus),

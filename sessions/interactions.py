@@ -105,7 +105,8 @@ Lease = AbstractAsyncContextManager[None]
 
 class Coordinator(Protocol):
     """What the processes serving one store share so that the rules hold across them. One is chosen at
-    start-up: :class:`LocalCoordinator` (one process, embedded store) or :class:`sessions.redis.RedisCoordinator`.
+    start-up: :class:`LocalCoordinator` (one process, embedded store) or
+    :class:`sessions.redis_coordinator.RedisCoordinator`.
     """
 
     async def claim(self, interaction: Interaction) -> bool:

@@ -20,80 +20,12 @@ from redis.backoff import NoBackoff
 
 from parley.metrics import STORE_ERRORS
 from parley.sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
+from parley.sessions.redis_scripts import Scripts
 from parley.sessions.store import FileInfo, Message, MessageStatus, Session
 
 logger = logging.getLogger("parley")
 
 _DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
-
-# Mark a session's "streaming" turns "interrupted", unless an interaction holds the session's claim.
-_INTERRUPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local n = 0
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local key = ARGV[1] .. 'msg:' .. id
-  if redis.call('HGET', key, 'status') == 'streaming' then
-    redis.call('HSET', key, 'status', 'interrupted')
-    n = n + 1
-  end
-end
-redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[2])
-return n
-"""
-
-_FINISH = """
-local session_id = redis.call('HGET', KEYS[1], 'session_id')
-if not session_id then return 0 end
-redis.call('HSET', KEYS[1], 'content', ARGV[1], 'status', ARGV[2])
-local streaming = ARGV[4] .. 'streaming:' .. session_id
-redis.call('SREM', streaming, ARGV[3])
-if redis.call('SCARD', streaming) == 0 then redis.call('SREM', ARGV[4] .. 'streaming', session_id) end
-return 1
-"""
-
-_CREATE_SESSION = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'agent', ARGV[1], 'created_at', ARGV[2], 'owner', ARGV[5])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return 1
-"""
-
-# Returns the ids of the files whose records it removed (nil when there was no such session for this owner).
-# A session hash without 'owner' was stored before owners existed: it is the open owner's ('').
-_DELETE_SESSION = """
-if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[3] then return false end
-if redis.call('DEL', KEYS[1]) == 0 then return false end
-local files = redis.call('LRANGE', KEYS[4], 0, -1)
-redis.call('ZREM', KEYS[2], ARGV[2])
-for _, id in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do redis.call('DEL', ARGV[1] .. 'msg:' .. id) end
-for _, id in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do redis.call('DEL', ARGV[1] .. 'file:' .. id) end
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[7])
-redis.call('SREM', KEYS[6], ARGV[2])
-return files
-"""
-
-# A file's record, only while its session exists.
-_ADD_FILE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], unpack(ARGV))
-redis.call('RPUSH', KEYS[3], ARGV[2])
-return 1
-"""
-
-# The text so far of a reply still streaming (a finished one keeps its final text).
-_CHECKPOINT = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'streaming' then return 0 end
-redis.call('HSET', KEYS[1], 'content', ARGV[1])
-return 1
-"""
-
-_DELETE_FILE = """
-if redis.call('HGET', KEYS[1], 'session_id') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('LREM', KEYS[2], 0, ARGV[2])
-return 1
-"""
 
 
 class _LostWhileWatching(Exception):
@@ -135,6 +67,7 @@ class RedisStore:
         self.redis = redis
         self.prefix = prefix
         self.finish_retry_seconds = finish_retry_seconds
+        self.scripts = Scripts(redis)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -153,16 +86,9 @@ class RedisStore:
     async def create_session(self, session: Session) -> None:
         score = datetime.fromisoformat(session.created_at.replace("Z", "+00:00")).timestamp()
         with _reachable():
-            created = await self.redis.eval(
-                _CREATE_SESSION,
-                2,
-                self.key("session", session.ui_session_id),
-                self._index(session.owner),
-                session.agent,
-                session.created_at,
-                str(score),
-                session.ui_session_id,
-                session.owner,
+            created = await self.scripts.create_session(
+                [self.key("session", session.ui_session_id), self._index(session.owner)],
+                [session.agent, session.created_at, str(score), session.ui_session_id, session.owner],
             )
         if not created:
             raise SessionExists(session.ui_session_id)
@@ -181,21 +107,19 @@ class RedisStore:
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         with _reachable():
-            file_ids: Any = await self.redis.eval(
-                _DELETE_SESSION,
-                7,
-                self.key("session", session_id),
-                self._index(owner),
-                self.key("messages", session_id),
-                self.key("files", session_id),
-                self.key("streaming", session_id),
-                self.key("streaming"),
-                # Its claim goes too: an owner that did not answer the cancel (dead, or silent for a while) finds
-                # its claim gone at its next renewal, and stops.
-                self.key("claim", session_id),
-                self.prefix,
-                session_id,
-                owner,
+            file_ids: Any = await self.scripts.delete_session(
+                [
+                    self.key("session", session_id),
+                    self._index(owner),
+                    self.key("messages", session_id),
+                    self.key("files", session_id),
+                    self.key("streaming", session_id),
+                    self.key("streaming"),
+                    # Its claim goes too: an owner that did not answer the cancel (dead, or silent for a while)
+                    # finds its claim gone at its next renewal, and stops.
+                    self.key("claim", session_id),
+                ],
+                [self.prefix, session_id, owner],
             )
         return None if file_ids is None else [str(file_id) for file_id in file_ids]
 
@@ -253,7 +177,8 @@ class RedisStore:
         delay = 0.05
         while True:
             try:
-                await self.redis.eval(_FINISH, 1, self.key("msg", message_id), content, status, message_id, self.prefix)
+                arguments = [content, status, message_id, self.prefix]
+                await self.scripts.record_reply([self.key("msg", message_id)], arguments)
                 return
             except _DOWN:
                 STORE_ERRORS.labels("redis").inc()
@@ -266,7 +191,7 @@ class RedisStore:
         with _reachable():
             async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for them all
                 for message_id, content in contents.items():
-                    pipe.eval(_CHECKPOINT, 1, self.key("msg", message_id), content)
+                    await self.scripts.checkpoint_reply([self.key("msg", message_id)], [content], client=pipe)
                 await pipe.execute()
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
@@ -278,15 +203,8 @@ class RedisStore:
                 session_ids = [session_id]
             count = 0
             for sid in session_ids:
-                count += await self.redis.eval(
-                    _INTERRUPT,
-                    3,
-                    self.key("claim", sid),
-                    self.key("streaming", sid),
-                    self.key("streaming"),
-                    self.prefix,
-                    sid,
-                )
+                keys = [self.key("claim", sid), self.key("streaming", sid), self.key("streaming")]
+                count += await self.scripts.interrupt_orphans(keys, [self.prefix, sid])
         return count
 
     async def streaming_turn(self, session_id: str) -> str | None:
@@ -318,9 +236,9 @@ class RedisStore:
         }
         # ARGV is the hash's fields and values, "id" first (the script appends ARGV[2], the id, to the list).
         pairs = [item for pair in fields.items() for item in pair]
-        keys = self.key("session", info.session_id), self.key("file", info.id), self.key("files", info.session_id)
+        keys = [self.key("session", info.session_id), self.key("file", info.id), self.key("files", info.session_id)]
         with _reachable():
-            added = await self.redis.eval(_ADD_FILE, 3, *keys, *pairs)
+            added = await self.scripts.add_file(keys, pairs)
         if not added:
             raise SessionNotFound(info.session_id)
 
@@ -346,9 +264,8 @@ class RedisStore:
 
     async def delete_file(self, session_id: str, file_id: str) -> bool:
         with _reachable():
-            deleted = await self.redis.eval(
-                _DELETE_FILE, 2, self.key("file", file_id), self.key("files", session_id), session_id, file_id
-            )
+            keys = [self.key("file", file_id), self.key("files", session_id)]
+            deleted = await self.scripts.delete_file(keys, [session_id, file_id])
         return bool(deleted)
 
 

@@ -10,38 +10,9 @@ from redis.asyncio import Redis
 
 from parley.sessions.errors import ApiError
 from parley.sessions.redis import _reachable as reachable  # (one rule for 'Redis is down' in every module)
+from parley.sessions.redis_scripts import Scripts
 
 logger = logging.getLogger("parley")
-
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# KEYS[1] the owner's slots; ARGV: interaction id, limit, lease (ms).
-_TAKE = (
-    _NOW
-    + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-)
-
-# KEYS: the owners' slots, ARGV[1] the lease (ms), then each key's interaction id; a slot already gone
-# (its lease ran out while Redis was unreachable) is not taken again: XX.
-_RENEW = (
-    _NOW
-    + """
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
-  redis.call('PEXPIRE', key, ARGV[1])
-end
-return #KEYS
-"""
-)
 
 
 class RedisStreamSlots:
@@ -53,6 +24,7 @@ class RedisStreamSlots:
         self.prefix = prefix
         self.lease_ms = max(int(lease_seconds * 1000), 100)
         self._held: dict[str, str] = {}  # this process's slots: interaction id -> owner
+        self.scripts = Scripts(redis)
 
     def _key(self, owner: str) -> str:
         return f"{self.prefix}streams:{owner}"
@@ -61,7 +33,7 @@ class RedisStreamSlots:
         if self.limit is None:
             return True
         with reachable():
-            taken = await self.redis.eval(_TAKE, 1, self._key(owner), interaction_id, self.limit, self.lease_ms)
+            taken = await self.scripts.take_slot([self._key(owner)], [interaction_id, self.limit, self.lease_ms])
         if taken:
             self._held[interaction_id] = owner
         return bool(taken)
@@ -83,7 +55,7 @@ class RedisStreamSlots:
         keys = [self._key(owner) for _, owner in held]
         args: list[Any] = [self.lease_ms, *(interaction_id for interaction_id, _ in held)]
         with reachable():
-            await self.redis.eval(_RENEW, len(keys), *keys, *args)
+            await self.scripts.renew_slots(keys, args)
 
     async def keep_alive(self) -> None:
         """Renew this process's slots every third of a lease, until cancelled (a background task)."""
