@@ -1,6 +1,7 @@
 """The cancel bus on Redis: a cancel for a stream that another process owns goes to that process's channel, and
 its answer comes back on a list of the canceller's. The same channel carries requests to mirror a reply for a
-rejoin (see :mod:`sessions.redis_rejoin`)."""
+rejoin (see :mod:`sessions.redis_rejoin`). On a Redis Cluster the channels are sharded (``SPUBLISH`` and
+``SSUBSCRIBE``): a message goes to the one node that serves the channel's slot, not to every node."""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from redis.asyncio import Redis
 
 from parley.sessions.errors import CancelFailed
 from parley.sessions.interactions import CancelReason, Interactions, OwnerCheck
-from parley.sessions.redis import _DOWN, _reachable
+from parley.sessions.redis import _DOWN, _reachable, is_cluster
 from parley.sessions.redis_claims import RedisClaims
-from parley.sessions.redis_scripts import Scripts
+from parley.sessions.redis_keys import SessionKeys, process_channel
 
 logger = logging.getLogger("parley")
 
@@ -36,23 +36,23 @@ class RedisCancelBus:
     answers on a reply list whether it really had that interaction running: at once if not, and if it did, when
     it releases the claim (the reply recorded, the session free), in the same round trip."""
 
-    def __init__(self, redis: Redis, scripts: Scripts, prefix: str, claims: RedisClaims) -> None:
+    def __init__(self, redis: Any, prefix: str, claims: RedisClaims) -> None:
         self.redis = redis
-        self.scripts = scripts
         self.prefix = prefix
         self.claims = claims
         self.process_id = claims.process_id
+        self.sharded = is_cluster(redis)
 
     def channel(self, process_id: str) -> str:
-        return f"{self.prefix}cancel:{process_id}"
-
-    def _reply_key(self, request_id: str) -> str:
-        return f"{self.prefix}cancel-reply:{request_id}"
+        return process_channel(self.prefix, process_id)
 
     async def publish(self, process_id: str, message: dict[str, Any]) -> int:
         """Send ``message`` to a process's channel; how many listeners heard it."""
+        channel, data = self.channel(process_id), json.dumps(message)
         with _reachable():
-            return int(await self.redis.publish(self.channel(process_id), json.dumps(message)))
+            return int(
+                await (self.redis.spublish(channel, data) if self.sharded else self.redis.publish(channel, data))
+            )
 
     async def cancel_elsewhere(
         self,
@@ -75,33 +75,35 @@ class RedisCancelBus:
         ``check`` runs only when the owner's process has not answered True (which it does only for ``owner``'s
         interaction): a cancel that stops the reply does not wait for a read of the session first."""
         request_id = secrets.token_hex(8)
-        reply_key = self._reply_key(request_id)
-        # The owner rides along: the receiving process checks it too, so another owner's cancel never stops it.
-        # (The script names the interaction the claim holds, so that the cancel never stops a later one.)
-        payload = json.dumps({"request": request_id, "session": session_id, "reason": reason, "owner": owner})
-        claim_key = self.claims.claim_key(session_id)
+        keys = SessionKeys(self.prefix, session_id)
+        reply_key = keys.cancel_reply(request_id)
         with _reachable():
-            arguments = [payload, self.process_id, interaction_id or "", self.channel("")]
-            sent: Any = await self.scripts.send_cancel([claim_key], arguments)
+            claim: Any = await self.redis.get(keys.claim)
+            listeners = -1
+            if claim is not None:
+                process_id, _, running_id = str(claim).partition(":")
+                if process_id != self.process_id and interaction_id in (None, running_id):
+                    # The owner rides along: the receiving process checks it too, so another owner's cancel never
+                    # stops it; and the interaction the claim holds, so that the cancel never stops a later one.
+                    request = {"request": request_id, "session": session_id, "reason": reason, "owner": owner}
+                    listeners = await self.publish(process_id, {**request, "interaction": running_id})
             reply = None
-            if sent is not None and int(sent[1]) > 0:
+            if listeners > 0:
                 reply = await self.redis.blpop([reply_key], timeout=_CANCEL_ANSWER_SECONDS)
                 if reply is not None and reply[1] == "1":
                     return True
             if check is not None:
                 await check()
-            if sent is None or int(sent[1]) < 0 or reply is not None:
+            if claim is None or listeners < 0 or reply is not None:
                 return False  # no stream, or not that one, or it is this process's, or its process said no
-            claim = str(sent[0])
-            running_id = claim.partition(":")[2]
             # (Left only once ``check`` has passed: the session is the canceller's owner's.)
-            await self.redis.set(self.claims.cancel_left_key(running_id), reason, px=self.claims.lease_ms + 1000)
+            await self.redis.set(keys.cancel_left(running_id), reason, px=self.claims.lease_ms + 1000)
             if wait_out_silence:
                 with anyio.move_on_after(self.claims.lease_ms / 1000 + 1):
                     # The claim lives in Redis, which says nothing when it goes: look again until it has.
-                    while await self.redis.get(claim_key) == claim:  # noqa: ASYNC110
+                    while await self.redis.get(keys.claim) == claim:  # noqa: ASYNC110
                         await anyio.sleep(0.05)
-                    return bool(await self.redis.exists(self.claims.cancelled_key(running_id)))
+                    return bool(await self.redis.exists(keys.cancelled(running_id)))
         raise CancelFailed(
             f"Failed to cancel interaction for session: {session_id} (the process streaming it did not answer)"
         )
@@ -121,13 +123,17 @@ class RedisCancelBus:
         while True:
             try:
                 async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.channel(self.process_id))
+                    channel = self.channel(self.process_id)
+                    await (pubsub.ssubscribe(channel) if self.sharded else pubsub.subscribe(channel))
                     delay = 0.1
                     if not started:
                         task_status.started()
                         started = True
                     while True:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if self.sharded:
+                            message = await pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=1.0)
+                        else:
+                            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if message is not None:
                             await self._answer(message["data"], interactions, task_group, on_follow)
             except _DOWN as exc:
@@ -149,7 +155,8 @@ class RedisCancelBus:
             owner = request.get("owner")
             if owner is not None and not isinstance(owner, str):
                 return
-            session_id, reply_key = request["session"], self._reply_key(request["request"])
+            session_id = request["session"]
+            reply_key = SessionKeys(self.prefix, session_id).cancel_reply(request["request"])
             running = interactions.get(session_id)
             cancelled = interactions.cancel_here(session_id, request["interaction"] or None, request["reason"], owner)
         except (ValueError, KeyError, TypeError):
@@ -159,7 +166,7 @@ class RedisCancelBus:
             # and the session free, and the stopped stream's last round trips do not queue behind this answer's.
             self.claims.answer_at_release[running.id] = reply_key
             return
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.rpush(reply_key, "0")
             pipe.expire(reply_key, _ANSWER_TTL)
             await pipe.execute()

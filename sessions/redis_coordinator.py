@@ -5,25 +5,39 @@
 - :mod:`sessions.redis_rejoin`: rejoining a reply from any process (its owner mirrors it into a Redis stream on
   demand).
 
-Their Lua scripts are in :mod:`sessions.redis_scripts`.
+Their Lua scripts are in :mod:`sessions.redis_scripts`, their keys named in :mod:`sessions.redis_keys`. With the
+Redis store on the same client, a short chat is two round trips to Redis: the claim rides in the store's first
+script and the release in its last. With another store (data elsewhere, Redis only to coordinate), the claim and
+the release are one round trip each.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from typing import Any
 
 import anyio
 import anyio.abc
-from redis.asyncio import Redis
 
 from parley.sessions.errors import ApiError
-from parley.sessions.interactions import CancelReason, Followed, Interaction, Interactions, Lease, OwnerCheck
+from parley.sessions.interactions import (
+    CancelReason,
+    Followed,
+    Interaction,
+    Interactions,
+    Lease,
+    OwnerCheck,
+    TurnStart,
+)
+from parley.sessions.limits import StreamSlots
+from parley.sessions.redis import RedisStore
 from parley.sessions.redis_cancels import RedisCancelBus
 from parley.sessions.redis_claims import RedisClaims
+from parley.sessions.redis_limits import RedisStreamSlots
 from parley.sessions.redis_rejoin import RedisRejoin
 from parley.sessions.redis_scripts import Scripts
-from parley.sessions.store import Store
+from parley.sessions.store import Message, MessageStatus, Session, Store
 
 logger = logging.getLogger("parley")
 
@@ -32,23 +46,66 @@ class RedisCoordinator:
     """One interaction per session across processes (:class:`RedisClaims`), cancels that reach the process owning
     the stream (:class:`RedisCancelBus`), and rejoins from any process (:class:`RedisRejoin`)."""
 
-    def __init__(self, redis: Redis, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
+    def __init__(self, redis: Any, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
         self.redis = redis
         self.prefix = prefix
         self.process_id = "proc_" + secrets.token_hex(8)
-        scripts = Scripts(redis)
-        self.claims = RedisClaims(redis, scripts, prefix, self.process_id, max(int(lease_seconds * 1000), 100))
-        self.bus = RedisCancelBus(redis, scripts, prefix, self.claims)
+        lease_ms = max(int(lease_seconds * 1000), 100)
+        self.claims = RedisClaims(redis, Scripts(redis), prefix, self.process_id, lease_ms)
+        self.bus = RedisCancelBus(redis, prefix, self.claims)
         self.rejoin = RedisRejoin(redis, prefix, self.claims, self.bus)
 
-    async def claim(self, interaction: Interaction) -> bool:
-        return await self.claims.claim(interaction)
+    def _own(self, store: Store) -> RedisStore | None:
+        """The store, if it is the Redis store on this coordinator's Redis (then they share their scripts)."""
+        if isinstance(store, RedisStore) and store.redis is self.redis and store.prefix == self.prefix:
+            return store
+        return None
+
+    def takes_slots(self, slots: StreamSlots) -> bool:
+        return isinstance(slots, RedisStreamSlots) and slots.inline and slots.redis is self.redis
+
+    async def claim(self, interaction: Interaction, slots: StreamSlots | None) -> None:
+        await self.claims.claim(interaction, _redis_slots(slots))
+
+    async def start_turn(
+        self, interaction: Interaction, slots: StreamSlots | None, turn: TurnStart
+    ) -> tuple[Session, list[Message]]:
+        redis_slots = _redis_slots(slots)
+        store = self._own(turn.store)
+        if store is not None:
+            claim = self.claims.to_take(interaction, redis_slots)
+            started = await store.begin(turn.user, turn.assistant, turn.history_limit, interaction.owner, claim)
+            self.claims.taken(interaction, redis_slots)
+            return started
+        await self.claims.claim(interaction, redis_slots)
+        try:
+            # With the claim taken, any turn of the session still streaming is an orphan.
+            await turn.store.interrupt_turns(interaction.session_id)
+            return await turn.store.start_turn(turn.user, turn.assistant, turn.history_limit, owner=interaction.owner)
+        except BaseException:
+            await self.claims.release(interaction, redis_slots)
+            raise
+
+    async def end_turn(
+        self,
+        interaction: Interaction,
+        slots: StreamSlots | None,
+        store: Store,
+        message_id: str,
+        content: str,
+        status: MessageStatus,
+    ) -> None:
+        own = self._own(store)
+        if own is None:
+            await store.finish_turn(message_id, content, status)
+            return
+        await own.end(message_id, content, status, self.claims.to_release(interaction, _redis_slots(slots)))
 
     def lease(self, interaction: Interaction) -> Lease:
         return self.claims.lease(interaction)
 
-    async def release(self, interaction: Interaction) -> None:
-        await self.claims.release(interaction)
+    async def release(self, interaction: Interaction, slots: StreamSlots | None) -> None:
+        await self.claims.release(interaction, _redis_slots(slots))
 
     async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
         return await self.rejoin.streaming_elsewhere(session_id, interaction_id)
@@ -68,8 +125,14 @@ class RedisCoordinator:
         return await self.rejoin.follow(session_id)
 
     async def interrupt_orphans(self, store: Store, session_id: str | None = None) -> None:
-        # Leases tell which owners are gone: their turns, and only theirs, are interrupted.
-        await store.interrupt_turns(session_id)
+        # Leases tell which owners are gone: their turns, and only theirs, are interrupted. The Redis store checks
+        # the claims in the script that interrupts; another store is asked only about a session nobody claims (and
+        # is not swept as a whole: its turns left by a dead process are interrupted when their session is next
+        # read or claimed).
+        if self._own(store) is not None:
+            await store.interrupt_turns(session_id)
+        elif session_id is not None and await self.claims.owner(session_id) is None:
+            await store.interrupt_turns(session_id)
 
     async def run(self, interactions: Interactions, store: Store) -> None:
         """The cancel listener, and a sweeper that interrupts the turns of processes that died."""
@@ -78,7 +141,7 @@ class RedisCoordinator:
             while True:
                 await anyio.sleep(self.claims.lease_ms / 1000)
                 try:
-                    await store.interrupt_turns()
+                    await self.interrupt_orphans(store)
                 except ApiError:
                     logger.warning("lease sweeper: the store is unavailable; will retry")
 
@@ -92,3 +155,7 @@ class RedisCoordinator:
         """Serve cancels and follow requests addressed to this process until cancelled (mirrors for rejoins run
         in ``task_group``)."""
         await self.bus.listen(interactions, task_group, self.rejoin.on_follow, task_status=task_status)
+
+
+def _redis_slots(slots: StreamSlots | None) -> RedisStreamSlots | None:
+    return slots if isinstance(slots, RedisStreamSlots) else None

@@ -11,13 +11,13 @@ from typing import Any
 
 import anyio
 import anyio.abc
-from redis.asyncio import Redis
 
 from parley.sessions.errors import RejoinFailed, StoreUnavailable
 from parley.sessions.interactions import Followed, Interaction, Interactions
 from parley.sessions.redis import _DOWN, _reachable
 from parley.sessions.redis_cancels import RedisCancelBus
 from parley.sessions.redis_claims import RedisClaims
+from parley.sessions.redis_keys import SessionKeys
 
 logger = logging.getLogger("parley")
 
@@ -29,15 +29,15 @@ _FRAMES_TTL = 60
 class RedisRejoin:
     """Mirrors of this process's replies for followers elsewhere, and followers of other processes' replies."""
 
-    def __init__(self, redis: Redis, prefix: str, claims: RedisClaims, bus: RedisCancelBus) -> None:
+    def __init__(self, redis: Any, prefix: str, claims: RedisClaims, bus: RedisCancelBus) -> None:
         self.redis = redis
         self.prefix = prefix
         self.claims = claims
         self.bus = bus
         self._mirrored: set[str] = set()  # interactions being mirrored into Redis for rejoins
 
-    def frames_key(self, interaction_id: str) -> str:
-        return f"{self.prefix}frames:{interaction_id}"
+    def frames_key(self, interaction: Interaction) -> str:
+        return SessionKeys(self.prefix, interaction.session_id).frames(interaction.id)
 
     async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
         owner = await self.claims.owner(session_id)
@@ -71,7 +71,7 @@ class RedisRejoin:
                 task_group.start_soon(self._mirror, interaction)
 
     async def _mirror(self, interaction: Interaction) -> None:
-        key = self.frames_key(interaction.id)
+        key = self.frames_key(interaction)
         sent, first = 0, True
         try:
             while True:
@@ -105,7 +105,7 @@ class _MirrorReader:
     def __init__(self, rejoin: RedisRejoin, mirror: Interaction) -> None:
         self.rejoin = rejoin
         self.mirror = mirror
-        self.key = rejoin.frames_key(mirror.id)
+        self.key = rejoin.frames_key(mirror)
         self.last = "0-0"
         self.idle = 0
 

@@ -368,6 +368,11 @@ async def test_redis_serves_sessions_stored_before_owners_to_the_open_owner(shar
     # What the Redis store wrote before sessions had owners: no 'owner' field, one index of every session.
     await redis.hset(f"{prefix}session:old", mapping={"agent": "echo", "created_at": "2025-01-01T00:00:00Z"})
     await redis.zadd(f"{prefix}sessions", {"old": 1735689600.0})
+    # (Moved to the layout with hash tags by the command the README names, as an operator does once.)
+    from parley.sessions.redis_migrate import migrate
+
+    assert await migrate(redis, prefix) == 1
+    assert await migrate(redis, prefix) == 0
     store = RedisStore(redis, prefix=prefix)
     old = Session("old", "echo", "2025-01-01T00:00:00Z", "")
     assert await store.get_session("old", "") == old
