@@ -5,10 +5,15 @@
 A session's keys share its hash tag, so a chat's writes are one script each on one slot, on a single Redis or a
 Redis Cluster: :meth:`RedisStore.begin` (with the coordinator's claim, one round trip) and :meth:`RedisStore.end`
 (with its release, one more). Messages are kept as JSON in one hash per session and their statuses in another, so
-that a script never needs a key it was not given."""
+that a script never needs a key it was not given.
+
+redis-py's client runs on asyncio only: this module talks to asyncio (:func:`require_asyncio`), and parley on Redis
+refuses another event loop (trio) at start-up.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -26,11 +31,17 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from parley.metrics import STORE_ERRORS
-from parley.sessions.errors import SessionBusy, SessionExists, SessionNotFound, StoreUnavailable, TooManyStreams
+from parley.sessions.errors import (
+    EventLoopUnsupported,
+    SessionBusy,
+    SessionExists,
+    SessionNotFound,
+    StoreUnavailable,
+    TooManyStreams,
+)
 from parley.sessions.redis_keys import SessionKeys, owner_sessions, session_id_of
 from parley.sessions.redis_scripts import Scripts
-from parley.sessions.store import FileInfo, HistoryLimits, Message, MessageStatus, Session
+from parley.sessions.store import FileInfo, HistoryLimits, Message, MessageStatus, Session, ignore_error
 
 logger = logging.getLogger("parley")
 
@@ -73,12 +84,23 @@ def is_cluster(redis: Any) -> bool:
     return isinstance(redis, RedisCluster)
 
 
+def require_asyncio() -> None:
+    """Raise EventLoopUnsupported unless this runs on asyncio: redis-py's client knows no other event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise EventLoopUnsupported(
+            "PARLEY_REDIS_URL: the Redis store runs on asyncio only (redis-py); serve parley on asyncio "
+            "(uvicorn, or hypercorn's asyncio or uvloop worker class), not on trio"
+        ) from None
+
+
 @contextmanager
-def _reachable() -> Iterator[None]:
+def _reachable(on_error: Callable[[str], None]) -> Iterator[None]:
     try:
         yield
     except _DOWN:
-        STORE_ERRORS.labels("redis").inc()
+        on_error("redis")
         raise StoreUnavailable("The session store (Redis) is unavailable right now; try again shortly.") from None
 
 
@@ -110,8 +132,11 @@ class Release:
 class RedisStore:
     """The store on Redis. Behaves exactly like :class:`sessions.sqlite.SQLiteStore` (same tests)."""
 
+    name = "redis"
+
     def __init__(self, redis: Any, prefix: str = "parley:", finish_retry_seconds: float = 300.0) -> None:
         self.redis: Any = redis
+        self.on_error: Callable[[str], None] = ignore_error  # the app points it at its metrics
         self.prefix = prefix
         self.finish_retry_seconds = finish_retry_seconds
         self.scripts = Scripts(redis)
@@ -141,7 +166,7 @@ class RedisStore:
         score = datetime.fromisoformat(session.created_at.replace("Z", "+00:00")).timestamp()
         index = owner_sessions(self.prefix, session.owner)
         session_id = session.ui_session_id
-        with _reachable():
+        with _reachable(self.on_error):
             # Listed first (the owner's list is in the owner's slot, the session in its own): a crash between
             # the two leaves a listed id with no session, which listing skips, never a session nobody lists.
             listed = await self.redis.zadd(index, {session_id: score}, nx=True)
@@ -153,12 +178,12 @@ class RedisStore:
             raise SessionExists(session_id)
 
     async def get_session(self, session_id: str, owner: str) -> Session | None:
-        with _reachable():
+        with _reachable(self.on_error):
             fields: Any = await self.redis.hgetall(self.keys(session_id).session)
         return _session(session_id, fields, owner)
 
     async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
-        with _reachable():
+        with _reachable(self.on_error):
             ids: Any = await self.redis.zrevrange(owner_sessions(self.prefix, owner), offset, offset + limit - 1)
             if not ids:
                 return []
@@ -172,7 +197,7 @@ class RedisStore:
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         k = self.keys(session_id)
         keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.file_ids, k.files, k.claim]
-        with _reachable():
+        with _reachable(self.on_error):
             file_ids: Any = await self.scripts.delete_session(keys, [owner])
             if file_ids is not None:
                 await self.redis.zrem(owner_sessions(self.prefix, owner), session_id)
@@ -211,7 +236,7 @@ class RedisStore:
             arguments += (claim.value, claim.lease_ms, claim.interaction_id, claim.limit)
             if claim.slots is not None:
                 keys.append(claim.slots)
-        with _reachable():
+        with _reachable(self.on_error):
             answer: Any = await self.scripts.begin_turn(keys, arguments)
         outcome = answer[0]
         if outcome == "missing":
@@ -263,7 +288,7 @@ class RedisStore:
                 await self.scripts.end_turn(keys, arguments)
                 break
             except _DOWN:
-                STORE_ERRORS.labels("redis").inc()
+                self.on_error(self.name)
                 if time.monotonic() > deadline:
                     raise StoreUnavailable("The session store (Redis) stayed unavailable.") from None
                 await anyio.sleep(delay)
@@ -278,7 +303,7 @@ class RedisStore:
                 by_session.setdefault(reply.session_id, []).extend((message_id, _message_json(reply, content)))
         if not by_session:
             return
-        with _reachable():
+        with _reachable(self.on_error):
             if is_cluster(self.redis):
                 # One script per session, all at once (each runs on its session's node).
                 async with anyio.create_task_group() as task_group:
@@ -296,7 +321,7 @@ class RedisStore:
         await self.scripts.checkpoint_replies([k.messages, k.statuses], arguments)
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
-        with _reachable():
+        with _reachable(self.on_error):
             if session_id is not None:
                 return await self._interrupt(session_id)
             # Every session with a turn streaming: found with SCAN (no key is shared by every chat to list them).
@@ -313,7 +338,7 @@ class RedisStore:
 
     async def streaming_turn(self, session_id: str) -> str | None:
         k = self.keys(session_id)
-        with _reachable():
+        with _reachable(self.on_error):
             message_id: Any = await self.redis.srandmember(k.streaming)
             if message_id is None:
                 return None
@@ -322,32 +347,32 @@ class RedisStore:
 
     async def list_messages(self, session_id: str) -> list[Message]:
         k = self.keys(session_id)
-        with _reachable():
+        with _reachable(self.on_error):
             answer: Any = await self.scripts.read_messages([k.message_ids, k.messages, k.statuses], [0])
         return _messages(answer[0], answer[1])
 
     async def add_file(self, info: FileInfo) -> None:
         k = self.keys(info.session_id)
         record = json.dumps(info.to_json())
-        with _reachable():
+        with _reachable(self.on_error):
             added = await self.scripts.add_file([k.session, k.file_ids, k.files], [info.id, record])
         if not added:
             raise SessionNotFound(info.session_id)
 
     async def get_file(self, session_id: str, file_id: str) -> FileInfo | None:
-        with _reachable():
+        with _reachable(self.on_error):
             row: Any = await self.redis.hget(self.keys(session_id).files, file_id)
         return None if row is None else _file(session_id, row)
 
     async def list_files(self, session_id: str) -> list[FileInfo]:
         k = self.keys(session_id)
-        with _reachable():
+        with _reachable(self.on_error):
             rows: Any = await self.scripts.read_files([k.file_ids, k.files])
         return [_file(session_id, row) for row in rows if row]
 
     async def delete_file(self, session_id: str, file_id: str) -> bool:
         k = self.keys(session_id)
-        with _reachable():
+        with _reachable(self.on_error):
             deleted = await self.scripts.delete_file([k.file_ids, k.files], [file_id])
         return bool(deleted)
 

@@ -49,7 +49,7 @@ class RedisCancelBus:
     async def publish(self, process_id: str, message: dict[str, Any]) -> int:
         """Send ``message`` to a process's channel; how many listeners heard it."""
         channel, data = self.channel(process_id), json.dumps(message)
-        with _reachable():
+        with _reachable(self.claims.on_error):
             return int(
                 await (self.redis.spublish(channel, data) if self.sharded else self.redis.publish(channel, data))
             )
@@ -77,7 +77,7 @@ class RedisCancelBus:
         request_id = secrets.token_hex(8)
         keys = SessionKeys(self.prefix, session_id)
         reply_key = keys.cancel_reply(request_id)
-        with _reachable():
+        with _reachable(self.claims.on_error):
             claim: Any = await self.redis.get(keys.claim)
             listeners = -1
             if claim is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,6 +16,7 @@ from parley.sessions.redis import Claim, Release, _reachable
 from parley.sessions.redis_keys import SessionKeys
 from parley.sessions.redis_limits import RedisStreamSlots
 from parley.sessions.redis_scripts import Scripts
+from parley.sessions.store import ignore_error
 
 logger = logging.getLogger("parley")
 
@@ -39,6 +40,7 @@ class RedisClaims:
 
     def __init__(self, redis: Any, scripts: Scripts, prefix: str, process_id: str, lease_ms: int) -> None:
         self.redis = redis
+        self.on_error: Callable[[str], None] = ignore_error  # (RedisCoordinator.on_error)
         self.scripts = scripts
         self.prefix = prefix
         self.process_id = process_id
@@ -72,7 +74,7 @@ class RedisClaims:
         keys = [self.keys(interaction.session_id).claim]
         if claim.slots is not None:
             keys.append(claim.slots)
-        with _reachable():
+        with _reachable(self.on_error):
             answer: Any = await self.scripts.claim_session(
                 keys, [claim.value, claim.lease_ms, claim.interaction_id, claim.limit]
             )
@@ -115,7 +117,7 @@ class RedisClaims:
         arguments += (release.interaction_id, "1" if release.answer else "", "1" if release.slots else "")
         with anyio.CancelScope(shield=True):
             try:
-                with _reachable():
+                with _reachable(self.on_error):
                     await self.scripts.release_claim(keys, arguments)
             except ApiError:
                 logger.warning("could not release session %s; its lease will run out", interaction.session_id)
@@ -125,7 +127,7 @@ class RedisClaims:
         for the interaction (see :meth:`sessions.redis_cancels.RedisCancelBus.cancel_elsewhere`) comes back as
         its reason."""
         keys = self.keys(session_id)
-        with _reachable():
+        with _reachable(self.on_error):
             answer: Any = await self.scripts.renew_claim(
                 [keys.claim, keys.cancel_left(interaction_id)], [self.value(interaction_id), self.lease_ms]
             )
@@ -168,7 +170,7 @@ class RedisClaims:
 
     async def owner(self, session_id: str) -> tuple[str, str] | None:
         """The process and the interaction holding the session's claim, if any."""
-        with _reachable():
+        with _reachable(self.on_error):
             value: Any = await self.redis.get(self.keys(session_id).claim)
         if value is None:
             return None

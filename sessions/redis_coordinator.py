@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -54,6 +55,15 @@ class RedisCoordinator:
         self.claims = RedisClaims(redis, Scripts(redis), prefix, self.process_id, lease_ms)
         self.bus = RedisCancelBus(redis, prefix, self.claims)
         self.rejoin = RedisRejoin(redis, prefix, self.claims, self.bus)
+
+    @property
+    def on_error(self) -> Callable[[str], None]:
+        """Told of each operation that failed because Redis was unreachable (the app points it at its metrics)."""
+        return self.claims.on_error
+
+    @on_error.setter
+    def on_error(self, on_error: Callable[[str], None]) -> None:
+        self.claims.on_error = on_error  # (the cancel bus and the rejoin mirror report through the claims)
 
     def _own(self, store: Store) -> RedisStore | None:
         """The store, if it is the Redis store on this coordinator's Redis (then they share their scripts)."""

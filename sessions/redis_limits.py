@@ -9,6 +9,7 @@ their own there."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -18,6 +19,7 @@ from parley.sessions.redis import _reachable as reachable  # (one rule for 'Redi
 from parley.sessions.redis import is_cluster
 from parley.sessions.redis_keys import owner_streams
 from parley.sessions.redis_scripts import Scripts
+from parley.sessions.store import ignore_error
 
 logger = logging.getLogger("parley")
 
@@ -27,6 +29,7 @@ class RedisStreamSlots:
 
     def __init__(self, redis: Any, limit: int | None, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
         self.redis = redis
+        self.on_error: Callable[[str], None] = ignore_error  # the app points it at its metrics
         self.limit = limit
         self.prefix = prefix
         self.lease_ms = max(int(lease_seconds * 1000), 100)
@@ -52,7 +55,7 @@ class RedisStreamSlots:
     async def take(self, owner: str, interaction_id: str) -> bool:
         if self.limit is None:
             return True
-        with reachable():
+        with reachable(self.on_error):
             taken = await self.scripts.take_slot([self.key(owner)], [interaction_id, self.limit, self.lease_ms])
         if taken:
             self._held[interaction_id] = owner
@@ -62,7 +65,7 @@ class RedisStreamSlots:
         if self._held.pop(interaction_id, None) is None:
             return
         try:
-            with anyio.CancelScope(shield=True), reachable():
+            with anyio.CancelScope(shield=True), reachable(self.on_error):
                 await self.redis.zrem(self.key(owner), interaction_id)
         except ApiError:  # a slot not given back frees itself when its lease runs out
             logger.warning("could not give back a stream slot; its lease will run out")
@@ -74,7 +77,7 @@ class RedisStreamSlots:
             by_owner.setdefault(owner, []).append(interaction_id)
         if not by_owner:
             return
-        with reachable():
+        with reachable(self.on_error):
             if is_cluster(self.redis):
                 for owner, interaction_ids in by_owner.items():
                     await self.scripts.renew_slots([self.key(owner)], [self.lease_ms, *interaction_ids])

@@ -111,7 +111,7 @@ class _MirrorReader:
 
     async def read(self) -> None:
         mirror = self.mirror
-        with _reachable():
+        with _reachable(self.rejoin.claims.on_error):
             answer: Any = await self.rejoin.redis.xread({self.key: self.last}, count=1000, block=1000)
         if not answer:
             self.idle += 1
