@@ -93,7 +93,7 @@ class RedisClaims:
         keys = self.keys(interaction.session_id)
         answer = self.answer_at_release.pop(interaction.id, None)
         slot_key = None
-        if slots is not None and slots.holds(interaction.id):
+        if slots is not None and slots.inline and slots.holds(interaction.id):
             slot_key = slots.key(interaction.owner)
             slots.forget(interaction.id)
         return Release(

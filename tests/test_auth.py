@@ -542,12 +542,17 @@ async def assert_limited(
     assert [(m["role"], m["content"]) for m in history] == [("user", "now"), ("assistant", "now")]
 
 
+@pytest.mark.parametrize("redis", ["redis_server", "redis_cluster"])
 async def test_the_streams_per_owner_limit_across_two_workers_on_redis(
-    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: Any
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis: str, request: pytest.FixtureRequest
 ) -> None:
+    # On one Redis the slot is taken in the claim's script; on a cluster (where the owner's slots and the
+    # session's keys live in different hash slots) in a round trip of its own.
+    server = request.getfixturevalue(redis)
     env = {
         "PARLEY_API_KEYS": KEYS,
-        "PARLEY_REDIS_URL": redis_server.url,
+        "PARLEY_REDIS_URL": server.url,
+        "PARLEY_REDIS_CLUSTER": "1" if server.cluster else "0",
         "PARLEY_ECHO_DELAY": "0.02",
         "PARLEY_MAX_STREAMS_PER_OWNER": "1",
         "PARLEY_REDIS_LEASE_SECONDS": "1",  # so the slot must be renewed while the reply runs

@@ -19,15 +19,18 @@ from parley.sessions.store import FileInfo, Message, Session, new_id, new_ordere
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["sqlite", "sqlite-memory", "redis"])
+@pytest.fixture(params=["sqlite", "sqlite-memory", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     kind = request.param
     store: Store
-    if kind == "redis":
+    if kind in ("redis", "redis-cluster"):
         from parley.sessions.redis import RedisStore, connect
 
-        url = request.getfixturevalue("shared_redis_url")
-        store = RedisStore(connect(url), prefix=f"test-{secrets.token_hex(6)}:")
+        if kind == "redis":
+            client = connect(request.getfixturevalue("shared_redis_url"))
+        else:
+            client = connect(request.getfixturevalue("redis_cluster").url, cluster=True)
+        store = RedisStore(client, prefix=f"test-{secrets.token_hex(6)}:")
     else:
         store = SQLiteStore(tmp_path / "parley.db") if kind == "sqlite" else SQLiteStore(":memory:")
     await store.open()
