@@ -176,7 +176,7 @@ def _claims_in(coordinator: Coordinator) -> Callable[[Collection[str]], Awaitabl
     async def claims(session_ids: Collection[str]) -> Mapping[str, str]:
         held = {}
         for session_id in session_ids:  # (only sessions with a turn left streaming: rare, and few)
-            owner = await coordinator.owner(session_id)
+            owner = await coordinator.claims.owner(session_id)
             if owner is not None:
                 held[session_id] = owner[1]
         return held
