@@ -5,6 +5,7 @@
 - :mod:`sessions.interactions`: the interactions in progress, one cancel scope each, one per session, and the
   coordinator interface (claims, cancels, rejoins across processes) with its local implementation.
 - :mod:`sessions.turns`: the turn runner (claim, history, agent, checkpoints, record, release), with no wire format.
+- :mod:`sessions.parts`: a reply's parts (the AI SDK's UIMessage parts) folded from the agent's events, and its usage.
 - :mod:`sessions.streaming` and :mod:`sessions.sse`: the chat response and its renderers (plain text, the AI SDK's
   SSE); :mod:`sessions.rejoin`: following a reply that is running.
 - :mod:`sessions.limits` and :mod:`sessions.redis_limits`: how many replies one owner may have running at once,
