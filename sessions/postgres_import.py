@@ -26,7 +26,7 @@ import psycopg
 from parley.sessions.postgres_blobs import CHUNK_BYTES
 from parley.sessions.postgres_schema import migrate
 
-_MESSAGES = "id, session_id, role, content, file_ids, status, interaction_id, created_at"
+_MESSAGES = "id, session_id, role, content, file_ids, status, interaction_id, created_at, parts, usage"
 _FILES = "id, session_id, filename, mime_type, size, sha256, created_at"
 
 
@@ -38,6 +38,9 @@ async def run(sqlite_path: Path, url: str, files: Path | None) -> dict[str, int]
         await migrate(connection)
         owners = {row[1] for row in source.execute("PRAGMA table_info(sessions)")}
         owner = "owner" if "owner" in owners else "''"
+        # A file from before messages had parts and usage: NULL, which reads as a message of text alone.
+        has_parts = "parts" in {row[1] for row in source.execute("PRAGMA table_info(messages)")}
+        read = _MESSAGES if has_parts else _MESSAGES.replace("parts, usage", "NULL, NULL")
         sessions = source.execute(f"SELECT id, agent, created_at, {owner} FROM sessions ORDER BY rowid").fetchall()
         for session in sessions:
             async with connection.transaction():
@@ -51,11 +54,12 @@ async def run(sqlite_path: Path, url: str, files: Path | None) -> dict[str, int]
                     continue
                 counts["sessions copied"] += 1
                 messages = source.execute(
-                    f"SELECT {_MESSAGES} FROM messages WHERE session_id = ? ORDER BY seq", (session[0],)
+                    f"SELECT {read} FROM messages WHERE session_id = ? ORDER BY seq", (session[0],)
                 ).fetchall()
                 async with connection.cursor() as many:
                     await many.executemany(
-                        f"INSERT INTO messages ({_MESSAGES}) VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s)",
+                        f"INSERT INTO messages ({_MESSAGES}) "
+                        "VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s::jsonb, %s::jsonb)",
                         [_message(row) for row in messages],
                     )
                 counts["messages"] += len(messages)

@@ -355,3 +355,29 @@ async def test_an_sqlite_history_moves_into_postgres_and_reads_the_same(
         assert await history(client, new.url, session_id) == before
         download = await client.get(f"{new.url}/api/v1/files/{session_id}/{file_id}/content")
         assert download.content == b"bytes\n"
+
+
+async def test_an_sqlite_history_with_parts_and_usage_moves_into_postgres_with_them(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    from parley.sessions import SQLiteStore, postgres
+    from parley.sessions.store import Session
+    from tests.test_store import REASONED, USAGE, limit, turn
+
+    sqlite = SQLiteStore(tmp_path / "parley.db")
+    await sqlite.create_session(Session("acted", "openai", "2026-01-01T00:00:00.000000Z"))
+    user, reply = turn("acted", "add")
+    await sqlite.start_turn(user, reply, limit(0), owner="")
+    await sqlite.finish_turn(reply.id, "two", "complete", parts=REASONED, usage=USAGE)
+    before = await sqlite.list_messages("acted")
+    await sqlite.close()
+    command = [sys.executable, "-m", "parley.sessions.postgres_import", str(tmp_path / "parley.db")]
+    done = await anyio.run_process(command, env={**os.environ, "PARLEY_DATABASE_URL": postgres_url}, check=False)
+    assert done.returncode == 0, done.stderr
+    store = postgres.PostgresStore(postgres.connect(postgres_url))
+    await store.open()
+    try:
+        after = await store.list_messages("acted")
+    finally:
+        await store.close()
+    assert after == before and after[-1].parts == REASONED and after[-1].usage == USAGE
