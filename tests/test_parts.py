@@ -188,8 +188,13 @@ async def test_a_cancel_inside_the_tool_records_the_call_failed_and_says_so_befo
             await eventually(tool_running)  # (saved at the call: a tool may run long)
             # A rejoin mid-tool replays every part so far, then follows to the end.
             async with client.stream("GET", f"/api/v1/chat/{session_id}/stream", headers=SSE) as rejoin:
-                answer = await client.post("/api/v1/cancel", data={"ui_session_id": session_id})
-                rejoined = (await rejoin.aread()).decode()
+                # And one from a Last-Event-ID in the middle of the reasoning: the frames after it, exactly.
+                interaction_id = rejoin.headers["x-interaction-id"]
+                after = {**SSE, "last-event-id": f"{interaction_id}:4"}
+                async with client.stream("GET", f"/api/v1/chat/{session_id}/stream", headers=after) as resumed:
+                    answer = await client.post("/api/v1/cancel", data={"ui_session_id": session_id})
+                    rejoined = (await rejoin.aread()).decode()
+                    rest = (await resumed.aread()).decode()
         history = await messages(client, session_id)
         next_reply = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "sum"})
     assert answer.json()["cancelled"] is True
@@ -200,6 +205,7 @@ async def test_a_cancel_inside_the_tool_records_the_call_failed_and_says_so_befo
     assert error["toolCallId"] == "call_1" and error["errorText"].startswith("Cancelled")
     assert sent[-1]["finishReason"] == "interrupted" and sent[-1]["messageMetadata"] == {"status": "cancelled"}
     assert rejoined == body["text"]  # frame for frame as it was first sent
+    assert rest == body["text"][body["text"].index(f"id: {body['id']}:5\n") :]
     reply = history[-1]
     tool = {**acting.PARTS[3], "state": "output-error", "errorText": error["errorText"]}
     del tool["output"]
