@@ -32,8 +32,6 @@ class Turn:
 class AgentError(Exception):
     """The agent could not produce its reply. The message is safe to show to a client."""
 
-    status_code = 500
-
 
 class Agent(Protocol):
     """Something that answers a turn as an async generator of text tokens.
@@ -52,5 +50,3 @@ class Agent(Protocol):
 
 class UpstreamError(AgentError):
     """The model server behind the agent refused, failed, or went silent."""
-
-    status_code = 502

@@ -138,6 +138,13 @@ STORE_ERRORS = Counter(
 UPSTREAM_ERRORS = Counter("parley_upstream_errors", "Failures of an agent's model server.", ["agent"])
 
 
+class StoreMetrics:
+    """A store observer (:class:`sessions.store.StoreObserver`): ``parley_store_errors``."""
+
+    def store_error(self, store: str) -> None:
+        STORE_ERRORS.labels(store).inc()
+
+
 def exposition() -> tuple[bytes, str]:
     """The metrics in Prometheus' text format, with their content type: every worker's, in multiprocess mode."""
     if MULTIPROCESS_DIR is None:

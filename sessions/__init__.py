@@ -13,7 +13,7 @@
 - :mod:`sessions.redis` and :mod:`sessions.redis_coordinator`: the Redis store, and the coordinator that carries
   claims, cancels and rejoins across processes.
 - :mod:`sessions.service`: the parts of one app (store, agents, interactions) put together from its settings.
-- :mod:`sessions.errors`: every error a client can get, as one tree.
+- :mod:`sessions.errors`: every failure the domain raises, as one tree (:mod:`parley.errors` maps them to HTTP).
 - Operations: :mod:`sessions.openapi` (the OpenAPI document), :mod:`sessions.metrics` (Prometheus),
   :mod:`sessions.logs` (log formats, the per-interaction line), :mod:`sessions.telemetry` (each request's id,
   metrics and 5xx line), :mod:`sessions.health` (readiness), :mod:`sessions.collector` (the garbage collector's

@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 from anyio import AsyncFile
 
-from parley.sessions.errors import NotFound
+from parley.sessions.errors import FileNotFound
 
 _MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _TEXT_TYPES = {
@@ -150,7 +150,7 @@ class Blobs:
         try:
             data = await anyio.Path(self.path(file_id)).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"File not found: {file_id}") from None  # deleted since its metadata was read
+            raise FileNotFound(file_id) from None  # deleted since its metadata was read
         return data.decode("utf-8", errors="replace")
 
 

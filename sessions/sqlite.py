@@ -11,9 +11,8 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from parley.metrics import STORE_ERRORS
 from parley.sessions.errors import SessionExists, SessionNotFound
-from parley.sessions.store import FileInfo, Message, MessageStatus, Session
+from parley.sessions.store import UNOBSERVED, FileInfo, Message, MessageStatus, Session, StoreObserver
 
 T = TypeVar("T")
 
@@ -79,8 +78,9 @@ class SQLiteStore:
     ``path=":memory:"`` keeps everything in memory for the life of the process.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, observer: StoreObserver = UNOBSERVED) -> None:
         self.path = str(path)
+        self.observer = observer  # told of SQLite's errors (metrics)
         self._db: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
         self._open_lock = anyio.Lock()
@@ -151,7 +151,7 @@ class SQLiteStore:
                 finished.set()
         if operation.error is not None:
             if isinstance(operation.error, sqlite3.Error):
-                STORE_ERRORS.labels("sqlite").inc()
+                self.observer.store_error("sqlite")
             raise operation.error
         return operation.result  # type: ignore[no-any-return]
 

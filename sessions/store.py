@@ -95,7 +95,7 @@ class Store(Protocol):
     :class:`sessions.redis.RedisStore` (scale-out). Both pass the same tests in ``tests/test_store.py``.
 
     Every session has an owner. The calls that find a session by its id take the request's owner, and
-    another owner's session is exactly a session that does not exist (None, False, NotFound). Session ids are
+    another owner's session is exactly a session that does not exist (None, False, SessionNotFound). Session ids are
     global, though: :meth:`create_session` refuses an id that any owner has taken. The other calls take a
     session id that the caller has already found for its owner.
     """
@@ -147,3 +147,17 @@ class Store(Protocol):
     async def get_file(self, session_id: str, file_id: str) -> FileInfo | None: ...
     async def list_files(self, session_id: str) -> list[FileInfo]: ...
     async def delete_file(self, session_id: str, file_id: str) -> bool: ...
+
+
+class StoreObserver(Protocol):
+    """Told when a store fails to reach its database (the app wires its metrics here). Cheap, and never raises."""
+
+    def store_error(self, store: str) -> None: ...
+
+
+class _Unobserved:
+    def store_error(self, store: str) -> None:
+        pass
+
+
+UNOBSERVED: StoreObserver = _Unobserved()
