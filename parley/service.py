@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from parley import metrics
 from parley.agents import Agents, configured
 from parley.sessions.files import Blobs
 from parley.sessions.interactions import Coordinator, Interactions, LocalCoordinator
 from parley.sessions.limits import LocalStreamSlots, StreamSlots
 from parley.sessions.sqlite import SQLiteStore
-from parley.sessions.store import UNOBSERVED, Store, StoreObserver
+from parley.sessions.store import Store
 from parley.sessions.turns import TurnObserver, TurnRunner
 from parley.settings import Settings
 
@@ -104,12 +103,9 @@ def build(
 
 
 def default_store(settings: Settings) -> Store:
-    path = ":memory:" if settings.data_dir == ":memory:" else f"{settings.data_dir}/parley.db"
-    return SQLiteStore(path, observer=_store_observer(settings))
-
-
-def _store_observer(settings: Settings) -> StoreObserver:
-    return metrics.StoreMetrics() if settings.metrics else UNOBSERVED
+    if settings.data_dir == ":memory:":
+        return SQLiteStore(":memory:")
+    return SQLiteStore(f"{settings.data_dir}/parley.db")
 
 
 def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Store, Coordinator, StreamSlots]:
@@ -125,7 +121,7 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
     redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_seconds)
     lease = settings.redis_lease_seconds
     return (
-        store or RedisStore(redis, observer=_store_observer(settings)),
+        store or RedisStore(redis),
         RedisCoordinator(redis, lease_seconds=lease),
         RedisStreamSlots(redis, limit, lease_seconds=lease),
     )

@@ -12,7 +12,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from parley.sessions.errors import SessionExists, SessionNotFound
-from parley.sessions.store import UNOBSERVED, FileInfo, Message, MessageStatus, Session, StoreObserver
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session, ignore_error
 
 T = TypeVar("T")
 
@@ -78,9 +78,11 @@ class SQLiteStore:
     ``path=":memory:"`` keeps everything in memory for the life of the process.
     """
 
-    def __init__(self, path: str | Path, observer: StoreObserver = UNOBSERVED) -> None:
+    name = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self.observer = observer  # told of SQLite's errors (metrics)
+        self.on_error: Callable[[str], None] = ignore_error  # the app points it at its metrics
         self._db: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
         self._open_lock = anyio.Lock()
@@ -151,7 +153,7 @@ class SQLiteStore:
                 finished.set()
         if operation.error is not None:
             if isinstance(operation.error, sqlite3.Error):
-                self.observer.store_error("sqlite")
+                self.on_error(self.name)
             raise operation.error
         return operation.result  # type: ignore[no-any-return]
 

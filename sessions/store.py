@@ -26,6 +26,10 @@ def new_ordered_id(prefix: str) -> str:
     return f"{prefix}{time.time_ns() // 1000:014x}{secrets.token_hex(9)}"
 
 
+def ignore_error(store: str) -> None:
+    """A store's ``on_error`` until the app points it elsewhere (its metrics)."""
+
+
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -147,17 +151,3 @@ class Store(Protocol):
     async def get_file(self, session_id: str, file_id: str) -> FileInfo | None: ...
     async def list_files(self, session_id: str) -> list[FileInfo]: ...
     async def delete_file(self, session_id: str, file_id: str) -> bool: ...
-
-
-class StoreObserver(Protocol):
-    """Told when a store fails to reach its database (the app wires its metrics here). Cheap, and never raises."""
-
-    def store_error(self, store: str) -> None: ...
-
-
-class _Unobserved:
-    def store_error(self, store: str) -> None:
-        pass
-
-
-UNOBSERVED: StoreObserver = _Unobserved()

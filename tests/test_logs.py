@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from parley import logs
 from parley.app import create_app
 from parley.sessions.sqlite import SQLiteStore
 from parley.sessions.store import Session
@@ -165,6 +166,8 @@ async def test_a_bug_is_answered_500_with_the_request_id_and_logged_once_with_it
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
     app = create_app(make_settings(tmp_path), store=_BuggyStore(tmp_path / "buggy.db"))
+    # As `uvicorn app:app` does: parley's log set-up (a library leaves logging to its host unless asked).
+    logs.configure("text")
     server = serve(app)  # (a real uvicorn: its own report of the bug is dropped, parley's line says it all)
     loggers = [logging.getLogger("parley"), logging.getLogger("uvicorn.error")]
     for logger in loggers:
