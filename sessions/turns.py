@@ -15,7 +15,7 @@ import anyio
 
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
 from parley.agents.events import Event, Step, ToolCall, ToolError, ToolResult, Usage
-from parley.sessions.errors import AgentUnavailable, ApiError, SessionBusy, SessionNotFound
+from parley.sessions.errors import AgentUnavailable, ParleyError, SessionBusy, SessionNotFound
 from parley.sessions.interactions import Interaction, Interactions, TurnStart
 from parley.sessions.parts import EVENT_TYPES, Part, split, unfinished_calls
 from parley.sessions.store import HistoryLimits, Message, MessageStatus, Session, Store, new_ordered_id, utcnow
@@ -275,7 +275,7 @@ class TurnRunner:
                         break
                     try:
                         await self.store.checkpoint_turns(*_checkpoints(due))
-                    except ApiError:
+                    except ParleyError:
                         logger.warning("could not checkpoint %d messages; will retry", len(due))
         finally:
             self._saving = False
