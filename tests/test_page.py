@@ -629,3 +629,25 @@ def test_stop_during_a_tool_call(serve: Callable[..., LiveServer], tmp_path: Pat
     assert recorded["status"] == "cancelled" and recorded["parts"][-1]["state"] == "output-error"
     assert agent.tool_runs == ["cancelled"]
     expect(page.get_by_role("button", name="Send")).to_be_visible()
+
+
+def test_a_reload_during_a_tool_call_rejoins_it_and_stop_still_works(
+    serve: Callable[..., LiveServer], tmp_path: Path, open_page: Any
+) -> None:
+    from tests import acting
+
+    server, agent = acting_parley(serve, tmp_path)
+    page = open_page(server.url + "/")
+    send(page, "a slow sum")
+    expect(reply(page).locator('[data-part="tool"]')).to_have_attribute("data-state", "input-available")
+    page.reload()  # history's parts so far, then the rejoin's replay of every part, then live
+    card = reply(page).locator('[data-part="tool"]')
+    expect(reply(page)).to_have_attribute("data-status", "streaming")
+    expect(card).to_have_attribute("data-state", "input-available")
+    expect(reply(page).locator('[data-part="text"]')).to_have_text("".join(acting.BEFORE_TOOL))
+    page.get_by_role("button", name="Stop").click()
+    expect(reply(page)).to_have_attribute("data-status", "cancelled")
+    expect(card).to_have_attribute("data-state", "output-error")
+    kinds = reply(page).locator("[data-part]").evaluate_all("elements => elements.map(e => e.dataset.part)")
+    assert kinds == ["reasoning", "text", "tool"]
+    assert agent.tool_runs == ["cancelled"]
