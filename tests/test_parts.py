@@ -312,3 +312,54 @@ async def test_a_rejoin_on_another_worker_replays_every_part(
     assert answer.json()["cancelled"] is True
     assert seen == body["text"]  # every part, through the mirror, frame for frame
     assert '"tool-output-error"' in seen
+
+
+async def test_a_cancel_inside_an_mcp_tool_is_answered_in_history_and_the_model_sees_it_next_turn(
+    serve: Callable[[ASGIApp], LiveServer], tmp_path: Path
+) -> None:
+    from tests.mcp_server import read_records
+    from tests.openai_stub import OpenAIStub
+    from tests.test_mcp import stdio_entry, write_config
+
+    record = tmp_path / "record.jsonl"
+    stub = OpenAIStub(tokens=["Done."], delay=0.001, reasoning=["Let me wait."])
+    stub.tool_plan = [[{"name": "slow", "arguments": {"seconds": 60, "tag": "parts"}}]]
+    config = write_config(tmp_path, {"example": stdio_entry(record)})
+    stub_url = serve(stub).url + "/v1"  # type: ignore[arg-type]
+    settings = make_settings(
+        tmp_path, agent="openai", openai_base_url=stub_url, openai_model="tools", mcp_config=config
+    )
+    server = serve(create_app(settings))
+    async with server.client() as client:
+        session_id = await new_session(client)
+        body: dict[str, str] = {}
+
+        async def chat() -> None:
+            response = await client.post(
+                "/api/v1/chat", data={"ui_session_id": session_id, "message": "wait"}, headers=SSE
+            )
+            body["text"], body["id"] = response.text, response.headers["x-interaction-id"]
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(chat)
+
+            async def started() -> bool:
+                return any(r["event"] == "started" for r in read_records(record))
+
+            await eventually(started, within=20)
+            assert (await client.post("/api/v1/cancel", data={"ui_session_id": session_id})).json()["cancelled"]
+        reply = (await messages(client, session_id))[-1]
+        stub.tool_plan = []
+        again = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "again"})
+    sent = chunks(body["text"], body["id"])
+    assert [c["type"] for c in sent][-3:] == ["tool-output-error", "finish-step", "finish"]
+    tool = reply["parts"][-1]
+    assert reply["status"] == "cancelled" and reply["parts"][1]["type"] == "reasoning"
+    assert (tool["toolName"], tool["state"], tool["input"]) == ("slow", "output-error", {"seconds": 60, "tag": "parts"})
+    assert tool["errorText"] == sent[-3]["errorText"] and tool["errorText"].startswith("Cancelled")
+    # The next turn: the model is given the cancelled call, answered with what history says, and accepts it.
+    assert again.status_code == 200 and again.text == "Done." and stub.calls[-1].refused is None
+    conversation = stub.calls[-1].body["messages"]
+    (asked,) = [m for m in conversation if m.get("tool_calls")]
+    (answered,) = [m for m in conversation if m.get("role") == "tool"]
+    assert answered["tool_call_id"] == asked["tool_calls"][0]["id"] and "Cancelled" in answered["content"]
