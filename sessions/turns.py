@@ -168,6 +168,7 @@ class TurnRunner:
         write, frame, append, monotonic = renderer.write, renderer.frame, events.append, time.monotonic
         next_checkpoint, seq = 0.0, 1
         text_run = False  # the last event was text: the next text token is framed by renderer.frame
+        acted = False  # an event other than text came: the reply may have tool calls to close at its end
         try:
             await renderer.started(interaction)
             async with self.interactions.coordinator.lease(interaction):
@@ -188,8 +189,10 @@ class TurnRunner:
                                     continue
                                 # The first event, or one that is not a token in a run of text.
                                 text_run = type(event) is str
-                                if not text_run and not isinstance(event, EVENT_TYPES):
-                                    raise TypeError(f"the agent yielded {type(event).__name__}, not an event")
+                                if not text_run:
+                                    if not isinstance(event, EVENT_TYPES):
+                                        raise TypeError(f"the agent yielded {type(event).__name__}, not an event")
+                                    acted = True
                                 if report.first_token_at is None and not isinstance(event, _UNSEEN):
                                     # The first thing the user sees. (Checkpoints count from it.)
                                     report.first_token_at = time.monotonic()
@@ -215,7 +218,7 @@ class TurnRunner:
                 else:
                     status = "error" if failure is not None else "complete"
                 # The agent was stopped (or ended) while a tool ran: the runner records the call as failed.
-                closing = unfinished_calls(events, status)
+                closing = unfinished_calls(events, status) if acted else []
                 events.extend(closing)
                 with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
                     # (With Redis, the session is freed in the same round trip.)
@@ -224,12 +227,12 @@ class TurnRunner:
                         interaction, self.store, reply.id, content, status, parts=parts, usage=usage
                     )
                 recorded = not attempt.cancelled_caught
-            error = self._failure(session_id, failure, bool(events))
+            error = self._failure(session_id, failure, report.first_token_at is not None)
             if error is not None:
                 interaction.error = report.error = str(error)
                 report.upstream = isinstance(error, UpstreamError)
             interaction.finish(status)  # (followers see the end)
-            report.status, report.tokens, report.ended_at = status, len(events), time.monotonic()
+            report.status, report.tokens, report.ended_at = status, _tokens(events, acted), time.monotonic()
             report.reason = interaction.reason or status
             if recorded:
                 # Free the session before the client sees the end, so that its next message is welcome.
@@ -242,12 +245,12 @@ class TurnRunner:
                 # The store is slow or down, or this was torn down from outside (a server shutdown): the client
                 # has seen the end, or will not; keep trying to record it.
                 with anyio.CancelScope(shield=True):
-                    if report.ended_at is None:
+                    if report.ended_at is None and acted:
                         events.extend(unfinished_calls(events, status))
                     await self._record(reply.id, events, status)
             if report.ended_at is None:  # torn down from outside (a server shutdown)
                 interaction.finish(status)
-                report.status, report.tokens, report.ended_at = status, len(events), time.monotonic()
+                report.status, report.tokens, report.ended_at = status, _tokens(events, acted), time.monotonic()
                 report.reason = "interrupted"
             if self.observers:
                 self._tell("turn_ended", report)
@@ -317,3 +320,8 @@ def _checkpoints(due: dict[str, list[Event]]) -> tuple[dict[str, str], dict[str,
         if folded is not None:
             parts[message_id] = folded
     return contents, parts
+
+
+def _tokens(events: list[Event], acted: bool) -> int:
+    """How many text tokens a reply streamed (what observers count): all its events, unless some were not text."""
+    return sum(type(event) is str for event in events) if acted else len(events)
