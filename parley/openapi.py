@@ -134,6 +134,12 @@ _SCHEMAS: dict[str, Schema] = {
             "id": _TEXT,
             "role": {"enum": ["user", "assistant"]},
             "content": {"type": "string", "description": "Exactly the text that was streamed"},
+            "parts": {
+                "type": "array",
+                "items": {"type": "object", "properties": {"type": _TEXT, "text": _TEXT}, "required": ["type"]},
+                "description": "The AI SDK's UIMessage parts (useChat({messages}) takes the message as it is)",
+            },
+            "metadata": _object({"ui_session_id": _TEXT, "interaction_id": _TEXT, "status": _TEXT}),
             "file_ids": {"type": "array", "items": _TEXT},
             "status": {"enum": ["complete", "cancelled", "disconnected", "error", "interrupted", "streaming"]},
             "interaction_id": _TEXT,

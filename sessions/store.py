@@ -56,10 +56,18 @@ class Message:
     created_at: str
 
     def to_json(self) -> dict[str, Any]:
+        # parts and metadata make it a UIMessage as the AI SDK's useChat({messages}) takes it, as it is: the
+        # metadata is what the reply's stream gave the client (start's, merged with finish's).
         return {
             "id": self.id,
             "role": self.role,
             "content": self.content,
+            "parts": [{"type": "text", "text": self.content}] if self.content else [],
+            "metadata": {
+                "ui_session_id": self.session_id,
+                "interaction_id": self.interaction_id,
+                "status": self.status,
+            },
             "file_ids": list(self.file_ids),
             "status": self.status,
             "interaction_id": self.interaction_id,
