@@ -242,25 +242,21 @@ function hideError() {
 
 // Sessions
 
-function titleOf(messages) {
-  const first = messages.find((m) => m.role === "user");
-  return first ? first.content.trim().replace(/\s+/g, " ").slice(0, 80) : null;
-}
-
-function sessionLabel(session) {
-  return state.titles.get(session.ui_session_id) || "Untitled";
-}
-
 async function loadSessions() {
+  // One request: each session comes with its title (set, or its first message's).
   const { sessions } = await getJSON("api/v1/sessions?limit=100");
   ui.noSessions.hidden = sessions.length > 0;
-  for (const session of sessions) state.agents.set(session.ui_session_id, session.agent);
+  for (const session of sessions) {
+    state.agents.set(session.ui_session_id, session.agent);
+    if (session.title) state.titles.set(session.ui_session_id, session.title);
+  }
   ui.sessions.replaceChildren(
     ...sessions.map((session) => {
       const item = document.createElement("li");
       const link = document.createElement("a");
       link.href = `#${encodeURIComponent(session.ui_session_id)}`;
-      link.textContent = sessionLabel(session);
+      // (A session made a moment ago has no title yet: the page's own, from the message it is sending.)
+      link.textContent = state.titles.get(session.ui_session_id) || "Untitled";
       link.dataset.sessionId = session.ui_session_id;
       const when = document.createElement("small");
       when.textContent = new Date(session.created_at).toLocaleString();
@@ -270,16 +266,8 @@ async function loadSessions() {
       return item;
     }),
   );
-  // Titles are the sessions' first messages, fetched once each.
-  for (const session of sessions) {
-    if (state.titles.has(session.ui_session_id)) continue;
-    getJSON(`api/v1/sessions/${encodeURIComponent(session.ui_session_id)}/messages`)
-      .then(({ messages }) => {
-        const title = titleOf(messages);
-        if (title) setTitle(session.ui_session_id, title);
-      })
-      .catch(() => {});
-  }
+  const current = state.titles.get(state.sessionId);
+  if (current) showTitle(current);
 }
 
 function setTitle(sessionId, title) {
@@ -354,8 +342,6 @@ async function openSession(sessionId) {
     const article = addMessage(messageElement(message.role, message.content, options));
     if (status === "streaming") running = article;
   }
-  const title = titleOf(messages);
-  if (title) setTitle(sessionId, title);
   if (running) await rejoin(sessionId, running);
 }
 

@@ -33,6 +33,7 @@ from parley.forms import (
     read_form,
     read_json_or_form,
     required_text,
+    session_title,
 )
 from parley.health import readiness
 from parley.openapi import document
@@ -102,7 +103,7 @@ async def create_session(request: Request) -> Response:
         session_id = new_id("ses_")
     if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
         raise BadRequest("ui_session_id must be 1 to 128 characters: letters, digits, '_' or '-'.")
-    session = Session(session_id, agent, utcnow(), owner)
+    session = Session(session_id, agent, utcnow(), owner, session_title(options.get("title")))
     await parley.store.create_session(session)
     return JSONResponse(session.to_json(), status_code=201)
 
@@ -121,6 +122,17 @@ async def get_session(request: Request) -> Response:
     await parley.interrupt_orphans(session.ui_session_id)
     streaming = await parley.interactions.is_streaming(session.ui_session_id)
     return JSONResponse({**session.to_json(), "status": "streaming" if streaming else "idle"})
+
+
+async def update_session(request: Request) -> Response:
+    parley, owner = await _parley(request)
+    options = await read_json_or_form(bounded(request, OPTIONS_BODY_BYTES, parley.settings.body_timeout_seconds))
+    if "title" not in options:
+        raise BadRequest("Send the field to change: title (1 to 200 characters, or null for the first message's).")
+    session_id = request.path_params["session_id"]
+    if not await parley.store.set_title(session_id, owner, session_title(options["title"])):
+        raise NotFound(f"Session not found: {session_id}")
+    return JSONResponse((await _session(parley, session_id, owner)).to_json())
 
 
 async def delete_session(request: Request) -> Response:
@@ -360,6 +372,7 @@ routes = [
     Route("/api/v1/sessions", create_session, methods=["POST"]),
     Route("/api/v1/sessions", list_sessions, methods=["GET"]),
     Route("/api/v1/sessions/{session_id}", get_session, methods=["GET"]),
+    Route("/api/v1/sessions/{session_id}", update_session, methods=["PATCH"]),
     Route("/api/v1/sessions/{session_id}", delete_session, methods=["DELETE"]),
     Route("/api/v1/sessions/{session_id}/messages", list_messages, methods=["GET"]),
     Route("/api/v1/files", upload_file, methods=["POST"]),
@@ -477,7 +490,7 @@ def create_app(
             Middleware(
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
-                allow_methods=["GET", "POST", "DELETE"],
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
                 allow_headers=["authorization", "x-api-key", "content-type", "last-event-id"],
                 expose_headers=["x-interaction-id", "x-request-id"],
             )

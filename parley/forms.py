@@ -13,6 +13,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
 from parley.sessions.errors import BadRequest, BodyTimeout, PayloadTooLarge
+from parley.sessions.store import TITLE_MAX_CHARS
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -175,6 +176,16 @@ def parse_file_ids(raw: str | None) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise BadRequest('Invalid file_ids format: expected a JSON array of strings, like ["file_123"].')
     return list(dict.fromkeys(value))
+
+
+def session_title(value: Any) -> str | None:
+    """A title a client sets: text of 1 to 200 characters (surrounding whitespace dropped); None (JSON null, or
+    left out) for the one taken from the first user message."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > TITLE_MAX_CHARS:
+        raise BadRequest(f"title must be text of 1 to {TITLE_MAX_CHARS} characters (or null, for the first message's).")
+    return value.strip()
 
 
 def query_int(request: Request, name: str, default: int, *, minimum: int, maximum: int) -> int:

@@ -112,6 +112,18 @@ _ON_DISCONNECT: Schema = {
 }
 _ON_DISCONNECT_QUERY: Schema = {"name": "on_disconnect", "in": "query", "schema": _ON_DISCONNECT}
 
+_TITLE: Schema = {
+    "type": ["string", "null"],
+    "description": "The title set, or else the first user message (whitespace folded, at most 80 characters); "
+    "null before there is one",
+}
+_NEW_TITLE: Schema = {
+    "type": ["string", "null"],
+    "pattern": "\\S",
+    "maxLength": 200,
+    "description": "1 to 200 characters; null: the first user message's",
+}
+
 _SESSION_LINKS = {
     "GetSession": _link("getSession", path=True),
     "ListMessages": _link("listMessages", path=True),
@@ -125,10 +137,17 @@ _SESSION_LINKS = {
 _SCHEMAS: dict[str, Schema] = {
     "Error": _object({"status": {"const": "error"}, "message": _TEXT}),
     "Success": _object({"status": {"const": "success"}, "message": _TEXT}),
-    "Session": _object({"ui_session_id": _TEXT, "agent": _TEXT, "created_at": _TIME}),
+    "Session": _object({"ui_session_id": _TEXT, "agent": _TEXT, "created_at": _TIME, "title": _TITLE}),
     "SessionState": _object(
-        {"ui_session_id": _TEXT, "agent": _TEXT, "created_at": _TIME, "status": {"enum": ["idle", "streaming"]}}
+        {
+            "ui_session_id": _TEXT,
+            "agent": _TEXT,
+            "created_at": _TIME,
+            "title": _TITLE,
+            "status": {"enum": ["idle", "streaming"]},
+        }
     ),
+    "SessionUpdate": _object({"title": _NEW_TITLE}),
     "Message": _object(
         {
             "id": _TEXT,
@@ -169,6 +188,7 @@ _SCHEMAS: dict[str, Schema] = {
         {
             "agent": {"type": "string", "description": "GET /api/v1/agents lists them; the server's default if absent"},
             "ui_session_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
+            "title": _NEW_TITLE,
         },
     ),
     "ChatForm": _object(
@@ -336,6 +356,21 @@ _PATHS: dict[str, dict[str, Schema]] = {
             {200: _json(_ref("SessionState"), "The session")},
             (404, 503),
             parameters=[_SESSION_PARAM],
+        ),
+        "patch": _operation(
+            "updateSession",
+            "Rename a session",
+            {200: _json(_ref("Session"), "The session")},
+            (400, 404, 408, 413, 503),
+            parameters=[_SESSION_PARAM],
+            body={
+                "required": True,
+                "content": {
+                    "application/json": {"schema": _ref("SessionUpdate")},
+                    "multipart/form-data": {"schema": _ref("SessionUpdate")},
+                    "application/x-www-form-urlencoded": {"schema": _ref("SessionUpdate")},
+                },
+            },
         ),
         "delete": _operation(
             "deleteSession",

@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 
 from parley.metrics import STORE_ERRORS
 from parley.sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
-from parley.sessions.store import FileInfo, Message, MessageStatus, Session
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session, derived_title
 
 logger = logging.getLogger("parley")
 
@@ -55,9 +55,22 @@ return 1
 _CREATE_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'agent', ARGV[1], 'created_at', ARGV[2], 'owner', ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'title', ARGV[6]) end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
+
+# A session's title (ARGV[2]; '' takes it away), if the session is the owner's (ARGV[1]).
+_SET_TITLE = """
+if not redis.call('HGET', KEYS[1], 'agent') or (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then
+  return 0
+end
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], 'title') else redis.call('HSET', KEYS[1], 'title', ARGV[2]) end
+return 1
+"""
+
+# The start of the first user message, kept in the session's hash for its derived title (see derived_title).
+_FIRST_TEXT_CHARS = 1000
 
 # Returns the ids of the files whose records it removed (nil when there was no such session for this owner).
 # A session hash without 'owner' was stored before owners existed: it is the open owner's ('').
@@ -163,6 +176,7 @@ class RedisStore:
                 str(score),
                 session.ui_session_id,
                 session.owner,
+                session.title or "",
             )
         if not created:
             raise SessionExists(session.ui_session_id)
@@ -178,6 +192,11 @@ class RedisStore:
             rows = await self._hashes("session", ids)
         found = (_session(sid, fields, owner) for sid, fields in zip(ids, rows, strict=True))
         return [session for session in found if session is not None]
+
+    async def set_title(self, session_id: str, owner: str, title: str | None) -> bool:
+        with _reachable():
+            done = await self.redis.eval(_SET_TITLE, 1, self.key("session", session_id), owner, title or "")
+        return bool(done)
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         with _reachable():
@@ -220,7 +239,7 @@ class RedisStore:
             # Read before the watch: a watching pipeline holds its connection until it writes, and must not wait
             # for a second one (with every pooled connection held that way, none would come).
             fields: Any = await self.redis.hgetall(session_key)
-            session = _session(session_id, fields, owner)
+            session = _session(session_id, fields, owner, titled=False)
             if session is None:
                 raise SessionNotFound(session_id)
             limit = history_limit(session)
@@ -239,6 +258,7 @@ class RedisStore:
                 for message in (user, assistant):
                     pipe.hset(self.key("msg", message.id), mapping=_message_fields(message))
                 pipe.rpush(self.key("messages", session_id), user.id, assistant.id)
+                pipe.hsetnx(session_key, "first", user.content[:_FIRST_TEXT_CHARS])
                 pipe.sadd(self.key("streaming", session_id), assistant.id)
                 pipe.sadd(self.key("streaming"), session_id)
                 try:
@@ -352,11 +372,12 @@ class RedisStore:
         return bool(deleted)
 
 
-def _session(session_id: str, row: dict[str, str], owner: str) -> Session | None:
+def _session(session_id: str, row: dict[str, str], owner: str, *, titled: bool = True) -> Session | None:
     """The session in ``row`` if it is ``owner``'s; None for no session (an empty row) or another owner's."""
     if not row or row.get("owner", "") != owner:
         return None
-    return Session(session_id, row["agent"], row["created_at"], owner)
+    title = (row.get("title") or derived_title(row.get("first"))) if titled else None
+    return Session(session_id, row["agent"], row["created_at"], owner, title)
 
 
 def _message_fields(message: Message) -> dict[Any, Any]:

@@ -13,7 +13,7 @@ import anyio.to_thread
 
 from parley.metrics import STORE_ERRORS
 from parley.sessions.errors import SessionExists, SessionNotFound
-from parley.sessions.store import FileInfo, Message, MessageStatus, Session
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session, derived_title
 
 T = TypeVar("T")
 
@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     agent TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    title TEXT
 );
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -53,7 +54,15 @@ CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, created_at);
 # _SCHEMA, in a write transaction, so that two workers opening one old file do not both add the column.
 _OWNERS = "ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''"
 _OWNERS_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions(owner, created_at)"
+# Files made before sessions had titles (NULL: derived from the first user message).
+_TITLES = "ALTER TABLE sessions ADD COLUMN title TEXT"
 _SESSION_COLUMNS = "id, agent, created_at, owner"
+# A session with its title: the one set, or the start of its first user message (derived_title cuts it to 80
+# characters after folding whitespace, so a few hundred are plenty).
+_TITLED_COLUMNS = (
+    "id, agent, created_at, owner, title, (SELECT substr(content, 1, 1000) FROM messages "
+    "WHERE messages.session_id = sessions.id AND role = 'user' ORDER BY seq LIMIT 1)"
+)
 
 _MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at"
 _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
@@ -107,6 +116,8 @@ class SQLiteStore:
             columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
             if "owner" not in columns:
                 db.execute(_OWNERS)
+            if "title" not in columns:
+                db.execute(_TITLES)
             db.execute(_OWNERS_INDEX)
             db.execute("COMMIT")
         except BaseException:
@@ -183,8 +194,8 @@ class SQLiteStore:
         def insert(db: sqlite3.Connection) -> None:
             try:
                 db.execute(
-                    f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?)",
-                    (session.ui_session_id, session.agent, session.created_at, session.owner),
+                    f"INSERT INTO sessions ({_SESSION_COLUMNS}, title) VALUES (?, ?, ?, ?, ?)",
+                    (session.ui_session_id, session.agent, session.created_at, session.owner, session.title),
                 )
             except sqlite3.IntegrityError:
                 raise SessionExists(session.ui_session_id) from None
@@ -192,18 +203,31 @@ class SQLiteStore:
         await self._run(insert)
 
     async def get_session(self, session_id: str, owner: str) -> Session | None:
-        return await self._run(lambda db: _session(db, session_id, owner))
+        def select(db: sqlite3.Connection) -> Session | None:
+            row = db.execute(
+                f"SELECT {_TITLED_COLUMNS} FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
+            ).fetchone()
+            return _titled(row) if row else None
+
+        return await self._run(select)
 
     async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
         def select(db: sqlite3.Connection) -> list[Session]:
             rows = db.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE owner = ? "
+                f"SELECT {_TITLED_COLUMNS} FROM sessions WHERE owner = ? "
                 "ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
                 (owner, limit, offset),
             ).fetchall()
-            return [Session(*row) for row in rows]
+            return [_titled(row) for row in rows]
 
         return await self._run(select)
+
+    async def set_title(self, session_id: str, owner: str, title: str | None) -> bool:
+        def update(db: sqlite3.Connection) -> bool:
+            cursor = db.execute("UPDATE sessions SET title = ? WHERE id = ? AND owner = ?", (title, session_id, owner))
+            return cursor.rowcount > 0
+
+        return await self._run(update)
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         def delete(db: sqlite3.Connection) -> list[str] | None:
@@ -320,6 +344,11 @@ def _session(db: sqlite3.Connection, session_id: str, owner: str) -> Session | N
         f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
     ).fetchone()
     return Session(*row) if row else None
+
+
+def _titled(row: tuple[Any, ...]) -> Session:
+    id_, agent, created_at, owner, title, first_text = row
+    return Session(id_, agent, created_at, owner, title or derived_title(first_text))
 
 
 def _history(db: sqlite3.Connection, session_id: str, limit: int = -1) -> list[Message]:

@@ -30,6 +30,21 @@ def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+TITLE_MAX_CHARS = 200  # a title a client sets
+DERIVED_TITLE_CHARS = 80  # one taken from the first user message
+
+
+def derived_title(text: str | None) -> str | None:
+    """A session's title when its client set none: its first user message, whitespace folded, cut at 80
+    characters with an ellipsis; None before there is one."""
+    if text is None:
+        return None
+    folded = " ".join(text.split())
+    if len(folded) > DERIVED_TITLE_CHARS:
+        folded = folded[: DERIVED_TITLE_CHARS - 1].rstrip() + "…"
+    return folded or None
+
+
 @dataclass(frozen=True)
 class Session:
     ui_session_id: str
@@ -38,10 +53,17 @@ class Session:
     # Who may see and touch it (see auth.py): fixed at creation. "" is the open owner (auth.OPEN_OWNER),
     # which is also the owner of every session stored before owners existed.
     owner: str = ""
+    # The title its client set, or else (as the stores read it) derived_title() of its first user message.
+    title: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # The owner stays out of the API: a client knows who it is, and the spec's bodies stay as they are.
-        return {"ui_session_id": self.ui_session_id, "agent": self.agent, "created_at": self.created_at}
+        return {
+            "ui_session_id": self.ui_session_id,
+            "agent": self.agent,
+            "created_at": self.created_at,
+            "title": self.title,
+        }
 
 
 @dataclass(frozen=True)
@@ -114,9 +136,16 @@ class Store(Protocol):
     async def create_session(self, session: Session) -> None:
         """Raises :class:`sessions.errors.SessionExists` when the id is taken."""
 
-    async def get_session(self, session_id: str, owner: str) -> Session | None: ...
+    async def get_session(self, session_id: str, owner: str) -> Session | None:
+        """The session with its title: the one set (on create, or by :meth:`set_title`), or else
+        :func:`derived_title` of its first user message."""
+
     async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
-        """The owner's sessions, newest first."""
+        """The owner's sessions, newest first, titled as :meth:`get_session` titles them."""
+
+    async def set_title(self, session_id: str, owner: str, title: str | None) -> bool:
+        """Set the owner's session's title (None: back to the derived one); False if the owner has no such
+        session."""
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         """Delete the owner's session with its history and its files' records, in one transaction; return the
@@ -127,7 +156,7 @@ class Store(Protocol):
         self, user: Message, assistant: Message, history_limit: Callable[[Session], int], *, owner: str
     ) -> tuple[Session, list[Message]]:
         """Store the user's message and the assistant's ``streaming`` placeholder together, and return the
-        session with its latest messages before them (what the agent is given), as many as
+        session (its title left out: None) with its latest messages before them (what the agent is given), as many as
         ``history_limit(session)`` says: that depends on the session's agent, which this call is the first
         to read. Raises :class:`sessions.errors.SessionNotFound` when the session does not exist or is not
         ``owner``'s (checked in the same round trip: a chat pays nothing for it; ``SessionGone`` when it is

@@ -575,3 +575,23 @@ def test_ui_false_leaves_the_page_out(serve: Callable[..., LiveServer], tmp_path
         assert response.status_code == 404
         assert response.json()["status"] == "error"
     assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_the_session_list_is_titled_with_one_request(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live()
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for text in ("  how do   lists work?", "a named one", "the third"):
+            session_id = client.post("/api/v1/sessions").json()["ui_session_id"]
+            assert client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": text}).status_code == 200
+        client.patch(f"/api/v1/sessions/{session_id}", json={"title": "Renamed by its owner"})
+    requests: list[str] = []
+    page = open_page()
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(server.url + "/")
+    links = page.get_by_role("navigation", name="Sessions").get_by_role("link")
+    expect(links).to_have_count(3)
+    titles = [(links.nth(index).text_content() or "") for index in range(3)]
+    # Newest first: the third (renamed), the second, the first (whitespace folded); each with its date after it.
+    starts = ("Renamed by its owner", "a named one", "how do lists work?")
+    assert all(title.startswith(start) for title, start in zip(titles, starts, strict=True)), titles
+    assert [url for url in requests if "/api/v1/sessions" in url] == [server.url + "/api/v1/sessions?limit=100"]

@@ -7,6 +7,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -59,6 +60,28 @@ async def test_sessions(store: Store) -> None:
     assert await store.delete_session("s1", "") == []
     assert await store.delete_session("s1", "") is None
     assert await store.list_sessions("", 10, 0) == [second]
+
+
+async def test_titles_are_set_or_taken_from_the_first_user_message(store: Store) -> None:
+    await store.create_session(Session("named", "echo", "2026-01-01T00:00:00Z", "", "My title"))
+    await store.create_session(Session("plain", "echo", "2026-01-02T00:00:00Z"))
+    assert (await store.get_session("named", "")) == Session("named", "echo", "2026-01-01T00:00:00Z", "", "My title")
+    assert (await store.get_session("plain", "")) == Session("plain", "echo", "2026-01-02T00:00:00Z")  # None yet
+    long = "  What   is\n the " + "very " * 30 + "end?"
+    await store.start_turn(*turn("plain", long), limit(0), owner="")
+    await store.start_turn(*turn("plain", "a later question"), limit(0), owner="")
+    await store.start_turn(*turn("named", "ignored for the title"), limit(0), owner="")
+    title = "What is the " + "very " * 30
+    expected = title[:79].rstrip() + "…"
+    assert len(expected) <= 80
+    assert [s.title for s in await store.list_sessions("", 10, 0)] == [expected, "My title"]
+    assert (await store.get_session("plain", "")).title == expected  # type: ignore[union-attr]
+    assert await store.set_title("plain", "", "Renamed") is True
+    assert await store.set_title("plain", "alice", "Not hers") is False
+    assert await store.set_title("nope", "", "No session") is False
+    assert (await store.get_session("plain", "")).title == "Renamed"  # type: ignore[union-attr]
+    assert await store.set_title("named", "", None) is True  # back to the first user message
+    assert [s.title for s in await store.list_sessions("", 10, 0)] == ["Renamed", "ignored for the title"]
 
 
 async def test_another_owners_session_is_exactly_a_missing_one(store: Store) -> None:
@@ -347,14 +370,15 @@ async def test_sqlite_serves_sessions_stored_before_owners_to_the_open_owner(tmp
         tg.start_soon(first.open)
         tg.start_soon(second.open)
     await second.close()
-    old = Session("old", "echo", "2025-01-01T00:00:00Z", "")
+    # (Stored before titles too: its title is its first user message's.)
+    old = Session("old", "echo", "2025-01-01T00:00:00Z", "", "from before")
     assert await first.get_session("old", "") == old
     assert await first.get_session("old", "alice") is None
     assert await first.list_sessions("", 10, 0) == [old]
     assert [m.content for m in await first.list_messages("old")] == ["from before"]
     assert [f.id for f in await first.list_files("old")] == ["file_1"]
     before = await first.list_messages("old")
-    assert await first.start_turn(*turn("old"), limit(10), owner="") == (old, before)
+    assert await first.start_turn(*turn("old"), limit(10), owner="") == (replace(old, title=None), before)
     await first.create_session(Session("new", "echo", utcnow(), "alice"))
     assert [s.ui_session_id for s in await first.list_sessions("alice", 10, 0)] == ["new"]
     await first.close()
