@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -205,7 +206,8 @@ async def rejoin(request: Request) -> Response | Follow:
     plain = request.headers.get("accept", "").split(";")[0].strip().lower() == "text/plain"
     offset = query_int(request, "offset", 0, minimum=0, maximum=2**62)
     after = after_seq(request.headers.get("last-event-id"), interaction.id)
-    metrics.REJOINS.inc()
+    if (counts := request.app.state.metrics) is not None:
+        counts.rejoins.inc()
     return Follow(interaction, plain=plain, after=after, offset=offset, feed=feed)
 
 
@@ -238,9 +240,11 @@ async def cancel(request: Request) -> Response:
             session_id, interaction_id, owner=owner, wait_out_silence=True, check=check
         )
     except CancelFailed:
-        metrics.CANCEL_REQUESTS.labels("failed").inc()
+        if (counts := request.app.state.metrics) is not None:
+            counts.cancel_requests.labels("failed").inc()
         raise
-    metrics.CANCEL_REQUESTS.labels(outcome).inc()
+    if (counts := request.app.state.metrics) is not None:
+        counts.cancel_requests.labels(outcome).inc()
     return JSONResponse(
         {
             "status": "success",
@@ -348,7 +352,7 @@ async def openapi(request: Request) -> Response:
 
 async def prometheus_metrics(request: Request) -> Response:
     await _parley(request)  # with API keys configured, a scrape needs one too (any owner's)
-    body, content_type = metrics.exposition()
+    body, content_type = request.app.state.metrics.exposition()
     return Response(body, headers={"content-type": content_type})
 
 
@@ -447,21 +451,29 @@ def create_app(
     ui: bool = True,
     debug: bool = False,
     owns_process: bool = False,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> Starlette:
-    """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*).
+    """Build a parley app: ``settings`` (the defaults when left out; ``Settings.from_env()`` reads PARLEY_*).
+    Building it changes nothing outside the app: logging, metrics and the process are the host's.
 
     ``observers`` are told about every turn (see :class:`sessions.turns.TurnObserver`): metrics, logs.
     ``ui=False`` leaves out the chat page (``GET /`` and ``/ui/``), for hosts that serve their own.
+    ``metrics_registry``: the Prometheus registry to keep parley's metrics in (a new one of the app's own when
+    left out), for a host that serves its own ``/metrics``.
     ``owns_process=True`` (``uvicorn app:app``) lets its lifespan tune the process's garbage collector for many
     long streams (see :mod:`parley.gc_tuning`); a host app that embeds parley leaves the collector to itself.
     """
-    settings = settings or Settings.from_env()
+    settings = settings or Settings()
     auth = auth or Auth(keys_from(settings.api_keys, settings.api_keys_file))
-    logs.configure(settings.log_format)
     ops: list[TurnObserver] = [logs.InteractionLog()]
-    if settings.metrics:
-        ops.append(metrics.InteractionMetrics())
+    counts = metrics.Metrics(metrics_registry) if settings.metrics else None
+    if counts is not None:
+        ops.append(metrics.InteractionMetrics(counts))
     parley = build(settings, store, agents, [*ops, *observers])
+    if counts is not None:
+        for part in (parley.store, parley.coordinator, parley.interactions.slots):
+            if hasattr(part, "on_error"):
+                part.on_error = counts.store_failed
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -479,11 +491,12 @@ def create_app(
         finally:
             with anyio.CancelScope(shield=True):
                 await parley.close()
-            metrics.process_exiting()
+            if counts is not None:
+                counts.process_exiting()
 
     # Outermost: every response gets its request id and is counted, a CORS preflight's too, and an unhandled
     # exception is answered there (see sessions/stack.py).
-    middleware = [Middleware(Telemetry, metrics=settings.metrics)]
+    middleware = [Middleware(Telemetry, metrics=counts)]
     if settings.cors_origins:
         # A browser client on another origin may call the API and read the interaction id of a reply.
         middleware.append(
@@ -509,14 +522,20 @@ def create_app(
     )
     app.state.parley = parley
     app.state.auth = auth
+    app.state.metrics = counts
     app.state.openapi = document(metrics=settings.metrics, keys=auth.uses_keys, ui=ui)
     return app
 
 
 def serve_from_environment() -> Starlette:
-    """The app ``uvicorn app:app`` serves: settings from the environment, and the process is parley's."""
+    """The app ``uvicorn app:app`` serves: settings from the environment, and the process is parley's (its log
+    format, its metrics shared across ``--workers``, its garbage collector)."""
     try:
-        return create_app(owns_process=True)
+        settings = Settings.from_env()
+        logs.configure(settings.log_format)
+        if settings.metrics:
+            metrics.share_across_workers()
+        return create_app(settings, owns_process=True)
     except SettingsError as exc:
         # A configuration mistake is the operator's to fix: say which variable, in one line, no traceback.
         raise SystemExit(f"parley: {exc}") from None

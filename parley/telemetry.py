@@ -13,7 +13,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parley import logs
-from parley.metrics import RequestMetrics
+from parley.metrics import Metrics, RequestMetrics
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -27,9 +27,10 @@ class Telemetry:
     started is answered here with a JSON 500 and logged once, with its traceback, in parley's words: this is
     the app's outermost layer, in the place of Starlette's ServerErrorMiddleware (see app.py)."""
 
-    def __init__(self, app: ASGIApp, *, metrics: bool) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics | None) -> None:
         self.app = app
-        self.metrics = RequestMetrics() if metrics else None
+        self.metrics = RequestMetrics(metrics) if metrics is not None else None
+        _number_requests()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,8 +100,13 @@ def _new_id_prefix() -> None:
 
 
 _id_prefix, _id_counter = "", itertools.count()
-_new_id_prefix()
-os.register_at_fork(after_in_child=_new_id_prefix)  # a forked worker must not repeat its parent's ids
+
+
+def _number_requests() -> None:
+    # When the first app is made, not on import: importing parley changes nothing in the process.
+    if not _id_prefix:
+        _new_id_prefix()
+        os.register_at_fork(after_in_child=_new_id_prefix)  # a forked worker must not repeat its parent's ids
 
 
 def _error_message(body: list[bytes] | None) -> str:

@@ -18,9 +18,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from parley.metrics import STORE_ERRORS
 from parley.sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
-from parley.sessions.store import FileInfo, Message, MessageStatus, Session, derived_title
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session, derived_title, ignore_error
 
 logger = logging.getLogger("parley")
 
@@ -133,19 +132,22 @@ def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0) ->
 
 
 @contextmanager
-def _reachable() -> Iterator[None]:
+def _reachable(on_error: Callable[[str], None]) -> Iterator[None]:
     try:
         yield
     except _DOWN:
-        STORE_ERRORS.labels("redis").inc()
+        on_error("redis")
         raise StoreUnavailable("The session store (Redis) is unavailable right now; try again shortly.") from None
 
 
 class RedisStore:
     """The store on Redis. Behaves exactly like :class:`sessions.sqlite.SQLiteStore` (same tests)."""
 
+    name = "redis"
+
     def __init__(self, redis: Redis, prefix: str = "parley:", finish_retry_seconds: float = 300.0) -> None:
         self.redis = redis
+        self.on_error: Callable[[str], None] = ignore_error  # the app points it at its metrics
         self.prefix = prefix
         self.finish_retry_seconds = finish_retry_seconds
 
@@ -165,7 +167,7 @@ class RedisStore:
 
     async def create_session(self, session: Session) -> None:
         score = datetime.fromisoformat(session.created_at.replace("Z", "+00:00")).timestamp()
-        with _reachable():
+        with _reachable(self.on_error):
             created = await self.redis.eval(
                 _CREATE_SESSION,
                 2,
@@ -182,24 +184,24 @@ class RedisStore:
             raise SessionExists(session.ui_session_id)
 
     async def get_session(self, session_id: str, owner: str) -> Session | None:
-        with _reachable():
+        with _reachable(self.on_error):
             fields: Any = await self.redis.hgetall(self.key("session", session_id))
         return _session(session_id, fields, owner)
 
     async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
-        with _reachable():
+        with _reachable(self.on_error):
             ids: Any = await self.redis.zrevrange(self._index(owner), offset, offset + limit - 1)
             rows = await self._hashes("session", ids)
         found = (_session(sid, fields, owner) for sid, fields in zip(ids, rows, strict=True))
         return [session for session in found if session is not None]
 
     async def set_title(self, session_id: str, owner: str, title: str | None) -> bool:
-        with _reachable():
+        with _reachable(self.on_error):
             done = await self.redis.eval(_SET_TITLE, 1, self.key("session", session_id), owner, title or "")
         return bool(done)
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
-        with _reachable():
+        with _reachable(self.on_error):
             file_ids: Any = await self.redis.eval(
                 _DELETE_SESSION,
                 7,
@@ -235,7 +237,7 @@ class RedisStore:
     ) -> tuple[Session, list[Message]]:
         session_id = user.session_id
         session_key = self.key("session", session_id)
-        with _reachable():
+        with _reachable(self.on_error):
             # Read before the watch: a watching pipeline holds its connection until it writes, and must not wait
             # for a second one (with every pooled connection held that way, none would come).
             fields: Any = await self.redis.hgetall(session_key)
@@ -276,21 +278,21 @@ class RedisStore:
                 await self.redis.eval(_FINISH, 1, self.key("msg", message_id), content, status, message_id, self.prefix)
                 return
             except _DOWN:
-                STORE_ERRORS.labels("redis").inc()
+                self.on_error(self.name)
                 if time.monotonic() > deadline:
                     raise StoreUnavailable("The session store (Redis) stayed unavailable.") from None
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
     async def checkpoint_turns(self, contents: Mapping[str, str]) -> None:
-        with _reachable():
+        with _reachable(self.on_error):
             async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for them all
                 for message_id, content in contents.items():
                     pipe.eval(_CHECKPOINT, 1, self.key("msg", message_id), content)
                 await pipe.execute()
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
-        with _reachable():
+        with _reachable(self.on_error):
             if session_id is None:
                 members: Any = await self.redis.smembers(self.key("streaming"))
                 session_ids = sorted(members)
@@ -310,7 +312,7 @@ class RedisStore:
         return count
 
     async def streaming_turn(self, session_id: str) -> str | None:
-        with _reachable():
+        with _reachable(self.on_error):
             message_id: Any = await self.redis.srandmember(self.key("streaming", session_id))
             if message_id is None:
                 return None
@@ -321,7 +323,7 @@ class RedisStore:
         return await self._messages(session_id, 0)
 
     async def _messages(self, session_id: str, start: int) -> list[Message]:
-        with _reachable():
+        with _reachable(self.on_error):
             ids: Any = await self.redis.lrange(self.key("messages", session_id), start, -1)
             rows = await self._hashes("msg", ids)
         return [_message(fields) for fields in rows if fields]
@@ -339,19 +341,19 @@ class RedisStore:
         # ARGV is the hash's fields and values, "id" first (the script appends ARGV[2], the id, to the list).
         pairs = [item for pair in fields.items() for item in pair]
         keys = self.key("session", info.session_id), self.key("file", info.id), self.key("files", info.session_id)
-        with _reachable():
+        with _reachable(self.on_error):
             added = await self.redis.eval(_ADD_FILE, 3, *keys, *pairs)
         if not added:
             raise SessionNotFound(info.session_id)
 
     async def get_file(self, session_id: str, file_id: str) -> FileInfo | None:
-        with _reachable():
+        with _reachable(self.on_error):
             fields: Any = await self.redis.hgetall(self.key("file", file_id))
         info = _file(fields) if fields else None
         return info if info is not None and info.session_id == session_id else None
 
     async def list_files(self, session_id: str) -> list[FileInfo]:
-        with _reachable():
+        with _reachable(self.on_error):
             ids: Any = await self.redis.lrange(self.key("files", session_id), 0, -1)
             rows = await self._hashes("file", ids)
         return [_file(fields) for fields in rows if fields]
@@ -365,7 +367,7 @@ class RedisStore:
         return rows
 
     async def delete_file(self, session_id: str, file_id: str) -> bool:
-        with _reachable():
+        with _reachable(self.on_error):
             deleted = await self.redis.eval(
                 _DELETE_FILE, 2, self.key("file", file_id), self.key("files", session_id), session_id, file_id
             )

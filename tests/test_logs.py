@@ -162,7 +162,7 @@ async def test_a_bug_is_answered_500_with_the_request_id_and_logged_once_with_it
     parley_logger = logging.getLogger("parley")
     parley_logger.addHandler(handler)
     try:
-        transport = httpx.ASGITransport(app=Telemetry(broken, metrics=False))
+        transport = httpx.ASGITransport(app=Telemetry(broken, metrics=None))
         async with httpx.AsyncClient(transport=transport, base_url="http://parley") as client:
             response = await client.get("/anything", headers={"x-request-id": "req-bug"})
     finally:
