@@ -174,7 +174,9 @@ async def chat(request: Request) -> Response | ChatResponse:
         await _session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
     await parley.interrupt_orphans(session_id)
-    turn = TurnRequest(session_id, chat.message, file_ids, attachments, owner)
+    turn = TurnRequest(
+        session_id, chat.message, file_ids, attachments, owner, chat.replace, chat.missing_ok, chat.keep, chat.client_id
+    )
     on_disconnect: OnDisconnect = (
         "continue" if (chat.on_disconnect or parley.settings.on_disconnect) == "continue" else "cancel"
     )

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from dataclasses import replace as replace_fields
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -210,9 +211,16 @@ class ChatRequest:
     file_ids: list[str]
     on_disconnect: str | None
     ai_sdk: bool  # the body is the AI SDK's (it has "messages")
+    # The message this one takes the place of, with all after it (a regenerate or an edit; see
+    # TurnRequest.replace), and whether a missing one makes it a plain turn; the client's id for the message.
+    replace: str | None = None
+    missing_ok: bool = False
+    keep: bool = False
+    client_id: str = ""
 
 
 _ON_DISCONNECT = ("cancel", "continue")
+_CLIENT_ID_CHARS = 256
 
 
 async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
@@ -221,12 +229,14 @@ async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
         chat = _chat_json(await _read_json(request, 16 * max_message_bytes + 64 * 1024))
     else:
         form = await _read_form(request, content_type, max_message_bytes, MAX_FIELDS)
+        replace = optional_text(form, "replace")
         chat = ChatRequest(
             required_text(form, "ui_session_id"),
-            required_text(form, "message"),
+            (optional_text(form, "message") or "") if replace else required_text(form, "message"),
             parse_file_ids(optional_text(form, "file_ids")),
             optional_text(form, "on_disconnect"),
             ai_sdk=False,
+            replace=replace,
         )
     if len(chat.message.encode()) > max_message_bytes:
         raise PayloadTooLarge(f"The message is larger than the limit of {max_message_bytes} bytes.")
@@ -236,7 +246,7 @@ async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
     if on_disconnect is not None and on_disconnect not in _ON_DISCONNECT:
         raise BadRequest("on_disconnect must be 'cancel' or 'continue'.")
     if on_disconnect != chat.on_disconnect:
-        chat = ChatRequest(chat.session_id, chat.message, chat.file_ids, on_disconnect, chat.ai_sdk)
+        chat = replace_fields(chat, on_disconnect=on_disconnect)
     return chat
 
 
@@ -259,25 +269,41 @@ def _chat_json(data: Any) -> ChatRequest:
         file_ids = []
     elif not isinstance(file_ids, list) or not all(isinstance(item, str) for item in file_ids):
         raise BadRequest('Invalid file_ids format: expected a JSON array of strings, like ["file_123"].')
+    file_ids = list(dict.fromkeys(file_ids))
     if "messages" not in data:
-        session_id, message = data.get("ui_session_id"), data.get("message")
-        for name, value in (("ui_session_id", session_id), ("message", message)):
-            if not isinstance(value, str) or not value.strip():
-                raise BadRequest(f"The field '{name}' is required and must not be empty.")
-        assert isinstance(session_id, str) and isinstance(message, str)
-        return ChatRequest(session_id, message, list(dict.fromkeys(file_ids)), on_disconnect, ai_sdk=False)
+        session_id, message, replace = data.get("ui_session_id"), data.get("message"), data.get("replace")
+        if replace is not None and (not isinstance(replace, str) or not replace.strip()):
+            raise BadRequest("replace must be the id of a message of the session.")
+        if replace and message is None:
+            message = ""  # (a regenerate answers the user message before the reply it replaces)
+        elif not isinstance(message, str) or not message.strip():
+            raise BadRequest("The field 'message' is required and must not be empty.")
+        if not isinstance(session_id, str) or not session_id.strip():
+            raise BadRequest("The field 'ui_session_id' is required and must not be empty.")
+        if not isinstance(message, str):
+            raise BadRequest("The field 'message' must be text.")
+        return ChatRequest(session_id, message, file_ids, on_disconnect, ai_sdk=False, replace=replace or None)
     session_id = data.get("id")
     if not isinstance(session_id, str) or not session_id.strip():
         raise BadRequest("The field 'id' (the chat's id, parley's ui_session_id) is required and must not be empty.")
     trigger = data.get("trigger", "submit-message")
     if trigger not in ("submit-message", "regenerate-message"):
         raise BadRequest("trigger must be 'submit-message' or 'regenerate-message'.")
-    # Both triggers answer the last user message: a regeneration is a new turn for the same message.
-    message = _last_user_text(data["messages"])
-    return ChatRequest(session_id, message, list(dict.fromkeys(file_ids)), on_disconnect, ai_sdk=True)
+    message_id = data.get("messageId")
+    if message_id is not None and (not isinstance(message_id, str) or not message_id):
+        raise BadRequest("messageId must be the id of a message of the chat.")
+    # Both triggers answer the last user message, the client's own copy of history: after regenerate() it is the
+    # message before the reply the client dropped (messageId names the reply, or nothing: the last one); after
+    # sendMessage({text, messageId}), the edited message. In history, that message takes the place of the one
+    # with its id (or, when the SDK named one, of messageId's) with all that followed; a new one is appended.
+    client_id, message = _last_user_message(data["messages"])
+    replace, missing_ok = (message_id, False) if message_id is not None else (client_id or None, True)
+    keep = trigger == "regenerate-message"  # (the user message it answers stays as it is)
+    return ChatRequest(session_id, message, file_ids, on_disconnect, True, replace, missing_ok, keep, client_id)
 
 
-def _last_user_text(messages: Any) -> str:
+def _last_user_message(messages: Any) -> tuple[str, str]:
+    """The id (when it is one parley can keep: text, 1 to 256 characters) and the text of the last user message."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise BadRequest("messages must be an array of UI messages.")
     for message in reversed(messages):
@@ -292,5 +318,8 @@ def _last_user_text(messages: Any) -> str:
         text = "".join(t for t in texts if isinstance(t, str))
         if not text.strip():
             raise BadRequest("The last user message has no text.")
-        return text
+        client_id = message.get("id")
+        if not isinstance(client_id, str) or not 1 <= len(client_id) <= _CLIENT_ID_CHARS:
+            client_id = ""
+        return client_id, text
     raise BadRequest("messages has no user message to answer.")

@@ -110,6 +110,12 @@ _ON_DISCONNECT: Schema = {
     "enum": ["cancel", "continue"],
     "description": "What the client going away does to the reply (the server's PARLEY_ON_DISCONNECT if absent)",
 }
+_REPLACE: Schema = {
+    "type": "string",
+    "pattern": "\\S",
+    "description": "A message of the session that this one takes the place of, with everything after it: a reply "
+    "(regenerate: message may be left out) or a user message (edit)",
+}
 _ON_DISCONNECT_QUERY: Schema = {"name": "on_disconnect", "in": "query", "schema": _ON_DISCONNECT}
 
 _TITLE: Schema = {
@@ -196,6 +202,7 @@ _SCHEMAS: dict[str, Schema] = {
         {
             "file_ids": {"type": "string", "description": 'A JSON array of file ids, e.g. ["file_123"]'},
             "on_disconnect": _ON_DISCONNECT,
+            "replace": _REPLACE,
         },
     ),
     "ChatJson": _object(
@@ -203,6 +210,7 @@ _SCHEMAS: dict[str, Schema] = {
         {
             "file_ids": {"oneOf": [{"type": "array", "items": _TEXT}, {"type": "string"}]},
             "on_disconnect": _ON_DISCONNECT,
+            "replace": _REPLACE,
         },
     ),
     "AiSdkChat": {
@@ -240,6 +248,11 @@ _SCHEMAS: dict[str, Schema] = {
                 },
             },
             "trigger": {"enum": ["submit-message", "regenerate-message"]},
+            "messageId": {
+                "type": "string",
+                "minLength": 1,
+                "description": "The message regenerate() or sendMessage({text, messageId}) replaces (see replace)",
+            },
             "file_ids": {"oneOf": [{"type": "array", "items": _TEXT}, {"type": "string"}]},
             "on_disconnect": _ON_DISCONNECT,
         },

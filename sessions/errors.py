@@ -5,6 +5,7 @@
      ├── Unauthorized         401  no owner: no API key, a wrong or malformed one, or the host app's user is not
      │                             authenticated (auth.py); with API keys it carries WWW-Authenticate: Bearer
      ├── NotFound             404  unknown session, file or route; another owner's session or file, exactly alike
+     │    └── MessageNotFound      a chat's replace (or the AI SDK's messageId) names no message of the session
      ├── BodyTimeout          408  a request body that stopped arriving (PARLEY_BODY_TIMEOUT_SECONDS)
      ├── Conflict             409
      │    ├── SessionBusy          the session already has an interaction in progress
@@ -58,6 +59,11 @@ class Unauthorized(ApiError):
 
 class NotFound(ApiError):
     status_code = 404
+
+
+class MessageNotFound(NotFound):
+    def __init__(self, message_id: str) -> None:
+        super().__init__(f"Message not found: {message_id}")
 
 
 class BodyTimeout(ApiError):

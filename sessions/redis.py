@@ -18,7 +18,14 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from parley.sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
+from parley.sessions.errors import (
+    BadRequest,
+    MessageNotFound,
+    SessionExists,
+    SessionGone,
+    SessionNotFound,
+    StoreUnavailable,
+)
 from parley.sessions.store import FileInfo, Message, MessageStatus, Session, derived_title, ignore_error
 
 logger = logging.getLogger("parley")
@@ -70,6 +77,65 @@ return 1
 
 # The start of the first user message, kept in the session's hash for its derived title (see derived_title).
 _FIRST_TEXT_CHARS = 1000
+
+# A turn in the place of the session's message ARGV[3] (as the API names it: its client_id, or its id when it has
+# none), in one step: an edit (a user message) drops it and everything after, and stores the user message and the
+# reply; a regenerate (a reply) drops it and everything after, and stores the reply after the same user message.
+# Not found: a plain turn if ARGV[4] is '1', else {'missing'}. Returns {'ok', kept user message id or '', ids of
+# the ARGV[5] messages before the turn's user message...}; {'gone'} if the session is not the owner's (ARGV[2]).
+# ARGV[6..9]: the user's id, its text's start (the title's), 'keep' (a user message ARGV[3] stays, as for a reply)
+# or else whether it has text ('1' or '0'), the count of its field/value
+# pairs' items; then those items, then the reply's. (Messages are found from the end: the target is usually the last.)
+_REPLACE_TURN = """
+local prefix = ARGV[1]
+local s = redis.call('HMGET', KEYS[1], 'agent', 'owner')
+if not s[1] or (s[2] or '') ~= ARGV[2] then return {'gone'} end
+local ids = redis.call('LRANGE', KEYS[2], 0, -1)
+local at, role = nil, nil
+for i = #ids, 1, -1 do
+  local m = redis.call('HMGET', prefix .. 'msg:' .. ids[i], 'client_id', 'role')
+  local cid = m[1] or ''
+  if cid == ARGV[3] or (cid == '' and ids[i] == ARGV[3]) then at = i; role = m[2]; break end
+end
+local start, kept = #ids + 1, ''
+if at == nil then
+  if ARGV[4] ~= '1' then return {'missing'} end
+else
+  start = at
+  if role == 'assistant' then
+    local j = at - 1
+    while j >= 1 and redis.call('HGET', prefix .. 'msg:' .. ids[j], 'role') ~= 'user' do j = j - 1 end
+    if j < 1 then return {'missing'} end
+    start, kept = j, ids[j]
+  elseif ARGV[8] == 'keep' then
+    start, kept, at = at, ids[at], at + 1
+  elseif ARGV[8] == '0' then
+    return {'needs_text'}
+  end
+  for k = at, #ids do
+    redis.call('DEL', prefix .. 'msg:' .. ids[k])
+    redis.call('SREM', KEYS[3], ids[k])
+  end
+  if at == 1 then redis.call('DEL', KEYS[2]) elseif at <= #ids then redis.call('LTRIM', KEYS[2], 0, at - 2) end
+end
+local n = tonumber(ARGV[9])
+local user = {unpack(ARGV, 10, 9 + n)}
+local reply = {unpack(ARGV, 10 + n, #ARGV)}
+local reply_id = reply[2]
+if kept == '' then
+  redis.call('HSET', prefix .. 'msg:' .. ARGV[6], unpack(user))
+  redis.call('RPUSH', KEYS[2], ARGV[6])
+  if start == 1 then redis.call('HSET', KEYS[1], 'first', ARGV[7])
+  else redis.call('HSETNX', KEYS[1], 'first', ARGV[7]) end
+end
+redis.call('HSET', prefix .. 'msg:' .. reply_id, unpack(reply))
+redis.call('RPUSH', KEYS[2], reply_id)
+redis.call('SADD', KEYS[3], reply_id)
+redis.call('SADD', KEYS[4], reply[4])  -- (the reply's session_id: its fields start id, ..., session_id, ...)
+local out = {'ok', kept}
+for k = math.max(1, start - tonumber(ARGV[5])), start - 1 do out[#out + 1] = ids[k] end
+return out
+"""
 
 # Returns the ids of the files whose records it removed (nil when there was no such session for this owner).
 # A session hash without 'owner' was stored before owners existed: it is the open owner's ('').
@@ -269,6 +335,58 @@ class RedisStore:
                     raise SessionGone(session_id) from None
         return session, history
 
+    async def replace_turn(
+        self,
+        target: str,
+        user: Message,
+        assistant: Message,
+        history_limit: Callable[[Session], int],
+        *,
+        owner: str,
+        missing_ok: bool = False,
+        keep: bool = False,
+    ) -> tuple[Session, list[Message], Message]:
+        session_id = user.session_id
+        session_key = self.key("session", session_id)
+        user_items = [item for pair in _message_fields(user).items() for item in pair]
+        reply_items = [item for pair in _message_fields(assistant).items() for item in pair]
+        with _reachable(self.on_error):
+            fields: Any = await self.redis.hgetall(session_key)
+            session = _session(session_id, fields, owner, titled=False)
+            if session is None:
+                raise SessionNotFound(session_id)
+            limit = history_limit(session)
+            done: Any = await self.redis.eval(
+                _REPLACE_TURN,
+                4,
+                session_key,
+                self.key("messages", session_id),
+                self.key("streaming", session_id),
+                self.key("streaming"),
+                self.prefix,
+                owner,
+                target,
+                "1" if missing_ok else "0",
+                str(max(limit, 0)),
+                user.id,
+                user.content[:_FIRST_TEXT_CHARS],
+                "keep" if keep else "1" if user.content.strip() else "0",
+                str(len(user_items)),
+                *user_items,
+                *reply_items,
+            )
+            outcome, kept, earlier = done[0], "".join(done[1:2]), list(done[2:])
+            if outcome == "gone":
+                raise SessionGone(session_id)
+            if outcome == "missing":
+                raise MessageNotFound(target)
+            if outcome == "needs_text":
+                raise BadRequest("An edit needs the message's new text.")
+            rows = await self._hashes("msg", [*earlier, *([kept] if kept else [])])
+        history = [_message(row) for row in rows if row]
+        asked = history.pop() if kept else user
+        return session, history, asked
+
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         # The last word of an interaction must not be lost to a Redis outage: keep trying until it is back.
         deadline = time.monotonic() + self.finish_retry_seconds
@@ -392,6 +510,7 @@ def _message_fields(message: Message) -> dict[Any, Any]:
         "status": message.status,
         "interaction_id": message.interaction_id,
         "created_at": message.created_at,
+        "client_id": message.client_id,
     }
 
 
@@ -405,6 +524,7 @@ def _message(row: dict[str, str]) -> Message:
         row["status"],  # type: ignore[arg-type]
         row["interaction_id"],
         row["created_at"],
+        row.get("client_id", ""),
     )
 
 

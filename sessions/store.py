@@ -80,12 +80,16 @@ class Message:
     status: MessageStatus
     interaction_id: str
     created_at: str
+    # The id its client gave it (the AI SDK names its user messages itself), if any: the id the API shows, and the
+    # one a replace finds it by. Kept apart from ``id``, the store's key, so that no client can pick another
+    # session's message id.
+    client_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
         # parts and metadata make it a UIMessage as the AI SDK's useChat({messages}) takes it, as it is: the
         # metadata is what the reply's stream gave the client (start's, merged with finish's).
         return {
-            "id": self.id,
+            "id": self.client_id or self.id,
             "role": self.role,
             "content": self.content,
             "parts": [{"type": "text", "text": self.content}] if self.content else [],
@@ -165,6 +169,30 @@ class Store(Protocol):
         to read. Raises :class:`sessions.errors.SessionNotFound` when the session does not exist or is not
         ``owner``'s (checked in the same round trip: a chat pays nothing for it; ``SessionGone`` when it is
         deleted meanwhile), and whatever ``history_limit`` raises, in all cases with nothing stored."""
+
+    async def replace_turn(
+        self,
+        target: str,
+        user: Message,
+        assistant: Message,
+        history_limit: Callable[[Session], int],
+        *,
+        owner: str,
+        missing_ok: bool = False,
+        keep: bool = False,
+    ) -> tuple[Session, list[Message], Message]:
+        """:meth:`start_turn` in the place of the session's message ``target`` (its id as the API shows it), in one
+        step: a user message (an edit) is dropped with everything after it, and ``user`` and ``assistant`` take
+        its place; an assistant reply (a regenerate) is dropped with everything after it, and ``assistant`` takes
+        its place after the same user message (``user`` is not stored). With ``keep`` (a regenerate from a user
+        message), a user message stays, what follows it is dropped, and ``assistant`` follows it.
+
+        Returns the session, its latest messages before the turn's user message (as many as ``history_limit``
+        says) and the turn's user message (the one kept, or ``user``). Raises
+        :class:`sessions.errors.MessageNotFound` when the session has no ``target`` (unless ``missing_ok``: then
+        it is :meth:`start_turn`), :class:`sessions.errors.BadRequest` when an edit's ``user`` has no text, and
+        what :meth:`start_turn` raises; in all these cases with nothing changed.
+        """
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         """Give the assistant's placeholder its final text and terminal status."""

@@ -42,6 +42,12 @@ class TurnRequest:
     file_ids: Sequence[str] = ()
     attachments: Sequence[Attachment] = ()
     owner: str = ""
+    # A regenerate or an edit: the message (as the API names it) that this turn takes the place of, with all that
+    # followed it (see Store.replace_turn); missing_ok: a plain turn if the session has no such message.
+    replace: str | None = None
+    missing_ok: bool = False
+    keep: bool = False  # a regenerate: a user message ``replace`` names stays (see Store.replace_turn)
+    client_id: str = ""  # the id the client gave its message (the AI SDK's), shown as its id
 
 
 @dataclass(eq=False)
@@ -125,10 +131,31 @@ class TurnRunner:
     async def _converse(self, interaction: Interaction, request: TurnRequest, renderer: Renderer) -> None:
         now, session_id, interaction_id, text = utcnow(), request.session_id, interaction.id, request.message
         user = Message(
-            new_ordered_id("msg_"), session_id, "user", text, request.file_ids, "complete", interaction_id, now
+            new_ordered_id("msg_"),
+            session_id,
+            "user",
+            text,
+            request.file_ids,
+            "complete",
+            interaction_id,
+            now,
+            request.client_id,
         )
         reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction_id, now)
-        session, earlier = await self.store.start_turn(user, reply, self._history_limit, owner=request.owner)
+        if request.replace is None:
+            session, earlier = await self.store.start_turn(user, reply, self._history_limit, owner=request.owner)
+        else:
+            # The claim is held: nothing else changes the session's history until this turn has started.
+            session, earlier, user = await self.store.replace_turn(
+                request.replace,
+                user,
+                reply,
+                self._history_limit,
+                owner=request.owner,
+                missing_ok=request.missing_ok,
+                keep=request.keep,
+            )
+            text = user.content  # (a regenerate answers the user message it kept)
         agent = self._agent(session)
         interaction.message_id = reply.id
         report = TurnReport(session_id, interaction_id, request.owner, agent.name)

@@ -90,7 +90,15 @@ async def test_a_conversation_of_several_turns_sends_the_whole_chat_and_answers_
     ]
 
 
-async def test_regenerate_answers_the_last_user_message_again_as_a_new_turn(
+def shown(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [(m["id"], m["role"], m["text"]) for m in result["messages"]]
+
+
+def kept(history: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return [(m["id"], m["role"], m["content"]) for m in history]
+
+
+async def test_regenerate_replaces_the_last_reply_in_history_as_on_the_screen(
     live: Callable[..., LiveServer], ai_sdk: AISDK
 ) -> None:
     server = live()
@@ -100,19 +108,74 @@ async def test_regenerate_answers_the_last_user_message_again_as_a_new_turn(
         history = await messages(client, session_id)
 
     assert result["error"] is None and result["status"] == "ready", result
+    # The SDK dropped the old reply and shows the new one after the same question: so does history.
     assert [(m["role"], m["content"], m["status"]) for m in history] == [
         ("user", "the question", "complete"),
         ("assistant", "the question", "complete"),
-        ("user", "the question", "complete"),
-        ("assistant", "the question", "complete"),
     ]
-    # The SDK drops the old reply and shows the new one: history's second reply, with its own id and interaction.
-    assert [(m["role"], m["text"]) for m in result["messages"]] == [
-        ("user", "the question"),
-        ("assistant", "the question"),
+    assert shown(result) == kept(history)
+    # The reply is the second interaction's; the question stays the first's.
+    assert history[0]["interaction_id"] != history[1]["interaction_id"]
+    assert result["assistant"]["metadata"]["interaction_id"] == history[1]["interaction_id"]
+
+
+async def test_send_regenerate_edit_and_reload_keep_history_equal_to_the_chat(
+    live: Callable[..., LiveServer], ai_sdk: AISDK
+) -> None:
+    server = live()
+    steps = [
+        {"send": "one"},
+        {"send": "two"},
+        {"send": "three"},
+        {"regenerate": None},  # the last reply, again
+        {"regenerate": 1},  # the first reply (by its id): what followed it goes too
+        {"send": "four"},
+        {"edit": 2, "text": "four, edited"},  # sendMessage({text, messageId}): the user message, in place
+        {"send": "five"},
+        {"edit": 0, "text": "one, edited"},  # the first message: all after it goes
+        {"send": "six"},
+        {"regenerate": 2},  # a user message (the SDK keeps it and asks again)
     ]
-    assert result["assistant"]["id"] == history[3]["id"] != history[1]["id"]
-    assert result["assistant"]["metadata"]["interaction_id"] == history[3]["interaction_id"]
+    async with server.client() as client:
+        session_id = await new_session(client)
+        result = await ai_sdk.run("send", server.url, session_id, "--steps", json.dumps(steps))
+        history = await messages(client, session_id)
+        reloaded = await ai_sdk.run("resume", server.url, session_id, "--hydrate")
+        title = (await client.get(f"/api/v1/sessions/{session_id}")).json()["title"]
+
+    assert result["error"] is None and result["status"] == "ready", result
+    assert [(role, text) for _, role, text in shown(result)] == [
+        ("user", "one, edited"),
+        ("assistant", "one, edited"),
+        ("user", "six"),
+        ("assistant", "six"),
+    ]
+    # The same messages, ids included (the SDK's own for its user messages, start.messageId for the replies).
+    assert shown(result) == kept(history)
+    assert all(m["status"] == "complete" for m in history)
+    assert [(m["id"], m["role"], m["text"]) for m in reloaded["messages"]] == kept(history)
+    assert title == "one, edited"
+
+
+async def test_an_edit_or_regenerate_of_a_message_parley_never_had_is_a_404_and_drops_nothing(
+    live: Callable[..., LiveServer], ai_sdk: AISDK
+) -> None:
+    server = live()
+    async with server.client() as client:
+        session_id = await new_session(client)
+        await ai_sdk.run("send", server.url, session_id, "--text", "kept")
+        before = await messages(client, session_id)
+        body = {
+            "id": session_id,
+            "trigger": "regenerate-message",
+            "messageId": "msg_unknown",
+            "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "kept"}]}],
+        }
+        response = await client.post("/api/v1/chat", json=body)
+        assert response.status_code == 404 and response.json()["message"] == "Message not found: msg_unknown"
+        response = await client.post("/api/v1/chat", json={**body, "trigger": "submit-message", "messageId": 7})
+        assert response.status_code == 400
+        assert await messages(client, session_id) == before
 
 
 async def test_a_cancel_mid_reply_ends_the_message_as_cancelled(live: Callable[..., LiveServer], ai_sdk: AISDK) -> None:

@@ -81,3 +81,68 @@ async def test_renaming_needs_a_title_and_a_session_of_ones_own(client: httpx.As
     assert_error(await client.patch("/api/v1/sessions/ses_nobody", json={"title": "hi"}), 404, "ses_nobody")
     assert (await client.get("/api/v1/sessions")).json()["sessions"][0]["title"] is None
     assert await messages(client, session_id) == []
+
+
+# regenerate and edit: replace=<message id>
+
+
+async def test_replace_a_reply_answers_its_question_again_in_its_place(client: httpx.AsyncClient) -> None:
+    session_id = await new_session(client)
+    for text in ("one", "two", "three"):
+        await chat(client, session_id, text)
+    before = await messages(client, session_id)
+    response = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "replace": before[3]["id"]})
+    assert response.status_code == 200 and response.text == "two"
+    after = await messages(client, session_id)
+    assert [(m["role"], m["content"]) for m in after] == [
+        ("user", "one"),
+        ("assistant", "one"),
+        ("user", "two"),
+        ("assistant", "two"),
+    ]
+    assert after[:3] == before[:3] and after[3]["id"] != before[3]["id"]
+    assert after[3]["interaction_id"] == response.headers["x-interaction-id"]
+
+
+async def test_replace_a_user_message_is_an_edit(client: httpx.AsyncClient) -> None:
+    session_id = await new_session(client)
+    for text in ("one", "two", "three"):
+        await chat(client, session_id, text)
+    before = await messages(client, session_id)
+    body = {"ui_session_id": session_id, "message": "two, edited", "replace": before[2]["id"]}
+    response = await client.post("/api/v1/chat", json=body)
+    assert response.status_code == 200 and response.text == "two, edited"
+    after = await messages(client, session_id)
+    assert [(m["role"], m["content"]) for m in after] == [
+        ("user", "one"),
+        ("assistant", "one"),
+        ("user", "two, edited"),
+        ("assistant", "two, edited"),
+    ]
+    assert after[:2] == before[:2]
+    # An edit needs the new text; an unknown message is a 404; neither changes anything.
+    no_text = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "replace": after[2]["id"]})
+    assert_error(no_text, 400, "new text")
+    unknown = await client.post(
+        "/api/v1/chat", data={"ui_session_id": session_id, "replace": "msg_nope", "message": "x"}
+    )
+    assert_error(unknown, 404, "Message not found: msg_nope")
+    assert_error(await client.post("/api/v1/chat", json={**body, "replace": 7}), 400, "replace")
+    assert await messages(client, session_id) == after
+
+
+async def test_a_replace_refused_as_busy_drops_nothing(live: Callable[..., LiveServer]) -> None:
+    async with live(echo_delay=0.05).client() as client:
+        session_id = await new_session(client)
+        await chat(client, session_id, "one")
+        form = {"ui_session_id": session_id, "message": " ".join(f"w{i}" for i in range(100))}
+        async with client.stream("POST", "/api/v1/chat", data=form) as running:
+            assert running.status_code == 200
+            chunks = running.aiter_text()  # (kept: a dropped iterator closes the response)
+            await anext(chunks)
+            before = await messages(client, session_id)
+            first_reply = before[1]["id"]
+            busy = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "replace": first_reply})
+            assert_error(busy, 409, "in progress")
+            assert [m["id"] for m in await messages(client, session_id)] == [m["id"] for m in before]
+            await client.post("/api/v1/cancel", data={"ui_session_id": session_id})

@@ -2,6 +2,7 @@
 // DefaultChatTransport, with a minimal ChatState. tests/test_ai_sdk.py runs it and reads the one JSON line it prints.
 //
 //   node driver.mjs send   --session ID --text TEXT [--text TEXT...] [--regenerate] [--body JSON]
+//                          [--steps '[{"send": T}, {"regenerate": null | INDEX}, {"edit": INDEX, "text": T}]']
 //   node driver.mjs resume --session ID [--hydrate]            (resumeStream(); --hydrate loads the history first)
 //                                       [--history JSON]      (--hydrate with this history, as loaded a while ago)
 //
@@ -89,6 +90,7 @@ const { values, positionals } = parseArgs({
     history: { type: 'string' },
     progress: { type: 'boolean', default: false },
     regenerate: { type: 'boolean', default: false },
+    steps: { type: 'string' },
     'timeout-ms': { type: 'string', default: '30000' },
   },
 });
@@ -177,6 +179,15 @@ try {
   else for (const text of values.text) await chat.sendMessage({ text });
   // The "regenerate" button: the last reply is asked for again (trigger regenerate-message).
   if (values.regenerate) await chat.regenerate();
+  // --steps: what a person does in a chat, in order; a message is named by its index in chat.messages.
+  for (const step of values.steps === undefined ? [] : JSON.parse(values.steps)) {
+    if ('send' in step) await chat.sendMessage({ text: step.send });
+    else if ('regenerate' in step) {
+      await chat.regenerate(step.regenerate === null ? {} : { messageId: chat.messages.at(step.regenerate).id });
+    } else if ('edit' in step) await chat.sendMessage({ text: step.text, messageId: chat.messages.at(step.edit).id });
+    else throw new Error(`unknown step ${JSON.stringify(step)}`);
+    if (chat.status !== 'ready') break;
+  }
   if (cancelling) await cancelling;
   if (stopping) {
     await stopping;
