@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -45,6 +47,7 @@ from parley.sessions.errors import (
     ApiError,
     BadRequest,
     CancelFailed,
+    EventLoopUnsupported,
     NotFound,
     PayloadTooLarge,
     SessionError,
@@ -54,7 +57,6 @@ from parley.sessions.files import FileTooLarge, content_disposition, is_text, mi
 from parley.sessions.store import FileInfo, Session, new_id, utcnow
 from parley.sessions.turns import TurnObserver, TurnRequest
 from parley.settings import Settings, SettingsError
-from parley.stack import App
 from parley.streaming import ChatResponse, OnDisconnect, PlainText, error_response, http_status
 from parley.telemetry import Telemetry
 from parley.ui_messages import ServerSentEvents
@@ -443,6 +445,15 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "Internal server error: the request could not be processed.")
 
 
+async def _bug(request: Request, exc: Exception) -> Response:
+    # Sent by Starlette's ServerErrorMiddleware, around the telemetry that gives every other response its id.
+    response = await _server_error(request, exc)
+    request_id = logs.REQUEST_ID.get()
+    if request_id is not None:
+        response.headers["x-request-id"] = request_id
+    return response
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -462,6 +473,7 @@ def create_app(
     ``ui=False`` leaves out the chat page (``GET /`` and ``/ui/``), for hosts that serve their own.
     ``metrics_registry``: the Prometheus registry to keep parley's metrics in (a new one of the app's own when
     left out), for a host that serves its own ``/metrics``.
+    ``debug=True`` is Starlette's: a bug is answered with its traceback (never in production).
     ``owns_process=True`` (``uvicorn app:app``) lets its lifespan tune the process's garbage collector for many
     long streams (see :mod:`parley.gc_tuning`); a host app that embeds parley leaves the collector to itself.
     """
@@ -482,7 +494,15 @@ def create_app(
         if owns_process:
             gc_tuning.tune_for_streams()
         auth.warn_if_open()
-        await parley.ready()
+        try:
+            await parley.ready()
+        except EventLoopUnsupported as exc:
+            if not owns_process:
+                raise
+            # The server would wrap the reason in a page of tracebacks (hypercorn's, and then exit 0): say it in
+            # one line and stop the process, as a bad setting does.
+            print(f"parley: {exc}", file=sys.stderr, flush=True)
+            os._exit(1)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(parley.run_background)
@@ -496,8 +516,7 @@ def create_app(
             if counts is not None:
                 counts.process_exiting()
 
-    # Outermost: every response gets its request id and is counted, a CORS preflight's too, and an unhandled
-    # exception is answered there (see sessions/stack.py).
+    # Every response gets its request id and is counted, a CORS preflight's too; a bug is logged there, once.
     middleware = [Middleware(Telemetry, metrics=counts)]
     if settings.cors_origins:
         # A browser client on another origin may call the API and read the interaction id of a reply.
@@ -510,7 +529,7 @@ def create_app(
                 expose_headers=["x-interaction-id", "x-request-id"],
             )
         )
-    app = App(
+    app = Starlette(
         debug=debug,
         routes=[*routes, *(_metrics_routes if settings.metrics else ()), *(page.routes if ui else ())],
         middleware=middleware,
@@ -520,6 +539,7 @@ def create_app(
             SessionError: _domain_error,
             HTTPException: _http_error,
             ClientDisconnect: _client_gone,
+            Exception: _bug,  # (Starlette's ServerErrorMiddleware answers with it; with debug, a traceback)
         },
     )
     app.state.parley = parley

@@ -24,8 +24,8 @@ class Telemetry:
     """ASGI middleware: an ``X-Request-Id`` on every response (the client's, when it sent a sane one, or a new
     one) and in every log line of the request; ``parley_http_*`` metrics by route template (when
     ``metrics``); one log line per 5xx, with its error. An exception that escapes before the response
-    started is answered here with a JSON 500 and logged once, with its traceback, in parley's words: this is
-    the app's outermost layer, in the place of Starlette's ServerErrorMiddleware (see app.py)."""
+    started (a bug) is logged here once, with its traceback, in parley's words; Starlette's ServerErrorMiddleware,
+    around every middleware, answers it (see the app's exception handlers)."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics | None) -> None:
         self.app = app
@@ -61,19 +61,10 @@ class Telemetry:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            if status != 0:
-                raise  # the response has started: only the server can abort it now
-            failure = exc
-            status = 500
-            body = b'{"status": "error", "message": "Internal server error: the request could not be processed."}'
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json"), id_header],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            if status == 0:  # a bug: Starlette's ServerErrorMiddleware, around this, answers it with a 500
+                failure, status = exc, 500
+                logs.logged_here(exc)  # (and the server's own report of it is dropped)
+            raise
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"] if scope["method"] in _METHODS else "other"

@@ -1,8 +1,13 @@
 """Scale-out on Redis: the store. (The coordinator that keeps one interaction per session across processes is in
-:mod:`sessions.redis_coordinator`.)"""
+:mod:`sessions.redis_coordinator`.)
+
+redis-py's client runs on asyncio only: this module talks to asyncio (:func:`require_asyncio`), and parley on Redis
+refuses another event loop (trio) at start-up.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,6 +25,7 @@ from redis.backoff import NoBackoff
 
 from parley.sessions.errors import (
     BadRequest,
+    EventLoopUnsupported,
     MessageNotFound,
     SessionExists,
     SessionGone,
@@ -195,6 +201,17 @@ def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0) ->
         retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
     )
     return Redis.from_pool(pool)
+
+
+def require_asyncio() -> None:
+    """Raise EventLoopUnsupported unless this runs on asyncio: redis-py's client knows no other event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise EventLoopUnsupported(
+            "PARLEY_REDIS_URL: the Redis store runs on asyncio only (redis-py); serve parley on asyncio "
+            "(uvicorn, or hypercorn's asyncio or uvloop worker class), not on trio"
+        ) from None
 
 
 @contextmanager
