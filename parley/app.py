@@ -54,6 +54,7 @@ from parley.sessions.errors import (
     Unauthorized,
 )
 from parley.sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
+from parley.sessions.interactions import IfBusy
 from parley.sessions.store import FileInfo, Session, new_id, utcnow
 from parley.sessions.turns import TurnObserver, TurnRequest
 from parley.settings import Settings, SettingsError
@@ -124,7 +125,10 @@ async def get_session(request: Request) -> Response:
     session = await _session(parley, request.path_params["session_id"], owner)
     await parley.interrupt_orphans(session.ui_session_id)
     streaming = await parley.interactions.is_streaming(session.ui_session_id)
-    return JSONResponse({**session.to_json(), "status": "streaming" if streaming else "idle"})
+    # The messages that wait for it (if_busy enqueue), by interaction id: a cancel with one takes it out of the line.
+    line = parley.interactions.line(session.ui_session_id)
+    state = {"status": "streaming" if streaming else "idle", "queued": len(line), "queued_interactions": line}
+    return JSONResponse({**session.to_json(), **state})
 
 
 async def update_session(request: Request) -> Response:
@@ -176,8 +180,18 @@ async def chat(request: Request) -> Response | ChatResponse:
         await _session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
     await parley.interrupt_orphans(session_id)
+    if_busy: IfBusy = chat.if_busy or parley.settings.if_busy  # type: ignore[assignment]  # (both checked)
     turn = TurnRequest(
-        session_id, chat.message, file_ids, attachments, owner, chat.replace, chat.missing_ok, chat.keep, chat.client_id
+        session_id,
+        chat.message,
+        file_ids,
+        attachments,
+        owner,
+        chat.replace,
+        chat.missing_ok,
+        chat.keep,
+        chat.client_id,
+        if_busy,
     )
     on_disconnect: OnDisconnect = (
         "continue" if (chat.on_disconnect or parley.settings.on_disconnect) == "continue" else "cancel"

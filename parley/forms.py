@@ -217,9 +217,11 @@ class ChatRequest:
     missing_ok: bool = False
     keep: bool = False
     client_id: str = ""
+    if_busy: str | None = None
 
 
 _ON_DISCONNECT = ("cancel", "continue")
+_IF_BUSY = ("reject", "interrupt", "enqueue")
 _CLIENT_ID_CHARS = 256
 
 
@@ -237,6 +239,7 @@ async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
             optional_text(form, "on_disconnect"),
             ai_sdk=False,
             replace=replace,
+            if_busy=optional_text(form, "if_busy"),
         )
     if len(chat.message.encode()) > max_message_bytes:
         raise PayloadTooLarge(f"The message is larger than the limit of {max_message_bytes} bytes.")
@@ -247,6 +250,13 @@ async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
         raise BadRequest("on_disconnect must be 'cancel' or 'continue'.")
     if on_disconnect != chat.on_disconnect:
         chat = replace_fields(chat, on_disconnect=on_disconnect)
+    if_busy = chat.if_busy
+    if if_busy is None and b"if_busy" in request.scope.get("query_string", b""):
+        if_busy = request.query_params.get("if_busy")
+    if if_busy is not None and if_busy not in _IF_BUSY:
+        raise BadRequest("if_busy must be 'reject', 'interrupt' or 'enqueue'.")
+    if if_busy != chat.if_busy:
+        chat = replace_fields(chat, if_busy=if_busy)
     return chat
 
 
@@ -259,9 +269,11 @@ async def _read_json(request: Request, limit: int) -> Any:
 def _chat_json(data: Any) -> ChatRequest:
     if not isinstance(data, dict):
         raise BadRequest("The JSON body must be an object.")
-    on_disconnect = data.get("on_disconnect")
+    on_disconnect, if_busy = data.get("on_disconnect"), data.get("if_busy")
     if on_disconnect is not None and not isinstance(on_disconnect, str):
         raise BadRequest("on_disconnect must be 'cancel' or 'continue'.")
+    if if_busy is not None and not isinstance(if_busy, str):
+        raise BadRequest("if_busy must be 'reject', 'interrupt' or 'enqueue'.")
     file_ids = data.get("file_ids")
     if isinstance(file_ids, str):
         file_ids = parse_file_ids(file_ids)
@@ -282,7 +294,9 @@ def _chat_json(data: Any) -> ChatRequest:
             raise BadRequest("The field 'ui_session_id' is required and must not be empty.")
         if not isinstance(message, str):
             raise BadRequest("The field 'message' must be text.")
-        return ChatRequest(session_id, message, file_ids, on_disconnect, ai_sdk=False, replace=replace or None)
+        return ChatRequest(
+            session_id, message, file_ids, on_disconnect, ai_sdk=False, replace=replace or None, if_busy=if_busy
+        )
     session_id = data.get("id")
     if not isinstance(session_id, str) or not session_id.strip():
         raise BadRequest("The field 'id' (the chat's id, parley's ui_session_id) is required and must not be empty.")
@@ -299,7 +313,9 @@ def _chat_json(data: Any) -> ChatRequest:
     client_id, message = _last_user_message(data["messages"])
     replace, missing_ok = (message_id, False) if message_id is not None else (client_id or None, True)
     keep = trigger == "regenerate-message"  # (the user message it answers stays as it is)
-    return ChatRequest(session_id, message, file_ids, on_disconnect, True, replace, missing_ok, keep, client_id)
+    return ChatRequest(
+        session_id, message, file_ids, on_disconnect, True, replace, missing_ok, keep, client_id, if_busy
+    )
 
 
 def _last_user_message(messages: Any) -> tuple[str, str]:

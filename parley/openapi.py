@@ -36,6 +36,7 @@ _ERRORS_WHEN = {
     408: "The body stopped arriving for PARLEY_BODY_TIMEOUT_SECONDS",
     409: "Conflict",
     413: "Payload too large",
+    429: "Too many: the owner's replies running, or the messages that wait for the session (Retry-After)",
     500: "Internal server error",
     502: "The model server failed before the first token",
     503: "Unavailable: Redis is configured and unreachable (or the session's agent is not configured)",
@@ -110,6 +111,10 @@ _ON_DISCONNECT: Schema = {
     "enum": ["cancel", "continue"],
     "description": "What the client going away does to the reply (the server's PARLEY_ON_DISCONNECT if absent)",
 }
+_IF_BUSY: Schema = {
+    "enum": ["reject", "interrupt", "enqueue"],
+    "description": "What it does when the session has a reply in progress (the server's PARLEY_IF_BUSY if absent)",
+}
 _REPLACE: Schema = {
     "type": "string",
     "pattern": "\\S",
@@ -151,6 +156,8 @@ _SCHEMAS: dict[str, Schema] = {
             "created_at": _TIME,
             "title": _TITLE,
             "status": {"enum": ["idle", "streaming"]},
+            "queued": {"type": "integer", "minimum": 0, "description": "Messages that wait for it (if_busy enqueue)"},
+            "queued_interactions": {"type": "array", "items": _TEXT, "description": "Their interaction ids, in order"},
         }
     ),
     "SessionUpdate": _object({"title": _NEW_TITLE}),
@@ -203,6 +210,7 @@ _SCHEMAS: dict[str, Schema] = {
             "file_ids": {"type": "string", "description": 'A JSON array of file ids, e.g. ["file_123"]'},
             "on_disconnect": _ON_DISCONNECT,
             "replace": _REPLACE,
+            "if_busy": _IF_BUSY,
         },
     ),
     "ChatJson": _object(
@@ -211,6 +219,7 @@ _SCHEMAS: dict[str, Schema] = {
             "file_ids": {"oneOf": [{"type": "array", "items": _TEXT}, {"type": "string"}]},
             "on_disconnect": _ON_DISCONNECT,
             "replace": _REPLACE,
+            "if_busy": _IF_BUSY,
         },
     ),
     "AiSdkChat": {
@@ -248,6 +257,7 @@ _SCHEMAS: dict[str, Schema] = {
                 },
             },
             "trigger": {"enum": ["submit-message", "regenerate-message"]},
+            "if_busy": _IF_BUSY,
             "messageId": {
                 "type": "string",
                 "minLength": 1,
@@ -286,8 +296,8 @@ _PATHS: dict[str, dict[str, Schema]] = {
             "chat",
             "Send a message; the reply streams back as plain text (one chunk per token) or as the AI SDK's SSE",
             {200: _STREAM},
-            (400, 404, 408, 409, 413, 500, 502, 503),
-            parameters=[_ON_DISCONNECT_QUERY],
+            (400, 404, 408, 409, 413, 429, 500, 502, 503),
+            parameters=[_ON_DISCONNECT_QUERY, {"name": "if_busy", "in": "query", "schema": _IF_BUSY}],
             body={
                 "required": True,
                 "content": {

@@ -34,6 +34,8 @@ class Settings:
     checkpoint_seconds: float = 1.0
     sse_keepalive_seconds: float = 15.0
     on_disconnect: str = "cancel"
+    if_busy: str = "reject"  # what a message into a session with a reply in progress does (see IF_BUSY)
+    max_queued: int = 4  # messages waiting (if_busy=enqueue) per session
     api_keys: str | None = field(default=None, repr=False)
     api_keys_file: str | None = None
     max_streams_per_owner: int | None = None
@@ -81,6 +83,8 @@ class Settings:
             checkpoint_seconds=number("CHECKPOINT_SECONDS", defaults.checkpoint_seconds),
             sse_keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", defaults.sse_keepalive_seconds),
             on_disconnect=_choice(text("ON_DISCONNECT"), defaults.on_disconnect, "PARLEY_ON_DISCONNECT"),
+            if_busy=_choice(text("IF_BUSY"), defaults.if_busy, "PARLEY_IF_BUSY", ("reject", "interrupt", "enqueue")),
+            max_queued=whole("MAX_QUEUED", defaults.max_queued),
             api_keys=text("API_KEYS"),
             api_keys_file=text("API_KEYS_FILE"),
             max_streams_per_owner=_positive_int(text("MAX_STREAMS_PER_OWNER"), "PARLEY_MAX_STREAMS_PER_OWNER"),

@@ -47,6 +47,7 @@ class Wire:
         self.on_disconnect = on_disconnect
         self.keepalive_seconds = keepalive_seconds
         self.interaction: Interaction | None = None
+        self.queued: Interaction | None = None  # the turn, while it waits for its session (if_busy)
         self.response_started = False
         self.left = False  # the client went away: nothing more is sent
 
@@ -54,6 +55,11 @@ class Wire:
         self.left = True
         if self.interaction is not None and self.on_disconnect == "cancel":
             self.interaction.cancel("disconnected")
+        elif self.interaction is None and self.queued is not None:
+            self.queued.cancel("disconnected")  # it never ran: whatever on_disconnect says, it is dropped
+
+    def waiting(self, interaction: Interaction) -> None:
+        self.queued = interaction
 
     async def started(self, interaction: Interaction) -> None:
         self.interaction = interaction

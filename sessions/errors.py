@@ -8,10 +8,12 @@
      │    └── MessageNotFound      a chat's replace (or the AI SDK's messageId) names no message of the session
      ├── BodyTimeout          408  a request body that stopped arriving (PARLEY_BODY_TIMEOUT_SECONDS)
      ├── Conflict             409
-     │    ├── SessionBusy          the session already has an interaction in progress
+     │    ├── SessionBusy          the session already has an interaction in progress (if_busy reject)
+     │    ├── Dequeued             a message that waited its turn (if_busy) was cancelled, or its client left
      │    └── SessionExists        a client-chosen ui_session_id is taken
      ├── PayloadTooLarge      413  a message, an upload or a whole body over its limit
      ├── TooManyStreams       429  the owner already has PARLEY_MAX_STREAMS_PER_OWNER replies running (Retry-After)
+     ├── TooManyQueued        429  PARLEY_MAX_QUEUED messages wait for the session already (enqueue; Retry-After)
      ├── CancelFailed         500  a cancel that could not be delivered to the process that owns the stream
      ├── RejoinFailed         500  a rejoin of a reply that another process streams, which this one cannot reach
      ├── StoreUnavailable     503  the shared store (Redis) cannot be reached right now
@@ -83,6 +85,14 @@ class SessionBusy(Conflict):
         super().__init__(f"Session {session_id} already has an interaction in progress; cancel it or wait.")
 
 
+class Dequeued(Conflict):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"The message for session {session_id} was cancelled while it waited for the reply in progress; "
+            "nothing was recorded."
+        )
+
+
 class SessionExists(Conflict):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"Session already exists: {session_id}")
@@ -100,6 +110,18 @@ class TooManyStreams(ApiError):
         super().__init__(
             f"Too many replies running at once for this owner (the limit is {limit}): wait for one to end, "
             "or cancel one, and try again."
+        )
+        self.headers = {"retry-after": str(self.retry_after_seconds)}
+
+
+class TooManyQueued(ApiError):
+    status_code = 429
+    retry_after_seconds = 1
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"Too many messages already wait for this session's reply in progress (the limit is {limit}): "
+            "try again when one has run."
         )
         self.headers = {"retry-after": str(self.retry_after_seconds)}
 

@@ -10,13 +10,25 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from parley.sessions.errors import CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
+from parley.sessions.errors import (
+    CancelFailed,
+    Dequeued,
+    RejoinFailed,
+    SessionBusy,
+    SessionNotFound,
+    TooManyQueued,
+    TooManyStreams,
+)
 from parley.sessions.limits import LocalStreamSlots, StreamSlots
 from parley.sessions.store import Store, new_id
 
 logger = logging.getLogger("parley")
 
 CancelReason = Literal["cancelled", "disconnected", "deleted", "lease lost"]
+# What a message into a session that has a reply in progress does: is refused (409), stops that reply and runs,
+# or waits its turn (first come, first served).
+IfBusy = Literal["reject", "interrupt", "enqueue"]
+IF_BUSY: tuple[IfBusy, ...] = ("reject", "interrupt", "enqueue")
 # What a cancel did, as the web layer counts it; a failure to reach the owner raises CancelFailed instead.
 CancelOutcome = Literal["cancelled_here", "cancelled_elsewhere", "not_running"]
 CANCEL_REASONS: dict[str, CancelReason] = {
@@ -43,6 +55,8 @@ class Interaction:
         self.done = False
         self.over = False
         self.message_id = ""  # the assistant's message in history, once the turn has started
+        # While it waits for its session (if_busy enqueue or interrupt): a cancel takes it out of the line.
+        self.waiting: anyio.CancelScope | None = None
         self.tokens: list[str] = []  # the reply so far: rejoining clients read it from here
         self.status = ""  # the history status, once done
         self.error: str | None = None  # what a failure after the first token said, for renderers that can tell
@@ -55,6 +69,8 @@ class Interaction:
         if self.done or self.reason is not None:
             return False
         self.reason = reason
+        if self.waiting is not None:
+            self.waiting.cancel()  # (it never started: it leaves the line, and nothing of it is recorded)
         self.scope.cancel()
         return True
 
@@ -219,15 +235,79 @@ class Interactions:
     scope. Cancel, session delete and client disconnect all go through here to the interaction's scope; the
     coordinator carries the one-per-session rule and the cancels to the other processes."""
 
-    def __init__(self, coordinator: Coordinator, slots: StreamSlots | None = None) -> None:
+    def __init__(self, coordinator: Coordinator, slots: StreamSlots | None = None, max_queued: int = 4) -> None:
         self._running: dict[str, Interaction] = {}
+        # The messages that wait for their session (if_busy), in the order they run; and for each session with
+        # any, an event set when its line may move (its interaction ended, or one left the line).
+        self._lines: dict[str, list[Interaction]] = {}
+        self._moved: dict[str, anyio.Event] = {}
         self.coordinator = coordinator
         self.slots: StreamSlots = slots or LocalStreamSlots(None)
+        self.max_queued = max_queued
 
-    def open(self, session_id: str, owner: str = "") -> _Open:
+    def open(
+        self,
+        session_id: str,
+        owner: str = "",
+        if_busy: IfBusy = "reject",
+        waiting: Callable[[Interaction], None] | None = None,
+    ) -> _Open:
         """Take one of the owner's stream slots and claim the session for one interaction, for as long as the
-        ``async with`` block runs. Raises TooManyStreams, then SessionBusy."""
-        return _Open(self, session_id, owner)
+        ``async with`` block runs. Raises TooManyStreams, then SessionBusy (``if_busy`` reject).
+
+        When the session has a reply in progress, ``if_busy`` interrupt cancels it (as a cancel does) and waits
+        for it to end; enqueue waits until it and the messages queued before have ended (TooManyQueued past
+        ``max_queued``); both wait ahead of or behind the others in the session's line, and take a stream slot
+        only once it is their turn. ``waiting`` is told of an interaction that waits: cancelling it takes it out
+        of the line (Dequeued; SessionNotFound for "deleted")."""
+        return _Open(self, session_id, owner, if_busy, waiting)
+
+    def queued(self, session_id: str) -> int:
+        """How many messages wait for the session in this process."""
+        return len(self._lines.get(session_id, ()))
+
+    def line(self, session_id: str) -> list[str]:
+        """The interaction ids of the messages that wait for the session in this process, in the order they run."""
+        return [waiting.id for waiting in self._lines.get(session_id, ())]
+
+    def _move(self, session_id: str) -> None:
+        moved = self._moved.pop(session_id, None)
+        if moved is not None:
+            moved.set()
+
+    async def _wait_turn(self, interaction: Interaction, if_busy: IfBusy) -> None:
+        """Wait in the session's line until ``interaction`` is first in it and nothing runs here (it stays in the
+        line: the caller leaves it once it runs, so that nobody gets in between). Inside interaction.waiting."""
+        session_id = interaction.session_id
+        line = self._lines.setdefault(session_id, [])
+        if if_busy == "interrupt":
+            line.insert(0, interaction)
+            running = self._running.get(session_id)
+            if running is not None:
+                running.cancel("cancelled")  # recorded as a cancel records it; then this one runs
+        else:
+            line.append(interaction)
+        while self._running.get(session_id) is not None or line[0] is not interaction:
+            moved = self._moved.get(session_id)
+            if moved is None:
+                moved = self._moved[session_id] = anyio.Event()
+            await moved.wait()
+
+    def _leave_line(self, interaction: Interaction) -> None:
+        line = self._lines.get(interaction.session_id)
+        if line is not None and interaction in line:
+            line.remove(interaction)
+            if not line:
+                del self._lines[interaction.session_id]
+            self._move(interaction.session_id)
+
+    def cancel_queued(self, session_id: str, reason: CancelReason, interaction_id: str | None = None) -> bool:
+        """Take the session's waiting messages (only ``interaction_id``, when given) out of its line."""
+        found = False
+        for waiting in list(self._lines.get(session_id, ())):
+            if interaction_id is None or waiting.id == interaction_id:
+                found = waiting.cancel(reason) or found
+        return found
 
     async def release(self, interaction: Interaction) -> None:
         """End the interaction and free its session, here and in every process.
@@ -239,6 +319,8 @@ class Interactions:
             return
         if self._running.get(interaction.session_id) is interaction:
             del self._running[interaction.session_id]
+            if interaction.session_id in self._lines:
+                self._move(interaction.session_id)  # the next in line
         if not interaction.status:  # it never got going (say, its session was gone): followers must not wait
             interaction.finish("interrupted")
         interaction.end()
@@ -279,6 +361,12 @@ class Interactions:
         it is). Raises CancelFailed if its process cannot be reached (with ``wait_out_silence``: nor waited out,
         see :meth:`Coordinator.cancel_elsewhere`). ``check`` (see :data:`OwnerCheck`) runs unless the interaction
         running for ``owner``, here or in the process that stopped it, shows the session is the owner's."""
+        if interaction_id is not None and session_id in self._lines:
+            for waiting in self._lines[session_id]:
+                if waiting.id == interaction_id and (owner is None or waiting.owner == owner):
+                    return (
+                        "cancelled_here" if waiting.cancel(CANCEL_REASONS.get(reason, "cancelled")) else "not_running"
+                    )
         running = self._running.get(session_id)
         if running is not None:
             # This process owns it: no need for the coordinator, so this works even while Redis is down.
@@ -294,7 +382,10 @@ class Interactions:
         return session_id in self._running or await self.coordinator.streaming_elsewhere(session_id, None)
 
     async def cancel_and_wait(self, session_id: str, reason: CancelReason, patience: float = 5.0) -> CancelOutcome:
-        """Cancel the session's interaction and wait (``patience`` seconds at most) until it has ended."""
+        """Cancel the session's interaction and wait (``patience`` seconds at most) until it has ended. (Deleting
+        the session also ends the messages that wait for it.)"""
+        if reason == "deleted":
+            self.cancel_queued(session_id, reason)
         outcome = await self.cancel(session_id, reason=reason)
         with anyio.move_on_after(patience):
             interaction = self._running.get(session_id)
@@ -318,29 +409,94 @@ class _Open:
     """``async with interactions.open(session_id, owner) as interaction``. (A class rather than an
     ``@asynccontextmanager``: every chat pays for it, and a generator costs more to drive.)"""
 
-    __slots__ = ("interaction", "interactions")
+    __slots__ = ("if_busy", "interaction", "interactions", "waiting")
 
-    def __init__(self, interactions: Interactions, session_id: str, owner: str) -> None:
+    def __init__(
+        self,
+        interactions: Interactions,
+        session_id: str,
+        owner: str,
+        if_busy: IfBusy = "reject",
+        waiting: Callable[[Interaction], None] | None = None,
+    ) -> None:
         self.interactions = interactions
         self.interaction = Interaction(session_id, owner)
+        self.if_busy = if_busy
+        self.waiting = waiting
 
     async def __aenter__(self) -> Interaction:
         interactions, interaction = self.interactions, self.interaction
-        session_id, owner, slots = interaction.session_id, interaction.owner, interactions.slots
+        session_id = interaction.session_id
+        if self.if_busy != "reject" and (session_id in interactions._running or session_id in interactions._lines):
+            await self._wait()
+            return interaction
         # The slot first: an owner at its limit hears 429 whatever the session, so a busy session of another
         # owner's is not told apart from a missing one by this either.
-        limited = slots.limit is not None  # (unlimited, the default: no slot to take, nothing to pay)
-        if limited and not await slots.take(owner, interaction.id):
-            raise TooManyStreams(slots.limit or 0)
+        limited = await self._take_slot()
         try:
-            if session_id in interactions._running or not await interactions.coordinator.claim(interaction):
-                raise SessionBusy(session_id)
+            busy = session_id in interactions._running or session_id in interactions._lines
+            if busy or not await interactions.coordinator.claim(interaction):
+                if self.if_busy == "reject":
+                    raise SessionBusy(session_id)
+                busy = True
         except BaseException:
-            if limited:
-                await slots.give_back(owner, interaction.id)
+            await self._give_back(limited)
             raise
+        if busy:  # another process runs the session's reply: wait here, and take the slot when it is our turn
+            await self._give_back(limited)
+            await self._wait()
+            return interaction
         interactions._running[session_id] = interaction
         return interaction
 
+    async def _take_slot(self) -> bool:
+        slots, interaction = self.interactions.slots, self.interaction
+        limited = slots.limit is not None  # (unlimited, the default: no slot to take, nothing to pay)
+        if limited and not await slots.take(interaction.owner, interaction.id):
+            raise TooManyStreams(slots.limit or 0)
+        return limited
+
+    async def _give_back(self, limited: bool) -> None:
+        if limited:
+            await self.interactions.slots.give_back(self.interaction.owner, self.interaction.id)
+
+    async def _wait(self) -> None:
+        """if_busy interrupt or enqueue, with the session busy: wait in its line, then claim it."""
+        interactions, interaction, if_busy = self.interactions, self.interaction, self.if_busy
+        session_id = interaction.session_id
+        line = interactions._lines.get(session_id)
+        ahead = interactions._running.get(session_id) or (line[0] if line else None)
+        if ahead is not None and ahead.owner != interaction.owner:
+            raise SessionNotFound(session_id)  # another owner's session: neither stopped nor waited for
+        if if_busy == "enqueue" and interactions.queued(session_id) >= interactions.max_queued:
+            raise TooManyQueued(interactions.max_queued)
+        if self.waiting is not None:
+            self.waiting(interaction)
+        limited = False
+        try:
+            with anyio.CancelScope() as interaction.waiting:
+                await interactions._wait_turn(interaction, if_busy)
+                limited = await self._take_slot()
+                # Another process may run the session's reply (Redis): stop it, or wait for it, until ours.
+                while not await interactions.coordinator.claim(interaction):
+                    if if_busy == "interrupt":
+                        await interactions.cancel(session_id, reason="cancelled", owner=interaction.owner)
+                    await anyio.sleep(_CLAIM_POLL_SECONDS)
+                interactions._running[session_id] = interaction
+        except BaseException:
+            await self._give_back(limited)
+            raise
+        finally:
+            interaction.waiting = None
+            interactions._leave_line(interaction)
+        if interactions._running.get(session_id) is not interaction:  # taken out of the line
+            if interaction.reason == "deleted":
+                raise SessionNotFound(session_id)
+            raise Dequeued(session_id)
+
     async def __aexit__(self, *exc_info: object) -> None:
         await self.interactions.release(self.interaction)
+
+
+# How often a message that waits polls for a session whose reply another process runs.
+_CLAIM_POLL_SECONDS = 0.02

@@ -15,7 +15,7 @@ import anyio
 
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
 from parley.sessions.errors import AgentUnavailable, ApiError, SessionBusy, SessionNotFound
-from parley.sessions.interactions import Interaction, Interactions
+from parley.sessions.interactions import IfBusy, Interaction, Interactions
 from parley.sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
 logger = logging.getLogger("parley")
@@ -48,6 +48,7 @@ class TurnRequest:
     missing_ok: bool = False
     keep: bool = False  # a regenerate: a user message ``replace`` names stays (see Store.replace_turn)
     client_id: str = ""  # the id the client gave its message (the AI SDK's), shown as its id
+    if_busy: IfBusy = "reject"  # what it does when the session has a reply in progress (see Interactions.open)
 
 
 @dataclass(eq=False)
@@ -87,6 +88,9 @@ class Renderer(Protocol):
 
     write: Callable[[Any], Awaitable[None]]
 
+    def waiting(self, interaction: Interaction) -> None:
+        """The turn waits for its session (if_busy): a client that leaves now drops it."""
+
     async def started(self, interaction: Interaction) -> None: ...
     async def first_token(self, text: str) -> None: ...
     def frame(self, seq: int, text: str) -> Any: ...
@@ -119,7 +123,8 @@ class TurnRunner:
         """Raises before ``renderer.started`` when the turn cannot start: TooManyStreams, SessionBusy (only to the
         session's owner), SessionNotFound, AgentUnavailable, StoreUnavailable."""
         try:
-            async with self.interactions.open(request.session_id, request.owner) as interaction:
+            opening = self.interactions.open(request.session_id, request.owner, request.if_busy, renderer.waiting)
+            async with opening as interaction:
                 await self._converse(interaction, request, renderer)
         except SessionBusy:
             # Only the session's owner may hear that it is busy: to anyone else it is a session that does not

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, messages, new_session
+from tests.conftest import LiveServer, eventually, messages, new_session
 
 pytestmark = pytest.mark.anyio
 
@@ -146,3 +147,193 @@ async def test_a_replace_refused_as_busy_drops_nothing(live: Callable[..., LiveS
             assert_error(busy, 409, "in progress")
             assert [m["id"] for m in await messages(client, session_id)] == [m["id"] for m in before]
             await client.post("/api/v1/cancel", data={"ui_session_id": session_id})
+
+
+# if_busy: what a message into a session with a reply in progress does
+
+
+LONG = " ".join(f"w{i}" for i in range(100))  # five seconds at 50 ms a word
+
+
+class Running:
+    """A reply in progress (plain text), read a little so that it has surely started."""
+
+    def __init__(self, client: httpx.AsyncClient, session_id: str, message: str = LONG) -> None:
+        self.client, self.session_id, self.message = client, session_id, message
+        self.text = ""
+
+    async def __aenter__(self) -> Running:
+        form = {"ui_session_id": self.session_id, "message": self.message}
+        self._stream = self.client.stream("POST", "/api/v1/chat", data=form)
+        self.response = await self._stream.__aenter__()
+        assert self.response.status_code == 200
+        self.chunks = self.response.aiter_text()  # (kept: a dropped iterator closes the response)
+        self.text = await anext(self.chunks)
+        return self
+
+    async def rest(self) -> str:
+        async for chunk in self.chunks:
+            self.text += chunk
+        return self.text
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stream.__aexit__(None, None, None)
+
+
+async def state(client: httpx.AsyncClient, session_id: str) -> dict[str, Any]:
+    return dict((await client.get(f"/api/v1/sessions/{session_id}")).json())
+
+
+async def test_interrupt_stops_the_running_reply_as_a_cancel_does_then_answers(live: Callable[..., LiveServer]) -> None:
+    async with live(echo_delay=0.05).client() as client:
+        session_id = await new_session(client)
+        async with Running(client, session_id) as running:
+            response = await client.post(
+                "/api/v1/chat", data={"ui_session_id": session_id, "message": "now this", "if_busy": "interrupt"}
+            )
+            stopped = await running.rest()
+        history = await messages(client, session_id)
+    assert response.status_code == 200 and response.text == "now this"
+    assert [(m["role"], m["status"]) for m in history] == [
+        ("user", "complete"),
+        ("assistant", "cancelled"),
+        ("user", "complete"),
+        ("assistant", "complete"),
+    ]
+    # The stopped reply's stream ended as a cancelled one does, with exactly the text history keeps.
+    assert history[1]["content"] == stopped and LONG.startswith(stopped) and stopped != LONG
+    assert history[3]["interaction_id"] == response.headers["x-interaction-id"]
+
+
+async def test_enqueue_waits_for_the_running_reply_then_runs_first_come_first_served(
+    live: Callable[..., LiveServer],
+) -> None:
+    async with live(echo_delay=0.01).client() as client:
+        session_id = await new_session(client)
+        answers: dict[str, httpx.Response] = {}
+
+        async def send(text: str) -> None:
+            form = {"ui_session_id": session_id, "message": text, "if_busy": "enqueue"}
+            answers[text] = await client.post("/api/v1/chat", data=form)
+
+        async with Running(client, session_id) as running, anyio.create_task_group() as tg:
+            for count, text in enumerate(("second", "third"), start=1):
+                tg.start_soon(send, text)
+                await eventually(lambda count=count: _queued(client, session_id, count))  # type: ignore[misc]
+            listed = await state(client, session_id)
+            assert listed["status"] == "streaming" and listed["queued"] == 2
+            assert len(listed["queued_interactions"]) == 2
+            # Nothing of a waiting message is recorded.
+            assert [m["content"] for m in await messages(client, session_id) if m["role"] == "user"] == [LONG]
+            whole = await running.rest()
+        history = await messages(client, session_id)
+    assert whole == LONG
+    assert answers["second"].text == "second" and answers["third"].text == "third"
+    assert [(m["role"], m["content"], m["status"]) for m in history][2:] == [
+        ("user", "second", "complete"),
+        ("assistant", "second", "complete"),
+        ("user", "third", "complete"),
+        ("assistant", "third", "complete"),
+    ]
+
+
+async def _queued(client: httpx.AsyncClient, session_id: str, count: int) -> bool:
+    return bool((await state(client, session_id))["queued"] == count)
+
+
+async def test_a_full_line_is_a_429_and_a_cancel_takes_a_waiting_message_out_of_it(
+    live: Callable[..., LiveServer],
+) -> None:
+    async with live(echo_delay=0.05, max_queued=1).client() as client:
+        session_id = await new_session(client)
+        answers: list[httpx.Response] = []
+
+        async def send(text: str) -> None:
+            form = {"ui_session_id": session_id, "message": text}
+            answers.append(await client.post("/api/v1/chat", data=form, params={"if_busy": "enqueue"}))
+
+        async with Running(client, session_id), anyio.create_task_group() as tg:
+            tg.start_soon(send, "waits")
+            await eventually(lambda: _queued(client, session_id, 1))
+            full = await client.post(
+                "/api/v1/chat", json={"ui_session_id": session_id, "message": "x", "if_busy": "enqueue"}
+            )
+            assert_error(full, 429, "wait for this session")
+            assert full.headers["retry-after"] == "1"
+            (waiting,) = (await state(client, session_id))["queued_interactions"]
+            cancel = await client.post("/api/v1/cancel", data={"ui_session_id": session_id, "interaction_id": waiting})
+            assert cancel.status_code == 200 and cancel.json()["cancelled"] is True
+            await eventually(lambda: _queued(client, session_id, 0))
+            assert (await state(client, session_id))["status"] == "streaming"  # the running reply goes on
+            await client.post("/api/v1/cancel", data={"ui_session_id": session_id})
+        history = await messages(client, session_id)
+    assert_error(answers[0], 409, "cancelled while it waited")
+    assert [m["content"] for m in history if m["role"] == "user"] == [LONG]
+
+
+async def test_a_waiting_message_whose_client_leaves_is_dropped(live: Callable[..., LiveServer]) -> None:
+    async with live(echo_delay=0.01).client() as client:
+        session_id = await new_session(client)
+        async with Running(client, session_id) as running:
+            form = {"ui_session_id": session_id, "message": "gone", "if_busy": "enqueue", "on_disconnect": "continue"}
+            with anyio.move_on_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(lambda: client.post("/api/v1/chat", data=form))
+                    await eventually(lambda: _queued(client, session_id, 1))
+                    tg.cancel_scope.cancel()  # the client goes away (its connection closes)
+            await eventually(lambda: _queued(client, session_id, 0))
+            assert await running.rest() == LONG
+        await eventually(lambda: _idle(client, session_id))
+        history = await messages(client, session_id)
+    assert [(m["role"], m["content"]) for m in history] == [("user", LONG), ("assistant", LONG)]
+
+
+async def test_deleting_a_session_ends_its_waiting_messages_with_404(live: Callable[..., LiveServer]) -> None:
+    async with live(echo_delay=0.05).client() as client:
+        session_id = await new_session(client)
+        answers: list[httpx.Response] = []
+
+        async def send() -> None:
+            form = {"ui_session_id": session_id, "message": "later", "if_busy": "enqueue"}
+            answers.append(await client.post("/api/v1/chat", data=form))
+
+        async with Running(client, session_id), anyio.create_task_group() as tg:
+            tg.start_soon(send)
+            await eventually(lambda: _queued(client, session_id, 1))
+            assert (await client.delete(f"/api/v1/sessions/{session_id}")).status_code == 200
+    assert_error(answers[0], 404, session_id)
+
+
+async def test_the_servers_default_and_the_stream_limit_count_a_waiting_message_once_it_runs(
+    live: Callable[..., LiveServer],
+) -> None:
+    async with live(echo_delay=0.01, if_busy="enqueue", max_streams_per_owner=1).client() as client:
+        session_id = await new_session(client)
+        answers: list[httpx.Response] = []
+
+        async def send() -> None:
+            answers.append(await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "next"}))
+
+        async with Running(client, session_id) as running, anyio.create_task_group() as tg:
+            tg.start_soon(send)  # PARLEY_IF_BUSY=enqueue: it waits, without a stream slot while it does
+            await eventually(lambda: _queued(client, session_id, 1))
+            await running.rest()
+    assert answers[0].status_code == 200 and answers[0].text == "next"
+
+
+@pytest.mark.parametrize("where", ["form", "json", "query"])
+async def test_an_unknown_if_busy_is_a_400(client: httpx.AsyncClient, where: str) -> None:
+    session_id = await new_session(client)
+    fields = {"ui_session_id": session_id, "message": "hi"}
+    if where == "form":
+        response = await client.post("/api/v1/chat", data={**fields, "if_busy": "rollback"})
+    elif where == "json":
+        response = await client.post("/api/v1/chat", json={**fields, "if_busy": 3})
+    else:
+        response = await client.post("/api/v1/chat", data=fields, params={"if_busy": "later"})
+    assert_error(response, 400, "if_busy")
+    assert await messages(client, session_id) == []
+
+
+async def _idle(client: httpx.AsyncClient, session_id: str) -> bool:
+    return bool((await state(client, session_id))["status"] == "idle")

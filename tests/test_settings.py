@@ -104,3 +104,13 @@ def test_reads_the_owner_settings() -> None:
 def test_rejects_a_bad_stream_limit_with_the_variable_named(value: str) -> None:
     with pytest.raises(ValueError, match="PARLEY_MAX_STREAMS_PER_OWNER"):
         Settings.from_env({"PARLEY_MAX_STREAMS_PER_OWNER": value})
+
+
+def test_reads_the_busy_policy() -> None:
+    assert (Settings().if_busy, Settings().max_queued) == ("reject", 4)
+    settings = Settings.from_env({"PARLEY_IF_BUSY": "enqueue", "PARLEY_MAX_QUEUED": "10"})
+    assert (settings.if_busy, settings.max_queued) == ("enqueue", 10)
+    with pytest.raises(ValueError, match="PARLEY_IF_BUSY"):
+        Settings.from_env({"PARLEY_IF_BUSY": "rollback"})
+    with pytest.raises(ValueError, match="PARLEY_MAX_QUEUED"):
+        Settings.from_env({"PARLEY_MAX_QUEUED": "1.5"})
