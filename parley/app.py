@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 from prometheus_client import CollectorRegistry
@@ -16,12 +17,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from parley import gc_tuning, logs, metrics, page
-from parley.agents import Agents, Attachment
+from parley.agents import Agents, Attachment, tools_of
 from parley.auth import Auth, keys_from
 from parley.forms import (
     FORM_MARGIN_BYTES,
@@ -51,6 +52,7 @@ from parley.sessions.errors import (
     NotFound,
     PayloadTooLarge,
     SessionError,
+    StoreUnavailable,
     Unauthorized,
 )
 from parley.sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
@@ -179,7 +181,7 @@ async def chat(request: Request) -> Response | ChatResponse:
     if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
         await _session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
-    await parley.interrupt_orphans(session_id)
+    # (A turn left streaming by a process that died is recorded interrupted when the session is claimed.)
     if_busy: IfBusy = chat.if_busy or parley.settings.if_busy  # type: ignore[assignment]  # (both checked)
     turn = TurnRequest(
         session_id,
@@ -328,11 +330,12 @@ async def get_file(request: Request) -> Response:
 async def get_file_content(request: Request) -> Response:
     parley, owner = await _parley(request)
     info = await _file(parley, request, owner)
-    path = parley.blobs.path(info.id)
-    if not await anyio.Path(path).is_file():
-        raise NotFound(f"File not found: {info.id}")
+    content = await parley.blobs.content(info.id)
     headers = {"content-disposition": content_disposition(info.filename), "x-content-type-options": "nosniff"}
-    return FileResponse(path, media_type=info.mime_type, headers=headers)
+    if isinstance(content, Path):
+        return FileResponse(content, media_type=info.mime_type, headers=headers)
+    headers["content-length"] = str(info.size)
+    return StreamingResponse(content, media_type=info.mime_type, headers=headers)
 
 
 async def delete_file(request: Request) -> Response:
@@ -348,7 +351,11 @@ async def delete_file(request: Request) -> Response:
 
 async def list_agents(request: Request) -> Response:
     parley, _ = await _parley(request)
-    return JSONResponse({"agents": [{"name": a.name, "description": a.description} for a in parley.agents]})
+    agents = [
+        {"name": a.name, "description": a.description, "tools": [t.describe() for t in await tools_of(a)]}
+        for a in parley.agents
+    ]
+    return JSONResponse({"agents": agents})
 
 
 async def healthz(request: Request) -> Response:
@@ -502,6 +509,8 @@ def create_app(
         for part in (parley.store, parley.coordinator, parley.interactions.slots):
             if hasattr(part, "on_error"):
                 part.on_error = counts.store_failed
+            if hasattr(part, "on_duration"):
+                part.on_duration = counts.store_took
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -510,6 +519,9 @@ def create_app(
         auth.warn_if_open()
         try:
             await parley.ready()
+        except StoreUnavailable as exc:
+            # Not ready until the store answers (see /readyz): the first request that finds it back opens it.
+            logger.error("parley: starting not ready: %s", exc.message)
         except EventLoopUnsupported as exc:
             if not owns_process:
                 raise
@@ -519,6 +531,12 @@ def create_app(
             os._exit(1)
         try:
             async with anyio.create_task_group() as tg:
+                # The agents' connections (MCP servers): open before the first request, or the start is refused.
+                try:
+                    await tg.start(parley.agents.run)
+                except* SettingsError as refused:
+                    logger.error("parley: %s", _first(refused))  # (the one line to read above the traceback)
+                    raise
                 tg.start_soon(parley.run_background)
                 # Partial uploads of a killed process: untouched for twice the time a body may stall.
                 tg.start_soon(parley.blobs.sweep_partials, 2 * parley.settings.body_timeout_seconds)
@@ -561,6 +579,13 @@ def create_app(
     app.state.metrics = counts
     app.state.openapi = document(metrics=settings.metrics, keys=auth.uses_keys, ui=ui)
     return app
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def serve_from_environment() -> Starlette:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -20,7 +21,7 @@ from parley.sessions.errors import (
     TooManyStreams,
 )
 from parley.sessions.limits import LocalStreamSlots, StreamSlots
-from parley.sessions.store import Store, new_id
+from parley.sessions.store import Message, MessageStatus, Session, Store, new_id
 
 logger = logging.getLogger("parley")
 
@@ -119,19 +120,61 @@ Followed = tuple[Interaction, Callable[[], Coroutine[Any, Any, None]]]
 Lease = AbstractAsyncContextManager[None]
 
 
+@dataclass(frozen=True)
+class TurnStart:
+    """What starting a turn writes (see :meth:`sessions.store.Store.start_turn`): given to
+    :meth:`Interactions.open`, the turn starts with the claim, in as few round trips as the coordinator and the
+    store allow."""
+
+    store: Store
+    user: Message
+    assistant: Message
+    history_limit: Callable[[Session], int]
+    # A regenerate or an edit: Store.replace_turn, once the claim is taken, in place of start_turn.
+    replace: str | None = None
+    missing_ok: bool = False
+    keep: bool = False
+
+
 class Coordinator(Protocol):
     """What the processes serving one store share so that the rules hold across them. One is chosen at
-    start-up: :class:`LocalCoordinator` (one process, embedded store) or :class:`sessions.redis.RedisCoordinator`.
+    start-up: :class:`LocalCoordinator` (one process, embedded store) or
+    :class:`sessions.redis_coordinator.RedisCoordinator`.
     """
 
-    async def claim(self, interaction: Interaction) -> bool:
-        """Claim the interaction's session across processes; False if another process holds it."""
+    def takes_slots(self, slots: StreamSlots) -> bool:
+        """Whether :meth:`claim` and :meth:`start_turn` take the owner's stream slot themselves, in the claim's
+        round trip, when given ``slots`` (and :meth:`end_turn` or :meth:`release` give it back)."""
+
+    async def claim(self, interaction: Interaction, slots: StreamSlots | None) -> None:
+        """Claim the interaction's session across processes (with ``slots``, take the owner's stream slot first).
+        Raises TooManyStreams, SessionBusy (another process holds it)."""
+
+    async def start_turn(
+        self, interaction: Interaction, slots: StreamSlots | None, turn: TurnStart
+    ) -> tuple[Session, list[Message]]:
+        """:meth:`claim`, then ``turn.store.start_turn`` (whose answer this is); one round trip when the store is
+        the coordinator's own. A turn of the session still ``streaming`` once the claim is taken is an orphan:
+        it is recorded interrupted first."""
+
+    async def end_turn(
+        self,
+        interaction: Interaction,
+        slots: StreamSlots | None,
+        store: Store,
+        message_id: str,
+        content: str,
+        status: MessageStatus,
+    ) -> None:
+        """``store.finish_turn``, and the claim freed with it when the store is the coordinator's own (one round
+        trip). :meth:`release` still follows (and does nothing when this freed the claim)."""
 
     def lease(self, interaction: Interaction) -> Lease:
         """Keep the claim while the reply runs; if the claim is lost, cancel the interaction ("lease lost")."""
 
-    async def release(self, interaction: Interaction) -> None:
-        """Free the claim. Never raises, and finishes even when cancelled (it shields what it must)."""
+    async def release(self, interaction: Interaction, slots: StreamSlots | None) -> None:
+        """Free the claim (and the stream slot taken with it), if still held. Never raises, and finishes even when
+        cancelled (it shields what it must)."""
 
     async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
         """Does another process run the session's interaction (``interaction_id``, if given)?"""
@@ -182,13 +225,32 @@ class LocalCoordinator:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def claim(self, interaction: Interaction) -> bool:
-        return True
+    def takes_slots(self, slots: StreamSlots) -> bool:
+        return False
+
+    async def claim(self, interaction: Interaction, slots: StreamSlots | None) -> None:
+        return None  # (the one process's own check, in Interactions.open, is the claim)
+
+    async def start_turn(
+        self, interaction: Interaction, slots: StreamSlots | None, turn: TurnStart
+    ) -> tuple[Session, list[Message]]:
+        return await turn.store.start_turn(turn.user, turn.assistant, turn.history_limit, owner=interaction.owner)
+
+    async def end_turn(
+        self,
+        interaction: Interaction,
+        slots: StreamSlots | None,
+        store: Store,
+        message_id: str,
+        content: str,
+        status: MessageStatus,
+    ) -> None:
+        await store.finish_turn(message_id, content, status)
 
     def lease(self, interaction: Interaction) -> Lease:
         return _NO_LEASE
 
-    async def release(self, interaction: Interaction) -> None:
+    async def release(self, interaction: Interaction, slots: StreamSlots | None) -> None:
         return None
 
     async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
@@ -253,13 +315,16 @@ class Interactions:
         waiting: Callable[[Interaction], None] | None = None,
     ) -> _Open:
         """Take one of the owner's stream slots and claim the session for one interaction, for as long as the
-        ``async with`` block runs. Raises TooManyStreams, then SessionBusy (``if_busy`` reject).
+        ``async with`` block runs; with a :class:`TurnStart` set on it (``opening.turn``) before, start the turn
+        too (its answer is then ``opening.started``). Raises TooManyStreams, then SessionBusy.
 
-        When the session has a reply in progress, ``if_busy`` interrupt cancels it (as a cancel does) and waits
-        for it to end; enqueue waits until it and the messages queued before have ended (TooManyQueued past
-        ``max_queued``); both wait ahead of or behind the others in the session's line, and take a stream slot
-        only once it is their turn. ``waiting`` is told of an interaction that waits: cancelling it takes it out
-        of the line (Dequeued; SessionNotFound for "deleted")."""
+        This is where a message into a busy session learns what ``if_busy`` makes of it: reject raises
+        SessionBusy; interrupt cancels the reply in progress (as a cancel does) and waits for it to end;
+        enqueue waits until it and the messages queued before have ended (TooManyQueued past ``max_queued``).
+        Both wait in the session's line (an interrupt at its head), take a stream slot only once it is their
+        turn, and wait for a reply that another process runs by polling its claim. ``waiting`` is told of an
+        interaction that waits: cancelling it takes it out of the line (Dequeued; SessionNotFound for
+        "deleted"), and nothing of it is recorded."""
         return _Open(self, session_id, owner, if_busy, waiting)
 
     def queued(self, session_id: str) -> int:
@@ -277,7 +342,7 @@ class Interactions:
 
     async def _wait_turn(self, interaction: Interaction, if_busy: IfBusy) -> None:
         """Wait in the session's line until ``interaction`` is first in it and nothing runs here (it stays in the
-        line: the caller leaves it once it runs, so that nobody gets in between). Inside interaction.waiting."""
+        line: the caller leaves it once it runs, so that nobody gets in between)."""
         session_id = interaction.session_id
         line = self._lines.setdefault(session_id, [])
         if if_busy == "interrupt":
@@ -309,6 +374,14 @@ class Interactions:
                 found = waiting.cancel(reason) or found
         return found
 
+    async def end_turn(
+        self, interaction: Interaction, store: Store, message_id: str, content: str, status: MessageStatus
+    ) -> None:
+        """Record the reply (``store.finish_turn``), and free the session with it where the coordinator can (then
+        :meth:`release` is left with this process's own bookkeeping)."""
+        slots = self.slots if self.slots.limit is not None else None
+        await self.coordinator.end_turn(interaction, slots, store, message_id, content, status)
+
     async def release(self, interaction: Interaction) -> None:
         """End the interaction and free its session, here and in every process.
 
@@ -324,8 +397,9 @@ class Interactions:
         if not interaction.status:  # it never got going (say, its session was gone): followers must not wait
             interaction.finish("interrupted")
         interaction.end()
-        await self.coordinator.release(interaction)
-        if self.slots.limit is not None:
+        slots = self.slots
+        await self.coordinator.release(interaction, slots if slots.limit is not None else None)
+        if slots.limit is not None:
             with anyio.CancelScope(shield=True):
                 await self.slots.give_back(interaction.owner, interaction.id)
 
@@ -364,9 +438,8 @@ class Interactions:
         if interaction_id is not None and session_id in self._lines:
             for waiting in self._lines[session_id]:
                 if waiting.id == interaction_id and (owner is None or waiting.owner == owner):
-                    return (
-                        "cancelled_here" if waiting.cancel(CANCEL_REASONS.get(reason, "cancelled")) else "not_running"
-                    )
+                    cancelled = waiting.cancel(CANCEL_REASONS.get(reason, "cancelled"))
+                    return "cancelled_here" if cancelled else "not_running"
         running = self._running.get(session_id)
         if running is not None:
             # This process owns it: no need for the coordinator, so this works even while Redis is down.
@@ -409,7 +482,7 @@ class _Open:
     """``async with interactions.open(session_id, owner) as interaction``. (A class rather than an
     ``@asynccontextmanager``: every chat pays for it, and a generator costs more to drive.)"""
 
-    __slots__ = ("if_busy", "interaction", "interactions", "waiting")
+    __slots__ = ("asked", "if_busy", "interaction", "interactions", "started", "turn", "waiting")
 
     def __init__(
         self,
@@ -421,6 +494,9 @@ class _Open:
     ) -> None:
         self.interactions = interactions
         self.interaction = Interaction(session_id, owner)
+        self.turn: TurnStart | None = None
+        self.started: tuple[Session, list[Message]] | None = None
+        self.asked: Message | None = None  # a replaced turn's user message (the one kept, for a regenerate)
         self.if_busy = if_busy
         self.waiting = waiting
 
@@ -430,38 +506,63 @@ class _Open:
         if self.if_busy != "reject" and (session_id in interactions._running or session_id in interactions._lines):
             await self._wait()
             return interaction
-        # The slot first: an owner at its limit hears 429 whatever the session, so a busy session of another
-        # owner's is not told apart from a missing one by this either.
-        limited = await self._take_slot()
         try:
-            busy = session_id in interactions._running or session_id in interactions._lines
-            if busy or not await interactions.coordinator.claim(interaction):
-                if self.if_busy == "reject":
-                    raise SessionBusy(session_id)
-                busy = True
-        except BaseException:
-            await self._give_back(limited)
-            raise
-        if busy:  # another process runs the session's reply: wait here, and take the slot when it is our turn
-            await self._give_back(limited)
+            await self._enter(first_in_line=False)
+        except SessionBusy:  # (another process runs the session's reply)
+            if self.if_busy == "reject":
+                raise
             await self._wait()
-            return interaction
-        interactions._running[session_id] = interaction
         return interaction
 
-    async def _take_slot(self) -> bool:
-        slots, interaction = self.interactions.slots, self.interaction
-        limited = slots.limit is not None  # (unlimited, the default: no slot to take, nothing to pay)
-        if limited and not await slots.take(interaction.owner, interaction.id):
+    async def _enter(self, *, first_in_line: bool) -> None:
+        interactions, interaction = self.interactions, self.interaction
+        session_id, owner, slots = interaction.session_id, interaction.owner, interactions.slots
+        coordinator = interactions.coordinator
+        # The slot first: an owner at its limit hears 429 whatever the session, so a busy session of another
+        # owner's is not told apart from a missing one by this either. (Unlimited, the default: nothing to pay.)
+        limited = slots.limit is not None
+        inline = limited and coordinator.takes_slots(slots)  # taken with the claim, in its round trip
+        if limited and not inline and not await slots.take(owner, interaction.id):
             raise TooManyStreams(slots.limit or 0)
-        return limited
-
-    async def _give_back(self, limited: bool) -> None:
-        if limited:
-            await self.interactions.slots.give_back(self.interaction.owner, self.interaction.id)
+        if session_id in interactions._running or (not first_in_line and session_id in interactions._lines):
+            if inline and not await slots.take(owner, interaction.id):
+                raise TooManyStreams(slots.limit or 0)
+            await self._undo()
+            raise SessionBusy(session_id)
+        interactions._running[session_id] = interaction
+        try:
+            turn, taken = self.turn, slots if inline else None
+            if turn is None:
+                await coordinator.claim(interaction, taken)
+            elif turn.replace is None:
+                self.started = await coordinator.start_turn(interaction, taken, turn)
+            else:
+                # The claim first, then the drop and the new turn's start in one store step: a chat refused as
+                # busy drops nothing.
+                await coordinator.claim(interaction, taken)
+                try:
+                    session, earlier, self.asked = await turn.store.replace_turn(
+                        turn.replace,
+                        turn.user,
+                        turn.assistant,
+                        turn.history_limit,
+                        owner=owner,
+                        missing_ok=turn.missing_ok,
+                        keep=turn.keep,
+                    )
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await coordinator.release(interaction, taken)
+                    raise
+                self.started = session, earlier
+        except BaseException:
+            if interactions._running.get(session_id) is interaction:
+                del interactions._running[session_id]
+            await self._undo()
+            raise
 
     async def _wait(self) -> None:
-        """if_busy interrupt or enqueue, with the session busy: wait in its line, then claim it."""
+        """if_busy interrupt or enqueue, with the session busy: wait in its line, then enter."""
         interactions, interaction, if_busy = self.interactions, self.interaction, self.if_busy
         session_id = interaction.session_id
         line = interactions._lines.get(session_id)
@@ -472,27 +573,34 @@ class _Open:
             raise TooManyQueued(interactions.max_queued)
         if self.waiting is not None:
             self.waiting(interaction)
-        limited = False
+        entered = False
         try:
-            with anyio.CancelScope() as interaction.waiting:
+            with anyio.CancelScope() as waiting:
+                interaction.waiting = waiting
                 await interactions._wait_turn(interaction, if_busy)
-                limited = await self._take_slot()
-                # Another process may run the session's reply (Redis): stop it, or wait for it, until ours.
-                while not await interactions.coordinator.claim(interaction):
-                    if if_busy == "interrupt":
-                        await interactions.cancel(session_id, reason="cancelled", owner=interaction.owner)
-                    await anyio.sleep(_CLAIM_POLL_SECONDS)
-                interactions._running[session_id] = interaction
-        except BaseException:
-            await self._give_back(limited)
-            raise
+                while interaction.reason is None:
+                    # Its turn: from here a cancel stops it as it stops a running reply (it is recorded so).
+                    interaction.waiting = None
+                    try:
+                        await self._enter(first_in_line=True)
+                        entered = True
+                        break
+                    except SessionBusy:  # another process runs the session's reply: stop it, or wait for it
+                        interaction.waiting = waiting
+                        if if_busy == "interrupt":
+                            await interactions.cancel(session_id, reason="cancelled", owner=interaction.owner)
+                        await anyio.sleep(_CLAIM_POLL_SECONDS)
         finally:
             interaction.waiting = None
             interactions._leave_line(interaction)
-        if interactions._running.get(session_id) is not interaction:  # taken out of the line
+        if not entered:  # taken out of the line
             if interaction.reason == "deleted":
                 raise SessionNotFound(session_id)
             raise Dequeued(session_id)
+
+    async def _undo(self) -> None:
+        if self.interactions.slots.limit is not None:
+            await self.interactions.slots.give_back(self.interaction.owner, self.interaction.id)
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.interactions.release(self.interaction)
