@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, eventually, messages, new_session
+from tests.conftest import LiveServer, RedisServer, Subprocess, eventually, messages, new_session, pair
 
 pytestmark = pytest.mark.anyio
 
@@ -337,3 +338,78 @@ async def test_an_unknown_if_busy_is_a_400(client: httpx.AsyncClient, where: str
 
 async def _idle(client: httpx.AsyncClient, session_id: str) -> bool:
     return bool((await state(client, session_id))["status"] == "idle")
+
+
+# if_busy across two workers on Redis
+
+
+@pytest.mark.redis
+async def test_across_workers_interrupt_and_enqueue_reach_a_reply_another_worker_runs(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
+    ):
+        session_id = await new_session(on_a)
+        # interrupt, sent to b, stops the reply that a runs (recorded cancelled), then runs on b.
+        async with Running(on_a, session_id) as running:
+            form = {"ui_session_id": session_id, "message": "from b", "if_busy": "interrupt"}
+            interrupting = await on_b.post("/api/v1/chat", data=form)
+            stopped = await running.rest()
+        assert interrupting.status_code == 200 and interrupting.text == "from b"
+        history = await messages(on_b, session_id)
+        assert [(m["role"], m["status"]) for m in history] == [
+            ("user", "complete"),
+            ("assistant", "cancelled"),
+            ("user", "complete"),
+            ("assistant", "complete"),
+        ]
+        assert history[1]["content"] == stopped and stopped != LONG
+
+        # enqueue, sent to b, waits for the reply that a runs to end, then runs on b.
+        answers: list[httpx.Response] = []
+
+        async def enqueue(client: httpx.AsyncClient, text: str) -> None:
+            form = {"ui_session_id": session_id, "message": text, "if_busy": "enqueue"}
+            answers.append(await client.post("/api/v1/chat", data=form))
+
+        async with Running(on_a, session_id) as running, anyio.create_task_group() as tg:
+            tg.start_soon(enqueue, on_b, "after a")
+            await eventually(lambda: _queued(on_b, session_id, 1))
+            assert await running.rest() == LONG
+        assert answers[0].status_code == 200 and answers[0].text == "after a"
+        assert [m["content"] for m in await messages(on_a, session_id)][-4:] == [LONG, LONG, "after a", "after a"]
+
+
+@pytest.mark.redis
+async def test_a_worker_killed_with_a_queue_loses_only_its_own_waiting_messages(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
+    ):
+        session_id = await new_session(on_a)
+        outcomes: dict[str, object] = {}
+
+        async def enqueue(client: httpx.AsyncClient, text: str) -> None:
+            form = {"ui_session_id": session_id, "message": text, "if_busy": "enqueue"}
+            try:
+                outcomes[text] = (await client.post("/api/v1/chat", data=form)).text
+            except httpx.HTTPError as exc:
+                outcomes[text] = exc
+
+        async with Running(on_a, session_id) as running, anyio.create_task_group() as tg:
+            tg.start_soon(enqueue, on_b, "lost with b")
+            await eventually(lambda: _queued(on_b, session_id, 1))
+            tg.start_soon(enqueue, on_a, "waits on a")
+            await eventually(lambda: _queued(on_a, session_id, 1))
+            b.stop(kill=True)  # its waiting message goes with it: its client sees the connection drop
+            assert await running.rest() == LONG
+        history = await messages(on_a, session_id)
+    assert isinstance(outcomes["lost with b"], httpx.HTTPError)
+    assert outcomes["waits on a"] == "waits on a"
+    assert [m["content"] for m in history] == [LONG, LONG, "waits on a", "waits on a"]
