@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
-from parley.sessions.errors import BadRequest, BodyTimeout, PayloadTooLarge
+from parley.errors import BadRequest, BodyTimeout, PayloadTooLarge
 from parley.sessions.store import TITLE_MAX_CHARS
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")

@@ -29,7 +29,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from parley.sessions.errors import (
-    BadRequest,
+    EditWithoutText,
     EventLoopUnsupported,
     MessageNotFound,
     SessionExists,
@@ -361,7 +361,7 @@ class PostgresStore:
                     start, cut, asked = row[0], row[0] + 1, _message(row[1:])
                 else:  # an edit
                     if not user.content.strip():
-                        raise BadRequest("An edit needs the message's new text.")
+                        raise EditWithoutText()
                     start = cut = row[0]
                 history: list[Message] = []
                 if limit > 0:

@@ -32,7 +32,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from parley.sessions.errors import (
-    BadRequest,
+    EditWithoutText,
     EventLoopUnsupported,
     MessageNotFound,
     SessionBusy,
@@ -303,7 +303,7 @@ class RedisStore:
         if outcome == "not_found":
             raise MessageNotFound(target)
         if outcome == "needs_text":
-            raise BadRequest("An edit needs the message's new text.")
+            raise EditWithoutText()
         session = Session(session_id, answer[1], answer[2], owner)
         if outcome == "agent":
             history_limit(session)  # raises (AgentUnavailable)

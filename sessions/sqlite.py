@@ -11,7 +11,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from parley.sessions.errors import BadRequest, MessageNotFound, SessionExists, SessionNotFound
+from parley.sessions.errors import EditWithoutText, MessageNotFound, SessionExists, SessionNotFound
 from parley.sessions.store import FileInfo, Message, MessageStatus, Session, derived_title, ignore_error
 
 T = TypeVar("T")
@@ -309,7 +309,7 @@ class SQLiteStore:
                 start, asked, cut = cut, _message(found[1:]), cut + 1
             else:  # an edit
                 if not user.content.strip():
-                    raise BadRequest("An edit needs the message's new text.")
+                    raise EditWithoutText()
                 start = cut
             history = _history_before(db, session_id, start, limit) if limit > 0 else []
             # Two statements, in a savepoint of their own: both or neither, whatever else the batch does.

@@ -150,7 +150,7 @@ class Store(Protocol):
     and :class:`sessions.postgres.PostgresStore` (scale-out). All pass the same tests in ``tests/test_store.py``.
 
     Every session has an owner. The calls that find a session by its id take the request's owner, and
-    another owner's session is exactly a session that does not exist (None, False, NotFound). Session ids are
+    another owner's session is exactly a session that does not exist (None, False, SessionNotFound). Session ids are
     global, though: :meth:`create_session` refuses an id that any owner has taken. The other calls take a
     session id that the caller has already found for its owner.
     """
@@ -207,7 +207,7 @@ class Store(Protocol):
         Returns the session, its latest messages before the turn's user message (as many as ``history_limit``
         says) and the turn's user message (the one kept, or ``user``). Raises
         :class:`sessions.errors.MessageNotFound` when the session has no ``target`` (unless ``missing_ok``: then
-        it is :meth:`start_turn`), :class:`sessions.errors.BadRequest` when an edit's ``user`` has no text, and
+        it is :meth:`start_turn`), :class:`sessions.errors.EditWithoutText` when an edit's ``user`` has no text, and
         what :meth:`start_turn` raises; in all these cases with nothing changed.
         """
 

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from parley.sessions import SQLiteStore, Store
-from parley.sessions.errors import BadRequest, MessageNotFound, SessionExists, SessionNotFound
+from parley.sessions.errors import EditWithoutText, MessageNotFound, SessionExists, SessionNotFound
 from parley.sessions.store import FileInfo, Message, Session, new_id, new_ordered_id, utcnow
 
 pytestmark = pytest.mark.anyio
@@ -157,7 +157,7 @@ async def test_a_replace_that_cannot_be_done_changes_nothing(store: Store) -> No
     before = await store.list_messages("s")
     with pytest.raises(MessageNotFound):
         await store.replace_turn("msg_nowhere", *turn("s", "x"), limit(0), owner="")
-    with pytest.raises(BadRequest):
+    with pytest.raises(EditWithoutText):
         await store.replace_turn(user.id, *turn("s", "  "), limit(0), owner="")  # an edit without text
     with pytest.raises(SessionNotFound):
         await store.replace_turn(user.id, *turn("s", "x"), limit(0), owner="mallory")
