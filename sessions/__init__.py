@@ -1,23 +1,17 @@
-"""Sessions: where conversations live and how each one's interaction in progress is driven.
+"""The server's domain, with no HTTP in it: conversations and how each one's reply is driven. (The web layer that
+serves it, routes, wire formats, errors to statuses, telemetry, is :mod:`parley` around it.)
 
 - :mod:`sessions.store`: the store interface (sessions, history, file metadata) and its records;
-  :mod:`sessions.sqlite` is the embedded implementation.
+  :mod:`sessions.sqlite` is the embedded implementation, :mod:`sessions.redis` the shared one.
 - :mod:`sessions.interactions`: the interactions in progress, one cancel scope each, one per session, and the
-  coordinator interface (claims, cancels, rejoins across processes) with its local implementation.
-- :mod:`sessions.turns`: the turn runner (claim, history, agent, checkpoints, record, release), with no wire format.
-- :mod:`sessions.streaming` and :mod:`sessions.sse`: the chat response and its renderers (plain text, the AI SDK's
-  SSE); :mod:`sessions.rejoin`: following a reply that is running.
+  coordinator interface (claims, cancels, rejoins across processes) with its local implementation;
+  :mod:`sessions.redis_coordinator` carries them across processes on Redis.
+- :mod:`sessions.turns`: the turn runner (claim, history, agent, checkpoints, record, release), with no wire format;
+  the busy policy (what a message to a session that is already answering gets) lives where it takes the claim.
 - :mod:`sessions.limits` and :mod:`sessions.redis_limits`: how many replies one owner may have running at once,
-  in one process and across processes on Redis (owners themselves: see ``auth.py``).
-- :mod:`sessions.files` and :mod:`sessions.uploads`: uploaded files' bytes, streamed to disk.
-- :mod:`sessions.redis` and :mod:`sessions.redis_coordinator`: the Redis store, and the coordinator that carries
-  claims, cancels and rejoins across processes.
-- :mod:`sessions.service`: the parts of one app (store, agents, interactions) put together from its settings.
+  in one process and across processes on Redis (owners themselves: see ``parley/auth.py``).
+- :mod:`sessions.files`: uploaded files' bytes, streamed to disk.
 - :mod:`sessions.errors`: every failure the domain raises, as one tree (:mod:`parley.errors` maps them to HTTP).
-- Operations: :mod:`sessions.openapi` (the OpenAPI document), :mod:`sessions.metrics` (Prometheus),
-  :mod:`sessions.logs` (log formats, the per-interaction line), :mod:`sessions.telemetry` (each request's id,
-  metrics and 5xx line), :mod:`sessions.health` (readiness), :mod:`sessions.collector` (the garbage collector's
-  settings when parley owns its process).
 """
 
 from __future__ import annotations
