@@ -28,7 +28,7 @@ from parley.rejoin import Follow
 from parley.routes import chat, files, operations, sessions
 from parley.service import build
 from parley.sessions import Store
-from parley.sessions.errors import EventLoopUnsupported
+from parley.sessions.errors import EventLoopUnsupported, StoreUnavailable
 from parley.sessions.turns import TurnObserver
 from parley.settings import Settings, SettingsError
 from parley.streaming import ChatResponse
@@ -106,6 +106,8 @@ def create_app(
         for part in (parley.store, parley.coordinator, parley.interactions.slots):
             if hasattr(part, "on_error"):
                 part.on_error = counts.store_failed
+            if hasattr(part, "on_duration"):
+                part.on_duration = counts.store_took
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -114,6 +116,9 @@ def create_app(
         auth.warn_if_open()
         try:
             await parley.ready()
+        except StoreUnavailable as exc:
+            # Not ready until the store answers (see /readyz): the first request that finds it back opens it.
+            logger.error("parley: starting not ready: %s", exc.message)
         except EventLoopUnsupported as exc:
             if not owns_process:
                 raise
@@ -123,6 +128,12 @@ def create_app(
             os._exit(1)
         try:
             async with anyio.create_task_group() as tg:
+                # The agents' connections (MCP servers): open before the first request, or the start is refused.
+                try:
+                    await tg.start(parley.agents.run)
+                except* SettingsError as refused:
+                    logger.error("parley: %s", _first(refused))  # (the one line to read above the traceback)
+                    raise
                 tg.start_soon(parley.run_background)
                 # Partial uploads of a killed process: untouched for twice the time a body may stall.
                 tg.start_soon(parley.blobs.sweep_partials, 2 * parley.settings.body_timeout_seconds)
@@ -159,6 +170,13 @@ def create_app(
     app.state.metrics = counts
     app.state.openapi = document(app.routes, settings, keys=auth.uses_keys)
     return app
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def serve_from_environment() -> Starlette:

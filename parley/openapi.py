@@ -205,7 +205,14 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "cancelled": {"type": "boolean", "description": "Whether an interaction in progress was stopped"},
             }
         ),
-        "Agent": _object({"name": TEXT, "description": TEXT}),
+        "Agent": _object(
+            {
+                "name": TEXT,
+                "description": TEXT,
+                "tools": {"type": "array", "items": ref("Tool"), "description": "The tools it offers its model"},
+            }
+        ),
+        "Tool": _object({"name": TEXT, "description": TEXT}),
         "NewSession": _object(
             {},
             {

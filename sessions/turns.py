@@ -1,5 +1,5 @@
 """The turn runner: one message answered, from the claim of its session to the record of its reply, with no wire
-format in it. What it produces goes to a :class:`Renderer` (one per wire format, see :mod:`parley.streaming`)
+format in it. What it produces goes to a :class:`Renderer` (one per wire format, see :mod:`sessions.streaming`)
 and to the app's turn observers (metrics, logs)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import anyio
 
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
 from parley.sessions.errors import AgentUnavailable, ParleyError, SessionBusy, SessionNotFound
-from parley.sessions.interactions import Interaction, Interactions
-from parley.sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
+from parley.sessions.interactions import Interaction, Interactions, TurnStart
+from parley.sessions.store import HistoryLimits, Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
 logger = logging.getLogger("parley")
 
@@ -104,6 +104,7 @@ class TurnRunner:
         self.agents = agents
         self.observers = tuple(observers)
         self.checkpoint_seconds = checkpoint_seconds
+        self._history_limits = HistoryLimits({agent.name: agent.history_limit for agent in agents}, self._history_limit)
         # Replies whose text is due to be saved (message id → its tokens so far), and whether a write is under way:
         # see _checkpoint.
         self._due: dict[str, list[str]] = {}
@@ -112,9 +113,18 @@ class TurnRunner:
     async def run(self, request: TurnRequest, renderer: Renderer) -> None:
         """Raises before ``renderer.started`` when the turn cannot start: TooManyStreams, SessionBusy (only to the
         session's owner), SessionNotFound, AgentUnavailable, StoreUnavailable."""
+        opening = self.interactions.open(request.session_id, request.owner)
+        interaction, now, session_id, text = opening.interaction, utcnow(), request.session_id, request.message
+        user = Message(
+            new_ordered_id("msg_"), session_id, "user", text, request.file_ids, "complete", interaction.id, now
+        )
+        reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction.id, now)
+        # Started with the claim, in as few round trips as the coordinator and the store allow.
+        opening.turn = TurnStart(self.store, user, reply, self._history_limits)
         try:
-            async with self.interactions.open(request.session_id, request.owner) as interaction:
-                await self._converse(interaction, request, renderer)
+            async with opening:
+                assert opening.started is not None
+                await self._converse(interaction, request, renderer, reply, *opening.started)
         except SessionBusy:
             await self._when_busy(request)
 
@@ -128,13 +138,16 @@ class TurnRunner:
             raise SessionNotFound(request.session_id) from None
         raise SessionBusy(request.session_id)
 
-    async def _converse(self, interaction: Interaction, request: TurnRequest, renderer: Renderer) -> None:
-        now, session_id, interaction_id, text = utcnow(), request.session_id, interaction.id, request.message
-        user = Message(
-            new_ordered_id("msg_"), session_id, "user", text, request.file_ids, "complete", interaction_id, now
-        )
-        reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction_id, now)
-        session, earlier = await self.store.start_turn(user, reply, self._history_limit, owner=request.owner)
+    async def _converse(
+        self,
+        interaction: Interaction,
+        request: TurnRequest,
+        renderer: Renderer,
+        reply: Message,
+        session: Session,
+        earlier: list[Message],
+    ) -> None:
+        session_id, interaction_id, text = request.session_id, interaction.id, request.message
         agent = self._agent(session)
         interaction.message_id = reply.id
         report = TurnReport(session_id, interaction_id, request.owner, agent.name)
@@ -166,7 +179,8 @@ class TurnRunner:
                 else:
                     status = "error" if failure is not None else "complete"
                 with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
-                    await self.store.finish_turn(reply.id, "".join(tokens), status)
+                    # (With Redis, the session is freed in the same round trip.)
+                    await self.interactions.end_turn(interaction, self.store, reply.id, "".join(tokens), status)
                 recorded = not attempt.cancelled_caught
             error = self._failure(session_id, failure, bool(tokens))
             if error is not None:
@@ -193,16 +207,19 @@ class TurnRunner:
 
     async def _relay(
         self,
-        stream: AsyncIterator[str],
+        stream: AsyncIterator[Any],
         interaction: Interaction,
         renderer: Renderer,
         report: TurnReport,
         message_id: str,
     ) -> None:
         """The agent's tokens, each to the interaction (where followers read it) and to the renderer, with a
-        checkpoint of the text so far every ``checkpoint_seconds`` from the first token on."""
-        first = await anext(stream, None)
-        if first is None:
+        checkpoint of the text so far every ``checkpoint_seconds`` from the first token on. (What else an agent
+        yields, see agents/events.py, is passed over until the runner keeps it as the reply's parts.)"""
+        async for first in stream:
+            if isinstance(first, str):
+                break
+        else:
             return
         report.first_token_at = time.monotonic()
         if self.observers:
@@ -214,6 +231,8 @@ class TurnRunner:
         tokens, write, frame, monotonic = interaction.tokens, renderer.write, renderer.frame, time.monotonic
         seq, next_checkpoint = 1, report.first_token_at + self.checkpoint_seconds
         async for token in stream:
+            if not isinstance(token, str):
+                continue
             tokens.append(token)
             if interaction.waiter is not None:
                 interaction.notify()

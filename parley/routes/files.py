@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from parley.errors import BadRequest, PayloadTooLarge
 from parley.forms import FORM_MARGIN_BYTES, bounded
@@ -119,11 +121,12 @@ async def get_file(request: Request) -> Response:
 async def get_file_content(request: Request) -> Response:
     parley, owner = await authenticated(request)
     info = await _file(parley, request, owner)
-    path = parley.blobs.path(info.id)
-    if not await anyio.Path(path).is_file():
-        raise FileNotFound(info.id)
+    content = await parley.blobs.content(info.id)
     headers = {"content-disposition": content_disposition(info.filename), "x-content-type-options": "nosniff"}
-    return FileResponse(path, media_type=info.mime_type, headers=headers)
+    if isinstance(content, Path):
+        return FileResponse(content, media_type=info.mime_type, headers=headers)
+    headers["content-length"] = str(info.size)
+    return StreamingResponse(content, media_type=info.mime_type, headers=headers)
 
 
 @documented(

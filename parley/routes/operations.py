@@ -6,6 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from parley.agents import tools_of
 from parley.health import readiness
 from parley.openapi import documented, json_response, list_of, object_of, ref, served_file
 from parley.routes import authenticated
@@ -16,7 +17,11 @@ from parley.routes import authenticated
 )
 async def list_agents(request: Request) -> Response:
     parley, _ = await authenticated(request)
-    return JSONResponse({"agents": [{"name": a.name, "description": a.description} for a in parley.agents]})
+    agents = [
+        {"name": a.name, "description": a.description, "tools": [t.describe() for t in await tools_of(a)]}
+        for a in parley.agents
+    ]
+    return JSONResponse({"agents": agents})
 
 
 @documented(
