@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 from prometheus_client import CollectorRegistry
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
@@ -50,6 +51,7 @@ from parley.sessions.errors import (
     NotFound,
     PayloadTooLarge,
     SessionError,
+    StoreUnavailable,
     Unauthorized,
 )
 from parley.sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
@@ -163,7 +165,7 @@ async def chat(request: Request) -> Response | ChatResponse:
     if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
         await _session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
-    await parley.interrupt_orphans(session_id)
+    await parley.interrupt_orphans(session_id, before_turn=True)
     turn = TurnRequest(session_id, chat.message, file_ids, attachments, owner)
     on_disconnect: OnDisconnect = (
         "continue" if (chat.on_disconnect or parley.settings.on_disconnect) == "continue" else "cancel"
@@ -300,11 +302,12 @@ async def get_file(request: Request) -> Response:
 async def get_file_content(request: Request) -> Response:
     parley, owner = await _parley(request)
     info = await _file(parley, request, owner)
-    path = parley.blobs.path(info.id)
-    if not await anyio.Path(path).is_file():
-        raise NotFound(f"File not found: {info.id}")
+    content = await parley.blobs.content(info.id)
     headers = {"content-disposition": content_disposition(info.filename), "x-content-type-options": "nosniff"}
-    return FileResponse(path, media_type=info.mime_type, headers=headers)
+    if isinstance(content, Path):
+        return FileResponse(content, media_type=info.mime_type, headers=headers)
+    headers["content-length"] = str(info.size)
+    return StreamingResponse(content, media_type=info.mime_type, headers=headers)
 
 
 async def delete_file(request: Request) -> Response:
@@ -477,6 +480,8 @@ def create_app(
         for part in (parley.store, parley.coordinator, parley.interactions.slots):
             if hasattr(part, "on_error"):
                 part.on_error = counts.store_failed
+            if hasattr(part, "on_duration"):
+                part.on_duration = counts.store_took
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -485,6 +490,9 @@ def create_app(
         auth.warn_if_open()
         try:
             await parley.ready()
+        except StoreUnavailable as exc:
+            # Not ready until the store answers (see /readyz): the first request that finds it back opens it.
+            logger.error("parley: starting not ready: %s", exc.message)
         except EventLoopUnsupported as exc:
             if not owns_process:
                 raise

@@ -9,9 +9,13 @@
   SSE); :mod:`sessions.rejoin`: following a reply that is running.
 - :mod:`sessions.limits` and :mod:`sessions.redis_limits`: how many replies one owner may have running at once,
   in one process and across processes on Redis (owners themselves: see ``auth.py``).
-- :mod:`sessions.files` and :mod:`sessions.uploads`: uploaded files' bytes, streamed to disk.
+- :mod:`sessions.files` and :mod:`sessions.uploads`: uploaded files' bytes, streamed to disk (the ``Blobs``
+  interface and its disk implementation).
 - :mod:`sessions.redis` and :mod:`sessions.redis_coordinator`: the Redis store, and the coordinator that carries
   claims, cancels and rejoins across processes.
+- :mod:`sessions.postgres`: the PostgreSQL store (asyncio only), with :mod:`sessions.postgres_schema` (its
+  migrations), :mod:`sessions.postgres_blobs` (files' bytes in the database) and :mod:`sessions.postgres_import`
+  (moving an SQLite history in).
 - :mod:`sessions.service`: the parts of one app (store, agents, interactions) put together from its settings.
 - :mod:`sessions.errors`: every error a client can get, as one tree.
 - Operations: :mod:`sessions.openapi` (the OpenAPI document), :mod:`sessions.metrics` (Prometheus),

@@ -28,7 +28,8 @@ maps them to statuses:
 
 Not answered to a client, but refused at start-up:
 
-    EventLoopUnsupported          a store or coordinator that needs asyncio (Redis) run on another event loop (trio)
+    EventLoopUnsupported          a store or coordinator that needs asyncio (Redis, PostgreSQL) run on another event
+                                  loop (trio)
 
 Messages are sentences a person understands: no tracebacks, no internals, no secrets (never a key).
 """

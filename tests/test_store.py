@@ -19,7 +19,7 @@ from parley.sessions.store import FileInfo, Message, Session, new_id, new_ordere
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["sqlite", "sqlite-memory", "redis"])
+@pytest.fixture(params=["sqlite", "sqlite-memory", "redis", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     kind = request.param
     store: Store
@@ -28,6 +28,10 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
         url = request.getfixturevalue("shared_redis_url")
         store = RedisStore(connect(url), prefix=f"test-{secrets.token_hex(6)}:")
+    elif kind == "postgres":
+        from parley.sessions import postgres
+
+        store = postgres.PostgresStore(postgres.connect(request.getfixturevalue("postgres_url")))
     else:
         store = SQLiteStore(tmp_path / "parley.db") if kind == "sqlite" else SQLiteStore(":memory:")
     await store.open()
