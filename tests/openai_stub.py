@@ -35,6 +35,8 @@ class StubCall:
     tokens_sent: int = 0
     finished: bool = False
     refused: str | None = None
+    received_at: float = field(default_factory=time.time)  # (the wall clock: other processes compare with it)
+    last_fragment_at: float | None = None  # when the last tool-call fragment was sent
     client_left_at: float | None = None
 
 
@@ -111,6 +113,7 @@ class OpenAIStub:
             since_user = _rounds_since_user(call.body["messages"])
             if since_user < len(self.tool_plan):
                 await self._tool_calls(send, self.tool_plan[since_user], made)
+                call.last_fragment_at = time.time()
                 await self._finish(call, send, "tool_calls")
                 return
         for index, token in enumerate(self.tokens):

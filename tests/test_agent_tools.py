@@ -152,7 +152,7 @@ async def test_tool_calls_however_the_server_cuts_them(stub: OpenAIStub, stub_ur
     assert text(events) == "The answer."
     assert len([e for e in events if isinstance(e, Usage)]) == 2
     first, second = stub.calls
-    assert [t["function"]["name"] for t in first.body["tools"]] == ["add", "slow", "fail", "die"]
+    assert [t["function"]["name"] for t in first.body["tools"]] == ["add", "now", "slow", "fail", "die"]
     assert second.refused is None
     assistant, *answers = second.body["messages"][-3:]
     assert [c["id"] for c in assistant["tool_calls"]] == ids

@@ -120,7 +120,7 @@ def stub_url(serve: Callable[..., LiveServer], stub: OpenAIStub) -> str:
 
 async def test_tools_are_listed_and_called(config: str) -> None:
     async with running(MCPTools(load_config(config))) as tools:
-        assert [t.name for t in await tools.list_tools()] == ["add", "slow", "fail", "die"]
+        assert [t.name for t in await tools.list_tools()] == ["add", "now", "slow", "fail", "die"]
         assert await tools.call_tool("add", {"a": 2, "b": 3}) == "5.0"
         with pytest.raises(ToolFailed, match="boom"):
             await tools.call_tool("fail", {"message": "boom"})
@@ -270,7 +270,7 @@ async def test_an_unreachable_http_server_is_never_a_500(
 
             async def listed() -> bool:
                 agents = (await client.get("/api/v1/agents")).json()["agents"]
-                return len(agents[1]["tools"]) == 4
+                return len(agents[1]["tools"]) == 5
 
             await eventually(listed, within=10)
         finally:
@@ -283,7 +283,7 @@ async def test_a_tool_name_offered_twice_refuses_the_start(tmp_path: Path, recor
         await MCPTools(load_config(config)).run()
     prefixed = write_config(tmp_path, {"one": stdio_entry(record), "two": stdio_entry(record, "--prefix", "b_")})
     async with running(MCPTools(load_config(prefixed))) as tools:
-        assert len(await tools.list_tools()) == 8
+        assert len(await tools.list_tools()) == 10
         assert await tools.call_tool("b_add", {"a": 1, "b": 2}) == "3.0"
 
 
@@ -338,7 +338,7 @@ async def test_mounted_without_its_lifespan_a_call_opens_a_connection_of_its_own
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://parley") as client:
         agents = (await client.get("/api/v1/agents")).json()["agents"]
-        assert [t["name"] for t in agents[1]["tools"]] == ["add", "slow", "fail", "die"]
+        assert [t["name"] for t in agents[1]["tools"]] == ["add", "now", "slow", "fail", "die"]
         session_id = await new_session(client)
         answer = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "add"})
         assert answer.text == "Done."
@@ -355,7 +355,7 @@ async def test_a_host_hands_in_an_mcp_server_in_process(
     server = serve(create_app(make_settings(tmp_path), agents=agents))
     async with server.client() as client:
         listed = (await client.get("/api/v1/agents")).json()["agents"]
-        assert [len(a["tools"]) for a in listed] == [0, 4]
+        assert [len(a["tools"]) for a in listed] == [0, 5]
         session_id = await new_session(client)
         answer = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "add"})
         assert answer.text == "Done."
