@@ -360,3 +360,40 @@ async def test_a_host_hands_in_an_mcp_server_in_process(
         answer = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "add"})
         assert answer.text == "Done."
     assert stub.calls[-1].body["messages"][-1]["content"] == "3.0"
+
+
+async def test_a_client_that_goes_away_stops_the_tool(
+    serve: Callable[..., LiveServer], tmp_path: Path, record: Path, stub: OpenAIStub, stub_url: str
+) -> None:
+    stub.tool_plan = [[{"name": "slow", "arguments": {"seconds": 60, "tag": "gone"}}]]
+    config = write_config(tmp_path, {"example": stdio_entry(record)})
+    settings = make_settings(
+        tmp_path, agent="openai", openai_base_url=stub_url, openai_model="tools", mcp_config=config
+    )
+    server = serve(create_app(settings))
+    async with server.client() as client:
+        session_id = await new_session(client)
+        async with anyio.create_task_group() as task_group:
+
+            async def chat() -> None:
+                await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "wait"})
+
+            task_group.start_soon(chat)
+
+            async def started() -> bool:
+                return bool(records(record, "started"))
+
+            await eventually(started, within=20)
+            left_at = time.time()
+            task_group.cancel_scope.cancel()  # (the request's connection is closed: PARLEY_ON_DISCONNECT is cancel)
+
+        async def seen() -> bool:
+            return bool(records(record, "cancelled"))
+
+        await eventually(seen, within=2)
+        assert records(record, "cancelled")[0]["at"] - left_at < 1.0
+
+        async def recorded() -> bool:
+            return (await messages(client, session_id))[-1]["status"] == "disconnected"
+
+        await eventually(recorded)
