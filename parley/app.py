@@ -165,7 +165,7 @@ async def chat(request: Request) -> Response | ChatResponse:
     if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
         await _session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
-    await parley.interrupt_orphans(session_id, before_turn=True)
+    # (A turn left streaming by a process that died is recorded interrupted when the session is claimed.)
     turn = TurnRequest(session_id, chat.message, file_ids, attachments, owner)
     on_disconnect: OnDisconnect = (
         "continue" if (chat.on_disconnect or parley.settings.on_disconnect) == "continue" else "cancel"

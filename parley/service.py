@@ -157,7 +157,12 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
     from parley.sessions.redis_coordinator import RedisCoordinator
     from parley.sessions.redis_limits import RedisStreamSlots
 
-    redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_seconds)
+    redis = connect(
+        settings.redis_url,
+        settings.redis_max_connections,
+        settings.redis_pool_timeout_seconds,
+        cluster=settings.redis_cluster,
+    )
     lease = settings.redis_lease_seconds
     coordinator = RedisCoordinator(redis, lease_seconds=lease)
     return store or RedisStore(redis), coordinator, RedisStreamSlots(redis, limit, lease_seconds=lease)
@@ -171,7 +176,7 @@ def _claims_in(coordinator: Coordinator) -> Callable[[Collection[str]], Awaitabl
     async def claims(session_ids: Collection[str]) -> Mapping[str, str]:
         held = {}
         for session_id in session_ids:  # (only sessions with a turn left streaming: rare, and few)
-            owner = await coordinator.owner(session_id)
+            owner = await coordinator.claims.owner(session_id)
             if owner is not None:
                 held[session_id] = owner[1]
         return held

@@ -37,6 +37,7 @@ class Settings:
     redis_lease_seconds: float = 10.0
     redis_max_connections: int = 100
     redis_pool_timeout_seconds: float = 10.0
+    redis_cluster: bool = False
     checkpoint_seconds: float = 1.0
     sse_keepalive_seconds: float = 15.0
     on_disconnect: str = "cancel"
@@ -94,6 +95,7 @@ class Settings:
             redis_pool_timeout_seconds=number(
                 "REDIS_POOL_TIMEOUT_SECONDS", defaults.redis_pool_timeout_seconds, positive=True
             ),
+            redis_cluster=_switch(text("REDIS_CLUSTER"), defaults.redis_cluster, "PARLEY_REDIS_CLUSTER"),
             checkpoint_seconds=number("CHECKPOINT_SECONDS", defaults.checkpoint_seconds),
             sse_keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", defaults.sse_keepalive_seconds),
             on_disconnect=_choice(text("ON_DISCONNECT"), defaults.on_disconnect, "PARLEY_ON_DISCONNECT"),

@@ -12,7 +12,8 @@
 - :mod:`sessions.files` and :mod:`sessions.uploads`: uploaded files' bytes, streamed to disk (the ``Blobs``
   interface and its disk implementation).
 - :mod:`sessions.redis` and :mod:`sessions.redis_coordinator`: the Redis store, and the coordinator that carries
-  claims, cancels and rejoins across processes.
+  claims (:mod:`sessions.redis_claims`), cancels (:mod:`sessions.redis_cancels`) and rejoins
+  (:mod:`sessions.redis_rejoin`) across processes; their Lua scripts are in :mod:`sessions.redis_scripts`.
 - :mod:`sessions.postgres`: the PostgreSQL store (asyncio only), with :mod:`sessions.postgres_schema` (its
   migrations), :mod:`sessions.postgres_blobs` (files' bytes in the database) and :mod:`sessions.postgres_import`
   (moving an SQLite history in).

@@ -92,6 +92,23 @@ class FileInfo:
         }
 
 
+class HistoryLimits:
+    """How many earlier messages a session's agent is given: ``limits(session)`` (which raises what ``unknown``
+    raises for an agent not configured here), or every configured agent's at once (``by_agent``), for a store
+    that reads a session and its history in one round trip (Redis). Stores may take any ``Callable[[Session],
+    int]`` instead; this one saves the Redis store a round trip."""
+
+    __slots__ = ("by_agent", "unknown")
+
+    def __init__(self, by_agent: Mapping[str, int], unknown: Callable[[Session], int]) -> None:
+        self.by_agent = by_agent
+        self.unknown = unknown
+
+    def __call__(self, session: Session) -> int:
+        limit = self.by_agent.get(session.agent)
+        return self.unknown(session) if limit is None else limit
+
+
 class Store(Protocol):
     """Where sessions, their history and their files' metadata live.
 

@@ -247,6 +247,8 @@ async def eventually(predicate: Callable[[], Awaitable[bool]], within: float = 5
 class RedisServer:
     """A real ``redis-server`` of the test's own, on a free loopback port, that can be stopped and restarted."""
 
+    cluster = False
+
     def __init__(self, directory: Path) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -426,6 +428,87 @@ def own_postgres() -> Iterator[PostgresServer]:
     server.remove()
 
 
+class RedisClusterServers:
+    """A Redis Cluster of the test run's own: three ``redis-server --cluster-enabled yes`` on free loopback ports,
+    joined by ``redis-cli --cluster create`` (no replicas). ``url`` names one node, as PARLEY_REDIS_URL does with
+    PARLEY_REDIS_CLUSTER=1."""
+
+    cluster = True
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.nodes: list[tuple[int, subprocess.Popen[bytes]]] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0][0]}"
+
+    def start(self) -> RedisClusterServers:
+        for index in range(3):
+            directory = self.directory / f"node{index}"
+            directory.mkdir(parents=True, exist_ok=True)
+            # (The cluster bus port, by default the port + 10000, is a free port of its own too.)
+            port, bus = free_port(), free_port()
+            process = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no",
+                 "--dir", str(directory)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            self.nodes.append((port, process))
+        for port, process in self.nodes:
+            if not self._answers(port, process, b"PING", b"+PONG"):
+                self.stop()
+                raise RuntimeError(f"a cluster node did not start on port {port} (exit status {process.poll()})")
+        addresses = [f"127.0.0.1:{port}" for port, _ in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+        for port, process in self.nodes:  # every node agrees that every slot is served
+            if not self._answers(port, process, b"CLUSTER INFO", b"cluster_state:ok", within=30):
+                self.stop()
+                raise RuntimeError(f"the cluster did not come up (node on port {port})")
+        return self
+
+    @staticmethod
+    def _answers(
+        port: int, process: subprocess.Popen[bytes], command: bytes, answer: bytes, within: float = 10
+    ) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                # Ours, not another process's that took the port before our redis-server could bind it.
+                if listens(process.pid, port):
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                        sock.sendall(command + b"\r\n")
+                        if answer in sock.recv(4096):
+                            return True
+            except OSError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        for _, process in self.nodes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """One 3-node Redis Cluster for the whole run; tests keep apart by session ids (or a key prefix)."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        _redis_unavailable("redis-server or redis-cli is not on PATH (apt-get install redis-server)")
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
 AI_SDK = ROOT / "tests" / "ai-sdk"
 
 
@@ -511,13 +594,18 @@ class FailingAgent:
 
 
 def pair(
-    subprocesses: Callable[[dict[str, str]], Subprocess], tmp_path: Path, redis: RedisServer | None, **env: str
+    subprocesses: Callable[[dict[str, str]], Subprocess],
+    tmp_path: Path,
+    redis: RedisServer | RedisClusterServers | None,
+    **env: str,
 ) -> tuple[Subprocess, Subprocess]:
     """Two `uvicorn app:app` workers, started together, sharing ``redis`` (each with its own data directory for
     files) or, without it, one SQLite file; a slow echo and a 1 s lease unless ``env`` says otherwise."""
     common = {"PARLEY_ECHO_DELAY": "0.05", "PARLEY_REDIS_LEASE_SECONDS": "1", **env}
     if redis is not None:
         common["PARLEY_REDIS_URL"] = redis.url
+        if redis.cluster:
+            common["PARLEY_REDIS_CLUSTER"] = "1"
     else:
         common["PARLEY_DATA_DIR"] = str(tmp_path / "shared")
     a, b = start_together(

@@ -386,7 +386,7 @@ async def test_a_cancel_left_for_a_silent_owner_stops_its_reply_when_it_wakes(
             a.process.send_signal(signal.SIGSTOP)
             try:
                 tg.start_soon(cancel)
-                await eventually(lambda: _true(bool(redis.keys("parley:cancel-left:*"))), within=10)
+                await eventually(lambda: _true(bool(redis.keys("parley:{*}:cancel-left:*"))), within=10)
             finally:
                 a.process.send_signal(signal.SIGCONT)
         redis.close()
