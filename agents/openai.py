@@ -64,6 +64,8 @@ class OpenAIAgent:
         # The name under which the server sends reasoning, learned from its stream: reasoning goes back to it under
         # the same name (DeepSeek refuses a tool-call turn whose reasoning_content was dropped).
         self.reasoning_field = "reasoning_content"
+        # Whether requests ask for usage (stream_options); turned off for a server that refuses it.
+        self.asks_usage = True
         self._client: httpx.AsyncClient | None = None
 
     @property
@@ -117,12 +119,9 @@ class OpenAIAgent:
         return self._payload(self.messages(turn), tools, last=False)
 
     def _payload(self, messages: list[dict[str, Any]], tools: Sequence[Tool], *, last: bool) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        payload: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True}
+        if self.asks_usage:
+            payload["stream_options"] = {"include_usage": True}
         if tools:
             payload["tools"] = [
                 {
@@ -207,19 +206,20 @@ class OpenAIAgent:
     async def _model_call(self, payload: dict[str, Any], call: ModelCall) -> AsyncGenerator[Event, None]:
         """One streamed model call: yields its text, reasoning and tool-input events, and its usage at the end;
         gathers what the next call needs into ``call``."""
-        headers = {"accept": "text/event-stream"}
-        if self._api_key:
-            headers["authorization"] = f"Bearer {self._api_key}"
-        request = self.client.build_request("POST", self.url, json=payload, headers=headers)
-        try:
-            response = await self.client.send(request, stream=True)
-        except httpx.TimeoutException:
-            raise _upstream("the model server did not answer in time.") from None
-        except httpx.TransportError:
-            raise _upstream("could not connect to the model server.") from None
+        response = await self._send(payload)
         try:
             if response.status_code >= 300:
-                raise _upstream(await self._describe_failure(response))
+                failure = await self._describe_failure(response)
+                if response.status_code == 400 and "stream_options" in failure and self.asks_usage:
+                    # A server that does not know stream_options (some older ones): ask it again without, and
+                    # from now on; its replies' usage is then unknown (null).
+                    logger.warning("the model server refuses stream_options: usage is not asked for (%s)", failure)
+                    self.asks_usage = False
+                    await response.aclose()
+                    response = await self._send({k: v for k, v in payload.items() if k != "stream_options"})
+                    failure = await self._describe_failure(response) if response.status_code >= 300 else ""
+                if failure:
+                    raise _upstream(failure)
             done = False
             async with aclosing(sse_data(response.aiter_bytes())) as events:
                 async for data in events:
@@ -242,6 +242,18 @@ class OpenAIAgent:
             # Closing an unfinished response drops its connection: this is what stops the model.
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+
+    async def _send(self, payload: dict[str, Any]) -> httpx.Response:
+        headers = {"accept": "text/event-stream"}
+        if self._api_key:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        request = self.client.build_request("POST", self.url, json=payload, headers=headers)
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise _upstream("the model server did not answer in time.") from None
+        except httpx.TransportError:
+            raise _upstream("could not connect to the model server.") from None
 
     def _events(self, data: str, call: ModelCall) -> list[Event]:
         try:

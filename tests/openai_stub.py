@@ -55,6 +55,7 @@ class OpenAIStub:
     tool_plan: list[list[dict[str, Any]]] = field(default_factory=list)
     fragments: str = "index"
     deepseek: bool = False
+    knows_stream_options: bool = True  # False: refuses a request that has them, as some older servers do
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,6 +72,8 @@ class OpenAIStub:
         call = StubCall(json.loads(body), {k.decode(): v.decode() for k, v in scope["headers"]})
         self.calls.append(call)
         problem = invalid_conversation(call.body.get("messages"), deepseek=self.deepseek)
+        if not self.knows_stream_options and "stream_options" in call.body:
+            problem = "Unrecognized request argument supplied: stream_options"
         if problem is not None:
             call.refused = problem
             await _json(send, 400, {"error": {"message": problem, "type": "invalid_request_error"}})

@@ -129,6 +129,16 @@ async def test_reasoning_under_either_name_and_usage(stub: OpenAIStub, stub_url:
     assert "tools" not in stub.calls[0].body  # (no toolbox, no tools)
 
 
+async def test_a_server_that_refuses_stream_options_is_asked_without_them(stub: OpenAIStub, stub_url: str) -> None:
+    stub.knows_stream_options = False
+    model = OpenAIAgent(stub_url, "tokens")
+    for _ in range(2):
+        events = await reply(model)
+        assert text(events) == "The answer."
+        assert not [e for e in events if isinstance(e, Usage)]  # (unknown: the server was not asked)
+    assert ["stream_options" in call.body for call in stub.calls] == [True, False, False]
+
+
 @pytest.mark.parametrize("fragments", ["index", "late-name", "whole", "together", "no-index"])
 async def test_tool_calls_however_the_server_cuts_them(stub: OpenAIStub, stub_url: str, fragments: str) -> None:
     stub.fragments = fragments
