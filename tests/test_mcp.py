@@ -15,6 +15,8 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from starlette.responses import PlainTextResponse
+from starlette.types import Receive, Scope, Send
 
 from parley.agents import Agents, EchoAgent, OpenAIAgent, ToolFailed, Turn
 from parley.agents.events import Event, ToolCall, ToolError, ToolResult
@@ -397,3 +399,23 @@ async def test_a_client_that_goes_away_stops_the_tool(
             return (await messages(client, session_id))[-1]["status"] == "disconnected"
 
         await eventually(recorded)
+
+
+async def test_an_http_server_that_wants_headers_gets_them(
+    serve: Callable[..., LiveServer], tmp_path: Path, record: Path
+) -> None:
+    mcp_app = make_server(record_to=str(record)).streamable_http_app()
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (b"authorization", b"Bearer mcp-secret") not in scope["headers"]:
+            await PlainTextResponse("no", status_code=401)(scope, receive, send)
+            return
+        await mcp_app(scope, receive, send)
+
+    url = serve(guarded).url + "/mcp"
+    entry = {"url": url, "headers": {"Authorization": "Bearer mcp-secret"}}
+    async with running(MCPTools(load_config(write_config(tmp_path, {"guarded": entry})))) as tools:
+        assert await tools.call_tool("add", {"a": 1, "b": 2}) == "3.0"
+    async with running(MCPTools(load_config(write_config(tmp_path, {"bare": {"url": url}})))) as tools:
+        assert await tools.list_tools() == []  # (refused: it is reported, and tried again later)
+    assert "mcp-secret" not in repr(load_config(write_config(tmp_path, {"guarded": entry})))
