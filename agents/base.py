@@ -38,8 +38,6 @@ class Turn:
 class AgentError(Exception):
     """The agent could not produce its reply. The message is safe to show to a client."""
 
-    status_code = 500
-
 
 class Agent(Protocol):
     """Something that answers a turn as an async generator of events: a bare ``str`` is a piece of text, and an
@@ -59,5 +57,3 @@ class Agent(Protocol):
 
 class UpstreamError(AgentError):
     """The model server behind the agent refused, failed, or went silent."""
-
-    status_code = 502

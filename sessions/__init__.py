@@ -18,7 +18,7 @@
   migrations), :mod:`sessions.postgres_blobs` (files' bytes in the database) and :mod:`sessions.postgres_import`
   (moving an SQLite history in).
 - :mod:`sessions.service`: the parts of one app (store, agents, interactions) put together from its settings.
-- :mod:`sessions.errors`: every error a client can get, as one tree.
+- :mod:`sessions.errors`: every failure the domain raises, as one tree (:mod:`parley.errors` maps them to HTTP).
 - Operations: :mod:`sessions.openapi` (the OpenAPI document), :mod:`sessions.metrics` (Prometheus),
   :mod:`sessions.logs` (log formats, the per-interaction line), :mod:`sessions.telemetry` (each request's id,
   metrics and 5xx line), :mod:`sessions.health` (readiness), :mod:`sessions.collector` (the garbage collector's

@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 from anyio import AsyncFile
 
-from parley.sessions.errors import NotFound
+from parley.sessions.errors import FileNotFound
 
 _MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _TEXT_TYPES = {
@@ -183,13 +183,13 @@ class DiskBlobs:
         try:
             data = await anyio.Path(self.path(file_id)).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"File not found: {file_id}") from None  # deleted since its metadata was read
+            raise FileNotFound(file_id) from None  # deleted since its metadata was read
         return data.decode("utf-8", errors="replace")
 
     async def content(self, file_id: str) -> Path | AsyncIterator[bytes]:
         path = self.path(file_id)
         if not await anyio.Path(path).is_file():
-            raise NotFound(f"File not found: {file_id}")
+            raise FileNotFound(file_id)
         return path
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from parley.sessions.errors import NotFound
+from parley.sessions.errors import FileNotFound
 from parley.sessions.files import Blob, BlobWriter, FileTooLarge
 from parley.sessions.postgres import PostgresStore
 
@@ -81,7 +81,7 @@ class PostgresBlobs:
             (file_id,),
         )
         if not rows:
-            raise NotFound(f"File not found: {file_id}")  # deleted since its record was read
+            raise FileNotFound(file_id)  # deleted since its record was read
         return int(rows[0][0])
 
     async def read_text(self, file_id: str) -> str:

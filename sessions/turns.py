@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import anyio
 
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
-from parley.sessions.errors import AgentUnavailable, ApiError, SessionBusy, SessionNotFound
+from parley.sessions.errors import AgentUnavailable, ParleyError, SessionBusy, SessionNotFound
 from parley.sessions.interactions import Interaction, Interactions, TurnStart
 from parley.sessions.store import HistoryLimits, Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
@@ -241,7 +241,7 @@ class TurnRunner:
                         break
                     try:
                         await self.store.checkpoint_turns({saved: "".join(text) for saved, text in due.items()})
-                    except ApiError:
+                    except ParleyError:
                         logger.warning("could not checkpoint %d messages; will retry", len(due))
         finally:
             self._saving = False

@@ -36,6 +36,8 @@ class StubCall:
     finished: bool = False
     refused: str | None = None
     client_left_at: float | None = None
+    tokens_when_left: int | None = None  # tokens_sent at the moment the client left
+    over: bool = False  # the response's task has ended: nothing more can be generated
 
 
 @dataclass
@@ -71,18 +73,22 @@ class OpenAIStub:
             call.refused = problem
             await _json(send, 400, {"error": {"message": problem, "type": "invalid_request_error"}})
             return
-        async with anyio.create_task_group() as tg:
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def watch() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                call.client_left_at = time.monotonic()
+                async def watch() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    call.client_left_at = time.monotonic()
+                    call.tokens_when_left = call.tokens_sent
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                await self._respond(call, send)
+                call.finished = True
                 tg.cancel_scope.cancel()
-
-            tg.start_soon(watch)
-            await self._respond(call, send)
-            call.finished = True
-            tg.cancel_scope.cancel()
+        finally:
+            call.over = True
 
     async def _respond(self, call: StubCall, send: Send) -> None:
         model = self.behaviour or call.body.get("model")
