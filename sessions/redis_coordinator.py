@@ -109,7 +109,14 @@ class RedisCoordinator:
         if own is None:
             await store.finish_turn(message_id, content, status)
             return
-        await own.end(message_id, content, status, self.claims.to_release(interaction, _redis_slots(slots)))
+        redis_slots = _redis_slots(slots)
+        release = self.claims.to_release(interaction, redis_slots)
+        try:
+            await own.end(message_id, content, status, release)
+        except BaseException:
+            # Not recorded in time (Redis away): the claim is still this process's to free, in release().
+            self.claims.keep(interaction, release, redis_slots)
+            raise
 
     def lease(self, interaction: Interaction) -> Lease:
         return self.claims.lease(interaction)
