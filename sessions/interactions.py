@@ -93,7 +93,7 @@ class Interaction:
         await self._over_event.wait()
 
 
-# The web layer's check that the session is the canceller's owner's (it raises NotFound if not): run only when
+# The web layer's check that the session is the canceller's owner's (it raises SessionNotFound if not): run only when
 # nothing else has shown it, before a cancel answers "not running" or leaves anything on the session's behalf.
 OwnerCheck = Callable[[], Awaitable[object]]
 

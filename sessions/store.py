@@ -112,11 +112,11 @@ class HistoryLimits:
 class Store(Protocol):
     """Where sessions, their history and their files' metadata live.
 
-    Implementations: :class:`sessions.sqlite.SQLiteStore` (embedded default) and
-    :class:`sessions.redis.RedisStore` (scale-out). Both pass the same tests in ``tests/test_store.py``.
+    Implementations: :class:`sessions.sqlite.SQLiteStore` (embedded default), :class:`sessions.redis.RedisStore`
+    and :class:`sessions.postgres.PostgresStore` (scale-out). All pass the same tests in ``tests/test_store.py``.
 
     Every session has an owner. The calls that find a session by its id take the request's owner, and
-    another owner's session is exactly a session that does not exist (None, False, NotFound). Session ids are
+    another owner's session is exactly a session that does not exist (None, False, SessionNotFound). Session ids are
     global, though: :meth:`create_session` refuses an id that any owner has taken. The other calls take a
     session id that the caller has already found for its owner.
     """

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import anyio
 
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
-from parley.sessions.errors import AgentUnavailable, ApiError, SessionBusy, SessionNotFound
+from parley.sessions.errors import AgentUnavailable, ParleyError, SessionBusy, SessionNotFound
 from parley.sessions.interactions import Interaction, Interactions, TurnStart
 from parley.sessions.store import HistoryLimits, Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
@@ -162,6 +162,8 @@ class TurnRunner:
                     try:
                         async with aclosing(agent.reply(turn)) as stream:
                             async for token in stream:
+                                if not isinstance(token, str):
+                                    continue  # (until the runner keeps the other events as the reply's parts)
                                 if tokens:
                                     # (Inlined Interaction.add: this is the cost of every token.)
                                     append(token)
@@ -239,7 +241,7 @@ class TurnRunner:
                         break
                     try:
                         await self.store.checkpoint_turns({saved: "".join(text) for saved, text in due.items()})
-                    except ApiError:
+                    except ParleyError:
                         logger.warning("could not checkpoint %d messages; will retry", len(due))
         finally:
             self._saving = False

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
@@ -311,6 +313,119 @@ def shared_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield os.environ["PARLEY_TEST_REDIS_URL"]
     else:
         _redis_unavailable("no redis-server on PATH and no PARLEY_TEST_REDIS_URL")
+
+
+def _postgres_bin() -> Path | None:
+    """Debian's PostgreSQL binaries (the newest installed), or those of ``pg_config --bindir``."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda path: int(path.parts[-3]))
+    if found:
+        return found[-1].parent
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        bindir = Path(subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip())
+        if (bindir / "initdb").exists():
+            return bindir
+    return None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster of the test run's own: ``initdb`` in a temporary directory, on a free
+    loopback port, ``fsync=off``; run as the ``postgres`` user when the tests run as root (initdb refuses root).
+    It can be stopped (``immediate``: as a crash would) and started again on the same port."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        # Not under pytest's temporary directory: the postgres user must be able to reach it.
+        self.directory = Path(tempfile.mkdtemp(prefix="parley-pg-"))
+        self.data = self.directory / "data"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as:
+            shutil.chown(self.directory, "postgres")
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, capture_output=True, cwd=self.directory)
+
+    def init(self) -> PostgresServer:
+        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                  "--no-locale", "--no-sync")  # fmt: skip
+        return self
+
+    def start(self) -> PostgresServer:
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.directory / "log"), "-w",
+                  "-o", options, "start")  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def url_of(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A new, empty database; its URL."""
+        import psycopg
+
+        name = f"test_{secrets.token_hex(6)}"
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")  # (a name made above)
+        return self.url_of(name)
+
+
+def _postgres_unavailable(reason: str) -> None:
+    if os.environ.get("PARLEY_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"PARLEY_REQUIRE_POSTGRES=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _new_postgres() -> PostgresServer:
+    bindir = _postgres_bin()
+    if bindir is None:
+        _postgres_unavailable("PostgreSQL is not installed (apt-get install postgresql; make test does it)")
+    assert bindir is not None
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _postgres_unavailable("psycopg is not installed (pip install -e '.[postgres]'; make install does it)")
+    server = PostgresServer(bindir)
+    try:
+        return server.init().start()
+    except subprocess.CalledProcessError as exc:
+        server.remove()
+        _postgres_unavailable(f"could not start PostgreSQL: {exc.stderr.decode(errors='replace').strip()}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the whole run (per xdist worker); tests keep apart by database."""
+    server = _new_postgres()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A database of this test's own, empty, on the run's PostgreSQL."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster for this test alone, for tests that stop and restart it."""
+    server = _new_postgres()
+    yield server
+    server.remove()
 
 
 class RedisClusterServers:

@@ -19,7 +19,7 @@ from parley.sessions.store import FileInfo, Message, Session, new_id, new_ordere
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["sqlite", "sqlite-memory", "redis", "redis-cluster"])
+@pytest.fixture(params=["sqlite", "sqlite-memory", "redis", "redis-cluster", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     kind = request.param
     store: Store
@@ -31,6 +31,10 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         else:
             client = connect(request.getfixturevalue("redis_cluster").url, cluster=True)
         store = RedisStore(client, prefix=f"test-{secrets.token_hex(6)}:")
+    elif kind == "postgres":
+        from parley.sessions import postgres
+
+        store = postgres.PostgresStore(postgres.connect(request.getfixturevalue("postgres_url")))
     else:
         store = SQLiteStore(tmp_path / "parley.db") if kind == "sqlite" else SQLiteStore(":memory:")
     await store.open()
