@@ -222,7 +222,6 @@ class ChatRequest:
 
 _ON_DISCONNECT = ("cancel", "continue")
 _IF_BUSY = ("reject", "interrupt", "enqueue")
-_CLIENT_ID_CHARS = 256
 
 
 async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
@@ -319,7 +318,8 @@ def _chat_json(data: Any) -> ChatRequest:
 
 
 def _last_user_message(messages: Any) -> tuple[str, str]:
-    """The id (when it is one parley can keep: text, 1 to 256 characters) and the text of the last user message."""
+    """The id (when it is one parley keeps: 1 to 128 letters, digits, '_' or '-', as the AI SDK's own ids and UUIDs
+    are) and the text of the last user message."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise BadRequest("messages must be an array of UI messages.")
     for message in reversed(messages):
@@ -335,7 +335,7 @@ def _last_user_message(messages: Any) -> tuple[str, str]:
         if not text.strip():
             raise BadRequest("The last user message has no text.")
         client_id = message.get("id")
-        if not isinstance(client_id, str) or not 1 <= len(client_id) <= _CLIENT_ID_CHARS:
-            client_id = ""
+        if not isinstance(client_id, str) or not SESSION_ID.fullmatch(client_id):
+            client_id = ""  # (the message gets parley's own id)
         return client_id, text
     raise BadRequest("messages has no user message to answer.")

@@ -413,3 +413,16 @@ async def test_a_worker_killed_with_a_queue_loses_only_its_own_waiting_messages(
     assert isinstance(outcomes["lost with b"], httpx.HTTPError)
     assert outcomes["waits on a"] == "waits on a"
     assert [m["content"] for m in history] == [LONG, LONG, "waits on a", "waits on a"]
+
+
+async def test_the_ai_sdks_message_ids_are_kept_when_they_are_plain(client: httpx.AsyncClient) -> None:
+    session_id = await new_session(client)
+    for message_id in ("aB3_x-9", 'odd "id"'):
+        body = {
+            "id": session_id,
+            "messages": [{"id": message_id, "role": "user", "parts": [{"type": "text", "text": message_id}]}],
+        }
+        assert (await client.post("/api/v1/chat", json=body, headers={"accept": "text/plain"})).status_code == 200
+    users = [m["id"] for m in await messages(client, session_id) if m["role"] == "user"]
+    # Letters, digits, '_' and '-' (the SDK's own ids, UUIDs) are kept; anything else gets parley's own id.
+    assert users[0] == "aB3_x-9" and users[1].startswith("msg_")
