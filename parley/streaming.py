@@ -1,7 +1,7 @@
 """The chat response: a turn, run by :class:`sessions.turns.TurnRunner`, framed for the wire by a renderer.
 
 A renderer turns the runner's events (started, token, ended) into ASGI messages; a new wire format is one new
-renderer. :class:`PlainText` is the spec's format; :mod:`sessions.sse` holds the AI SDK's.
+renderer. :class:`PlainText` is the spec's format; :mod:`parley.ui_messages` holds the AI SDK's.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ OnDisconnect = Literal["cancel", "continue"]
 class StreamAborted(Exception):
     """Raised to the server to abort a chat response whose agent failed after the first token."""
 
-    logged_by_parley = True  # (the server's own report of it is dropped: see sessions/logs.py)
+    logged_by_parley = True  # (the server's own report of it is dropped: see parley/logs.py)
 
 
-class Wire:
-    """What every renderer shares: the ASGI ``send``, and what happens when its client goes away."""
+class ResponseRenderer:
+    """What every renderer of a chat response shares (each is a :class:`sessions.turns.Renderer` that writes an HTTP
+    response): the ASGI ``send``, and what happens when its client goes away."""
 
     def __init__(self, send: Send, on_disconnect: OnDisconnect = "cancel", keepalive_seconds: float = 0.0) -> None:
         self.send = self.write = send
@@ -66,7 +67,7 @@ _PLAIN_HEADERS = [
 ]
 
 
-class PlainText(Wire):
+class PlainText(ResponseRenderer):
     """The spec's format: one chunk per token. The response starts with the first token, so a failure before it
     is a proper error status; a failure after it aborts the response (no terminating chunk), so a partial reply
     never looks whole. A stopped reply (cancel, delete, lost claim) ends as a whole one does: history says how."""
@@ -112,19 +113,19 @@ class ChatResponse:
         self,
         runner: TurnRunner,
         request: TurnRequest,
-        wire: type[Wire],
+        renderer: type[ResponseRenderer],
         on_disconnect: OnDisconnect,
         keepalive_seconds: float = 0.0,
     ) -> None:
         self.runner = runner
         self.request = request
-        self.wire = wire
+        self.renderer = renderer
         self.on_disconnect = on_disconnect
         self.keepalive_seconds = keepalive_seconds
         self.failure: Exception | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        renderer = self.wire(send, self.on_disconnect, self.keepalive_seconds)
+        renderer = self.renderer(send, self.on_disconnect, self.keepalive_seconds)
         async with anyio.create_task_group() as task_group:
             task_group.start_soon(self._turn, renderer, task_group.cancel_scope)
             task_group.start_soon(_watch_disconnect, receive, renderer)
@@ -136,7 +137,7 @@ class ChatResponse:
             # which is all that is left to tell the client.
             raise self.failure
 
-    async def _turn(self, renderer: Wire, group: anyio.CancelScope) -> None:
+    async def _turn(self, renderer: ResponseRenderer, group: anyio.CancelScope) -> None:
         try:
             await self.runner.run(self.request, renderer)
         except Exception as exc:
@@ -145,21 +146,21 @@ class ChatResponse:
             group.cancel()  # the disconnect watch and the keep-alive end with the turn
 
 
-async def _keep_alive(wire: Wire) -> None:
+async def _keep_alive(renderer: ResponseRenderer) -> None:
     seen = -1
     while True:
-        await anyio.sleep(wire.keepalive_seconds)
-        tokens = len(wire.interaction.tokens) if wire.interaction is not None else 0
-        if tokens == seen and not wire.left:  # the agent said nothing for a while
-            await wire.keepalive()
+        await anyio.sleep(renderer.keepalive_seconds)
+        tokens = len(renderer.interaction.tokens) if renderer.interaction is not None else 0
+        if tokens == seen and not renderer.left:  # the agent said nothing for a while
+            await renderer.keepalive()
         seen = tokens
 
 
-async def _watch_disconnect(receive: Receive, wire: Wire) -> None:
-    """Tells ``wire`` when the client goes away. Servers answer a pending receive() once the response is complete
+async def _watch_disconnect(receive: Receive, renderer: ResponseRenderer) -> None:
+    """Tells ``renderer`` when the client goes away. Servers answer a pending receive() once the response is complete
     (uvicorn: http.disconnect), so the watch usually ends by itself; the turn's end stops it in any case."""
     while True:
         message: Any = await receive()
         if message["type"] == "http.disconnect":
-            wire.client_left()
+            renderer.client_left()
             return

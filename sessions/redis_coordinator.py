@@ -89,8 +89,8 @@ class RedisCoordinator:
             return started
         await self.claims.claim(interaction, redis_slots)
         try:
-            # With the claim taken, any turn of the session still streaming is an orphan (PostgreSQL's start_turn
-            # records them interrupted in its own statement).
+            # With the claim taken, any turn of the session still streaming is an orphan. (A store that records them
+            # in start_turn's own statement, PostgreSQL's, is spared the round trip.)
             if not getattr(turn.store, "interrupts_orphans_in_start_turn", False):
                 await turn.store.interrupt_turns(interaction.session_id)
             return await turn.store.start_turn(turn.user, turn.assistant, turn.history_limit, owner=interaction.owner)
