@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -506,4 +507,7 @@ def serve_from_environment() -> Starlette:
         return create_app(owns_process=True)
     except SettingsError as exc:
         # A configuration mistake is the operator's to fix: say which variable, in one line, no traceback.
-        raise SystemExit(f"parley: {exc}") from None
+        print(f"parley: {exc}", file=sys.stderr, flush=True)
+        # 3 is uvicorn's STARTUP_FAILURE: under --workers its supervisor stops instead of restarting the
+        # worker forever (every worker would fail the same way).
+        raise SystemExit(3) from None

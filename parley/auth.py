@@ -23,6 +23,8 @@ from typing import Any
 
 from starlette.types import Scope
 
+from parley.settings import SettingsError
+
 logger = logging.getLogger("parley")
 
 # The owner of everything in open mode, and of sessions stored before owners existed. No real owner can be
@@ -31,8 +33,9 @@ logger = logging.getLogger("parley")
 OPEN_OWNER = ""
 
 
-class KeyFileError(ValueError):
-    """The API keys are malformed. Its message names the entry (its position), never a key."""
+class KeyFileError(SettingsError):
+    """The API keys are malformed: a bad setting like any other. Its message names the variable and the entry
+    (its position), never a key."""
 
 
 def parse_keys(lines: Iterable[str], source: str) -> list[tuple[str, str]]:
@@ -77,7 +80,7 @@ class Auth:
         for owner, key in keys:
             digest = _digest(key)
             if seen.get(digest, owner) != owner:
-                raise KeyFileError("the same API key is given to two owners")
+                raise KeyFileError("PARLEY_API_KEYS, PARLEY_API_KEYS_FILE: the same API key is given to two owners")
             seen[digest] = owner
             self._keys.append((digest, owner))
         self._warned = False

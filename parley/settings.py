@@ -113,14 +113,15 @@ def _switch(value: str | None, default: bool, name: str) -> bool:
         return True
     if value.lower() in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{name} must be 1 or 0, got {value!r}")
+    raise SettingsError(f"{name} must be 1 or 0, got {value!r}")
 
 
 def _positive_int(value: str | None, name: str) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name} must be a whole number of 1 or more (unset: no limit), got {value!r}")
+    # isascii: isdigit() alone accepts '²', which int() refuses.
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise SettingsError(f"{name} must be a whole number of 1 or more (unset: no limit), got {value!r}")
     return int(value)
 
 
