@@ -49,7 +49,7 @@ def bounded(request: Request, max_bytes: int, timeout: float) -> Request:
     """The request, with its body counted as it arrives (PayloadTooLarge past ``max_bytes``, whatever the
     transfer encoding, chunked included) and dropped if it stalls for ``timeout`` seconds (BodyTimeout)."""
     declared = header(request, b"content-length")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"The request body is larger than the limit of {max_bytes} bytes for this endpoint.")
     received = 0
     receive = request.receive
@@ -217,7 +217,15 @@ async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
             optional_text(form, "on_disconnect"),
             ai_sdk=False,
         )
-    if len(chat.message.encode()) > max_message_bytes:
+    try:
+        # JSON may carry a lone surrogate ("\ud800", or the raw bytes ED A0 80, which json.loads lets through):
+        # not text any store, model or client can take.
+        size = len(chat.message.encode())
+        for text in (chat.session_id, *chat.file_ids):
+            text.encode()
+    except UnicodeEncodeError:
+        raise BadRequest("The chat is not valid Unicode text (it has a lone surrogate).") from None
+    if size > max_message_bytes:
         raise PayloadTooLarge(f"The message is larger than the limit of {max_message_bytes} bytes.")
     on_disconnect = chat.on_disconnect
     if on_disconnect is None and b"on_disconnect" in request.scope.get("query_string", b""):
