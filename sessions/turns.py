@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -140,12 +140,12 @@ class TurnRunner:
         recorded = False
         # Stays "interrupted" only if something outside the interaction (a server shutdown) tears it down.
         status: MessageStatus = "interrupted"
-        write, frame, append, monotonic = renderer.write, renderer.frame, tokens.append, time.monotonic
-        next_checkpoint, seq = 0.0, 0
+        write, frame, append = renderer.write, renderer.frame, tokens.append
+        seq = 0
         try:
             await renderer.started(interaction)
             async with self.interactions.coordinator.lease(interaction):
-                with interaction.scope:
+                async with self._checkpointed(interaction, reply.id, tokens):
                     try:
                         async with aclosing(agent.reply(turn)) as stream:
                             async for token in stream:
@@ -156,13 +156,9 @@ class TurnRunner:
                                         interaction.notify()
                                     await write(frame(seq, token))
                                     seq += 1
-                                    if monotonic() >= next_checkpoint:
-                                        await self._checkpoint(reply.id, tokens)
-                                        next_checkpoint = monotonic() + self.checkpoint_seconds
                                     continue
-                                # The first token. (Checkpoints count from it: before it there is no text to save.)
+                                # The first token.
                                 report.first_token_at = time.monotonic()
-                                next_checkpoint = report.first_token_at + self.checkpoint_seconds
                                 if self.observers:
                                     self._tell("first_token", report)
                                 interaction.add(token)
@@ -206,6 +202,27 @@ class TurnRunner:
             if self.observers:
                 self._tell("turn_ended", report)
 
+    @asynccontextmanager
+    async def _checkpointed(self, interaction: Interaction, message_id: str, tokens: list[str]) -> AsyncIterator[None]:
+        """The interaction's cancel scope, and in it the checkpoints of its text so far, on time rather than on
+        tokens: a model that thinks, a tool that runs for a minute or a client that does not read leave no gap in
+        what the history shows and what survives a crash. (The body catches every Exception, so the task group
+        never has one to wrap in a group.)"""
+        with interaction.scope:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(self._checkpoint_every, message_id, tokens)
+                yield
+                task_group.cancel_scope.cancel()
+
+    async def _checkpoint_every(self, message_id: str, tokens: list[str]) -> None:
+        saved = 0
+        period = max(self.checkpoint_seconds, 0.01)  # (0: as often as a timer sensibly can)
+        while True:
+            await anyio.sleep(period)
+            if len(tokens) > saved:
+                saved = len(tokens)
+                await self._checkpoint(message_id, tokens)
+
     async def _checkpoint(self, message_id: str, tokens: list[str]) -> None:
         # The text so far, for readers of the history and for what survives a crash. Replies come due one by one;
         # the first that finds no write under way saves every reply due, in one store call, then once more those
@@ -218,7 +235,8 @@ class TurnRunner:
             return
         self._saving = True
         try:
-            with anyio.move_on_after(self.checkpoint_seconds):
+            # Shielded: the write carries other replies' text too, and this reply ending must not drop theirs.
+            with anyio.move_on_after(max(self.checkpoint_seconds, 0.01), shield=True):
                 for _ in range(2):
                     due, self._due = self._due, {}
                     if not due:

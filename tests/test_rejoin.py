@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer, RedisServer, Subprocess, eventually, messages, new_session, start_together
+from tests.openai_stub import OpenAIStub
 from tests.test_chat_sse import SSE, check_stream, parse_sse
 
 pytestmark = pytest.mark.anyio
@@ -249,3 +250,40 @@ async def test_a_killed_owner_on_redis_leaves_its_checkpointed_text(
         last = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"][-1]
     assert len(last["content"].split()) >= 10
     assert received.startswith(last["content"]) or last["content"].startswith(received)
+
+
+async def test_a_silent_model_still_gets_its_text_checkpointed_on_time(
+    subprocesses: Callable[..., Subprocess], serve: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    # Two tokens, then a model that thinks (or a tool that runs) for as long as it likes: checkpoints run on time,
+    # not on tokens, so the history shows the text so far and a kill -9 keeps it.
+    stub = OpenAIStub(delay=0.01, behaviour="hang-mid")
+    env = {
+        "PARLEY_DATA_DIR": str(tmp_path / "data"),
+        "PARLEY_OPENAI_BASE_URL": serve(stub).url + "/v1",
+        "PARLEY_OPENAI_API_KEY": "sk-test",
+        "PARLEY_AGENT": "openai",
+        "PARLEY_CHECKPOINT_SECONDS": "0.2",
+    }
+    server = subprocesses(env).start()
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        session_id = await new_session(client)
+        received = ""
+        # (continue: leaving the loop below may close the connection; the reply must stream on regardless.)
+        data = {"ui_session_id": session_id, "message": "hi", "on_disconnect": "continue"}
+        async with client.stream("POST", "/api/v1/chat", data=data) as r:
+            async for chunk in r.aiter_text():
+                received += chunk
+                if received == "tok0 tok1 ":
+                    break
+
+            async def saved() -> bool:
+                last = (await messages(client, session_id))[-1]
+                return bool(last["status"] == "streaming" and last["content"] == received)
+
+            await eventually(saved, within=3)  # 0.2 s behind; 3 s for a loaded machine
+            server.stop(kill=True)  # while its client is still connected
+    restarted = subprocesses(env).start()
+    async with httpx.AsyncClient(base_url=restarted.url, timeout=10) as client:
+        last = (await messages(client, session_id))[-1]
+    assert (last["status"], last["content"]) == ("interrupted", received)
