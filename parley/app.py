@@ -158,7 +158,7 @@ async def chat(request: Request) -> Response | ChatResponse:
     chat = await read_chat(body, max_message_bytes=limit)
     session_id, file_ids = chat.session_id, chat.file_ids
     attachments: list[Attachment] = []
-    if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
+    if file_ids:  # (without files, the turn runner checks the session and its owner before it claims it)
         await _session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
     await parley.interrupt_orphans(session_id)

@@ -112,6 +112,10 @@ class TurnRunner:
     async def run(self, request: TurnRequest, renderer: Renderer) -> None:
         """Raises before ``renderer.started`` when the turn cannot start: TooManyStreams, SessionBusy (only to the
         session's owner), SessionNotFound, AgentUnavailable, StoreUnavailable."""
+        # The owner first, then the claim: a claim made for another owner (or for no session at all) would hold
+        # the session, and the owner's own chats would hear 409 and its cancels reach the intruder's claim.
+        if await self.store.get_session(request.session_id, request.owner) is None:
+            raise SessionNotFound(request.session_id)
         try:
             async with self.interactions.open(request.session_id, request.owner) as interaction:
                 await self._converse(interaction, request, renderer)
