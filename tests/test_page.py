@@ -575,3 +575,14 @@ def test_ui_false_leaves_the_page_out(serve: Callable[..., LiveServer], tmp_path
         assert response.status_code == 404
         assert response.json()["status"] == "error"
     assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("fragment", ["%", "%E0%A4%A"])
+def test_a_malformed_hash_is_said_in_words(live: Callable[..., LiveServer], open_page: Any, fragment: str) -> None:
+    server = live()
+    page = open_page(f"{server.url}/#{fragment}")  # (a script error there fails the test: see open_page)
+    expect(page.get_by_role("alert")).to_contain_text("not a session id")
+    page.evaluate("location.hash = '#%25%'")  # and when the hash changes to one, too
+    expect(page.get_by_role("alert")).to_contain_text("not a session id")
+    send(page, "still works")
+    expect(page.locator(".message.assistant").last).to_contain_text("still works")
