@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[redis,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[server,redis,dev]'
 	touch $@
 
 # $(call debian,COMMAND,MESSAGE,ON_MISSING): install COMMAND's Debian package (same name) when it is missing and
@@ -82,12 +82,12 @@ screenshot: install chromium
 # Starts its own servers (and redis-server) on loopback, pinned to core 0, with the load generators on core 1;
 # every figure under both uvicorn stacks; writes bench/RESULTS.md.
 bench: install wrk redis-server
-	$(BIN)/python -m pip install --quiet -e '.[redis,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[server,redis,dev,bench]'
 	$(BIN)/python -m bench.run --write
 
 # Instructions per short chat and per token, counted under callgrind: repeatable to 0.1%, for A/B of the hot path.
 bench-instructions: install valgrind
-	$(BIN)/python -m pip install --quiet -e '.[redis,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[server,redis,dev,bench]'
 	$(BIN)/python -m bench.instructions
 
 lint: install

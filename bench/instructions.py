@@ -99,9 +99,9 @@ async def _inner(kind: str, chats: int, words: int, concurrency: int, accept: by
     os.environ["PARLEY_DATA_DIR"] = tempfile.mkdtemp(prefix="parley-instructions-")
     lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     if kind == "parley":
-        from parley.app import create_app
+        from parley import Settings, create_app
 
-        app: Any = create_app()
+        app: Any = create_app(Settings.from_env())
     else:
         app = importlib.import_module(f"bench.{kind}").app
     await lifespan.put({"type": "lifespan.startup"})

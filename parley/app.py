@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import anyio
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -44,6 +46,7 @@ from parley.sessions.errors import (
     ApiError,
     BadRequest,
     CancelFailed,
+    EventLoopUnsupported,
     NotFound,
     PayloadTooLarge,
     SessionError,
@@ -53,7 +56,6 @@ from parley.sessions.files import FileTooLarge, content_disposition, is_text, mi
 from parley.sessions.store import FileInfo, Session, new_id, utcnow
 from parley.sessions.turns import TurnObserver, TurnRequest
 from parley.settings import Settings, SettingsError
-from parley.stack import App
 from parley.streaming import ChatResponse, OnDisconnect, PlainText, error_response, http_status
 from parley.telemetry import Telemetry
 from parley.ui_messages import ServerSentEvents
@@ -194,7 +196,8 @@ async def rejoin(request: Request) -> Response | Follow:
     plain = request.headers.get("accept", "").split(";")[0].strip().lower() == "text/plain"
     offset = query_int(request, "offset", 0, minimum=0, maximum=2**62)
     after = after_seq(request.headers.get("last-event-id"), interaction.id)
-    metrics.REJOINS.inc()
+    if (counts := request.app.state.metrics) is not None:
+        counts.rejoins.inc()
     return Follow(interaction, plain=plain, after=after, offset=offset, feed=feed)
 
 
@@ -227,9 +230,11 @@ async def cancel(request: Request) -> Response:
             session_id, interaction_id, owner=owner, wait_out_silence=True, check=check
         )
     except CancelFailed:
-        metrics.CANCEL_REQUESTS.labels("failed").inc()
+        if (counts := request.app.state.metrics) is not None:
+            counts.cancel_requests.labels("failed").inc()
         raise
-    metrics.CANCEL_REQUESTS.labels(outcome).inc()
+    if (counts := request.app.state.metrics) is not None:
+        counts.cancel_requests.labels(outcome).inc()
     return JSONResponse(
         {
             "status": "success",
@@ -337,7 +342,7 @@ async def openapi(request: Request) -> Response:
 
 async def prometheus_metrics(request: Request) -> Response:
     await _parley(request)  # with API keys configured, a scrape needs one too (any owner's)
-    body, content_type = metrics.exposition()
+    body, content_type = request.app.state.metrics.exposition()
     return Response(body, headers={"content-type": content_type})
 
 
@@ -425,6 +430,15 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "Internal server error: the request could not be processed.")
 
 
+async def _bug(request: Request, exc: Exception) -> Response:
+    # Sent by Starlette's ServerErrorMiddleware, around the telemetry that gives every other response its id.
+    response = await _server_error(request, exc)
+    request_id = logs.REQUEST_ID.get()
+    if request_id is not None:
+        response.headers["x-request-id"] = request_id
+    return response
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -435,28 +449,45 @@ def create_app(
     ui: bool = True,
     debug: bool = False,
     owns_process: bool = False,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> Starlette:
-    """Build a parley app. Without arguments it reads its settings from the environment (PARLEY_*).
+    """Build a parley app: ``settings`` (the defaults when left out; ``Settings.from_env()`` reads PARLEY_*).
+    Building it changes nothing outside the app: logging, metrics and the process are the host's.
 
     ``observers`` are told about every turn (see :class:`sessions.turns.TurnObserver`): metrics, logs.
     ``ui=False`` leaves out the chat page (``GET /`` and ``/ui/``), for hosts that serve their own.
+    ``metrics_registry``: the Prometheus registry to keep parley's metrics in (a new one of the app's own when
+    left out), for a host that serves its own ``/metrics``.
+    ``debug=True`` is Starlette's: a bug is answered with its traceback (never in production).
     ``owns_process=True`` (``uvicorn app:app``) lets its lifespan tune the process's garbage collector for many
     long streams (see :mod:`parley.gc_tuning`); a host app that embeds parley leaves the collector to itself.
     """
-    settings = settings or Settings.from_env()
+    settings = settings or Settings()
     auth = auth or Auth(keys_from(settings.api_keys, settings.api_keys_file))
-    logs.configure(settings.log_format)
     ops: list[TurnObserver] = [logs.InteractionLog()]
-    if settings.metrics:
-        ops.append(metrics.InteractionMetrics())
+    counts = metrics.Metrics(metrics_registry) if settings.metrics else None
+    if counts is not None:
+        ops.append(metrics.InteractionMetrics(counts))
     parley = build(settings, store, agents, [*ops, *observers])
+    if counts is not None:
+        for part in (parley.store, parley.coordinator, parley.interactions.slots):
+            if hasattr(part, "on_error"):
+                part.on_error = counts.store_failed
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if owns_process:
             gc_tuning.tune_for_streams()
         auth.warn_if_open()
-        await parley.ready()
+        try:
+            await parley.ready()
+        except EventLoopUnsupported as exc:
+            if not owns_process:
+                raise
+            # The server would wrap the reason in a page of tracebacks (hypercorn's, and then exit 0): say it in
+            # one line and stop the process, as a bad setting does.
+            print(f"parley: {exc}", file=sys.stderr, flush=True)
+            os._exit(1)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(parley.run_background)
@@ -467,11 +498,11 @@ def create_app(
         finally:
             with anyio.CancelScope(shield=True):
                 await parley.close()
-            metrics.process_exiting()
+            if counts is not None:
+                counts.process_exiting()
 
-    # Outermost: every response gets its request id and is counted, a CORS preflight's too, and an unhandled
-    # exception is answered there (see sessions/stack.py).
-    middleware = [Middleware(Telemetry, metrics=settings.metrics)]
+    # Every response gets its request id and is counted, a CORS preflight's too; a bug is logged there, once.
+    middleware = [Middleware(Telemetry, metrics=counts)]
     if settings.cors_origins:
         # A browser client on another origin may call the API and read the interaction id of a reply.
         middleware.append(
@@ -483,7 +514,7 @@ def create_app(
                 expose_headers=["x-interaction-id", "x-request-id"],
             )
         )
-    app = App(
+    app = Starlette(
         debug=debug,
         routes=[*routes, *(_metrics_routes if settings.metrics else ()), *(page.routes if ui else ())],
         middleware=middleware,
@@ -493,18 +524,25 @@ def create_app(
             SessionError: _domain_error,
             HTTPException: _http_error,
             ClientDisconnect: _client_gone,
+            Exception: _bug,  # (Starlette's ServerErrorMiddleware answers with it; with debug, a traceback)
         },
     )
     app.state.parley = parley
     app.state.auth = auth
+    app.state.metrics = counts
     app.state.openapi = document(metrics=settings.metrics, keys=auth.uses_keys, ui=ui)
     return app
 
 
 def serve_from_environment() -> Starlette:
-    """The app ``uvicorn app:app`` serves: settings from the environment, and the process is parley's."""
+    """The app ``uvicorn app:app`` serves: settings from the environment, and the process is parley's (its log
+    format, its metrics shared across ``--workers``, its garbage collector)."""
     try:
-        return create_app(owns_process=True)
+        settings = Settings.from_env()
+        logs.configure(settings.log_format)
+        if settings.metrics:
+            metrics.share_across_workers()
+        return create_app(settings, owns_process=True)
     except SettingsError as exc:
         # A configuration mistake is the operator's to fix: say which variable, in one line, no traceback.
         print(f"parley: {exc}", file=sys.stderr, flush=True)

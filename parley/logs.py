@@ -7,6 +7,7 @@ What never is: a message's content, a file's content, a key. Lines name sessions
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -33,8 +34,9 @@ class _RequestId(logging.Filter):
 
 
 class _Expected(logging.Filter):
-    """Drops uvicorn's "Exception in ASGI application" for failures parley expects and has logged itself
-    (an agent that fails mid-stream: raising is the only way to make the server abort the response)."""
+    """Drops uvicorn's "Exception in ASGI application" for failures parley has logged itself: a bug (see
+    :func:`logged_here`), an agent that fails mid-stream (raising is the only way to make the server abort the
+    response)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and getattr(record.exc_info[1], "logged_by_parley", False))
@@ -144,6 +146,12 @@ def configure(log_format: str) -> None:
                 uvicorn_handler.setFormatter(JsonFormatter())
             elif not isinstance(current, JsonFormatter):
                 uvicorn_handler.setFormatter(TextFormatter(current))
+
+
+def logged_here(exc: BaseException) -> None:
+    """Mark ``exc`` as logged by parley: the server's own report of it ("Exception in ASGI application") is dropped."""
+    with contextlib.suppress(AttributeError):  # (an exception class with __slots__ cannot be marked)
+        exc.logged_by_parley = True  # type: ignore[attr-defined]
 
 
 def failed_request(method: str, route: str, status: int, error: str, exc: BaseException | None = None) -> None:

@@ -52,6 +52,10 @@ class Parley:
         if not self._ready:
             async with self._ready_lock:
                 if not self._ready:
+                    if self.settings.redis_url:
+                        from parley.sessions.redis import require_asyncio  # (an optional extra: imported here)
+
+                        require_asyncio()
                     await self.store.open()
                     await self.blobs.open()
                     await self.coordinator.interrupt_orphans(self.store)

@@ -6,7 +6,6 @@ renderer. :class:`PlainText` is the spec's format; :mod:`sessions.sse` holds the
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Literal
 
 import anyio
@@ -118,12 +117,11 @@ class ChatResponse:
     Before the response starts, a turn that cannot start (busy, unknown session, store down) or an agent that
     fails before its first token is a JSON error with its status.
 
-    The turn runs in a task of its own, owned here: started, awaited (or, when this request is torn down,
-    cancelled and awaited, shielded) before this returns. Its own task because every switch to the event loop
-    (one per token at no delay) crosses each coroutine frame between the task and the agent: the server's,
-    the middleware's, the router's and this one's are not in its way. A bare asyncio task rather than a task
-    group's: anyio's start_soon costs six times as much (a task handle, two cancel scopes, an event), a tenth
-    of a short chat."""
+    The turn, the disconnect watch and the keep-alive are tasks of one task group, owned here: when the turn
+    ends it stops the other two, and when this request is torn down from outside the group cancels the turn
+    (whose history writes are shielded) and waits for it. The turn runs in a task of its own rather than in
+    this one: every switch to the event loop (one per token at no delay) crosses each coroutine frame between
+    its task and the agent, and the server's, the middleware's and the router's are not in its way there."""
 
     def __init__(
         self,
@@ -138,17 +136,16 @@ class ChatResponse:
         self.wire = wire
         self.on_disconnect = on_disconnect
         self.keepalive_seconds = keepalive_seconds
+        self.failure: Exception | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         renderer = self.wire(send, self.on_disconnect, self.keepalive_seconds)
-        turn = asyncio.get_running_loop().create_task(self._turn(renderer))
-        try:
-            await _watch_disconnect(receive, renderer, turn)
-            if not turn.done():  # (not `await turn`, which would pass a cancel of this task on to it)
-                await asyncio.wait((turn,))
-        finally:
-            await _stop(turn)  # (done by now, unless this request is torn down from outside)
-        failure = turn.result()
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self._turn, renderer, task_group.cancel_scope)
+            task_group.start_soon(_watch_disconnect, receive, renderer)
+            if self.keepalive_seconds > 0:
+                task_group.start_soon(_keep_alive, renderer)
+        failure = self.failure
         if failure is None:
             return
         status = http_status(failure)
@@ -161,28 +158,13 @@ class ChatResponse:
         # Raising makes the server abort the response, which is all that is left to tell the client.
         raise failure
 
-    async def _turn(self, renderer: Wire) -> Exception | None:
-        if self.keepalive_seconds > 0:
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(_keep_alive, renderer)
-                failure = await self._run(renderer)
-                task_group.cancel_scope.cancel()
-            return failure
-        return await self._run(renderer)
-
-    async def _run(self, renderer: Wire) -> Exception | None:
+    async def _turn(self, renderer: Wire, group: anyio.CancelScope) -> None:
         try:
             await self.runner.run(self.request, renderer)
         except Exception as exc:
-            return exc  # raised by the caller, out of any task group, which would wrap it in a group
-        return None
-
-
-async def _stop(task: asyncio.Task[Any]) -> None:
-    if not task.done():
-        task.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.wait((task,))
+            self.failure = exc  # raised by __call__, out of the task group, which would wrap it in a group
+        finally:
+            group.cancel()  # the disconnect watch and the keep-alive end with the turn
 
 
 async def _keep_alive(wire: Wire) -> None:
@@ -195,21 +177,11 @@ async def _keep_alive(wire: Wire) -> None:
         seen = tokens
 
 
-async def _watch_disconnect(receive: Receive, wire: Wire, turn: asyncio.Task[Any]) -> None:
-    """Tells ``wire`` when the client goes away, until ``turn`` ends. Servers answer a pending receive() once the
-    response is complete (uvicorn: http.disconnect), so the watch usually ends by itself; a turn that ends
-    without a complete response (an error status, answered after this) stops it."""
-    with anyio.CancelScope() as watch:
-
-        def stop(_: object) -> None:
-            watch.cancel()
-
-        turn.add_done_callback(stop)
-        try:
-            while True:
-                message: Any = await receive()
-                if message["type"] == "http.disconnect":
-                    wire.client_left()
-                    return
-        finally:
-            turn.remove_done_callback(stop)
+async def _watch_disconnect(receive: Receive, wire: Wire) -> None:
+    """Tells ``wire`` when the client goes away. Servers answer a pending receive() once the response is complete
+    (uvicorn: http.disconnect), so the watch usually ends by itself; the turn's end stops it in any case."""
+    while True:
+        message: Any = await receive()
+        if message["type"] == "http.disconnect":
+            wire.client_left()
+            return

@@ -13,7 +13,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from parley import logs
-from parley.metrics import RequestMetrics
+from parley.metrics import Metrics, RequestMetrics
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -24,12 +24,13 @@ class Telemetry:
     """ASGI middleware: an ``X-Request-Id`` on every response (the client's, when it sent a sane one, or a new
     one) and in every log line of the request; ``parley_http_*`` metrics by route template (when
     ``metrics``); one log line per 5xx, with its error. An exception that escapes before the response
-    started is answered here with a JSON 500 and logged once, with its traceback, in parley's words: this is
-    the app's outermost layer, in the place of Starlette's ServerErrorMiddleware (see app.py)."""
+    started (a bug) is logged here once, with its traceback, in parley's words; Starlette's ServerErrorMiddleware,
+    around every middleware, answers it (see the app's exception handlers)."""
 
-    def __init__(self, app: ASGIApp, *, metrics: bool) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics | None) -> None:
         self.app = app
-        self.metrics = RequestMetrics() if metrics else None
+        self.metrics = RequestMetrics(metrics) if metrics is not None else None
+        _number_requests()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,19 +61,10 @@ class Telemetry:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
-            if status != 0:
-                raise  # the response has started: only the server can abort it now
-            failure = exc
-            status = 500
-            body = b'{"status": "error", "message": "Internal server error: the request could not be processed."}'
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json"), id_header],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
+            if status == 0:  # a bug: Starlette's ServerErrorMiddleware, around this, answers it with a 500
+                failure, status = exc, 500
+                logs.logged_here(exc)  # (and the server's own report of it is dropped)
+            raise
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"] if scope["method"] in _METHODS else "other"
@@ -99,8 +91,13 @@ def _new_id_prefix() -> None:
 
 
 _id_prefix, _id_counter = "", itertools.count()
-_new_id_prefix()
-os.register_at_fork(after_in_child=_new_id_prefix)  # a forked worker must not repeat its parent's ids
+
+
+def _number_requests() -> None:
+    # When the first app is made, not on import: importing parley changes nothing in the process.
+    if not _id_prefix:
+        _new_id_prefix()
+        os.register_at_fork(after_in_child=_new_id_prefix)  # a forked worker must not repeat its parent's ids
 
 
 def _error_message(body: list[bytes] | None) -> str:

@@ -26,6 +26,10 @@ maps them to statuses:
      ├── SessionNotFound      404  the session does not exist
      └── SessionGone          404  the session was deleted while the request was using it
 
+Not answered to a client, but refused at start-up:
+
+    EventLoopUnsupported          a store or coordinator that needs asyncio (Redis) run on another event loop (trio)
+
 Messages are sentences a person understands: no tracebacks, no internals, no secrets (never a key).
 """
 
@@ -121,4 +125,8 @@ class SessionNotFound(SessionError):
 
 
 class SessionGone(SessionError):
+    pass
+
+
+class EventLoopUnsupported(Exception):
     pass

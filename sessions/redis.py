@@ -1,8 +1,13 @@
 """Scale-out on Redis: the store. (The coordinator that keeps one interaction per session across processes is in
-:mod:`sessions.redis_coordinator`.)"""
+:mod:`sessions.redis_coordinator`.)
+
+redis-py's client runs on asyncio only: this module talks to asyncio (:func:`require_asyncio`), and parley on Redis
+refuses another event loop (trio) at start-up.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -18,9 +23,14 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from parley.metrics import STORE_ERRORS
-from parley.sessions.errors import SessionExists, SessionGone, SessionNotFound, StoreUnavailable
-from parley.sessions.store import FileInfo, Message, MessageStatus, Session
+from parley.sessions.errors import (
+    EventLoopUnsupported,
+    SessionExists,
+    SessionGone,
+    SessionNotFound,
+    StoreUnavailable,
+)
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session, ignore_error
 
 logger = logging.getLogger("parley")
 
@@ -119,20 +129,34 @@ def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0) ->
     return Redis.from_pool(pool)
 
 
+def require_asyncio() -> None:
+    """Raise EventLoopUnsupported unless this runs on asyncio: redis-py's client knows no other event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise EventLoopUnsupported(
+            "PARLEY_REDIS_URL: the Redis store runs on asyncio only (redis-py); serve parley on asyncio "
+            "(uvicorn, or hypercorn's asyncio or uvloop worker class), not on trio"
+        ) from None
+
+
 @contextmanager
-def _reachable() -> Iterator[None]:
+def _reachable(on_error: Callable[[str], None]) -> Iterator[None]:
     try:
         yield
     except _DOWN:
-        STORE_ERRORS.labels("redis").inc()
+        on_error("redis")
         raise StoreUnavailable("The session store (Redis) is unavailable right now; try again shortly.") from None
 
 
 class RedisStore:
     """The store on Redis. Behaves exactly like :class:`sessions.sqlite.SQLiteStore` (same tests)."""
 
+    name = "redis"
+
     def __init__(self, redis: Redis, prefix: str = "parley:", finish_retry_seconds: float = 300.0) -> None:
         self.redis = redis
+        self.on_error: Callable[[str], None] = ignore_error  # the app points it at its metrics
         self.prefix = prefix
         self.finish_retry_seconds = finish_retry_seconds
 
@@ -152,7 +176,7 @@ class RedisStore:
 
     async def create_session(self, session: Session) -> None:
         score = datetime.fromisoformat(session.created_at.replace("Z", "+00:00")).timestamp()
-        with _reachable():
+        with _reachable(self.on_error):
             created = await self.redis.eval(
                 _CREATE_SESSION,
                 2,
@@ -168,19 +192,19 @@ class RedisStore:
             raise SessionExists(session.ui_session_id)
 
     async def get_session(self, session_id: str, owner: str) -> Session | None:
-        with _reachable():
+        with _reachable(self.on_error):
             fields: Any = await self.redis.hgetall(self.key("session", session_id))
         return _session(session_id, fields, owner)
 
     async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
-        with _reachable():
+        with _reachable(self.on_error):
             ids: Any = await self.redis.zrevrange(self._index(owner), offset, offset + limit - 1)
             rows = await self._hashes("session", ids)
         found = (_session(sid, fields, owner) for sid, fields in zip(ids, rows, strict=True))
         return [session for session in found if session is not None]
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
-        with _reachable():
+        with _reachable(self.on_error):
             file_ids: Any = await self.redis.eval(
                 _DELETE_SESSION,
                 7,
@@ -216,7 +240,7 @@ class RedisStore:
     ) -> tuple[Session, list[Message]]:
         session_id = user.session_id
         session_key = self.key("session", session_id)
-        with _reachable():
+        with _reachable(self.on_error):
             # Read before the watch: a watching pipeline holds its connection until it writes, and must not wait
             # for a second one (with every pooled connection held that way, none would come).
             fields: Any = await self.redis.hgetall(session_key)
@@ -256,21 +280,21 @@ class RedisStore:
                 await self.redis.eval(_FINISH, 1, self.key("msg", message_id), content, status, message_id, self.prefix)
                 return
             except _DOWN:
-                STORE_ERRORS.labels("redis").inc()
+                self.on_error(self.name)
                 if time.monotonic() > deadline:
                     raise StoreUnavailable("The session store (Redis) stayed unavailable.") from None
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
     async def checkpoint_turns(self, contents: Mapping[str, str]) -> None:
-        with _reachable():
+        with _reachable(self.on_error):
             async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for them all
                 for message_id, content in contents.items():
                     pipe.eval(_CHECKPOINT, 1, self.key("msg", message_id), content)
                 await pipe.execute()
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
-        with _reachable():
+        with _reachable(self.on_error):
             if session_id is None:
                 members: Any = await self.redis.smembers(self.key("streaming"))
                 session_ids = sorted(members)
@@ -290,7 +314,7 @@ class RedisStore:
         return count
 
     async def streaming_turn(self, session_id: str) -> str | None:
-        with _reachable():
+        with _reachable(self.on_error):
             message_id: Any = await self.redis.srandmember(self.key("streaming", session_id))
             if message_id is None:
                 return None
@@ -301,7 +325,7 @@ class RedisStore:
         return await self._messages(session_id, 0)
 
     async def _messages(self, session_id: str, start: int) -> list[Message]:
-        with _reachable():
+        with _reachable(self.on_error):
             ids: Any = await self.redis.lrange(self.key("messages", session_id), start, -1)
             rows = await self._hashes("msg", ids)
         return [_message(fields) for fields in rows if fields]
@@ -319,19 +343,19 @@ class RedisStore:
         # ARGV is the hash's fields and values, "id" first (the script appends ARGV[2], the id, to the list).
         pairs = [item for pair in fields.items() for item in pair]
         keys = self.key("session", info.session_id), self.key("file", info.id), self.key("files", info.session_id)
-        with _reachable():
+        with _reachable(self.on_error):
             added = await self.redis.eval(_ADD_FILE, 3, *keys, *pairs)
         if not added:
             raise SessionNotFound(info.session_id)
 
     async def get_file(self, session_id: str, file_id: str) -> FileInfo | None:
-        with _reachable():
+        with _reachable(self.on_error):
             fields: Any = await self.redis.hgetall(self.key("file", file_id))
         info = _file(fields) if fields else None
         return info if info is not None and info.session_id == session_id else None
 
     async def list_files(self, session_id: str) -> list[FileInfo]:
-        with _reachable():
+        with _reachable(self.on_error):
             ids: Any = await self.redis.lrange(self.key("files", session_id), 0, -1)
             rows = await self._hashes("file", ids)
         return [_file(fields) for fields in rows if fields]
@@ -345,7 +369,7 @@ class RedisStore:
         return rows
 
     async def delete_file(self, session_id: str, file_id: str) -> bool:
-        with _reachable():
+        with _reachable(self.on_error):
             deleted = await self.redis.eval(
                 _DELETE_FILE, 2, self.key("file", file_id), self.key("files", session_id), session_id, file_id
             )

@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from parley.sessions.errors import ApiError, CancelFailed, RejoinFailed, StoreUnavailable
 from parley.sessions.interactions import CANCEL_REASONS, CancelReason, Followed, Interaction, Interactions, OwnerCheck
 from parley.sessions.redis import _DOWN, _reachable
-from parley.sessions.store import Store
+from parley.sessions.store import Store, ignore_error
 
 logger = logging.getLogger("parley")
 
@@ -82,6 +82,7 @@ class RedisCoordinator:
 
     def __init__(self, redis: Redis, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
         self.redis = redis
+        self.on_error: Callable[[str], None] = ignore_error  # the app points it at its metrics
         self.prefix = prefix
         self.lease_ms = max(int(lease_seconds * 1000), 100)
         self.process_id = "proc_" + secrets.token_hex(8)
@@ -96,7 +97,7 @@ class RedisCoordinator:
         return f"{self.prefix}cancel:{process_id}"
 
     async def claim(self, interaction: Interaction) -> bool:
-        with _reachable():
+        with _reachable(self.on_error):
             value = f"{self.process_id}:{interaction.id}"
             return bool(await self.redis.set(self._claim_key(interaction.session_id), value, nx=True, px=self.lease_ms))
 
@@ -111,7 +112,7 @@ class RedisCoordinator:
         for the interaction (see :meth:`request_cancel`) comes back as its reason."""
         value = f"{self.process_id}:{interaction_id}"
         keys = (self._claim_key(session_id), self._cancel_key(interaction_id))
-        with _reachable():
+        with _reachable(self.on_error):
             answer: Any = await self.redis.eval(_RENEW, 2, *keys, value, self.lease_ms)
         return answer if isinstance(answer, str) else bool(answer)
 
@@ -158,14 +159,14 @@ class RedisCoordinator:
             keys.append(answer)
         with anyio.CancelScope(shield=True):
             try:
-                with _reachable():
+                with _reachable(self.on_error):
                     arguments = (value, interaction.status, _CANCELLED_TTL_MS, _ANSWER_TTL)
                     await self.redis.eval(_RELEASE, len(keys), *keys, *arguments)
             except ApiError:
                 logger.warning("could not release session %s; its lease will run out", interaction.session_id)
 
     async def owner(self, session_id: str) -> tuple[str, str] | None:
-        with _reachable():
+        with _reachable(self.on_error):
             value: Any = await self.redis.get(self._claim_key(session_id))
         if value is None:
             return None
@@ -202,7 +203,7 @@ class RedisCoordinator:
         # (The script names the interaction the claim holds, so that the cancel never stops a later one.)
         payload = json.dumps({"request": request_id, "session": session_id, "reason": reason, "owner": owner})
         claim_key = self._claim_key(session_id)
-        with _reachable():
+        with _reachable(self.on_error):
             sent: Any = await self.redis.eval(
                 _SEND_CANCEL, 1, claim_key, payload, self.process_id, interaction_id or "", self._channel("")
             )
@@ -243,7 +244,7 @@ class RedisCoordinator:
         if owner is None:
             return None
         process_id, interaction_id = owner
-        with _reachable():
+        with _reachable(self.on_error):
             asked = await self.redis.publish(
                 self._channel(process_id), json.dumps({"follow": interaction_id, "session": session_id})
             )
@@ -378,7 +379,7 @@ class _MirrorReader:
 
     async def read(self) -> None:
         mirror = self.mirror
-        with _reachable():
+        with _reachable(self.coordinator.on_error):
             answer: Any = await self.coordinator.redis.xread({self.key: self.last}, count=1000, block=1000)
         if not answer:
             self.idle += 1

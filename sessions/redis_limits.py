@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -10,6 +11,7 @@ from redis.asyncio import Redis
 
 from parley.sessions.errors import ApiError
 from parley.sessions.redis import _reachable as reachable  # (one rule for 'Redis is down' in every module)
+from parley.sessions.store import ignore_error
 
 logger = logging.getLogger("parley")
 
@@ -49,6 +51,7 @@ class RedisStreamSlots:
 
     def __init__(self, redis: Redis, limit: int | None, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
         self.redis = redis
+        self.on_error: Callable[[str], None] = ignore_error  # the app points it at its metrics
         self.limit = limit
         self.prefix = prefix
         self.lease_ms = max(int(lease_seconds * 1000), 100)
@@ -60,7 +63,7 @@ class RedisStreamSlots:
     async def take(self, owner: str, interaction_id: str) -> bool:
         if self.limit is None:
             return True
-        with reachable():
+        with reachable(self.on_error):
             taken = await self.redis.eval(_TAKE, 1, self._key(owner), interaction_id, self.limit, self.lease_ms)
         if taken:
             self._held[interaction_id] = owner
@@ -70,7 +73,7 @@ class RedisStreamSlots:
         if self._held.pop(interaction_id, None) is None:
             return
         try:
-            with anyio.CancelScope(shield=True), reachable():
+            with anyio.CancelScope(shield=True), reachable(self.on_error):
                 await self.redis.zrem(self._key(owner), interaction_id)
         except ApiError:  # a slot not given back frees itself when its lease runs out
             logger.warning("could not give back a stream slot; its lease will run out")
@@ -82,7 +85,7 @@ class RedisStreamSlots:
             return
         keys = [self._key(owner) for _, owner in held]
         args: list[Any] = [self.lease_ms, *(interaction_id for interaction_id, _ in held)]
-        with reachable():
+        with reachable(self.on_error):
             await self.redis.eval(_RENEW, len(keys), *keys, *args)
 
     async def keep_alive(self) -> None:

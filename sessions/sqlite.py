@@ -11,9 +11,8 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from parley.metrics import STORE_ERRORS
 from parley.sessions.errors import SessionExists, SessionNotFound
-from parley.sessions.store import FileInfo, Message, MessageStatus, Session
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session, ignore_error
 
 T = TypeVar("T")
 
@@ -79,8 +78,11 @@ class SQLiteStore:
     ``path=":memory:"`` keeps everything in memory for the life of the process.
     """
 
+    name = "sqlite"
+
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        self.on_error: Callable[[str], None] = ignore_error  # the app points it at its metrics
         self._db: sqlite3.Connection | None = None
         self._limiter = anyio.CapacityLimiter(1)
         self._open_lock = anyio.Lock()
@@ -151,7 +153,7 @@ class SQLiteStore:
                 finished.set()
         if operation.error is not None:
             if isinstance(operation.error, sqlite3.Error):
-                STORE_ERRORS.labels("sqlite").inc()
+                self.on_error(self.name)
             raise operation.error
         return operation.result  # type: ignore[no-any-return]
 

@@ -26,6 +26,10 @@ def new_ordered_id(prefix: str) -> str:
     return f"{prefix}{time.time_ns() // 1000:014x}{secrets.token_hex(9)}"
 
 
+def ignore_error(store: str) -> None:
+    """A store's ``on_error`` until the app points it elsewhere (its metrics)."""
+
+
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 

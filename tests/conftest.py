@@ -130,15 +130,23 @@ def live(serve: Callable[[ASGIApp], LiveServer], tmp_path: Path) -> Callable[...
 
 
 class Subprocess:
-    """``uvicorn app:app`` as a separate process, for restarts and crashes."""
+    """``uvicorn app:app`` as a separate process, for restarts and crashes (or ``hypercorn app:app``, with
+    ``hypercorn=True``: ``args`` then picks its worker class)."""
 
-    def __init__(self, env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None, hypercorn: bool = False
+    ) -> None:
         self.args = args
+        self.hypercorn = hypercorn
         self.log = log  # where its stdout and stderr go (none kept without it)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def server(self) -> str:
+        return "hypercorn" if self.hypercorn else "uvicorn"
 
     def start(self) -> Subprocess:
         return self.launch().wait_ready()
@@ -146,8 +154,13 @@ class Subprocess:
     def launch(self) -> Subprocess:
         """Start the process without waiting for it: see :func:`start_together`."""
         log = self.log.open("ab") if self.log is not None else None
+        if self.hypercorn:
+            command = [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{self.port}", *self.args, "app:app"]
+        else:
+            command = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port)]
+            command += self.args
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
+            command,
             cwd=ROOT,
             env=self.env,
             stdout=log or subprocess.DEVNULL,
@@ -172,7 +185,8 @@ class Subprocess:
             except httpx.TransportError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"uvicorn app:app did not start on port {self.port} (exit status {self.process.poll()})")
+        status = self.process.poll()
+        raise RuntimeError(f"{self.server} app:app did not start on port {self.port} (exit status {status})")
 
     def stop(self, kill: bool = False) -> None:
         if self.process and self.process.poll() is None:
@@ -197,8 +211,10 @@ def start_together(*procs: Subprocess) -> tuple[Subprocess, ...]:
 def subprocesses() -> Iterator[Callable[..., Subprocess]]:
     started: list[Subprocess] = []
 
-    def make(env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None) -> Subprocess:
-        proc = Subprocess(env, args, log)
+    def make(
+        env: dict[str, str], args: tuple[str, ...] = (), log: Path | None = None, hypercorn: bool = False
+    ) -> Subprocess:
+        proc = Subprocess(env, args, log, hypercorn)
         started.append(proc)
         return proc
 

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from starlette.types import Receive, Scope, Send
 
-from parley.telemetry import Telemetry
-from tests.conftest import LiveServer, Subprocess
+from parley import logs
+from parley.app import create_app
+from parley.sessions.sqlite import SQLiteStore
+from parley.sessions.store import Session
+from tests.conftest import LiveServer, Subprocess, make_settings
 from tests.openai_stub import OpenAIStub
 
 KEY = "sk-planted-0123456789abcdef"
@@ -151,26 +153,45 @@ def test_uvicorns_log_level_applies_to_parleys_lines(
     assert "interaction ended" not in logged  # an INFO line is not
 
 
-@pytest.mark.anyio
-async def test_a_bug_is_answered_500_with_the_request_id_and_logged_once_with_its_traceback() -> None:
-    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+class _BuggyStore(SQLiteStore):
+    async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
         raise RuntimeError("a bug")
 
+
+@pytest.mark.anyio
+async def test_a_bug_is_answered_500_with_the_request_id_and_logged_once_with_its_traceback(
+    serve: Callable[..., LiveServer], tmp_path: Path
+) -> None:
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    parley_logger = logging.getLogger("parley")
-    parley_logger.addHandler(handler)
+    app = create_app(make_settings(tmp_path), store=_BuggyStore(tmp_path / "buggy.db"))
+    # As `uvicorn app:app` does: parley's log set-up (a library leaves logging to its host unless asked).
+    logs.configure("text")
+    server = serve(app)  # (a real uvicorn: its own report of the bug is dropped, parley's line says it all)
+    loggers = [logging.getLogger("parley"), logging.getLogger("uvicorn.error")]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
-        transport = httpx.ASGITransport(app=Telemetry(broken, metrics=False))
-        async with httpx.AsyncClient(transport=transport, base_url="http://parley") as client:
-            response = await client.get("/anything", headers={"x-request-id": "req-bug"})
+        async with server.client() as client:
+            response = await client.get("/api/v1/sessions", headers={"x-request-id": "req-bug"})
     finally:
-        parley_logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
     assert response.status_code == 500
     assert response.json()["message"] == "Internal server error: the request could not be processed."
-    assert response.headers["x-request-id"] == "req-bug"
-    (record,) = records
+    assert response.headers.get_list("x-request-id") == ["req-bug"]
+    (record,) = [record for record in records if record.levelno >= logging.WARNING]
     assert record.levelname == "ERROR" and record.getMessage() == "request failed"
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
     assert record.fields["status"] == 500 and record.fields["error"] == "RuntimeError: a bug"  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+async def test_debug_answers_a_bug_with_its_traceback(tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path), store=_BuggyStore(tmp_path / "buggy.db"), debug=True)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://parley") as client:
+        response = await client.get("/api/v1/sessions", headers={"accept": "text/plain"})
+    assert response.status_code == 500
+    assert "Traceback" in response.text and "RuntimeError: a bug" in response.text

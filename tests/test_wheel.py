@@ -82,3 +82,39 @@ def test_an_installed_wheel_serves_the_page(wheel: Path, tmp_path: Path) -> None
         assert response["status"] == 200, path
         assert response["csp"] == page.CONTENT_SECURITY_POLICY
         assert response["body"] == (page.UI_DIR / name).read_text()
+
+
+def test_the_wheel_puts_one_name_into_site_packages(wheel: Path) -> None:
+    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {name for name in top if not name.endswith(".dist-info")} == {"parley"}
+    assert "app.py" not in top  # the `uvicorn app:app` entry stays in the checkout
+
+
+# Run with only the install directory ahead of the venv's site-packages: OpenAI's Agents SDK owns `agents`,
+# parley owns `parley`, and each imports as itself.
+BESIDE_OPENAI_AGENTS = """
+import json, sys
+import agents
+from parley import create_app
+from parley.agents import EchoAgent
+print(json.dumps({"agents": agents.__file__, "has_runner": hasattr(agents, "Runner"), "parley_echo": EchoAgent.name}))
+"""
+
+
+def test_an_installed_wheel_lives_beside_openai_agents(wheel: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    # OpenAI's Agents SDK and what it needs, from the package index (about 30 s), then parley's wheel beside it.
+    _pip("install", "openai-agents", "--quiet", "--target", str(site))
+    _pip("install", str(wheel), "--no-deps", "--no-index", "--quiet", "--target", str(site))
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", BESIDE_OPENAI_AGENTS],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert Path(report["agents"]).is_relative_to(site / "agents")
+    assert report["has_runner"] and report["parley_echo"] == "echo"
