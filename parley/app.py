@@ -168,10 +168,11 @@ async def chat(request: Request) -> Response | ChatResponse:
     on_disconnect: OnDisconnect = (
         "continue" if (chat.on_disconnect or parley.settings.on_disconnect) == "continue" else "cancel"
     )
+    stall = parley.settings.body_timeout_seconds  # (a client may stall reading a reply as long as sending a body)
     if _wants_sse(request, chat.ai_sdk):
         keepalive = parley.settings.sse_keepalive_seconds
-        return ChatResponse(parley.runner, turn, ServerSentEvents, on_disconnect, keepalive)
-    return ChatResponse(parley.runner, turn, PlainText, on_disconnect)
+        return ChatResponse(parley.runner, turn, ServerSentEvents, on_disconnect, keepalive, stall)
+    return ChatResponse(parley.runner, turn, PlainText, on_disconnect, stall_seconds=stall)
 
 
 def _wants_sse(request: Request, ai_sdk: bool) -> bool:

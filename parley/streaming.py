@@ -6,6 +6,8 @@ renderer. :class:`PlainText` is the spec's format; :mod:`sessions.sse` holds the
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from typing import Any, Literal
 
 import anyio
@@ -16,6 +18,8 @@ from parley.agents import AgentError
 from parley.sessions.errors import ApiError, SessionError
 from parley.sessions.interactions import Interaction
 from parley.sessions.turns import TurnRequest, TurnRunner
+
+logger = logging.getLogger("parley")
 
 OnDisconnect = Literal["cancel", "continue"]
 
@@ -39,19 +43,55 @@ class StreamAborted(Exception):
     logged_by_parley = True  # (the server's own report of it is dropped: see sessions/logs.py)
 
 
-class Wire:
-    """What every renderer shares: the ASGI ``send``, and what happens when its client goes away."""
+class ClientDropped(StreamAborted):
+    """Raised to the server to close the connection of a client that stopped reading a reply that went on."""
 
-    def __init__(self, send: Send, on_disconnect: OnDisconnect = "cancel", keepalive_seconds: float = 0.0) -> None:
+
+class Wire:
+    """What every renderer shares: the ASGI ``send``, and what happens when its client goes away.
+
+    Under ``on_disconnect="continue"`` the reply must not wait for its client, which may stay connected and stop
+    reading: its messages go to a queue that :func:`_write_behind` sends at the client's pace, and a client that
+    takes more than ``stall_seconds`` over one send is dropped (nothing more is sent; its connection is closed
+    when the reply ends, with no end of stream: it may rejoin). The queue holds at most that many seconds of the
+    reply, which the interaction keeps in full anyway."""
+
+    def __init__(
+        self,
+        send: Send,
+        on_disconnect: OnDisconnect = "cancel",
+        keepalive_seconds: float = 0.0,
+        stall_seconds: float = 30.0,
+    ) -> None:
         self.send = self.write = send
         self.on_disconnect = on_disconnect
         self.keepalive_seconds = keepalive_seconds
+        self.stall_seconds = stall_seconds
         self.interaction: Interaction | None = None
         self.response_started = False
         self.left = False  # the client went away: nothing more is sent
+        self.dropped = False  # it stayed connected but stopped reading, for too long
+        self.behind: deque[Message] | None = None
+        self.nothing_more = False
+        if on_disconnect == "continue":
+            self.behind, self._server_send, self._queued = deque(), send, anyio.Event()
+            self.send = self.write = self._queue
+
+    async def _queue(self, message: Message) -> None:
+        if self.left or self.behind is None:
+            return
+        self.behind.append(message)
+        self._queued.set()
+
+    def wake_writer(self, *, last: bool = False) -> None:
+        """Tell :func:`_write_behind` to look again (``last``: nothing more will be queued)."""
+        if self.behind is not None:
+            self.nothing_more = self.nothing_more or last
+            self._queued.set()
 
     def client_left(self) -> None:
         self.left = True
+        self.wake_writer()
         if self.interaction is not None and self.on_disconnect == "cancel":
             self.interaction.cancel("disconnected")
 
@@ -130,21 +170,29 @@ class ChatResponse:
         wire: type[Wire],
         on_disconnect: OnDisconnect,
         keepalive_seconds: float = 0.0,
+        stall_seconds: float = 30.0,
     ) -> None:
         self.runner = runner
         self.request = request
         self.wire = wire
         self.on_disconnect = on_disconnect
         self.keepalive_seconds = keepalive_seconds
+        self.stall_seconds = stall_seconds
         self.failure: Exception | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        renderer = self.wire(send, self.on_disconnect, self.keepalive_seconds)
+        renderer = self.wire(send, self.on_disconnect, self.keepalive_seconds, self.stall_seconds)
+        writer = None
         async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self._turn, renderer, task_group.cancel_scope)
+            if renderer.behind is not None:
+                writer = anyio.Event()
+                task_group.start_soon(_write_behind, renderer, writer)
+            task_group.start_soon(self._turn, renderer, task_group.cancel_scope, writer)
             task_group.start_soon(_watch_disconnect, receive, renderer)
             if self.keepalive_seconds > 0:
                 task_group.start_soon(_keep_alive, renderer)
+        if renderer.dropped and not renderer.left:
+            raise ClientDropped(f"the client read nothing for {self.stall_seconds:g} s of a reply that went on")
         failure = self.failure
         if failure is None:
             return
@@ -158,13 +206,50 @@ class ChatResponse:
         # Raising makes the server abort the response, which is all that is left to tell the client.
         raise failure
 
-    async def _turn(self, renderer: Wire, group: anyio.CancelScope) -> None:
+    async def _turn(self, renderer: Wire, group: anyio.CancelScope, writer: anyio.Event | None) -> None:
         try:
             await self.runner.run(self.request, renderer)
         except Exception as exc:
             self.failure = exc  # raised by __call__, out of the task group, which would wrap it in a group
         finally:
+            if writer is not None:
+                renderer.wake_writer(last=True)
+                await writer.wait()  # what is queued goes out first (or its client is dropped)
             group.cancel()  # the disconnect watch and the keep-alive end with the turn
+
+
+async def _write_behind(wire: Wire, written: anyio.Event) -> None:
+    """Sends what ``wire`` queued, at its client's pace, until the last message is sent or the client is gone or
+    dropped; then sets ``written``. Messages that piled up go out as one."""
+    behind = wire.behind
+    assert behind is not None
+    try:
+        while not wire.left:
+            if not behind:
+                if wire.nothing_more:
+                    return
+                wire._queued = anyio.Event()
+                await wire._queued.wait()
+                continue
+            message = behind.popleft()
+            if message["type"] == "http.response.body" and behind:
+                bodies, more = [message["body"]], message.get("more_body", False)
+                while more and behind and behind[0]["type"] == "http.response.body":
+                    following = behind.popleft()
+                    bodies.append(following["body"])
+                    more = following.get("more_body", False)
+                message = {"type": "http.response.body", "body": b"".join(bodies), "more_body": more}
+            last = message["type"] == "http.response.body" and not message.get("more_body", False)
+            with anyio.move_on_after(wire.stall_seconds) as stall:
+                await wire._server_send(message)
+            if stall.cancelled_caught:
+                logger.warning("a client read nothing for %g s of a reply that goes on: dropped", wire.stall_seconds)
+                wire.dropped = wire.left = True
+            if last or wire.left:
+                behind.clear()
+                return
+    finally:
+        written.set()
 
 
 async def _keep_alive(wire: Wire) -> None:
