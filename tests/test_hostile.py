@@ -4,6 +4,7 @@ bodies no parser can read, wrong JSON types, and the headers an HTTP error must 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import time
@@ -350,3 +351,50 @@ async def test_a_last_event_id_with_a_digit_int_refuses_is_taken_as_absent(
     assert rejoined.status_code == 200, rejoined.text
     assert rejoined.text == original  # a full replay, as without the header
     assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
+
+
+async def test_a_body_of_a_million_objects_does_not_stall_the_other_streams(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path
+) -> None:
+    # About 1.4 M "{}" in an AI SDK body, under the JSON limit: parsed on the event loop they took ~400 ms, and
+    # every stream of the process stood still as long.
+    crowd = ",".join(["{}"] * 1_400_000)
+    head = '{"id": "ses_none", "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}], "x": ['
+    body = (head + crowd + "]}]}").encode()
+    started = time.perf_counter()
+    json.loads(body)
+    parse = time.perf_counter() - started  # how long the stall was, on this machine now
+    server = subprocesses({"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_ECHO_DELAY": "0.005"}).start()
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        during, answer = await _gap_in_a_stream_while_posting(client, body)
+    # The stream went on while the body was read and refused: its longest gap then is far below the stall that
+    # parsing on the loop caused (about the body's parse time).
+    assert during < parse / 2, (during, parse)
+    assert answer.status_code == 413, answer.text
+    assert "objects and arrays" in answer.json()["message"]
+
+
+async def _gap_in_a_stream_while_posting(client: httpx.AsyncClient, body: bytes) -> tuple[float, httpx.Response]:
+    """The longest gap between two pieces of a streaming reply while ``body`` is posted as a JSON chat."""
+    session_id = await new_session(client)
+    data = {"ui_session_id": session_id, "message": " ".join(["w"] * 5000)}
+    arrivals: list[float] = []
+    async with anyio.create_task_group() as tg, client.stream("POST", "/api/v1/chat", data=data) as reply:
+
+        async def read() -> None:
+            async for _ in reply.aiter_raw():
+                arrivals.append(time.perf_counter())
+
+        tg.start_soon(read)
+        await eventually(lambda: _true(len(arrivals) >= 50))
+        sent = time.perf_counter()
+        answer = await client.post("/api/v1/chat", content=body, headers={"content-type": "application/json"})
+        answered = time.perf_counter()
+        count = len(arrivals)
+        await eventually(lambda: _true(len(arrivals) >= count + 20))  # (the gap that spans the answer counts)
+        tg.cancel_scope.cancel()
+    return max(b - a for a, b in itertools.pairwise(arrivals) if b >= sent and a <= answered), answer
+
+
+async def _true(value: bool) -> bool:
+    return value
