@@ -342,7 +342,12 @@ async def openapi(request: Request) -> Response:
 
 
 async def prometheus_metrics(request: Request) -> Response:
-    await _parley(request)  # with API keys configured, a scrape needs one too (any owner's)
+    if not request.app.state.auth.is_operator(request.scope):
+        # Its counts cover every owner: an owner's key is not enough (see Auth.is_operator).
+        raise Unauthorized(
+            "GET /metrics is for operators: send PARLEY_METRICS_TOKEN as 'Authorization: Bearer <token>'.",
+            bearer=True,
+        )
     body, content_type = request.app.state.metrics.exposition()
     return Response(body, headers={"content-type": content_type})
 
@@ -464,7 +469,7 @@ def create_app(
     long streams (see :mod:`parley.gc_tuning`); a host app that embeds parley leaves the collector to itself.
     """
     settings = settings or Settings()
-    auth = auth or Auth(keys_from(settings.api_keys, settings.api_keys_file))
+    auth = auth or Auth(keys_from(settings.api_keys, settings.api_keys_file), settings.metrics_token)
     ops: list[TurnObserver] = [logs.InteractionLog()]
     counts = metrics.Metrics(metrics_registry) if settings.metrics else None
     if counts is not None:

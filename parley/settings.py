@@ -39,6 +39,7 @@ class Settings:
     max_streams_per_owner: int | None = None
     cors_origins: tuple[str, ...] = ()
     metrics: bool = True
+    metrics_token: str | None = field(default=None, repr=False)
     log_format: str = "text"
 
     @classmethod
@@ -86,6 +87,7 @@ class Settings:
             max_streams_per_owner=_positive_int(text("MAX_STREAMS_PER_OWNER"), "PARLEY_MAX_STREAMS_PER_OWNER"),
             cors_origins=tuple(origin for origin in (text("CORS_ORIGINS") or "").replace(",", " ").split()),
             metrics=_switch(text("METRICS"), defaults.metrics, "PARLEY_METRICS"),
+            metrics_token=text("METRICS_TOKEN"),
             log_format=_choice(text("LOG_FORMAT"), defaults.log_format, "PARLEY_LOG_FORMAT", ("text", "json")),
         )
 
