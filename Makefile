@@ -8,14 +8,14 @@ PORT ?= 8000
 REDIS_URL ?= redis://127.0.0.1:6379/0
 WORKERS ?= 2
 
-.PHONY: install redis-server npm chromium wrk valgrind run run-redis test fuzz screenshot lint format bench bench-instructions soak clean
+.PHONY: install redis-server postgresql run-scaled npm chromium wrk valgrind run run-redis test fuzz screenshot lint format bench bench-instructions soak clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[server,redis,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[server,redis,postgres,mcp,dev]'
 	touch $@
 
 # $(call debian,COMMAND,MESSAGE,ON_MISSING): install COMMAND's Debian package (same name) when it is missing and
@@ -30,6 +30,17 @@ debian = @command -v $(1) >/dev/null 2>&1 || { \
 # The Redis tests start redis-server processes of their own; install the binary when it is missing.
 redis-server:
 	$(call debian,redis-server,redis-server is not installed: the Redis tests will be skipped (apt-get install redis-server),)
+
+# The PostgreSQL tests start a cluster of their own (initdb and pg_ctl from Debian's postgresql, run as the
+# postgres user in a temporary directory); install it when it is missing. (Its own service is not needed.)
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				postgresql >/dev/null); \
+		else \
+			echo "PostgreSQL is not installed: the PostgreSQL tests will be skipped (apt-get install postgresql)"; \
+		fi; }
 
 # The AI SDK tests drive parley with Vercel's `ai` package from Node; `npm ci` installs the versions pinned by
 # tests/ai-sdk/package-lock.json (Debian's npm brings Node with it).
@@ -60,11 +71,18 @@ run: install
 run-redis: install
 	PARLEY_REDIS_URL=$(REDIS_URL) $(BIN)/uvicorn app:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
+# Scaled out: several workers on PostgreSQL (history, files' bytes) and Redis (claims, cancels, rejoins, limits);
+# run the same on several hosts, each with its own PARLEY_DATA_DIR: they share no disk.
+DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/parley
+run-scaled: install
+	PARLEY_DATABASE_URL=$(DATABASE_URL) PARLEY_REDIS_URL=$(REDIS_URL) \
+		$(BIN)/uvicorn app:app --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
 # Two workers (pytest-xdist): most of a test's time is spent waiting on servers, replies and leases, so two
 # at once take about half as long on two cores. Whole files per worker (loadfile), so that a module's browser
 # or server is started once.
 TEST_WORKERS ?= 2
-test: install redis-server chromium $(AI_SDK)/node_modules/.installed
+test: install redis-server postgresql chromium $(AI_SDK)/node_modules/.installed
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Schemathesis at length against a real uvicorn: many examples per operation, a new seed each run (printed, so a
@@ -82,12 +100,12 @@ screenshot: install chromium
 # Starts its own servers (and redis-server) on loopback, pinned to core 0, with the load generators on core 1;
 # every figure under both uvicorn stacks; writes bench/RESULTS.md.
 bench: install wrk redis-server
-	$(BIN)/python -m pip install --quiet -e '.[server,redis,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[server,redis,postgres,mcp,dev,bench]'
 	$(BIN)/python -m bench.run --write
 
 # Instructions per short chat and per token, counted under callgrind: repeatable to 0.1%, for A/B of the hot path.
 bench-instructions: install valgrind
-	$(BIN)/python -m pip install --quiet -e '.[server,redis,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[server,redis,postgres,mcp,dev,bench]'
 	$(BIN)/python -m bench.instructions
 
 lint: install

@@ -1,19 +1,25 @@
 """Agents: what answers a chat message.
 
 An agent is any object with a ``name``, a ``description`` and ``reply(turn)``, an async iterator of
-text tokens (see :class:`agents.base.Agent`). A new agent is one new module with a ``from_settings(settings)``
+text and events (see :class:`agents.base.Agent` and :mod:`agents.events`). One that calls tools offers
+``list_tools()``, and one that holds connections open (to MCP servers, see :mod:`agents.mcp`) a ``run()`` that the
+app's lifespan runs. A new agent is one new module with a ``from_settings(settings)``
 that makes the agent, or None when it is not configured, listed once in :data:`FACTORIES`; :class:`Agents` is
 the registry the app looks names up in. (Its PARLEY_* variables are declared in ``settings.py``, with the rest.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+
+import anyio
+from anyio.abc import TaskStatus
 
 from parley.agents import echo, openai
 from parley.agents.base import Agent, AgentError, Attachment, HistoryEntry, Turn, UpstreamError
 from parley.agents.echo import EchoAgent
 from parley.agents.openai import OpenAIAgent
+from parley.agents.tools import Tool, Toolbox, ToolFailed
 from parley.settings import Settings, SettingsError
 
 __all__ = [
@@ -24,10 +30,14 @@ __all__ = [
     "EchoAgent",
     "HistoryEntry",
     "OpenAIAgent",
+    "Tool",
+    "ToolFailed",
+    "Toolbox",
     "Turn",
     "UnknownAgent",
     "UpstreamError",
     "configured",
+    "tools_of",
 ]
 
 # Every agent this server knows, in the order GET /api/v1/agents lists them; the first is the default default.
@@ -61,12 +71,28 @@ class Agents:
     def __iter__(self) -> Iterator[Agent]:
         return iter(self._by_name.values())
 
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keeps open what the agents hold open (connections to MCP servers) until cancelled: the app's lifespan
+        runs it, and it reports started once they are ready (or raises, on a configuration they refuse)."""
+        async with anyio.create_task_group() as task_group:
+            for agent in self:
+                run = getattr(agent, "run", None)
+                if run is not None:
+                    await task_group.start(run)
+            task_status.started()
+
     async def aclose(self) -> None:
         """Release what the agents hold (an HTTP client, say)."""
         for agent in self:
             aclose = getattr(agent, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+async def tools_of(agent: Agent) -> Sequence[Tool]:
+    """The tools an agent offers its model (none, for an agent that has no ``list_tools``)."""
+    list_tools = getattr(agent, "list_tools", None)
+    return await list_tools() if list_tools is not None else ()
 
 
 def configured(settings: Settings) -> Agents:

@@ -1,14 +1,20 @@
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
+
+from parley.agents.events import Event
 
 
 @dataclass(frozen=True)
 class HistoryEntry:
+    """An earlier message of the session. ``parts`` are its AI SDK UIMessage parts (text, reasoning, step-start,
+    dynamic-tool; see :mod:`parley.agents.events`), or empty when the message is its ``content`` alone."""
+
     role: Literal["user", "assistant"]
     content: str
+    parts: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass(frozen=True)
@@ -32,11 +38,10 @@ class Turn:
 class AgentError(Exception):
     """The agent could not produce its reply. The message is safe to show to a client."""
 
-    status_code = 500
-
 
 class Agent(Protocol):
-    """Something that answers a turn as an async generator of text tokens.
+    """Something that answers a turn as an async generator of events: a bare ``str`` is a piece of text, and an
+    agent that reasons or acts also yields the records of :mod:`parley.agents.events`.
 
     The iterator is closed (``aclose``) when the interaction ends early: a cancel, a disconnect,
     a deleted session. Whatever it holds (an upstream HTTP response, say) must be released there.
@@ -47,10 +52,8 @@ class Agent(Protocol):
     # How many of the session's latest messages the agent is given as history (0: none).
     history_limit: int
 
-    def reply(self, turn: Turn) -> AsyncGenerator[str, None]: ...
+    def reply(self, turn: Turn) -> AsyncGenerator[Event, None]: ...
 
 
 class UpstreamError(AgentError):
     """The model server behind the agent refused, failed, or went silent."""
-
-    status_code = 502

@@ -27,14 +27,16 @@ from bench.servers import (
     CLIENT_CORE,
     METRICS_TOKEN,
     STACKS,
+    Postgres,
     Redis,
     Server,
     has_redis_extra,
+    postgres_server,
     redis_server,
     serve,
 )
 
-FIGURES = ["throughput", "concurrency", "short", "cancel", "rejoin", "first-token", "access", "stores"]
+FIGURES = ["throughput", "concurrency", "short", "cancel", "rejoin", "first-token", "access", "stores", "postgres"]
 ALIASES = {"1": "throughput", "1b": "throughput", "2": "concurrency", "3": "short", "4": "cancel", "5": "rejoin",
            "6": "first-token", "7": "access"}  # fmt: skip
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -47,6 +49,7 @@ SLOW = {"PARLEY_ECHO_DELAY": "0.02"}
 class Bench:
     args: argparse.Namespace
     redis: Redis | None
+    cluster: Postgres | None = None  # PostgreSQL, for the postgres figure
     rows: list[Row] = field(default_factory=list)
     details: dict[str, list[str]] = field(default_factory=dict)
     _next_db: int = 0
@@ -197,6 +200,32 @@ class Bench:
             costs.append(f"{store} {long} ({micros:+.0f} µs per chat)")
         self.rows.append(Row(messages, stack, "; ".join(costs), "", None))
 
+    def postgres(self, stack: str) -> None:
+        """PostgreSQL + Redis (data in PostgreSQL, claims, cancels and rejoins in Redis), placed as the bench places
+        Redis: short chats/s against SQLite, and cancel and rejoin across two workers (hosts with no shared disk)."""
+        if self.cluster is None:
+            raise Missing("no PostgreSQL (or no psycopg) on this machine")
+        scaled = {**self.redis_env(), "PARLEY_DATABASE_URL": self.cluster.create_database()}
+        with serve("parley", stack) as sqlite, serve("parley", stack, scaled) as scaled_out:
+            group = {
+                "SQLite": (sqlite, sqlite.sessions(4 * chats.CONNECTIONS)),
+                "PostgreSQL + Redis": (scaled_out, scaled_out.sessions(4 * chats.CONNECTIONS)),
+            }
+            rate = chats.rates(group, self.args.rounds, self.args.seconds)
+        for name, r in rate.items():
+            self.note("postgres", f"{stack}: {name}: {r} (rounds: {', '.join(f'{x:,.0f}' for x in r.rounds)})")
+        ratio = rate["PostgreSQL + Redis"].per_second / rate["SQLite"].per_second
+        result = f"SQLite {rate['SQLite']}, PostgreSQL + Redis {rate['PostgreSQL + Redis']}: {ratio:.2f}"
+        self.rows.append(Row("PostgreSQL + Redis against SQLite, short chats", stack, result, "≥ 0.5", ratio >= 0.5))
+        env = {**SLOW, **self.redis_env(), "PARLEY_DATABASE_URL": self.cluster.create_database()}
+        with tempfile.TemporaryDirectory() as data_a, tempfile.TemporaryDirectory() as data_b:
+            with serve("parley", stack, env, data_a) as a, serve("parley", stack, env, data_b) as b:
+                p50, p99 = latency.cancel_latency(a, b, self.args.count)
+                self.rows.append(Row("4. cancel → stream end, another worker (PostgreSQL + Redis)", stack,
+                                     f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", "p99 ≤ 8 ms", p99 <= 8))  # fmt: skip
+                figure = "5. rejoin → first replayed byte, another worker (PostgreSQL + Redis)"
+                self._rejoin_row(figure, stack, a, b, 20)
+
     # 4, 5, 6
 
     def cancel(self, stack: str) -> None:
@@ -265,8 +294,8 @@ def main() -> None:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
     os.sched_setaffinity(0, {CLIENT_CORE})
     started = time.perf_counter()
-    with redis_server() as redis:
-        bench = Bench(args, redis)
+    with redis_server() as redis, postgres_server() as postgres:
+        bench = Bench(args, redis, postgres)
         for figure in (f for f in FIGURES if f in chosen):
             for stack in args.stacks.split(","):
                 print(f"{figure} ({stack})", flush=True)

@@ -1,4 +1,5 @@
-"""The servers a benchmark runs: each app under one of two uvicorn stacks, pinned to the server core; redis-server.
+"""The servers a benchmark runs: each app under one of two uvicorn stacks, pinned to the server core; redis-server
+and PostgreSQL.
 
 Every server is a separate ``uvicorn`` process on a free loopback port, started and stopped by a context manager,
 so a benchmark owns exactly the processes it measures.
@@ -146,6 +147,58 @@ def redis_server() -> Iterator[Redis | None]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+@dataclass
+class Postgres:
+    port: int
+    directory: Path
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = f"bench_{os.urandom(6).hex()}"
+        with psycopg.connect(self.url(), autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")  # (a name made here)
+        return self.url(name)
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[Postgres | None]:
+    """A PostgreSQL cluster of the bench's own (initdb in a temporary directory, as the postgres user when run as
+    root), on a free loopback port and the server core, with fsync off: as the bench's Redis keeps nothing on disk
+    and its SQLite does not fsync each commit. None when PostgreSQL or psycopg is not installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda path: int(path.parts[-3]))
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        found = []
+    if not found:
+        yield None
+        return
+    bindir = found[-1].parent
+    directory = Path(tempfile.mkdtemp(prefix="parley-bench-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(directory, "postgres")
+    port = free_port()
+    data, log = str(directory / "data"), str(directory / "log")
+    run = {"check": True, "capture_output": True, "cwd": directory}
+    try:
+        subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", data, "-U", "postgres", "-A", "trust",
+                        "--no-locale", "-E", "UTF8", "--no-sync"], **run)  # type: ignore[call-overload]  # fmt: skip
+        options = f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        subprocess.run(["taskset", "-c", str(SERVER_CORE), *as_postgres, str(bindir / "pg_ctl"), "-D", data, "-l",
+                        log, "-w", "-o", options, "start"], **run)  # type: ignore[call-overload]  # fmt: skip
+        yield Postgres(port, directory)
+    finally:
+        if (directory / "data" / "postmaster.pid").exists():
+            subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop"],
+                           **run)  # type: ignore[call-overload]  # fmt: skip
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def has_redis_extra() -> bool:

@@ -8,21 +8,22 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Match, Route
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from parley import gc_tuning, logs, metrics, page
-from parley.agents import Agents, Attachment
+from parley.agents import Agents, Attachment, tools_of
 from parley.auth import Auth, keys_from
+from parley.errors import EXCEPTION_HANDLERS, BadRequest, PayloadTooLarge, Unauthorized
 from parley.forms import (
     FORM_MARGIN_BYTES,
     OPTIONS_BODY_BYTES,
@@ -43,20 +44,17 @@ from parley.rejoin import Follow, after_seq
 from parley.service import Parley, build
 from parley.sessions import Store
 from parley.sessions.errors import (
-    ApiError,
-    BadRequest,
     CancelFailed,
     EventLoopUnsupported,
-    NotFound,
-    PayloadTooLarge,
-    SessionError,
-    Unauthorized,
+    FileNotFound,
+    SessionNotFound,
+    StoreUnavailable,
 )
 from parley.sessions.files import FileTooLarge, content_disposition, is_text, mime_type, safe_filename
 from parley.sessions.store import FileInfo, Session, new_id, utcnow
 from parley.sessions.turns import TurnObserver, TurnRequest
 from parley.settings import Settings, SettingsError
-from parley.streaming import ChatResponse, OnDisconnect, PlainText, error_response, http_status
+from parley.streaming import ChatResponse, OnDisconnect, PlainText
 from parley.telemetry import Telemetry
 from parley.ui_messages import ServerSentEvents
 from parley.uploads import receive_upload
@@ -83,7 +81,7 @@ async def _session(parley: Parley, session_id: str, owner: str) -> Session:
     # Another owner's session is answered exactly like one that does not exist.
     session = await parley.store.get_session(session_id, owner)
     if session is None:
-        raise NotFound(f"Session not found: {session_id}")
+        raise SessionNotFound(session_id)
     return session
 
 
@@ -163,7 +161,7 @@ async def chat(request: Request) -> Response | ChatResponse:
     if file_ids:  # (without files, the turn runner checks the session and its owner before it claims it)
         await _session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
-    await parley.interrupt_orphans(session_id)
+    # (A turn left streaming by a process that died is recorded interrupted when the session is claimed.)
     turn = TurnRequest(session_id, chat.message, file_ids, attachments, owner)
     on_disconnect: OnDisconnect = (
         "continue" if (chat.on_disconnect or parley.settings.on_disconnect) == "continue" else "cancel"
@@ -207,7 +205,7 @@ async def _attachments(parley: Parley, session_id: str, file_ids: list[str]) -> 
     for file_id in file_ids:
         info = await parley.store.get_file(session_id, file_id)
         if info is None:
-            raise NotFound(f"File not found: {file_id}")
+            raise FileNotFound(file_id)
         text = await parley.blobs.read_text(info.id) if is_text(info.mime_type, info.filename) else None
         attachments.append(Attachment(info.filename, info.mime_type, info.size, text))
     return attachments
@@ -282,7 +280,7 @@ async def _file(parley: Parley, request: Request, owner: str) -> FileInfo:
     file_id = request.path_params["file_id"]
     info = await parley.store.get_file(session.ui_session_id, file_id)
     if info is None:
-        raise NotFound(f"File not found: {file_id}")
+        raise FileNotFound(file_id)
     return info
 
 
@@ -301,11 +299,12 @@ async def get_file(request: Request) -> Response:
 async def get_file_content(request: Request) -> Response:
     parley, owner = await _parley(request)
     info = await _file(parley, request, owner)
-    path = parley.blobs.path(info.id)
-    if not await anyio.Path(path).is_file():
-        raise NotFound(f"File not found: {info.id}")
+    content = await parley.blobs.content(info.id)
     headers = {"content-disposition": content_disposition(info.filename), "x-content-type-options": "nosniff"}
-    return FileResponse(path, media_type=info.mime_type, headers=headers)
+    if isinstance(content, Path):
+        return FileResponse(content, media_type=info.mime_type, headers=headers)
+    headers["content-length"] = str(info.size)
+    return StreamingResponse(content, media_type=info.mime_type, headers=headers)
 
 
 async def delete_file(request: Request) -> Response:
@@ -321,7 +320,11 @@ async def delete_file(request: Request) -> Response:
 
 async def list_agents(request: Request) -> Response:
     parley, _ = await _parley(request)
-    return JSONResponse({"agents": [{"name": a.name, "description": a.description} for a in parley.agents]})
+    agents = [
+        {"name": a.name, "description": a.description, "tools": [t.describe() for t in await tools_of(a)]}
+        for a in parley.agents
+    ]
+    return JSONResponse({"agents": agents})
 
 
 async def healthz(request: Request) -> Response:
@@ -387,64 +390,6 @@ routes = [
 _metrics_routes = (Route("/metrics", prometheus_metrics, methods=["GET"]),)
 
 
-# errors: every one is JSON {"status": "error", "message": ...}; see sessions/errors.py for the tree.
-
-
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    response = error_response(exc.status_code, exc.message)
-    response.headers.update(exc.headers)
-    return response
-
-
-async def _domain_error(request: Request, exc: Exception) -> Response:
-    status = http_status(exc)
-    return error_response(status, str(exc)) if status else await _server_error(request, exc)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 404:
-        response = error_response(404, f"Not found: {request.url.path}")
-    elif exc.status_code == 405:
-        response = error_response(405, f"Method {request.method} is not allowed on {request.url.path}.")
-    else:
-        response = error_response(exc.status_code, str(exc.detail))
-    response.headers.update(exc.headers or {})  # whatever the exception carries (Allow on a 405)
-    if exc.status_code == 405:
-        # Starlette's Allow names the methods of the first route that matched the path; a path served by
-        # several routes (GET and POST /api/v1/sessions) allows all of theirs.
-        response.headers["allow"] = ", ".join(sorted(_allowed_methods(request)))
-    return response
-
-
-def _allowed_methods(request: Request) -> set[str]:
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
-            methods |= route.methods
-    return methods
-
-
-async def _client_gone(request: Request, exc: Exception) -> Response:
-    # An expected event, not a server error: one line, and an answer nobody will read.
-    logger.warning("client disconnected while sending %s %s", request.method, request.url.path)
-    return Response(status_code=400)
-
-
-async def _server_error(request: Request, exc: Exception) -> Response:
-    return error_response(500, "Internal server error: the request could not be processed.")
-
-
-async def _bug(request: Request, exc: Exception) -> Response:
-    # Sent by Starlette's ServerErrorMiddleware, around the telemetry that gives every other response its id.
-    response = await _server_error(request, exc)
-    request_id = logs.REQUEST_ID.get()
-    if request_id is not None:
-        response.headers["x-request-id"] = request_id
-    return response
-
-
 def create_app(
     settings: Settings | None = None,
     *,
@@ -479,6 +424,8 @@ def create_app(
         for part in (parley.store, parley.coordinator, parley.interactions.slots):
             if hasattr(part, "on_error"):
                 part.on_error = counts.store_failed
+            if hasattr(part, "on_duration"):
+                part.on_duration = counts.store_took
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -487,6 +434,9 @@ def create_app(
         auth.warn_if_open()
         try:
             await parley.ready()
+        except StoreUnavailable as exc:
+            # Not ready until the store answers (see /readyz): the first request that finds it back opens it.
+            logger.error("parley: starting not ready: %s", exc.message)
         except EventLoopUnsupported as exc:
             if not owns_process:
                 raise
@@ -496,6 +446,12 @@ def create_app(
             os._exit(1)
         try:
             async with anyio.create_task_group() as tg:
+                # The agents' connections (MCP servers): open before the first request, or the start is refused.
+                try:
+                    await tg.start(parley.agents.run)
+                except* SettingsError as refused:
+                    logger.error("parley: %s", _first(refused))  # (the one line to read above the traceback)
+                    raise
                 tg.start_soon(parley.run_background)
                 # Partial uploads of a killed process: untouched for twice the time a body may stall.
                 tg.start_soon(parley.blobs.sweep_partials, 2 * parley.settings.body_timeout_seconds)
@@ -525,19 +481,20 @@ def create_app(
         routes=[*routes, *(_metrics_routes if settings.metrics else ()), *(page.routes if ui else ())],
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={
-            ApiError: _api_error,
-            SessionError: _domain_error,
-            HTTPException: _http_error,
-            ClientDisconnect: _client_gone,
-            Exception: _bug,  # (Starlette's ServerErrorMiddleware answers with it; with debug, a traceback)
-        },
+        exception_handlers=EXCEPTION_HANDLERS,
     )
     app.state.parley = parley
     app.state.auth = auth
     app.state.metrics = counts
     app.state.openapi = document(metrics=settings.metrics, keys=auth.uses_keys, ui=ui)
     return app
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def serve_from_environment() -> Starlette:

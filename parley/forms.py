@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
-from parley.sessions.errors import BadRequest, BodyTimeout, PayloadTooLarge
+from parley.errors import BadRequest, BodyTimeout, PayloadTooLarge
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")

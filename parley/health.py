@@ -14,7 +14,9 @@ READY_WITHIN = 1.0
 async def readiness(parley: Parley) -> dict[str, str]:
     """Each dependency and how it answered: ``"ok"``, or why not. The store is asked for one session; on
     Redis, the coordinator for a claim. Each has :data:`READY_WITHIN` seconds, and they are asked at once."""
-    probes: dict[str, Callable[[], Awaitable[object]]] = {"store": lambda: _store(parley)}
+    # The store is named for what it is when it is a server of its own (PostgreSQL).
+    store = "postgres" if parley.settings.database_url else "store"
+    probes: dict[str, Callable[[], Awaitable[object]]] = {store: lambda: _store(parley)}
     if parley.settings.redis_url:
         probes["redis"] = lambda: parley.coordinator.streaming_elsewhere("parley-readiness-probe", None)
     checks: dict[str, str] = {}

@@ -157,8 +157,15 @@ class Metrics:
         )
         self.store_errors = Counter(
             "parley_store_errors",
-            "Store operations that failed (Redis unreachable, an SQLite error).",
+            "Store operations that failed (Redis or PostgreSQL unreachable, an SQLite error).",
             ["store"],
+            registry=registry,
+        )
+        self.store_duration = Histogram(
+            "parley_store_duration_seconds",
+            "Time a store operation took, a retry included (PostgreSQL).",
+            ["store"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=registry,
         )
         self.upstream_errors = Counter(
@@ -168,6 +175,10 @@ class Metrics:
     def store_failed(self, store: str) -> None:
         """A store's hook (its ``on_error``): one of its operations failed."""
         self.store_errors.labels(store).inc()
+
+    def store_took(self, store: str, seconds: float) -> None:
+        """A store's hook (its ``on_duration``): how long one of its operations took."""
+        self.store_duration.labels(store).observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         """The metrics in Prometheus' text format, with their content type: every worker's, in multiprocess mode."""

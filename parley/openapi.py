@@ -157,7 +157,14 @@ _SCHEMAS: dict[str, Schema] = {
             "cancelled": {"type": "boolean", "description": "Whether an interaction in progress was stopped"},
         }
     ),
-    "Agent": _object({"name": _TEXT, "description": _TEXT}),
+    "Agent": _object(
+        {
+            "name": _TEXT,
+            "description": _TEXT,
+            "tools": {"type": "array", "items": _ref("Tool"), "description": "The tools it offers its model"},
+        }
+    ),
+    "Tool": _object({"name": _TEXT, "description": _TEXT}),
     "NewSession": _object(
         {},
         {

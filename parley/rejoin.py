@@ -2,7 +2,8 @@
 ``Last-Event-ID``) to its end, in SSE or in plain text. Following never cancels; any number may follow one reply.
 
 The reply is read from an :class:`sessions.interactions.Interaction`: in the process that runs it, the interaction
-itself; in another process (Redis), a mirror of it that :mod:`sessions.redis` fills from the owner's Redis stream.
+itself; in another process (Redis), a mirror of it that :mod:`sessions.redis_rejoin` fills from the owner's Redis
+stream.
 """
 
 from __future__ import annotations

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import anyio
 
 from parley.agents import Agents, configured
-from parley.sessions.files import Blobs
+from parley.sessions.files import Blobs, DiskBlobs
 from parley.sessions.interactions import Coordinator, Interactions, LocalCoordinator
 from parley.sessions.limits import LocalStreamSlots, StreamSlots
 from parley.sessions.sqlite import SQLiteStore
 from parley.sessions.store import Store
 from parley.sessions.turns import TurnObserver, TurnRunner
-from parley.settings import Settings
+from parley.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from parley.sessions.postgres import PostgresStore
 
 logger = logging.getLogger("parley")
 
@@ -62,8 +66,12 @@ class Parley:
                     self._ready = True
         return self
 
-    async def interrupt_orphans(self, session_id: str) -> None:
-        """Record as interrupted the session's turns whose process died (on Redis: whose lease ran out)."""
+    async def interrupt_orphans(self, session_id: str, *, before_turn: bool = False) -> None:
+        """Record as interrupted the session's turns whose process died (on Redis: whose lease ran out).
+        ``before_turn``: a turn is about to start, and a store whose ``start_turn`` does this itself (PostgreSQL,
+        in the same statement) is spared the round trip."""
+        if before_turn and getattr(self.store, "interrupts_orphans_in_start_turn", False):
+            return
         await self.coordinator.interrupt_orphans(self.store, session_id)
 
     async def run_background(self) -> None:
@@ -89,17 +97,48 @@ def build(
     agents: Agents | None = None,
     observers: Sequence[TurnObserver] = (),
 ) -> Parley:
-    """Parley on the embedded defaults (SQLite, echo), on Redis when ``PARLEY_REDIS_URL`` is set, or on
-    the store and agents given."""
+    """Parley on the embedded defaults (SQLite, echo), on PostgreSQL when ``PARLEY_DATABASE_URL`` is set, on
+    Redis (as the coordinator, and as the store without a database) when ``PARLEY_REDIS_URL`` is, or on the store
+    and agents given. Raises SettingsError for a database URL that cannot work, or without parley[postgres]."""
+    blobs: Blobs | None = None
+    postgres = None
+    if store is None and settings.database_url:
+        store = postgres = _postgres(settings)
+        blobs = _postgres_blobs(postgres)
     store, coordinator, slots = _store_and_coordinator(settings, store)
+    if postgres is not None and settings.redis_url:
+        # Data in PostgreSQL, claims in Redis: the store asks the coordinator which turns are alive.
+        postgres.claims = _claims_in(coordinator)
     return Parley(
         settings,
         store,
         agents or configured(settings),
-        default_blobs(settings),
+        blobs or default_blobs(settings),
         Interactions(coordinator, slots),
         list(observers),
     )
+
+
+def _postgres(settings: Settings) -> PostgresStore:
+    assert settings.database_url is not None
+    try:
+        # Imported here: psycopg is an optional extra (parley[postgres]), needed only when a database is configured.
+        from parley.sessions.postgres import PostgresStore, connect
+    except ImportError as exc:
+        raise SettingsError(
+            f"PARLEY_DATABASE_URL needs parley[postgres] installed (pip install 'parley[postgres]'): {exc}"
+        ) from None
+    try:
+        pool = connect(settings.database_url, settings.database_max_connections, settings.database_pool_timeout_seconds)
+    except ValueError as exc:
+        raise SettingsError(f"PARLEY_DATABASE_URL {exc}") from None
+    return PostgresStore(pool)
+
+
+def _postgres_blobs(store: PostgresStore) -> Blobs:
+    from parley.sessions.postgres_blobs import PostgresBlobs
+
+    return PostgresBlobs(store)
 
 
 def default_store(settings: Settings) -> Store:
@@ -118,14 +157,32 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
     from parley.sessions.redis_coordinator import RedisCoordinator
     from parley.sessions.redis_limits import RedisStreamSlots
 
-    redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_seconds)
-    lease = settings.redis_lease_seconds
-    return (
-        store or RedisStore(redis),
-        RedisCoordinator(redis, lease_seconds=lease),
-        RedisStreamSlots(redis, limit, lease_seconds=lease),
+    redis = connect(
+        settings.redis_url,
+        settings.redis_max_connections,
+        settings.redis_pool_timeout_seconds,
+        cluster=settings.redis_cluster,
     )
+    lease = settings.redis_lease_seconds
+    coordinator = RedisCoordinator(redis, lease_seconds=lease)
+    return store or RedisStore(redis), coordinator, RedisStreamSlots(redis, limit, lease_seconds=lease)
+
+
+def _claims_in(coordinator: Coordinator) -> Callable[[Collection[str]], Awaitable[Mapping[str, str]]]:
+    from parley.sessions.redis_coordinator import RedisCoordinator
+
+    assert isinstance(coordinator, RedisCoordinator)
+
+    async def claims(session_ids: Collection[str]) -> Mapping[str, str]:
+        held = {}
+        for session_id in session_ids:  # (only sessions with a turn left streaming: rare, and few)
+            owner = await coordinator.claims.owner(session_id)
+            if owner is not None:
+                held[session_id] = owner[1]
+        return held
+
+    return claims
 
 
 def default_blobs(settings: Settings) -> Blobs:
-    return Blobs(None if settings.data_dir == ":memory:" else f"{settings.data_dir}/files")
+    return DiskBlobs(None if settings.data_dir == ":memory:" else f"{settings.data_dir}/files")

@@ -27,10 +27,17 @@ class Settings:
     openai_connect_timeout: float = 5.0
     openai_read_timeout: float = 60.0
     openai_history_messages: int = 100
+    max_steps: int = 8
+    mcp_config: str | None = None
+    tool_timeout_seconds: float = 60.0
+    database_url: str | None = field(default=None, repr=False)  # (it may carry a password)
+    database_max_connections: int = 20
+    database_pool_timeout_seconds: float = 5.0
     redis_url: str | None = None
     redis_lease_seconds: float = 10.0
     redis_max_connections: int = 100
     redis_pool_timeout_seconds: float = 10.0
+    redis_cluster: bool = False
     checkpoint_seconds: float = 1.0
     sse_keepalive_seconds: float = 15.0
     on_disconnect: str = "cancel"
@@ -73,12 +80,23 @@ class Settings:
             openai_connect_timeout=number("OPENAI_CONNECT_TIMEOUT", defaults.openai_connect_timeout, positive=True),
             openai_read_timeout=number("OPENAI_READ_TIMEOUT", defaults.openai_read_timeout, positive=True),
             openai_history_messages=whole("OPENAI_HISTORY_MESSAGES", defaults.openai_history_messages),
+            max_steps=whole("MAX_STEPS", defaults.max_steps, positive=True),
+            mcp_config=text("MCP_CONFIG"),
+            tool_timeout_seconds=number("TOOL_TIMEOUT_SECONDS", defaults.tool_timeout_seconds, positive=True),
+            database_url=_database_url(text("DATABASE_URL")),
+            database_max_connections=whole(
+                "DATABASE_MAX_CONNECTIONS", defaults.database_max_connections, positive=True
+            ),
+            database_pool_timeout_seconds=number(
+                "DATABASE_POOL_TIMEOUT_SECONDS", defaults.database_pool_timeout_seconds, positive=True
+            ),
             redis_url=text("REDIS_URL"),
             redis_lease_seconds=number("REDIS_LEASE_SECONDS", defaults.redis_lease_seconds, positive=True),
             redis_max_connections=whole("REDIS_MAX_CONNECTIONS", defaults.redis_max_connections, positive=True),
             redis_pool_timeout_seconds=number(
                 "REDIS_POOL_TIMEOUT_SECONDS", defaults.redis_pool_timeout_seconds, positive=True
             ),
+            redis_cluster=_switch(text("REDIS_CLUSTER"), defaults.redis_cluster, "PARLEY_REDIS_CLUSTER"),
             checkpoint_seconds=number("CHECKPOINT_SECONDS", defaults.checkpoint_seconds),
             sse_keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", defaults.sse_keepalive_seconds),
             on_disconnect=_choice(text("ON_DISCONNECT"), defaults.on_disconnect, "PARLEY_ON_DISCONNECT"),
@@ -106,6 +124,13 @@ def _number(value: str | None, default: float, name: str, *, positive: bool = Fa
     if positive and number == 0:
         raise SettingsError(f"{name} must be more than 0, got {value!r}")
     return number
+
+
+def _database_url(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("postgresql://", "postgres://")):
+        scheme = value.split("://")[0] if "://" in value else value[:20]
+        raise SettingsError(f"PARLEY_DATABASE_URL must be a postgresql:// URL, got one that starts {scheme!r}")
+    return value
 
 
 def _switch(value: str | None, default: bool, name: str) -> bool:

@@ -11,30 +11,15 @@ from collections import deque
 from typing import Any, Literal
 
 import anyio
-from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from parley.agents import AgentError
-from parley.sessions.errors import ApiError, SessionError
 from parley.sessions.interactions import Interaction
 from parley.sessions.turns import TurnRequest, TurnRunner
 
 logger = logging.getLogger("parley")
 
 OnDisconnect = Literal["cancel", "continue"]
-
-
-def error_response(status_code: int, message: str) -> JSONResponse:
-    return JSONResponse({"status": "error", "message": message}, status_code=status_code)
-
-
-def http_status(exc: Exception) -> int | None:
-    """The status a failure is answered with (see the tree in :mod:`sessions.errors`); None for a bug (500)."""
-    if isinstance(exc, (ApiError, AgentError)):
-        return exc.status_code
-    if isinstance(exc, SessionError):
-        return 404
-    return None
 
 
 class StreamAborted(Exception):
@@ -193,18 +178,11 @@ class ChatResponse:
                 task_group.start_soon(_keep_alive, renderer)
         if renderer.dropped and not renderer.left:
             raise ClientDropped(f"the client read nothing for {self.stall_seconds:g} s of a reply that went on")
-        failure = self.failure
-        if failure is None:
-            return
-        status = http_status(failure)
-        if status is not None and not renderer.response_started:
-            response = error_response(status, str(failure))
-            response.headers.update(getattr(failure, "headers", {}))  # Retry-After for TooManyStreams
-            await response(scope, receive, send)
-            return
-        # After the response started: an agent failure, or the store staying down after the reply was sent.
-        # Raising makes the server abort the response, which is all that is left to tell the client.
-        raise failure
+        if self.failure is not None:
+            # Before the response started, the app's exception handlers answer it (parley/errors.py). After: an
+            # agent failure, or the store staying down after the reply was sent; the server aborts the response,
+            # which is all that is left to tell the client.
+            raise self.failure
 
     async def _turn(self, renderer: Wire, group: anyio.CancelScope, writer: anyio.Event | None) -> None:
         try:

@@ -6,8 +6,8 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.requests import Request
 
+from parley.errors import BadRequest
 from parley.forms import MAX_FIELDS
-from parley.sessions.errors import BadRequest
 from parley.sessions.files import BlobWriter
 
 MAX_FIELD_BYTES = 64 * 1024

@@ -9,11 +9,16 @@
   SSE); :mod:`sessions.rejoin`: following a reply that is running.
 - :mod:`sessions.limits` and :mod:`sessions.redis_limits`: how many replies one owner may have running at once,
   in one process and across processes on Redis (owners themselves: see ``auth.py``).
-- :mod:`sessions.files` and :mod:`sessions.uploads`: uploaded files' bytes, streamed to disk.
+- :mod:`sessions.files` and :mod:`sessions.uploads`: uploaded files' bytes, streamed to disk (the ``Blobs``
+  interface and its disk implementation).
 - :mod:`sessions.redis` and :mod:`sessions.redis_coordinator`: the Redis store, and the coordinator that carries
-  claims, cancels and rejoins across processes.
+  claims (:mod:`sessions.redis_claims`), cancels (:mod:`sessions.redis_cancels`) and rejoins
+  (:mod:`sessions.redis_rejoin`) across processes; their Lua scripts are in :mod:`sessions.redis_scripts`.
+- :mod:`sessions.postgres`: the PostgreSQL store (asyncio only), with :mod:`sessions.postgres_schema` (its
+  migrations), :mod:`sessions.postgres_blobs` (files' bytes in the database) and :mod:`sessions.postgres_import`
+  (moving an SQLite history in).
 - :mod:`sessions.service`: the parts of one app (store, agents, interactions) put together from its settings.
-- :mod:`sessions.errors`: every error a client can get, as one tree.
+- :mod:`sessions.errors`: every failure the domain raises, as one tree (:mod:`parley.errors` maps them to HTTP).
 - Operations: :mod:`sessions.openapi` (the OpenAPI document), :mod:`sessions.metrics` (Prometheus),
   :mod:`sessions.logs` (log formats, the per-interaction line), :mod:`sessions.telemetry` (each request's id,
   metrics and 5xx line), :mod:`sessions.health` (readiness), :mod:`sessions.collector` (the garbage collector's

@@ -1,120 +1,45 @@
-"""Every failure parley answers a client with, as one tree.
+"""Every failure the server's domain raises on purpose, as one tree. They know nothing of HTTP: the web layer maps
+each to a status and a body in one table (:mod:`parley.errors`, which draws the whole picture with the statuses).
 
-    ApiError                  a request that cannot be served as sent; rendered {"status": "error", "message": ...}
-     ├── BadRequest           400  a field missing, empty or malformed; a body that cannot be parsed
-     ├── Unauthorized         401  no owner: no API key, a wrong or malformed one, or the host app's user is not
-     │                             authenticated (auth.py); with API keys it carries WWW-Authenticate: Bearer
-     ├── NotFound             404  unknown session, file or route; another owner's session or file, exactly alike
-     ├── BodyTimeout          408  a request body that stopped arriving (PARLEY_BODY_TIMEOUT_SECONDS)
-     ├── Conflict             409
-     │    ├── SessionBusy          the session already has an interaction in progress
-     │    └── SessionExists        a client-chosen ui_session_id is taken
-     ├── PayloadTooLarge      413  a message, an upload or a whole body over its limit
-     ├── TooManyStreams       429  the owner already has PARLEY_MAX_STREAMS_PER_OWNER replies running (Retry-After)
-     ├── CancelFailed         500  a cancel that could not be delivered to the process that owns the stream
-     ├── RejoinFailed         500  a rejoin of a reply that another process streams, which this one cannot reach
-     ├── StoreUnavailable     503  the shared store (Redis) cannot be reached right now
-     └── AgentUnavailable     503  the session's agent is not configured on this server (any more)
+    ParleyError               a request that cannot be served; its message is said to the client as it is
+     ├── SessionError
+     │    ├── SessionNotFound  the session does not exist, or is another owner's (told apart by nobody)
+     │    └── SessionGone      the session was deleted while the request was using it
+     ├── FileNotFound          the file does not exist, or its bytes went with a delete
+     ├── SessionBusy           the session already has an interaction in progress
+     ├── SessionExists         a client-chosen ui_session_id is taken
+     ├── TooManyStreams        the owner already has PARLEY_MAX_STREAMS_PER_OWNER replies running
+     ├── CancelFailed          a cancel that could not be delivered to the process that owns the stream
+     ├── RejoinFailed          a rejoin of a reply that another process streams, which this one cannot reach
+     ├── StoreUnavailable      the shared store (Redis) cannot be reached right now
+     └── AgentUnavailable      the session's agent is not configured on this server (any more)
 
-    agents.AgentError         500  the agent failed before its first token (after it, the stream is aborted)
-     └── agents.UpstreamError 502  the model server refused, failed or timed out before the first token
-
-Stores raise domain errors, which know nothing of HTTP; the web layer (:func:`sessions.streaming.http_error`)
-maps them to statuses:
-
-    SessionError
-     ├── SessionNotFound      404  the session does not exist
-     └── SessionGone          404  the session was deleted while the request was using it
+    agents.AgentError          the agent failed (see :mod:`parley.agents`)
+     └── agents.UpstreamError  the model server refused, failed or timed out
 
 Not answered to a client, but refused at start-up:
 
-    EventLoopUnsupported          a store or coordinator that needs asyncio (Redis) run on another event loop (trio)
+    EventLoopUnsupported       a store or coordinator that needs asyncio (Redis, PostgreSQL) run on another
+                               event loop (trio)
 
 Messages are sentences a person understands: no tracebacks, no internals, no secrets (never a key).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 
-
-class ApiError(Exception):
-    status_code = 500
-    headers: Mapping[str, str] = {}
-
+class ParleyError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
 
-class BadRequest(ApiError):
-    status_code = 400
+# The name this base had while it carried HTTP statuses: sessions/redis_coordinator.py and redis_limits.py still
+# catch it by that name.
+ApiError = ParleyError
 
 
-class Unauthorized(ApiError):
-    status_code = 401
-
-    def __init__(self, message: str, *, bearer: bool) -> None:
-        super().__init__(message)
-        if bearer:
-            self.headers = {"www-authenticate": "Bearer"}
-
-
-class NotFound(ApiError):
-    status_code = 404
-
-
-class BodyTimeout(ApiError):
-    status_code = 408
-
-
-class Conflict(ApiError):
-    status_code = 409
-
-
-class SessionBusy(Conflict):
-    def __init__(self, session_id: str) -> None:
-        super().__init__(f"Session {session_id} already has an interaction in progress; cancel it or wait.")
-
-
-class SessionExists(Conflict):
-    def __init__(self, session_id: str) -> None:
-        super().__init__(f"Session already exists: {session_id}")
-
-
-class PayloadTooLarge(ApiError):
-    status_code = 413
-
-
-class TooManyStreams(ApiError):
-    status_code = 429
-    retry_after_seconds = 1  # replies usually end within seconds, and a slot frees when one does
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(
-            f"Too many replies running at once for this owner (the limit is {limit}): wait for one to end, "
-            "or cancel one, and try again."
-        )
-        self.headers = {"retry-after": str(self.retry_after_seconds)}
-
-
-class CancelFailed(ApiError):
-    status_code = 500
-
-
-class RejoinFailed(ApiError):
-    status_code = 500
-
-
-class StoreUnavailable(ApiError):
-    status_code = 503
-
-
-class AgentUnavailable(ApiError):
-    status_code = 503
-
-
-class SessionError(Exception):
+class SessionError(ParleyError):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"Session not found: {session_id}")
         self.session_id = session_id
@@ -125,6 +50,48 @@ class SessionNotFound(SessionError):
 
 
 class SessionGone(SessionError):
+    pass
+
+
+class FileNotFound(ParleyError):
+    def __init__(self, file_id: str) -> None:
+        super().__init__(f"File not found: {file_id}")
+        self.file_id = file_id
+
+
+class SessionBusy(ParleyError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"Session {session_id} already has an interaction in progress; cancel it or wait.")
+
+
+class SessionExists(ParleyError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"Session already exists: {session_id}")
+
+
+class TooManyStreams(ParleyError):
+    retry_after_seconds = 1  # replies usually end within seconds, and a slot frees when one does
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"Too many replies running at once for this owner (the limit is {limit}): wait for one to end, "
+            "or cancel one, and try again."
+        )
+
+
+class CancelFailed(ParleyError):
+    pass
+
+
+class RejoinFailed(ParleyError):
+    pass
+
+
+class StoreUnavailable(ParleyError):
+    pass
+
+
+class AgentUnavailable(ParleyError):
     pass
 
 

@@ -8,16 +8,17 @@ import tempfile
 import time
 import unicodedata
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
 from anyio import AsyncFile
 
-from parley.sessions.errors import NotFound
+from parley.sessions.errors import FileNotFound
 
 _MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _TEXT_TYPES = {
@@ -83,7 +84,40 @@ class Blob:
     sha256: str
 
 
-class Blobs:
+class BlobWriter(Protocol):
+    """Writes one upload chunk by chunk, counting and hashing as it goes; raises FileTooLarge past its limit."""
+
+    size: int
+
+    async def write(self, data: bytes) -> None: ...
+    async def commit(self) -> Blob: ...
+
+
+class Blobs(Protocol):
+    """Where uploaded files' bytes live; their records live in the store. One is chosen at start-up:
+    :class:`DiskBlobs` (a directory) or :class:`sessions.postgres_blobs.PostgresBlobs` (rows in the database, so
+    that hosts share no disk). Neither ever holds a whole file in memory, but for :meth:`read_text`."""
+
+    async def open(self) -> None: ...
+
+    async def sweep_partials(self, max_age: float) -> None:
+        """Until cancelled, remove now and then what uploads of a killed process left, untouched for ``max_age``."""
+
+    def close(self) -> None: ...
+
+    def writer(self, file_id: str, limit: int) -> AbstractAsyncContextManager[BlobWriter]:
+        """A writer for a new blob; unless ``commit`` ran, whatever it wrote is removed at the end."""
+
+    async def delete(self, file_id: str) -> None: ...
+
+    async def read_text(self, file_id: str) -> str:
+        """The whole blob as text (for an agent); NotFound if it is gone."""
+
+    async def content(self, file_id: str) -> Path | AsyncIterator[bytes]:
+        """The blob for a download: a local file's path, or its bytes chunk by chunk. NotFound if it is gone."""
+
+
+class DiskBlobs:
     """Uploaded files' bytes on disk, one file per id under ``root``; metadata lives in the store.
 
     A blob is written under ``root/.partial`` and moved into place only once it is whole, so a crash or a
@@ -136,8 +170,7 @@ class Blobs:
 
     @asynccontextmanager
     async def writer(self, file_id: str, limit: int) -> AsyncIterator[BlobWriter]:
-        """A writer for a new blob; unless ``commit`` ran, whatever it wrote is removed at the end."""
-        writer = BlobWriter(self._partial / f"{file_id}.part", self.path(file_id), limit)
+        writer = DiskBlobWriter(self._partial / f"{file_id}.part", self.path(file_id), limit)
         try:
             yield writer
         finally:
@@ -150,12 +183,18 @@ class Blobs:
         try:
             data = await anyio.Path(self.path(file_id)).read_bytes()
         except FileNotFoundError:
-            raise NotFound(f"File not found: {file_id}") from None  # deleted since its metadata was read
+            raise FileNotFound(file_id) from None  # deleted since its metadata was read
         return data.decode("utf-8", errors="replace")
 
+    async def content(self, file_id: str) -> Path | AsyncIterator[bytes]:
+        path = self.path(file_id)
+        if not await anyio.Path(path).is_file():
+            raise FileNotFound(file_id)
+        return path
 
-class BlobWriter:
-    """Writes one upload chunk by chunk, counting and hashing as it goes; nothing is kept in memory."""
+
+class DiskBlobWriter:
+    """Writes one upload to disk chunk by chunk, counting and hashing as it goes; nothing is kept in memory."""
 
     def __init__(self, partial: Path, destination: Path, limit: int) -> None:
         self.partial = partial

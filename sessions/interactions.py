@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import anyio
 
 from parley.sessions.errors import CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
 from parley.sessions.limits import LocalStreamSlots, StreamSlots
-from parley.sessions.store import Store, new_id
+from parley.sessions.store import Message, MessageStatus, Session, Store, new_id
 
 logger = logging.getLogger("parley")
 
@@ -92,7 +93,7 @@ class Interaction:
         await self._over_event.wait()
 
 
-# The web layer's check that the session is the canceller's owner's (it raises NotFound if not): run only when
+# The web layer's check that the session is the canceller's owner's (it raises SessionNotFound if not): run only when
 # nothing else has shown it, before a cancel answers "not running" or leaves anything on the session's behalf.
 OwnerCheck = Callable[[], Awaitable[object]]
 
@@ -103,19 +104,57 @@ Followed = tuple[Interaction, Callable[[], Coroutine[Any, Any, None]]]
 Lease = AbstractAsyncContextManager[None]
 
 
+@dataclass(frozen=True)
+class TurnStart:
+    """What starting a turn writes (see :meth:`sessions.store.Store.start_turn`): given to
+    :meth:`Interactions.open`, the turn starts with the claim, in as few round trips as the coordinator and the
+    store allow."""
+
+    store: Store
+    user: Message
+    assistant: Message
+    history_limit: Callable[[Session], int]
+
+
 class Coordinator(Protocol):
     """What the processes serving one store share so that the rules hold across them. One is chosen at
-    start-up: :class:`LocalCoordinator` (one process, embedded store) or :class:`sessions.redis.RedisCoordinator`.
+    start-up: :class:`LocalCoordinator` (one process, embedded store) or
+    :class:`sessions.redis_coordinator.RedisCoordinator`.
     """
 
-    async def claim(self, interaction: Interaction) -> bool:
-        """Claim the interaction's session across processes; False if another process holds it."""
+    def takes_slots(self, slots: StreamSlots) -> bool:
+        """Whether :meth:`claim` and :meth:`start_turn` take the owner's stream slot themselves, in the claim's
+        round trip, when given ``slots`` (and :meth:`end_turn` or :meth:`release` give it back)."""
+
+    async def claim(self, interaction: Interaction, slots: StreamSlots | None) -> None:
+        """Claim the interaction's session across processes (with ``slots``, take the owner's stream slot first).
+        Raises TooManyStreams, SessionBusy (another process holds it)."""
+
+    async def start_turn(
+        self, interaction: Interaction, slots: StreamSlots | None, turn: TurnStart
+    ) -> tuple[Session, list[Message]]:
+        """:meth:`claim`, then ``turn.store.start_turn`` (whose answer this is); one round trip when the store is
+        the coordinator's own. A turn of the session still ``streaming`` once the claim is taken is an orphan:
+        it is recorded interrupted first."""
+
+    async def end_turn(
+        self,
+        interaction: Interaction,
+        slots: StreamSlots | None,
+        store: Store,
+        message_id: str,
+        content: str,
+        status: MessageStatus,
+    ) -> None:
+        """``store.finish_turn``, and the claim freed with it when the store is the coordinator's own (one round
+        trip). :meth:`release` still follows (and does nothing when this freed the claim)."""
 
     def lease(self, interaction: Interaction) -> Lease:
         """Keep the claim while the reply runs; if the claim is lost, cancel the interaction ("lease lost")."""
 
-    async def release(self, interaction: Interaction) -> None:
-        """Free the claim. Never raises, and finishes even when cancelled (it shields what it must)."""
+    async def release(self, interaction: Interaction, slots: StreamSlots | None) -> None:
+        """Free the claim (and the stream slot taken with it), if still held. Never raises, and finishes even when
+        cancelled (it shields what it must)."""
 
     async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
         """Does another process run the session's interaction (``interaction_id``, if given)?"""
@@ -166,13 +205,32 @@ class LocalCoordinator:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def claim(self, interaction: Interaction) -> bool:
-        return True
+    def takes_slots(self, slots: StreamSlots) -> bool:
+        return False
+
+    async def claim(self, interaction: Interaction, slots: StreamSlots | None) -> None:
+        return None  # (the one process's own check, in Interactions.open, is the claim)
+
+    async def start_turn(
+        self, interaction: Interaction, slots: StreamSlots | None, turn: TurnStart
+    ) -> tuple[Session, list[Message]]:
+        return await turn.store.start_turn(turn.user, turn.assistant, turn.history_limit, owner=interaction.owner)
+
+    async def end_turn(
+        self,
+        interaction: Interaction,
+        slots: StreamSlots | None,
+        store: Store,
+        message_id: str,
+        content: str,
+        status: MessageStatus,
+    ) -> None:
+        await store.finish_turn(message_id, content, status)
 
     def lease(self, interaction: Interaction) -> Lease:
         return _NO_LEASE
 
-    async def release(self, interaction: Interaction) -> None:
+    async def release(self, interaction: Interaction, slots: StreamSlots | None) -> None:
         return None
 
     async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
@@ -226,8 +284,17 @@ class Interactions:
 
     def open(self, session_id: str, owner: str = "") -> _Open:
         """Take one of the owner's stream slots and claim the session for one interaction, for as long as the
-        ``async with`` block runs. Raises TooManyStreams, then SessionBusy."""
+        ``async with`` block runs; with a :class:`TurnStart` set on it (``opening.turn``) before, start the turn
+        too (its answer is then ``opening.started``). Raises TooManyStreams, then SessionBusy."""
         return _Open(self, session_id, owner)
+
+    async def end_turn(
+        self, interaction: Interaction, store: Store, message_id: str, content: str, status: MessageStatus
+    ) -> None:
+        """Record the reply (``store.finish_turn``), and free the session with it where the coordinator can (then
+        :meth:`release` is left with this process's own bookkeeping)."""
+        slots = self.slots if self.slots.limit is not None else None
+        await self.coordinator.end_turn(interaction, slots, store, message_id, content, status)
 
     async def release(self, interaction: Interaction) -> None:
         """End the interaction and free its session, here and in every process.
@@ -242,8 +309,9 @@ class Interactions:
         if not interaction.status:  # it never got going (say, its session was gone): followers must not wait
             interaction.finish("interrupted")
         interaction.end()
-        await self.coordinator.release(interaction)
-        if self.slots.limit is not None:
+        slots = self.slots
+        await self.coordinator.release(interaction, slots if slots.limit is not None else None)
+        if slots.limit is not None:
             with anyio.CancelScope(shield=True):
                 await self.slots.give_back(interaction.owner, interaction.id)
 
@@ -281,11 +349,16 @@ class Interactions:
         running for ``owner``, here or in the process that stopped it, shows the session is the owner's."""
         running = self._running.get(session_id)
         if running is not None:
-            # This process owns it: no need for the coordinator, so this works even while Redis is down.
-            if check is not None and running.owner != owner:
+            # This process owns it: no need for the coordinator, so this works even while Redis is down. Only a
+            # started interaction shows whose the session is: a claim is taken before the owner is known, and
+            # another owner's (an intruder's, whose start is about to fail) must change nothing for the owner.
+            if check is not None and (running.owner != owner or not running.message_id):
                 await check()
-            cancelled = self.cancel_here(session_id, interaction_id, reason, owner)
-            return "cancelled_here" if cancelled else "not_running"
+                check = None  # (the session is the canceller's)
+            if running.owner == owner or owner is None:
+                cancelled = self.cancel_here(session_id, interaction_id, reason, owner)
+                return "cancelled_here" if cancelled else "not_running"
+            # Another owner's claim in this process, not started: the owner's reply, if any, runs elsewhere.
         if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason, owner, wait_out_silence, check):
             return "cancelled_elsewhere"
         return "not_running"
@@ -314,33 +387,61 @@ class Interactions:
         return len(self._running)
 
 
+# How long a chat waits for another owner's claim of its session, not started, to go (it goes after one store call).
+_INTRUDER_PATIENCE = 5.0
+
+
 class _Open:
     """``async with interactions.open(session_id, owner) as interaction``. (A class rather than an
     ``@asynccontextmanager``: every chat pays for it, and a generator costs more to drive.)"""
 
-    __slots__ = ("interaction", "interactions")
+    __slots__ = ("interaction", "interactions", "started", "turn")
 
     def __init__(self, interactions: Interactions, session_id: str, owner: str) -> None:
         self.interactions = interactions
         self.interaction = Interaction(session_id, owner)
+        self.turn: TurnStart | None = None
+        self.started: tuple[Session, list[Message]] | None = None
 
     async def __aenter__(self) -> Interaction:
         interactions, interaction = self.interactions, self.interaction
         session_id, owner, slots = interaction.session_id, interaction.owner, interactions.slots
+        coordinator = interactions.coordinator
         # The slot first: an owner at its limit hears 429 whatever the session, so a busy session of another
-        # owner's is not told apart from a missing one by this either.
-        limited = slots.limit is not None  # (unlimited, the default: no slot to take, nothing to pay)
-        if limited and not await slots.take(owner, interaction.id):
+        # owner's is not told apart from a missing one by this either. (Unlimited, the default: nothing to pay.)
+        limited = slots.limit is not None
+        inline = limited and coordinator.takes_slots(slots)  # taken with the claim, in its round trip
+        if limited and not inline and not await slots.take(owner, interaction.id):
             raise TooManyStreams(slots.limit or 0)
-        try:
-            if session_id in interactions._running or not await interactions.coordinator.claim(interaction):
-                raise SessionBusy(session_id)
-        except BaseException:
-            if limited:
-                await slots.give_back(owner, interaction.id)
-            raise
+        holder = interactions._running.get(session_id)
+        if holder is not None and holder.owner != owner and not holder.message_id and self.turn is not None:
+            # Another owner's claim, not started: the intruder's (its start will find the session is not its
+            # owner's, at once), or ours if the session is not our owner's. (One store read, on this rare path.)
+            if await self.turn.store.get_session(session_id, owner) is not None:
+                with anyio.move_on_after(_INTRUDER_PATIENCE):
+                    await holder.wait_over()
+        if session_id in interactions._running:
+            if inline and not await slots.take(owner, interaction.id):
+                raise TooManyStreams(slots.limit or 0)
+            await self._undo()
+            raise SessionBusy(session_id)
         interactions._running[session_id] = interaction
+        try:
+            if self.turn is None:
+                await coordinator.claim(interaction, slots if inline else None)
+            else:
+                self.started = await coordinator.start_turn(interaction, slots if inline else None, self.turn)
+        except BaseException:
+            if interactions._running.get(session_id) is interaction:
+                del interactions._running[session_id]
+            interaction.end()  # (a chat waiting for this claim to go goes on)
+            await self._undo()
+            raise
         return interaction
+
+    async def _undo(self) -> None:
+        if self.interactions.slots.limit is not None:
+            await self.interactions.slots.give_back(self.interaction.owner, self.interaction.id)
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.interactions.release(self.interaction)

@@ -1,5 +1,11 @@
 """Scale-out on Redis: the store. (The coordinator that keeps one interaction per session across processes is in
-:mod:`sessions.redis_coordinator`.)
+:mod:`sessions.redis_coordinator`; the keys are named in :mod:`sessions.redis_keys`, the scripts written in
+:mod:`sessions.redis_scripts`.)
+
+A session's keys share its hash tag, so a chat's writes are one script each on one slot, on a single Redis or a
+Redis Cluster: :meth:`RedisStore.begin` (with the coordinator's claim, one round trip) and :meth:`RedisStore.end`
+(with its release, one more). Messages are kept as JSON in one hash per session and their statuses in another, so
+that a script never needs a key it was not given.
 
 redis-py's client runs on asyncio only: this module talks to asyncio (:func:`require_asyncio`), and parley on Redis
 refuses another event loop (trio) at start-up.
@@ -11,8 +17,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -20,100 +27,44 @@ import anyio
 import anyio.abc
 from redis import exceptions as redis_errors
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from parley.sessions.errors import (
     EventLoopUnsupported,
+    SessionBusy,
     SessionExists,
-    SessionGone,
     SessionNotFound,
     StoreUnavailable,
+    TooManyStreams,
 )
-from parley.sessions.store import FileInfo, Message, MessageStatus, Session, ignore_error
+from parley.sessions.redis_keys import SessionKeys, owner_sessions, session_id_of
+from parley.sessions.redis_scripts import Scripts
+from parley.sessions.store import FileInfo, HistoryLimits, Message, MessageStatus, Session, ignore_error
 
 logger = logging.getLogger("parley")
 
 _DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
-# Mark a session's "streaming" turns "interrupted", unless an interaction holds the session's claim.
-_INTERRUPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local n = 0
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local key = ARGV[1] .. 'msg:' .. id
-  if redis.call('HGET', key, 'status') == 'streaming' then
-    redis.call('HSET', key, 'status', 'interrupted')
-    n = n + 1
-  end
-end
-redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[2])
-return n
-"""
-
-_FINISH = """
-local session_id = redis.call('HGET', KEYS[1], 'session_id')
-if not session_id then return 0 end
-redis.call('HSET', KEYS[1], 'content', ARGV[1], 'status', ARGV[2])
-local streaming = ARGV[4] .. 'streaming:' .. session_id
-redis.call('SREM', streaming, ARGV[3])
-if redis.call('SCARD', streaming) == 0 then redis.call('SREM', ARGV[4] .. 'streaming', session_id) end
-return 1
-"""
-
-_CREATE_SESSION = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'agent', ARGV[1], 'created_at', ARGV[2], 'owner', ARGV[5])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-return 1
-"""
-
-# Returns the ids of the files whose records it removed (nil when there was no such session for this owner).
-# A session hash without 'owner' was stored before owners existed: it is the open owner's ('').
-_DELETE_SESSION = """
-if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[3] then return false end
-if redis.call('DEL', KEYS[1]) == 0 then return false end
-local files = redis.call('LRANGE', KEYS[4], 0, -1)
-redis.call('ZREM', KEYS[2], ARGV[2])
-for _, id in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do redis.call('DEL', ARGV[1] .. 'msg:' .. id) end
-for _, id in ipairs(redis.call('LRANGE', KEYS[4], 0, -1)) do redis.call('DEL', ARGV[1] .. 'file:' .. id) end
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[7])
-redis.call('SREM', KEYS[6], ARGV[2])
-return files
-"""
-
-# A file's record, only while its session exists.
-_ADD_FILE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], unpack(ARGV))
-redis.call('RPUSH', KEYS[3], ARGV[2])
-return 1
-"""
-
-# The text so far of a reply still streaming (a finished one keeps its final text).
-_CHECKPOINT = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'streaming' then return 0 end
-redis.call('HSET', KEYS[1], 'content', ARGV[1])
-return 1
-"""
-
-_DELETE_FILE = """
-if redis.call('HGET', KEYS[1], 'session_id') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('LREM', KEYS[2], 0, ARGV[2])
-return 1
-"""
+# A client of one Redis or of a Redis Cluster (PARLEY_REDIS_CLUSTER=1).
+Client = Redis | RedisCluster
 
 
-class _LostWhileWatching(Exception):
-    pass
-
-
-def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0) -> Redis:
+def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0, cluster: bool = False) -> Any:
     """A client whose requests queue for one of ``max_connections`` connections (up to ``pool_timeout``
-    seconds) rather than fail: a busy process is not a Redis that is down."""
+    seconds) rather than fail: a busy process is not a Redis that is down. With ``cluster``, ``url`` names one
+    node of a Redis Cluster, and the client finds the others (``max_connections`` per node)."""
     # Short socket timeouts: when Redis is down, requests should hear 503 quickly rather than hang.
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            max_connections=max_connections,
+            health_check_interval=15,
+        )
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -127,6 +78,10 @@ def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0) ->
         retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
     )
     return Redis.from_pool(pool)
+
+
+def is_cluster(redis: Any) -> bool:
+    return isinstance(redis, RedisCluster)
 
 
 def require_asyncio() -> None:
@@ -149,230 +104,276 @@ def _reachable(on_error: Callable[[str], None]) -> Iterator[None]:
         raise StoreUnavailable("The session store (Redis) is unavailable right now; try again shortly.") from None
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What the coordinator adds to a turn's first script: its claim (``value`` for ``lease_ms``), and the owner's
+    stream slot when a single Redis holds it with the session (``slots``, the key, and ``limit``)."""
+
+    value: str
+    lease_ms: int
+    interaction_id: str
+    slots: str | None = None
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class Release:
+    """What the coordinator adds to a turn's last script: freeing its claim (see ``_RELEASE`` in the scripts)."""
+
+    value: str
+    cancelled_key: str
+    cancelled_ms: int
+    answer: str | None
+    answer_ttl: int
+    interaction_id: str
+    slots: str | None = None
+
+
 class RedisStore:
     """The store on Redis. Behaves exactly like :class:`sessions.sqlite.SQLiteStore` (same tests)."""
 
     name = "redis"
 
-    def __init__(self, redis: Redis, prefix: str = "parley:", finish_retry_seconds: float = 300.0) -> None:
-        self.redis = redis
+    def __init__(self, redis: Any, prefix: str = "parley:", finish_retry_seconds: float = 300.0) -> None:
+        self.redis: Any = redis
         self.on_error: Callable[[str], None] = ignore_error  # the app points it at its metrics
         self.prefix = prefix
         self.finish_retry_seconds = finish_retry_seconds
+        self.scripts = Scripts(redis)
+        # The replies this process is writing (id → the reply as started): their keys are their session's, and
+        # finish_turn and checkpoint_turns are given their ids alone.
+        self._replies: dict[str, Message] = {}
+        self._limits_json: tuple[Mapping[str, int], str] | None = None
 
-    def key(self, *parts: str) -> str:
-        return self.prefix + ":".join(parts)
-
-    def _index(self, owner: str) -> str:
-        """The sorted set of the owner's session ids, by creation time. The open owner's is the one that held
-        every session before owners existed, so those sessions are listed as before."""
-        return self.key("sessions") if owner == "" else self.key("owner", owner, "sessions")
+    def keys(self, session_id: str) -> SessionKeys:
+        return SessionKeys(self.prefix, session_id)
 
     async def open(self) -> None:
-        pass  # connections are made on first use, and again after Redis comes back
+        # Connections are made on first use, and again after Redis comes back. Data written before hash tags (a
+        # single Redis, keys like parley:session:<id>) is not read: it is moved by a command.
+        try:
+            if not is_cluster(self.redis) and await self.redis.exists(self.prefix + "sessions"):
+                logger.warning(
+                    "Redis holds sessions in the layout before hash tags: run `python -m parley.sessions.redis_migrate`"
+                )
+        except _DOWN:
+            pass
 
     async def close(self) -> None:
         await self.redis.aclose()
 
     async def create_session(self, session: Session) -> None:
         score = datetime.fromisoformat(session.created_at.replace("Z", "+00:00")).timestamp()
+        index = owner_sessions(self.prefix, session.owner)
+        session_id = session.ui_session_id
         with _reachable(self.on_error):
-            created = await self.redis.eval(
-                _CREATE_SESSION,
-                2,
-                self.key("session", session.ui_session_id),
-                self._index(session.owner),
-                session.agent,
-                session.created_at,
-                str(score),
-                session.ui_session_id,
-                session.owner,
-            )
+            # Listed first (the owner's list is in the owner's slot, the session in its own): a crash between
+            # the two leaves a listed id with no session, which listing skips, never a session nobody lists.
+            listed = await self.redis.zadd(index, {session_id: score}, nx=True)
+            arguments = [session.agent, session.created_at, session.owner]
+            created = await self.scripts.create_session([self.keys(session_id).session], arguments)
+            if not created and listed:
+                await self.redis.zrem(index, session_id)
         if not created:
-            raise SessionExists(session.ui_session_id)
+            raise SessionExists(session_id)
 
     async def get_session(self, session_id: str, owner: str) -> Session | None:
         with _reachable(self.on_error):
-            fields: Any = await self.redis.hgetall(self.key("session", session_id))
+            fields: Any = await self.redis.hgetall(self.keys(session_id).session)
         return _session(session_id, fields, owner)
 
     async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
         with _reachable(self.on_error):
-            ids: Any = await self.redis.zrevrange(self._index(owner), offset, offset + limit - 1)
-            rows = await self._hashes("session", ids)
+            ids: Any = await self.redis.zrevrange(owner_sessions(self.prefix, owner), offset, offset + limit - 1)
+            if not ids:
+                return []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for session_id in ids:
+                    pipe.hgetall(self.keys(session_id).session)
+                rows: list[dict[str, str]] = await pipe.execute()
         found = (_session(sid, fields, owner) for sid, fields in zip(ids, rows, strict=True))
         return [session for session in found if session is not None]
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
+        k = self.keys(session_id)
+        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.file_ids, k.files, k.claim]
         with _reachable(self.on_error):
-            file_ids: Any = await self.redis.eval(
-                _DELETE_SESSION,
-                7,
-                self.key("session", session_id),
-                self._index(owner),
-                self.key("messages", session_id),
-                self.key("files", session_id),
-                self.key("streaming", session_id),
-                self.key("streaming"),
-                # Its claim goes too: an owner that did not answer the cancel (dead, or silent for a while) finds
-                # its claim gone at its next renewal, and stops.
-                self.key("claim", session_id),
-                self.prefix,
-                session_id,
-                owner,
-            )
+            file_ids: Any = await self.scripts.delete_session(keys, [owner])
+            if file_ids is not None:
+                await self.redis.zrem(owner_sessions(self.prefix, owner), session_id)
         return None if file_ids is None else [str(file_id) for file_id in file_ids]
 
     async def start_turn(
         self, user: Message, assistant: Message, history_limit: Callable[[Session], int], *, owner: str
     ) -> tuple[Session, list[Message]]:
-        try:
-            return await self._start_turn(user, assistant, history_limit, owner)
-        except _LostWhileWatching:
-            pass  # a dead pooled socket (Redis restarted): once more, on a fresh connection
-        try:
-            return await self._start_turn(user, assistant, history_limit, owner)
-        except _LostWhileWatching:
-            raise StoreUnavailable("The session store (Redis) is unavailable right now; try again shortly.") from None
+        return await self.begin(user, assistant, history_limit, owner, None)
 
-    async def _start_turn(
-        self, user: Message, assistant: Message, history_limit: Callable[[Session], int], owner: str
+    async def begin(
+        self,
+        user: Message,
+        assistant: Message,
+        history_limit: Callable[[Session], int],
+        owner: str,
+        claim: Claim | None,
     ) -> tuple[Session, list[Message]]:
+        """:meth:`start_turn`, and with ``claim``, the coordinator's claim (and stream slot) too, all in one round
+        trip (with a :class:`HistoryLimits`; another callable costs a read of the session first). Raises
+        SessionBusy or TooManyStreams for the claim, as well as what ``start_turn`` raises."""
         session_id = user.session_id
-        session_key = self.key("session", session_id)
+        k = self.keys(session_id)
+        if isinstance(history_limit, HistoryLimits):
+            limits = self._limits(history_limit.by_agent)
+        else:
+            session = await self.get_session(session_id, owner)
+            limits = json.dumps({} if session is None else {session.agent: history_limit(session)})
+        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.claim]
+        arguments: list[str | int] = [owner, limits]
+        for message in (user, assistant):
+            arguments += (message.id, _message_json(message), message.status)
+        if claim is None:
+            arguments += ("", 0, "", 0)
+        else:
+            arguments += (claim.value, claim.lease_ms, claim.interaction_id, claim.limit)
+            if claim.slots is not None:
+                keys.append(claim.slots)
         with _reachable(self.on_error):
-            # Read before the watch: a watching pipeline holds its connection until it writes, and must not wait
-            # for a second one (with every pooled connection held that way, none would come).
-            fields: Any = await self.redis.hgetall(session_key)
-            session = _session(session_id, fields, owner)
-            if session is None:
-                raise SessionNotFound(session_id)
-            limit = history_limit(session)
-            history = await self._messages(session_id, -limit) if limit > 0 else []
-            async with self.redis.pipeline(transaction=True) as pipe:
-                # Optimistic: the turn is written only if the session still exists and is not deleted meanwhile.
-                try:
-                    await pipe.watch(session_key)
-                    still: Any = await pipe.hgetall(session_key)
-                except redis_errors.WatchError:
-                    # (redis-py's report of a connection lost while a key is watched: nothing was written)
-                    raise _LostWhileWatching from None
-                if _session(session_id, still, owner) is None:  # deleted since (and its id perhaps taken again)
-                    raise SessionGone(session_id)
-                pipe.multi()  # type: ignore[no-untyped-call]  # (redis-py leaves it unannotated)
-                for message in (user, assistant):
-                    pipe.hset(self.key("msg", message.id), mapping=_message_fields(message))
-                pipe.rpush(self.key("messages", session_id), user.id, assistant.id)
-                pipe.sadd(self.key("streaming", session_id), assistant.id)
-                pipe.sadd(self.key("streaming"), session_id)
-                try:
-                    await pipe.execute()
-                except redis_errors.WatchError:
-                    raise SessionGone(session_id) from None
-        return session, history
+            answer: Any = await self.scripts.begin_turn(keys, arguments)
+        outcome = answer[0]
+        if outcome == "missing":
+            raise SessionNotFound(session_id)
+        if outcome == "busy":
+            raise SessionBusy(session_id)
+        if outcome == "limit":
+            raise TooManyStreams(claim.limit if claim is not None else 0)
+        session = Session(session_id, answer[1], answer[2], owner)
+        if outcome == "agent":
+            history_limit(session)  # raises (AgentUnavailable)
+            raise SessionNotFound(session_id)  # (an unknown agent that the limit did not refuse: not reached)
+        self._replies[assistant.id] = assistant
+        return session, _messages(answer[3], answer[4])
+
+    def _limits(self, by_agent: Mapping[str, int]) -> str:
+        cached = self._limits_json
+        if cached is None or cached[0] is not by_agent:
+            cached = self._limits_json = (by_agent, json.dumps(dict(by_agent)))
+        return cached[1]
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
-        # The last word of an interaction must not be lost to a Redis outage: keep trying until it is back.
+        await self.end(message_id, content, status, None)
+
+    async def end(self, message_id: str, content: str, status: MessageStatus, release: Release | None) -> None:
+        """:meth:`finish_turn`, and with ``release``, the coordinator's release of the turn's claim (and stream
+        slot) too, in one round trip. The last word of an interaction must not be lost to a Redis outage: this
+        keeps trying until Redis is back (``finish_retry_seconds`` at most)."""
+        reply = self._replies.get(message_id)
+        if reply is None:
+            return  # not a reply this process started (it was recorded already)
+        k = self.keys(reply.session_id)
+        keys = [k.messages, k.statuses, k.streaming, k.claim]
+        arguments: list[str | int] = [message_id, _message_json(reply, content), status]
+        if release is None:
+            arguments += ("", 0, 0, "", "", "")
+        else:
+            keys.append(release.cancelled_key)
+            if release.answer is not None:
+                keys.append(release.answer)
+            if release.slots is not None:
+                keys.append(release.slots)
+            arguments += (release.value, release.cancelled_ms, release.answer_ttl, release.interaction_id)
+            arguments += ("1" if release.answer is not None else "", "1" if release.slots is not None else "")
         deadline = time.monotonic() + self.finish_retry_seconds
         delay = 0.05
         while True:
             try:
-                await self.redis.eval(_FINISH, 1, self.key("msg", message_id), content, status, message_id, self.prefix)
-                return
+                await self.scripts.end_turn(keys, arguments)
+                break
             except _DOWN:
                 self.on_error(self.name)
                 if time.monotonic() > deadline:
                     raise StoreUnavailable("The session store (Redis) stayed unavailable.") from None
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        del self._replies[message_id]
 
     async def checkpoint_turns(self, contents: Mapping[str, str]) -> None:
+        by_session: dict[str, list[str]] = {}
+        for message_id, content in contents.items():
+            reply = self._replies.get(message_id)
+            if reply is not None:
+                by_session.setdefault(reply.session_id, []).extend((message_id, _message_json(reply, content)))
+        if not by_session:
+            return
         with _reachable(self.on_error):
+            if is_cluster(self.redis):
+                # One script per session, all at once (each runs on its session's node).
+                async with anyio.create_task_group() as task_group:
+                    for session_id, arguments in by_session.items():
+                        task_group.start_soon(self._checkpoint, session_id, arguments)
+                return
             async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for them all
-                for message_id, content in contents.items():
-                    pipe.eval(_CHECKPOINT, 1, self.key("msg", message_id), content)
+                for session_id, arguments in by_session.items():
+                    k = self.keys(session_id)
+                    await self.scripts.checkpoint_replies([k.messages, k.statuses], arguments, client=pipe)
                 await pipe.execute()
+
+    async def _checkpoint(self, session_id: str, arguments: Sequence[str]) -> None:
+        k = self.keys(session_id)
+        await self.scripts.checkpoint_replies([k.messages, k.statuses], arguments)
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
         with _reachable(self.on_error):
-            if session_id is None:
-                members: Any = await self.redis.smembers(self.key("streaming"))
-                session_ids = sorted(members)
-            else:
-                session_ids = [session_id]
+            if session_id is not None:
+                return await self._interrupt(session_id)
+            # Every session with a turn streaming: found with SCAN (no key is shared by every chat to list them).
             count = 0
-            for sid in session_ids:
-                count += await self.redis.eval(
-                    _INTERRUPT,
-                    3,
-                    self.key("claim", sid),
-                    self.key("streaming", sid),
-                    self.key("streaming"),
-                    self.prefix,
-                    sid,
-                )
-        return count
+            async for key in self.redis.scan_iter(match=f"{self.prefix}{{*}}:streaming", count=1000):
+                found = session_id_of(str(key), self.prefix)
+                if found is not None:
+                    count += await self._interrupt(found)
+            return count
+
+    async def _interrupt(self, session_id: str) -> int:
+        k = self.keys(session_id)
+        return int(await self.scripts.interrupt_orphans([k.claim, k.streaming, k.statuses]))
 
     async def streaming_turn(self, session_id: str) -> str | None:
+        k = self.keys(session_id)
         with _reachable(self.on_error):
-            message_id: Any = await self.redis.srandmember(self.key("streaming", session_id))
+            message_id: Any = await self.redis.srandmember(k.streaming)
             if message_id is None:
                 return None
-            interaction_id: Any = await self.redis.hget(self.key("msg", message_id), "interaction_id")
-        return str(interaction_id) if interaction_id is not None else None
+            row: Any = await self.redis.hget(k.messages, message_id)
+        return None if row is None else str(json.loads(row)["interaction_id"])
 
     async def list_messages(self, session_id: str) -> list[Message]:
-        return await self._messages(session_id, 0)
-
-    async def _messages(self, session_id: str, start: int) -> list[Message]:
+        k = self.keys(session_id)
         with _reachable(self.on_error):
-            ids: Any = await self.redis.lrange(self.key("messages", session_id), start, -1)
-            rows = await self._hashes("msg", ids)
-        return [_message(fields) for fields in rows if fields]
+            answer: Any = await self.scripts.read_messages([k.message_ids, k.messages, k.statuses], [0])
+        return _messages(answer[0], answer[1])
 
     async def add_file(self, info: FileInfo) -> None:
-        fields = {
-            "id": info.id,
-            "session_id": info.session_id,
-            "filename": info.filename,
-            "mime_type": info.mime_type,
-            "size": str(info.size),
-            "sha256": info.sha256,
-            "created_at": info.created_at,
-        }
-        # ARGV is the hash's fields and values, "id" first (the script appends ARGV[2], the id, to the list).
-        pairs = [item for pair in fields.items() for item in pair]
-        keys = self.key("session", info.session_id), self.key("file", info.id), self.key("files", info.session_id)
+        k = self.keys(info.session_id)
+        record = json.dumps(info.to_json())
         with _reachable(self.on_error):
-            added = await self.redis.eval(_ADD_FILE, 3, *keys, *pairs)
+            added = await self.scripts.add_file([k.session, k.file_ids, k.files], [info.id, record])
         if not added:
             raise SessionNotFound(info.session_id)
 
     async def get_file(self, session_id: str, file_id: str) -> FileInfo | None:
         with _reachable(self.on_error):
-            fields: Any = await self.redis.hgetall(self.key("file", file_id))
-        info = _file(fields) if fields else None
-        return info if info is not None and info.session_id == session_id else None
+            row: Any = await self.redis.hget(self.keys(session_id).files, file_id)
+        return None if row is None else _file(session_id, row)
 
     async def list_files(self, session_id: str) -> list[FileInfo]:
+        k = self.keys(session_id)
         with _reachable(self.on_error):
-            ids: Any = await self.redis.lrange(self.key("files", session_id), 0, -1)
-            rows = await self._hashes("file", ids)
-        return [_file(fields) for fields in rows if fields]
-
-    async def _hashes(self, kind: str, ids: list[str]) -> list[dict[str, str]]:
-        """The hashes ``<kind>:<id>`` for these ids, in one round trip; a missing one is an empty dict."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for id_ in ids:
-                pipe.hgetall(self.key(kind, id_))
-            rows: list[dict[str, str]] = await pipe.execute()
-        return rows
+            rows: Any = await self.scripts.read_files([k.file_ids, k.files])
+        return [_file(session_id, row) for row in rows if row]
 
     async def delete_file(self, session_id: str, file_id: str) -> bool:
+        k = self.keys(session_id)
         with _reachable(self.on_error):
-            deleted = await self.redis.eval(
-                _DELETE_FILE, 2, self.key("file", file_id), self.key("files", session_id), session_id, file_id
-            )
+            deleted = await self.scripts.delete_file([k.file_ids, k.files], [file_id])
         return bool(deleted)
 
 
@@ -383,32 +384,49 @@ def _session(session_id: str, row: dict[str, str], owner: str) -> Session | None
     return Session(session_id, row["agent"], row["created_at"], owner)
 
 
-def _message_fields(message: Message) -> dict[Any, Any]:
-    return {
-        "id": message.id,
-        "session_id": message.session_id,
-        "role": message.role,
-        "content": message.content,
-        "file_ids": json.dumps(list(message.file_ids)),
-        "status": message.status,
-        "interaction_id": message.interaction_id,
-        "created_at": message.created_at,
-    }
-
-
-def _message(row: dict[str, str]) -> Message:
-    return Message(
-        row["id"],
-        row["session_id"],
-        row["role"],  # type: ignore[arg-type]
-        row["content"],
-        tuple(json.loads(row["file_ids"])),
-        row["status"],  # type: ignore[arg-type]
-        row["interaction_id"],
-        row["created_at"],
+def _message_json(message: Message, content: str | None = None) -> str:
+    """A message as the store keeps it: JSON, without its status (kept beside it, so scripts change it alone)."""
+    return json.dumps(
+        {
+            "id": message.id,
+            "session_id": message.session_id,
+            "role": message.role,
+            "content": message.content if content is None else content,
+            "file_ids": list(message.file_ids),
+            "interaction_id": message.interaction_id,
+            "created_at": message.created_at,
+        }
     )
 
 
-def _file(row: dict[str, str]) -> FileInfo:
-    fields = row["id"], row["session_id"], row["filename"], row["mime_type"], int(row["size"]), row["sha256"]
-    return FileInfo(*fields, row["created_at"])
+def _messages(rows: Sequence[str | None], statuses: Sequence[str | None]) -> list[Message]:
+    messages = []
+    for row, status in zip(rows, statuses, strict=True):
+        if row:
+            fields = json.loads(row)
+            messages.append(
+                Message(
+                    fields["id"],
+                    fields["session_id"],
+                    fields["role"],
+                    fields["content"],
+                    tuple(fields["file_ids"]),
+                    status or "complete",  # type: ignore[arg-type]
+                    fields["interaction_id"],
+                    fields["created_at"],
+                )
+            )
+    return messages
+
+
+def _file(session_id: str, row: str) -> FileInfo:
+    fields = json.loads(row)
+    return FileInfo(
+        fields["id"],
+        session_id,
+        fields["filename"],
+        fields["mime_type"],
+        int(fields["size"]),
+        fields["sha256"],
+        fields["created_at"],
+    )

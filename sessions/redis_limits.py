@@ -1,4 +1,10 @@
-"""The per-owner stream slots of :mod:`sessions.limits`, shared by every process on one Redis."""
+"""The per-owner stream slots of :mod:`sessions.limits`, shared by every process on one Redis (or one Redis
+Cluster): one sorted set per owner, ``parley:{owner:<owner>}:streams``.
+
+On a single Redis, a chat takes its slot in the script that claims its session and gives it back in the one that
+releases it (see :mod:`sessions.redis_claims`): no round trip of its own. On a cluster the owner's slots live in
+the owner's hash slot, not the session's, so :meth:`RedisStreamSlots.take` and :meth:`give_back` are round trips of
+their own there."""
 
 from __future__ import annotations
 
@@ -7,64 +13,50 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-from redis.asyncio import Redis
 
 from parley.sessions.errors import ApiError
 from parley.sessions.redis import _reachable as reachable  # (one rule for 'Redis is down' in every module)
+from parley.sessions.redis import is_cluster
+from parley.sessions.redis_keys import owner_streams
+from parley.sessions.redis_scripts import Scripts
 from parley.sessions.store import ignore_error
 
 logger = logging.getLogger("parley")
-
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
-# KEYS[1] the owner's slots; ARGV: interaction id, limit, lease (ms).
-_TAKE = (
-    _NOW
-    + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-)
-
-# KEYS: the owners' slots, ARGV[1] the lease (ms), then each key's interaction id; a slot already gone
-# (its lease ran out while Redis was unreachable) is not taken again: XX.
-_RENEW = (
-    _NOW
-    + """
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', now + tonumber(ARGV[1]), ARGV[i + 1])
-  redis.call('PEXPIRE', key, ARGV[1])
-end
-return #KEYS
-"""
-)
 
 
 class RedisStreamSlots:
     """The slots of every process that shares one Redis (see :mod:`sessions.limits`)."""
 
-    def __init__(self, redis: Redis, limit: int | None, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
+    def __init__(self, redis: Any, limit: int | None, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
         self.redis = redis
         self.on_error: Callable[[str], None] = ignore_error  # the app points it at its metrics
         self.limit = limit
         self.prefix = prefix
         self.lease_ms = max(int(lease_seconds * 1000), 100)
         self._held: dict[str, str] = {}  # this process's slots: interaction id -> owner
+        self.scripts = Scripts(redis)
+        # A script on a session's keys may take and give back the slot too (one Redis: any keys may meet).
+        self.inline = not is_cluster(redis)
 
-    def _key(self, owner: str) -> str:
-        return f"{self.prefix}streams:{owner}"
+    def key(self, owner: str) -> str:
+        return owner_streams(self.prefix, owner)
+
+    def hold(self, owner: str, interaction_id: str) -> None:
+        """A claim's script took the interaction's slot."""
+        self._held[interaction_id] = owner
+
+    def holds(self, interaction_id: str) -> bool:
+        return interaction_id in self._held
+
+    def forget(self, interaction_id: str) -> None:
+        """A release's script gave the interaction's slot back."""
+        self._held.pop(interaction_id, None)
 
     async def take(self, owner: str, interaction_id: str) -> bool:
         if self.limit is None:
             return True
         with reachable(self.on_error):
-            taken = await self.redis.eval(_TAKE, 1, self._key(owner), interaction_id, self.limit, self.lease_ms)
+            taken = await self.scripts.take_slot([self.key(owner)], [interaction_id, self.limit, self.lease_ms])
         if taken:
             self._held[interaction_id] = owner
         return bool(taken)
@@ -74,19 +66,26 @@ class RedisStreamSlots:
             return
         try:
             with anyio.CancelScope(shield=True), reachable(self.on_error):
-                await self.redis.zrem(self._key(owner), interaction_id)
+                await self.redis.zrem(self.key(owner), interaction_id)
         except ApiError:  # a slot not given back frees itself when its lease runs out
             logger.warning("could not give back a stream slot; its lease will run out")
 
     async def renew(self) -> None:
-        """Renew the leases of this process's slots, all in one round trip."""
-        held = list(self._held.items())
-        if not held:
+        """Renew the leases of this process's slots: one script per owner, in one round trip on a single Redis."""
+        by_owner: dict[str, list[str]] = {}
+        for interaction_id, owner in list(self._held.items()):
+            by_owner.setdefault(owner, []).append(interaction_id)
+        if not by_owner:
             return
-        keys = [self._key(owner) for _, owner in held]
-        args: list[Any] = [self.lease_ms, *(interaction_id for interaction_id, _ in held)]
         with reachable(self.on_error):
-            await self.redis.eval(_RENEW, len(keys), *keys, *args)
+            if is_cluster(self.redis):
+                for owner, interaction_ids in by_owner.items():
+                    await self.scripts.renew_slots([self.key(owner)], [self.lease_ms, *interaction_ids])
+                return
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for owner, interaction_ids in by_owner.items():
+                    await self.scripts.renew_slots([self.key(owner)], [self.lease_ms, *interaction_ids], client=pipe)
+                await pipe.execute()
 
     async def keep_alive(self) -> None:
         """Renew this process's slots every third of a lease, until cancelled (a background task)."""

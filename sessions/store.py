@@ -92,14 +92,31 @@ class FileInfo:
         }
 
 
+class HistoryLimits:
+    """How many earlier messages a session's agent is given: ``limits(session)`` (which raises what ``unknown``
+    raises for an agent not configured here), or every configured agent's at once (``by_agent``), for a store
+    that reads a session and its history in one round trip (Redis). Stores may take any ``Callable[[Session],
+    int]`` instead; this one saves the Redis store a round trip."""
+
+    __slots__ = ("by_agent", "unknown")
+
+    def __init__(self, by_agent: Mapping[str, int], unknown: Callable[[Session], int]) -> None:
+        self.by_agent = by_agent
+        self.unknown = unknown
+
+    def __call__(self, session: Session) -> int:
+        limit = self.by_agent.get(session.agent)
+        return self.unknown(session) if limit is None else limit
+
+
 class Store(Protocol):
     """Where sessions, their history and their files' metadata live.
 
-    Implementations: :class:`sessions.sqlite.SQLiteStore` (embedded default) and
-    :class:`sessions.redis.RedisStore` (scale-out). Both pass the same tests in ``tests/test_store.py``.
+    Implementations: :class:`sessions.sqlite.SQLiteStore` (embedded default), :class:`sessions.redis.RedisStore`
+    and :class:`sessions.postgres.PostgresStore` (scale-out). All pass the same tests in ``tests/test_store.py``.
 
     Every session has an owner. The calls that find a session by its id take the request's owner, and
-    another owner's session is exactly a session that does not exist (None, False, NotFound). Session ids are
+    another owner's session is exactly a session that does not exist (None, False, SessionNotFound). Session ids are
     global, though: :meth:`create_session` refuses an id that any owner has taken. The other calls take a
     session id that the caller has already found for its owner.
     """

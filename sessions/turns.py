@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import anyio
 
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
-from parley.sessions.errors import AgentUnavailable, ApiError, SessionBusy, SessionNotFound
-from parley.sessions.interactions import Interaction, Interactions
-from parley.sessions.store import Message, MessageStatus, Session, Store, new_ordered_id, utcnow
+from parley.sessions.errors import AgentUnavailable, ParleyError, SessionBusy, SessionNotFound
+from parley.sessions.interactions import Interaction, Interactions, TurnStart
+from parley.sessions.store import HistoryLimits, Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
 logger = logging.getLogger("parley")
 
@@ -104,6 +104,7 @@ class TurnRunner:
         self.agents = agents
         self.observers = tuple(observers)
         self.checkpoint_seconds = checkpoint_seconds
+        self._history_limits = HistoryLimits({agent.name: agent.history_limit for agent in agents}, self._history_limit)
         # Replies whose text is due to be saved (message id → its tokens so far), and whether a write is under way:
         # see _checkpoint.
         self._due: dict[str, list[str]] = {}
@@ -112,13 +113,18 @@ class TurnRunner:
     async def run(self, request: TurnRequest, renderer: Renderer) -> None:
         """Raises before ``renderer.started`` when the turn cannot start: TooManyStreams, SessionBusy (only to the
         session's owner), SessionNotFound, AgentUnavailable, StoreUnavailable."""
-        # The owner first, then the claim: a claim made for another owner (or for no session at all) would hold
-        # the session, and the owner's own chats would hear 409 and its cancels reach the intruder's claim.
-        if await self.store.get_session(request.session_id, request.owner) is None:
-            raise SessionNotFound(request.session_id)
+        opening = self.interactions.open(request.session_id, request.owner)
+        interaction, now, session_id, text = opening.interaction, utcnow(), request.session_id, request.message
+        user = Message(
+            new_ordered_id("msg_"), session_id, "user", text, request.file_ids, "complete", interaction.id, now
+        )
+        reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction.id, now)
+        # Started with the claim, in as few round trips as the coordinator and the store allow.
+        opening.turn = TurnStart(self.store, user, reply, self._history_limits)
         try:
-            async with self.interactions.open(request.session_id, request.owner) as interaction:
-                await self._converse(interaction, request, renderer)
+            async with opening:
+                assert opening.started is not None
+                await self._converse(interaction, request, renderer, reply, *opening.started)
         except SessionBusy:
             # Only the session's owner may hear that it is busy: to anyone else it is a session that does not
             # exist. (One store read, on this rare path only: a chat that starts pays nothing for it.)
@@ -126,13 +132,16 @@ class TurnRunner:
                 raise SessionNotFound(request.session_id) from None
             raise
 
-    async def _converse(self, interaction: Interaction, request: TurnRequest, renderer: Renderer) -> None:
-        now, session_id, interaction_id, text = utcnow(), request.session_id, interaction.id, request.message
-        user = Message(
-            new_ordered_id("msg_"), session_id, "user", text, request.file_ids, "complete", interaction_id, now
-        )
-        reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction_id, now)
-        session, earlier = await self.store.start_turn(user, reply, self._history_limit, owner=request.owner)
+    async def _converse(
+        self,
+        interaction: Interaction,
+        request: TurnRequest,
+        renderer: Renderer,
+        reply: Message,
+        session: Session,
+        earlier: list[Message],
+    ) -> None:
+        session_id, interaction_id, text = request.session_id, interaction.id, request.message
         agent = self._agent(session)
         interaction.message_id = reply.id
         report = TurnReport(session_id, interaction_id, request.owner, agent.name)
@@ -153,6 +162,8 @@ class TurnRunner:
                     try:
                         async with aclosing(agent.reply(turn)) as stream:
                             async for token in stream:
+                                if not isinstance(token, str):
+                                    continue  # (until the runner keeps the other events as the reply's parts)
                                 if tokens:
                                     # (Inlined Interaction.add: this is the cost of every token.)
                                     append(token)
@@ -181,7 +192,8 @@ class TurnRunner:
                 else:
                     status = "error" if failure is not None else "complete"
                 with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
-                    await self.store.finish_turn(reply.id, "".join(tokens), status)
+                    # (With Redis, the session is freed in the same round trip.)
+                    await self.interactions.end_turn(interaction, self.store, reply.id, "".join(tokens), status)
                 recorded = not attempt.cancelled_caught
             error = self._failure(session_id, failure, bool(tokens))
             if error is not None:
@@ -247,7 +259,7 @@ class TurnRunner:
                         break
                     try:
                         await self.store.checkpoint_turns({saved: "".join(text) for saved, text in due.items()})
-                    except ApiError:
+                    except ParleyError:
                         logger.warning("could not checkpoint %d messages; will retry", len(due))
         finally:
             self._saving = False

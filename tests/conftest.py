@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
@@ -245,6 +247,8 @@ async def eventually(predicate: Callable[[], Awaitable[bool]], within: float = 5
 class RedisServer:
     """A real ``redis-server`` of the test's own, on a free loopback port, that can be stopped and restarted."""
 
+    cluster = False
+
     def __init__(self, directory: Path) -> None:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -309,6 +313,200 @@ def shared_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield os.environ["PARLEY_TEST_REDIS_URL"]
     else:
         _redis_unavailable("no redis-server on PATH and no PARLEY_TEST_REDIS_URL")
+
+
+def _postgres_bin() -> Path | None:
+    """Debian's PostgreSQL binaries (the newest installed), or those of ``pg_config --bindir``."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda path: int(path.parts[-3]))
+    if found:
+        return found[-1].parent
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        bindir = Path(subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip())
+        if (bindir / "initdb").exists():
+            return bindir
+    return None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster of the test run's own: ``initdb`` in a temporary directory, on a free
+    loopback port, ``fsync=off``; run as the ``postgres`` user when the tests run as root (initdb refuses root).
+    It can be stopped (``immediate``: as a crash would) and started again on the same port."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        # Not under pytest's temporary directory: the postgres user must be able to reach it.
+        self.directory = Path(tempfile.mkdtemp(prefix="parley-pg-"))
+        self.data = self.directory / "data"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as:
+            shutil.chown(self.directory, "postgres")
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, capture_output=True, cwd=self.directory)
+
+    def init(self) -> PostgresServer:
+        self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                  "--no-locale", "--no-sync")  # fmt: skip
+        return self
+
+    def start(self) -> PostgresServer:
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.directory / "log"), "-w",
+                  "-o", options, "start")  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def url_of(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A new, empty database; its URL."""
+        import psycopg
+
+        name = f"test_{secrets.token_hex(6)}"
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")  # (a name made above)
+        return self.url_of(name)
+
+
+def _postgres_unavailable(reason: str) -> None:
+    if os.environ.get("PARLEY_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"PARLEY_REQUIRE_POSTGRES=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _new_postgres() -> PostgresServer:
+    bindir = _postgres_bin()
+    if bindir is None:
+        _postgres_unavailable("PostgreSQL is not installed (apt-get install postgresql; make test does it)")
+    assert bindir is not None
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _postgres_unavailable("psycopg is not installed (pip install -e '.[postgres]'; make install does it)")
+    server = PostgresServer(bindir)
+    try:
+        return server.init().start()
+    except subprocess.CalledProcessError as exc:
+        server.remove()
+        _postgres_unavailable(f"could not start PostgreSQL: {exc.stderr.decode(errors='replace').strip()}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the whole run (per xdist worker); tests keep apart by database."""
+    server = _new_postgres()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A database of this test's own, empty, on the run's PostgreSQL."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster for this test alone, for tests that stop and restart it."""
+    server = _new_postgres()
+    yield server
+    server.remove()
+
+
+class RedisClusterServers:
+    """A Redis Cluster of the test run's own: three ``redis-server --cluster-enabled yes`` on free loopback ports,
+    joined by ``redis-cli --cluster create`` (no replicas). ``url`` names one node, as PARLEY_REDIS_URL does with
+    PARLEY_REDIS_CLUSTER=1."""
+
+    cluster = True
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.nodes: list[tuple[int, subprocess.Popen[bytes]]] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0][0]}"
+
+    def start(self) -> RedisClusterServers:
+        for index in range(3):
+            directory = self.directory / f"node{index}"
+            directory.mkdir(parents=True, exist_ok=True)
+            # (The cluster bus port, by default the port + 10000, is a free port of its own too.)
+            port, bus = free_port(), free_port()
+            process = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no",
+                 "--dir", str(directory)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            self.nodes.append((port, process))
+        for port, process in self.nodes:
+            if not self._answers(port, process, b"PING", b"+PONG"):
+                self.stop()
+                raise RuntimeError(f"a cluster node did not start on port {port} (exit status {process.poll()})")
+        addresses = [f"127.0.0.1:{port}" for port, _ in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=60,
+        )
+        for port, process in self.nodes:  # every node agrees that every slot is served
+            if not self._answers(port, process, b"CLUSTER INFO", b"cluster_state:ok", within=30):
+                self.stop()
+                raise RuntimeError(f"the cluster did not come up (node on port {port})")
+        return self
+
+    @staticmethod
+    def _answers(
+        port: int, process: subprocess.Popen[bytes], command: bytes, answer: bytes, within: float = 10
+    ) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                # Ours, not another process's that took the port before our redis-server could bind it.
+                if listens(process.pid, port):
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                        sock.sendall(command + b"\r\n")
+                        if answer in sock.recv(4096):
+                            return True
+            except OSError:
+                pass
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        for _, process in self.nodes:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """One 3-node Redis Cluster for the whole run; tests keep apart by session ids (or a key prefix)."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        _redis_unavailable("redis-server or redis-cli is not on PATH (apt-get install redis-server)")
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
 
 
 AI_SDK = ROOT / "tests" / "ai-sdk"
@@ -396,13 +594,18 @@ class FailingAgent:
 
 
 def pair(
-    subprocesses: Callable[[dict[str, str]], Subprocess], tmp_path: Path, redis: RedisServer | None, **env: str
+    subprocesses: Callable[[dict[str, str]], Subprocess],
+    tmp_path: Path,
+    redis: RedisServer | RedisClusterServers | None,
+    **env: str,
 ) -> tuple[Subprocess, Subprocess]:
     """Two `uvicorn app:app` workers, started together, sharing ``redis`` (each with its own data directory for
     files) or, without it, one SQLite file; a slow echo and a 1 s lease unless ``env`` says otherwise."""
     common = {"PARLEY_ECHO_DELAY": "0.05", "PARLEY_REDIS_LEASE_SECONDS": "1", **env}
     if redis is not None:
         common["PARLEY_REDIS_URL"] = redis.url
+        if redis.cluster:
+            common["PARLEY_REDIS_CLUSTER"] = "1"
     else:
         common["PARLEY_DATA_DIR"] = str(tmp_path / "shared")
     a, b = start_together(

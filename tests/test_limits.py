@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from parley.sessions.limits import LocalStreamSlots, StreamSlots
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -76,8 +77,16 @@ async def test_redis_slots_are_shared_by_processes_and_a_dead_ones_run_out(share
         with anyio.fail_after(10):
             while not await other.take("alice", "int_x"):
                 await anyio.sleep(0.05)
-        # The dead process's slot ran out; the live ones' hold through several leases.
-        await anyio.sleep(0.7)
+        # The dead process's slot ran out; the live ones' hold through several leases: once both have been renewed
+        # to run out two leases after the latest of them did when the dead one ran out, there is still no room.
+        key = f"{prefix}streams:alice"
+        then = max(score for _, score in await other.redis.zrange(key, 0, -1, withscores=True))
+
+        async def renewed_twice() -> bool:
+            scores = dict(await other.redis.zrange(key, 0, -1, withscores=True))
+            return all(scores.get(held, 0) >= then + 2 * other.lease_ms for held in ("int_alive", "int_x"))
+
+        await eventually(renewed_twice, within=10)
         assert await other.take("alice", "int_y") is False
         tg.cancel_scope.cancel()
     for slots in (alive, dead, other):

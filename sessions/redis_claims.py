@@ -1,0 +1,178 @@
+"""Claims on Redis: one interaction per session across processes, held with a lease that its owner renews."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+from parley.sessions.errors import ApiError, SessionBusy, StoreUnavailable, TooManyStreams
+from parley.sessions.interactions import CANCEL_REASONS, Interaction
+from parley.sessions.redis import Claim, Release, _reachable
+from parley.sessions.redis_keys import SessionKeys
+from parley.sessions.redis_limits import RedisStreamSlots
+from parley.sessions.redis_scripts import Scripts
+from parley.sessions.store import ignore_error
+
+logger = logging.getLogger("parley")
+
+# How long a reply recorded "cancelled" says so, for a canceller waiting on a silent owner; how long a cancel's
+# answer waits for a canceller that gave up on it.
+_CANCELLED_TTL_MS = 60_000
+_ANSWER_TTL = 30
+
+
+class RedisClaims:
+    """A claim is ``parley:{<session>}:claim`` = ``<process>:<interaction>``, set only if absent, with a lease that
+    the owner renews while the stream runs; if its process dies, the claim runs out and the session is free again.
+    A renewal never re-creates a claim that is gone (run out during a Redis outage, or deleted with its session):
+    the owner stops its reply instead, as it does when it cannot renew before its lease runs out, so two
+    interactions of a session never overlap.
+
+    The claim is taken in a chat's first round trip and freed in its last: with the Redis store, inside the
+    store's own scripts (see :class:`sessions.redis.Claim` and :class:`sessions.redis.Release`); with another
+    store, by scripts of its own (one round trip each). A short chat's lease is never renewed (the first renewal
+    is due a third of a lease in)."""
+
+    def __init__(self, redis: Any, scripts: Scripts, prefix: str, process_id: str, lease_ms: int) -> None:
+        self.redis = redis
+        self.on_error: Callable[[str], None] = ignore_error  # (RedisCoordinator.on_error)
+        self.scripts = scripts
+        self.prefix = prefix
+        self.process_id = process_id
+        self.lease_ms = lease_ms
+        self.answer_at_release: dict[str, str] = {}  # interaction → the reply list of the cancel that stopped it
+        self._held: set[str] = set()  # the interactions whose claims this process holds
+
+    def keys(self, session_id: str) -> SessionKeys:
+        return SessionKeys(self.prefix, session_id)
+
+    def value(self, interaction_id: str) -> str:
+        return f"{self.process_id}:{interaction_id}"
+
+    def to_take(self, interaction: Interaction, slots: RedisStreamSlots | None) -> Claim:
+        """The claim for a store's script to take (with the owner's stream slot, when ``slots`` is given)."""
+        value = self.value(interaction.id)
+        if slots is None:
+            return Claim(value, self.lease_ms, interaction.id)
+        return Claim(value, self.lease_ms, interaction.id, slots.key(interaction.owner), slots.limit or 0)
+
+    def taken(self, interaction: Interaction, slots: RedisStreamSlots | None) -> None:
+        """A store's script took the claim (and the slot, with ``slots``)."""
+        self._held.add(interaction.id)
+        if slots is not None:
+            slots.hold(interaction.owner, interaction.id)
+
+    async def claim(self, interaction: Interaction, slots: RedisStreamSlots | None) -> None:
+        """Claim the session (and with ``slots``, take the owner's stream slot first): one round trip. Raises
+        TooManyStreams, SessionBusy."""
+        claim = self.to_take(interaction, slots)
+        keys = [self.keys(interaction.session_id).claim]
+        if claim.slots is not None:
+            keys.append(claim.slots)
+        with _reachable(self.on_error):
+            answer: Any = await self.scripts.claim_session(
+                keys, [claim.value, claim.lease_ms, claim.interaction_id, claim.limit]
+            )
+        if answer == "limit":
+            raise TooManyStreams(claim.limit)
+        if answer == "busy":
+            raise SessionBusy(interaction.session_id)
+        self.taken(interaction, slots)
+
+    def to_release(self, interaction: Interaction, slots: RedisStreamSlots | None) -> Release | None:
+        """The release for a store's script to do with the record, if this process holds the claim (then it no
+        longer counts it as held: see :meth:`release`)."""
+        if interaction.id not in self._held:
+            return None
+        self._held.discard(interaction.id)
+        keys = self.keys(interaction.session_id)
+        answer = self.answer_at_release.pop(interaction.id, None)
+        slot_key = None
+        if slots is not None and slots.inline and slots.holds(interaction.id):
+            slot_key = slots.key(interaction.owner)
+            slots.forget(interaction.id)
+        return Release(
+            self.value(interaction.id),
+            keys.cancelled(interaction.id),
+            _CANCELLED_TTL_MS,
+            answer,
+            _ANSWER_TTL,
+            interaction.id,
+            slot_key,
+        )
+
+    async def release(self, interaction: Interaction, slots: RedisStreamSlots | None) -> None:
+        """Free the claim if this process still holds it; never raises, and finishes even when cancelled."""
+        release = self.to_release(interaction, slots)
+        if release is None:
+            return
+        keys = [self.keys(interaction.session_id).claim, release.cancelled_key]
+        keys += [key for key in (release.answer, release.slots) if key is not None]
+        arguments: list[str | int] = [release.value, interaction.status, release.cancelled_ms, release.answer_ttl]
+        arguments += (release.interaction_id, "1" if release.answer else "", "1" if release.slots else "")
+        with anyio.CancelScope(shield=True):
+            try:
+                with _reachable(self.on_error):
+                    await self.scripts.release_claim(keys, arguments)
+            except ApiError:
+                logger.warning("could not release session %s; its lease will run out", interaction.session_id)
+
+    async def renew(self, session_id: str, interaction_id: str) -> bool | str:
+        """Extend the claim if it is still this interaction's; False if it is gone or another's. A cancel left
+        for the interaction (see :meth:`sessions.redis_cancels.RedisCancelBus.cancel_elsewhere`) comes back as
+        its reason."""
+        keys = self.keys(session_id)
+        with _reachable(self.on_error):
+            answer: Any = await self.scripts.renew_claim(
+                [keys.claim, keys.cancel_left(interaction_id)], [self.value(interaction_id), self.lease_ms]
+            )
+        return answer if isinstance(answer, str) else bool(answer)
+
+    @asynccontextmanager
+    async def lease(self, interaction: Interaction) -> AsyncIterator[None]:
+        async with anyio.create_task_group() as task_group:
+            renewer = task_group.start_soon(self._keep_claimed, interaction)
+            try:
+                yield
+            finally:
+                renewer.cancel()
+
+    async def _keep_claimed(self, interaction: Interaction) -> None:
+        lease = self.lease_ms / 1000
+        # Stop a little before the lease runs out, so that the reply is over before another process can claim.
+        margin = lease / 10
+        stop_at = time.monotonic() + lease - margin  # the claim was made just before
+        while True:
+            await anyio.sleep(max(0.0, min(lease / 3, stop_at - time.monotonic())))
+            if time.monotonic() >= stop_at:
+                break
+            sent_at = time.monotonic()
+            renewed: bool | str | None = None
+            # Shielded, so that a renewal in flight is not torn out of its connection, but not past the lease.
+            with anyio.CancelScope(shield=True, deadline=stop_at):
+                try:
+                    renewed = await self.renew(interaction.session_id, interaction.id)
+                except StoreUnavailable:
+                    logger.warning("could not renew the claim on session %s; retrying", interaction.session_id)
+            if isinstance(renewed, str) and interaction.cancel(CANCEL_REASONS.get(renewed, "cancelled")):
+                logger.info("session %s: a cancel left in Redis stopped its reply", interaction.session_id)
+            if renewed:
+                stop_at = sent_at + lease - margin
+            elif renewed is False:
+                break  # the claim is gone (its session deleted, or it ran out) or another's: stop at once
+        if interaction.cancel("lease lost"):
+            logger.warning("lost the claim on session %s: its reply is stopped", interaction.session_id)
+
+    async def owner(self, session_id: str) -> tuple[str, str] | None:
+        """The process and the interaction holding the session's claim, if any."""
+        with _reachable(self.on_error):
+            value: Any = await self.redis.get(self.keys(session_id).claim)
+        if value is None:
+            return None
+        process_id, _, interaction_id = str(value).partition(":")
+        return process_id, interaction_id

@@ -1,0 +1,277 @@
+"""Every Lua script parley runs on Redis, named for what it does.
+
+Every key a script touches is passed in ``KEYS``, and all of a script's keys share one hash tag (see
+:mod:`sessions.redis_keys`), so each runs on one slot of a Redis Cluster. (The exception is the owner's stream
+slots, which the turn's scripts take and give back only on a single Redis: on a cluster, they live in the owner's
+slot and :mod:`sessions.redis_limits` keeps them in round trips of their own.)
+
+Each one is registered once per client (:class:`Scripts`, redis-py's ``register_script``) and runs by its SHA
+(``EVALSHA``; redis-py loads it on the first ``NOSCRIPT``), so a call sends its keys and arguments, not its text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.commands.core import AsyncScript
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Frees a claim if it is still ``value``'s. A reply recorded "cancelled" says so for a while, for a canceller
+# waiting on a silent owner; the canceller that stopped the reply through the cancel bus, if one did, hears its
+# answer on its list; the owner's stream slot, if the script holds it, is given back.
+_RELEASE = """
+local function release(claim, cancelled, answer, slots, value, status, cancelled_ms, answer_ttl, interaction)
+  if status == 'cancelled' then redis.call('SET', cancelled, '1', 'PX', cancelled_ms) end
+  if answer then
+    redis.call('RPUSH', answer, '1')
+    redis.call('EXPIRE', answer, answer_ttl)
+  end
+  if slots then redis.call('ZREM', slots, interaction) end
+  if redis.call('GET', claim) == value then redis.call('DEL', claim) end
+end
+"""
+
+# A chat's first round trip. KEYS: 1 session, 2 message ids, 3 messages, 4 statuses, 5 streaming, 6 claim,
+# 7 the owner's stream slots (only when the script takes one). ARGV: 1 owner, 2 each agent's history limit (JSON),
+# 3-5 the user's message (id, JSON, status), 6-8 the reply's, 9 the claim's value ('': no claim), 10 the lease (ms),
+# 11 the interaction, 12 the owner's limit. In this order: the owner's limit (an owner at it hears so whatever the
+# session), the session and its owner, the claim, the agent; then, the claim taken, any turn still streaming is
+# an orphan (its process died and its claim ran out) and is recorded interrupted; then the history is read and both
+# messages written. Answers {'ok', agent, created_at, history as JSON, their statuses}, or why not.
+BEGIN_TURN = (
+    _NOW
+    + """
+if KEYS[7] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
+  if redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[12]) then return {'limit'} end
+end
+local session = redis.call('HMGET', KEYS[1], 'agent', 'created_at', 'owner')
+if not session[1] or (session[3] or '') ~= ARGV[1] then return {'missing'} end
+local claiming = ARGV[9] ~= ''
+if claiming and redis.call('EXISTS', KEYS[6]) == 1 then return {'busy'} end
+local limit = cjson.decode(ARGV[2])[session[1]]
+if not limit then return {'agent', session[1], session[2]} end
+if claiming then
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+    if redis.call('HGET', KEYS[4], id) == 'streaming' then redis.call('HSET', KEYS[4], id, 'interrupted') end
+  end
+  redis.call('DEL', KEYS[5])
+end
+local messages, statuses = {}, {}
+if limit > 0 then
+  local ids = redis.call('LRANGE', KEYS[2], -limit, -1)
+  if #ids > 0 then
+    messages = redis.call('HMGET', KEYS[3], unpack(ids))
+    statuses = redis.call('HMGET', KEYS[4], unpack(ids))
+  end
+end
+redis.call('HSET', KEYS[3], ARGV[3], ARGV[4], ARGV[6], ARGV[7])
+redis.call('HSET', KEYS[4], ARGV[3], ARGV[5], ARGV[6], ARGV[8])
+redis.call('RPUSH', KEYS[2], ARGV[3], ARGV[6])
+redis.call('SADD', KEYS[5], ARGV[6])
+if claiming then redis.call('SET', KEYS[6], ARGV[9], 'PX', ARGV[10]) end
+if KEYS[7] then
+  redis.call('ZADD', KEYS[7], now + tonumber(ARGV[10]), ARGV[11])
+  redis.call('PEXPIRE', KEYS[7], ARGV[10])
+end
+return {'ok', session[1], session[2], messages, statuses}
+"""
+)
+
+# A chat's last round trip: the reply's final text and status (unless its session was deleted meanwhile), and,
+# when ARGV[4] names the claim's value, the release (see _RELEASE). KEYS: 1 messages, 2 statuses, 3 streaming,
+# 4 claim, 5 cancelled, then the cancel's answer list if ARGV[8] is '1', then the owner's slots if ARGV[9] is '1'.
+# ARGV: 1 reply id, 2 reply JSON, 3 status, 4 claim value, 5 cancelled (ms), 6 answer TTL (s), 7 interaction.
+END_TURN = (
+    _RELEASE
+    + """
+local recorded = 0
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+  redis.call('SREM', KEYS[3], ARGV[1])
+  recorded = 1
+end
+if ARGV[4] ~= '' then
+  local answer, slots = nil, nil
+  local k = 6
+  if ARGV[8] == '1' then answer = KEYS[k]; k = k + 1 end
+  if ARGV[9] == '1' then slots = KEYS[k] end
+  release(KEYS[4], KEYS[5], answer, slots, ARGV[4], ARGV[3], ARGV[5], ARGV[6], ARGV[7])
+end
+return recorded
+"""
+)
+
+# The text so far of replies still streaming (a finished one keeps its final text). KEYS: 1 messages,
+# 2 statuses; ARGV: message id, JSON, message id, JSON, ...
+CHECKPOINT_REPLIES = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == 'streaming' then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# Mark a session's "streaming" turns "interrupted", unless an interaction holds the session's claim.
+# KEYS: 1 claim, 2 streaming, 3 statuses.
+INTERRUPT_ORPHANS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('HGET', KEYS[3], id) == 'streaming' then
+    redis.call('HSET', KEYS[3], id, 'interrupted')
+    n = n + 1
+  end
+end
+redis.call('DEL', KEYS[2])
+return n
+"""
+
+# A session's messages in order. KEYS: 1 message ids, 2 messages, 3 statuses; ARGV[1] the first (from the end if
+# negative). Answers {messages as JSON, their statuses}.
+READ_MESSAGES = """
+local ids = redis.call('LRANGE', KEYS[1], ARGV[1], -1)
+if #ids == 0 then return {{}, {}} end
+return {redis.call('HMGET', KEYS[2], unpack(ids)), redis.call('HMGET', KEYS[3], unpack(ids))}
+"""
+
+# KEYS: 1 session; ARGV: agent, created_at, owner.
+CREATE_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'agent', ARGV[1], 'created_at', ARGV[2], 'owner', ARGV[3])
+return 1
+"""
+
+# Deletes the owner's session with its history, its files' records and its claim (an owner that did not answer
+# the cancel, dead or silent, finds its claim gone at its next renewal, and stops). KEYS: 1 session, 2 message ids,
+# 3 messages, 4 statuses, 5 streaming, 6 file ids, 7 files, 8 claim; ARGV[1] the owner. Answers the ids of the
+# files whose records it removed, or nil when the owner has no such session.
+DELETE_SESSION = """
+if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then return false end
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local files = redis.call('LRANGE', KEYS[6], 0, -1)
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
+return files
+"""
+
+# A file's record, only while its session exists. KEYS: 1 session, 2 file ids, 3 files; ARGV: id, JSON.
+ADD_FILE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
+# KEYS: 1 file ids, 2 files. Answers the records in order.
+READ_FILES = """
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+if #ids == 0 then return {} end
+return redis.call('HMGET', KEYS[2], unpack(ids))
+"""
+
+# KEYS: 1 file ids, 2 files; ARGV[1] the file.
+DELETE_FILE = """
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('LREM', KEYS[1], 0, ARGV[1])
+return 1
+"""
+
+# The claims of sessions (see sessions.redis_claims).
+
+# Claims a session for a store other than Redis's: the owner's stream slot first, when KEYS[2] names it (as in
+# BEGIN_TURN), then the claim. KEYS: 1 claim, 2 the owner's slots. ARGV: 1 value, 2 lease (ms), 3 interaction,
+# 4 the owner's limit. Answers 'ok', 'limit' or 'busy'.
+CLAIM_SESSION = (
+    _NOW
+    + """
+if KEYS[2] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 'limit' end
+end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'busy' end
+if KEYS[2] then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 'ok'
+"""
+)
+
+# Only ever extends the claim: one that is gone is not made again (its owner stops instead). KEYS: 1 claim,
+# 2 a cancel left for the interaction. Answers 0 (gone), 1 (extended), or the reason of a cancel left for the
+# interaction by a process its owner did not answer.
+RENEW_CLAIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('GET', KEYS[2]) or 1
+"""
+
+# See _RELEASE. KEYS: 1 claim, 2 cancelled, then the answer list if ARGV[6] is '1', then the owner's slots if
+# ARGV[7] is '1'. ARGV: 1 value, 2 status, 3 cancelled (ms), 4 answer TTL (s), 5 interaction.
+RELEASE_CLAIM = (
+    _RELEASE
+    + """
+local answer, slots = nil, nil
+local k = 3
+if ARGV[6] == '1' then answer = KEYS[k]; k = k + 1 end
+if ARGV[7] == '1' then slots = KEYS[k] end
+release(KEYS[1], KEYS[2], answer, slots, ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return 1
+"""
+)
+
+# The streams per owner (see sessions.redis_limits). The clock is Redis's own, so hosts agree on when a lease ends.
+
+# KEYS[1] the owner's slots; ARGV: interaction id, limit, lease (ms).
+TAKE_SLOT = (
+    _NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+)
+
+# KEYS: one owner's slots; ARGV[1] the lease (ms), then the interactions holding them. A slot already gone (its
+# lease ran out while Redis was unreachable) is not taken again: XX.
+RENEW_SLOTS = (
+    _NOW
+    + """
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return #ARGV - 1
+"""
+)
+
+
+class Scripts:
+    """The scripts registered on one client: ``await scripts.renew_claim(keys, args)`` (or ``client=`` a
+    pipeline of it)."""
+
+    def __init__(self, redis: Any) -> None:
+        register = redis.register_script
+        self.begin_turn: AsyncScript = register(BEGIN_TURN)
+        self.end_turn: AsyncScript = register(END_TURN)
+        self.checkpoint_replies: AsyncScript = register(CHECKPOINT_REPLIES)
+        self.interrupt_orphans: AsyncScript = register(INTERRUPT_ORPHANS)
+        self.read_messages: AsyncScript = register(READ_MESSAGES)
+        self.create_session: AsyncScript = register(CREATE_SESSION)
+        self.delete_session: AsyncScript = register(DELETE_SESSION)
+        self.add_file: AsyncScript = register(ADD_FILE)
+        self.read_files: AsyncScript = register(READ_FILES)
+        self.delete_file: AsyncScript = register(DELETE_FILE)
+        self.claim_session: AsyncScript = register(CLAIM_SESSION)
+        self.renew_claim: AsyncScript = register(RENEW_CLAIM)
+        self.release_claim: AsyncScript = register(RELEASE_CLAIM)
+        self.take_slot: AsyncScript = register(TAKE_SLOT)
+        self.renew_slots: AsyncScript = register(RENEW_SLOTS)

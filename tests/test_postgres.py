@@ -1,0 +1,357 @@
+"""PostgreSQL: migrations, files' bytes in the database, outages, and several hosts (separate data directories, no
+shared disk) on one PostgreSQL and one Redis. The store contract itself runs in tests/test_store.py."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import psycopg
+import pytest
+
+from parley.sessions import postgres, postgres_schema
+from parley.sessions.errors import EventLoopUnsupported
+from parley.sessions.postgres_blobs import CHUNK_BYTES
+from tests.conftest import ROOT, PostgresServer, RedisServer, Subprocess, eventually, start_together
+from tests.test_redis import chat, history, session_on
+
+pytestmark = pytest.mark.anyio
+
+WORDS = " ".join(f"w{i}" for i in range(100))
+
+
+def tables(url: str) -> dict[str, int]:
+    with psycopg.connect(url) as connection:
+        counts = {}
+        for table in ("sessions", "messages", "files", "blobs", "blob_chunks"):
+            row = connection.execute(f"SELECT count(*) FROM {table}").fetchone()
+            counts[table] = int(row[0]) if row else 0
+        return counts
+
+
+async def test_concurrent_migrations_on_an_empty_then_an_older_database_apply_each_version_once(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def migrate_at_once(count: int) -> list[list[int]]:
+        connections = [await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) for _ in range(count)]
+        results: list[list[int]] = []
+
+        async def one(connection: psycopg.AsyncConnection[Any]) -> None:
+            results.append(await postgres_schema.migrate(connection))
+
+        async with anyio.create_task_group() as tg:
+            for connection in connections:
+                tg.start_soon(one, connection)
+        for connection in connections:
+            await connection.close()
+        return results
+
+    latest = len(postgres_schema.MIGRATIONS)
+    assert sorted(await migrate_at_once(4)) == [[], [], [], list(range(1, latest + 1))]
+    # An older database: a new version appears, and processes that start at once apply it once between them.
+    newer = (*postgres_schema.MIGRATIONS, ("CREATE TABLE parley_test_added (id integer)",))
+    monkeypatch.setattr(postgres_schema, "MIGRATIONS", newer)
+    assert sorted(await migrate_at_once(3)) == [[], [], [latest + 1]]
+    with psycopg.connect(postgres_url) as connection:
+        rows = connection.execute("SELECT version FROM parley_schema ORDER BY version").fetchall()
+    assert [row[0] for row in rows] == list(range(1, latest + 2))
+
+
+def host(subprocesses: Callable[..., Subprocess], tmp_path: Path, name: str, url: str, **env: str) -> Subprocess:
+    """A parley process with a data directory of its own: a host that shares no disk with the others."""
+    settings = {
+        "PARLEY_DATABASE_URL": url,
+        "PARLEY_DATA_DIR": str(tmp_path / name),
+        "PARLEY_ECHO_DELAY": "0.05",
+        "PARLEY_REDIS_LEASE_SECONDS": "1",
+        "PARLEY_CHECKPOINT_SECONDS": "0.1",
+        "PARLEY_DATABASE_POOL_TIMEOUT_SECONDS": "1",
+        **env,
+    }
+    return subprocesses(settings, log=tmp_path / f"{name}.log")
+
+
+async def test_two_processes_start_at_once_on_an_empty_database(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, postgres_url: str
+) -> None:
+    a, b = start_together(
+        host(subprocesses, tmp_path, "a", postgres_url), host(subprocesses, tmp_path, "b", postgres_url)
+    )
+    async with httpx.AsyncClient(timeout=10) as client:
+        for server in (a, b):
+            ready = await client.get(f"{server.url}/readyz")
+            assert ready.status_code == 200, ready.text
+        session_id = await session_on(client, a)
+        assert (
+            await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "hi"})
+        ).text == "hi"
+        assert [m["status"] for m in await history(client, a.url, session_id)] == ["complete", "complete"]
+
+
+async def test_files_bytes_live_in_the_database_chunk_by_chunk(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, postgres_url: str
+) -> None:
+    a = host(subprocesses, tmp_path, "a", postgres_url, PARLEY_MAX_UPLOAD_BYTES=str(3 * CHUNK_BYTES)).start()
+    data = os.urandom(2 * CHUNK_BYTES + 1000)
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = await session_on(client, a)
+        uploaded = await client.post(
+            f"{a.url}/api/v1/files", data={"ui_session_id": session_id}, files={"file": ("big.bin", data)}
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        info = uploaded.json()
+        assert (info["size"], info["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+        assert tables(postgres_url)["blob_chunks"] == 3
+        download = await client.get(f"{a.url}/api/v1/files/{session_id}/{info['id']}/content")
+        assert download.status_code == 200
+        assert download.content == data and download.headers["content-length"] == str(len(data))
+        too_large = await client.post(
+            f"{a.url}/api/v1/files",
+            data={"ui_session_id": session_id},
+            files={"file": ("huge.bin", os.urandom(3 * CHUNK_BYTES + 1))},
+        )
+        assert too_large.status_code == 413
+        assert tables(postgres_url)["blobs"] == 1  # the refused upload left nothing
+        assert not (tmp_path / "a" / "files").exists() or not any((tmp_path / "a" / "files").iterdir())
+        deleted = await client.delete(f"{a.url}/api/v1/files/{session_id}/{info['id']}")
+        assert deleted.status_code == 200
+        assert (tables(postgres_url)["blobs"], tables(postgres_url)["blob_chunks"]) == (0, 0)
+        gone = await client.get(f"{a.url}/api/v1/files/{session_id}/{info['id']}/content")
+        assert gone.status_code == 404
+
+
+def test_a_database_url_that_cannot_work_stops_start_up_with_one_line_or_starts_not_ready(tmp_path: Path) -> None:
+    env = {**os.environ, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    for url in ("mysql://root@127.0.0.1/parley", "postgresql://127.0.0.1:5432/x?nosuchparameter=1"):
+        result = subprocess.run(
+            [sys.executable, "-c", "import app"],
+            cwd=ROOT,
+            env={**env, "PARLEY_DATABASE_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("parley: PARLEY_DATABASE_URL "), result.stderr
+
+
+async def test_an_unknown_host_starts_not_ready_and_names_postgres(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path
+) -> None:
+    log = tmp_path / "a.log"
+    a = subprocesses(
+        {
+            "PARLEY_DATABASE_URL": "postgresql://nobody@no-such-host.invalid/parley",
+            "PARLEY_DATA_DIR": str(tmp_path / "a"),
+            "PARLEY_DATABASE_POOL_TIMEOUT_SECONDS": "1",
+        },
+        log=log,
+    ).start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        ready = await client.get(f"{a.url}/readyz")
+        assert ready.status_code == 503
+        assert "postgres is down" in ready.json()["message"]
+        refused = await client.post(f"{a.url}/api/v1/sessions")
+        assert refused.status_code == 503
+    assert "Traceback" not in log.read_text()
+
+
+async def _streaming(client: httpx.AsyncClient, server: Subprocess, session_id: str) -> bool:
+    response = await client.get(f"{server.url}/api/v1/sessions/{session_id}")
+    return response.status_code == 200 and response.json()["status"] == "streaming"
+
+
+async def test_postgres_down_means_503_streams_go_on_and_are_recorded_when_it_is_back(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, own_postgres: PostgresServer
+) -> None:
+    url = own_postgres.create_database()
+    a = host(subprocesses, tmp_path, "a", url, PARLEY_ECHO_DELAY="0.02").start()
+    message = " ".join(f"x{i}" for i in range(60))  # 1.2 s of stream
+    async with httpx.AsyncClient(timeout=20) as client:
+        running, other = await session_on(client, a), await session_on(client, a)
+        result = ""
+
+        async def stream() -> None:
+            nonlocal result
+            async with chat(client, a, running, message) as response:
+                result = (await response.aread()).decode()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream)
+            await eventually(lambda: _streaming(client, a, running))
+            own_postgres.stop()
+            for request in (
+                client.post(f"{a.url}/api/v1/chat", data={"ui_session_id": other, "message": "hi"}),
+                client.get(f"{a.url}/api/v1/sessions/{other}/messages"),
+                client.post(f"{a.url}/api/v1/sessions"),
+            ):
+                refused = await request
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["status"] == "error"
+            ready = await client.get(f"{a.url}/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["postgres"] != "ok"
+        assert result == message  # the running stream went on
+        own_postgres.start()
+
+        async def recorded() -> bool:
+            response = await client.get(f"{a.url}/api/v1/sessions/{running}/messages")
+            return response.status_code == 200 and response.json()["messages"][-1]["status"] == "complete"
+
+        await eventually(recorded, within=15)
+        assert (await history(client, a.url, running))[-1]["content"] == message
+        again = await client.post(f"{a.url}/api/v1/chat", data={"ui_session_id": other, "message": "back"})
+        assert again.text == "back"
+        assert (await client.get(f"{a.url}/readyz")).status_code == 200
+        metrics = (await client.get(f"{a.url}/metrics")).text
+        assert 'parley_store_errors_total{store="postgres"}' in metrics
+        assert 'parley_store_duration_seconds_count{store="postgres"}' in metrics
+
+
+async def test_two_hosts_on_postgres_and_redis_share_files_cancels_rejoins_and_deletes(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, postgres_url: str, redis_server: RedisServer
+) -> None:
+    a, b = start_together(
+        host(subprocesses, tmp_path, "a", postgres_url, PARLEY_REDIS_URL=redis_server.url),
+        host(subprocesses, tmp_path, "b", postgres_url, PARLEY_REDIS_URL=redis_server.url),
+    )
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = await session_on(client, a)
+        # A file uploaded through A, used in a chat through B, downloaded from B: no shared disk.
+        uploaded = await client.post(
+            f"{a.url}/api/v1/files",
+            data={"ui_session_id": session_id},
+            files={"file": ("notes.txt", b"the launch code is 1234\n", "text/plain")},
+        )
+        assert uploaded.status_code == 201, uploaded.text
+        file_id = uploaded.json()["id"]
+        download = await client.get(f"{b.url}/api/v1/files/{session_id}/{file_id}/content")
+        assert download.content == b"the launch code is 1234\n"
+        used = await client.post(
+            f"{b.url}/api/v1/chat", json={"ui_session_id": session_id, "message": "read it", "file_ids": [file_id]}
+        )
+        assert used.status_code == 200, used.text
+        assert (await history(client, a.url, session_id))[-2]["file_ids"] == [file_id]
+
+        # A stream on A, rejoined from B and cancelled through B.
+        received, rejoined = "", ""
+        async with chat(client, a, session_id, WORDS) as response:
+            interaction_id = response.headers["x-interaction-id"]
+            # One iterator kept to the end: dropping it would close the connection (a disconnect, not a cancel).
+            chunks = response.aiter_text()
+            while len(received.split()) < 3:
+                received += await anext(chunks)
+            async with client.stream(
+                "GET", f"{b.url}/api/v1/chat/{session_id}/stream", headers={"accept": "text/plain"}
+            ) as follow:
+                assert follow.status_code == 200
+                followed = follow.aiter_text()
+                while len(rejoined.split()) < 5:
+                    rejoined += await anext(followed)
+                answer = await client.post(
+                    f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id, "interaction_id": interaction_id}
+                )
+                assert answer.json()["cancelled"] is True
+                async for chunk in followed:
+                    rejoined += chunk
+            async for chunk in chunks:
+                received += chunk
+        assert rejoined == received  # the rejoin from B saw the whole reply that A streamed
+        turns = await history(client, b.url, session_id)
+        assert (turns[-1]["status"], turns[-1]["content"]) == ("cancelled", received)
+
+        # Deleted through B: its file's bytes go too, and A finds nothing.
+        assert (await client.delete(f"{b.url}/api/v1/sessions/{session_id}")).status_code == 200
+        assert (await client.get(f"{a.url}/api/v1/sessions/{session_id}")).status_code == 404
+        assert (await client.get(f"{a.url}/api/v1/files/{session_id}/{file_id}/content")).status_code == 404
+        assert tables(postgres_url)["blobs"] == 0
+
+
+async def test_a_host_killed_mid_reply_leaves_the_other_to_serve_the_session_and_record_it_interrupted(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, postgres_url: str, redis_server: RedisServer
+) -> None:
+    a, b = start_together(
+        host(subprocesses, tmp_path, "a", postgres_url, PARLEY_REDIS_URL=redis_server.url),
+        host(subprocesses, tmp_path, "b", postgres_url, PARLEY_REDIS_URL=redis_server.url),
+    )
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = await session_on(client, a)
+        received = ""
+
+        async def saved() -> bool:
+            content = (await history(client, b.url, session_id))[-1]["content"]
+            return len(str(content).split()) >= 3
+
+        async with chat(client, a, session_id) as response:
+            chunks = response.aiter_text()
+            received += await anext(chunks)
+            await eventually(saved)  # a checkpoint has the text so far
+            a.stop(kill=True)
+
+        async def idle() -> bool:
+            answer = await client.get(f"{b.url}/api/v1/sessions/{session_id}")
+            return bool(answer.json()["status"] == "idle")
+
+        await eventually(idle, within=5)
+        turns = await history(client, b.url, session_id)
+        assert [(t["role"], t["status"]) for t in turns] == [("user", "complete"), ("assistant", "interrupted")]
+        assert len(turns[-1]["content"].split()) >= 3 and WORDS.startswith(turns[-1]["content"])
+        again = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "b now"})
+        assert again.text == "b now"
+
+
+def test_postgres_refuses_trio_at_start_up_in_one_line(tmp_path: Path, postgres_url: str) -> None:
+    log = tmp_path / "server.log"
+    env = {"PARLEY_DATABASE_URL": postgres_url, "PARLEY_DATA_DIR": str(tmp_path / "data")}
+    server = Subprocess(env, ("--worker-class", "trio"), log=log, hypercorn=True).launch()
+    assert server.process is not None
+    try:
+        server.process.wait(20)
+    finally:
+        server.stop(kill=True)
+    output = log.read_text()
+    refusal = [line for line in output.splitlines() if line.startswith("parley: ")]
+    assert refusal == [
+        "parley: PARLEY_DATABASE_URL: the PostgreSQL store runs on asyncio only (psycopg); serve parley on asyncio "
+        "(uvicorn, or hypercorn's asyncio or uvloop worker class), not on trio"
+    ], output
+    assert "Traceback" not in output, output
+    with pytest.raises(EventLoopUnsupported, match="asyncio only"):
+        postgres.require_asyncio()  # (and in this thread, where no loop runs at all)
+
+
+async def test_an_sqlite_history_moves_into_postgres_and_reads_the_same(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, postgres_url: str
+) -> None:
+    data = tmp_path / "old"
+    old = subprocesses({"PARLEY_DATA_DIR": str(data), "PARLEY_ECHO_DELAY": "0"}).start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        session_id = await session_on(client, old)
+        for text in ("one", "two"):
+            await client.post(f"{old.url}/api/v1/chat", data={"ui_session_id": session_id, "message": text})
+        uploaded = await client.post(
+            f"{old.url}/api/v1/files", data={"ui_session_id": session_id}, files={"file": ("a.txt", b"bytes\n")}
+        )
+        file_id = uploaded.json()["id"]
+        before = await history(client, old.url, session_id)
+        old.stop()
+
+        command = [sys.executable, "-m", "parley.sessions.postgres_import", str(data / "parley.db")]
+        for _ in range(2):  # a second run finds everything there and changes nothing
+            done = await anyio.run_process(
+                command, env={**os.environ, "PARLEY_DATABASE_URL": postgres_url}, check=False
+            )
+            assert done.returncode == 0, done.stderr
+        assert "sessions already there: 1" in done.stdout.decode()
+
+        new = host(subprocesses, tmp_path, "new", postgres_url).start()
+        assert await history(client, new.url, session_id) == before
+        download = await client.get(f"{new.url}/api/v1/files/{session_id}/{file_id}/content")
+        assert download.content == b"bytes\n"

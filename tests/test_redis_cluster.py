@@ -1,0 +1,137 @@
+"""Scale-out on a real 3-node Redis Cluster that the tests start (``redis_cluster`` in conftest): two uvicorn
+workers with PARLEY_REDIS_CLUSTER=1, each told one node. Chats, the busy rule, a cancel, a rejoin and a delete
+from the other worker, on sessions whose keys live on every node. (The store contract runs on the cluster too:
+tests/test_store.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from redis.cluster import RedisCluster
+
+from tests.conftest import RedisClusterServers, Subprocess, eventually, pair
+from tests.test_redis import WORDS, chat, history, session_on
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+async def sessions_on_every_node(
+    client: httpx.AsyncClient, server: Subprocess, cluster: RedisClusterServers
+) -> list[str]:
+    """New sessions until their keys (``parley:{<id>}:...``) live on each of the three nodes."""
+    nodes = RedisCluster.from_url(cluster.url)
+    try:
+        by_node: dict[str, str] = {}
+        for _ in range(100):
+            session_id = await session_on(client, server)
+            node = nodes.get_node_from_key(f"parley:{{{session_id}}}:session")
+            assert node is not None
+            by_node.setdefault(node.name, session_id)
+            if len(by_node) == 3:
+                return list(by_node.values())
+    finally:
+        nodes.close()
+    raise AssertionError("100 sessions and not one on every node")
+
+
+async def test_chats_the_busy_rule_and_a_cancel_across_two_workers(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_cluster: RedisClusterServers
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_cluster)
+    async with httpx.AsyncClient(timeout=20) as client:
+        sessions = await sessions_on_every_node(client, a, redis_cluster)
+        for turn, session_id in enumerate(sessions * 2):  # two turns each, on one worker then the other
+            server = (a, b)[turn % 2]
+            answer = await client.post(
+                f"{server.url}/api/v1/chat", data={"ui_session_id": session_id, "message": f"m{turn}"}
+            )
+            assert (answer.status_code, answer.text) == (200, f"m{turn}")
+        for index, session_id in enumerate(sessions):
+            turns = await history(client, b.url, session_id)
+            assert [(t["content"], t["status"]) for t in turns] == [
+                (f"m{index}", "complete"),
+                (f"m{index}", "complete"),
+                (f"m{index + 3}", "complete"),
+                (f"m{index + 3}", "complete"),
+            ]
+        listed = (await client.get(f"{b.url}/api/v1/sessions")).json()["sessions"]
+        assert {s["ui_session_id"] for s in listed} >= set(sessions)
+
+        for session_id in sessions:
+            received = ""
+            answer: httpx.Response | None = None
+            async with chat(client, a, session_id) as response:
+                interaction_id = response.headers["x-interaction-id"]
+                async for chunk in response.aiter_text():
+                    received += chunk
+                    if len(received.split()) >= 3 and answer is None:
+                        status = (await client.get(f"{b.url}/api/v1/sessions/{session_id}")).json()["status"]
+                        assert status == "streaming"
+                        busy = await client.post(
+                            f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "x"}
+                        )
+                        assert busy.status_code == 409
+                        answer = await client.post(
+                            f"{b.url}/api/v1/cancel",
+                            data={"ui_session_id": session_id, "interaction_id": interaction_id},
+                        )
+            assert answer is not None and answer.status_code == 200, answer
+            assert answer.json()["cancelled"] is True
+            assert len(received.split()) < 100
+            turns = await history(client, b.url, session_id)
+            assert (turns[-1]["status"], turns[-1]["content"]) == ("cancelled", received)
+            again = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "on b"})
+            assert again.text == "on b"
+
+
+async def test_a_rejoin_from_the_other_worker(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_cluster: RedisClusterServers
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_cluster)
+    async with httpx.AsyncClient(timeout=20) as client:
+        for session_id in await sessions_on_every_node(client, a, redis_cluster):
+            original, followed = "", ""
+
+            async def follow(session_id: str = session_id) -> None:
+                nonlocal followed
+                headers = {"accept": "text/plain"}
+                async with client.stream("GET", f"{b.url}/api/v1/chat/{session_id}/stream", headers=headers) as rejoin:
+                    assert rejoin.status_code == 200
+                    async for chunk in rejoin.aiter_text():
+                        followed += chunk
+
+            async with chat(client, a, session_id) as response, anyio.create_task_group() as tg:
+                async for chunk in response.aiter_text():
+                    if not original:
+                        tg.start_soon(follow)
+                    original += chunk
+            assert original == WORDS
+            assert followed == WORDS
+            assert (await history(client, b.url, session_id))[-1]["content"] == WORDS
+
+
+async def test_a_delete_from_the_other_worker_stops_the_stream(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_cluster: RedisClusterServers
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_cluster)
+    async with httpx.AsyncClient(timeout=20) as client:
+        for session_id in await sessions_on_every_node(client, a, redis_cluster):
+            received = ""
+            async with chat(client, a, session_id) as response:
+                async for chunk in response.aiter_text():
+                    if not received:
+                        deleted = await client.delete(f"{b.url}/api/v1/sessions/{session_id}")
+                        assert deleted.status_code == 200
+                    received += chunk
+            assert 0 < len(received.split()) < 100
+            assert (await client.get(f"{a.url}/api/v1/sessions/{session_id}")).status_code == 404
+
+            async def gone_from_the_list(session_id: str = session_id) -> bool:
+                listed = (await client.get(f"{b.url}/api/v1/sessions")).json()["sessions"]
+                return session_id not in {s["ui_session_id"] for s in listed}
+
+            await eventually(gone_from_the_list)
