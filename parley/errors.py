@@ -100,6 +100,19 @@ STATUS: dict[type[Exception], int] = {
 
 INTERNAL_ERROR = "Internal server error: the request could not be processed."
 
+# What each error status means, in the API's words (the OpenAPI document says it for every operation).
+MEANING = {
+    400: "Bad request: a field missing, empty or malformed; a body that cannot be parsed",
+    404: "Not found: an unknown session or file",
+    408: "The body stopped arriving for PARLEY_BODY_TIMEOUT_SECONDS",
+    409: "Conflict: the session already has a reply in progress, or the ui_session_id is taken",
+    413: "Payload too large",
+    429: "Too many replies in progress for this owner (PARLEY_MAX_STREAMS_PER_OWNER); Retry-After says when to retry",
+    500: "Internal server error",
+    502: "The model server failed before the first token",
+    503: "Unavailable: Redis is configured and unreachable (or the session's agent is not configured)",
+}
+
 
 def status_of(exc: BaseException) -> int | None:
     """The status ``exc`` is answered with; None for one that is not parley's to answer (a bug: 500)."""

@@ -1,7 +1,7 @@
 """The chat response: a turn, run by :class:`sessions.turns.TurnRunner`, framed for the wire by a renderer.
 
 A renderer turns the runner's events (started, token, ended) into ASGI messages; a new wire format is one new
-renderer. :class:`PlainText` is the spec's format; :mod:`sessions.sse` holds the AI SDK's.
+renderer. :class:`PlainText` is the spec's format; :mod:`parley.ui_messages` holds the AI SDK's.
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ OnDisconnect = Literal["cancel", "continue"]
 class StreamAborted(Exception):
     """Raised to the server to abort a chat response whose agent failed after the first token."""
 
-    logged_by_parley = True  # (the server's own report of it is dropped: see sessions/logs.py)
+    logged_by_parley = True  # (the server's own report of it is dropped: see parley/logs.py)
 
 
 class ClientDropped(StreamAborted):
     """Raised to the server to close the connection of a client that stopped reading a reply that went on."""
 
 
-class Wire:
-    """What every renderer shares: the ASGI ``send``, and what happens when its client goes away.
+class ResponseRenderer:
+    """What every renderer of a chat response shares (each is a :class:`sessions.turns.Renderer` that writes an HTTP
+    response): the ASGI ``send``, and what happens when its client goes away.
 
     Under ``on_disconnect="continue"`` the reply must not wait for its client, which may stay connected and stop
     reading: its messages go to a queue that :func:`_write_behind` sends at the client's pace, and a client that
@@ -106,7 +107,7 @@ _PLAIN_HEADERS = [
 ]
 
 
-class PlainText(Wire):
+class PlainText(ResponseRenderer):
     """The spec's format: one chunk per token. The response starts with the first token, so a failure before it
     is a proper error status; a failure after it aborts the response (no terminating chunk), so a partial reply
     never looks whole. A stopped reply (cancel, delete, lost claim) ends as a whole one does: history says how."""
@@ -152,21 +153,21 @@ class ChatResponse:
         self,
         runner: TurnRunner,
         request: TurnRequest,
-        wire: type[Wire],
+        renderer: type[ResponseRenderer],
         on_disconnect: OnDisconnect,
         keepalive_seconds: float = 0.0,
         stall_seconds: float = 30.0,
     ) -> None:
         self.runner = runner
         self.request = request
-        self.wire = wire
+        self.renderer = renderer
         self.on_disconnect = on_disconnect
         self.keepalive_seconds = keepalive_seconds
         self.stall_seconds = stall_seconds
         self.failure: Exception | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        renderer = self.wire(send, self.on_disconnect, self.keepalive_seconds, self.stall_seconds)
+        renderer = self.renderer(send, self.on_disconnect, self.keepalive_seconds, self.stall_seconds)
         writer = None
         async with anyio.create_task_group() as task_group:
             if renderer.behind is not None:
@@ -184,7 +185,7 @@ class ChatResponse:
             # which is all that is left to tell the client.
             raise self.failure
 
-    async def _turn(self, renderer: Wire, group: anyio.CancelScope, writer: anyio.Event | None) -> None:
+    async def _turn(self, renderer: ResponseRenderer, group: anyio.CancelScope, writer: anyio.Event | None) -> None:
         try:
             await self.runner.run(self.request, renderer)
         except Exception as exc:
@@ -196,18 +197,18 @@ class ChatResponse:
             group.cancel()  # the disconnect watch and the keep-alive end with the turn
 
 
-async def _write_behind(wire: Wire, written: anyio.Event) -> None:
-    """Sends what ``wire`` queued, at its client's pace, until the last message is sent or the client is gone or
+async def _write_behind(renderer: ResponseRenderer, written: anyio.Event) -> None:
+    """Sends what ``renderer`` queued, at its client's pace, until the last message is sent or the client is gone or
     dropped; then sets ``written``. Messages that piled up go out as one."""
-    behind = wire.behind
+    behind = renderer.behind
     assert behind is not None
     try:
-        while not wire.left:
+        while not renderer.left:
             if not behind:
-                if wire.nothing_more:
+                if renderer.nothing_more:
                     return
-                wire._queued = anyio.Event()
-                await wire._queued.wait()
+                renderer._queued = anyio.Event()
+                await renderer._queued.wait()
                 continue
             message = behind.popleft()
             if message["type"] == "http.response.body" and behind:
@@ -218,33 +219,34 @@ async def _write_behind(wire: Wire, written: anyio.Event) -> None:
                     more = following.get("more_body", False)
                 message = {"type": "http.response.body", "body": b"".join(bodies), "more_body": more}
             last = message["type"] == "http.response.body" and not message.get("more_body", False)
-            with anyio.move_on_after(wire.stall_seconds) as stall:
-                await wire._server_send(message)
+            with anyio.move_on_after(renderer.stall_seconds) as stall:
+                await renderer._server_send(message)
             if stall.cancelled_caught:
-                logger.warning("a client read nothing for %g s of a reply that goes on: dropped", wire.stall_seconds)
-                wire.dropped = wire.left = True
-            if last or wire.left:
+                stalled = renderer.stall_seconds
+                logger.warning("a client read nothing for %g s of a reply that goes on: dropped", stalled)
+                renderer.dropped = renderer.left = True
+            if last or renderer.left:
                 behind.clear()
                 return
     finally:
         written.set()
 
 
-async def _keep_alive(wire: Wire) -> None:
+async def _keep_alive(renderer: ResponseRenderer) -> None:
     seen = -1
     while True:
-        await anyio.sleep(wire.keepalive_seconds)
-        tokens = len(wire.interaction.tokens) if wire.interaction is not None else 0
-        if tokens == seen and not wire.left:  # the agent said nothing for a while
-            await wire.keepalive()
+        await anyio.sleep(renderer.keepalive_seconds)
+        tokens = len(renderer.interaction.tokens) if renderer.interaction is not None else 0
+        if tokens == seen and not renderer.left:  # the agent said nothing for a while
+            await renderer.keepalive()
         seen = tokens
 
 
-async def _watch_disconnect(receive: Receive, wire: Wire) -> None:
-    """Tells ``wire`` when the client goes away. Servers answer a pending receive() once the response is complete
+async def _watch_disconnect(receive: Receive, renderer: ResponseRenderer) -> None:
+    """Tells ``renderer`` when the client goes away. Servers answer a pending receive() once the response is complete
     (uvicorn: http.disconnect), so the watch usually ends by itself; the turn's end stops it in any case."""
     while True:
         message: Any = await receive()
         if message["type"] == "http.disconnect":
-            wire.client_left()
+            renderer.client_left()
             return

@@ -17,7 +17,7 @@ from starlette.types import Message
 
 from parley.agents import AgentError
 from parley.sessions.interactions import Interaction
-from parley.streaming import Wire
+from parley.streaming import ResponseRenderer
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -113,7 +113,7 @@ def replay(interaction: Interaction, after: int = -1) -> tuple[bytes, int]:
     return b"".join(frames), last
 
 
-class ServerSentEvents(Wire):
+class ServerSentEvents(ResponseRenderer):
     """The AI SDK's UI message stream. Like plain text, the response starts with the first token (or the first
     keep-alive), so a failure before it is still a JSON error with its status; a failure after it is told in an
     ``error`` part, and the stream ends cleanly."""

@@ -1,28 +1,21 @@
-"""Sessions: where conversations live and how each one's interaction in progress is driven.
+"""Sessions: where conversations live, and how each one's interaction in progress is driven and coordinated. The
+web layer around them (requests, responses, wire formats, operations) is in :mod:`parley`.
 
-- :mod:`sessions.store`: the store interface (sessions, history, file metadata) and its records;
-  :mod:`sessions.sqlite` is the embedded implementation.
-- :mod:`sessions.interactions`: the interactions in progress, one cancel scope each, one per session, and the
-  coordinator interface (claims, cancels, rejoins across processes) with its local implementation.
-- :mod:`sessions.turns`: the turn runner (claim, history, agent, checkpoints, record, release), with no wire format.
-- :mod:`sessions.streaming` and :mod:`sessions.sse`: the chat response and its renderers (plain text, the AI SDK's
-  SSE); :mod:`sessions.rejoin`: following a reply that is running.
-- :mod:`sessions.limits` and :mod:`sessions.redis_limits`: how many replies one owner may have running at once,
-  in one process and across processes on Redis (owners themselves: see ``auth.py``).
-- :mod:`sessions.files` and :mod:`sessions.uploads`: uploaded files' bytes, streamed to disk (the ``Blobs``
-  interface and its disk implementation).
-- :mod:`sessions.redis` and :mod:`sessions.redis_coordinator`: the Redis store, and the coordinator that carries
-  claims (:mod:`sessions.redis_claims`), cancels (:mod:`sessions.redis_cancels`) and rejoins
-  (:mod:`sessions.redis_rejoin`) across processes; their Lua scripts are in :mod:`sessions.redis_scripts`.
-- :mod:`sessions.postgres`: the PostgreSQL store (asyncio only), with :mod:`sessions.postgres_schema` (its
-  migrations), :mod:`sessions.postgres_blobs` (files' bytes in the database) and :mod:`sessions.postgres_import`
-  (moving an SQLite history in).
-- :mod:`sessions.service`: the parts of one app (store, agents, interactions) put together from its settings.
-- :mod:`sessions.errors`: every failure the domain raises, as one tree (:mod:`parley.errors` maps them to HTTP).
-- Operations: :mod:`sessions.openapi` (the OpenAPI document), :mod:`sessions.metrics` (Prometheus),
-  :mod:`sessions.logs` (log formats, the per-interaction line), :mod:`sessions.telemetry` (each request's id,
-  metrics and 5xx line), :mod:`sessions.health` (readiness), :mod:`sessions.collector` (the garbage collector's
-  settings when parley owns its process).
+- :mod:`.store`: the store interface (sessions, history, file records) and its records; :mod:`.sqlite` is the
+  embedded implementation, :mod:`.redis` and :mod:`.postgres` the shared ones (PostgreSQL with its migrations,
+  :mod:`.postgres_schema`, its files' bytes, :mod:`.postgres_blobs`, and the import of an SQLite history,
+  :mod:`.postgres_import`).
+- :mod:`.files`: files' bytes (the ``Blobs`` interface and its disk implementation).
+- :mod:`.interactions`: the interactions in progress, one cancel scope each, one per session, and the coordinator
+  interface (claims, cancels, rejoins across processes) with its local implementation; :mod:`.redis_coordinator`
+  carries them across processes on Redis: claims (:mod:`.redis_claims`), cancels (:mod:`.redis_cancels`) and
+  rejoins (:mod:`.redis_rejoin`), with their keys in :mod:`.redis_keys` and their Lua scripts in
+  :mod:`.redis_scripts`; :mod:`.redis_migrate` moves data from before the keys had hash tags.
+- :mod:`.turns`: the turn runner (claim, history, agent, checkpoints, record, release), with no wire format;
+  the busy policy (what a message to a session already answering one gets) is decided where it takes the claim.
+- :mod:`.limits` and :mod:`.redis_limits`: how many replies one owner may have running at once, in one process and
+  across processes on Redis (owners themselves: see :mod:`parley.auth`).
+- :mod:`.errors`: every failure the domain raises, as one tree (:mod:`parley.errors` maps them to HTTP).
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ CANCEL_REASONS: dict[str, CancelReason] = {
 class Interaction:
     """One message being answered: its id, the one cancel scope that drives its reply, and the text so far.
 
-    ``done`` turns true the moment the agent has said its last word (or failed): from then on a cancel no
-    longer counts, so a cancel says it stopped the reply exactly when the reply is recorded as stopped.
-    ``over`` turns true once the reply is recorded and the session freed.
+    Its life, in order: ``agent_done`` turns true the moment the agent has said its last word (or failed): from
+    then on a cancel no longer counts, so a cancel says it stopped the reply exactly when the reply is recorded as
+    stopped. :meth:`finish` sets the reply's ``status`` (followers see the end). ``released`` turns true once the
+    reply is recorded and the session freed (:meth:`Interactions.release`).
     """
 
     def __init__(self, session_id: str, owner: str = "") -> None:
@@ -41,19 +42,19 @@ class Interaction:
         self.owner = owner  # whom the request acts for (auth.py); only that owner's cancels reach it
         self.scope = anyio.CancelScope()
         self.reason: CancelReason | None = None
-        self.done = False
-        self.over = False
+        self.agent_done = False
+        self.released = False
         self.message_id = ""  # the assistant's message in history, once the turn has started
         self.tokens: list[str] = []  # the reply so far: rejoining clients read it from here
         self.status = ""  # the history status, once done
         self.error: str | None = None  # what a failure after the first token said, for renderers that can tell
         # Events made only when someone waits: most interactions are neither followed nor watched.
         self.waiter: anyio.Event | None = None  # set when a follower waits for the next change
-        self._over_event: anyio.Event | None = None
+        self._released_event: anyio.Event | None = None
 
     def cancel(self, reason: CancelReason) -> bool:
         """Cancel the reply's scope. True only if this call stopped a reply that was still running."""
-        if self.done or self.reason is not None:
+        if self.agent_done or self.reason is not None:
             return False
         self.reason = reason
         self.scope.cancel()
@@ -79,22 +80,22 @@ class Interaction:
             self.waiter = anyio.Event()
         await self.waiter.wait()
 
-    def end(self) -> None:
-        """The interaction is over: recorded, and its session freed."""
-        self.over = True
-        if self._over_event is not None:
-            self._over_event.set()
+    def mark_released(self) -> None:
+        """Recorded, and its session freed (by :meth:`Interactions.release`)."""
+        self.released = True
+        if self._released_event is not None:
+            self._released_event.set()
 
-    async def wait_over(self) -> None:
-        if self.over:
+    async def wait_released(self) -> None:
+        if self.released:
             return
-        if self._over_event is None:
-            self._over_event = anyio.Event()
-        await self._over_event.wait()
+        if self._released_event is None:
+            self._released_event = anyio.Event()
+        await self._released_event.wait()
 
 
-# The web layer's check that the session is the canceller's owner's (it raises SessionNotFound if not): run only when
-# nothing else has shown it, before a cancel answers "not running" or leaves anything on the session's behalf.
+# The web layer's check that the session is the canceller's owner's (it raises SessionNotFound if not): run only
+# when nothing else has shown it, before a cancel answers "not running" or leaves anything on the session's behalf.
 OwnerCheck = Callable[[], Awaitable[object]]
 
 # A copy of an interaction that another process runs, and the task that fills it as that one goes on.
@@ -302,13 +303,13 @@ class Interactions:
         The turn runner calls it as soon as the reply is recorded, before the client sees the end: the client's
         next message, to this process or another, must find the session idle. :meth:`open` calls it in any
         case. Only the first call does anything."""
-        if interaction.over:
+        if interaction.released:
             return
         if self._running.get(interaction.session_id) is interaction:
             del self._running[interaction.session_id]
         if not interaction.status:  # it never got going (say, its session was gone): followers must not wait
             interaction.finish("interrupted")
-        interaction.end()
+        interaction.mark_released()
         slots = self.slots
         await self.coordinator.release(interaction, slots if slots.limit is not None else None)
         if slots.limit is not None:
@@ -372,7 +373,7 @@ class Interactions:
         with anyio.move_on_after(patience):
             interaction = self._running.get(session_id)
             if interaction is not None:
-                await interaction.wait_over()
+                await interaction.wait_released()
             # Run by another process, its end shows only in the coordinator: watch the claim go.
             while outcome == "cancelled_elsewhere" and await self.coordinator.streaming_elsewhere(session_id, None):  # noqa: ASYNC110
                 await anyio.sleep(0.02)
@@ -381,10 +382,7 @@ class Interactions:
     async def wait_until_idle(self) -> None:
         """Wait until every interaction in this process has ended and recorded how."""
         while self._running:
-            await next(iter(self._running.values())).wait_over()
-
-    def __len__(self) -> int:
-        return len(self._running)
+            await next(iter(self._running.values())).wait_released()
 
 
 # How long a chat waits for another owner's claim of its session, not started, to go (it goes after one store call).
@@ -419,7 +417,9 @@ class _Open:
             # owner's, at once), or ours if the session is not our owner's. (One store read, on this rare path.)
             if await self.turn.store.get_session(session_id, owner) is not None:
                 with anyio.move_on_after(_INTRUDER_PATIENCE):
-                    await holder.wait_over()
+                    while holder is not None and holder.owner != owner and not holder.message_id:
+                        await holder.wait_released()  # (and the next one, if the intruder keeps trying)
+                        holder = interactions._running.get(session_id)
         if session_id in interactions._running:
             if inline and not await slots.take(owner, interaction.id):
                 raise TooManyStreams(slots.limit or 0)
@@ -434,7 +434,7 @@ class _Open:
         except BaseException:
             if interactions._running.get(session_id) is interaction:
                 del interactions._running[session_id]
-            interaction.end()  # (a chat waiting for this claim to go goes on)
+            interaction.mark_released()  # (a chat waiting for this claim to go goes on)
             await self._undo()
             raise
         return interaction

@@ -126,11 +126,17 @@ class TurnRunner:
                 assert opening.started is not None
                 await self._converse(interaction, request, renderer, reply, *opening.started)
         except SessionBusy:
-            # Only the session's owner may hear that it is busy: to anyone else it is a session that does not
-            # exist. (One store read, on this rare path only: a chat that starts pays nothing for it.)
-            if await self.store.get_session(request.session_id, request.owner) is None:
-                raise SessionNotFound(request.session_id) from None
-            raise
+            await self._when_busy(request)
+
+    async def _when_busy(self, request: TurnRequest) -> None:
+        """The busy policy: what a message to a session that is already answering one gets (its claim is taken
+        by someone else). Today it is rejected: SessionBusy (409), said only to the session's owner, since to
+        anyone else it is a session that does not exist. (Interrupting the reply in progress, or queueing the
+        message, would be decided here.)"""
+        # One store read, on this rare path only: a chat that starts pays nothing for it.
+        if await self.store.get_session(request.session_id, request.owner) is None:
+            raise SessionNotFound(request.session_id) from None
+        raise SessionBusy(request.session_id)
 
     async def _converse(
         self,
@@ -153,37 +159,18 @@ class TurnRunner:
         recorded = False
         # Stays "interrupted" only if something outside the interaction (a server shutdown) tears it down.
         status: MessageStatus = "interrupted"
-        write, frame, append = renderer.write, renderer.frame, tokens.append
-        seq = 0
         try:
             await renderer.started(interaction)
             async with self.interactions.coordinator.lease(interaction):
                 async with self._checkpointed(interaction, reply.id, tokens):
                     try:
                         async with aclosing(agent.reply(turn)) as stream:
-                            async for token in stream:
-                                if not isinstance(token, str):
-                                    continue  # (until the runner keeps the other events as the reply's parts)
-                                if tokens:
-                                    # (Inlined Interaction.add: this is the cost of every token.)
-                                    append(token)
-                                    if interaction.waiter is not None:
-                                        interaction.notify()
-                                    await write(frame(seq, token))
-                                    seq += 1
-                                    continue
-                                # The first token.
-                                report.first_token_at = time.monotonic()
-                                if self.observers:
-                                    self._tell("first_token", report)
-                                interaction.add(token)
-                                await renderer.first_token(token)
-                                seq = 1
+                            await self._relay(stream, interaction, renderer, report, reply.id)
                     except Exception as exc:
                         failure = exc
                     # The agent has said its last word: from here on, a cancel does not count (nor says it did).
-                    interaction.done = True
-                interaction.done = True
+                    interaction.agent_done = True
+                interaction.agent_done = True
                 self._due.pop(reply.id, None)  # (its last word is recorded below)
                 # A cancel that got in first wins over what the agent did next (it may fail as it is stopped).
                 if interaction.reason is not None:
@@ -238,6 +225,40 @@ class TurnRunner:
             if len(tokens) > saved:
                 saved = len(tokens)
                 await self._checkpoint(message_id, tokens)
+
+    async def _relay(
+        self,
+        stream: AsyncIterator[Any],
+        interaction: Interaction,
+        renderer: Renderer,
+        report: TurnReport,
+        message_id: str,
+    ) -> None:
+        """The agent's tokens, each to the interaction (where followers read it) and to the renderer. (Checkpoints
+        run on time, beside it: see :meth:`_checkpointed`. What else an agent yields, see agents/events.py, is
+        passed over until the runner keeps it as the reply's parts.)"""
+        async for first in stream:
+            if isinstance(first, str):
+                break
+        else:
+            return
+        report.first_token_at = time.monotonic()
+        if self.observers:
+            self._tell("first_token", report)
+        interaction.add(first)
+        await renderer.first_token(first)
+        # Every other token. This loop is what a token costs: the renderer's write and frame are looked up once,
+        # the frame is built without an await, and Interaction.add is inlined (a follower waiting is rare).
+        tokens, write, frame = interaction.tokens, renderer.write, renderer.frame
+        seq = 1
+        async for token in stream:
+            if not isinstance(token, str):
+                continue
+            tokens.append(token)
+            if interaction.waiter is not None:
+                interaction.notify()
+            await write(frame(seq, token))
+            seq += 1
 
     async def _checkpoint(self, message_id: str, tokens: list[str]) -> None:
         # The text so far, for readers of the history and for what survives a crash. Replies come due one by one;

@@ -315,7 +315,7 @@ def shared_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _redis_unavailable("no redis-server on PATH and no PARLEY_TEST_REDIS_URL")
 
 
-def _postgres_bin() -> Path | None:
+def postgres_bin() -> Path | None:
     """Debian's PostgreSQL binaries (the newest installed), or those of ``pg_config --bindir``."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda path: int(path.parts[-3]))
     if found:
@@ -389,7 +389,7 @@ def _postgres_unavailable(reason: str) -> None:
 
 
 def _new_postgres() -> PostgresServer:
-    bindir = _postgres_bin()
+    bindir = postgres_bin()
     if bindir is None:
         _postgres_unavailable("PostgreSQL is not installed (apt-get install postgresql; make test does it)")
     assert bindir is not None

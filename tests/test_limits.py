@@ -61,6 +61,7 @@ async def test_no_limit_takes_nothing(make_slots: Callable[..., StreamSlots]) ->
 
 
 async def test_redis_slots_are_shared_by_processes_and_a_dead_ones_run_out(shared_redis_url: str) -> None:
+    from parley.sessions import redis_keys
     from parley.sessions.redis import connect
     from parley.sessions.redis_limits import RedisStreamSlots
 
@@ -79,7 +80,7 @@ async def test_redis_slots_are_shared_by_processes_and_a_dead_ones_run_out(share
                 await anyio.sleep(0.05)
         # The dead process's slot ran out; the live ones' hold through several leases: once both have been renewed
         # to run out two leases after the latest of them did when the dead one ran out, there is still no room.
-        key = f"{prefix}streams:alice"
+        key = redis_keys.owner_streams(prefix, "alice")
         then = max(score for _, score in await other.redis.zrange(key, 0, -1, withscores=True))
 
         async def renewed_twice() -> bool:
