@@ -109,6 +109,9 @@ def create_app(
             if hasattr(part, "on_duration"):
                 part.on_duration = counts.store_took
 
+    async def recorded(session_id: str, file_id: str) -> bool:
+        return await parley.store.get_file(session_id, file_id) is not None
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if owns_process:
@@ -136,7 +139,8 @@ def create_app(
                     raise
                 tg.start_soon(parley.run_background)
                 # Partial uploads of a killed process: untouched for twice the time a body may stall.
-                tg.start_soon(parley.blobs.sweep_partials, 2 * parley.settings.body_timeout_seconds)
+                # And the blobs of one killed between its upload's commit and its record.
+                tg.start_soon(parley.blobs.sweep_partials, 2 * parley.settings.body_timeout_seconds, recorded)
                 yield
                 tg.cancel_scope.cancel()
         finally:
