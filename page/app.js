@@ -348,7 +348,16 @@ async function openSession(sessionId) {
 }
 
 function openFromHash() {
-  const sessionId = decodeURIComponent(location.hash.slice(1));
+  let sessionId;
+  try {
+    sessionId = decodeURIComponent(location.hash.slice(1));
+  } catch {
+    // A hand-made address ("/#%"): say so, and start a new conversation rather than show nothing.
+    const hash = location.hash;
+    newSession();
+    showError(`The address ends in "${hash}", which is not a session id: this is a new conversation.`);
+    return;
+  }
   if (sessionId && sessionId !== state.sessionId) openSession(sessionId);
   else if (!sessionId && state.sessionId) newSession();
 }

@@ -48,6 +48,7 @@ class Settings:
     max_streams_per_owner: int | None = None
     cors_origins: tuple[str, ...] = ()
     metrics: bool = True
+    metrics_token: str | None = field(default=None, repr=False)
     log_format: str = "text"
 
     @classmethod
@@ -108,6 +109,7 @@ class Settings:
             max_streams_per_owner=_positive_int(text("MAX_STREAMS_PER_OWNER"), "PARLEY_MAX_STREAMS_PER_OWNER"),
             cors_origins=tuple(origin for origin in (text("CORS_ORIGINS") or "").replace(",", " ").split()),
             metrics=_switch(text("METRICS"), defaults.metrics, "PARLEY_METRICS"),
+            metrics_token=text("METRICS_TOKEN"),
             log_format=_choice(text("LOG_FORMAT"), defaults.log_format, "PARLEY_LOG_FORMAT", ("text", "json")),
         )
 
@@ -142,14 +144,15 @@ def _switch(value: str | None, default: bool, name: str) -> bool:
         return True
     if value.lower() in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{name} must be 1 or 0, got {value!r}")
+    raise SettingsError(f"{name} must be 1 or 0, got {value!r}")
 
 
 def _positive_int(value: str | None, name: str) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name} must be a whole number of 1 or more (unset: no limit), got {value!r}")
+    # isascii: isdigit() alone accepts '²', which int() refuses.
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise SettingsError(f"{name} must be a whole number of 1 or more (unset: no limit), got {value!r}")
     return int(value)
 
 

@@ -443,11 +443,16 @@ class Interactions:
                     return "cancelled_here" if cancelled else "not_running"
         running = self._running.get(session_id)
         if running is not None:
-            # This process owns it: no need for the coordinator, so this works even while Redis is down.
-            if check is not None and running.owner != owner:
+            # This process owns it: no need for the coordinator, so this works even while Redis is down. Only a
+            # started interaction shows whose the session is: a claim is taken before the owner is known, and
+            # another owner's (an intruder's, whose start is about to fail) must change nothing for the owner.
+            if check is not None and (running.owner != owner or not running.message_id):
                 await check()
-            cancelled = self.cancel_here(session_id, interaction_id, reason, owner)
-            return "cancelled_here" if cancelled else "not_running"
+                check = None  # (the session is the canceller's)
+            if running.owner == owner or owner is None:
+                cancelled = self.cancel_here(session_id, interaction_id, reason, owner)
+                return "cancelled_here" if cancelled else "not_running"
+            # Another owner's claim in this process, not started: the owner's reply, if any, runs elsewhere.
         if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason, owner, wait_out_silence, check):
             return "cancelled_elsewhere"
         return "not_running"
@@ -474,6 +479,10 @@ class Interactions:
         """Wait until every interaction in this process has ended and recorded how."""
         while self._running:
             await next(iter(self._running.values())).wait_released()
+
+
+# How long a chat waits for another owner's claim of its session, not started, to go (it goes after one store call).
+_INTRUDER_PATIENCE = 5.0
 
 
 class _Open:
@@ -522,6 +531,15 @@ class _Open:
         inline = limited and coordinator.takes_slots(slots)  # taken with the claim, in its round trip
         if limited and not inline and not await slots.take(owner, interaction.id):
             raise TooManyStreams(slots.limit or 0)
+        holder = interactions._running.get(session_id)
+        if holder is not None and holder.owner != owner and not holder.message_id and self.turn is not None:
+            # Another owner's claim, not started: the intruder's (its start will find the session is not its
+            # owner's, at once), or ours if the session is not our owner's. (One store read, on this rare path.)
+            if await self.turn.store.get_session(session_id, owner) is not None:
+                with anyio.move_on_after(_INTRUDER_PATIENCE):
+                    while holder is not None and holder.owner != owner and not holder.message_id:
+                        await holder.wait_released()  # (and the next one, if the intruder keeps trying)
+                        holder = interactions._running.get(session_id)
         if session_id in interactions._running or (not first_in_line and session_id in interactions._lines):
             if inline and not await slots.take(owner, interaction.id):
                 raise TooManyStreams(slots.limit or 0)
@@ -556,6 +574,7 @@ class _Open:
         except BaseException:
             if interactions._running.get(session_id) is interaction:
                 del interactions._running[session_id]
+            interaction.mark_released()  # (a chat waiting for this claim to go goes on)
             await self._undo()
             raise
 
@@ -566,7 +585,11 @@ class _Open:
         line = interactions._lines.get(session_id)
         ahead = interactions._running.get(session_id) or (line[0] if line else None)
         if ahead is not None and ahead.owner != interaction.owner:
-            raise SessionNotFound(session_id)  # another owner's session: neither stopped nor waited for
+            # Another owner's interaction ahead: the session is not ours (neither stopped nor waited for), or it is
+            # an intruder's claim, whose start finds the session is not its owner's. Only the store can tell them
+            # apart; this rare path asks it.
+            if self.turn is None or await self.turn.store.get_session(session_id, interaction.owner) is None:
+                raise SessionNotFound(session_id)
         if if_busy == "enqueue" and interactions.queued(session_id) >= interactions.max_queued:
             raise TooManyQueued(interactions.max_queued)
         if self.waiting is not None:

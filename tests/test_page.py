@@ -693,3 +693,14 @@ def test_sending_while_a_reply_streams_offers_to_stop_it_and_send(
         ("assistant", "complete"),
     ]
     assert content(reply(page, 0)) == recorded[1]["content"] and len(recorded[1]["content"].split()) < 120
+
+
+@pytest.mark.parametrize("fragment", ["%", "%E0%A4%A"])
+def test_a_malformed_hash_is_said_in_words(live: Callable[..., LiveServer], open_page: Any, fragment: str) -> None:
+    server = live()
+    page = open_page(f"{server.url}/#{fragment}")  # (a script error there fails the test: see open_page)
+    expect(page.get_by_role("alert")).to_contain_text("not a session id")
+    page.evaluate("location.hash = '#%25%'")  # and when the hash changes to one, too
+    expect(page.get_by_role("alert")).to_contain_text("not a session id")
+    send(page, "still works")
+    expect(page.locator(".message.assistant").last).to_contain_text("still works")

@@ -64,7 +64,7 @@ async def chat(request: Request) -> Response | ChatResponse:
     chat = await read_chat(body, max_message_bytes=limit)
     session_id, file_ids = chat.session_id, chat.file_ids
     attachments: list[Attachment] = []
-    if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
+    if file_ids:  # (without files, claiming the session for the turn finds out whether it is the owner's)
         await owned_session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
     # (A turn left streaming by a process that died is recorded interrupted when the session is claimed.)
@@ -84,10 +84,11 @@ async def chat(request: Request) -> Response | ChatResponse:
     on_disconnect: OnDisconnect = (
         "continue" if (chat.on_disconnect or parley.settings.on_disconnect) == "continue" else "cancel"
     )
+    stall = parley.settings.body_timeout_seconds  # (a client may stall reading a reply as long as sending a body)
     if _wants_sse(request, chat.ai_sdk):
         keepalive = parley.settings.sse_keepalive_seconds
-        return ChatResponse(parley.runner, turn, ServerSentEvents, on_disconnect, keepalive)
-    return ChatResponse(parley.runner, turn, PlainText, on_disconnect)
+        return ChatResponse(parley.runner, turn, ServerSentEvents, on_disconnect, keepalive, stall)
+    return ChatResponse(parley.runner, turn, PlainText, on_disconnect, stall_seconds=stall)
 
 
 def _wants_sse(request: Request, ai_sdk: bool) -> bool:
