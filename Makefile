@@ -128,5 +128,5 @@ clean:
 
 # About 5 minutes: thousands of chats on SQLite, then on two workers sharing a redis-server it restarts, with a
 # kill -9 of a worker; checks every promise at the end and exits non-zero on a violation. Not part of `make test`.
-soak: install redis-server
+soak: install redis-server postgresql
 	$(BIN)/python -m tests.soak

@@ -3,7 +3,8 @@
 ``PARLEY_MCP_CONFIG`` names a JSON file in the format MCP clients keep::
 
     {"mcpServers": {"files": {"command": "npx", "args": ["-y", "..."], "env": {}},   # stdio: parley runs it
-                    "search": {"url": "http://127.0.0.1:8123/mcp"}}}               # streamable HTTP
+                    "search": {"url": "http://127.0.0.1:8123/mcp",                 # streamable HTTP
+                               "headers": {"Authorization": "Bearer ..."}}}}      # (headers: if it wants some)
 
 Each server's connection is kept by a task of its own, in the task group that :meth:`MCPTools.run` opens (the app's
 lifespan runs it): the client's own tasks live inside that connection, and a connection that breaks takes only
@@ -20,14 +21,18 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import anyio
+import httpx2
 from anyio.abc import TaskStatus
 from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 from mcp.server import Server
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
@@ -42,7 +47,15 @@ logger = logging.getLogger("parley.agents.mcp")
 _RETRY_SECONDS = 5.0
 
 # What a server is: a URL (streamable HTTP), a command to run (stdio), or (handed in by a host) a server object.
-Target: TypeAlias = "str | StdioServerParameters | MCPServer | Server[Any]"
+Target: TypeAlias = "str | HTTPServer | StdioServerParameters | MCPServer | Server[Any]"
+
+
+@dataclass(frozen=True)
+class HTTPServer:
+    """A streamable-HTTP server whose requests carry headers of their own (an ``Authorization``, say)."""
+
+    url: str
+    headers: Mapping[str, str] = field(repr=False)  # (secrets: kept out of logs)
 
 
 class ToolNameClash(SettingsError):
@@ -68,7 +81,12 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Target]:
             raise SettingsError(f"{where}: server {name!r} must be an object")
         url, command = entry.get("url"), entry.get("command")
         if isinstance(url, str) and url.startswith(("http://", "https://")):
-            targets[name] = url
+            headers = entry.get("headers")
+            if headers is not None and not (
+                isinstance(headers, dict) and all(isinstance(v, str) for v in headers.values())
+            ):
+                raise SettingsError(f'{where}: server {name!r}: "headers" must be an object of strings')
+            targets[name] = HTTPServer(url, headers) if headers else url
         elif isinstance(command, str) and command:
             args, env, cwd = entry.get("args", []), entry.get("env"), entry.get("cwd")
             if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
@@ -195,7 +213,7 @@ class _Connection:
             connected: Client | None = None
             try:
                 with anyio.CancelScope(deadline=anyio.current_time() + self.connect_timeout) as deadline:
-                    async with Client(self.target) as client:
+                    async with _client(self.target) as client:
                         self.tools = await _list_tools(client)
                         deadline.deadline = math.inf
                         connected = self._client = client
@@ -255,7 +273,7 @@ class _Connection:
     async def list_once(self) -> None:
         try:
             with anyio.fail_after(self.connect_timeout):
-                async with Client(self.target) as client:
+                async with _client(self.target) as client:
                     self.tools = await _list_tools(client)
         except Exception as exc:
             logger.warning("MCP server %r: %s", self.name, _describe(exc))
@@ -263,12 +281,29 @@ class _Connection:
     async def call_once(self, name: str, arguments: dict[str, Any]) -> CallToolResult:
         """A call on a connection of its own, opened and closed in the caller's task."""
         try:
-            async with Client(self.target) as client:
+            async with _client(self.target) as client:
                 return await client.call_tool(name, arguments)
         except MCPError as exc:
             raise ToolFailed(f"The MCP server {self.name!r} refused the call: {exc}") from None
         except Exception as exc:
             raise ToolFailed(f"The MCP server {self.name!r} cannot be reached: {_describe(exc)}") from None
+
+
+def _client(target: Target) -> Client:
+    if isinstance(target, HTTPServer):
+        return Client(_with_headers(target))
+    return Client(target)
+
+
+@asynccontextmanager
+async def _with_headers(server: HTTPServer) -> AsyncIterator[Any]:
+    # (The transport closes a client it made, not one it is given: this one is closed here.)
+    timeout = httpx2.Timeout(30.0, read=300.0)  # (the mcp client's own defaults)
+    async with (
+        httpx2.AsyncClient(headers=dict(server.headers), timeout=timeout) as http,
+        streamable_http_client(server.url, http_client=http) as streams,
+    ):
+        yield streams
 
 
 async def _list_tools(client: Client) -> list[Tool]:

@@ -3,10 +3,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-import secrets
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -14,18 +12,9 @@ import httpx
 from anyio.abc import TaskStatus
 
 from parley.agents.base import Turn, UpstreamError
+from parley.agents.chat_completions import ModelCall, ToolRequest, history_messages, tool_content
 from parley.agents.event_stream import sse_data
-from parley.agents.events import (
-    Event,
-    Reasoning,
-    Step,
-    ToolCall,
-    ToolError,
-    ToolInputDelta,
-    ToolInputStart,
-    ToolResult,
-    Usage,
-)
+from parley.agents.events import Event, Step, ToolCall, ToolError, ToolResult
 from parley.agents.tools import Tool, Toolbox, ToolFailed
 from parley.settings import Settings, SettingsError
 
@@ -75,6 +64,8 @@ class OpenAIAgent:
         # The name under which the server sends reasoning, learned from its stream: reasoning goes back to it under
         # the same name (DeepSeek refuses a tool-call turn whose reasoning_content was dropped).
         self.reasoning_field = "reasoning_content"
+        # Whether requests ask for usage (stream_options); turned off for a server that refuses it.
+        self.asks_usage = True
         self._client: httpx.AsyncClient | None = None
 
     @property
@@ -128,12 +119,9 @@ class OpenAIAgent:
         return self._payload(self.messages(turn), tools, last=False)
 
     def _payload(self, messages: list[dict[str, Any]], tools: Sequence[Tool], *, last: bool) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+        payload: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True}
+        if self.asks_usage:
+            payload["stream_options"] = {"include_usage": True}
         if tools:
             payload["tools"] = [
                 {
@@ -154,7 +142,7 @@ class OpenAIAgent:
         for step in range(self.max_steps):
             last = step == self.max_steps - 1
             yield Step()
-            call = _ModelCall()
+            call = ModelCall()
             async with aclosing(self._model_call(self._payload(messages, tools, last=last), call)) as events:
                 async for event in events:
                     yield event
@@ -179,13 +167,13 @@ class OpenAIAgent:
                 return
 
     async def _run_tools(
-        self, requests: list[_ToolRequest], tools: Mapping[str, Tool], last: bool
+        self, requests: list[ToolRequest], tools: Mapping[str, Tool], last: bool
     ) -> list[ToolResult | ToolError]:
         """Runs the calls at once, and returns their outcomes in the calls' order. (No event is yielded while they
         run: the task group must not span a yield.)"""
         outcomes: list[ToolResult | ToolError] = [ToolError(r.id, "not run") for r in requests]
 
-        async def run(index: int, request: _ToolRequest) -> None:
+        async def run(index: int, request: ToolRequest) -> None:
             outcomes[index] = await self._run_tool(request, tools, last)
 
         async with anyio.create_task_group() as task_group:
@@ -193,7 +181,7 @@ class OpenAIAgent:
                 task_group.start_soon(run, index, request)
         return outcomes
 
-    async def _run_tool(self, request: _ToolRequest, tools: Mapping[str, Tool], last: bool) -> ToolResult | ToolError:
+    async def _run_tool(self, request: ToolRequest, tools: Mapping[str, Tool], last: bool) -> ToolResult | ToolError:
         if request.error is not None:
             return ToolError(request.id, request.error)
         if last:
@@ -215,22 +203,23 @@ class OpenAIAgent:
             return ToolError(request.id, f"The tool {request.name!r} failed.")
         return ToolResult(request.id, output)
 
-    async def _model_call(self, payload: dict[str, Any], call: _ModelCall) -> AsyncGenerator[Event, None]:
+    async def _model_call(self, payload: dict[str, Any], call: ModelCall) -> AsyncGenerator[Event, None]:
         """One streamed model call: yields its text, reasoning and tool-input events, and its usage at the end;
         gathers what the next call needs into ``call``."""
-        headers = {"accept": "text/event-stream"}
-        if self._api_key:
-            headers["authorization"] = f"Bearer {self._api_key}"
-        request = self.client.build_request("POST", self.url, json=payload, headers=headers)
-        try:
-            response = await self.client.send(request, stream=True)
-        except httpx.TimeoutException:
-            raise _upstream("the model server did not answer in time.") from None
-        except httpx.TransportError:
-            raise _upstream("could not connect to the model server.") from None
+        response = await self._send(payload)
         try:
             if response.status_code >= 300:
-                raise _upstream(await self._describe_failure(response))
+                failure = await self._describe_failure(response)
+                if response.status_code == 400 and "stream_options" in failure and self.asks_usage:
+                    # A server that does not know stream_options (some older ones): ask it again without, and
+                    # from now on; its replies' usage is then unknown (null).
+                    logger.warning("the model server refuses stream_options: usage is not asked for (%s)", failure)
+                    self.asks_usage = False
+                    await response.aclose()
+                    response = await self._send({k: v for k, v in payload.items() if k != "stream_options"})
+                    failure = await self._describe_failure(response) if response.status_code >= 300 else ""
+                if failure:
+                    raise _upstream(failure)
             done = False
             async with aclosing(sse_data(response.aiter_bytes())) as events:
                 async for data in events:
@@ -254,7 +243,19 @@ class OpenAIAgent:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
 
-    def _events(self, data: str, call: _ModelCall) -> list[Event]:
+    async def _send(self, payload: dict[str, Any]) -> httpx.Response:
+        headers = {"accept": "text/event-stream"}
+        if self._api_key:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        request = self.client.build_request("POST", self.url, json=payload, headers=headers)
+        try:
+            return await self.client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise _upstream("the model server did not answer in time.") from None
+        except httpx.TransportError:
+            raise _upstream("could not connect to the model server.") from None
+
+    def _events(self, data: str, call: ModelCall) -> list[Event]:
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -263,36 +264,12 @@ class OpenAIAgent:
             raise _upstream("the model server sent an unexpected event.")
         if "error" in chunk:
             raise _upstream(self._redact(_error_message(chunk["error"])))
-        events: list[Event] = []
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            # (Some servers report usage in every chunk, growing: the last one counts.)
-            call.usage = _usage(usage)
-        choices = chunk.get("choices")
-        if not choices:
-            return events
         try:
-            delta = choices[0]["delta"]
-        except (KeyError, IndexError, TypeError):
+            events = call.take(chunk)
+        except ValueError:
             raise _upstream("the model server sent an unexpected event.") from None
-        if not isinstance(delta, dict):
-            return events
-        for field_name in ("reasoning_content", "reasoning"):
-            reasoning = delta.get(field_name)
-            if isinstance(reasoning, str) and reasoning:
-                self.reasoning_field = field_name
-                call.reasoning.append(reasoning)
-                events.append(Reasoning(reasoning))
-                break
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            call.text.append(content)
-            events.append(content)
-        fragments = delta.get("tool_calls")
-        if isinstance(fragments, list):
-            for fragment in fragments:
-                if isinstance(fragment, dict):
-                    call.gather(fragment, events)
+        if call.reasoning_field is not None:
+            self.reasoning_field = call.reasoning_field
         return events
 
     async def _describe_failure(self, response: httpx.Response) -> str:
@@ -312,199 +289,6 @@ class OpenAIAgent:
         if self._api_key:
             text = text.replace(self._api_key, "***")
         return _SECRETS.sub("***", text)[:300]
-
-
-@dataclass
-class _Streaming:
-    """A tool call as its fragments arrive."""
-
-    id: str | None = None
-    name: str | None = None
-    arguments: list[str] = field(default_factory=list)
-    started: bool = False
-
-    def start(self, events: list[Event]) -> None:
-        self.id = self.id or f"call_{secrets.token_hex(12)}"
-        self.started = True
-        events.append(ToolInputStart(self.id, self.name or ""))
-        if self.arguments:
-            events.append(ToolInputDelta(self.id, "".join(self.arguments)))
-
-
-@dataclass
-class _ToolRequest:
-    """A tool call whose input is complete. ``error`` says why it will not run (its arguments were no JSON
-    object), or is None."""
-
-    id: str
-    name: str
-    arguments: str
-    input: Any
-    error: str | None
-
-    def message(self) -> dict[str, Any]:
-        # The arguments go back as the model sent them, or as {} when they were not a JSON object: a server that
-        # parses them (vLLM does, for its chat templates) must not fail on them; the tool's error says what was
-        # wrong.
-        arguments = self.arguments if self.error is None and self.arguments.strip() else "{}"
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": arguments}}
-
-
-@dataclass
-class _ModelCall:
-    """What one model call said: its text, its reasoning, its tool calls (by index), its usage."""
-
-    text: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    tool_calls: list[_Streaming] = field(default_factory=list)
-    usage: Usage | None = None
-    _by_index: dict[int, _Streaming] = field(default_factory=dict)
-
-    def gather(self, fragment: dict[str, Any], events: list[Event]) -> None:
-        """Adds a ``tool_calls`` fragment: by its ``index``; without one (some servers leave it out), a fragment
-        with a new id or a name is a new call, and anything else continues the last one."""
-        index, call_id = fragment.get("index"), fragment.get("id")
-        function = fragment.get("function")
-        function = function if isinstance(function, dict) else {}
-        name, arguments = function.get("name"), function.get("arguments")
-        call: _Streaming | None = None
-        if isinstance(index, int) and not isinstance(index, bool):
-            call = self._by_index.get(index)
-            if call is None:
-                call = self._by_index[index] = self._new()
-        elif isinstance(call_id, str) and call_id:
-            call = next((c for c in self.tool_calls if c.id == call_id), None) or self._new()
-        elif name or not self.tool_calls:
-            call = self._new()
-        else:
-            call = self.tool_calls[-1]
-        if isinstance(call_id, str) and call_id and call.id is None and not call.started:
-            call.id = call_id
-        if isinstance(name, str) and name and not call.name:
-            call.name = name
-        if isinstance(arguments, dict):
-            arguments = json.dumps(arguments)  # (a whole call in one delta, with its arguments as an object)
-        if isinstance(arguments, str) and arguments:
-            call.arguments.append(arguments)
-        if not call.started:
-            if call.name:  # (some servers send the name after the first arguments: those wait for it)
-                call.start(events)
-        elif isinstance(arguments, str) and arguments:
-            assert call.id is not None
-            events.append(ToolInputDelta(call.id, arguments))
-
-    def _new(self) -> _Streaming:
-        call = _Streaming()
-        self.tool_calls.append(call)
-        return call
-
-    def start_unnamed(self) -> list[Event]:
-        """The start of any call whose name never came (its error follows, as for any call that cannot run)."""
-        events: list[Event] = []
-        for call in self.tool_calls:
-            if not call.started:
-                call.start(events)
-        return events
-
-    def finish(self) -> list[_ToolRequest]:
-        requests = []
-        for call in self.tool_calls:
-            assert call.id is not None
-            text = "".join(call.arguments)
-            value: Any = text
-            error = None
-            if not call.name:
-                error = "The call named no tool."
-            elif text.strip():
-                try:
-                    value = json.loads(text)
-                except ValueError as exc:
-                    error = f"The arguments were not valid JSON ({exc}); send them as one JSON object."
-                else:
-                    if not isinstance(value, dict):
-                        error = "The arguments must be a JSON object."
-            else:
-                value = {}  # (no arguments at all: a tool that takes none)
-            requests.append(_ToolRequest(call.id, call.name or "", text, value, error))
-        return requests
-
-
-def tool_content(outcome: ToolResult | ToolError) -> str:
-    """A tool's outcome as the ``content`` of its ``tool`` message."""
-    if isinstance(outcome, ToolError):
-        return f"Error: {outcome.error}"
-    return outcome.output if isinstance(outcome.output, str) else json.dumps(outcome.output)
-
-
-def history_messages(parts: Sequence[Mapping[str, Any]], content: str, reasoning_field: str) -> list[dict[str, Any]]:
-    """An earlier reply, from its parts, as the messages the model made and was given: one assistant message per
-    step, and after one that made tool calls, one ``tool`` message per call, always (a call that never got its
-    outcome, because the reply was cancelled, is answered by saying so)."""
-    steps: list[list[Mapping[str, Any]]] = [[]]
-    for part in parts:
-        if part.get("type") == "step-start":
-            if steps[-1]:
-                steps.append([])
-        else:
-            steps[-1].append(part)
-    messages: list[dict[str, Any]] = []
-    for step in steps:
-        text = "".join(str(p.get("text", "")) for p in step if p.get("type") == "text")
-        reasoning = "".join(str(p.get("text", "")) for p in step if p.get("type") == "reasoning")
-        calls = [p for p in step if p.get("type") == "dynamic-tool"]
-        if not calls:
-            if text:
-                last = messages[-1] if messages else None
-                if last is not None and last["role"] == "assistant" and "tool_calls" not in last:
-                    last["content"] += text
-                else:
-                    messages.append({"role": "assistant", "content": text})
-            continue
-        message: dict[str, Any] = {"role": "assistant", "content": text or None, "tool_calls": []}
-        if reasoning:
-            message[reasoning_field] = reasoning
-        messages.append(message)
-        for part in calls:
-            call_id, tool_input = str(part.get("toolCallId", "")), part.get("input")
-            arguments = json.dumps(tool_input) if isinstance(tool_input, dict) else "{}"
-            message["tool_calls"].append(
-                {
-                    "id": call_id,
-                    "type": "function",
-                    "function": {"name": str(part.get("toolName", "")), "arguments": arguments},
-                }
-            )
-            messages.append({"role": "tool", "tool_call_id": call_id, "content": _part_outcome(part)})
-    return messages or [{"role": "assistant", "content": content}]
-
-
-def _part_outcome(part: Mapping[str, Any]) -> str:
-    if part.get("state") == "output-available":
-        output = part.get("output")
-        return output if isinstance(output, str) else json.dumps(output)
-    if part.get("state") == "output-error":
-        return f"Error: {part.get('errorText') or 'the call failed.'}"
-    return "Error: the call was cancelled before it returned."
-
-
-def _usage(usage: dict[str, Any]) -> Usage:
-    def whole(value: Any) -> int | None:
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-    def detail(name: str, key: str) -> int | None:
-        details = usage.get(name)
-        return whole(details.get(key)) if isinstance(details, dict) else None
-
-    input_tokens = whole(usage.get("prompt_tokens")) or 0
-    output_tokens = whole(usage.get("completion_tokens")) or 0
-    total = whole(usage.get("total_tokens"))
-    return Usage(
-        input_tokens,
-        output_tokens,
-        total if total is not None else input_tokens + output_tokens,
-        detail("completion_tokens_details", "reasoning_tokens"),
-        detail("prompt_tokens_details", "cached_tokens"),
-    )
 
 
 def _upstream(detail: str) -> UpstreamError:

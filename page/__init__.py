@@ -15,6 +15,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from parley.openapi import served_file
+
 UI_DIR = Path(__file__).resolve().parent
 
 CONTENT_SECURITY_POLICY = (
@@ -30,9 +32,11 @@ HEADERS = {
 }
 
 
-def _file(name: str, media_type: str) -> Route:
+def _file(name: str, media_type: str, operation_id: str, summary: str) -> Route:
     path = UI_DIR / name
 
+    # Public even with API keys: the page asks for the key itself.
+    @served_file(operation_id, summary, media_type.partition(";")[0], public=True)
     async def serve(request: Request) -> Response:
         return FileResponse(path, media_type=media_type, headers=HEADERS)
 
@@ -40,7 +44,7 @@ def _file(name: str, media_type: str) -> Route:
 
 
 routes: list[BaseRoute] = [
-    _file("index.html", "text/html; charset=utf-8"),
-    _file("app.js", "text/javascript; charset=utf-8"),
-    _file("style.css", "text/css; charset=utf-8"),
+    _file("index.html", "text/html; charset=utf-8", "page", "The chat page"),
+    _file("app.js", "text/javascript; charset=utf-8", "pageScript", "The chat page's script"),
+    _file("style.css", "text/css; charset=utf-8", "pageStyle", "The chat page's style sheet"),
 ]

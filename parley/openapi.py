@@ -1,19 +1,33 @@
-"""The OpenAPI 3.1 document, served at ``GET /api/v1/openapi.json``.
+"""The OpenAPI 3.1 document, served at ``GET /api/v1/openapi.json``, made from the app's route table.
 
-Written by hand, next to the routes it describes: ``tests/test_openapi.py`` fails when a route is missing
-from it or it names one that does not exist, and Schemathesis holds every response to it.
+Each endpoint's operation (its summary, responses, the errors it answers with, parameters and body) is written by
+hand next to it, with :func:`documented`. What the code already holds is taken from the code: the paths and methods
+(the route table), what each error status means (:mod:`parley.errors`), enums (the Literal types), limits (the
+settings, the endpoints' bounds) and the version (the package's metadata). ``tests/test_openapi.py`` checks that
+it names every route and nothing else, and Schemathesis holds the running app to it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from typing import Any, TypeVar, get_args
+
+from starlette.routing import BaseRoute, Route
+
+from parley.errors import MEANING
+from parley.forms import SESSION_ID
+from parley.sessions.store import MessageStatus, Role
+from parley.settings import Settings
+from parley.streaming import OnDisconnect
 
 Schema = dict[str, Any]
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
-_ERROR: Schema = {"$ref": "#/components/schemas/Error"}
+ERROR: Schema = {"$ref": "#/components/schemas/Error"}
 
 
-def _ref(name: str) -> Schema:
+def ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
@@ -26,43 +40,129 @@ def _object(required: dict[str, Schema], optional: dict[str, Schema] | None = No
     }
 
 
-_TEXT: Schema = {"type": "string"}
-_COUNT: Schema = {"type": "integer", "minimum": 0}
+TEXT: Schema = {"type": "string"}
 _REQUIRED_TEXT: Schema = {"type": "string", "pattern": "\\S", "description": "Not empty, not only whitespace"}
-_BYTES: Schema = {"type": "string", "contentMediaType": "application/octet-stream"}
+BYTES: Schema = {"type": "string", "contentMediaType": "application/octet-stream"}
+_COUNT: Schema = {"type": "integer", "minimum": 0}
 _TIME: Schema = {"type": "string", "description": "UTC, ISO 8601 with microseconds, e.g. 2026-11-26T14:00:00.000000Z"}
-_ERRORS_WHEN = {
-    400: "Bad request: a field missing, empty or malformed; a body that cannot be parsed",
-    404: "Not found: an unknown session or file",
-    408: "The body stopped arriving for PARLEY_BODY_TIMEOUT_SECONDS",
-    409: "Conflict",
-    413: "Payload too large",
-    500: "Internal server error",
-    502: "The model server failed before the first token",
-    503: "Unavailable: Redis is configured and unreachable (or the session's agent is not configured)",
+REQUEST_ID = {"X-Request-Id": {"$ref": "#/components/headers/RequestId"}}
+
+
+def json_response(schema: Schema, description: str) -> Schema:
+    return {"description": description, "headers": REQUEST_ID, "content": {"application/json": {"schema": schema}}}
+
+
+def object_of(fields: dict[str, Schema]) -> Schema:
+    return _object(fields)
+
+
+def list_of(key: str, item: str) -> Schema:
+    return _object({key: {"type": "array", "items": ref(item)}})
+
+
+def path_parameter(name: str, description: str) -> Schema:
+    return {"name": name, "in": "path", "required": True, "description": description, "schema": TEXT}
+
+
+def query_bounds(name: str, minimum: int, maximum: int, description: str | None = None) -> Schema:
+    parameter: Schema = {
+        "name": name,
+        "in": "query",
+        "schema": {"type": "integer", "minimum": minimum, "maximum": maximum},
+    }
+    if description:
+        parameter["description"] = description
+    return parameter
+
+
+SESSION_PARAMETER = path_parameter("session_id", "The session's ui_session_id")
+FILE_PARAMETER = path_parameter("file_id", "The file's id")
+
+
+def form(schema: Schema, *, urlencoded: bool = True) -> Schema:
+    content = {"multipart/form-data": {"schema": schema}}
+    if urlencoded:
+        content["application/x-www-form-urlencoded"] = {"schema": schema}
+    return {"required": True, "content": content}
+
+
+def link(operation_id: str, *, path: bool = False, body: Schema | None = None) -> Schema:
+    found: Schema = {"operationId": operation_id}
+    if path:
+        found["parameters"] = {"session_id": "$response.body#/ui_session_id"}
+    if body:
+        found["requestBody"] = body
+    return found
+
+
+STREAM: Schema = {
+    "description": "The reply, streamed (chunked) as it is produced: plain text, or with Accept: text/event-stream "
+    "(or the AI SDK's body) the AI SDK's UI message stream protocol v1, one JSON part per frame",
+    "headers": {
+        **REQUEST_ID,
+        "X-Interaction-Id": {"description": "The interaction's id (for POST /api/v1/cancel)", "schema": TEXT},
+    },
+    "content": {"text/plain": {"schema": TEXT}, "text/event-stream": {"schema": TEXT}},
+}
+_ON_DISCONNECT: Schema = {
+    "enum": list(get_args(OnDisconnect)),
+    "description": "What the client going away does to the reply (the server's PARLEY_ON_DISCONNECT if absent)",
+}
+ON_DISCONNECT_QUERY: Schema = {"name": "on_disconnect", "in": "query", "schema": _ON_DISCONNECT}
+_IF_BUSY: Schema = {
+    "enum": ["reject", "interrupt", "enqueue"],
+    "description": "What it does when the session has a reply in progress (the server's PARLEY_IF_BUSY if absent)",
+}
+IF_BUSY_QUERY: Schema = {"name": "if_busy", "in": "query", "schema": _IF_BUSY}
+_REPLACE: Schema = {
+    "type": "string",
+    "pattern": "\\S",
+    "description": "A message of the session that this one takes the place of, with everything after it: a reply "
+    "(regenerate: message may be left out) or a user message (edit)",
+}
+_TITLE: Schema = {
+    "type": ["string", "null"],
+    "description": "The title set, or else the first user message (whitespace folded, at most 80 characters); "
+    "null before there is one",
+}
+_NEW_TITLE: Schema = {
+    "type": ["string", "null"],
+    "pattern": "\\S",
+    "maxLength": 200,
+    "description": "1 to 200 characters; null: the first user message's",
 }
 
+SESSION_LINKS = {
+    "GetSession": link("getSession", path=True),
+    "ListMessages": link("listMessages", path=True),
+    "DeleteSession": link("deleteSession", path=True),
+    "ListFiles": link("listFiles", path=True),
+    "Rejoin": link("rejoinChat", path=True),
+    "Chat": link("chat", body={"ui_session_id": "$response.body#/ui_session_id", "message": "hello there"}),
+    "Cancel": link("cancel", body={"ui_session_id": "$response.body#/ui_session_id"}),
+}
 
-def _json(schema: Schema, description: str) -> Schema:
-    return {"description": description, "headers": _REQUEST_ID, "content": {"application/json": {"schema": schema}}}
+_OPERATIONS: dict[Callable[..., Any], Schema] = {}
+_PUBLIC: set[Callable[..., Any]] = set()  # answered without a key, even when keys are configured
 
 
-_REQUEST_ID = {"X-Request-Id": {"$ref": "#/components/headers/RequestId"}}
-
-
-def _operation(
+def documented(
     operation_id: str,
     summary: str,
     responses: dict[int, Schema],
-    errors: tuple[int, ...],
+    errors: tuple[int, ...] = (),
     *,
     parameters: list[Schema] | None = None,
     body: Schema | None = None,
     links: dict[str, Schema] | None = None,
-) -> Schema:
+    public: bool = False,
+) -> Callable[[Handler], Handler]:
+    """Describe the endpoint this decorates: its operation in the document, wherever the route table puts it.
+    ``errors`` are the statuses it may answer with an error body (their meaning is :data:`parley.errors.MEANING`);
+    ``public`` endpoints need no API key (probes, this document, the page)."""
     answers = {str(status): response for status, response in responses.items()}
     for status in errors:
-        answers[str(status)] = _json(_ERROR, _ERRORS_WHEN[status])
+        answers[str(status)] = json_response(ERROR, MEANING[status])
     if links:
         first = str(min(responses))
         answers[first] = {**answers[first], "links": links}
@@ -71,418 +171,222 @@ def _operation(
         operation["parameters"] = parameters
     if body:
         operation["requestBody"] = body
-    return operation
+
+    def register(handler: Handler) -> Handler:
+        _OPERATIONS[handler] = operation
+        if public:
+            _PUBLIC.add(handler)
+        return handler
+
+    return register
 
 
-def _path(name: str, description: str) -> Schema:
-    return {"name": name, "in": "path", "required": True, "description": description, "schema": _TEXT}
+def served_file(
+    operation_id: str, summary: str, media_type: str, *, public: bool = False
+) -> Callable[[Handler], Handler]:
+    content = {media_type: {"schema": TEXT}}
+    return documented(operation_id, summary, {200: {"description": summary, "content": content}}, public=public)
 
 
-_SESSION_PARAM = _path("session_id", "The session's ui_session_id")
-_FILE_PARAM = _path("file_id", "The file's id")
-
-
-def _form(schema: Schema, *, urlencoded: bool = True) -> Schema:
-    content = {"multipart/form-data": {"schema": schema}}
-    if urlencoded:
-        content["application/x-www-form-urlencoded"] = {"schema": schema}
-    return {"required": True, "content": content}
-
-
-def _link(operation_id: str, *, path: bool = False, body: Schema | None = None) -> Schema:
-    link: Schema = {"operationId": operation_id}
-    if path:
-        link["parameters"] = {"session_id": "$response.body#/ui_session_id"}
-    if body:
-        link["requestBody"] = body
-    return link
-
-
-_STREAM: Schema = {
-    "description": "The reply, streamed (chunked) as it is produced: plain text, or with Accept: text/event-stream "
-    "(or the AI SDK's body) the AI SDK's UI message stream protocol v1, one JSON part per frame",
-    "headers": {
-        **_REQUEST_ID,
-        "X-Interaction-Id": {"description": "The interaction's id (for POST /api/v1/cancel)", "schema": _TEXT},
-    },
-    "content": {"text/plain": {"schema": _TEXT}, "text/event-stream": {"schema": _TEXT}},
-}
-_ON_DISCONNECT: Schema = {
-    "enum": ["cancel", "continue"],
-    "description": "What the client going away does to the reply (the server's PARLEY_ON_DISCONNECT if absent)",
-}
-_ON_DISCONNECT_QUERY: Schema = {"name": "on_disconnect", "in": "query", "schema": _ON_DISCONNECT}
-
-_SESSION_LINKS = {
-    "GetSession": _link("getSession", path=True),
-    "ListMessages": _link("listMessages", path=True),
-    "DeleteSession": _link("deleteSession", path=True),
-    "ListFiles": _link("listFiles", path=True),
-    "Rejoin": _link("rejoinChat", path=True),
-    "Chat": _link("chat", body={"ui_session_id": "$response.body#/ui_session_id", "message": "hello there"}),
-    "Cancel": _link("cancel", body={"ui_session_id": "$response.body#/ui_session_id"}),
-}
-
-_SCHEMAS: dict[str, Schema] = {
-    "Error": _object({"status": {"const": "error"}, "message": _TEXT}),
-    "Success": _object({"status": {"const": "success"}, "message": _TEXT}),
-    "Session": _object({"ui_session_id": _TEXT, "agent": _TEXT, "created_at": _TIME}),
-    "SessionState": _object(
-        {"ui_session_id": _TEXT, "agent": _TEXT, "created_at": _TIME, "status": {"enum": ["idle", "streaming"]}}
-    ),
-    "Message": _object(
-        {
-            "id": _TEXT,
-            "role": {"enum": ["user", "assistant"]},
-            "content": {"type": "string", "description": "Exactly the text that was streamed (the text parts joined)"},
-            "parts": {"type": "array", "items": _ref("Part"), "description": "The AI SDK's UIMessage parts"},
-            "usage": {"oneOf": [_ref("Usage"), {"type": "null"}], "description": "null when the agent reported none"},
-            "file_ids": {"type": "array", "items": _TEXT},
-            "status": {"enum": ["complete", "cancelled", "disconnected", "error", "interrupted", "streaming"]},
-            "interaction_id": _TEXT,
-            "created_at": _TIME,
-        }
-    ),
-    # The parts useChat keeps (step-start, reasoning, dynamic-tool, text): a client restores a chat from them.
-    "Part": {
-        "type": "object",
-        "properties": {
-            "type": {"enum": ["text", "reasoning", "step-start", "dynamic-tool"]},
-            "text": _TEXT,
-            "state": {
-                "enum": ["done", "streaming", "input-streaming", "input-available", "output-available", "output-error"]
+def _schemas(settings: Settings) -> dict[str, Schema]:
+    message: Schema = {
+        **_REQUIRED_TEXT,
+        "description": f"Not empty; at most {settings.max_message_bytes} bytes of UTF-8 (PARLEY_MAX_MESSAGE_BYTES)",
+    }
+    return {
+        "Error": _object({"status": {"const": "error"}, "message": TEXT}),
+        "Success": _object({"status": {"const": "success"}, "message": TEXT}),
+        "Session": _object({"ui_session_id": TEXT, "agent": TEXT, "created_at": _TIME, "title": _TITLE}),
+        "SessionState": _object(
+            {
+                "ui_session_id": TEXT,
+                "agent": TEXT,
+                "created_at": _TIME,
+                "title": _TITLE,
+                "status": {"enum": ["idle", "streaming"]},
+                "queued": {"type": "integer", "minimum": 0, "description": "Messages that wait for it (enqueue)"},
+                "queued_interactions": {"type": "array", "items": TEXT, "description": "Their interaction ids"},
+            }
+        ),
+        "SessionUpdate": _object({"title": _NEW_TITLE}),
+        "Message": _object(
+            {
+                "id": TEXT,
+                "role": {"enum": list(get_args(Role))},
+                "content": {
+                    "type": "string",
+                    "description": "Exactly the text that was streamed (the text parts joined)",
+                },
+                "parts": {
+                    "type": "array",
+                    "items": ref("Part"),
+                    "description": "The AI SDK's UIMessage parts (useChat({messages}) takes the message as it is)",
+                },
+                "usage": {
+                    "oneOf": [ref("Usage"), {"type": "null"}],
+                    "description": "null when the agent reported none",
+                },
+                "metadata": _object({"ui_session_id": TEXT, "interaction_id": TEXT, "status": TEXT}),
+                "file_ids": {"type": "array", "items": TEXT},
+                "status": {"enum": list(get_args(MessageStatus))},
+                "interaction_id": TEXT,
+                "created_at": _TIME,
+            }
+        ),
+        # The parts useChat keeps (step-start, reasoning, dynamic-tool, text): a client restores a chat from them.
+        "Part": {
+            "type": "object",
+            "properties": {
+                "type": {"enum": ["text", "reasoning", "step-start", "dynamic-tool"]},
+                "text": TEXT,
+                "state": {
+                    "enum": [
+                        "done",
+                        "streaming",
+                        "input-streaming",
+                        "input-available",
+                        "output-available",
+                        "output-error",
+                    ]
+                },
+                "id": TEXT,
+                "toolName": TEXT,
+                "toolCallId": TEXT,
+                "input": {},
+                "output": {},
+                "errorText": TEXT,
             },
-            "id": _TEXT,
-            "toolName": _TEXT,
-            "toolCallId": _TEXT,
-            "input": {},
-            "output": {},
-            "errorText": _TEXT,
+            "required": ["type"],
         },
-        "required": ["type"],
-    },
-    "Usage": _object(
-        {"input_tokens": _COUNT, "output_tokens": _COUNT, "total_tokens": _COUNT},
-        {"reasoning_tokens": _COUNT, "cached_input_tokens": _COUNT},
-    ),
-    "File": _object(
-        {
-            "id": _TEXT,
-            "filename": _TEXT,
-            "mime_type": _TEXT,
-            "size": {"type": "integer", "minimum": 0},
-            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-            "created_at": _TIME,
-        }
-    ),
-    "CancelReply": _object(
-        {
-            "status": {"const": "success"},
-            "message": _TEXT,
-            "cancelled": {"type": "boolean", "description": "Whether an interaction in progress was stopped"},
-        }
-    ),
-    "Agent": _object(
-        {
-            "name": _TEXT,
-            "description": _TEXT,
-            "tools": {"type": "array", "items": _ref("Tool"), "description": "The tools it offers its model"},
-        }
-    ),
-    "Tool": _object({"name": _TEXT, "description": _TEXT}),
-    "NewSession": _object(
-        {},
-        {
-            "agent": {"type": "string", "description": "GET /api/v1/agents lists them; the server's default if absent"},
-            "ui_session_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
-        },
-    ),
-    "ChatForm": _object(
-        {"ui_session_id": _REQUIRED_TEXT, "message": _REQUIRED_TEXT},
-        {
-            "file_ids": {"type": "string", "description": 'A JSON array of file ids, e.g. ["file_123"]'},
-            "on_disconnect": _ON_DISCONNECT,
-        },
-    ),
-    "ChatJson": _object(
-        {"ui_session_id": _REQUIRED_TEXT, "message": _REQUIRED_TEXT},
-        {
-            "file_ids": {"oneOf": [{"type": "array", "items": _TEXT}, {"type": "string"}]},
-            "on_disconnect": _ON_DISCONNECT,
-        },
-    ),
-    "AiSdkChat": {
-        "type": "object",
-        "description": "The body of the AI SDK's DefaultChatTransport: parley answers the last user message's text",
-        "properties": {
-            "id": {**_REQUIRED_TEXT, "description": "The chat's id: parley's ui_session_id"},
-            "messages": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "role": {"enum": ["system", "user", "assistant"]},
-                        "parts": {
-                            "type": "array",
-                            "items": {"type": "object", "properties": {"type": _TEXT, "text": _TEXT}},
+        "Usage": _object(
+            {"input_tokens": _COUNT, "output_tokens": _COUNT, "total_tokens": _COUNT},
+            {"reasoning_tokens": _COUNT, "cached_input_tokens": _COUNT},
+        ),
+        "File": _object(
+            {
+                "id": TEXT,
+                "filename": TEXT,
+                "mime_type": TEXT,
+                "size": {"type": "integer", "minimum": 0},
+                "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "created_at": _TIME,
+            }
+        ),
+        "CancelReply": _object(
+            {
+                "status": {"const": "success"},
+                "message": TEXT,
+                "cancelled": {"type": "boolean", "description": "Whether an interaction in progress was stopped"},
+            }
+        ),
+        "Agent": _object(
+            {
+                "name": TEXT,
+                "description": TEXT,
+                "tools": {"type": "array", "items": ref("Tool"), "description": "The tools it offers its model"},
+            }
+        ),
+        "Tool": _object({"name": TEXT, "description": TEXT}),
+        "NewSession": _object(
+            {},
+            {
+                "agent": {
+                    "type": "string",
+                    "description": "GET /api/v1/agents lists them; the server's default if absent",
+                },
+                "ui_session_id": {"type": "string", "pattern": f"^{SESSION_ID.pattern}$"},
+                "title": _NEW_TITLE,
+            },
+        ),
+        "ChatForm": _object(
+            {"ui_session_id": _REQUIRED_TEXT, "message": message},
+            {
+                "file_ids": {"type": "string", "description": 'A JSON array of file ids, e.g. ["file_123"]'},
+                "on_disconnect": _ON_DISCONNECT,
+                "replace": _REPLACE,
+                "if_busy": _IF_BUSY,
+            },
+        ),
+        "ChatJson": _object(
+            {"ui_session_id": _REQUIRED_TEXT, "message": message},
+            {
+                "file_ids": {"oneOf": [{"type": "array", "items": TEXT}, {"type": "string"}]},
+                "on_disconnect": _ON_DISCONNECT,
+                "replace": _REPLACE,
+                "if_busy": _IF_BUSY,
+            },
+        ),
+        "AiSdkChat": {
+            "type": "object",
+            "description": "The body of the AI SDK's DefaultChatTransport: parley answers the last user message's text",
+            "properties": {
+                "id": {**_REQUIRED_TEXT, "description": "The chat's id: parley's ui_session_id"},
+                "messages": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "role": {"enum": ["system", "user", "assistant"]},
+                            "parts": {
+                                "type": "array",
+                                "items": {"type": "object", "properties": {"type": TEXT, "text": TEXT}},
+                            },
                         },
                     },
-                },
-                "description": "The conversation: the last message whose role is user must have a text part",
-                "contains": {
-                    "type": "object",
-                    "required": ["role", "parts"],
-                    "properties": {
-                        "role": {"const": "user"},
-                        "parts": {
-                            "type": "array",
-                            "contains": {
-                                "type": "object",
-                                "required": ["type", "text"],
-                                "properties": {"type": {"const": "text"}, "text": _REQUIRED_TEXT},
+                    "description": "The conversation: the last message whose role is user must have a text part",
+                    "contains": {
+                        "type": "object",
+                        "required": ["role", "parts"],
+                        "properties": {
+                            "role": {"const": "user"},
+                            "parts": {
+                                "type": "array",
+                                "contains": {
+                                    "type": "object",
+                                    "required": ["type", "text"],
+                                    "properties": {"type": {"const": "text"}, "text": _REQUIRED_TEXT},
+                                },
                             },
                         },
                     },
                 },
+                "trigger": {"enum": ["submit-message", "regenerate-message"]},
+                "messageId": {
+                    "type": "string",
+                    "minLength": 1,
+                    "description": "The message regenerate() or sendMessage({text, messageId}) replaces (see replace)",
+                },
+                "if_busy": _IF_BUSY,
+                "file_ids": {"oneOf": [{"type": "array", "items": TEXT}, {"type": "string"}]},
+                "on_disconnect": _ON_DISCONNECT,
             },
-            "trigger": {"enum": ["submit-message", "regenerate-message"]},
-            "file_ids": {"oneOf": [{"type": "array", "items": _TEXT}, {"type": "string"}]},
-            "on_disconnect": _ON_DISCONNECT,
+            "required": ["id", "messages"],
         },
-        "required": ["id", "messages"],
-    },
-    "CancelForm": _object(
-        {"ui_session_id": _REQUIRED_TEXT},
-        {"interaction_id": {"type": "string", "description": "Cancel only this interaction (X-Interaction-Id)"}},
-    ),
-    "UploadForm": _object({"ui_session_id": _REQUIRED_TEXT, "file": _BYTES}),
-    "Readiness": {
-        "type": "object",
-        "properties": {
-            "status": {"enum": ["ok", "error"]},
-            "message": _TEXT,
-            "checks": {"type": "object", "additionalProperties": _TEXT},
+        "CancelForm": _object(
+            {"ui_session_id": _REQUIRED_TEXT},
+            {"interaction_id": {"type": "string", "description": "Cancel only this interaction (X-Interaction-Id)"}},
+        ),
+        "UploadForm": _object(
+            {
+                "ui_session_id": _REQUIRED_TEXT,
+                "file": {
+                    **BYTES,
+                    "description": f"At most {settings.max_upload_bytes} bytes (PARLEY_MAX_UPLOAD_BYTES)",
+                },
+            }
+        ),
+        "Readiness": {
+            "type": "object",
+            "properties": {
+                "status": {"enum": ["ok", "error"]},
+                "message": TEXT,
+                "checks": {"type": "object", "additionalProperties": TEXT},
+            },
+            "required": ["status", "checks"],
+            "additionalProperties": False,
         },
-        "required": ["status", "checks"],
-        "additionalProperties": False,
-    },
-}
+    }
 
-
-def _list_of(key: str, item: str) -> Schema:
-    return _object({key: {"type": "array", "items": _ref(item)}})
-
-
-_PATHS: dict[str, dict[str, Schema]] = {
-    "/api/v1/chat": {
-        "post": _operation(
-            "chat",
-            "Send a message; the reply streams back as plain text (one chunk per token) or as the AI SDK's SSE",
-            {200: _STREAM},
-            (400, 404, 408, 409, 413, 500, 502, 503),
-            parameters=[_ON_DISCONNECT_QUERY],
-            body={
-                "required": True,
-                "content": {
-                    **_form(_ref("ChatForm"))["content"],
-                    "application/json": {"schema": {"oneOf": [_ref("ChatJson"), _ref("AiSdkChat")]}},
-                },
-            },
-        )
-    },
-    "/api/v1/chat/{session_id}/stream": {
-        "get": _operation(
-            "rejoinChat",
-            "Follow the session's reply in progress: from its start, or after Last-Event-ID, or from a text offset",
-            {
-                200: _STREAM,
-                204: {"description": "No reply of this session is in progress", "headers": _REQUEST_ID},
-            },
-            (404, 500, 503),
-            parameters=[
-                _SESSION_PARAM,
-                {
-                    "name": "offset",
-                    "in": "query",
-                    "description": "With Accept: text/plain, the text from this character on",
-                    "schema": {"type": "integer", "minimum": 0, "maximum": 2**62},
-                },
-                {
-                    "name": "Last-Event-ID",
-                    "in": "header",
-                    "description": "SSE: only the frames after this one (<interaction_id>:<seq>)",
-                    "schema": _TEXT,
-                },
-            ],
-        )
-    },
-    "/api/v1/cancel": {
-        "post": _operation(
-            "cancel",
-            "Stop the session's interaction in progress, wherever it runs",
-            {200: _json(_ref("CancelReply"), "The cancel was delivered (cancelled says if anything was stopped)")},
-            (400, 404, 408, 413, 500, 503),
-            body=_form(_ref("CancelForm")),
-        )
-    },
-    "/api/v1/sessions": {
-        "post": _operation(
-            "createSession",
-            "Create a session",
-            {201: _json(_ref("Session"), "The session")},
-            (400, 408, 409, 413, 503),
-            body={
-                "required": False,
-                "content": {
-                    "application/json": {"schema": _ref("NewSession")},
-                    "multipart/form-data": {"schema": _ref("NewSession")},
-                    "application/x-www-form-urlencoded": {"schema": _ref("NewSession")},
-                },
-            },
-            links={
-                **_SESSION_LINKS,
-                "Upload": _link("uploadFile", body={"ui_session_id": "$response.body#/ui_session_id"}),
-            },
-        ),
-        "get": _operation(
-            "listSessions",
-            "List sessions, newest first",
-            {200: _json(_list_of("sessions", "Session"), "A page of sessions")},
-            (400, 503),
-            parameters=[
-                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 2**31}},
-            ],
-        ),
-    },
-    "/api/v1/sessions/{session_id}": {
-        "get": _operation(
-            "getSession",
-            "A session, and whether it is streaming now",
-            {200: _json(_ref("SessionState"), "The session")},
-            (404, 503),
-            parameters=[_SESSION_PARAM],
-        ),
-        "delete": _operation(
-            "deleteSession",
-            "Cancel the session's reply in progress, then delete it with its history and files",
-            {200: _json(_ref("Success"), "Deleted")},
-            (404, 503),
-            parameters=[_SESSION_PARAM],
-        ),
-    },
-    "/api/v1/sessions/{session_id}/messages": {
-        "get": _operation(
-            "listMessages",
-            "The session's history, oldest first",
-            {200: _json(_list_of("messages", "Message"), "The history")},
-            (404, 503),
-            parameters=[_SESSION_PARAM],
-        )
-    },
-    "/api/v1/files": {
-        "post": _operation(
-            "uploadFile",
-            "Upload a file to a session (multipart, the bytes in the part named file)",
-            {201: _json(_ref("File"), "The file's metadata")},
-            (400, 404, 408, 413, 503),
-            body=_form(_ref("UploadForm"), urlencoded=False),
-            links={
-                name: {
-                    "operationId": operation_id,
-                    "parameters": {"session_id": "$request.body#/ui_session_id", "file_id": "$response.body#/id"},
-                }
-                for name, operation_id in (
-                    ("GetFile", "getFile"),
-                    ("GetFileContent", "getFileContent"),
-                    ("DeleteFile", "deleteFile"),
-                )
-            },
-        )
-    },
-    "/api/v1/files/{session_id}": {
-        "get": _operation(
-            "listFiles",
-            "The session's files",
-            {200: _json(_list_of("files", "File"), "The files' metadata")},
-            (404, 503),
-            parameters=[_SESSION_PARAM],
-        )
-    },
-    "/api/v1/files/{session_id}/{file_id}": {
-        "get": _operation(
-            "getFile",
-            "A file's metadata",
-            {200: _json(_ref("File"), "The file's metadata")},
-            (404, 503),
-            parameters=[_SESSION_PARAM, _FILE_PARAM],
-        ),
-        "delete": _operation(
-            "deleteFile",
-            "Delete a file",
-            {200: _json(_ref("Success"), "Deleted")},
-            (404, 503),
-            parameters=[_SESSION_PARAM, _FILE_PARAM],
-        ),
-    },
-    "/api/v1/files/{session_id}/{file_id}/content": {
-        "get": _operation(
-            "getFileContent",
-            "A file's bytes, as an attachment, with the type it was uploaded with",
-            {
-                200: {
-                    "description": "The bytes",
-                    "headers": _REQUEST_ID,
-                    "content": {"*/*": {"schema": _BYTES}},
-                }
-            },
-            (404, 503),
-            parameters=[_SESSION_PARAM, _FILE_PARAM],
-        )
-    },
-    "/api/v1/agents": {
-        "get": _operation(
-            "listAgents", "The agents this server offers", {200: _json(_list_of("agents", "Agent"), "The agents")}, ()
-        )
-    },
-    "/api/v1/openapi.json": {
-        "get": _operation("openapi", "This document", {200: _json({"type": "object"}, "The OpenAPI 3.1 document")}, ())
-    },
-    "/healthz": {
-        "get": _operation(
-            "healthz",
-            "Liveness: the process answers",
-            {200: _json(_object({"status": {"const": "ok"}}), "Alive")},
-            (),
-        )
-    },
-    "/readyz": {
-        "get": _operation(
-            "readyz",
-            "Readiness: the store (and Redis, when configured) answered within a second",
-            {
-                200: _json(_ref("Readiness"), "Ready"),
-                503: _json(_ref("Readiness"), "Not ready: checks says what is down"),
-            },
-            (),
-        )
-    },
-}
-
-
-def _file(operation_id: str, summary: str, media_type: str) -> dict[str, Schema]:
-    content = {media_type: {"schema": _TEXT}}
-    return {"get": _operation(operation_id, summary, {200: {"description": summary, "content": content}}, ())}
-
-
-_METRICS = _file("metrics", "Prometheus metrics, in the text exposition format", "text/plain")
-_PAGE = {
-    "/": _file("page", "The chat page", "text/html"),
-    "/ui/app.js": _file("pageScript", "The chat page's script", "text/javascript"),
-    "/ui/style.css": _file("pageStyle", "The chat page's style sheet", "text/css"),
-}
-# Answered without a key, even when keys are configured: probes, this document, the page (it asks for the key).
-_OPEN = {"/healthz", "/readyz", "/api/v1/openapi.json", *_PAGE}
 
 _SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "An API key: Authorization: Bearer <key>"},
@@ -490,51 +394,54 @@ _SECURITY_SCHEMES = {
 }
 _UNAUTHORIZED: Schema = {
     "description": "No API key, or one that names no owner (PARLEY_API_KEYS)",
-    "headers": {**_REQUEST_ID, "WWW-Authenticate": {"schema": {"const": "Bearer"}}},
-    "content": {"application/json": {"schema": _ERROR}},
+    "headers": {**REQUEST_ID, "WWW-Authenticate": {"schema": {"const": "Bearer"}}},
+    "content": {"application/json": {"schema": ERROR}},
 }
 
 
-def document(*, metrics: bool, keys: bool, ui: bool) -> Schema:
-    """The OpenAPI document of an app: with ``/metrics`` when metrics are on, the page when it is served, and
-    the security schemes (and every 401) when API keys are configured."""
-    paths = dict(_PATHS)
-    if metrics:
-        paths["/metrics"] = _METRICS
-    if ui:
-        paths.update(_PAGE)
+def _version() -> str:
+    try:
+        return metadata.version("parley")
+    except metadata.PackageNotFoundError:  # a checkout that was never installed
+        return "0.0.0"
+
+
+def document(routes: Sequence[BaseRoute], settings: Settings, *, keys: bool) -> Schema:
+    """The OpenAPI document of an app with these routes (each endpoint :func:`documented`) and settings: with the
+    security schemes (and every 401) when API keys are configured."""
+    paths: dict[str, dict[str, Schema]] = {}
+    for route in routes:
+        if not isinstance(route, Route):
+            continue
+        handler = getattr(route.endpoint, "handler", route.endpoint)  # (an endpoint run as a plain ASGI app)
+        operation = _OPERATIONS[handler]  # (KeyError: an endpoint that was not documented)
+        if keys:
+            if handler in _PUBLIC:
+                operation = {**operation, "security": []}
+            else:
+                operation = {**operation, "responses": {**operation["responses"], "401": _UNAUTHORIZED}}
+        for method in sorted((route.methods or set()) - {"HEAD"}):  # (Starlette adds HEAD to every GET)
+            paths.setdefault(route.path, {})[method.lower()] = operation
     components: Schema = {
-        "schemas": _SCHEMAS,
+        "schemas": _schemas(settings),
         "headers": {
             "RequestId": {
                 "description": "The request's id: the client's X-Request-Id, or a new one; in every log line",
-                "schema": _TEXT,
+                "schema": TEXT,
             }
         },
     }
-    security: list[Schema] = []
-    if keys:
-        components["securitySchemes"] = _SECURITY_SCHEMES
-        security = [{"bearer": []}, {"apiKey": []}]
-        paths = {
-            path: {
-                method: {**operation, "security": []}
-                if path in _OPEN
-                else {**operation, "responses": {**operation["responses"], "401": _UNAUTHORIZED}}
-                for method, operation in operations.items()
-            }
-            for path, operations in paths.items()
-        }
     document: Schema = {
         "openapi": "3.1.0",
         "info": {
             "title": "parley",
-            "version": "0.1.0",
+            "version": _version(),
             "description": "Chat with an AI agent over HTTP: streamed replies, cancellable mid-stream.",
         },
         "paths": paths,
         "components": components,
     }
-    if security:
-        document["security"] = security
+    if keys:
+        components["securitySchemes"] = _SECURITY_SCHEMES
+        document["security"] = [{"bearer": []}, {"apiKey": []}]
     return document

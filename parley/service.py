@@ -66,12 +66,8 @@ class Parley:
                     self._ready = True
         return self
 
-    async def interrupt_orphans(self, session_id: str, *, before_turn: bool = False) -> None:
-        """Record as interrupted the session's turns whose process died (on Redis: whose lease ran out).
-        ``before_turn``: a turn is about to start, and a store whose ``start_turn`` does this itself (PostgreSQL,
-        in the same statement) is spared the round trip."""
-        if before_turn and getattr(self.store, "interrupts_orphans_in_start_turn", False):
-            return
+    async def interrupt_orphans(self, session_id: str) -> None:
+        """Record as interrupted the session's turns whose process died (on Redis: whose lease ran out)."""
         await self.coordinator.interrupt_orphans(self.store, session_id)
 
     async def run_background(self) -> None:
@@ -114,7 +110,7 @@ def build(
         store,
         agents or configured(settings),
         blobs or default_blobs(settings),
-        Interactions(coordinator, slots),
+        Interactions(coordinator, slots, max_queued=settings.max_queued),
         list(observers),
     )
 

@@ -35,7 +35,7 @@ from parley.agents.events import (
 )
 from parley.sessions.interactions import Interaction
 from parley.sessions.parts import reasoning_id
-from parley.streaming import Wire
+from parley.streaming import ResponseRenderer
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -46,14 +46,15 @@ SSE_HEADERS = [
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
-# History status → the protocol's finishReason (its schema allows stop, length, content-filter, tool-calls, error,
-# interrupted, other). "interrupted" also tells useChat not to send queued messages on its own after it.
+# History status → the protocol's finishReason: one that the AI SDK 6 and 7 both accept (stop, length,
+# content-filter, tool-calls, error, other; 7 adds "interrupted", which 6 rejects as an invalid stream, and npm
+# installs 6 on Node 20). A stopped reply is "other": how it was stopped rides in messageMetadata.status.
 FINISH_REASONS = {
     "complete": "stop",
     "error": "error",
-    "cancelled": "interrupted",
-    "disconnected": "interrupted",
-    "interrupted": "interrupted",
+    "cancelled": "other",
+    "disconnected": "other",
+    "interrupted": "other",
 }
 _TEXT_ID = "text"
 
@@ -219,7 +220,7 @@ class Replay:
         return b"".join(out), ended
 
 
-class ServerSentEvents(Wire):
+class ServerSentEvents(ResponseRenderer):
     """The AI SDK's UI message stream. Like plain text, the response starts with the first event (or the first
     keep-alive), so a failure before it is still a JSON error with its status; a failure after it is told in an
     ``error`` part, and the stream ends cleanly."""

@@ -11,7 +11,8 @@ web layer around them (requests, responses, wire formats, operations) is in :mod
   carries them across processes on Redis: claims (:mod:`.redis_claims`), cancels (:mod:`.redis_cancels`) and
   rejoins (:mod:`.redis_rejoin`), with their keys in :mod:`.redis_keys` and their Lua scripts in
   :mod:`.redis_scripts`; :mod:`.redis_migrate` moves data from before the keys had hash tags.
-- :mod:`.turns`: the turn runner (claim, history, agent, checkpoints, record, release), with no wire format.
+- :mod:`.turns`: the turn runner (claim, history, agent, checkpoints, record, release), with no wire format;
+  the busy policy (what a message to a session already answering one gets) is decided where it takes the claim.
 - :mod:`.parts`: a reply's parts (the AI SDK's UIMessage parts) folded from the agent's events, and its usage.
 - :mod:`.limits` and :mod:`.redis_limits`: how many replies one owner may have running at once, in one process and
   across processes on Redis (owners themselves: see :mod:`parley.auth`).

@@ -71,7 +71,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (blob_id, seq)
         )""",
     ),
-    # 2: a message's parts (the AI SDK's UIMessage parts) and usage; NULL in both is a message of text alone with
+    # 2: sessions' titles (NULL: the first user message's), and the ids clients give their messages (the AI SDK's).
+    (
+        "ALTER TABLE sessions ADD COLUMN title text",
+        "ALTER TABLE messages ADD COLUMN client_id text NOT NULL DEFAULT ''",
+    ),
+    # 3: a message's parts (the AI SDK's UIMessage parts) and usage; NULL in both is a message of text alone with
     # no usage, which is what every message stored before them is.
     (
         "ALTER TABLE messages ADD COLUMN parts jsonb",

@@ -106,6 +106,16 @@ class RedisClaims:
             slot_key,
         )
 
+    def keep(self, interaction: Interaction, release: Release | None, slots: RedisStreamSlots | None) -> None:
+        """Undo :meth:`to_release`: the script that was to release did not (or may not have) run."""
+        if release is None:
+            return
+        self._held.add(interaction.id)
+        if release.answer is not None:
+            self.answer_at_release[interaction.id] = release.answer
+        if release.slots is not None and slots is not None:
+            slots.hold(interaction.owner, interaction.id)
+
     async def release(self, interaction: Interaction, slots: RedisStreamSlots | None) -> None:
         """Free the claim if this process still holds it; never raises, and finishes even when cancelled."""
         release = self.to_release(interaction, slots)

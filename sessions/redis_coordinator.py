@@ -90,8 +90,10 @@ class RedisCoordinator:
             return started
         await self.claims.claim(interaction, redis_slots)
         try:
-            # With the claim taken, any turn of the session still streaming is an orphan.
-            await turn.store.interrupt_turns(interaction.session_id)
+            # With the claim taken, any turn of the session still streaming is an orphan. (A store that records them
+            # in start_turn's own statement, PostgreSQL's, is spared the round trip.)
+            if not getattr(turn.store, "interrupts_orphans_in_start_turn", False):
+                await turn.store.interrupt_turns(interaction.session_id)
             return await turn.store.start_turn(turn.user, turn.assistant, turn.history_limit, owner=interaction.owner)
         except BaseException:
             await self.claims.release(interaction, redis_slots)
@@ -113,8 +115,14 @@ class RedisCoordinator:
         if own is None:
             await store.finish_turn(message_id, content, status, parts=parts, usage=usage)
             return
-        release = self.claims.to_release(interaction, _redis_slots(slots))
-        await own.end(message_id, content, status, release, parts=parts, usage=usage)
+        redis_slots = _redis_slots(slots)
+        release = self.claims.to_release(interaction, redis_slots)
+        try:
+            await own.end(message_id, content, status, release, parts=parts, usage=usage)
+        except BaseException:
+            # Not recorded in time (Redis away): the claim is still this process's to free, in release().
+            self.claims.keep(interaction, release, redis_slots)
+            raise
 
     def lease(self, interaction: Interaction) -> Lease:
         return self.claims.lease(interaction)
@@ -141,13 +149,11 @@ class RedisCoordinator:
 
     async def interrupt_orphans(self, store: Store, session_id: str | None = None) -> None:
         # Leases tell which owners are gone: their turns, and only theirs, are interrupted. The Redis store checks
-        # the claims in the script that interrupts; another store is asked only about a session nobody claims (and
-        # is not swept as a whole: its turns left by a dead process are interrupted when their session is next
-        # read or claimed).
-        if self._own(store) is not None:
-            await store.interrupt_turns(session_id)
-        elif session_id is not None and await self.claims.owner(session_id) is None:
-            await store.interrupt_turns(session_id)
+        # the claim in the script that interrupts, PostgreSQL asks the claims (see service.py); another store is
+        # asked about one session only while nobody claims it.
+        if session_id is not None and self._own(store) is None and await self.claims.owner(session_id) is not None:
+            return
+        await store.interrupt_turns(session_id)
 
     async def run(self, interactions: Interactions, store: Store) -> None:
         """The cancel listener, and a sweeper that interrupts the turns of processes that died."""

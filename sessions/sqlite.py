@@ -11,9 +11,9 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from parley.sessions.errors import SessionExists, SessionNotFound
+from parley.sessions.errors import EditWithoutText, MessageNotFound, SessionExists, SessionNotFound
 from parley.sessions.parts import Part
-from parley.sessions.store import FileInfo, Message, MessageStatus, Session, ignore_error
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session, derived_title, ignore_error
 
 T = TypeVar("T")
 
@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     agent TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    title TEXT
 );
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS messages (
     status TEXT NOT NULL,
     interaction_id TEXT NOT NULL,
     created_at TEXT NOT NULL,
+    client_id TEXT NOT NULL DEFAULT '',
     parts TEXT,
     usage TEXT
 );
@@ -55,15 +57,33 @@ CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, created_at);
 # _SCHEMA, in a write transaction, so that two workers opening one old file do not both add the column.
 _OWNERS = "ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''"
 _OWNERS_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions(owner, created_at)"
-# Files made before messages had parts and usage: NULL in both is a message of text alone with no usage (see
+# Files made before sessions had titles (NULL: derived from the first user message).
+_TITLES = "ALTER TABLE sessions ADD COLUMN title TEXT"
+# ... and before clients named their messages (the AI SDK does).
+_CLIENT_IDS = "ALTER TABLE messages ADD COLUMN client_id TEXT NOT NULL DEFAULT ''"
+# ... and before messages had parts and usage: NULL in both is a message of text alone with no usage (see
 # sessions/store.py's Message), which is what every message of theirs is.
 _PARTS = ("ALTER TABLE messages ADD COLUMN parts TEXT", "ALTER TABLE messages ADD COLUMN usage TEXT")
 _SESSION_COLUMNS = "id, agent, created_at, owner"
+# A session with its title: the one set, or the start of its first user message (derived_title cuts it to 80
+# characters after folding whitespace, so a few hundred are plenty).
+_TITLED_COLUMNS = (
+    "id, agent, created_at, owner, title, (SELECT substr(content, 1, 1000) FROM messages "
+    "WHERE messages.session_id = sessions.id AND role = 'user' ORDER BY seq LIMIT 1)"
+)
 
-_MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at, parts, usage"
+_MESSAGE_COLUMNS = (
+    "id, session_id, role, content, file_ids, status, interaction_id, created_at, client_id, parts, usage"
+)
 _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
-_ROW = "(" + ", ".join("?" * 10) + ")"
+_ROW = "(" + ", ".join("?" * 11) + ")"
 _INSERT_TURN = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES {_ROW}, {_ROW}"
+_INSERT_REPLY = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES {_ROW}"
+# A message as the API names it: by its client's id, or by its own when it has none.
+_FIND = (
+    f"SELECT seq, {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? "
+    "AND (client_id = ? OR (client_id = '' AND id = ?)) ORDER BY seq DESC LIMIT 1"
+)
 
 
 class _Operation:
@@ -116,10 +136,15 @@ class SQLiteStore:
             columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
             if "owner" not in columns:
                 db.execute(_OWNERS)
-            db.execute(_OWNERS_INDEX)
-            if "parts" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:
+            if "title" not in columns:
+                db.execute(_TITLES)
+            message_columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+            if "client_id" not in message_columns:
+                db.execute(_CLIENT_IDS)
+            if "parts" not in message_columns:
                 for statement in _PARTS:
                     db.execute(statement)
+            db.execute(_OWNERS_INDEX)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -195,8 +220,8 @@ class SQLiteStore:
         def insert(db: sqlite3.Connection) -> None:
             try:
                 db.execute(
-                    f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?)",
-                    (session.ui_session_id, session.agent, session.created_at, session.owner),
+                    f"INSERT INTO sessions ({_SESSION_COLUMNS}, title) VALUES (?, ?, ?, ?, ?)",
+                    (session.ui_session_id, session.agent, session.created_at, session.owner, session.title),
                 )
             except sqlite3.IntegrityError:
                 raise SessionExists(session.ui_session_id) from None
@@ -204,18 +229,31 @@ class SQLiteStore:
         await self._run(insert)
 
     async def get_session(self, session_id: str, owner: str) -> Session | None:
-        return await self._run(lambda db: _session(db, session_id, owner))
+        def select(db: sqlite3.Connection) -> Session | None:
+            row = db.execute(
+                f"SELECT {_TITLED_COLUMNS} FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
+            ).fetchone()
+            return _titled(row) if row else None
+
+        return await self._run(select)
 
     async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
         def select(db: sqlite3.Connection) -> list[Session]:
             rows = db.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE owner = ? "
+                f"SELECT {_TITLED_COLUMNS} FROM sessions WHERE owner = ? "
                 "ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
                 (owner, limit, offset),
             ).fetchall()
-            return [Session(*row) for row in rows]
+            return [_titled(row) for row in rows]
 
         return await self._run(select)
+
+    async def set_title(self, session_id: str, owner: str, title: str | None) -> bool:
+        def update(db: sqlite3.Connection) -> bool:
+            cursor = db.execute("UPDATE sessions SET title = ? WHERE id = ? AND owner = ?", (title, session_id, owner))
+            return cursor.rowcount > 0
+
+        return await self._run(update)
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         def delete(db: sqlite3.Connection) -> list[str] | None:
@@ -244,6 +282,64 @@ class SQLiteStore:
 
         return await self._run(insert)
 
+    async def replace_turn(
+        self,
+        target: str,
+        user: Message,
+        assistant: Message,
+        history_limit: Callable[[Session], int],
+        *,
+        owner: str,
+        missing_ok: bool = False,
+        keep: bool = False,
+    ) -> tuple[Session, list[Message], Message]:
+        def replace(db: sqlite3.Connection) -> tuple[Session, list[Message], Message]:
+            session_id = user.session_id
+            session = _session(db, session_id, owner)
+            if session is None:
+                raise SessionNotFound(session_id)
+            limit = history_limit(session)
+            found = db.execute(_FIND, (session_id, target, target)).fetchone()
+            if found is None:
+                if not missing_ok:
+                    raise MessageNotFound(target)
+                history = _history(db, session_id, limit) if limit > 0 else []
+                db.execute(_INSERT_TURN, (*_message_row(user), *_message_row(assistant)))
+                return session, history, user
+            cut, asked = found[0], user
+            if found[3] == "assistant":  # a regenerate: the reply goes, the user message before it stays
+                before = db.execute(
+                    f"SELECT seq, {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq < ? AND role = 'user' "
+                    "ORDER BY seq DESC LIMIT 1",
+                    (session_id, cut),
+                ).fetchone()
+                if before is None:
+                    raise MessageNotFound(target)
+                start, asked = before[0], _message(before[1:])
+            elif keep:  # a regenerate from the user message: it stays, what follows it goes
+                start, asked, cut = cut, _message(found[1:]), cut + 1
+            else:  # an edit
+                if not user.content.strip():
+                    raise EditWithoutText()
+                start = cut
+            history = _history_before(db, session_id, start, limit) if limit > 0 else []
+            # Two statements, in a savepoint of their own: both or neither, whatever else the batch does.
+            db.execute("SAVEPOINT replace_turn")
+            try:
+                db.execute("DELETE FROM messages WHERE session_id = ? AND seq >= ?", (session_id, cut))
+                if asked is user:
+                    db.execute(_INSERT_TURN, (*_message_row(user), *_message_row(assistant)))
+                else:
+                    db.execute(_INSERT_REPLY, _message_row(assistant))
+            except BaseException:
+                db.execute("ROLLBACK TO replace_turn")
+                raise
+            finally:
+                db.execute("RELEASE replace_turn")
+            return session, history, asked
+
+        return await self._run(replace)
+
     async def finish_turn(
         self,
         message_id: str,
@@ -261,15 +357,23 @@ class SQLiteStore:
         await self._run(update)
 
     async def checkpoint_turns(
-        self, contents: Mapping[str, str], parts: Mapping[str, Sequence[Part]] | None = None
+        self,
+        contents: Mapping[str, str],
+        parts: Mapping[str, Sequence[Part]] | None = None,
+        usages: Mapping[str, Mapping[str, int]] | None = None,
     ) -> None:
-        parts = parts or {}
-        rows = [(content, _json(parts.get(message_id)), message_id) for message_id, content in contents.items()]
+        parts, usages = parts or {}, usages or {}
+        rows = [
+            (content, _json(parts.get(message_id)), _json(usages.get(message_id)), message_id)
+            for message_id, content in contents.items()
+        ]
 
         def update(db: sqlite3.Connection) -> None:
             # Several statements, unlike the other operations: one that fails leaves the others' rows written,
             # which is harmless here (each row is the text so far of one reply; the next checkpoint writes it anew).
-            db.executemany("UPDATE messages SET content = ?, parts = ? WHERE id = ? AND status = 'streaming'", rows)
+            db.executemany(
+                "UPDATE messages SET content = ?, parts = ?, usage = ? WHERE id = ? AND status = 'streaming'", rows
+            )
 
         await self._run(update)
 
@@ -347,9 +451,22 @@ def _session(db: sqlite3.Connection, session_id: str, owner: str) -> Session | N
     return Session(*row) if row else None
 
 
+def _titled(row: tuple[Any, ...]) -> Session:
+    id_, agent, created_at, owner, title, first_text = row
+    return Session(id_, agent, created_at, owner, title or derived_title(first_text))
+
+
 def _history(db: sqlite3.Connection, session_id: str, limit: int = -1) -> list[Message]:
     rows = db.execute(
         f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?", (session_id, limit)
+    ).fetchall()
+    return [_message(row) for row in reversed(rows)]
+
+
+def _history_before(db: sqlite3.Connection, session_id: str, seq: int, limit: int) -> list[Message]:
+    rows = db.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+        (session_id, seq, limit),
     ).fetchall()
     return [_message(row) for row in reversed(rows)]
 
@@ -364,6 +481,7 @@ def _message_row(message: Message) -> tuple[Any, ...]:
         message.status,
         message.interaction_id,
         message.created_at,
+        message.client_id,
         _json(message.parts),
         _json(message.usage),
     )
@@ -374,7 +492,7 @@ def _json(value: object) -> str | None:
 
 
 def _message(row: tuple[Any, ...]) -> Message:
-    id_, session_id, role, content, file_ids, status, interaction_id, created_at, parts, usage = row
+    id_, session_id, role, content, file_ids, status, interaction_id, created_at, client_id, parts, usage = row
     return Message(
         id_,
         session_id,
@@ -384,6 +502,7 @@ def _message(row: tuple[Any, ...]) -> Message:
         status,
         interaction_id,
         created_at,
+        client_id,
         json.loads(parts) if parts is not None else None,
         json.loads(usage) if usage is not None else None,
     )

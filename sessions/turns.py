@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import aclosing
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
 
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
-from parley.agents.events import Event, Step, ToolCall, ToolError, ToolResult, Usage
+from parley.agents.events import Event, Step, Usage
 from parley.sessions.errors import AgentUnavailable, ParleyError, SessionBusy, SessionNotFound
-from parley.sessions.interactions import Interaction, Interactions, TurnStart
+from parley.sessions.interactions import IfBusy, Interaction, Interactions, TurnStart
 from parley.sessions.parts import EVENT_TYPES, Part, split, unfinished_calls
 from parley.sessions.store import HistoryLimits, Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
@@ -30,9 +30,6 @@ _REASON_STATUS: dict[str, MessageStatus] = {
     "lease lost": "interrupted",
 }
 
-# Events after which the reply so far is saved at once, not at the next checkpoint: a tool runs after a call, and
-# the model after a result, for a while, maybe long.
-_SAVE_AT_ONCE = (Step, ToolCall, ToolResult, ToolError)
 # Events that show nothing: a reply's first token (its time to first token) is the first event of another kind.
 _UNSEEN = (Step, Usage)
 
@@ -50,6 +47,13 @@ class TurnRequest:
     file_ids: Sequence[str] = ()
     attachments: Sequence[Attachment] = ()
     owner: str = ""
+    # A regenerate or an edit: the message (as the API names it) that this turn takes the place of, with all that
+    # followed it (see Store.replace_turn); missing_ok: a plain turn if the session has no such message.
+    replace: str | None = None
+    missing_ok: bool = False
+    keep: bool = False  # a regenerate: a user message ``replace`` names stays (see Store.replace_turn)
+    client_id: str = ""  # the id the client gave its message (the AI SDK's), shown as its id
+    if_busy: IfBusy = "reject"  # what it does when the session has a reply in progress (see Interactions.open)
 
 
 @dataclass(eq=False)
@@ -92,6 +96,9 @@ class Renderer(Protocol):
 
     write: Callable[[Any], Awaitable[None]]
 
+    def waiting(self, interaction: Interaction) -> None:
+        """The turn waits for its session (if_busy): a client that leaves now drops it."""
+
     async def started(self, interaction: Interaction) -> None: ...
     async def event(self, seq: int, event: Event) -> int: ...
     def frame(self, seq: int, text: str) -> Any: ...
@@ -124,24 +131,42 @@ class TurnRunner:
     async def run(self, request: TurnRequest, renderer: Renderer) -> None:
         """Raises before ``renderer.started`` when the turn cannot start: TooManyStreams, SessionBusy (only to the
         session's owner), SessionNotFound, AgentUnavailable, StoreUnavailable."""
-        opening = self.interactions.open(request.session_id, request.owner)
+        opening = self.interactions.open(request.session_id, request.owner, request.if_busy, renderer.waiting)
         interaction, now, session_id, text = opening.interaction, utcnow(), request.session_id, request.message
         user = Message(
-            new_ordered_id("msg_"), session_id, "user", text, request.file_ids, "complete", interaction.id, now
+            new_ordered_id("msg_"),
+            session_id,
+            "user",
+            text,
+            request.file_ids,
+            "complete",
+            interaction.id,
+            now,
+            request.client_id,
         )
         reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction.id, now)
         # Started with the claim, in as few round trips as the coordinator and the store allow.
-        opening.turn = TurnStart(self.store, user, reply, self._history_limits)
+        opening.turn = TurnStart(
+            self.store, user, reply, self._history_limits, request.replace, request.missing_ok, request.keep
+        )
         try:
             async with opening:
                 assert opening.started is not None
+                if opening.asked is not None:  # (a regenerate answers the user message it kept)
+                    request = replace(request, message=opening.asked.content)
                 await self._converse(interaction, request, renderer, reply, *opening.started)
         except SessionBusy:
-            # Only the session's owner may hear that it is busy: to anyone else it is a session that does not
-            # exist. (One store read, on this rare path only: a chat that starts pays nothing for it.)
-            if await self.store.get_session(request.session_id, request.owner) is None:
-                raise SessionNotFound(request.session_id) from None
-            raise
+            await self._when_busy(request)
+
+    async def _when_busy(self, request: TurnRequest) -> None:
+        """The busy policy: what a message to a session that is already answering one gets (its claim is taken
+        by someone else). Today it is rejected: SessionBusy (409), said only to the session's owner, since to
+        anyone else it is a session that does not exist. (Interrupting the reply in progress, or queueing the
+        message, would be decided here.)"""
+        # One store read, on this rare path only: a chat that starts pays nothing for it.
+        if await self.store.get_session(request.session_id, request.owner) is None:
+            raise SessionNotFound(request.session_id) from None
+        raise SessionBusy(request.session_id)
 
     async def _converse(
         self,
@@ -165,51 +190,19 @@ class TurnRunner:
         recorded = False
         # Stays "interrupted" only if something outside the interaction (a server shutdown) tears it down.
         status: MessageStatus = "interrupted"
-        write, frame, append, monotonic = renderer.write, renderer.frame, events.append, time.monotonic
-        next_checkpoint, seq = 0.0, 1
-        text_run = False  # the last event was text: the next text token is framed by renderer.frame
-        acted = False  # an event other than text came: the reply may have tool calls to close at its end
+        relayed = _Relayed()
         try:
             await renderer.started(interaction)
             async with self.interactions.coordinator.lease(interaction):
-                with interaction.scope:
+                async with self._checkpointed(interaction, reply.id, events):
                     try:
                         async with aclosing(agent.reply(turn)) as stream:
-                            async for event in stream:
-                                if text_run and type(event) is str:
-                                    # (Inlined Interaction.add: this is the cost of every token.)
-                                    append(event)
-                                    if interaction.waiter is not None:
-                                        interaction.notify()
-                                    await write(frame(seq, event))
-                                    seq += 1
-                                    if monotonic() >= next_checkpoint:
-                                        await self._checkpoint(reply.id, events)
-                                        next_checkpoint = monotonic() + self.checkpoint_seconds
-                                    continue
-                                # The first event, or one that is not a token in a run of text.
-                                text_run = type(event) is str
-                                if not text_run:
-                                    if not isinstance(event, EVENT_TYPES):
-                                        raise TypeError(f"the agent yielded {type(event).__name__}, not an event")
-                                    acted = True
-                                if report.first_token_at is None and not isinstance(event, _UNSEEN):
-                                    # The first thing the user sees. (Checkpoints count from it.)
-                                    report.first_token_at = time.monotonic()
-                                    next_checkpoint = report.first_token_at + self.checkpoint_seconds
-                                    if self.observers:
-                                        self._tell("first_token", report)
-                                interaction.add(event)
-                                seq = await renderer.event(seq, event)
-                                # A tool call is often followed by a long silence: what it is should survive a crash.
-                                if monotonic() >= next_checkpoint or isinstance(event, _SAVE_AT_ONCE):
-                                    await self._checkpoint(reply.id, events)
-                                    next_checkpoint = monotonic() + self.checkpoint_seconds
+                            await self._relay(stream, interaction, renderer, report, relayed)
                     except Exception as exc:
                         failure = exc
                     # The agent has said its last word: from here on, a cancel does not count (nor says it did).
-                    interaction.done = True
-                interaction.done = True
+                    interaction.agent_done = True
+                interaction.agent_done = True
                 self._due.pop(reply.id, None)  # (its last word is recorded below)
                 # A cancel that got in first wins over what the agent did next (it may fail as it is stopped).
                 if interaction.reason is not None:
@@ -218,7 +211,7 @@ class TurnRunner:
                 else:
                     status = "error" if failure is not None else "complete"
                 # The agent was stopped (or ended) while a tool ran: the runner records the call as failed.
-                closing = unfinished_calls(events, status) if acted else []
+                closing = unfinished_calls(events, status) if relayed.acted else []
                 events.extend(closing)
                 with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
                     # (With Redis, the session is freed in the same round trip.)
@@ -232,11 +225,12 @@ class TurnRunner:
                 interaction.error = report.error = str(error)
                 report.upstream = isinstance(error, UpstreamError)
             interaction.finish(status)  # (followers see the end)
-            report.status, report.tokens, report.ended_at = status, _tokens(events, acted), time.monotonic()
+            report.status, report.tokens, report.ended_at = status, _tokens(events, relayed.acted), time.monotonic()
             report.reason = interaction.reason or status
             if recorded:
                 # Free the session before the client sees the end, so that its next message is welcome.
                 await self.interactions.release(interaction)
+            seq = relayed.seq
             for closed in closing:
                 seq = await renderer.event(seq, closed)
             await renderer.ended(status, error, seq)
@@ -245,12 +239,12 @@ class TurnRunner:
                 # The store is slow or down, or this was torn down from outside (a server shutdown): the client
                 # has seen the end, or will not; keep trying to record it.
                 with anyio.CancelScope(shield=True):
-                    if report.ended_at is None and acted:
+                    if report.ended_at is None and relayed.acted:
                         events.extend(unfinished_calls(events, status))
                     await self._record(reply.id, events, status)
             if report.ended_at is None:  # torn down from outside (a server shutdown)
                 interaction.finish(status)
-                report.status, report.tokens, report.ended_at = status, _tokens(events, acted), time.monotonic()
+                report.status, report.tokens, report.ended_at = status, _tokens(events, relayed.acted), time.monotonic()
                 report.reason = "interrupted"
             if self.observers:
                 self._tell("turn_ended", report)
@@ -258,6 +252,71 @@ class TurnRunner:
     async def _record(self, message_id: str, events: list[Event], status: MessageStatus) -> None:
         content, parts, usage = split(events)
         await self.store.finish_turn(message_id, content, status, parts=parts, usage=usage)
+
+    @asynccontextmanager
+    async def _checkpointed(
+        self, interaction: Interaction, message_id: str, events: list[Event]
+    ) -> AsyncIterator[None]:
+        """The interaction's cancel scope, and in it the checkpoints of its reply so far (its text, and its parts
+        when it is not text alone), on time rather than on events: a model that thinks, a tool that runs for a
+        minute or a client that does not read leave no gap in what the history shows and what survives a crash.
+        (The body catches every Exception, so the task group never has one to wrap in a group.)"""
+        with interaction.scope:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(self._checkpoint_every, message_id, events)
+                yield
+                task_group.cancel_scope.cancel()
+
+    async def _checkpoint_every(self, message_id: str, events: list[Event]) -> None:
+        saved = 0
+        period = max(self.checkpoint_seconds, 0.01)  # (0: as often as a timer sensibly can)
+        while True:
+            await anyio.sleep(period)
+            if len(events) > saved:
+                saved = len(events)
+                await self._checkpoint(message_id, events)
+
+    async def _relay(
+        self,
+        stream: AsyncIterator[Any],
+        interaction: Interaction,
+        renderer: Renderer,
+        report: TurnReport,
+        relayed: _Relayed,
+    ) -> None:
+        """The agent's events, each to the interaction (where followers read it) and to the renderer. (Checkpoints
+        run on time, beside it: see :meth:`_checkpointed`.) What the renderer has framed so far, and whether any
+        event was not text, is left in ``relayed``, whatever way the agent ends."""
+        # This loop is what a token costs: a text token that follows text is framed without an await and written
+        # with the renderer's write, looked up once, and Interaction.add is inlined (a follower waiting is rare).
+        # Any other event (the first, one that is not text, text after one that is not) goes to renderer.event,
+        # which may start the response: a reply that begins with a tool call starts it there.
+        write, frame, append = renderer.write, renderer.frame, interaction.tokens.append
+        seq = 1
+        text_run = False  # the last event was text: the next text token is framed by renderer.frame
+        try:
+            async for event in stream:
+                if text_run and type(event) is str:
+                    append(event)
+                    if interaction.waiter is not None:
+                        interaction.notify()
+                    await write(frame(seq, event))
+                    seq += 1
+                    continue
+                text_run = type(event) is str
+                if not text_run:
+                    if not isinstance(event, EVENT_TYPES):
+                        raise TypeError(f"the agent yielded {type(event).__name__}, not an event")
+                    relayed.acted = True
+                if report.first_token_at is None and not isinstance(event, _UNSEEN):
+                    # The first thing the user sees.
+                    report.first_token_at = time.monotonic()
+                    if self.observers:
+                        self._tell("first_token", report)
+                interaction.add(event)
+                seq = await renderer.event(seq, event)
+        finally:
+            relayed.seq = seq
 
     async def _checkpoint(self, message_id: str, tokens: list[Event]) -> None:
         # The text so far, for readers of the history and for what survives a crash. Replies come due one by one;
@@ -271,7 +330,8 @@ class TurnRunner:
             return
         self._saving = True
         try:
-            with anyio.move_on_after(self.checkpoint_seconds):
+            # Shielded: the write carries other replies' text too, and this reply ending must not drop theirs.
+            with anyio.move_on_after(max(self.checkpoint_seconds, 0.01), shield=True):
                 for _ in range(2):
                     due, self._due = self._due, {}
                     if not due:
@@ -311,15 +371,30 @@ class TurnRunner:
         return self._agent(session).history_limit
 
 
-def _checkpoints(due: dict[str, list[Event]]) -> tuple[dict[str, str], dict[str, list[Part]]]:
-    """What a checkpoint saves of the replies due: their text, and the parts of those that are not text alone."""
+def _checkpoints(
+    due: dict[str, list[Event]],
+) -> tuple[dict[str, str], dict[str, list[Part]], dict[str, dict[str, int]]]:
+    """What a checkpoint saves of the replies due: their text, the parts of those that are not text alone, and the
+    usage so far of those that have one."""
     contents: dict[str, str] = {}
     parts: dict[str, list[Part]] = {}
+    usages: dict[str, dict[str, int]] = {}
     for message_id, events in due.items():
-        contents[message_id], folded, _ = split(events)
+        contents[message_id], folded, usage = split(events)
         if folded is not None:
             parts[message_id] = folded
-    return contents, parts
+        if usage is not None:
+            usages[message_id] = usage
+    return contents, parts, usages
+
+
+@dataclass
+class _Relayed:
+    """What :meth:`TurnRunner._relay` leaves for the end of the turn: the seq of the renderer's next frame, and
+    whether an event was not text (then the reply may have tool calls to close, and its text tokens are counted)."""
+
+    seq: int = 1
+    acted: bool = False
 
 
 def _tokens(events: list[Event], acted: bool) -> int:

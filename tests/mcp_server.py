@@ -3,10 +3,11 @@
     python -m tests.mcp_server                      # over stdio (what an "mcpServers" "command" entry runs)
     python -m tests.mcp_server --http --port 8123   # over streamable HTTP, at http://127.0.0.1:8123/mcp
 
-Its tools: ``add`` (fast), ``slow`` (sleeps, and records in the file named by PARLEY_MCP_RECORD whether it
-finished or was cancelled: one JSON line per event), ``fail`` (raises: the model sees the error) and ``die`` (the
-process exits at once, as a crashed server does: the tests' restart case). ``--prefix`` puts a prefix on every
-tool's name, so that two servers can be run side by side without a clash (or, without it, with one).
+Its tools: ``add`` (fast), ``now`` (the server's clock, which bench/tool_overhead.py reads), ``slow`` (sleeps,
+and records in the file named by PARLEY_MCP_RECORD whether it finished or was cancelled: one JSON line per
+event), ``fail`` (raises: the model sees the error) and ``die`` (the process exits at once, as a crashed server
+does: the tests' restart case). ``--prefix`` puts a prefix on every tool's name, so that two servers can be run
+side by side without a clash (or, without it, with one).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def make_server(prefix: str = "", record_to: str | None = None) -> MCPServer:
     @server.tool(name=f"{prefix}add", description="Add two numbers.")
     async def add(a: float, b: float) -> float:
         return a + b
+
+    @server.tool(name=f"{prefix}now", description="The server's clock: seconds since the epoch.")
+    async def now() -> float:
+        return time.time()
 
     @server.tool(name=f"{prefix}slow", description="Wait for the given number of seconds, then say so.")
     async def slow(seconds: float = 30.0, tag: str = "") -> str:

@@ -35,6 +35,8 @@ class StubCall:
     tokens_sent: int = 0
     finished: bool = False
     refused: str | None = None
+    received_at: float = field(default_factory=time.time)  # (the wall clock: other processes compare with it)
+    last_fragment_at: float | None = None  # when the last tool-call fragment was sent
     client_left_at: float | None = None
     tokens_when_left: int | None = None  # tokens_sent at the moment the client left
     over: bool = False  # the response's task has ended: nothing more can be generated
@@ -53,6 +55,7 @@ class OpenAIStub:
     tool_plan: list[list[dict[str, Any]]] = field(default_factory=list)
     fragments: str = "index"
     deepseek: bool = False
+    knows_stream_options: bool = True  # False: refuses a request that has them, as some older servers do
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,6 +72,8 @@ class OpenAIStub:
         call = StubCall(json.loads(body), {k.decode(): v.decode() for k, v in scope["headers"]})
         self.calls.append(call)
         problem = invalid_conversation(call.body.get("messages"), deepseek=self.deepseek)
+        if not self.knows_stream_options and "stream_options" in call.body:
+            problem = "Unrecognized request argument supplied: stream_options"
         if problem is not None:
             call.refused = problem
             await _json(send, 400, {"error": {"message": problem, "type": "invalid_request_error"}})
@@ -117,6 +122,7 @@ class OpenAIStub:
             since_user = _rounds_since_user(call.body["messages"])
             if since_user < len(self.tool_plan):
                 await self._tool_calls(send, self.tool_plan[since_user], made)
+                call.last_fragment_at = time.time()
                 await self._finish(call, send, "tool_calls")
                 return
         for index, token in enumerate(self.tokens):

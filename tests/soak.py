@@ -1,5 +1,6 @@
 """``make soak``: thousands of chats against real servers, with cancels, disconnects, deletes racing uploads
-and chats, a Redis restart and a ``kill -9`` of a worker; then every promise is checked. About 5 minutes.
+and chats, a Redis restart, a PostgreSQL restart and a ``kill -9`` of a worker; then every promise is checked.
+About 5 minutes.
 
 A third of the sessions talk to an agent that acts (tests/acting.py: reasoning, a tool call that takes a while,
 usage), so some replies are cancelled or left mid-tool: their records must answer every tool call.
@@ -7,7 +8,7 @@ usage), so some replies are cancelled or left mid-tool: their records must answe
 Driven only through the HTTP API (plus a look at the store and the files directory at the end), so it keeps
 working whatever the streaming internals become. Loopback only. Exits non-zero on any violation.
 
-    python -m tests.soak [--seconds 260] [--concurrency 32] [--only sqlite|redis]
+    python -m tests.soak [--seconds 260] [--concurrency 32] [--only sqlite|redis|postgres]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import httpx
 from redis.asyncio import Redis
 
 from parley.sessions.store import TERMINAL_STATUSES
-from tests.conftest import RedisServer, Subprocess
+from tests.conftest import PostgresServer, RedisServer, Subprocess, postgres_bin
 
 WORDS = [f"w{i}" for i in range(60)]
 APP = "tests.acting:app"  # parley with the echo agent and one that acts
@@ -55,6 +56,8 @@ class Phase:
     servers: dict[str, Subprocess]
     data_dir: Path
     redis: RedisServer | None = None
+    postgres: PostgresServer | None = None
+    database_url: str = ""
     sessions: list[str] = field(default_factory=list)
     deleted: dict[str, float] = field(default_factory=dict)  # session -> when its delete was sent
     chats: list[Chat] = field(default_factory=list)
@@ -62,6 +65,7 @@ class Phase:
     server_errors: list[tuple[float, float, str, int, str]] = field(default_factory=list)  # sent, answered, ...
     transport_errors: Counter[str] = field(default_factory=Counter)
     redis_down: list[tuple[float, float]] = field(default_factory=list)
+    postgres_down: list[tuple[float, float]] = field(default_factory=list)
     killed: list[tuple[str, float, float]] = field(default_factory=list)  # server, killed at, back at
     events: list[str] = field(default_factory=list)
 
@@ -225,8 +229,12 @@ class Driver:
 
 
 async def chaos(phase: Phase, seconds: float) -> None:
-    """On Redis: restart Redis at a third of the run, kill -9 worker a at two thirds (and start it again)."""
+    """On Redis: restart Redis at a third of the run, kill -9 worker a at two thirds (and start it again). On
+    PostgreSQL and Redis: restart Redis at a quarter, PostgreSQL at a half, kill -9 host a at three quarters."""
     if phase.redis is None:
+        return
+    if phase.postgres is not None:
+        await chaos_on_postgres(phase, seconds)
         return
     await anyio.sleep(seconds / 3)
     down = time.monotonic()
@@ -247,6 +255,37 @@ async def chaos(phase: Phase, seconds: float) -> None:
     await anyio.to_thread.run_sync(worker.start)
     phase.killed.append(("a", killed, time.monotonic()))
     phase.events.append(f"worker a back at {time.monotonic() - START:.1f}s")
+
+
+async def chaos_on_postgres(phase: Phase, seconds: float) -> None:
+    assert phase.redis is not None and phase.postgres is not None
+    await anyio.sleep(seconds / 4)
+    down = time.monotonic()
+    phase.redis.stop()
+    phase.events.append(f"redis stopped at {down - START:.1f}s")
+    await anyio.sleep(3)
+    await anyio.to_thread.run_sync(phase.redis.start)
+    phase.redis_down.append((down, time.monotonic()))
+    phase.events.append(f"redis back at {time.monotonic() - START:.1f}s")
+    await anyio.sleep(seconds / 4 - 3)
+    down = time.monotonic()
+    await anyio.to_thread.run_sync(phase.postgres.stop)  # (immediate: as a crash would)
+    phase.events.append(f"postgres stopped at {down - START:.1f}s")
+    await anyio.sleep(3)
+    await anyio.to_thread.run_sync(phase.postgres.start)
+    phase.postgres_down.append((down, time.monotonic()))
+    phase.events.append(f"postgres back at {time.monotonic() - START:.1f}s")
+    await anyio.sleep(seconds / 4 - 3)
+    worker = phase.servers["a"]
+    assert worker.process is not None
+    killed = time.monotonic()
+    worker.process.kill()
+    worker.process.wait(10)
+    phase.events.append(f"host a killed (-9) at {killed - START:.1f}s")
+    await anyio.sleep(2)
+    await anyio.to_thread.run_sync(worker.start)
+    phase.killed.append(("a", killed, time.monotonic()))
+    phase.events.append(f"host a back at {time.monotonic() - START:.1f}s")
 
 
 async def check(phase: Phase, lease: float) -> tuple[Counter[str], list[str]]:
@@ -308,8 +347,9 @@ async def check(phase: Phase, lease: float) -> tuple[Counter[str], list[str]]:
     await check_files(phase, counts, violations)
     for sent, at, endpoint, status, detail in phase.server_errors:
         # In flight while Redis was down (a request may queue for a connection until the pool's timeout).
-        during_outage = status == 503 and any(sent <= end + 2 and at >= start for start, end in phase.redis_down)
-        counts["5xx while Redis was down (503)" if during_outage else "5xx otherwise"] += 1
+        outages = [*phase.redis_down, *phase.postgres_down]
+        during_outage = status == 503 and any(sent <= end + 2 and at >= start for start, end in outages)
+        counts["5xx while Redis or PostgreSQL was down (503)" if during_outage else "5xx otherwise"] += 1
         if not during_outage:
             violations.append(
                 f"{endpoint} answered {status} at {at - START:.1f}s, sent at {sent - START:.1f}s ({detail})"
@@ -335,6 +375,9 @@ def check_parts(chat: Chat, record: dict[str, Any], counts: Counter[str], violat
 
 
 async def check_files(phase: Phase, counts: Counter[str], violations: list[str]) -> None:
+    if phase.postgres is not None:
+        await check_files_in_postgres(phase, counts, violations)
+        return
     files_dir = phase.data_dir / "files"
     blobs = {p.name for p in files_dir.iterdir() if p.is_file()} if files_dir.exists() else set()
     partials = sorted(p.name for p in (files_dir / ".partial").glob("*")) if files_dir.exists() else []
@@ -359,6 +402,26 @@ async def check_files(phase: Phase, counts: Counter[str], violations: list[str])
     violations += [f"blob without a record: {b}" for b in sorted(blobs - records)]
     violations += [f"record without a blob: {r}" for r in sorted(records - blobs)]
     violations += [f"partial upload left behind: {p}" for p in partials]
+
+
+async def check_files_in_postgres(phase: Phase, counts: Counter[str], violations: list[str]) -> None:
+    """Files' bytes are in PostgreSQL, beside their records (which go with their session: a foreign key); no host's
+    data directory holds any."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(phase.database_url) as db:
+        records = {row[0] for row in await (await db.execute("SELECT id FROM files")).fetchall()}
+        blobs = {row[0] for row in await (await db.execute("SELECT id FROM blobs WHERE size IS NOT NULL")).fetchall()}
+        partials = {row[0] for row in await (await db.execute("SELECT id FROM blobs WHERE size IS NULL")).fetchall()}
+    on_disk = [p for p in phase.data_dir.parent.glob("data-*/files/*") if p.is_file()]
+    counts["files kept (record and blob)"] = len(blobs & records)
+    counts["blobs without a record"] = len(blobs - records)
+    counts["records without a blob"] = len(records - blobs)
+    counts["partial files left"] = len(partials)
+    violations += [f"blob without a record: {b}" for b in sorted(blobs - records)]
+    violations += [f"record without a blob: {r}" for r in sorted(records - blobs)]
+    violations += [f"partial upload left behind: {p}" for p in sorted(partials)]
+    violations += [f"a file's bytes on a host's disk: {p}" for p in on_disk]
 
 
 START = time.monotonic()
@@ -389,7 +452,24 @@ async def run_phase(name: str, root: Path, seconds: float, concurrency: int, max
     }
     (root / name).mkdir(parents=True, exist_ok=True)
     redis = None
-    if name == "redis":
+    postgres, database_url = None, ""
+    if name == "postgres":
+        # Two hosts: one PostgreSQL and one Redis, and a data directory each (they share no disk).
+        bindir = postgres_bin()
+        assert bindir is not None
+        postgres = PostgresServer(bindir).init().start()
+        database_url = postgres.create_database()
+        redis = RedisServer(root / name / "redis").start()
+        env = {**env, "PARLEY_REDIS_URL": redis.url, "PARLEY_DATABASE_URL": database_url}
+        servers = {
+            host: Subprocess(
+                {**env, "PARLEY_DATA_DIR": str(root / name / f"data-{host}")}, log=root / name / f"{host}.log"
+            )
+            for host in ("a", "b")
+        }
+        for server in servers.values():
+            server.start()
+    elif name == "redis":
         redis = RedisServer(root / name / "redis").start()
         env["PARLEY_REDIS_URL"] = redis.url
         servers = {
@@ -398,19 +478,24 @@ async def run_phase(name: str, root: Path, seconds: float, concurrency: int, max
         }
     else:
         servers = {"a": Subprocess(env, log=root / name / "a.log", app=APP).start()}
-    phase = Phase(name, servers, root / name / "data", redis)
+    phase = Phase(name, servers, root / name / "data", redis, postgres, database_url)
     began = time.monotonic()
     try:
         driver = Driver(phase, seconds, concurrency, max_chats, seed=20261129)
         async with anyio.create_task_group() as tg:  # (the chaos ends within the driving time)
             tg.start_soon(chaos, phase, seconds)
             tg.start_soon(driver.run)
-        counts, violations = await check(phase, lease)
+        # (On PostgreSQL, long enough too for the sweeper to remove the partial uploads of the killed host.)
+        counts, violations = await check(
+            phase, lease if postgres is None else 2 * float(env["PARLEY_BODY_TIMEOUT_SECONDS"])
+        )
     finally:
         for server in servers.values():
             server.stop()
         if redis is not None:
             redis.stop()
+        if postgres is not None:
+            postgres.remove()
     print(f"\n== {name}: {len(servers)} worker(s), {time.monotonic() - began:.0f} s")
     for event in phase.events:
         print(f"   {event}")
@@ -437,14 +522,17 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=260, help="driving time, shared by the two phases")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-chats", type=int, default=6000, help="per phase")
-    parser.add_argument("--only", choices=["sqlite", "redis"])
+    parser.add_argument("--only", choices=["sqlite", "redis", "postgres"])
     parser.add_argument("--keep", action="store_true", help="keep the servers' logs and data")
     args = parser.parse_args()
     if shutil.which("redis-server") is None and args.only != "sqlite":
         print("make soak needs redis-server (apt-get install redis-server)", file=sys.stderr)
         return 2
-    phases = [args.only] if args.only else ["sqlite", "redis"]
-    shares = {"sqlite": 0.4, "redis": 0.6} if len(phases) == 2 else {phases[0]: 1.0}
+    if postgres_bin() is None and args.only in (None, "postgres"):
+        print("make soak needs PostgreSQL (apt-get install postgresql)", file=sys.stderr)
+        return 2
+    phases = [args.only] if args.only else ["sqlite", "redis", "postgres"]
+    shares = {"sqlite": 0.25, "redis": 0.35, "postgres": 0.4} if len(phases) == 3 else {phases[0]: 1.0}
     ok = True
     root = Path(tempfile.mkdtemp(prefix="parley-soak-"))
     try:

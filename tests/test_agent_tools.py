@@ -129,6 +129,16 @@ async def test_reasoning_under_either_name_and_usage(stub: OpenAIStub, stub_url:
     assert "tools" not in stub.calls[0].body  # (no toolbox, no tools)
 
 
+async def test_a_server_that_refuses_stream_options_is_asked_without_them(stub: OpenAIStub, stub_url: str) -> None:
+    stub.knows_stream_options = False
+    model = OpenAIAgent(stub_url, "tokens")
+    for _ in range(2):
+        events = await reply(model)
+        assert text(events) == "The answer."
+        assert not [e for e in events if isinstance(e, Usage)]  # (unknown: the server was not asked)
+    assert ["stream_options" in call.body for call in stub.calls] == [True, False, False]
+
+
 @pytest.mark.parametrize("fragments", ["index", "late-name", "whole", "together", "no-index"])
 async def test_tool_calls_however_the_server_cuts_them(stub: OpenAIStub, stub_url: str, fragments: str) -> None:
     stub.fragments = fragments
@@ -152,7 +162,7 @@ async def test_tool_calls_however_the_server_cuts_them(stub: OpenAIStub, stub_ur
     assert text(events) == "The answer."
     assert len([e for e in events if isinstance(e, Usage)]) == 2
     first, second = stub.calls
-    assert [t["function"]["name"] for t in first.body["tools"]] == ["add", "slow", "fail", "die"]
+    assert [t["function"]["name"] for t in first.body["tools"]] == ["add", "now", "slow", "fail", "die"]
     assert second.refused is None
     assistant, *answers = second.body["messages"][-3:]
     assert [c["id"] for c in assistant["tool_calls"]] == ids

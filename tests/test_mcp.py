@@ -15,6 +15,8 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from starlette.responses import PlainTextResponse
+from starlette.types import Receive, Scope, Send
 
 from parley.agents import Agents, EchoAgent, OpenAIAgent, ToolFailed, Turn
 from parley.agents.events import Event, ToolCall, ToolError, ToolResult
@@ -120,7 +122,7 @@ def stub_url(serve: Callable[..., LiveServer], stub: OpenAIStub) -> str:
 
 async def test_tools_are_listed_and_called(config: str) -> None:
     async with running(MCPTools(load_config(config))) as tools:
-        assert [t.name for t in await tools.list_tools()] == ["add", "slow", "fail", "die"]
+        assert [t.name for t in await tools.list_tools()] == ["add", "now", "slow", "fail", "die"]
         assert await tools.call_tool("add", {"a": 2, "b": 3}) == "5.0"
         with pytest.raises(ToolFailed, match="boom"):
             await tools.call_tool("fail", {"message": "boom"})
@@ -270,7 +272,7 @@ async def test_an_unreachable_http_server_is_never_a_500(
 
             async def listed() -> bool:
                 agents = (await client.get("/api/v1/agents")).json()["agents"]
-                return len(agents[1]["tools"]) == 4
+                return len(agents[1]["tools"]) == 5
 
             await eventually(listed, within=10)
         finally:
@@ -283,7 +285,7 @@ async def test_a_tool_name_offered_twice_refuses_the_start(tmp_path: Path, recor
         await MCPTools(load_config(config)).run()
     prefixed = write_config(tmp_path, {"one": stdio_entry(record), "two": stdio_entry(record, "--prefix", "b_")})
     async with running(MCPTools(load_config(prefixed))) as tools:
-        assert len(await tools.list_tools()) == 8
+        assert len(await tools.list_tools()) == 10
         assert await tools.call_tool("b_add", {"a": 1, "b": 2}) == "3.0"
 
 
@@ -338,7 +340,7 @@ async def test_mounted_without_its_lifespan_a_call_opens_a_connection_of_its_own
     )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://parley") as client:
         agents = (await client.get("/api/v1/agents")).json()["agents"]
-        assert [t["name"] for t in agents[1]["tools"]] == ["add", "slow", "fail", "die"]
+        assert [t["name"] for t in agents[1]["tools"]] == ["add", "now", "slow", "fail", "die"]
         session_id = await new_session(client)
         answer = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "add"})
         assert answer.text == "Done."
@@ -355,8 +357,65 @@ async def test_a_host_hands_in_an_mcp_server_in_process(
     server = serve(create_app(make_settings(tmp_path), agents=agents))
     async with server.client() as client:
         listed = (await client.get("/api/v1/agents")).json()["agents"]
-        assert [len(a["tools"]) for a in listed] == [0, 4]
+        assert [len(a["tools"]) for a in listed] == [0, 5]
         session_id = await new_session(client)
         answer = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "add"})
         assert answer.text == "Done."
     assert stub.calls[-1].body["messages"][-1]["content"] == "3.0"
+
+
+async def test_a_client_that_goes_away_stops_the_tool(
+    serve: Callable[..., LiveServer], tmp_path: Path, record: Path, stub: OpenAIStub, stub_url: str
+) -> None:
+    stub.tool_plan = [[{"name": "slow", "arguments": {"seconds": 60, "tag": "gone"}}]]
+    config = write_config(tmp_path, {"example": stdio_entry(record)})
+    settings = make_settings(
+        tmp_path, agent="openai", openai_base_url=stub_url, openai_model="tools", mcp_config=config
+    )
+    server = serve(create_app(settings))
+    async with server.client() as client:
+        session_id = await new_session(client)
+        async with anyio.create_task_group() as task_group:
+
+            async def chat() -> None:
+                await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "wait"})
+
+            task_group.start_soon(chat)
+
+            async def started() -> bool:
+                return bool(records(record, "started"))
+
+            await eventually(started, within=20)
+            left_at = time.time()
+            task_group.cancel_scope.cancel()  # (the request's connection is closed: PARLEY_ON_DISCONNECT is cancel)
+
+        async def seen() -> bool:
+            return bool(records(record, "cancelled"))
+
+        await eventually(seen, within=2)
+        assert records(record, "cancelled")[0]["at"] - left_at < 1.0
+
+        async def recorded() -> bool:
+            return (await messages(client, session_id))[-1]["status"] == "disconnected"
+
+        await eventually(recorded)
+
+
+async def test_an_http_server_that_wants_headers_gets_them(
+    serve: Callable[..., LiveServer], tmp_path: Path, record: Path
+) -> None:
+    mcp_app = make_server(record_to=str(record)).streamable_http_app()
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (b"authorization", b"Bearer mcp-secret") not in scope["headers"]:
+            await PlainTextResponse("no", status_code=401)(scope, receive, send)
+            return
+        await mcp_app(scope, receive, send)
+
+    url = serve(guarded).url + "/mcp"
+    entry = {"url": url, "headers": {"Authorization": "Bearer mcp-secret"}}
+    async with running(MCPTools(load_config(write_config(tmp_path, {"guarded": entry})))) as tools:
+        assert await tools.call_tool("add", {"a": 1, "b": 2}) == "3.0"
+    async with running(MCPTools(load_config(write_config(tmp_path, {"bare": {"url": url}})))) as tools:
+        assert await tools.list_tools() == []  # (refused: it is reported, and tried again later)
+    assert "mcp-secret" not in repr(load_config(write_config(tmp_path, {"guarded": entry})))

@@ -203,7 +203,7 @@ async def test_a_cancel_inside_the_tool_records_the_call_failed_and_says_so_befo
     assert kinds[-3:] == ["tool-output-error", "finish-step", "finish"]
     error = sent[-3]
     assert error["toolCallId"] == "call_1" and error["errorText"].startswith("Cancelled")
-    assert sent[-1]["finishReason"] == "interrupted" and sent[-1]["messageMetadata"] == {"status": "cancelled"}
+    assert sent[-1]["finishReason"] == "other" and sent[-1]["messageMetadata"] == {"status": "cancelled"}
     assert rejoined == body["text"]  # frame for frame as it was first sent
     assert rest == body["text"][body["text"].index(f"id: {body['id']}:5\n") :]
     reply = history[-1]

@@ -402,3 +402,44 @@ async def test_a_cancel_left_for_a_silent_owner_stops_its_reply_when_it_wakes(
     async with httpx.AsyncClient(timeout=10) as client:
         turns = await history(client, b.url, session_id)
     assert (turns[-1]["status"], turns[-1]["content"]) == ("cancelled", received)
+
+
+_HANDSHAKE = ("HELLO", "PING")
+
+
+@pytest.mark.parametrize("limit", [None, 2])
+async def test_a_short_chat_is_two_round_trips_to_redis(
+    live: Callable[..., Any], redis_server: RedisServer, limit: int | None
+) -> None:
+    # What MONITOR shows of one short chat: a script that begins it and one that ends it, nothing else (with a
+    # per-owner limit too: the slot rides in the same scripts). Commands run inside a script are the "lua" client's.
+    async with live(redis_url=redis_server.url, max_streams_per_owner=limit).client() as client:
+        session_id = (await client.post("/api/v1/sessions")).json()["ui_session_id"]
+        assert (await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "warm"})).text == "warm"
+        seen: list[dict[str, Any]] = []
+        ready = anyio.Event()
+        token = anyio.lowlevel.current_token()
+
+        def watch() -> None:
+            with Redis.from_url(redis_server.url, decode_responses=True) as redis, redis.monitor() as monitor:
+                redis.echo("parley-test-start")
+                for command in monitor.listen():
+                    text = command["command"]
+                    if text == "ECHO parley-test-start":
+                        anyio.from_thread.run_sync(ready.set, token=token)
+                    elif text == "ECHO parley-test-end":
+                        return
+                    # (Not counted: what runs inside a script, a connection's handshake, such as this test's own for
+                    # its end marker, and the health check of a connection idle for a while.)
+                    elif ready.is_set() and command.get("client_type") != "lua" and text.split()[0] not in _HANDSHAKE:
+                        seen.append(command)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, watch)
+            await ready.wait()
+            answer = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "hello"})
+            assert answer.text == "hello"
+            with Redis.from_url(redis_server.url) as redis:
+                redis.echo("parley-test-end")
+    assert [command["command"].split()[0] for command in seen] == ["EVALSHA", "EVALSHA"], seen
+    assert all(f"{{{session_id}}}" in command["command"] for command in seen)

@@ -80,7 +80,7 @@ async def test_200_concurrent_streams_with_random_cancels_and_disconnects(
                 tg.start_soon(run, session_id, action, after)
 
         # Disconnects are noticed by the server a moment after the client leaves.
-        await eventually(lambda: _no_interactions(server), within=10)
+        await eventually(lambda: _no_interactions(server, session_ids), within=10)
 
         counts: dict[str, int] = {}
         for session_id in session_ids:
@@ -105,5 +105,6 @@ async def test_200_concurrent_streams_with_random_cancels_and_disconnects(
     assert counts.get("disconnected", 0) > 20
 
 
-async def _no_interactions(server: LiveServer) -> bool:
-    return len(server.app.state.parley.interactions) == 0
+async def _no_interactions(server: LiveServer, session_ids: list[str]) -> bool:
+    interactions = server.app.state.parley.interactions
+    return all(interactions.get(session_id) is None for session_id in session_ids)
