@@ -61,15 +61,21 @@ class ActingAgent:
             yield Reasoning(token) if index < half and self.mode != "tools" else token
 
 
-def acting_app() -> Any:
-    """As :func:`parley.serve_from_environment` makes ``uvicorn app:app``'s app, with this agent alone."""
+def acting_app(owns_process: bool = True) -> Any:
+    """As :func:`parley.serve_from_environment` makes ``uvicorn app:app``'s app, with this agent alone; with
+    ``owns_process=False``, as ``create_app`` makes it for a host (what ``make bench-instructions`` counts)."""
     settings = Settings.from_env()
-    logs.configure(settings.log_format)
-    if settings.metrics:
-        metrics.share_across_workers()
+    if owns_process:
+        logs.configure(settings.log_format)
+        if settings.metrics:
+            metrics.share_across_workers()
     mode = os.environ.get("BENCH_ACTING", "half")
     agent = ActingAgent(mode, int(os.environ.get("BENCH_TOOL_EVERY", "1000")), settings.echo_delay)
-    return create_app(settings, agents=Agents([agent]), owns_process=True)  # type: ignore[list-item]
+    return create_app(settings, agents=Agents([agent]), owns_process=owns_process)
 
 
-app = acting_app()
+def __getattr__(name: str) -> Any:
+    # ``uvicorn bench.acting:app`` makes the app when it asks for it, not whoever imports the module.
+    if name == "app":
+        return acting_app()
+    raise AttributeError(name)

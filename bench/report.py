@@ -51,7 +51,7 @@ def table(rows: list[Row], before: dict[tuple[str, str], str] | None = None) -> 
     header = ("figure", "stack", "result", "target", "met?")
     lines = [header, *(row.cells() for row in rows)]
     if before is not None:
-        lines = [(*lines[0], "last round"), *((*cells, before.get(cells[:2], "—")) for cells in lines[1:])]
+        lines = [(*lines[0], "last round"), *((*cells, before.get((cells[0], cells[1]), "—")) for cells in lines[1:])]
     lines.insert(1, ("---",) * len(lines[0]))
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 

@@ -51,8 +51,9 @@ DEFAULT = [figure for figure in FIGURES if figure != "history"]
 ALIASES = {"1": "throughput", "1b": "throughput", "1c": "acting", "2": "concurrency", "3": "short", "4": "cancel",
            "5": "rejoin", "6": "first-token", "7": "access", "8": "tools", "9": "stores", "10": "busy"}  # fmt: skip
 # Figure 2 starts from a guess near each stack's limits on the last quiet run (floor with parley's collector
-# settings 9,000 and parley 7,000 under httptools+uvloop; parley 2,250 under h11+asyncio): a handful of tries.
-FIRST_GUESS = {"h11+asyncio": 2000, "httptools+uvloop": 6000}
+# settings 9,000 and parley 7,000 under httptools+uvloop; parley 2,250 and the untuned floor 2,500 under
+# h11+asyncio): a handful of tries.
+FIRST_GUESS = {"h11+asyncio": 2500, "httptools+uvloop": 7000}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # Replies for benchmarks 4 and 5 run at 50 tokens/s, a fast model's pace: they are cancelled or rejoined after the
 # first token, so the pace sets how long each sample waits for it.
@@ -382,26 +383,29 @@ class Bench:
 def estimate(figure: str, stack: str, a: argparse.Namespace) -> float:
     """Seconds ``figure`` should take under ``stack`` with these parameters on a quiet 2-core machine (from the
     last full run's details: a 50,000-word stream ~0.5-0.7 s, a server's start ~1 s, a latency sample ~40 ms)."""
+    runs, tokens, rounds, seconds, count = (
+        int(getattr(a, name)) for name in ("runs", "tokens", "rounds", "seconds", "count")
+    )
     fast = "uvloop" in stack
     stream = 0.5 if fast else 0.75
     wrk_group = {"short": 3, "access": 2, "stores": 3}
     if figure == "throughput":
-        return 6 + a.runs * 4 * stream
+        return 6 + runs * 4 * stream
     if figure == "acting":
-        return 5 + a.runs * 2 * stream * 1.3
+        return 5 + runs * 2 * stream * 1.3
     if figure == "concurrency":
         guess = a.start or FIRST_GUESS[stack]
         tries = 5 if a.start is None else 3  # per server, the first guess near its limit (see streams._next_level)
-        one = 4 + a.tokens * 0.05 * 1.2 + 1.25 * guess / 1500  # start, the streams, making the sessions
+        one = 4 + tokens * 0.05 * 1.2 + 1.25 * guess / 1500  # start, the streams, making the sessions
         return 2 * tries * one
     if figure in wrk_group:
         servers = wrk_group[figure]
-        return 3 + servers * (3 + 2.5 + a.rounds * (a.seconds + 0.5))
+        return 3 + servers * (3 + 2.5 + rounds * (seconds + 0.5))
     samples = {"cancel": 2, "rejoin": 3, "postgres": 2, "first-token": 0.3, "tools": 0.4, "busy": 3.5}
     if figure in samples:
-        return 4 + samples[figure] * (a.count + 20) * 0.045
+        return 4 + samples[figure] * (count + 20) * 0.045
     if figure == "history":
-        return 60 + 4 * (3 + 2.5 + a.rounds * (a.seconds + 0.5))
+        return 60 + 4 * (3 + 2.5 + rounds * (seconds + 0.5))
     return 30
 
 

@@ -137,7 +137,7 @@ class Levels:
     top: int = 16_000
     resolution: float = 0.1  # stop bisecting once the bracket is within this share of the level held
     tokens: int = 200  # per stream, at 20 a second
-    marginal: float = 1.5  # a miss whose p99 gap is within this factor of the limit gets a second try
+    marginal: float = 1.25  # a miss whose p99 gap is within this factor of the limit gets a second try
 
 
 def concurrency(stack: str, kinds: tuple[str, ...], levels: Levels, log: list[str]) -> dict[str, Search]:
