@@ -7,7 +7,12 @@ The agent echoes the message one word per token, as the echo agent does, and ``B
 - ``half`` (the default): the first half of the words as reasoning, the rest as text, with a tool call
   (start, one input delta, the call, its result) after every ``BENCH_TOOL_EVERY`` words (1,000);
 - ``reasoning``: every word as reasoning;
-- ``tools``: every word a tool call of its own, the word its input and its output.
+- ``tools``: every word a tool call of its own, the word its input and its output;
+- ``text``: every word as text (the echo agent, but see below).
+
+A message whose first word is ``pace=<seconds>`` is answered at that pace (that word left out), whatever
+``PARLEY_ECHO_DELAY`` says: figure 10 interrupts (or queues behind) a slow reply with a message whose reply starts
+at once, so that its first byte is parley's doing, not the agent's pause before its first token.
 
 Why a bench agent rather than the ``openai`` agent against a scripted model server: the figure is what parley
 does with the events (the turn, the parts, the SSE frames, the store), and a model server in another process
@@ -40,16 +45,20 @@ class ActingAgent:
     history_limit = 0
 
     def __init__(self, mode: str = "half", tool_every: int = 1000, delay: float = 0.0) -> None:
-        if mode not in ("half", "reasoning", "tools"):
-            raise SettingsError(f"BENCH_ACTING={mode!r}: half, reasoning or tools")
+        if mode not in ("half", "reasoning", "tools", "text"):
+            raise SettingsError(f"BENCH_ACTING={mode!r}: half, reasoning, tools or text")
         self.mode, self.tool_every, self.delay = mode, tool_every, delay
 
     async def reply(self, turn: Any) -> AsyncGenerator[Any, None]:
         tokens = _TOKEN.findall(turn.message)
-        half = len(tokens) // 2 if self.mode == "half" else len(tokens)
+        delay = self.delay
+        if tokens and tokens[0].startswith("pace="):
+            delay = float(tokens.pop(0).strip().removeprefix("pace="))
+        half = {"half": len(tokens) // 2, "reasoning": len(tokens)}.get(self.mode, 0)
+        tool_every = self.tool_every if self.mode == "half" else 0
         for index, token in enumerate(tokens):
-            await anyio.sleep(self.delay)
-            if self.mode == "tools" or (self.tool_every and index and index % self.tool_every == 0):
+            await anyio.sleep(delay)
+            if self.mode == "tools" or (tool_every and index and index % tool_every == 0):
                 call_id = f"call_{index}"
                 word = token.strip()
                 yield ToolInputStart(call_id, TOOL)
@@ -58,7 +67,7 @@ class ActingAgent:
                 yield ToolResult(call_id, {"a": word})
                 if self.mode == "tools":
                     continue
-            yield Reasoning(token) if index < half and self.mode != "tools" else token
+            yield Reasoning(token) if index < half else token
 
 
 def acting_app(owns_process: bool = True) -> Any:

@@ -13,6 +13,7 @@ from bench.servers import Server
 
 LONG = " ".join(f"c{i}" for i in range(400))  # 8 s at 50 tokens/s: a reply never ends before its cancel
 SHORT = "one two three"  # 60 ms at 50 tokens/s: the reply a queued message waits for
+PACED = "pace=0.02 "  # bench.acting's agent: this reply at 50 tokens/s, the server's others at once
 SSE = {"Accept": "text/event-stream"}
 _STAMP = re.compile(rb"T(\d+\.\d+)T")
 
@@ -121,7 +122,7 @@ def _busy_answer(stream: Stream, policy: str) -> None:
 async def _interrupts(owner: Server, interrupter: Server, sessions: list[str]) -> list[float]:
     latencies = []
     for session_id in sessions:
-        chat = form_post("/api/v1/chat", {"ui_session_id": session_id, "message": LONG}, owner.port)
+        chat = form_post("/api/v1/chat", {"ui_session_id": session_id, "message": PACED + LONG}, owner.port)
         _, first, done = await open_stream(owner.port, chat)
         await first.wait()
         fields = {"ui_session_id": session_id, "message": "hi", "if_busy": "interrupt"}
@@ -137,15 +138,15 @@ async def _interrupts(owner: Server, interrupter: Server, sessions: list[str]) -
 
 def interrupt_latency(owner: Server, interrupter: Server, count: int) -> tuple[float, float]:
     """From sending a chat with ``if_busy=interrupt`` (to ``interrupter``) into a session whose reply runs (on
-    ``owner``) to the new reply's first byte (its SSE start: the old reply stopped and recorded, the new one
-    begun)."""
+    ``owner``) to the new reply's first byte: the old reply stopped and recorded, the new one begun, its first
+    token sent. Both servers run :mod:`bench.acting`'s agent, the old reply paced, the new one at once."""
     return p50_p99(run(_interrupts(owner, interrupter, owner.sessions(count))))
 
 
 async def _enqueued(server: Server, sessions: list[str]) -> list[float]:
     latencies = []
     for session_id in sessions:
-        chat = form_post("/api/v1/chat", {"ui_session_id": session_id, "message": SHORT}, server.port)
+        chat = form_post("/api/v1/chat", {"ui_session_id": session_id, "message": PACED + SHORT}, server.port)
         running, first, done = await open_stream(server.port, chat)
         await first.wait()
         fields = {"ui_session_id": session_id, "message": "hi", "if_busy": "enqueue"}
@@ -163,5 +164,6 @@ async def _enqueued(server: Server, sessions: list[str]) -> list[float]:
 
 def enqueue_latency(server: Server, count: int) -> tuple[float, float]:
     """From the end of a reply (its client sees the stream end) to the first byte of the message queued behind
-    it with ``if_busy=enqueue`` (its SSE start), in one process."""
+    it with ``if_busy=enqueue``, in one process (:mod:`bench.acting`'s agent: the first reply paced, the queued
+    one at once)."""
     return p50_p99(run(_enqueued(server, server.sessions(count))))

@@ -34,9 +34,8 @@ class Row:
         return self.figure, self.stack, self.result, self.target or "—", met
 
 
-def last_round() -> dict[tuple[str, str], str]:
+def last_round(path: Path = ROOT / "bench" / "RESULTS.md") -> dict[tuple[str, str], str]:
     """The results bench/RESULTS.md holds now (the last round's), by figure and stack."""
-    path = ROOT / "bench" / "RESULTS.md"
     found: dict[tuple[str, str], str] = {}
     if path.exists():
         for line in path.read_text().splitlines():

@@ -50,6 +50,12 @@ FIGURES = ["throughput", "acting", "concurrency", "short", "access", "stores", "
 DEFAULT = [figure for figure in FIGURES if figure != "history"]
 ALIASES = {"1": "throughput", "1b": "throughput", "1c": "acting", "2": "concurrency", "3": "short", "4": "cancel",
            "5": "rejoin", "6": "first-token", "7": "access", "8": "tools", "9": "stores", "10": "busy"}  # fmt: skip
+TITLES = {"throughput": "1. one stream", "acting": "1c. one stream, SSE, half reasoning, tool calls",
+          "concurrency": "2. concurrent streams", "short": "3. short chats, 64 clients", "access": "7. short chats, "
+          "API keys and metrics on", "stores": "9. short chats on Redis, PostgreSQL + Redis", "cancel": "4. cancel",
+          "rejoin": "5. rejoin", "postgres": "4, 5. cancel, rejoin on PostgreSQL + Redis",
+          "first-token": "6. first-token overhead", "tools": "8. tool-call overhead", "busy": "10. if_busy",
+          "history": "short chats with a long history"}  # fmt: skip
 # Figure 2 starts from a guess near each stack's limits on the last quiet run (floor with parley's collector
 # settings 9,000 and parley 7,000 under httptools+uvloop; parley 2,250 and the untuned floor 2,500 under
 # h11+asyncio): a handful of tries.
@@ -94,11 +100,13 @@ class Bench:
         return {"PARLEY_REDIS_URL": self.redis.url(self._next_db)}
 
     @contextlib.contextmanager
-    def workers(self, stack: str, env: dict[str, str] | None = None) -> Iterator[tuple[Server, Server]]:
+    def workers(
+        self, stack: str, env: dict[str, str] | None = None, kind: str = "parley"
+    ) -> Iterator[tuple[Server, Server]]:
         """Two parley processes on one Redis, sharing a data directory: two workers behind a load balancer."""
         shared = {**self.redis_env(), **(env or {})}
-        with tempfile.TemporaryDirectory(prefix="parley-bench-") as data, serve("parley", stack, shared, data) as a:
-            with serve("parley", stack, shared, data) as b:
+        with tempfile.TemporaryDirectory(prefix="parley-bench-") as data, serve(kind, stack, shared, data) as a:
+            with serve(kind, stack, shared, data) as b:
                 yield a, b
 
     # 1 and 1b
@@ -373,10 +381,13 @@ class Bench:
                 return
             self.rows.append(Row(figure, stack, f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", target, p99 <= limit))
 
-        with serve("parley", stack, SLOW) as server:
+        # bench.acting's agent as an echo, whose replies run at the pace their message asks for: the one stopped
+        # (or waited for) at 50 tokens/s, the new one at once (parley's echo would pause before its first token).
+        echo = {"BENCH_ACTING": "text"}
+        with serve("acting", stack, echo) as server:
             row(f"{interrupt}, one process", 10, lambda: latency.interrupt_latency(server, server, count))
             row(f"{enqueue}, one process", 5, lambda: latency.enqueue_latency(server, count))
-        with self.workers(stack, SLOW) as (a, b):
+        with self.workers(stack, echo, kind="acting") as (a, b):
             row(f"{interrupt}, another worker (Redis)", 20, lambda: latency.interrupt_latency(a, b, count))
 
 
@@ -458,10 +469,10 @@ def main() -> None:
             try:
                 getattr(bench, figure.replace("-", "_"))(stack)
             except Missing as missing:
-                bench.rows.append(Row(figure, stack, f"n/a ({missing})", "", None))
+                bench.rows.append(Row(TITLES[figure], stack, f"n/a ({missing})", "", None))
             except Exception as error:  # one broken figure must not cost the others a 20-minute run
                 traceback.print_exc()
-                bench.rows.append(Row(figure, stack, f"error: {type(error).__name__}: {error}", "", False))
+                bench.rows.append(Row(TITLES[figure], stack, f"error: {type(error).__name__}: {error}", "", False))
             took = time.perf_counter() - began
             bench.note("durations", f"{figure:12} {stack:16} {took:5.0f} s (expected {expected[figure, stack]:.0f})")
         stack_row = bench.stack_row()
