@@ -174,7 +174,9 @@ async def test_a_cancel_through_another_process_is_counted_there_as_elsewhere(
 async def test_two_workers_count_interactions_and_streams_together(
     subprocesses: Callable[..., Subprocess], tmp_path: Path
 ) -> None:
-    env = {"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_ECHO_DELAY": "0.02"}
+    # 0.1 s a word: the 50-word reply below streams for 5 s, so that the four scrapes made while it runs find it
+    # running even on a loaded machine (at 0.02 s a word, it could end before they were answered).
+    env = {"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_ECHO_DELAY": "0.1"}
     server = subprocesses(env, ("--workers", "2")).start()
     sessions = []
     for _ in range(6):  # a new client (so a new connection) each: the workers share them out
