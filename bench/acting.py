@@ -70,17 +70,18 @@ class ActingAgent:
             yield Reasoning(token) if index < half else token
 
 
-def acting_app(owns_process: bool = True) -> Any:
-    """As :func:`parley.serve_from_environment` makes ``uvicorn app:app``'s app, with this agent alone; with
-    ``owns_process=False``, as ``create_app`` makes it for a host (what ``make bench-instructions`` counts)."""
+def acting_app(logging_and_metrics: bool = True) -> Any:
+    """As :func:`parley.serve_from_environment` makes ``uvicorn app:app``'s app, with this agent alone (the
+    process's logging and metrics left as they are with ``logging_and_metrics=False``, as ``make
+    bench-instructions`` counts parley; the collector is tuned either way)."""
     settings = Settings.from_env()
-    if owns_process:
+    if logging_and_metrics:
         logs.configure(settings.log_format)
         if settings.metrics:
             metrics.share_across_workers()
     mode = os.environ.get("BENCH_ACTING", "half")
     agent = ActingAgent(mode, int(os.environ.get("BENCH_TOOL_EVERY", "1000")), settings.echo_delay)
-    return create_app(settings, agents=Agents([agent]), owns_process=owns_process)
+    return create_app(settings, agents=Agents([agent]), owns_process=True)
 
 
 def __getattr__(name: str) -> Any:

@@ -110,14 +110,16 @@ async def _inner(kind: str, chats: int, words: int, concurrency: int, accept: by
     os.environ["PARLEY_REDIS_LEASE_SECONDS"] = "3600"
     os.environ["PARLEY_DATA_DIR"] = tempfile.mkdtemp(prefix="parley-instructions-")
     lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    # parley (and the floor, see bench/floor.py) with the garbage-collector settings `uvicorn app:app` applies, as
+    # `make bench` runs them; the peer with CPython's defaults, as it runs there too.
     if kind == "parley":
         from parley import Settings, create_app
 
-        app: Any = create_app(Settings.from_env())
+        app: Any = create_app(Settings.from_env(), owns_process=True)
     elif kind == "acting":
         from bench.acting import acting_app
 
-        app = acting_app(owns_process=False)
+        app = acting_app(logging_and_metrics=False)
     else:
         app = importlib.import_module(f"bench.{kind}").app
     await lifespan.put({"type": "lifespan.startup"})
