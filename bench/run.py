@@ -48,8 +48,9 @@ from bench.servers import (
 FIGURES = ["throughput", "acting", "concurrency", "short", "access", "stores", "cancel", "rejoin", "postgres",
            "first-token", "tools", "busy", "history"]  # fmt: skip
 DEFAULT = [figure for figure in FIGURES if figure != "history"]
-ALIASES = {"1": "throughput", "1b": "throughput", "1c": "acting", "2": "concurrency", "3": "short", "4": "cancel",
-           "5": "rejoin", "6": "first-token", "7": "access", "8": "tools", "9": "stores", "10": "busy"}  # fmt: skip
+ALIASES = {"1": ["throughput"], "1b": ["throughput"], "1c": ["acting"], "2": ["concurrency"], "3": ["short"],
+           "4": ["cancel", "postgres"], "5": ["rejoin", "postgres"], "6": ["first-token"], "7": ["access"],
+           "8": ["tools"], "9": ["stores"], "10": ["busy"]}  # fmt: skip
 TITLES = {"throughput": "1. one stream", "acting": "1c. one stream, SSE, half reasoning, tool calls",
           "concurrency": "2. concurrent streams", "short": "3. short chats, 64 clients", "access": "7. short chats, "
           "API keys and metrics on", "stores": "9. short chats on Redis, PostgreSQL + Redis", "cancel": "4. cancel",
@@ -447,7 +448,7 @@ def main() -> None:
     if args.quick:
         tiny = {"runs": 1, "start": 50, "growth": 2.0, "top": 100, "finest": 25, "tokens": 20, "rounds": 1}
         vars(args).update(tiny, seconds=1, count=5, history_chats=5)
-    chosen = {ALIASES.get(name.strip(), name.strip()) for name in args.only.split(",")}
+    chosen = {figure for name in args.only.split(",") for figure in ALIASES.get(name.strip(), [name.strip()])}
     stacks = args.stacks.split(",")
     unknown = chosen - set(FIGURES) | set(stacks) - set(STACKS)
     if unknown:
