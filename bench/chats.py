@@ -118,12 +118,8 @@ def fill_history(server: Server, sessions: list[str], chats: int = HISTORY_CHATS
 
 
 def access_features(server: Server) -> tuple[bool, bool]:
-    """Whether a server started with PARLEY_API_KEYS refuses a request without its key, and serves /metrics to the
-    operators' PARLEY_METRICS_TOKEN (or, on a server from before that token, to an owner's key)."""
+    """Whether a server started with PARLEY_API_KEYS refuses a request without its key, and serves /metrics."""
     keys = server.status("GET", "/api/v1/sessions", headers={}) == 401
     with contextlib.suppress(Exception):
-        operators = {"authorization": f"Bearer {METRICS_TOKEN}"}
-        return keys, server.status("GET", "/metrics", headers=operators) == 200 or server.status(
-            "GET", "/metrics"
-        ) == 200
+        return keys, server.status("GET", "/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"}) == 200
     return keys, False

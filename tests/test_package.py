@@ -35,7 +35,7 @@ def picture():
         "collectors": sorted(map(str, REGISTRY._names_to_collectors)),
         "gc": [gc.get_threshold(), gc.isenabled(), gc.get_freeze_count()],
         "threads": threading.active_count(),
-        "cwd": sorted(os.listdir(".")),
+        "cwd": sorted(os.listdir(".")),  # (tmp is made before the first picture)
         "tmp": sorted(p.name for p in Path(tempfile.gettempdir()).glob("parley-metrics-*")),
     }
 
@@ -73,10 +73,13 @@ HOSTILE = {
 
 def test_importing_parley_and_making_an_app_change_nothing(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("PARLEY_", "PROMETHEUS_"))}
+    # A temporary directory of its own: other tests' servers (uvicorn --workers) make metrics directories in the
+    # shared one while this runs.
+    (tmp_path / "tmp").mkdir()
     done = subprocess.run(
         [sys.executable, "-c", PROBE, str(tmp_path / "data")],
         cwd=tmp_path,
-        env={**env, **HOSTILE},
+        env={**env, **HOSTILE, "TMPDIR": str(tmp_path / "tmp")},
         capture_output=True,
         text=True,
         timeout=60,
