@@ -165,9 +165,11 @@ def _count(kind: str, chats: int, words: int, concurrency: int, env: dict[str, s
         cwd=ROOT,
         capture_output=True,
         text=True,
-        check=True,
         env={**os.environ, **env},
     )
+    if done.returncode != 0:  # the app's own error, not valgrind's summary, says why
+        print("\n".join(done.stderr.splitlines()[-15:]), file=sys.stderr)
+        raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
     refs = re.search(r"refs:\s+([\d,]+)", done.stderr)
     assert refs is not None, done.stderr
     return int(refs.group(1).replace(",", ""))
