@@ -544,6 +544,22 @@ async def test_a_reply_keeps_its_parts_and_usage(store: Store) -> None:
     )
 
 
+async def test_a_tool_input_naming_a_client_id_is_not_the_message_a_replace_finds(store: Store) -> None:
+    # A reply's tool call whose input (or output) has a "client_id" of its own: an edit of the user message named
+    # by that id still finds the user message, not the reply (the Redis script looks for the key in their JSON).
+    await store.create_session(Session("c", "echo", utcnow()))
+    user, reply = turn("c", "look it up")
+    user = replace(user, client_id="u1")
+    await store.start_turn(user, reply, limit(0), owner="")
+    call = {"type": "dynamic-tool", "toolName": "find", "toolCallId": "c1", "state": "output-available"}
+    parts = [{**call, "input": {"client_id": "u1"}, "output": {"client_id": "u1"}}]
+    await store.finish_turn(reply.id, "", "complete", parts=parts)
+    edited, again = turn("c", "look it up, edited")  # an edit: the user message goes, not only the reply
+    _, earlier, asked = await store.replace_turn("u1", edited, again, limit(0), owner="")
+    assert (earlier, asked) == ([], edited)
+    assert [m.id for m in await store.list_messages("c")] == [edited.id, again.id]
+
+
 async def test_sqlite_files_from_before_parts_read_as_text_and_take_parts(tmp_path: Path) -> None:
     path = tmp_path / "parley.db"
     _old_sqlite_file(path)
