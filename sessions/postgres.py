@@ -288,8 +288,9 @@ class PostgresStore:
         delay = 0.05
         while True:
             try:
-                await self.execute(
-                    "UPDATE messages SET content = %s, status = %s WHERE id = %s", (content, status, message_id)
+                await self.execute(  # a final record never changes (one recorded interrupted meanwhile stays so)
+                    "UPDATE messages SET content = %s, status = %s WHERE id = %s AND status = 'streaming'",
+                    (content, status, message_id),
                 )
                 return
             except StoreUnavailable:

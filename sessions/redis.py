@@ -95,6 +95,9 @@ def require_asyncio() -> None:
         ) from None
 
 
+_FINISH_RETRY_DELAY = 0.05
+
+
 @contextmanager
 def _reachable(on_error: Callable[[str], None]) -> Iterator[None]:
     try:
@@ -196,7 +199,7 @@ class RedisStore:
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         k = self.keys(session_id)
-        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.file_ids, k.files, k.claim]
+        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.file_ids, k.files, k.claim, k.leases]
         with _reachable(self.on_error):
             file_ids: Any = await self.scripts.delete_session(keys, [owner])
             if file_ids is not None:
@@ -226,7 +229,7 @@ class RedisStore:
         else:
             session = await self.get_session(session_id, owner)
             limits = json.dumps({} if session is None else {session.agent: history_limit(session)})
-        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.claim]
+        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.claim, k.leases]
         arguments: list[str | int] = [owner, limits]
         for message in (user, assistant):
             arguments += (message.id, _message_json(message), message.status)
@@ -269,7 +272,7 @@ class RedisStore:
         if reply is None:
             return  # not a reply this process started (it was recorded already)
         k = self.keys(reply.session_id)
-        keys = [k.messages, k.statuses, k.streaming, k.claim]
+        keys = [k.messages, k.statuses, k.streaming, k.leases, k.claim]
         arguments: list[str | int] = [message_id, _message_json(reply, content), status]
         if release is None:
             arguments += ("", 0, 0, "", "", "")
@@ -282,7 +285,6 @@ class RedisStore:
             arguments += (release.value, release.cancelled_ms, release.answer_ttl, release.interaction_id)
             arguments += ("1" if release.answer is not None else "", "1" if release.slots is not None else "")
         deadline = time.monotonic() + self.finish_retry_seconds
-        delay = 0.05
         while True:
             try:
                 await self.scripts.end_turn(keys, arguments)
@@ -291,8 +293,9 @@ class RedisStore:
                 self.on_error(self.name)
                 if time.monotonic() > deadline:
                     raise StoreUnavailable("The session store (Redis) stayed unavailable.") from None
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                # Often (a failed attempt on a Redis that is down costs a refused connection): the reply must be
+                # recorded by its owner within the lease of grace that other processes give it once Redis is back.
+                await anyio.sleep(_FINISH_RETRY_DELAY)
         del self._replies[message_id]
 
     async def checkpoint_turns(self, contents: Mapping[str, str]) -> None:
@@ -334,7 +337,7 @@ class RedisStore:
 
     async def _interrupt(self, session_id: str) -> int:
         k = self.keys(session_id)
-        return int(await self.scripts.interrupt_orphans([k.claim, k.streaming, k.statuses]))
+        return int(await self.scripts.interrupt_orphans([k.claim, k.streaming, k.statuses, k.leases]))
 
     async def streaming_turn(self, session_id: str) -> str | None:
         k = self.keys(session_id)

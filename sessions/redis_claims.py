@@ -132,14 +132,15 @@ class RedisClaims:
             except ApiError:
                 logger.warning("could not release session %s; its lease will run out", interaction.session_id)
 
-    async def renew(self, session_id: str, interaction_id: str) -> bool | str:
-        """Extend the claim if it is still this interaction's; False if it is gone or another's. A cancel left
-        for the interaction (see :meth:`sessions.redis_cancels.RedisCancelBus.cancel_elsewhere`) comes back as
-        its reason."""
+    async def renew(self, session_id: str, interaction_id: str, message_id: str = "") -> bool | str:
+        """Extend the claim if it is still this interaction's (and the lease of its reply ``message_id`` in
+        history); False if it is gone or another's. A cancel left for the interaction (see
+        :meth:`sessions.redis_cancels.RedisCancelBus.cancel_elsewhere`) comes back as its reason."""
         keys = self.keys(session_id)
         with _reachable(self.on_error):
             answer: Any = await self.scripts.renew_claim(
-                [keys.claim, keys.cancel_left(interaction_id)], [self.value(interaction_id), self.lease_ms]
+                [keys.claim, keys.cancel_left(interaction_id), keys.leases],
+                [self.value(interaction_id), self.lease_ms, message_id],
             )
         return answer if isinstance(answer, str) else bool(answer)
 
@@ -166,7 +167,7 @@ class RedisClaims:
             # Shielded, so that a renewal in flight is not torn out of its connection, but not past the lease.
             with anyio.CancelScope(shield=True, deadline=stop_at):
                 try:
-                    renewed = await self.renew(interaction.session_id, interaction.id)
+                    renewed = await self.renew(interaction.session_id, interaction.id, interaction.message_id)
                 except StoreUnavailable:
                     logger.warning("could not renew the claim on session %s; retrying", interaction.session_id)
             if isinstance(renewed, str) and interaction.cancel(CANCEL_REASONS.get(renewed, "cancelled")):

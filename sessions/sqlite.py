@@ -236,7 +236,11 @@ class SQLiteStore:
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         def update(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE messages SET content = ?, status = ? WHERE id = ?", (content, status, message_id))
+            db.execute(
+                # A final record never changes (a reply recorded interrupted meanwhile keeps its text).
+                "UPDATE messages SET content = ?, status = ? WHERE id = ? AND status = 'streaming'",
+                (content, status, message_id),
+            )
 
         await self._run(update)
 

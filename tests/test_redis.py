@@ -113,6 +113,13 @@ async def test_a_killed_owner_frees_the_session_after_its_lease(
             return bool(status == "idle")
 
         await eventually(idle, within=5)
+
+        async def interrupted() -> bool:
+            # A lease of grace after its claim went (issue 24 §1: its owner, were it alive, records it itself).
+            turns = await history(client, b.url, session_id)
+            return turns[-1]["status"] != "streaming"
+
+        await eventually(interrupted, within=5)
         turns = await history(client, b.url, session_id)
         assert [(t["role"], t["status"]) for t in turns] == [("user", "complete"), ("assistant", "interrupted")]
         again = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "b now"})
@@ -443,3 +450,50 @@ async def test_a_short_chat_is_two_round_trips_to_redis(
                 redis.echo("parley-test-end")
     assert [command["command"].split()[0] for command in seen] == ["EVALSHA", "EVALSHA"], seen
     assert all(f"{{{session_id}}}" in command["command"] for command in seen)
+
+
+async def test_a_record_that_reads_final_never_changes_after_an_outage_longer_than_the_lease(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Issue 24 §1. Redis goes away while A streams and stays away longer than the lease: A stops its reply and
+    # keeps its text to record. Once Redis is back, a reader polling history (on both workers, whose requests also
+    # look for orphans) must never see the reply final with any text but the one the client received: nobody
+    # marks it interrupted while its owner, alive, may still record it, and its owner records it promptly.
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="2")
+    message = " ".join(f"y{i}" for i in range(400))  # 20 s of stream
+    async with httpx.AsyncClient(timeout=30) as client:
+        session_id = await session_on(client, a)
+        received = ""
+        ended_at: float | None = None
+
+        async def follow() -> None:
+            nonlocal received, ended_at
+            async with chat(client, a, session_id, message) as response:
+                async for chunk in response.aiter_text():
+                    received += chunk
+            ended_at = time.monotonic()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            await eventually(lambda: _true(len(received.split()) >= 3))
+            redis_server.stop()
+            stopped_at = time.monotonic()
+            await eventually(lambda: _true(ended_at is not None), within=10)
+            # Longer than the lease: A's claim runs out in Redis's eyes meanwhile.
+            await anyio.sleep(max(0.0, stopped_at + 4.5 - time.monotonic()))
+            redis_server.start()
+        seen: list[tuple[str, str]] = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for server in (b, a):
+                answer = await client.get(f"{server.url}/api/v1/sessions/{session_id}/messages")
+                if answer.status_code != 200:
+                    continue
+                turns = answer.json()["messages"]
+                if turns[1]["status"] != "streaming":
+                    seen.append((turns[1]["status"], turns[1]["content"]))
+            if len(seen) >= 10:
+                break
+        assert seen, "the reply was never recorded"
+        assert seen[0] == ("interrupted", received), (seen[0], len(received))
+        assert all(record == seen[0] for record in seen)
