@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.client import form_post, run
-from bench.servers import API_KEY, CLIENT_CORE, Server
+from bench.servers import API_KEY, CLIENT_CORE, METRICS_TOKEN, Server
 
 CONNECTIONS = 64
 HISTORY_CHATS = 500  # a user message and a reply each: 1,000 messages
@@ -121,5 +121,5 @@ def access_features(server: Server) -> tuple[bool, bool]:
     """Whether a server started with PARLEY_API_KEYS refuses a request without its key, and serves /metrics."""
     keys = server.status("GET", "/api/v1/sessions", headers={}) == 401
     with contextlib.suppress(Exception):
-        return keys, server.status("GET", "/metrics") == 200
+        return keys, server.status("GET", "/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"}) == 200
     return keys, False

@@ -25,6 +25,7 @@ from bench.report import Row
 from bench.servers import (
     API_KEY,
     CLIENT_CORE,
+    METRICS_TOKEN,
     STACKS,
     Postgres,
     Redis,
@@ -145,7 +146,7 @@ class Bench:
         self.rows.append(Row("3. short chats, 64 clients", stack, result, "≥ 2 × peer", versus_peer >= 2))
 
     def access(self, stack: str) -> None:
-        on_env = {"PARLEY_API_KEYS": f"bench:{API_KEY}", "PARLEY_METRICS": "1"}
+        on_env = {"PARLEY_API_KEYS": f"bench:{API_KEY}", "PARLEY_METRICS": "1", "PARLEY_METRICS_TOKEN": METRICS_TOKEN}
         with serve("parley", stack, {"PARLEY_METRICS": "0"}) as off, serve("parley", stack, on_env, headers=AUTH) as on:
             keys, metrics = chats.access_features(on)
             figure, target = "7. short chats, API keys and metrics on", "≥ 0.9 × both off"

@@ -33,6 +33,7 @@ STACKS = {
 }
 COMMON = ["--no-access-log", "--log-level", "warning", "--backlog", "8192"]
 API_KEY = "bench-key-0123456789abcdef"
+METRICS_TOKEN = "bench-operators-0123456789"  # the operators' token for /metrics, no owner's key
 
 
 def free_port() -> int:

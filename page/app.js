@@ -11,6 +11,7 @@ const ui = {
   agentField: $("agent-field"),
   agent: $("agent"),
   deleteSession: $("delete-session"),
+  renameSession: $("rename-session"),
   messages: $("messages"),
   empty: $("empty"),
   error: $("error"),
@@ -242,25 +243,21 @@ function hideError() {
 
 // Sessions
 
-function titleOf(messages) {
-  const first = messages.find((m) => m.role === "user");
-  return first ? first.content.trim().replace(/\s+/g, " ").slice(0, 80) : null;
-}
-
-function sessionLabel(session) {
-  return state.titles.get(session.ui_session_id) || "Untitled";
-}
-
 async function loadSessions() {
+  // One request: each session comes with its title (set, or its first message's).
   const { sessions } = await getJSON("api/v1/sessions?limit=100");
   ui.noSessions.hidden = sessions.length > 0;
-  for (const session of sessions) state.agents.set(session.ui_session_id, session.agent);
+  for (const session of sessions) {
+    state.agents.set(session.ui_session_id, session.agent);
+    if (session.title) state.titles.set(session.ui_session_id, session.title);
+  }
   ui.sessions.replaceChildren(
     ...sessions.map((session) => {
       const item = document.createElement("li");
       const link = document.createElement("a");
       link.href = `#${encodeURIComponent(session.ui_session_id)}`;
-      link.textContent = sessionLabel(session);
+      // (A session made a moment ago has no title yet: the page's own, from the message it is sending.)
+      link.textContent = state.titles.get(session.ui_session_id) || "Untitled";
       link.dataset.sessionId = session.ui_session_id;
       const when = document.createElement("small");
       when.textContent = new Date(session.created_at).toLocaleString();
@@ -270,16 +267,8 @@ async function loadSessions() {
       return item;
     }),
   );
-  // Titles are the sessions' first messages, fetched once each.
-  for (const session of sessions) {
-    if (state.titles.has(session.ui_session_id)) continue;
-    getJSON(`api/v1/sessions/${encodeURIComponent(session.ui_session_id)}/messages`)
-      .then(({ messages }) => {
-        const title = titleOf(messages);
-        if (title) setTitle(session.ui_session_id, title);
-      })
-      .catch(() => {});
-  }
+  const current = state.titles.get(state.sessionId);
+  if (current) showTitle(current);
 }
 
 function setTitle(sessionId, title) {
@@ -312,7 +301,7 @@ function newSession() {
   state.sessionId = null;
   history.replaceState(null, "", location.pathname + location.search);
   showTitle("New conversation");
-  ui.deleteSession.hidden = true;
+  ui.deleteSession.hidden = ui.renameSession.hidden = true;
   ui.agentField.hidden = !state.agentChoice;
   clearMessages();
   hideError();
@@ -325,7 +314,7 @@ async function openSession(sessionId) {
   const view = ++state.view;
   state.sessionId = sessionId;
   showTitle(state.titles.get(sessionId) || "Conversation");
-  ui.deleteSession.hidden = false;
+  ui.deleteSession.hidden = ui.renameSession.hidden = false;
   ui.agentField.hidden = true;
   hideError();
   markCurrent();
@@ -340,7 +329,7 @@ async function openSession(sessionId) {
   } catch (error) {
     if (view !== state.view) return;
     showError(error.status === 404 ? `There is no session ${sessionId} (it may have been deleted).` : error.message);
-    ui.deleteSession.hidden = true;
+    ui.deleteSession.hidden = ui.renameSession.hidden = true;
     return;
   }
   if (view !== state.view) return;
@@ -354,13 +343,21 @@ async function openSession(sessionId) {
     const article = addMessage(messageElement(message.role, message.content, options));
     if (status === "streaming") running = article;
   }
-  const title = titleOf(messages);
-  if (title) setTitle(sessionId, title);
   if (running) await rejoin(sessionId, running);
+  else refreshActions();
 }
 
 function openFromHash() {
-  const sessionId = decodeURIComponent(location.hash.slice(1));
+  let sessionId;
+  try {
+    sessionId = decodeURIComponent(location.hash.slice(1));
+  } catch {
+    // A hand-made address ("/#%"): say so, and start a new conversation rather than show nothing.
+    const hash = location.hash;
+    newSession();
+    showError(`The address ends in "${hash}", which is not a session id: this is a new conversation.`);
+    return;
+  }
   if (sessionId && sessionId !== state.sessionId) openSession(sessionId);
   else if (!sessionId && state.sessionId) newSession();
 }
@@ -513,13 +510,18 @@ async function rejoin(sessionId, reply) {
   }
 }
 
-async function send() {
-  if (state.run || ui.send.disabled) return;
-  const text = ui.message.value;
-  if (!text.trim()) {
+// Sends the composer's message; or, given `text` and `replace`, an edit of a user message (it and what followed
+// it are replaced); or, with `regenerate`, a new reply in the place of `replace`. `ifBusy: "interrupt"` stops the
+// reply that is running (as Stop does) and sends this at once.
+async function send({ text = null, replace = null, regenerate = false, ifBusy = null } = {}) {
+  if ((state.run && !ifBusy) || ui.send.disabled) return;
+  const fromComposer = text === null && !regenerate;
+  text = fromComposer ? ui.message.value : (text ?? "");
+  if (!regenerate && !text.trim()) {
     ui.message.focus();
     return;
   }
+  refreshActions(true);
   hideError();
   ui.send.disabled = true;
   const view = state.view;
@@ -540,13 +542,13 @@ async function send() {
       if (view !== state.view) return;
       state.sessionId = sessionId;
       history.replaceState(null, "", `#${encodeURIComponent(sessionId)}`);
-      ui.deleteSession.hidden = false;
+      ui.deleteSession.hidden = ui.renameSession.hidden = false;
       ui.agentField.hidden = true;
       setTitle(sessionId, text.trim().replace(/\s+/g, " ").slice(0, 80));
       loadSessions().catch((error) => showError(error.message));
     }
     const files = [];
-    for (const attachment of state.attachments) {
+    for (const attachment of fromComposer ? state.attachments : []) {
       if (!attachment.uploaded || attachment.sessionId !== sessionId) {
         const response = await postForm("api/v1/files", { ui_session_id: sessionId, file: attachment.file });
         attachment.uploaded = await response.json();
@@ -555,29 +557,132 @@ async function send() {
       files.push(attachment.uploaded);
     }
     if (view !== state.view) return;
-    user = addMessage(messageElement("user", text, { files }));
+    user = regenerate ? null : addMessage(messageElement("user", text, { files }));
     reply = addMessage(messageElement("assistant", "", { status: "streaming", agent: state.agents.get(sessionId) }));
     const sent = state.attachments;
-    ui.message.value = "";
-    setAttachments([]);
-    const fields = { ui_session_id: sessionId, message: text, on_disconnect: "continue" };
+    if (fromComposer) {
+      ui.message.value = "";
+      setAttachments([]);
+    }
+    const fields = { ui_session_id: sessionId, on_disconnect: "continue" };
+    if (!regenerate) fields.message = text;
+    if (replace) fields.replace = replace;
+    if (ifBusy) fields.if_busy = ifBusy;
     if (files.length) fields.file_ids = JSON.stringify(files.map((info) => info.id));
     const headers = { Accept: "text/event-stream" };
     try {
       await follow(reply, sessionId, (signal) => postForm("api/v1/chat", fields, { headers, signal }));
     } catch (error) {
       // Refused before it started (busy, too large, ...): nothing was recorded, so give the message back.
-      user.remove();
+      user?.remove();
       reply.remove();
-      if (!ui.message.value) ui.message.value = text;
-      if (!state.attachments.length) setAttachments(sent);
+      if (!fromComposer) {
+        await openSession(sessionId); // (an edit or a regenerate took messages off the page: show history's)
+      } else {
+        if (!ui.message.value) ui.message.value = text;
+        if (!state.attachments.length) setAttachments(sent);
+      }
       if (!ui.messages.querySelector("[data-role]")) ui.empty.hidden = false;
       throw error;
     }
+    if (view === state.view && !state.run) await syncIds(sessionId);
   } catch (error) {
     showError(error.message);
   } finally {
     if (!state.run) setStreaming(false);
+    refreshActions();
+  }
+}
+
+// Regenerate, edit, rename
+
+// The page's messages take history's ids (a message sent from here learns its id once its reply has ended), so
+// that Edit and Regenerate can name them.
+async function syncIds(sessionId) {
+  const { messages } = await getJSON(`api/v1/sessions/${encodeURIComponent(sessionId)}/messages`);
+  const articles = [...ui.messages.querySelectorAll("[data-role]")];
+  if (sessionId !== state.sessionId || articles.length !== messages.length) return;
+  articles.forEach((article, index) => {
+    if (article.dataset.role === messages[index].role) article.dataset.messageId = messages[index].id;
+  });
+}
+
+// Edit on each user message, Regenerate on the last reply: while no reply runs.
+function refreshActions(hide = false) {
+  for (const bar of ui.messages.querySelectorAll(".actions")) bar.remove();
+  if (hide || state.run || !state.sessionId) return;
+  const articles = [...ui.messages.querySelectorAll("[data-role]")];
+  for (const article of articles) {
+    if (article.dataset.role === "user" && article.dataset.messageId) {
+      addAction(article, "Edit", "Edit this message", () => startEdit(article));
+    }
+  }
+  const last = articles.at(-1);
+  if (last?.dataset.role === "assistant" && last.dataset.messageId) {
+    addAction(last, "Regenerate", "Answer the last message again", () => {
+      last.remove();
+      send({ replace: last.dataset.messageId, regenerate: true });
+    });
+  }
+}
+
+function addAction(article, label, title, action) {
+  let bar = article.querySelector(".actions");
+  if (!bar) {
+    bar = document.createElement("span");
+    bar.className = "actions";
+    article.querySelector(".meta").append(bar);
+  }
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = label;
+  button.title = title;
+  button.addEventListener("click", action);
+  bar.append(button);
+}
+
+// Edits a user message in place: Enter sends it (it and everything after it are replaced), Esc leaves it as it was.
+function startEdit(article) {
+  if (state.run) return;
+  const content = article.querySelector("[data-content]");
+  const editor = document.createElement("textarea");
+  editor.className = "editor";
+  editor.rows = 2;
+  editor.value = content.textContent;
+  editor.setAttribute("aria-label", "Edit message");
+  content.replaceWith(editor);
+  editor.focus();
+  editor.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      const text = editor.value;
+      if (!text.trim()) return;
+      editor.replaceWith(content);
+      const replace = article.dataset.messageId;
+      while (article.nextElementSibling) article.nextElementSibling.remove();
+      article.remove();
+      send({ text, replace });
+    } else if (event.key === "Escape") {
+      event.preventDefault();
+      editor.replaceWith(content);
+    }
+  });
+}
+
+async function renameSession() {
+  const sessionId = state.sessionId;
+  if (!sessionId) return;
+  const title = prompt("Rename this session", state.titles.get(sessionId) ?? "");
+  if (title === null || !title.trim()) return;
+  try {
+    const response = await request(`api/v1/sessions/${encodeURIComponent(sessionId)}`, {
+      method: "PATCH",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ title: title.trim().slice(0, 200) }),
+    });
+    setTitle(sessionId, (await response.json()).title);
+  } catch (error) {
+    showError(error.message);
   }
 }
 
@@ -648,6 +753,12 @@ ui.message.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
     if (!state.run) send();
+    // A reply is still being written: offer to stop it and send this (if_busy=interrupt).
+    else if (ui.message.value.trim() && confirm("A reply is still being written. Stop it and send this message?")) {
+      const text = ui.message.value;
+      ui.message.value = "";
+      send({ text, ifBusy: "interrupt" });
+    }
   }
 });
 document.addEventListener("keydown", (event) => {
@@ -663,6 +774,7 @@ ui.attach.addEventListener("change", () => {
 });
 ui.newSession.addEventListener("click", newSession);
 ui.deleteSession.addEventListener("click", deleteSession);
+ui.renameSession.addEventListener("click", renameSession);
 // Without a key nothing works: the prompt stays until one is given.
 ui.keyDialog.addEventListener("cancel", (event) => event.preventDefault());
 window.addEventListener("hashchange", openFromHash);

@@ -57,6 +57,7 @@ routes = [
     Route("/api/v1/sessions", sessions.create_session, methods=["POST"]),
     Route("/api/v1/sessions", sessions.list_sessions, methods=["GET"]),
     Route("/api/v1/sessions/{session_id}", sessions.get_session, methods=["GET"]),
+    Route("/api/v1/sessions/{session_id}", sessions.update_session, methods=["PATCH"]),
     Route("/api/v1/sessions/{session_id}", sessions.delete_session, methods=["DELETE"]),
     Route("/api/v1/sessions/{session_id}/messages", sessions.list_messages, methods=["GET"]),
     Route("/api/v1/files", files.upload_file, methods=["POST"]),
@@ -96,7 +97,7 @@ def create_app(
     long streams (see :mod:`parley.gc_tuning`); a host app that embeds parley leaves the collector to itself.
     """
     settings = settings or Settings()
-    auth = auth or Auth(keys_from(settings.api_keys, settings.api_keys_file))
+    auth = auth or Auth(keys_from(settings.api_keys, settings.api_keys_file), settings.metrics_token)
     ops: list[TurnObserver] = [logs.InteractionLog()]
     counts = metrics.Metrics(metrics_registry) if settings.metrics else None
     if counts is not None:
@@ -108,6 +109,9 @@ def create_app(
                 part.on_error = counts.store_failed
             if hasattr(part, "on_duration"):
                 part.on_duration = counts.store_took
+
+    async def recorded(session_id: str, file_id: str) -> bool:
+        return await parley.store.get_file(session_id, file_id) is not None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -136,7 +140,8 @@ def create_app(
                     raise
                 tg.start_soon(parley.run_background)
                 # Partial uploads of a killed process: untouched for twice the time a body may stall.
-                tg.start_soon(parley.blobs.sweep_partials, 2 * parley.settings.body_timeout_seconds)
+                # And the blobs of one killed between its upload's commit and its record.
+                tg.start_soon(parley.blobs.sweep_partials, 2 * parley.settings.body_timeout_seconds, recorded)
                 yield
                 tg.cancel_scope.cancel()
         finally:
@@ -153,7 +158,7 @@ def create_app(
             Middleware(
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
-                allow_methods=["GET", "POST", "DELETE"],
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
                 allow_headers=["authorization", "x-api-key", "content-type", "last-event-id"],
                 expose_headers=["x-interaction-id", "x-request-id"],
             )
@@ -190,4 +195,7 @@ def serve_from_environment() -> Starlette:
         return create_app(settings, owns_process=True)
     except SettingsError as exc:
         # A configuration mistake is the operator's to fix: say which variable, in one line, no traceback.
-        raise SystemExit(f"parley: {exc}") from None
+        print(f"parley: {exc}", file=sys.stderr, flush=True)
+        # 3 is uvicorn's STARTUP_FAILURE: under --workers its supervisor stops instead of restarting the
+        # worker forever (every worker would fail the same way).
+        raise SystemExit(3) from None

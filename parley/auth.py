@@ -23,6 +23,8 @@ from typing import Any
 
 from starlette.types import Scope
 
+from parley.settings import SettingsError
+
 logger = logging.getLogger("parley")
 
 # The owner of everything in open mode, and of sessions stored before owners existed. No real owner can be
@@ -31,8 +33,9 @@ logger = logging.getLogger("parley")
 OPEN_OWNER = ""
 
 
-class KeyFileError(ValueError):
-    """The API keys are malformed. Its message names the entry (its position), never a key."""
+class KeyFileError(SettingsError):
+    """The API keys are malformed: a bad setting like any other. Its message names the variable and the entry
+    (its position), never a key."""
 
 
 def parse_keys(lines: Iterable[str], source: str) -> list[tuple[str, str]]:
@@ -71,15 +74,21 @@ def _digest(key: str | bytes) -> bytes:
 class Auth:
     """Resolves a request's owner (see the module's docstring for the modes)."""
 
-    def __init__(self, keys: Iterable[tuple[str, str]] = ()) -> None:
+    def __init__(self, keys: Iterable[tuple[str, str]] = (), metrics_token: str | None = None) -> None:
         self._keys: list[tuple[bytes, str]] = []
+        # Operators' own credential for GET /metrics (whose counts cover every owner): no owner's key opens it.
+        self._metrics_token = _digest(metrics_token) if metrics_token else None
         seen: dict[bytes, str] = {}
         for owner, key in keys:
             digest = _digest(key)
             if seen.get(digest, owner) != owner:
-                raise KeyFileError("the same API key is given to two owners")
+                raise KeyFileError("PARLEY_API_KEYS, PARLEY_API_KEYS_FILE: the same API key is given to two owners")
             seen[digest] = owner
             self._keys.append((digest, owner))
+        if self._metrics_token is not None and self._metrics_token in seen:
+            raise KeyFileError(
+                "PARLEY_METRICS_TOKEN is also an owner's API key: give the operators a token of their own"
+            )
         self._warned = False
 
     @property
@@ -111,15 +120,16 @@ class Auth:
             scope.setdefault("state", {})["owner"] = owner
         return owner
 
+    def is_operator(self, scope: Scope) -> bool:
+        """May the request read the metrics? With ``PARLEY_METRICS_TOKEN``, only if it carries that token (as a
+        key is carried); without it, only in open mode, where everyone is the one owner."""
+        if self._metrics_token is None:
+            return not self._keys and scope.get("user") is None
+        presented = _presented(scope)
+        return presented is not None and hmac.compare_digest(_digest(presented), self._metrics_token)
+
     def _owner_of_key(self, scope: Scope) -> str | None:
-        presented: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.strip().partition(b" ")
-                if scheme.lower() == b"bearer" and token.strip():
-                    presented = token.strip()
-            elif name == b"x-api-key" and value.strip():
-                presented = value.strip()
+        presented = _presented(scope)
         if presented is None:
             return None
         digest = _digest(presented)
@@ -128,6 +138,19 @@ class Auth:
             if hmac.compare_digest(known, digest):
                 found = owner
         return found
+
+
+def _presented(scope: Scope) -> bytes | None:
+    """The key a request carries (``Authorization: Bearer`` or ``X-API-Key``), if any."""
+    presented: bytes | None = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                presented = token.strip()
+        elif name == b"x-api-key" and value.strip():
+            presented = value.strip()
+    return presented
 
 
 def _identity(user: Any) -> str | None:

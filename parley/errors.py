@@ -14,8 +14,10 @@ The web layer's own failures (a request that cannot be read as sent) are defined
 
     sessions.errors.ParleyError
      ├── SessionNotFound, SessionGone, FileNotFound         404  (another owner's session or file, exactly alike)
-     ├── SessionBusy, SessionExists                         409
-     ├── TooManyStreams                                     429  with Retry-After
+     ├── MessageNotFound                                    404
+     ├── EditWithoutText                                    400
+     ├── SessionBusy, SessionExists, Dequeued               409
+     ├── TooManyStreams, TooManyQueued                      429  with Retry-After
      ├── CancelFailed, RejoinFailed                         500
      └── StoreUnavailable, AgentUnavailable                 503
     agents.AgentError                                       500  before the first token (after it, the stream is
@@ -41,13 +43,17 @@ from parley.agents import AgentError, UpstreamError
 from parley.sessions.errors import (
     AgentUnavailable,
     CancelFailed,
+    Dequeued,
+    EditWithoutText,
     FileNotFound,
+    MessageNotFound,
     ParleyError,
     RejoinFailed,
     SessionBusy,
     SessionError,
     SessionExists,
     StoreUnavailable,
+    TooManyQueued,
     TooManyStreams,
 )
 
@@ -87,9 +93,13 @@ class PayloadTooLarge(RequestError):
 STATUS: dict[type[Exception], int] = {
     SessionError: 404,
     FileNotFound: 404,
+    MessageNotFound: 404,
+    EditWithoutText: 400,
     SessionBusy: 409,
     SessionExists: 409,
+    Dequeued: 409,
     TooManyStreams: 429,
+    TooManyQueued: 429,
     CancelFailed: 500,
     RejoinFailed: 500,
     StoreUnavailable: 503,
@@ -103,11 +113,13 @@ INTERNAL_ERROR = "Internal server error: the request could not be processed."
 # What each error status means, in the API's words (the OpenAPI document says it for every operation).
 MEANING = {
     400: "Bad request: a field missing, empty or malformed; a body that cannot be parsed",
-    404: "Not found: an unknown session or file",
+    404: "Not found: an unknown session, file or message (replace)",
     408: "The body stopped arriving for PARLEY_BODY_TIMEOUT_SECONDS",
-    409: "Conflict: the session already has a reply in progress, or the ui_session_id is taken",
+    409: "Conflict: the session already has a reply in progress (if_busy reject), a waiting message was cancelled, "
+    "or the ui_session_id is taken",
     413: "Payload too large",
-    429: "Too many replies in progress for this owner (PARLEY_MAX_STREAMS_PER_OWNER); Retry-After says when to retry",
+    429: "Too many replies in progress for this owner (PARLEY_MAX_STREAMS_PER_OWNER), or messages waiting for the "
+    "session (PARLEY_MAX_QUEUED); Retry-After says when to retry",
     500: "Internal server error",
     502: "The model server failed before the first token",
     503: "Unavailable: Redis is configured and unreachable (or the session's agent is not configured)",
@@ -128,7 +140,7 @@ def error_response(status: int, message: str, headers: Mapping[str, str] | None 
 def _headers(exc: Exception) -> dict[str, str]:
     if isinstance(exc, RequestError):
         return dict(exc.headers)
-    if isinstance(exc, TooManyStreams):
+    if isinstance(exc, TooManyStreams | TooManyQueued):
         return {"retry-after": str(exc.retry_after_seconds)}
     return {}
 

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import json
+import json.scanner
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import replace as replace_fields
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -13,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
 from parley.errors import BadRequest, BodyTimeout, PayloadTooLarge
+from parley.sessions.store import TITLE_MAX_CHARS
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -49,7 +53,7 @@ def bounded(request: Request, max_bytes: int, timeout: float) -> Request:
     """The request, with its body counted as it arrives (PayloadTooLarge past ``max_bytes``, whatever the
     transfer encoding, chunked included) and dropped if it stalls for ``timeout`` seconds (BodyTimeout)."""
     declared = header(request, b"content-length")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"The request body is larger than the limit of {max_bytes} bytes for this endpoint.")
     received = 0
     receive = request.receive
@@ -177,6 +181,16 @@ def parse_file_ids(raw: str | None) -> list[str]:
     return list(dict.fromkeys(value))
 
 
+def session_title(value: Any) -> str | None:
+    """A title a client sets: text of 1 to 200 characters (surrounding whitespace dropped); None (JSON null, or
+    left out) for the one taken from the first user message."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > TITLE_MAX_CHARS:
+        raise BadRequest(f"title must be text of 1 to {TITLE_MAX_CHARS} characters (or null, for the first message's).")
+    return value.strip()
+
+
 def query_int(request: Request, name: str, default: int, *, minimum: int, maximum: int) -> int:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
@@ -199,9 +213,17 @@ class ChatRequest:
     file_ids: list[str]
     on_disconnect: str | None
     ai_sdk: bool  # the body is the AI SDK's (it has "messages")
+    # The message this one takes the place of, with all after it (a regenerate or an edit; see
+    # TurnRequest.replace), and whether a missing one makes it a plain turn; the client's id for the message.
+    replace: str | None = None
+    missing_ok: bool = False
+    keep: bool = False
+    client_id: str = ""
+    if_busy: str | None = None
 
 
 _ON_DISCONNECT = ("cancel", "continue")
+_IF_BUSY = ("reject", "interrupt", "enqueue")
 
 
 async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
@@ -210,14 +232,25 @@ async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
         chat = _chat_json(await _read_json(request, 16 * max_message_bytes + 64 * 1024))
     else:
         form = await _read_form(request, content_type, max_message_bytes, MAX_FIELDS)
+        replace = optional_text(form, "replace")
         chat = ChatRequest(
             required_text(form, "ui_session_id"),
-            required_text(form, "message"),
+            (optional_text(form, "message") or "") if replace else required_text(form, "message"),
             parse_file_ids(optional_text(form, "file_ids")),
             optional_text(form, "on_disconnect"),
             ai_sdk=False,
+            replace=replace,
+            if_busy=optional_text(form, "if_busy"),
         )
-    if len(chat.message.encode()) > max_message_bytes:
+    try:
+        # JSON may carry a lone surrogate ("\ud800", or the raw bytes ED A0 80, which json.loads lets through):
+        # not text any store, model or client can take.
+        size = len(chat.message.encode())
+        for text in (chat.session_id, *chat.file_ids):
+            text.encode()
+    except UnicodeEncodeError:
+        raise BadRequest("The chat is not valid Unicode text (it has a lone surrogate).") from None
+    if size > max_message_bytes:
         raise PayloadTooLarge(f"The message is larger than the limit of {max_message_bytes} bytes.")
     on_disconnect = chat.on_disconnect
     if on_disconnect is None and b"on_disconnect" in request.scope.get("query_string", b""):
@@ -225,22 +258,66 @@ async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
     if on_disconnect is not None and on_disconnect not in _ON_DISCONNECT:
         raise BadRequest("on_disconnect must be 'cancel' or 'continue'.")
     if on_disconnect != chat.on_disconnect:
-        chat = ChatRequest(chat.session_id, chat.message, chat.file_ids, on_disconnect, chat.ai_sdk)
+        chat = replace_fields(chat, on_disconnect=on_disconnect)
+    if_busy = chat.if_busy
+    if if_busy is None and b"if_busy" in request.scope.get("query_string", b""):
+        if_busy = request.query_params.get("if_busy")
+    if if_busy is not None and if_busy not in _IF_BUSY:
+        raise BadRequest("if_busy must be 'reject', 'interrupt' or 'enqueue'.")
+    if if_busy != chat.if_busy:
+        chat = replace_fields(chat, if_busy=if_busy)
     return chat
 
 
+# A JSON body is parsed on the event loop while it holds few objects and arrays (each costs ~0.3 µs to build:
+# 10,000 are a few milliseconds); one with more is parsed in a worker thread, by the standard library's
+# Python scanner: the C one holds the GIL from start to end (1.4 M "{}", 400 ms, would stall every stream of
+# the process), the Python one lets the loop in every few milliseconds. It also bounds the work: past
+# MAX_JSON_CONTAINERS it stops, and the body is refused.
+_JSON_ON_THE_LOOP = 10_000
+MAX_JSON_CONTAINERS = 100_000
+
+
 async def _read_json(request: Request, limit: int) -> Any:
-    return loads(
-        await _read_at_most(request, limit, f"The body is larger than the limit of {limit} bytes."), "The body"
-    )
+    raw = await _read_at_most(request, limit, f"The body is larger than the limit of {limit} bytes.")
+    # At least the number of objects and arrays (a brace inside a string counts too): ~1 ms a megabyte.
+    if raw.count(b"{") + raw.count(b"[") <= _JSON_ON_THE_LOOP:
+        return loads(raw, "The body")
+    return await anyio.to_thread.run_sync(_loads_bounded, raw)
+
+
+def _loads_bounded(raw: bytes) -> Any:
+    count = 0
+
+    def counted(parse: Callable[..., Any]) -> Callable[..., Any]:
+        def parse_counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal count
+            count += 1
+            if count > MAX_JSON_CONTAINERS:
+                raise PayloadTooLarge(f"The JSON body has more than {MAX_JSON_CONTAINERS} objects and arrays.")
+            return parse(*args, **kwargs)
+
+        return parse_counted
+
+    decoder: Any = json.JSONDecoder()  # (its scanner's hooks are not in the typeshed stubs)
+    decoder.parse_object = counted(decoder.parse_object)
+    decoder.parse_array = counted(decoder.parse_array)
+    scanner: Any = json.scanner
+    decoder.scan_once = scanner.py_make_scanner(decoder)
+    try:
+        return decoder.decode(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise BadRequest("The body is not valid JSON.") from None
 
 
 def _chat_json(data: Any) -> ChatRequest:
     if not isinstance(data, dict):
         raise BadRequest("The JSON body must be an object.")
-    on_disconnect = data.get("on_disconnect")
+    on_disconnect, if_busy = data.get("on_disconnect"), data.get("if_busy")
     if on_disconnect is not None and not isinstance(on_disconnect, str):
         raise BadRequest("on_disconnect must be 'cancel' or 'continue'.")
+    if if_busy is not None and not isinstance(if_busy, str):
+        raise BadRequest("if_busy must be 'reject', 'interrupt' or 'enqueue'.")
     file_ids = data.get("file_ids")
     if isinstance(file_ids, str):
         file_ids = parse_file_ids(file_ids)
@@ -248,25 +325,46 @@ def _chat_json(data: Any) -> ChatRequest:
         file_ids = []
     elif not isinstance(file_ids, list) or not all(isinstance(item, str) for item in file_ids):
         raise BadRequest('Invalid file_ids format: expected a JSON array of strings, like ["file_123"].')
+    file_ids = list(dict.fromkeys(file_ids))
     if "messages" not in data:
-        session_id, message = data.get("ui_session_id"), data.get("message")
-        for name, value in (("ui_session_id", session_id), ("message", message)):
-            if not isinstance(value, str) or not value.strip():
-                raise BadRequest(f"The field '{name}' is required and must not be empty.")
-        assert isinstance(session_id, str) and isinstance(message, str)
-        return ChatRequest(session_id, message, list(dict.fromkeys(file_ids)), on_disconnect, ai_sdk=False)
+        session_id, message, replace = data.get("ui_session_id"), data.get("message"), data.get("replace")
+        if replace is not None and (not isinstance(replace, str) or not replace.strip()):
+            raise BadRequest("replace must be the id of a message of the session.")
+        if replace and message is None:
+            message = ""  # (a regenerate answers the user message before the reply it replaces)
+        elif not isinstance(message, str) or not message.strip():
+            raise BadRequest("The field 'message' is required and must not be empty.")
+        if not isinstance(session_id, str) or not session_id.strip():
+            raise BadRequest("The field 'ui_session_id' is required and must not be empty.")
+        if not isinstance(message, str):
+            raise BadRequest("The field 'message' must be text.")
+        return ChatRequest(
+            session_id, message, file_ids, on_disconnect, ai_sdk=False, replace=replace or None, if_busy=if_busy
+        )
     session_id = data.get("id")
     if not isinstance(session_id, str) or not session_id.strip():
         raise BadRequest("The field 'id' (the chat's id, parley's ui_session_id) is required and must not be empty.")
     trigger = data.get("trigger", "submit-message")
     if trigger not in ("submit-message", "regenerate-message"):
         raise BadRequest("trigger must be 'submit-message' or 'regenerate-message'.")
-    # Both triggers answer the last user message: a regeneration is a new turn for the same message.
-    message = _last_user_text(data["messages"])
-    return ChatRequest(session_id, message, list(dict.fromkeys(file_ids)), on_disconnect, ai_sdk=True)
+    message_id = data.get("messageId")
+    if message_id is not None and (not isinstance(message_id, str) or not message_id):
+        raise BadRequest("messageId must be the id of a message of the chat.")
+    # Both triggers answer the last user message, the client's own copy of history: after regenerate() it is the
+    # message before the reply the client dropped (messageId names the reply, or nothing: the last one); after
+    # sendMessage({text, messageId}), the edited message. In history, that message takes the place of the one
+    # with its id (or, when the SDK named one, of messageId's) with all that followed; a new one is appended.
+    client_id, message = _last_user_message(data["messages"])
+    replace, missing_ok = (message_id, False) if message_id is not None else (client_id or None, True)
+    keep = trigger == "regenerate-message"  # (the user message it answers stays as it is)
+    return ChatRequest(
+        session_id, message, file_ids, on_disconnect, True, replace, missing_ok, keep, client_id, if_busy
+    )
 
 
-def _last_user_text(messages: Any) -> str:
+def _last_user_message(messages: Any) -> tuple[str, str]:
+    """The id (when it is one parley keeps: 1 to 128 letters, digits, '_' or '-', as the AI SDK's own ids and UUIDs
+    are) and the text of the last user message."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise BadRequest("messages must be an array of UI messages.")
     for message in reversed(messages):
@@ -281,5 +379,8 @@ def _last_user_text(messages: Any) -> str:
         text = "".join(t for t in texts if isinstance(t, str))
         if not text.strip():
             raise BadRequest("The last user message has no text.")
-        return text
+        client_id = message.get("id")
+        if not isinstance(client_id, str) or not SESSION_ID.fullmatch(client_id):
+            client_id = ""  # (the message gets parley's own id)
+        return client_id, text
     raise BadRequest("messages has no user message to answer.")

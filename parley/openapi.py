@@ -108,6 +108,28 @@ _ON_DISCONNECT: Schema = {
     "description": "What the client going away does to the reply (the server's PARLEY_ON_DISCONNECT if absent)",
 }
 ON_DISCONNECT_QUERY: Schema = {"name": "on_disconnect", "in": "query", "schema": _ON_DISCONNECT}
+_IF_BUSY: Schema = {
+    "enum": ["reject", "interrupt", "enqueue"],
+    "description": "What it does when the session has a reply in progress (the server's PARLEY_IF_BUSY if absent)",
+}
+IF_BUSY_QUERY: Schema = {"name": "if_busy", "in": "query", "schema": _IF_BUSY}
+_REPLACE: Schema = {
+    "type": "string",
+    "pattern": "\\S",
+    "description": "A message of the session that this one takes the place of, with everything after it: a reply "
+    "(regenerate: message may be left out) or a user message (edit)",
+}
+_TITLE: Schema = {
+    "type": ["string", "null"],
+    "description": "The title set, or else the first user message (whitespace folded, at most 80 characters); "
+    "null before there is one",
+}
+_NEW_TITLE: Schema = {
+    "type": ["string", "null"],
+    "pattern": "\\S",
+    "maxLength": 200,
+    "description": "1 to 200 characters; null: the first user message's",
+}
 
 SESSION_LINKS = {
     "GetSession": link("getSession", path=True),
@@ -173,15 +195,30 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
     return {
         "Error": _object({"status": {"const": "error"}, "message": TEXT}),
         "Success": _object({"status": {"const": "success"}, "message": TEXT}),
-        "Session": _object({"ui_session_id": TEXT, "agent": TEXT, "created_at": _TIME}),
+        "Session": _object({"ui_session_id": TEXT, "agent": TEXT, "created_at": _TIME, "title": _TITLE}),
         "SessionState": _object(
-            {"ui_session_id": TEXT, "agent": TEXT, "created_at": _TIME, "status": {"enum": ["idle", "streaming"]}}
+            {
+                "ui_session_id": TEXT,
+                "agent": TEXT,
+                "created_at": _TIME,
+                "title": _TITLE,
+                "status": {"enum": ["idle", "streaming"]},
+                "queued": {"type": "integer", "minimum": 0, "description": "Messages that wait for it (enqueue)"},
+                "queued_interactions": {"type": "array", "items": TEXT, "description": "Their interaction ids"},
+            }
         ),
+        "SessionUpdate": _object({"title": _NEW_TITLE}),
         "Message": _object(
             {
                 "id": TEXT,
                 "role": {"enum": list(get_args(Role))},
                 "content": {"type": "string", "description": "Exactly the text that was streamed"},
+                "parts": {
+                    "type": "array",
+                    "items": {"type": "object", "properties": {"type": TEXT, "text": TEXT}, "required": ["type"]},
+                    "description": "The AI SDK's UIMessage parts (useChat({messages}) takes the message as it is)",
+                },
+                "metadata": _object({"ui_session_id": TEXT, "interaction_id": TEXT, "status": TEXT}),
                 "file_ids": {"type": "array", "items": TEXT},
                 "status": {"enum": list(get_args(MessageStatus))},
                 "interaction_id": TEXT,
@@ -221,6 +258,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     "description": "GET /api/v1/agents lists them; the server's default if absent",
                 },
                 "ui_session_id": {"type": "string", "pattern": f"^{SESSION_ID.pattern}$"},
+                "title": _NEW_TITLE,
             },
         ),
         "ChatForm": _object(
@@ -228,6 +266,8 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             {
                 "file_ids": {"type": "string", "description": 'A JSON array of file ids, e.g. ["file_123"]'},
                 "on_disconnect": _ON_DISCONNECT,
+                "replace": _REPLACE,
+                "if_busy": _IF_BUSY,
             },
         ),
         "ChatJson": _object(
@@ -235,6 +275,8 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             {
                 "file_ids": {"oneOf": [{"type": "array", "items": TEXT}, {"type": "string"}]},
                 "on_disconnect": _ON_DISCONNECT,
+                "replace": _REPLACE,
+                "if_busy": _IF_BUSY,
             },
         ),
         "AiSdkChat": {
@@ -272,6 +314,12 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                     },
                 },
                 "trigger": {"enum": ["submit-message", "regenerate-message"]},
+                "messageId": {
+                    "type": "string",
+                    "minLength": 1,
+                    "description": "The message regenerate() or sendMessage({text, messageId}) replaces (see replace)",
+                },
+                "if_busy": _IF_BUSY,
                 "file_ids": {"oneOf": [{"type": "array", "items": TEXT}, {"type": "string"}]},
                 "on_disconnect": _ON_DISCONNECT,
             },

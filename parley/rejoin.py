@@ -30,7 +30,8 @@ def after_seq(last_event_id: str | None, interaction_id: str) -> int:
     if not last_event_id:
         return -1
     event_interaction, _, seq = last_event_id.strip().rpartition(":")
-    if event_interaction != interaction_id or not seq.isdigit():
+    # isascii: isdigit() alone accepts '²', which int() refuses.
+    if event_interaction != interaction_id or not (seq.isascii() and seq.isdigit()):
         return -1
     return int(seq)
 

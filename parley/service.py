@@ -110,7 +110,7 @@ def build(
         store,
         agents or configured(settings),
         blobs or default_blobs(settings),
-        Interactions(coordinator, slots),
+        Interactions(coordinator, slots, max_queued=settings.max_queued),
         list(observers),
     )
 

@@ -41,11 +41,14 @@ class Settings:
     checkpoint_seconds: float = 1.0
     sse_keepalive_seconds: float = 15.0
     on_disconnect: str = "cancel"
+    if_busy: str = "reject"  # what a message into a session with a reply in progress does (see IF_BUSY)
+    max_queued: int = 4  # messages waiting (if_busy=enqueue) per session
     api_keys: str | None = field(default=None, repr=False)
     api_keys_file: str | None = None
     max_streams_per_owner: int | None = None
     cors_origins: tuple[str, ...] = ()
     metrics: bool = True
+    metrics_token: str | None = field(default=None, repr=False)
     log_format: str = "text"
 
     @classmethod
@@ -99,11 +102,14 @@ class Settings:
             checkpoint_seconds=number("CHECKPOINT_SECONDS", defaults.checkpoint_seconds),
             sse_keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", defaults.sse_keepalive_seconds),
             on_disconnect=_choice(text("ON_DISCONNECT"), defaults.on_disconnect, "PARLEY_ON_DISCONNECT"),
+            if_busy=_choice(text("IF_BUSY"), defaults.if_busy, "PARLEY_IF_BUSY", ("reject", "interrupt", "enqueue")),
+            max_queued=whole("MAX_QUEUED", defaults.max_queued),
             api_keys=text("API_KEYS"),
             api_keys_file=text("API_KEYS_FILE"),
             max_streams_per_owner=_positive_int(text("MAX_STREAMS_PER_OWNER"), "PARLEY_MAX_STREAMS_PER_OWNER"),
             cors_origins=tuple(origin for origin in (text("CORS_ORIGINS") or "").replace(",", " ").split()),
             metrics=_switch(text("METRICS"), defaults.metrics, "PARLEY_METRICS"),
+            metrics_token=text("METRICS_TOKEN"),
             log_format=_choice(text("LOG_FORMAT"), defaults.log_format, "PARLEY_LOG_FORMAT", ("text", "json")),
         )
 
@@ -138,14 +144,15 @@ def _switch(value: str | None, default: bool, name: str) -> bool:
         return True
     if value.lower() in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{name} must be 1 or 0, got {value!r}")
+    raise SettingsError(f"{name} must be 1 or 0, got {value!r}")
 
 
 def _positive_int(value: str | None, name: str) -> int | None:
     if value is None:
         return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{name} must be a whole number of 1 or more (unset: no limit), got {value!r}")
+    # isascii: isdigit() alone accepts '²', which int() refuses.
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise SettingsError(f"{name} must be a whole number of 1 or more (unset: no limit), got {value!r}")
     return int(value)
 
 

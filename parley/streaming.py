@@ -6,6 +6,8 @@ renderer. :class:`PlainText` is the spec's format; :mod:`parley.ui_messages` hol
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from typing import Any, Literal
 
 import anyio
@@ -14,6 +16,8 @@ from starlette.types import Message, Receive, Scope, Send
 from parley.agents import AgentError
 from parley.sessions.interactions import Interaction
 from parley.sessions.turns import TurnRequest, TurnRunner
+
+logger = logging.getLogger("parley")
 
 OnDisconnect = Literal["cancel", "continue"]
 
@@ -24,22 +28,64 @@ class StreamAborted(Exception):
     logged_by_parley = True  # (the server's own report of it is dropped: see parley/logs.py)
 
 
+class ClientDropped(StreamAborted):
+    """Raised to the server to close the connection of a client that stopped reading a reply that went on."""
+
+
 class ResponseRenderer:
     """What every renderer of a chat response shares (each is a :class:`sessions.turns.Renderer` that writes an HTTP
-    response): the ASGI ``send``, and what happens when its client goes away."""
+    response): the ASGI ``send``, and what happens when its client goes away.
 
-    def __init__(self, send: Send, on_disconnect: OnDisconnect = "cancel", keepalive_seconds: float = 0.0) -> None:
+    Under ``on_disconnect="continue"`` the reply must not wait for its client, which may stay connected and stop
+    reading: its messages go to a queue that :func:`_write_behind` sends at the client's pace, and a client that
+    takes more than ``stall_seconds`` over one send is dropped (nothing more is sent; its connection is closed
+    when the reply ends, with no end of stream: it may rejoin). The queue holds at most that many seconds of the
+    reply, which the interaction keeps in full anyway."""
+
+    def __init__(
+        self,
+        send: Send,
+        on_disconnect: OnDisconnect = "cancel",
+        keepalive_seconds: float = 0.0,
+        stall_seconds: float = 30.0,
+    ) -> None:
         self.send = self.write = send
         self.on_disconnect = on_disconnect
         self.keepalive_seconds = keepalive_seconds
+        self.stall_seconds = stall_seconds
         self.interaction: Interaction | None = None
+        self.queued: Interaction | None = None  # the turn, while it waits for its session (if_busy)
         self.response_started = False
         self.left = False  # the client went away: nothing more is sent
+        self.dropped = False  # it stayed connected but stopped reading, for too long
+        self.behind: deque[Message] | None = None
+        self.nothing_more = False
+        if on_disconnect == "continue":
+            self.behind, self._server_send, self._queued = deque(), send, anyio.Event()
+            self.send = self.write = self._queue
+
+    async def _queue(self, message: Message) -> None:
+        if self.left or self.behind is None:
+            return
+        self.behind.append(message)
+        self._queued.set()
+
+    def wake_writer(self, *, last: bool = False) -> None:
+        """Tell :func:`_write_behind` to look again (``last``: nothing more will be queued)."""
+        if self.behind is not None:
+            self.nothing_more = self.nothing_more or last
+            self._queued.set()
 
     def client_left(self) -> None:
         self.left = True
+        self.wake_writer()
         if self.interaction is not None and self.on_disconnect == "cancel":
             self.interaction.cancel("disconnected")
+        elif self.interaction is None and self.queued is not None:
+            self.queued.cancel("disconnected")  # it never ran: whatever on_disconnect says, it is dropped
+
+    def waiting(self, interaction: Interaction) -> None:
+        self.queued = interaction
 
     async def started(self, interaction: Interaction) -> None:
         self.interaction = interaction
@@ -116,34 +162,80 @@ class ChatResponse:
         renderer: type[ResponseRenderer],
         on_disconnect: OnDisconnect,
         keepalive_seconds: float = 0.0,
+        stall_seconds: float = 30.0,
     ) -> None:
         self.runner = runner
         self.request = request
         self.renderer = renderer
         self.on_disconnect = on_disconnect
         self.keepalive_seconds = keepalive_seconds
+        self.stall_seconds = stall_seconds
         self.failure: Exception | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        renderer = self.renderer(send, self.on_disconnect, self.keepalive_seconds)
+        renderer = self.renderer(send, self.on_disconnect, self.keepalive_seconds, self.stall_seconds)
+        writer = None
         async with anyio.create_task_group() as task_group:
-            task_group.start_soon(self._turn, renderer, task_group.cancel_scope)
+            if renderer.behind is not None:
+                writer = anyio.Event()
+                task_group.start_soon(_write_behind, renderer, writer)
+            task_group.start_soon(self._turn, renderer, task_group.cancel_scope, writer)
             task_group.start_soon(_watch_disconnect, receive, renderer)
             if self.keepalive_seconds > 0:
                 task_group.start_soon(_keep_alive, renderer)
+        if renderer.dropped and not renderer.left:
+            raise ClientDropped(f"the client read nothing for {self.stall_seconds:g} s of a reply that went on")
         if self.failure is not None:
             # Before the response started, the app's exception handlers answer it (parley/errors.py). After: an
             # agent failure, or the store staying down after the reply was sent; the server aborts the response,
             # which is all that is left to tell the client.
             raise self.failure
 
-    async def _turn(self, renderer: ResponseRenderer, group: anyio.CancelScope) -> None:
+    async def _turn(self, renderer: ResponseRenderer, group: anyio.CancelScope, writer: anyio.Event | None) -> None:
         try:
             await self.runner.run(self.request, renderer)
         except Exception as exc:
             self.failure = exc  # raised by __call__, out of the task group, which would wrap it in a group
         finally:
+            if writer is not None:
+                renderer.wake_writer(last=True)
+                await writer.wait()  # what is queued goes out first (or its client is dropped)
             group.cancel()  # the disconnect watch and the keep-alive end with the turn
+
+
+async def _write_behind(renderer: ResponseRenderer, written: anyio.Event) -> None:
+    """Sends what ``renderer`` queued, at its client's pace, until the last message is sent or the client is gone or
+    dropped; then sets ``written``. Messages that piled up go out as one."""
+    behind = renderer.behind
+    assert behind is not None
+    try:
+        while not renderer.left:
+            if not behind:
+                if renderer.nothing_more:
+                    return
+                renderer._queued = anyio.Event()
+                await renderer._queued.wait()
+                continue
+            message = behind.popleft()
+            if message["type"] == "http.response.body" and behind:
+                bodies, more = [message["body"]], message.get("more_body", False)
+                while more and behind and behind[0]["type"] == "http.response.body":
+                    following = behind.popleft()
+                    bodies.append(following["body"])
+                    more = following.get("more_body", False)
+                message = {"type": "http.response.body", "body": b"".join(bodies), "more_body": more}
+            last = message["type"] == "http.response.body" and not message.get("more_body", False)
+            with anyio.move_on_after(renderer.stall_seconds) as stall:
+                await renderer._server_send(message)
+            if stall.cancelled_caught:
+                stalled = renderer.stall_seconds
+                logger.warning("a client read nothing for %g s of a reply that goes on: dropped", stalled)
+                renderer.dropped = renderer.left = True
+            if last or renderer.left:
+                behind.clear()
+                return
+    finally:
+        written.set()
 
 
 async def _keep_alive(renderer: ResponseRenderer) -> None:

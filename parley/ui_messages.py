@@ -28,14 +28,15 @@ SSE_HEADERS = [
 KEEPALIVE = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
 
-# History status → the protocol's finishReason (its schema allows stop, length, content-filter, tool-calls, error,
-# interrupted, other). "interrupted" also tells useChat not to send queued messages on its own after it.
+# History status → the protocol's finishReason: one that the AI SDK 6 and 7 both accept (stop, length,
+# content-filter, tool-calls, error, other; 7 adds "interrupted", which 6 rejects as an invalid stream, and npm
+# installs 6 on Node 20). A stopped reply is "other": how it was stopped rides in messageMetadata.status.
 FINISH_REASONS = {
     "complete": "stop",
     "error": "error",
-    "cancelled": "interrupted",
-    "disconnected": "interrupted",
-    "interrupted": "interrupted",
+    "cancelled": "other",
+    "disconnected": "other",
+    "interrupted": "other",
 }
 _TEXT_ID = "text"
 

@@ -6,7 +6,11 @@ each to a status and a body in one table (:mod:`parley.errors`, which draws the 
      │    ├── SessionNotFound  the session does not exist, or is another owner's (told apart by nobody)
      │    └── SessionGone      the session was deleted while the request was using it
      ├── FileNotFound          the file does not exist, or its bytes went with a delete
-     ├── SessionBusy           the session already has an interaction in progress
+     ├── MessageNotFound       a chat's replace (or the AI SDK's messageId) names no message of the session
+     ├── EditWithoutText       a replace of a user message (an edit) without its new text
+     ├── SessionBusy           the session already has an interaction in progress (if_busy reject)
+     ├── Dequeued              a message that waited its turn (if_busy) was cancelled, or its client left
+     ├── TooManyQueued         PARLEY_MAX_QUEUED messages wait for the session already (if_busy enqueue)
      ├── SessionExists         a client-chosen ui_session_id is taken
      ├── TooManyStreams        the owner already has PARLEY_MAX_STREAMS_PER_OWNER replies running
      ├── CancelFailed          a cancel that could not be delivered to the process that owns the stream
@@ -62,6 +66,39 @@ class FileNotFound(ParleyError):
 class SessionBusy(ParleyError):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"Session {session_id} already has an interaction in progress; cancel it or wait.")
+
+
+class MessageNotFound(ParleyError):
+    """A chat's replace (or the AI SDK's messageId) names no message of the session."""
+
+    def __init__(self, message_id: str) -> None:
+        super().__init__(f"Message not found: {message_id}")
+        self.message_id = message_id
+
+
+class EditWithoutText(ParleyError):
+    def __init__(self) -> None:
+        super().__init__("An edit needs the message's new text.")
+
+
+class Dequeued(ParleyError):
+    """A message that waited its turn (if_busy) was taken out of the line: cancelled, or its client left."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"The message for session {session_id} was cancelled while it waited for the reply in progress; "
+            "nothing was recorded."
+        )
+
+
+class TooManyQueued(ParleyError):
+    retry_after_seconds = 1
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"Too many messages already wait for this session's reply in progress (the limit is {limit}): "
+            "try again when one has run."
+        )
 
 
 class SessionExists(ParleyError):

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import mimetypes
 import os
 import re
 import tempfile
 import time
 import unicodedata
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ import anyio.to_thread
 from anyio import AsyncFile
 
 from parley.sessions.errors import FileNotFound
+
+logger = logging.getLogger("parley")
 
 _MIME = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _TEXT_TYPES = {
@@ -84,13 +88,19 @@ class Blob:
     sha256: str
 
 
+# Whether a file has its record in the store: (session id, file id) -> bool.
+Recorded = Callable[[str, str], Awaitable[bool]]
+
+
 class BlobWriter(Protocol):
     """Writes one upload chunk by chunk, counting and hashing as it goes; raises FileTooLarge past its limit."""
 
     size: int
 
     async def write(self, data: bytes) -> None: ...
-    async def commit(self) -> Blob: ...
+
+    async def commit(self, session_id: str = "") -> Blob:
+        """Make the blob whole, for ``session_id``'s record (then :meth:`Blobs.settle` it)."""
 
 
 class Blobs(Protocol):
@@ -100,8 +110,12 @@ class Blobs(Protocol):
 
     async def open(self) -> None: ...
 
-    async def sweep_partials(self, max_age: float) -> None:
-        """Until cancelled, remove now and then what uploads of a killed process left, untouched for ``max_age``."""
+    async def sweep_partials(self, max_age: float, recorded: Recorded | None = None) -> None:
+        """Until cancelled, remove now and then what uploads of a killed process left, untouched for ``max_age``
+        (with ``recorded``: blobs committed whose record was never stored, too)."""
+
+    async def settle(self, file_id: str) -> None:
+        """The blob's record is stored: it is no longer a candidate for the sweep."""
 
     def close(self) -> None: ...
 
@@ -121,7 +135,9 @@ class DiskBlobs:
     """Uploaded files' bytes on disk, one file per id under ``root``; metadata lives in the store.
 
     A blob is written under ``root/.partial`` and moved into place only once it is whole, so a crash or a
-    cancelled upload never leaves a file the API can see.
+    cancelled upload never leaves a file the API can see. Its record is stored after that move: until it is, a
+    note in ``root/.unrecorded`` names its session, so that the blob of a process killed in between is removed
+    (see :meth:`sweep_partials`).
     """
 
     def __init__(self, root: str | Path | None) -> None:
@@ -132,21 +148,44 @@ class DiskBlobs:
             root = self._temporary.name
         self.root = Path(root)
         self._partial = self.root / ".partial"
+        self._unrecorded = self.root / ".unrecorded"
 
     async def open(self) -> None:
         await anyio.to_thread.run_sync(self._prepare)
 
     def _prepare(self) -> None:
         self._partial.mkdir(parents=True, exist_ok=True)
+        self._unrecorded.mkdir(exist_ok=True)
         self._sweep(PARTIAL_MAX_AGE)
 
-    async def sweep_partials(self, max_age: float) -> None:
+    async def sweep_partials(self, max_age: float, recorded: Recorded | None = None) -> None:
         """Remove, every ``max_age / 2`` seconds and until cancelled, the partial uploads untouched for
         ``max_age``: those of a process that was killed. (A live upload writes to its file as its body
-        arrives, and a body that stalls is dropped after PARLEY_BODY_TIMEOUT_SECONDS.)"""
+        arrives, and a body that stalls is dropped after PARLEY_BODY_TIMEOUT_SECONDS.) With ``recorded``, also
+        the blobs whose record was still not stored ``max_age`` after they were committed: their process was
+        killed in between (a live upload stores it right after, in one store call)."""
         while True:
             await anyio.sleep(max_age / 2)
             await anyio.to_thread.run_sync(self._sweep, max_age)
+            if recorded is not None:
+                await self._sweep_unrecorded(max_age, recorded)
+
+    async def _sweep_unrecorded(self, max_age: float, recorded: Recorded) -> None:
+        cutoff = time.time() - max_age
+        notes = await anyio.to_thread.run_sync(
+            lambda: [(n.name, n.read_text()) for n in self._unrecorded.glob("file_*") if n.stat().st_mtime < cutoff]
+        )
+        for file_id, session_id in notes:
+            try:
+                if not await recorded(session_id, file_id):
+                    await anyio.to_thread.run_sync(functools.partial(self.path(file_id).unlink, missing_ok=True))
+            except Exception as exc:  # the store is down: the next sweep asks again
+                logger.warning("could not sweep the blobs left without a record: %s", exc)
+                return
+            await self.settle(file_id)
+
+    async def settle(self, file_id: str) -> None:
+        await anyio.to_thread.run_sync(lambda: (self._unrecorded / file_id).unlink(missing_ok=True))
 
     def _sweep(self, max_age: float) -> int:
         # Recent ones may belong to another worker still receiving them.
@@ -170,7 +209,7 @@ class DiskBlobs:
 
     @asynccontextmanager
     async def writer(self, file_id: str, limit: int) -> AsyncIterator[BlobWriter]:
-        writer = DiskBlobWriter(self._partial / f"{file_id}.part", self.path(file_id), limit)
+        writer = DiskBlobWriter(self._partial / f"{file_id}.part", self.path(file_id), limit, self._unrecorded)
         try:
             yield writer
         finally:
@@ -178,6 +217,7 @@ class DiskBlobs:
 
     async def delete(self, file_id: str) -> None:
         await anyio.to_thread.run_sync(lambda: self.path(file_id).unlink(missing_ok=True))
+        await self.settle(file_id)
 
     async def read_text(self, file_id: str) -> str:
         try:
@@ -196,9 +236,10 @@ class DiskBlobs:
 class DiskBlobWriter:
     """Writes one upload to disk chunk by chunk, counting and hashing as it goes; nothing is kept in memory."""
 
-    def __init__(self, partial: Path, destination: Path, limit: int) -> None:
+    def __init__(self, partial: Path, destination: Path, limit: int, unrecorded: Path | None = None) -> None:
         self.partial = partial
         self.destination = destination
+        self.unrecorded = unrecorded
         self.limit = limit
         self.size = 0
         self._hash = hashlib.sha256()
@@ -216,12 +257,17 @@ class DiskBlobWriter:
         while view:  # (a raw file may take part of a write)
             view = view[await self._file.write(view) :]
 
-    async def commit(self) -> Blob:
+    async def commit(self, session_id: str = "") -> Blob:
         if self._file is None:
             self._file = await anyio.open_file(self.partial, "wb")
         await self._file.aclose()
-        await anyio.to_thread.run_sync(os.replace, self.partial, self.destination)
+        await anyio.to_thread.run_sync(self._move_into_place, session_id)
         return Blob(self.size, self._hash.hexdigest())
+
+    def _move_into_place(self, session_id: str) -> None:
+        if self.unrecorded is not None and session_id:
+            (self.unrecorded / self.destination.name).write_text(session_id)  # (before: a kill may come between)
+        os.replace(self.partial, self.destination)
 
     async def discard(self) -> None:
         with anyio.CancelScope(shield=True):

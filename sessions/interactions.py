@@ -11,13 +11,25 @@ from typing import Any, Literal, Protocol
 
 import anyio
 
-from parley.sessions.errors import CancelFailed, RejoinFailed, SessionBusy, TooManyStreams
+from parley.sessions.errors import (
+    CancelFailed,
+    Dequeued,
+    RejoinFailed,
+    SessionBusy,
+    SessionNotFound,
+    TooManyQueued,
+    TooManyStreams,
+)
 from parley.sessions.limits import LocalStreamSlots, StreamSlots
 from parley.sessions.store import Message, MessageStatus, Session, Store, new_id
 
 logger = logging.getLogger("parley")
 
 CancelReason = Literal["cancelled", "disconnected", "deleted", "lease lost"]
+# What a message into a session that has a reply in progress does: is refused (409), stops that reply and runs,
+# or waits its turn (first come, first served).
+IfBusy = Literal["reject", "interrupt", "enqueue"]
+IF_BUSY: tuple[IfBusy, ...] = ("reject", "interrupt", "enqueue")
 # What a cancel did, as the web layer counts it; a failure to reach the owner raises CancelFailed instead.
 CancelOutcome = Literal["cancelled_here", "cancelled_elsewhere", "not_running"]
 CANCEL_REASONS: dict[str, CancelReason] = {
@@ -45,6 +57,8 @@ class Interaction:
         self.agent_done = False
         self.released = False
         self.message_id = ""  # the assistant's message in history, once the turn has started
+        # While it waits for its session (if_busy enqueue or interrupt): a cancel takes it out of the line.
+        self.waiting: anyio.CancelScope | None = None
         self.tokens: list[str] = []  # the reply so far: rejoining clients read it from here
         self.status = ""  # the history status, once done
         self.error: str | None = None  # what a failure after the first token said, for renderers that can tell
@@ -57,6 +71,8 @@ class Interaction:
         if self.agent_done or self.reason is not None:
             return False
         self.reason = reason
+        if self.waiting is not None:
+            self.waiting.cancel()  # (it never started: it leaves the line, and nothing of it is recorded)
         self.scope.cancel()
         return True
 
@@ -115,6 +131,10 @@ class TurnStart:
     user: Message
     assistant: Message
     history_limit: Callable[[Session], int]
+    # A regenerate or an edit: Store.replace_turn, once the claim is taken, in place of start_turn.
+    replace: str | None = None
+    missing_ok: bool = False
+    keep: bool = False
 
 
 class Coordinator(Protocol):
@@ -278,16 +298,82 @@ class Interactions:
     scope. Cancel, session delete and client disconnect all go through here to the interaction's scope; the
     coordinator carries the one-per-session rule and the cancels to the other processes."""
 
-    def __init__(self, coordinator: Coordinator, slots: StreamSlots | None = None) -> None:
+    def __init__(self, coordinator: Coordinator, slots: StreamSlots | None = None, max_queued: int = 4) -> None:
         self._running: dict[str, Interaction] = {}
+        # The messages that wait for their session (if_busy), in the order they run; and for each session with
+        # any, an event set when its line may move (its interaction ended, or one left the line).
+        self._lines: dict[str, list[Interaction]] = {}
+        self._moved: dict[str, anyio.Event] = {}
         self.coordinator = coordinator
         self.slots: StreamSlots = slots or LocalStreamSlots(None)
+        self.max_queued = max_queued
 
-    def open(self, session_id: str, owner: str = "") -> _Open:
+    def open(
+        self,
+        session_id: str,
+        owner: str = "",
+        if_busy: IfBusy = "reject",
+        waiting: Callable[[Interaction], None] | None = None,
+    ) -> _Open:
         """Take one of the owner's stream slots and claim the session for one interaction, for as long as the
         ``async with`` block runs; with a :class:`TurnStart` set on it (``opening.turn``) before, start the turn
-        too (its answer is then ``opening.started``). Raises TooManyStreams, then SessionBusy."""
-        return _Open(self, session_id, owner)
+        too (its answer is then ``opening.started``). Raises TooManyStreams, then SessionBusy.
+
+        This is where a message into a busy session learns what ``if_busy`` makes of it: reject raises
+        SessionBusy; interrupt cancels the reply in progress (as a cancel does) and waits for it to end;
+        enqueue waits until it and the messages queued before have ended (TooManyQueued past ``max_queued``).
+        Both wait in the session's line (an interrupt at its head), take a stream slot only once it is their
+        turn, and wait for a reply that another process runs by polling its claim. ``waiting`` is told of an
+        interaction that waits: cancelling it takes it out of the line (Dequeued; SessionNotFound for
+        "deleted"), and nothing of it is recorded."""
+        return _Open(self, session_id, owner, if_busy, waiting)
+
+    def queued(self, session_id: str) -> int:
+        """How many messages wait for the session in this process."""
+        return len(self._lines.get(session_id, ()))
+
+    def line(self, session_id: str) -> list[str]:
+        """The interaction ids of the messages that wait for the session in this process, in the order they run."""
+        return [waiting.id for waiting in self._lines.get(session_id, ())]
+
+    def _move(self, session_id: str) -> None:
+        moved = self._moved.pop(session_id, None)
+        if moved is not None:
+            moved.set()
+
+    async def _wait_turn(self, interaction: Interaction, if_busy: IfBusy) -> None:
+        """Wait in the session's line until ``interaction`` is first in it and nothing runs here (it stays in the
+        line: the caller leaves it once it runs, so that nobody gets in between)."""
+        session_id = interaction.session_id
+        line = self._lines.setdefault(session_id, [])
+        if if_busy == "interrupt":
+            line.insert(0, interaction)
+            running = self._running.get(session_id)
+            if running is not None:
+                running.cancel("cancelled")  # recorded as a cancel records it; then this one runs
+        else:
+            line.append(interaction)
+        while self._running.get(session_id) is not None or line[0] is not interaction:
+            moved = self._moved.get(session_id)
+            if moved is None:
+                moved = self._moved[session_id] = anyio.Event()
+            await moved.wait()
+
+    def _leave_line(self, interaction: Interaction) -> None:
+        line = self._lines.get(interaction.session_id)
+        if line is not None and interaction in line:
+            line.remove(interaction)
+            if not line:
+                del self._lines[interaction.session_id]
+            self._move(interaction.session_id)
+
+    def cancel_queued(self, session_id: str, reason: CancelReason, interaction_id: str | None = None) -> bool:
+        """Take the session's waiting messages (only ``interaction_id``, when given) out of its line."""
+        found = False
+        for waiting in list(self._lines.get(session_id, ())):
+            if interaction_id is None or waiting.id == interaction_id:
+                found = waiting.cancel(reason) or found
+        return found
 
     async def end_turn(
         self, interaction: Interaction, store: Store, message_id: str, content: str, status: MessageStatus
@@ -307,6 +393,8 @@ class Interactions:
             return
         if self._running.get(interaction.session_id) is interaction:
             del self._running[interaction.session_id]
+            if interaction.session_id in self._lines:
+                self._move(interaction.session_id)  # the next in line
         if not interaction.status:  # it never got going (say, its session was gone): followers must not wait
             interaction.finish("interrupted")
         interaction.mark_released()
@@ -348,13 +436,23 @@ class Interactions:
         it is). Raises CancelFailed if its process cannot be reached (with ``wait_out_silence``: nor waited out,
         see :meth:`Coordinator.cancel_elsewhere`). ``check`` (see :data:`OwnerCheck`) runs unless the interaction
         running for ``owner``, here or in the process that stopped it, shows the session is the owner's."""
+        if interaction_id is not None and session_id in self._lines:
+            for waiting in self._lines[session_id]:
+                if waiting.id == interaction_id and (owner is None or waiting.owner == owner):
+                    cancelled = waiting.cancel(CANCEL_REASONS.get(reason, "cancelled"))
+                    return "cancelled_here" if cancelled else "not_running"
         running = self._running.get(session_id)
         if running is not None:
-            # This process owns it: no need for the coordinator, so this works even while Redis is down.
-            if check is not None and running.owner != owner:
+            # This process owns it: no need for the coordinator, so this works even while Redis is down. Only a
+            # started interaction shows whose the session is: a claim is taken before the owner is known, and
+            # another owner's (an intruder's, whose start is about to fail) must change nothing for the owner.
+            if check is not None and (running.owner != owner or not running.message_id):
                 await check()
-            cancelled = self.cancel_here(session_id, interaction_id, reason, owner)
-            return "cancelled_here" if cancelled else "not_running"
+                check = None  # (the session is the canceller's)
+            if running.owner == owner or owner is None:
+                cancelled = self.cancel_here(session_id, interaction_id, reason, owner)
+                return "cancelled_here" if cancelled else "not_running"
+            # Another owner's claim in this process, not started: the owner's reply, if any, runs elsewhere.
         if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason, owner, wait_out_silence, check):
             return "cancelled_elsewhere"
         return "not_running"
@@ -363,7 +461,10 @@ class Interactions:
         return session_id in self._running or await self.coordinator.streaming_elsewhere(session_id, None)
 
     async def cancel_and_wait(self, session_id: str, reason: CancelReason, patience: float = 5.0) -> CancelOutcome:
-        """Cancel the session's interaction and wait (``patience`` seconds at most) until it has ended."""
+        """Cancel the session's interaction and wait (``patience`` seconds at most) until it has ended. (Deleting
+        the session also ends the messages that wait for it.)"""
+        if reason == "deleted":
+            self.cancel_queued(session_id, reason)
         outcome = await self.cancel(session_id, reason=reason)
         with anyio.move_on_after(patience):
             interaction = self._running.get(session_id)
@@ -380,19 +481,47 @@ class Interactions:
             await next(iter(self._running.values())).wait_released()
 
 
+# How long a chat waits for another owner's claim of its session, not started, to go (it goes after one store call).
+_INTRUDER_PATIENCE = 5.0
+
+
 class _Open:
     """``async with interactions.open(session_id, owner) as interaction``. (A class rather than an
     ``@asynccontextmanager``: every chat pays for it, and a generator costs more to drive.)"""
 
-    __slots__ = ("interaction", "interactions", "started", "turn")
+    __slots__ = ("asked", "if_busy", "interaction", "interactions", "started", "turn", "waiting")
 
-    def __init__(self, interactions: Interactions, session_id: str, owner: str) -> None:
+    def __init__(
+        self,
+        interactions: Interactions,
+        session_id: str,
+        owner: str,
+        if_busy: IfBusy = "reject",
+        waiting: Callable[[Interaction], None] | None = None,
+    ) -> None:
         self.interactions = interactions
         self.interaction = Interaction(session_id, owner)
         self.turn: TurnStart | None = None
         self.started: tuple[Session, list[Message]] | None = None
+        self.asked: Message | None = None  # a replaced turn's user message (the one kept, for a regenerate)
+        self.if_busy = if_busy
+        self.waiting = waiting
 
     async def __aenter__(self) -> Interaction:
+        interactions, interaction = self.interactions, self.interaction
+        session_id = interaction.session_id
+        if self.if_busy != "reject" and (session_id in interactions._running or session_id in interactions._lines):
+            await self._wait()
+            return interaction
+        try:
+            await self._enter(first_in_line=False)
+        except SessionBusy:  # (another process runs the session's reply)
+            if self.if_busy == "reject":
+                raise
+            await self._wait()
+        return interaction
+
+    async def _enter(self, *, first_in_line: bool) -> None:
         interactions, interaction = self.interactions, self.interaction
         session_id, owner, slots = interaction.session_id, interaction.owner, interactions.slots
         coordinator = interactions.coordinator
@@ -402,23 +531,93 @@ class _Open:
         inline = limited and coordinator.takes_slots(slots)  # taken with the claim, in its round trip
         if limited and not inline and not await slots.take(owner, interaction.id):
             raise TooManyStreams(slots.limit or 0)
-        if session_id in interactions._running:
+        holder = interactions._running.get(session_id)
+        if holder is not None and holder.owner != owner and not holder.message_id and self.turn is not None:
+            # Another owner's claim, not started: the intruder's (its start will find the session is not its
+            # owner's, at once), or ours if the session is not our owner's. (One store read, on this rare path.)
+            if await self.turn.store.get_session(session_id, owner) is not None:
+                with anyio.move_on_after(_INTRUDER_PATIENCE):
+                    while holder is not None and holder.owner != owner and not holder.message_id:
+                        await holder.wait_released()  # (and the next one, if the intruder keeps trying)
+                        holder = interactions._running.get(session_id)
+        if session_id in interactions._running or (not first_in_line and session_id in interactions._lines):
             if inline and not await slots.take(owner, interaction.id):
                 raise TooManyStreams(slots.limit or 0)
             await self._undo()
             raise SessionBusy(session_id)
         interactions._running[session_id] = interaction
         try:
-            if self.turn is None:
-                await coordinator.claim(interaction, slots if inline else None)
+            turn, taken = self.turn, slots if inline else None
+            if turn is None:
+                await coordinator.claim(interaction, taken)
+            elif turn.replace is None:
+                self.started = await coordinator.start_turn(interaction, taken, turn)
             else:
-                self.started = await coordinator.start_turn(interaction, slots if inline else None, self.turn)
+                # The claim first, then the drop and the new turn's start in one store step: a chat refused as
+                # busy drops nothing.
+                await coordinator.claim(interaction, taken)
+                try:
+                    session, earlier, self.asked = await turn.store.replace_turn(
+                        turn.replace,
+                        turn.user,
+                        turn.assistant,
+                        turn.history_limit,
+                        owner=owner,
+                        missing_ok=turn.missing_ok,
+                        keep=turn.keep,
+                    )
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await coordinator.release(interaction, taken)
+                    raise
+                self.started = session, earlier
         except BaseException:
             if interactions._running.get(session_id) is interaction:
                 del interactions._running[session_id]
+            interaction.mark_released()  # (a chat waiting for this claim to go goes on)
             await self._undo()
             raise
-        return interaction
+
+    async def _wait(self) -> None:
+        """if_busy interrupt or enqueue, with the session busy: wait in its line, then enter."""
+        interactions, interaction, if_busy = self.interactions, self.interaction, self.if_busy
+        session_id = interaction.session_id
+        line = interactions._lines.get(session_id)
+        ahead = interactions._running.get(session_id) or (line[0] if line else None)
+        if ahead is not None and ahead.owner != interaction.owner:
+            # Another owner's interaction ahead: the session is not ours (neither stopped nor waited for), or it is
+            # an intruder's claim, whose start finds the session is not its owner's. Only the store can tell them
+            # apart; this rare path asks it.
+            if self.turn is None or await self.turn.store.get_session(session_id, interaction.owner) is None:
+                raise SessionNotFound(session_id)
+        if if_busy == "enqueue" and interactions.queued(session_id) >= interactions.max_queued:
+            raise TooManyQueued(interactions.max_queued)
+        if self.waiting is not None:
+            self.waiting(interaction)
+        entered = False
+        try:
+            with anyio.CancelScope() as waiting:
+                interaction.waiting = waiting
+                await interactions._wait_turn(interaction, if_busy)
+                while interaction.reason is None:
+                    # Its turn: from here a cancel stops it as it stops a running reply (it is recorded so).
+                    interaction.waiting = None
+                    try:
+                        await self._enter(first_in_line=True)
+                        entered = True
+                        break
+                    except SessionBusy:  # another process runs the session's reply: stop it, or wait for it
+                        interaction.waiting = waiting
+                        if if_busy == "interrupt":
+                            await interactions.cancel(session_id, reason="cancelled", owner=interaction.owner)
+                        await anyio.sleep(_CLAIM_POLL_SECONDS)
+        finally:
+            interaction.waiting = None
+            interactions._leave_line(interaction)
+        if not entered:  # taken out of the line
+            if interaction.reason == "deleted":
+                raise SessionNotFound(session_id)
+            raise Dequeued(session_id)
 
     async def _undo(self) -> None:
         if self.interactions.slots.limit is not None:
@@ -426,3 +625,7 @@ class _Open:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.interactions.release(self.interaction)
+
+
+# How often a message that waits polls for a session whose reply another process runs.
+_CLAIM_POLL_SECONDS = 0.02

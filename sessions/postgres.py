@@ -28,9 +28,17 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from parley.sessions.errors import EventLoopUnsupported, SessionExists, SessionGone, SessionNotFound, StoreUnavailable
+from parley.sessions.errors import (
+    EditWithoutText,
+    EventLoopUnsupported,
+    MessageNotFound,
+    SessionExists,
+    SessionGone,
+    SessionNotFound,
+    StoreUnavailable,
+)
 from parley.sessions.postgres_schema import migrate
-from parley.sessions.store import FileInfo, Message, MessageStatus, Session, ignore_error
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session, derived_title, ignore_error
 
 logger = logging.getLogger("parley")
 
@@ -41,8 +49,15 @@ Claims = Callable[[Collection[str]], Awaitable[Mapping[str, str]]]
 
 _UNAVAILABLE = "The session store (PostgreSQL) is unavailable right now; try again shortly."
 _SESSION_COLUMNS = "id, agent, created_at, owner"
-_MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at"
-_HISTORY_COLUMNS = "h.id, h.session_id, h.role, h.content, h.file_ids, h.status, h.interaction_id, h.created_at"
+_MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at, client_id"
+_HISTORY_COLUMNS = (
+    "h.id, h.session_id, h.role, h.content, h.file_ids, h.status, h.interaction_id, h.created_at, h.client_id"
+)
+# A session with its title: the one set, or the start of its first user message (see derived_title).
+_TITLED_COLUMNS = (
+    "id, agent, created_at, owner, title, (SELECT left(m.content, 1000) FROM messages m "
+    "WHERE m.session_id = sessions.id AND m.role = 'user' ORDER BY m.seq LIMIT 1)"
+)
 _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
 
 # One statement: the session (if it is the owner's); if its agent is one whose history limit is known (the
@@ -62,10 +77,11 @@ WITH s AS (
 ), added AS (
     INSERT INTO messages ({_MESSAGE_COLUMNS})
     SELECT v.* FROM known, (VALUES
-        (%(u_id)s, %(session)s, 'user', %(u_content)s, %(u_files)s::jsonb, %(u_status)s, %(interaction)s, %(u_at)s),
+        (%(u_id)s, %(session)s, 'user', %(u_content)s, %(u_files)s::jsonb, %(u_status)s, %(interaction)s, %(u_at)s,
+         %(u_client)s),
         (%(a_id)s, %(session)s, 'assistant', %(a_content)s, %(a_files)s::jsonb, %(a_status)s, %(interaction)s,
-         %(a_at)s)
-    ) AS v(id, session_id, role, content, file_ids, status, interaction_id, created_at)
+         %(a_at)s, '')
+    ) AS v(id, session_id, role, content, file_ids, status, interaction_id, created_at, client_id)
 )
 SELECT s.agent, s.created_at, EXISTS (SELECT 1 FROM known), (
     SELECT json_agg(json_build_array({_HISTORY_COLUMNS}) ORDER BY h.seq)
@@ -205,26 +221,32 @@ class PostgresStore:
 
     async def create_session(self, session: Session) -> None:
         rows = await self.fetch(
-            f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO NOTHING "
+            f"INSERT INTO sessions ({_SESSION_COLUMNS}, title) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING "
             "RETURNING 1",
-            (session.ui_session_id, session.agent, session.created_at, session.owner),
+            (session.ui_session_id, session.agent, session.created_at, session.owner, session.title),
         )
         if not rows:
             raise SessionExists(session.ui_session_id)
 
     async def get_session(self, session_id: str, owner: str) -> Session | None:
         rows = await self.fetch(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = %s AND owner = %s", (session_id, owner)
+            f"SELECT {_TITLED_COLUMNS} FROM sessions WHERE id = %s AND owner = %s", (session_id, owner)
         )
-        return Session(*rows[0]) if rows else None
+        return _titled(rows[0]) if rows else None
 
     async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
         rows = await self.fetch(
-            f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE owner = %s "
+            f"SELECT {_TITLED_COLUMNS} FROM sessions WHERE owner = %s "
             "ORDER BY created_at DESC, seq DESC LIMIT %s OFFSET %s",
             (owner, limit, offset),
         )
-        return [Session(*row) for row in rows]
+        return [_titled(row) for row in rows]
+
+    async def set_title(self, session_id: str, owner: str, title: str | None) -> bool:
+        count = await self.execute(
+            "UPDATE sessions SET title = %s WHERE id = %s AND owner = %s", (title, session_id, owner)
+        )
+        return count > 0
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         rows = await self.fetch(_DELETE_SESSION, (session_id, owner))
@@ -267,6 +289,7 @@ class PostgresStore:
             "u_files": json.dumps(list(user.file_ids)),
             "u_status": user.status,
             "u_at": user.created_at,
+            "u_client": user.client_id,
             "a_id": assistant.id,
             "a_content": assistant.content,
             "a_files": json.dumps(list(assistant.file_ids)),
@@ -281,6 +304,97 @@ class PostgresStore:
             # Only a retry after a connection lost as the first try committed (see run) writes the same ids again.
             raise StoreUnavailable(_UNAVAILABLE) from None
         return rows[0] if rows else None
+
+    async def replace_turn(
+        self,
+        target: str,
+        user: Message,
+        assistant: Message,
+        history_limit: Callable[[Session], int],
+        *,
+        owner: str,
+        missing_ok: bool = False,
+        keep: bool = False,
+    ) -> tuple[Session, list[Message], Message]:
+        session_id = user.session_id
+
+        async def replace(connection: AsyncConnection[Any]) -> tuple[Session, list[Message], Message]:
+            async with connection.transaction():
+                found = await (
+                    await connection.execute(
+                        f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = %s AND owner = %s FOR UPDATE",
+                        (session_id, owner),
+                    )
+                ).fetchone()
+                if found is None:
+                    raise SessionNotFound(session_id)
+                session = Session(*found)
+                limit = history_limit(session)
+                # The caller holds the session's claim: a turn still streaming is an orphan.
+                await connection.execute(
+                    "UPDATE messages SET status = 'interrupted' WHERE session_id = %s AND status = 'streaming'",
+                    (session_id,),
+                )
+                row = await (
+                    await connection.execute(
+                        f"SELECT seq, {_MESSAGE_COLUMNS} FROM messages WHERE session_id = %s "
+                        "AND (client_id = %s OR (client_id = '' AND id = %s)) ORDER BY seq DESC LIMIT 1",
+                        (session_id, target, target),
+                    )
+                ).fetchone()
+                asked, start, cut = user, None, None
+                if row is None:
+                    if not missing_ok:
+                        raise MessageNotFound(target)
+                elif row[3] == "assistant":  # a regenerate: the reply goes, the user message before it stays
+                    before = await (
+                        await connection.execute(
+                            f"SELECT seq, {_MESSAGE_COLUMNS} FROM messages WHERE session_id = %s AND seq < %s "
+                            "AND role = 'user' ORDER BY seq DESC LIMIT 1",
+                            (session_id, row[0]),
+                        )
+                    ).fetchone()
+                    if before is None:
+                        raise MessageNotFound(target)
+                    start, cut, asked = before[0], row[0], _message(before[1:])
+                elif keep:  # a regenerate from the user message: it stays, what follows it goes
+                    start, cut, asked = row[0], row[0] + 1, _message(row[1:])
+                else:  # an edit
+                    if not user.content.strip():
+                        raise EditWithoutText()
+                    start = cut = row[0]
+                history: list[Message] = []
+                if limit > 0:
+                    earlier = await (
+                        await connection.execute(
+                            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = %s AND seq < %s "
+                            "ORDER BY seq DESC LIMIT %s",
+                            (session_id, start if start is not None else 2**62, limit),
+                        )
+                    ).fetchall()
+                    history = [_message(entry) for entry in reversed(earlier)]
+                if cut is not None:
+                    await connection.execute(
+                        "DELETE FROM messages WHERE session_id = %s AND seq >= %s", (session_id, cut)
+                    )
+                for message in (user, assistant) if asked is user else (assistant,):
+                    await connection.execute(
+                        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s)",
+                        (
+                            message.id,
+                            message.session_id,
+                            message.role,
+                            message.content,
+                            json.dumps(list(message.file_ids)),
+                            message.status,
+                            message.interaction_id,
+                            message.created_at,
+                            message.client_id,
+                        ),
+                    )
+                return session, history, asked
+
+        return await self.run(replace)
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         # The last word of an interaction must not be lost to an outage: keep trying until PostgreSQL is back.
@@ -379,5 +493,11 @@ def _ignore_duration(store: str, seconds: float) -> None:
 
 
 def _message(row: Any) -> Message:
-    id_, session_id, role, content, file_ids, status, interaction_id, created_at = row
-    return Message(id_, session_id, role, content, tuple(file_ids), status, interaction_id, created_at)
+    id_, session_id, role, content, file_ids, status, interaction_id, created_at, client_id = row
+    files = tuple(file_ids)
+    return Message(id_, session_id, role, content, files, status, interaction_id, created_at, client_id)
+
+
+def _titled(row: Any) -> Session:
+    id_, agent, created_at, owner, title, first_text = row
+    return Session(id_, agent, created_at, owner, title or derived_title(first_text))

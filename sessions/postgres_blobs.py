@@ -22,7 +22,7 @@ from pathlib import Path
 import anyio
 
 from parley.sessions.errors import FileNotFound
-from parley.sessions.files import Blob, BlobWriter, FileTooLarge
+from parley.sessions.files import Blob, BlobWriter, FileTooLarge, Recorded
 from parley.sessions.postgres import PostgresStore
 
 CHUNK_BYTES = 256 * 1024
@@ -47,13 +47,16 @@ class PostgresBlobs:
     async def open(self) -> None:
         await self.store.open()  # (the schema, blobs' tables included)
 
-    async def sweep_partials(self, max_age: float) -> None:
+    async def sweep_partials(self, max_age: float, recorded: Recorded | None = None) -> None:
         while True:
             await anyio.sleep(max_age / 2)
             try:
                 await self.store.execute(_SWEEP, (max_age,))
             except Exception:  # PostgreSQL down: the next sweep does it
                 pass
+
+    async def settle(self, file_id: str) -> None:
+        pass  # (DiskBlobs' sweep of blobs without a record; not done here)
 
     def close(self) -> None:
         pass  # (the store's pool is closed with the store)
@@ -135,7 +138,7 @@ class PostgresBlobWriter:
         await self.store.execute(_ADD_CHUNK, {"blob": self.file_id, "seq": self._seq, "data": chunk})
         self._seq += 1
 
-    async def commit(self) -> Blob:
+    async def commit(self, session_id: str = "") -> Blob:
         await self._start()
         if self._pending:
             chunk, self._pending = bytes(self._pending), bytearray()

@@ -71,6 +71,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (blob_id, seq)
         )""",
     ),
+    # 2: sessions' titles (NULL: the first user message's), and the ids clients give their messages (the AI SDK's).
+    (
+        "ALTER TABLE sessions ADD COLUMN title text",
+        "ALTER TABLE messages ADD COLUMN client_id text NOT NULL DEFAULT ''",
+    ),
 )
 
 

@@ -32,7 +32,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from parley.sessions.errors import (
+    EditWithoutText,
     EventLoopUnsupported,
+    MessageNotFound,
     SessionBusy,
     SessionExists,
     SessionNotFound,
@@ -41,11 +43,22 @@ from parley.sessions.errors import (
 )
 from parley.sessions.redis_keys import SessionKeys, owner_sessions, session_id_of
 from parley.sessions.redis_scripts import Scripts
-from parley.sessions.store import FileInfo, HistoryLimits, Message, MessageStatus, Session, ignore_error
+from parley.sessions.store import (
+    FileInfo,
+    HistoryLimits,
+    Message,
+    MessageStatus,
+    Session,
+    derived_title,
+    ignore_error,
+)
 
 logger = logging.getLogger("parley")
 
 _DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+# The start of the first user message, kept in the session's hash ('first') for its title while it has none set.
+_FIRST_TEXT_CHARS = 1000
 
 # A client of one Redis or of a Redis Cluster (PARLEY_REDIS_CLUSTER=1).
 Client = Redis | RedisCluster
@@ -173,7 +186,7 @@ class RedisStore:
             # Listed first (the owner's list is in the owner's slot, the session in its own): a crash between
             # the two leaves a listed id with no session, which listing skips, never a session nobody lists.
             listed = await self.redis.zadd(index, {session_id: score}, nx=True)
-            arguments = [session.agent, session.created_at, session.owner]
+            arguments = [session.agent, session.created_at, session.owner, session.title or ""]
             created = await self.scripts.create_session([self.keys(session_id).session], arguments)
             if not created and listed:
                 await self.redis.zrem(index, session_id)
@@ -196,6 +209,11 @@ class RedisStore:
                 rows: list[dict[str, str]] = await pipe.execute()
         found = (_session(sid, fields, owner) for sid, fields in zip(ids, rows, strict=True))
         return [session for session in found if session is not None]
+
+    async def set_title(self, session_id: str, owner: str, title: str | None) -> bool:
+        with _reachable(self.on_error):
+            done = await self.scripts.set_title([self.keys(session_id).session], [owner, title or ""])
+        return bool(done)
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         k = self.keys(session_id)
@@ -239,6 +257,7 @@ class RedisStore:
             arguments += (claim.value, claim.lease_ms, claim.interaction_id, claim.limit)
             if claim.slots is not None:
                 keys.append(claim.slots)
+        arguments.append(user.content[:_FIRST_TEXT_CHARS])
         with _reachable(self.on_error):
             answer: Any = await self.scripts.begin_turn(keys, arguments)
         outcome = answer[0]
@@ -254,6 +273,47 @@ class RedisStore:
             raise SessionNotFound(session_id)  # (an unknown agent that the limit did not refuse: not reached)
         self._replies[assistant.id] = assistant
         return session, _messages(answer[3], answer[4])
+
+    async def replace_turn(
+        self,
+        target: str,
+        user: Message,
+        assistant: Message,
+        history_limit: Callable[[Session], int],
+        *,
+        owner: str,
+        missing_ok: bool = False,
+        keep: bool = False,
+    ) -> tuple[Session, list[Message], Message]:
+        session_id = user.session_id
+        k = self.keys(session_id)
+        if isinstance(history_limit, HistoryLimits):
+            limits = self._limits(history_limit.by_agent)
+        else:
+            session = await self.get_session(session_id, owner)
+            limits = json.dumps({} if session is None else {session.agent: history_limit(session)})
+        mode = "keep" if keep else "1" if user.content.strip() else "0"
+        arguments: list[str | int] = [owner, target, "1" if missing_ok else "0", mode, limits]
+        for message in (user, assistant):
+            arguments += (message.id, _message_json(message), message.status)
+        arguments.append(user.content[:_FIRST_TEXT_CHARS])
+        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.leases]
+        with _reachable(self.on_error):
+            answer: Any = await self.scripts.replace_turn(keys, arguments)
+        outcome = answer[0]
+        if outcome == "missing":
+            raise SessionNotFound(session_id)
+        if outcome == "not_found":
+            raise MessageNotFound(target)
+        if outcome == "needs_text":
+            raise EditWithoutText()
+        session = Session(session_id, answer[1], answer[2], owner)
+        if outcome == "agent":
+            history_limit(session)  # raises (AgentUnavailable)
+            raise SessionNotFound(session_id)
+        asked = _messages([answer[3]], [answer[4]])[0] if answer[3] else user
+        self._replies[assistant.id] = assistant
+        return session, _messages(answer[5], answer[6]), asked
 
     def _limits(self, by_agent: Mapping[str, int]) -> str:
         cached = self._limits_json
@@ -384,7 +444,9 @@ def _session(session_id: str, row: dict[str, str], owner: str) -> Session | None
     """The session in ``row`` if it is ``owner``'s; None for no session (an empty row) or another owner's."""
     if not row or row.get("owner", "") != owner:
         return None
-    return Session(session_id, row["agent"], row["created_at"], owner)
+    return Session(
+        session_id, row["agent"], row["created_at"], owner, row.get("title") or derived_title(row.get("first"))
+    )
 
 
 def _message_json(message: Message, content: str | None = None) -> str:
@@ -398,6 +460,7 @@ def _message_json(message: Message, content: str | None = None) -> str:
             "file_ids": list(message.file_ids),
             "interaction_id": message.interaction_id,
             "created_at": message.created_at,
+            "client_id": message.client_id,
         }
     )
 
@@ -417,6 +480,7 @@ def _messages(rows: Sequence[str | None], statuses: Sequence[str | None]) -> lis
                     status or "complete",  # type: ignore[arg-type]
                     fields["interaction_id"],
                     fields["created_at"],
+                    fields.get("client_id", ""),
                 )
             )
     return messages

@@ -57,9 +57,10 @@ end
 # A chat's first round trip. KEYS: 1 session, 2 message ids, 3 messages, 4 statuses, 5 streaming, 6 claim,
 # 7 leases, 8 the owner's stream slots (only when the script takes one). ARGV: 1 owner, 2 each agent's history
 # limit (JSON), 3-5 the user's message (id, JSON, status), 6-8 the reply's, 9 the claim's value ('': no claim),
-# 10 the lease (ms), 11 the interaction, 12 the owner's limit. In this order: the owner's limit (an owner at it
-# hears so whatever the session), the session and its owner, the claim, the agent; then, the claim taken, any turn
-# still streaming whose owner is gone (see _ORPHANED) is recorded interrupted; then the history is read and both
+# 10 the lease (ms), 11 the interaction, 12 the owner's limit, 13 the start of the user's text (the session's title
+# while it has none set, if it is the first). In this order: the owner's limit (an owner at it hears so whatever
+# the session), the session and its owner, the claim, the agent; then, the claim taken, any turn still streaming
+# whose owner is gone (see _ORPHANED) is recorded interrupted; then the history is read and both
 # messages written. Answers {'ok', agent, created_at, history as JSON, their statuses}, or why not.
 BEGIN_TURN = (
     _NOW
@@ -97,6 +98,7 @@ redis.call('HSET', KEYS[3], ARGV[3], ARGV[4], ARGV[6], ARGV[7])
 redis.call('HSET', KEYS[4], ARGV[3], ARGV[5], ARGV[6], ARGV[8])
 redis.call('RPUSH', KEYS[2], ARGV[3], ARGV[6])
 redis.call('SADD', KEYS[5], ARGV[6])
+redis.call('HSETNX', KEYS[1], 'first', ARGV[13])
 if claiming then
   redis.call('SET', KEYS[6], ARGV[9], 'PX', ARGV[10])
   redis.call('HSET', KEYS[7], ARGV[6], 'L' .. ARGV[10] .. ':' .. (now + tonumber(ARGV[10])))
@@ -180,12 +182,104 @@ if #ids == 0 then return {{}, {}} end
 return {redis.call('HMGET', KEYS[2], unpack(ids)), redis.call('HMGET', KEYS[3], unpack(ids))}
 """
 
-# KEYS: 1 session; ARGV: agent, created_at, owner.
+# KEYS: 1 session; ARGV: agent, created_at, owner, title ('' for none).
 CREATE_SESSION = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'agent', ARGV[1], 'created_at', ARGV[2], 'owner', ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'title', ARGV[4]) end
 return 1
 """
+
+# A session's title, if the session is the owner's. KEYS: 1 session; ARGV: 1 owner, 2 title ('': none, so that the
+# first user message's is shown). Answers 1, or 0 when the owner has no such session.
+SET_TITLE = """
+local session = redis.call('HMGET', KEYS[1], 'agent', 'owner')
+if not session[1] or (session[2] or '') ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], 'title') else redis.call('HSET', KEYS[1], 'title', ARGV[2]) end
+return 1
+"""
+
+# A turn in the place of the session's message ARGV[2] (as the API names it: its client_id, or its id when it has
+# none), with the claim already taken (see Store.replace_turn). KEYS: 1 session, 2 message ids, 3 messages,
+# 4 statuses, 5 streaming, 6 leases (a turn still streaming whose owner is gone is recorded interrupted, see
+# _ORPHANED). ARGV: 1 owner, 2 target, 3 '1' when a missing target makes it a plain turn, 4 'keep' (a
+# user message named stays, as for a reply), else whether the user's text is not empty ('1' or '0'), 5 each agent's
+# history limit (JSON), 6-8 the user's message (id, JSON, status), 9-11 the reply's, 12 the start of the user's
+# text (the title's). Client ids are letters, digits, '_' and '-' (see parley.forms): found in the JSON as they
+# are, with no decoding. Answers {'ok', agent, created_at, the kept user message's JSON and status (or ''),
+# history as JSON, their statuses}, or why not.
+REPLACE_TURN = (
+    _NOW
+    + _ORPHANED
+    + """
+local session = redis.call('HMGET', KEYS[1], 'agent', 'created_at', 'owner')
+if not session[1] or (session[3] or '') ~= ARGV[1] then return {'missing'} end
+local limit = cjson.decode(ARGV[5])[session[1]]
+if not limit then return {'agent', session[1], session[2]} end
+local ids = redis.call('LRANGE', KEYS[2], 0, -1)
+local named = '"client_id": "' .. ARGV[2] .. '"'
+local at, row = nil, nil
+for i = #ids, 1, -1 do
+  local found = redis.call('HGET', KEYS[3], ids[i])
+  if found and (string.find(found, named, 1, true) or
+      (ids[i] == ARGV[2] and not string.find(found, '"client_id": "[^"]')))
+  then at, row = i, found; break end
+end
+local start, kept = #ids + 1, nil
+if at == nil then
+  if ARGV[3] ~= '1' then return {'not_found'} end
+else
+  start = at
+  local role = cjson.decode(row)['role']
+  if role == 'assistant' then
+    local j = at - 1
+    while j >= 1 and cjson.decode(redis.call('HGET', KEYS[3], ids[j]) or '{}')['role'] ~= 'user' do j = j - 1 end
+    if j < 1 then return {'not_found'} end
+    start, kept = j, ids[j]
+  elseif ARGV[4] == 'keep' then
+    start, kept, at = at, ids[at], at + 1
+  elseif ARGV[4] ~= '1' then
+    return {'needs_text'}
+  end
+end
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  local streaming = redis.call('HGET', KEYS[4], id) == 'streaming'
+  if not streaming or orphaned(KEYS[6], id, now, false) then
+    if streaming then redis.call('HSET', KEYS[4], id, 'interrupted') end
+    redis.call('SREM', KEYS[5], id)
+    redis.call('HDEL', KEYS[6], id)
+  end
+end
+local kept_row, kept_status = '', ''
+if kept then kept_row, kept_status = redis.call('HGET', KEYS[3], kept), redis.call('HGET', KEYS[4], kept) end
+local messages, statuses = {}, {}
+if limit > 0 and start > 1 then
+  local earlier = {}
+  for k = math.max(1, start - limit), start - 1 do earlier[#earlier + 1] = ids[k] end
+  messages = redis.call('HMGET', KEYS[3], unpack(earlier))
+  statuses = redis.call('HMGET', KEYS[4], unpack(earlier))
+end
+if at ~= nil and at <= #ids then
+  for k = at, #ids do
+    redis.call('HDEL', KEYS[3], ids[k])
+    redis.call('HDEL', KEYS[4], ids[k])
+  end
+  if at == 1 then redis.call('DEL', KEYS[2]) else redis.call('LTRIM', KEYS[2], 0, at - 2) end
+end
+if not kept then
+  redis.call('HSET', KEYS[3], ARGV[6], ARGV[7])
+  redis.call('HSET', KEYS[4], ARGV[6], ARGV[8])
+  redis.call('RPUSH', KEYS[2], ARGV[6])
+  if start == 1 then redis.call('HSET', KEYS[1], 'first', ARGV[12])
+  else redis.call('HSETNX', KEYS[1], 'first', ARGV[12]) end
+end
+redis.call('HSET', KEYS[3], ARGV[9], ARGV[10])
+redis.call('HSET', KEYS[4], ARGV[9], ARGV[11])
+redis.call('RPUSH', KEYS[2], ARGV[9])
+redis.call('SADD', KEYS[5], ARGV[9])
+return {'ok', session[1], session[2], kept_row, kept_status or '', messages, statuses}
+"""
+)
 
 # Deletes the owner's session with its history, its files' records and its claim (an owner that did not answer
 # the cancel, dead or silent, finds its claim gone at its next renewal, and stops). KEYS: 1 session, 2 message ids,
@@ -310,6 +404,8 @@ class Scripts:
         self.interrupt_orphans: AsyncScript = register(INTERRUPT_ORPHANS)
         self.read_messages: AsyncScript = register(READ_MESSAGES)
         self.create_session: AsyncScript = register(CREATE_SESSION)
+        self.set_title: AsyncScript = register(SET_TITLE)
+        self.replace_turn: AsyncScript = register(REPLACE_TURN)
         self.delete_session: AsyncScript = register(DELETE_SESSION)
         self.add_file: AsyncScript = register(ADD_FILE)
         self.read_files: AsyncScript = register(READ_FILES)

@@ -11,8 +11,8 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from parley.sessions.errors import SessionExists, SessionNotFound
-from parley.sessions.store import FileInfo, Message, MessageStatus, Session, ignore_error
+from parley.sessions.errors import EditWithoutText, MessageNotFound, SessionExists, SessionNotFound
+from parley.sessions.store import FileInfo, Message, MessageStatus, Session, derived_title, ignore_error
 
 T = TypeVar("T")
 
@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
     agent TEXT NOT NULL,
     created_at TEXT NOT NULL,
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    title TEXT
 );
 CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -32,7 +33,8 @@ CREATE TABLE IF NOT EXISTS messages (
     file_ids TEXT NOT NULL,
     status TEXT NOT NULL,
     interaction_id TEXT NOT NULL,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    client_id TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages(session_id, seq);
 CREATE INDEX IF NOT EXISTS messages_streaming ON messages(status) WHERE status = 'streaming';
@@ -52,11 +54,29 @@ CREATE INDEX IF NOT EXISTS files_by_session ON files(session_id, created_at);
 # _SCHEMA, in a write transaction, so that two workers opening one old file do not both add the column.
 _OWNERS = "ALTER TABLE sessions ADD COLUMN owner TEXT NOT NULL DEFAULT ''"
 _OWNERS_INDEX = "CREATE INDEX IF NOT EXISTS sessions_by_owner ON sessions(owner, created_at)"
+# Files made before sessions had titles (NULL: derived from the first user message).
+_TITLES = "ALTER TABLE sessions ADD COLUMN title TEXT"
+# ... and before clients named their messages (the AI SDK does).
+_CLIENT_IDS = "ALTER TABLE messages ADD COLUMN client_id TEXT NOT NULL DEFAULT ''"
 _SESSION_COLUMNS = "id, agent, created_at, owner"
+# A session with its title: the one set, or the start of its first user message (derived_title cuts it to 80
+# characters after folding whitespace, so a few hundred are plenty).
+_TITLED_COLUMNS = (
+    "id, agent, created_at, owner, title, (SELECT substr(content, 1, 1000) FROM messages "
+    "WHERE messages.session_id = sessions.id AND role = 'user' ORDER BY seq LIMIT 1)"
+)
 
-_MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at"
+_MESSAGE_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at, client_id"
 _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
-_INSERT_TURN = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_TURN = (
+    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_REPLY = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# A message as the API names it: by its client's id, or by its own when it has none.
+_FIND = (
+    f"SELECT seq, {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? "
+    "AND (client_id = ? OR (client_id = '' AND id = ?)) ORDER BY seq DESC LIMIT 1"
+)
 
 
 class _Operation:
@@ -109,6 +129,10 @@ class SQLiteStore:
             columns = {row[1] for row in db.execute("PRAGMA table_info(sessions)")}
             if "owner" not in columns:
                 db.execute(_OWNERS)
+            if "title" not in columns:
+                db.execute(_TITLES)
+            if "client_id" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:
+                db.execute(_CLIENT_IDS)
             db.execute(_OWNERS_INDEX)
             db.execute("COMMIT")
         except BaseException:
@@ -185,8 +209,8 @@ class SQLiteStore:
         def insert(db: sqlite3.Connection) -> None:
             try:
                 db.execute(
-                    f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?, ?)",
-                    (session.ui_session_id, session.agent, session.created_at, session.owner),
+                    f"INSERT INTO sessions ({_SESSION_COLUMNS}, title) VALUES (?, ?, ?, ?, ?)",
+                    (session.ui_session_id, session.agent, session.created_at, session.owner, session.title),
                 )
             except sqlite3.IntegrityError:
                 raise SessionExists(session.ui_session_id) from None
@@ -194,18 +218,31 @@ class SQLiteStore:
         await self._run(insert)
 
     async def get_session(self, session_id: str, owner: str) -> Session | None:
-        return await self._run(lambda db: _session(db, session_id, owner))
+        def select(db: sqlite3.Connection) -> Session | None:
+            row = db.execute(
+                f"SELECT {_TITLED_COLUMNS} FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
+            ).fetchone()
+            return _titled(row) if row else None
+
+        return await self._run(select)
 
     async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
         def select(db: sqlite3.Connection) -> list[Session]:
             rows = db.execute(
-                f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE owner = ? "
+                f"SELECT {_TITLED_COLUMNS} FROM sessions WHERE owner = ? "
                 "ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?",
                 (owner, limit, offset),
             ).fetchall()
-            return [Session(*row) for row in rows]
+            return [_titled(row) for row in rows]
 
         return await self._run(select)
+
+    async def set_title(self, session_id: str, owner: str, title: str | None) -> bool:
+        def update(db: sqlite3.Connection) -> bool:
+            cursor = db.execute("UPDATE sessions SET title = ? WHERE id = ? AND owner = ?", (title, session_id, owner))
+            return cursor.rowcount > 0
+
+        return await self._run(update)
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         def delete(db: sqlite3.Connection) -> list[str] | None:
@@ -233,6 +270,64 @@ class SQLiteStore:
             return session, history
 
         return await self._run(insert)
+
+    async def replace_turn(
+        self,
+        target: str,
+        user: Message,
+        assistant: Message,
+        history_limit: Callable[[Session], int],
+        *,
+        owner: str,
+        missing_ok: bool = False,
+        keep: bool = False,
+    ) -> tuple[Session, list[Message], Message]:
+        def replace(db: sqlite3.Connection) -> tuple[Session, list[Message], Message]:
+            session_id = user.session_id
+            session = _session(db, session_id, owner)
+            if session is None:
+                raise SessionNotFound(session_id)
+            limit = history_limit(session)
+            found = db.execute(_FIND, (session_id, target, target)).fetchone()
+            if found is None:
+                if not missing_ok:
+                    raise MessageNotFound(target)
+                history = _history(db, session_id, limit) if limit > 0 else []
+                db.execute(_INSERT_TURN, (*_message_row(user), *_message_row(assistant)))
+                return session, history, user
+            cut, asked = found[0], user
+            if found[3] == "assistant":  # a regenerate: the reply goes, the user message before it stays
+                before = db.execute(
+                    f"SELECT seq, {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq < ? AND role = 'user' "
+                    "ORDER BY seq DESC LIMIT 1",
+                    (session_id, cut),
+                ).fetchone()
+                if before is None:
+                    raise MessageNotFound(target)
+                start, asked = before[0], _message(before[1:])
+            elif keep:  # a regenerate from the user message: it stays, what follows it goes
+                start, asked, cut = cut, _message(found[1:]), cut + 1
+            else:  # an edit
+                if not user.content.strip():
+                    raise EditWithoutText()
+                start = cut
+            history = _history_before(db, session_id, start, limit) if limit > 0 else []
+            # Two statements, in a savepoint of their own: both or neither, whatever else the batch does.
+            db.execute("SAVEPOINT replace_turn")
+            try:
+                db.execute("DELETE FROM messages WHERE session_id = ? AND seq >= ?", (session_id, cut))
+                if asked is user:
+                    db.execute(_INSERT_TURN, (*_message_row(user), *_message_row(assistant)))
+                else:
+                    db.execute(_INSERT_REPLY, _message_row(assistant))
+            except BaseException:
+                db.execute("ROLLBACK TO replace_turn")
+                raise
+            finally:
+                db.execute("RELEASE replace_turn")
+            return session, history, asked
+
+        return await self._run(replace)
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         def update(db: sqlite3.Connection) -> None:
@@ -328,9 +423,22 @@ def _session(db: sqlite3.Connection, session_id: str, owner: str) -> Session | N
     return Session(*row) if row else None
 
 
+def _titled(row: tuple[Any, ...]) -> Session:
+    id_, agent, created_at, owner, title, first_text = row
+    return Session(id_, agent, created_at, owner, title or derived_title(first_text))
+
+
 def _history(db: sqlite3.Connection, session_id: str, limit: int = -1) -> list[Message]:
     rows = db.execute(
         f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? ORDER BY seq DESC LIMIT ?", (session_id, limit)
+    ).fetchall()
+    return [_message(row) for row in reversed(rows)]
+
+
+def _history_before(db: sqlite3.Connection, session_id: str, seq: int, limit: int) -> list[Message]:
+    rows = db.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+        (session_id, seq, limit),
     ).fetchall()
     return [_message(row) for row in reversed(rows)]
 
@@ -345,9 +453,11 @@ def _message_row(message: Message) -> tuple[Any, ...]:
         message.status,
         message.interaction_id,
         message.created_at,
+        message.client_id,
     )
 
 
 def _message(row: tuple[Any, ...]) -> Message:
-    id_, session_id, role, content, file_ids, status, interaction_id, created_at = row
-    return Message(id_, session_id, role, content, tuple(json.loads(file_ids)), status, interaction_id, created_at)
+    id_, session_id, role, content, file_ids, status, interaction_id, created_at, client_id = row
+    files = tuple(json.loads(file_ids))
+    return Message(id_, session_id, role, content, files, status, interaction_id, created_at, client_id)

@@ -34,6 +34,21 @@ def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+TITLE_MAX_CHARS = 200  # a title a client sets
+DERIVED_TITLE_CHARS = 80  # one taken from the first user message
+
+
+def derived_title(text: str | None) -> str | None:
+    """A session's title when its client set none: its first user message, whitespace folded, cut at 80
+    characters with an ellipsis; None before there is one."""
+    if text is None:
+        return None
+    folded = " ".join(text.split())
+    if len(folded) > DERIVED_TITLE_CHARS:
+        folded = folded[: DERIVED_TITLE_CHARS - 1].rstrip() + "…"
+    return folded or None
+
+
 @dataclass(frozen=True)
 class Session:
     ui_session_id: str
@@ -42,10 +57,17 @@ class Session:
     # Who may see and touch it (see auth.py): fixed at creation. "" is the open owner (auth.OPEN_OWNER),
     # which is also the owner of every session stored before owners existed.
     owner: str = ""
+    # The title its client set, or else (as the stores read it) derived_title() of its first user message.
+    title: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # The owner stays out of the API: a client knows who it is, and the spec's bodies stay as they are.
-        return {"ui_session_id": self.ui_session_id, "agent": self.agent, "created_at": self.created_at}
+        return {
+            "ui_session_id": self.ui_session_id,
+            "agent": self.agent,
+            "created_at": self.created_at,
+            "title": self.title,
+        }
 
 
 @dataclass(frozen=True)
@@ -58,12 +80,24 @@ class Message:
     status: MessageStatus
     interaction_id: str
     created_at: str
+    # The id its client gave it (the AI SDK names its user messages itself), if any: the id the API shows, and the
+    # one a replace finds it by. Kept apart from ``id``, the store's key, so that no client can pick another
+    # session's message id.
+    client_id: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        # parts and metadata make it a UIMessage as the AI SDK's useChat({messages}) takes it, as it is: the
+        # metadata is what the reply's stream gave the client (start's, merged with finish's).
         return {
-            "id": self.id,
+            "id": self.client_id or self.id,
             "role": self.role,
             "content": self.content,
+            "parts": [{"type": "text", "text": self.content}] if self.content else [],
+            "metadata": {
+                "ui_session_id": self.session_id,
+                "interaction_id": self.interaction_id,
+                "status": self.status,
+            },
             "file_ids": list(self.file_ids),
             "status": self.status,
             "interaction_id": self.interaction_id,
@@ -127,9 +161,16 @@ class Store(Protocol):
     async def create_session(self, session: Session) -> None:
         """Raises :class:`sessions.errors.SessionExists` when the id is taken."""
 
-    async def get_session(self, session_id: str, owner: str) -> Session | None: ...
+    async def get_session(self, session_id: str, owner: str) -> Session | None:
+        """The session with its title: the one set (on create, or by :meth:`set_title`), or else
+        :func:`derived_title` of its first user message."""
+
     async def list_sessions(self, owner: str, limit: int, offset: int) -> list[Session]:
-        """The owner's sessions, newest first."""
+        """The owner's sessions, newest first, titled as :meth:`get_session` titles them."""
+
+    async def set_title(self, session_id: str, owner: str, title: str | None) -> bool:
+        """Set the owner's session's title (None: back to the derived one); False if the owner has no such
+        session."""
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         """Delete the owner's session with its history and its files' records, in one transaction; return the
@@ -140,11 +181,35 @@ class Store(Protocol):
         self, user: Message, assistant: Message, history_limit: Callable[[Session], int], *, owner: str
     ) -> tuple[Session, list[Message]]:
         """Store the user's message and the assistant's ``streaming`` placeholder together, and return the
-        session with its latest messages before them (what the agent is given), as many as
+        session (its title left out: None) with its latest messages before them (what the agent is given), as many as
         ``history_limit(session)`` says: that depends on the session's agent, which this call is the first
         to read. Raises :class:`sessions.errors.SessionNotFound` when the session does not exist or is not
         ``owner``'s (checked in the same round trip: a chat pays nothing for it; ``SessionGone`` when it is
         deleted meanwhile), and whatever ``history_limit`` raises, in all cases with nothing stored."""
+
+    async def replace_turn(
+        self,
+        target: str,
+        user: Message,
+        assistant: Message,
+        history_limit: Callable[[Session], int],
+        *,
+        owner: str,
+        missing_ok: bool = False,
+        keep: bool = False,
+    ) -> tuple[Session, list[Message], Message]:
+        """:meth:`start_turn` in the place of the session's message ``target`` (its id as the API shows it), in one
+        step: a user message (an edit) is dropped with everything after it, and ``user`` and ``assistant`` take
+        its place; an assistant reply (a regenerate) is dropped with everything after it, and ``assistant`` takes
+        its place after the same user message (``user`` is not stored). With ``keep`` (a regenerate from a user
+        message), a user message stays, what follows it is dropped, and ``assistant`` follows it.
+
+        Returns the session, its latest messages before the turn's user message (as many as ``history_limit``
+        says) and the turn's user message (the one kept, or ``user``). Raises
+        :class:`sessions.errors.MessageNotFound` when the session has no ``target`` (unless ``missing_ok``: then
+        it is :meth:`start_turn`), :class:`sessions.errors.EditWithoutText` when an edit's ``user`` has no text, and
+        what :meth:`start_turn` raises; in all these cases with nothing changed.
+        """
 
     async def finish_turn(self, message_id: str, content: str, status: MessageStatus) -> None:
         """Give the assistant's placeholder its final text and terminal status."""

@@ -7,15 +7,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import aclosing
-from dataclasses import dataclass, field
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
 
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
 from parley.sessions.errors import AgentUnavailable, ParleyError, SessionBusy, SessionNotFound
-from parley.sessions.interactions import Interaction, Interactions, TurnStart
+from parley.sessions.interactions import IfBusy, Interaction, Interactions, TurnStart
 from parley.sessions.store import HistoryLimits, Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
 logger = logging.getLogger("parley")
@@ -42,6 +42,13 @@ class TurnRequest:
     file_ids: Sequence[str] = ()
     attachments: Sequence[Attachment] = ()
     owner: str = ""
+    # A regenerate or an edit: the message (as the API names it) that this turn takes the place of, with all that
+    # followed it (see Store.replace_turn); missing_ok: a plain turn if the session has no such message.
+    replace: str | None = None
+    missing_ok: bool = False
+    keep: bool = False  # a regenerate: a user message ``replace`` names stays (see Store.replace_turn)
+    client_id: str = ""  # the id the client gave its message (the AI SDK's), shown as its id
+    if_busy: IfBusy = "reject"  # what it does when the session has a reply in progress (see Interactions.open)
 
 
 @dataclass(eq=False)
@@ -81,6 +88,9 @@ class Renderer(Protocol):
 
     write: Callable[[Any], Awaitable[None]]
 
+    def waiting(self, interaction: Interaction) -> None:
+        """The turn waits for its session (if_busy): a client that leaves now drops it."""
+
     async def started(self, interaction: Interaction) -> None: ...
     async def first_token(self, text: str) -> None: ...
     def frame(self, seq: int, text: str) -> Any: ...
@@ -113,17 +123,29 @@ class TurnRunner:
     async def run(self, request: TurnRequest, renderer: Renderer) -> None:
         """Raises before ``renderer.started`` when the turn cannot start: TooManyStreams, SessionBusy (only to the
         session's owner), SessionNotFound, AgentUnavailable, StoreUnavailable."""
-        opening = self.interactions.open(request.session_id, request.owner)
+        opening = self.interactions.open(request.session_id, request.owner, request.if_busy, renderer.waiting)
         interaction, now, session_id, text = opening.interaction, utcnow(), request.session_id, request.message
         user = Message(
-            new_ordered_id("msg_"), session_id, "user", text, request.file_ids, "complete", interaction.id, now
+            new_ordered_id("msg_"),
+            session_id,
+            "user",
+            text,
+            request.file_ids,
+            "complete",
+            interaction.id,
+            now,
+            request.client_id,
         )
         reply = Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction.id, now)
         # Started with the claim, in as few round trips as the coordinator and the store allow.
-        opening.turn = TurnStart(self.store, user, reply, self._history_limits)
+        opening.turn = TurnStart(
+            self.store, user, reply, self._history_limits, request.replace, request.missing_ok, request.keep
+        )
         try:
             async with opening:
                 assert opening.started is not None
+                if opening.asked is not None:  # (a regenerate answers the user message it kept)
+                    request = replace(request, message=opening.asked.content)
                 await self._converse(interaction, request, renderer, reply, *opening.started)
         except SessionBusy:
             await self._when_busy(request)
@@ -162,7 +184,7 @@ class TurnRunner:
         try:
             await renderer.started(interaction)
             async with self.interactions.coordinator.lease(interaction):
-                with interaction.scope:
+                async with self._checkpointed(interaction, reply.id, tokens):
                     try:
                         async with aclosing(agent.reply(turn)) as stream:
                             await self._relay(stream, interaction, renderer, report, reply.id)
@@ -205,6 +227,27 @@ class TurnRunner:
             if self.observers:
                 self._tell("turn_ended", report)
 
+    @asynccontextmanager
+    async def _checkpointed(self, interaction: Interaction, message_id: str, tokens: list[str]) -> AsyncIterator[None]:
+        """The interaction's cancel scope, and in it the checkpoints of its text so far, on time rather than on
+        tokens: a model that thinks, a tool that runs for a minute or a client that does not read leave no gap in
+        what the history shows and what survives a crash. (The body catches every Exception, so the task group
+        never has one to wrap in a group.)"""
+        with interaction.scope:
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(self._checkpoint_every, message_id, tokens)
+                yield
+                task_group.cancel_scope.cancel()
+
+    async def _checkpoint_every(self, message_id: str, tokens: list[str]) -> None:
+        saved = 0
+        period = max(self.checkpoint_seconds, 0.01)  # (0: as often as a timer sensibly can)
+        while True:
+            await anyio.sleep(period)
+            if len(tokens) > saved:
+                saved = len(tokens)
+                await self._checkpoint(message_id, tokens)
+
     async def _relay(
         self,
         stream: AsyncIterator[Any],
@@ -213,9 +256,9 @@ class TurnRunner:
         report: TurnReport,
         message_id: str,
     ) -> None:
-        """The agent's tokens, each to the interaction (where followers read it) and to the renderer, with a
-        checkpoint of the text so far every ``checkpoint_seconds`` from the first token on. (What else an agent
-        yields, see agents/events.py, is passed over until the runner keeps it as the reply's parts.)"""
+        """The agent's tokens, each to the interaction (where followers read it) and to the renderer. (Checkpoints
+        run on time, beside it: see :meth:`_checkpointed`. What else an agent yields, see agents/events.py, is
+        passed over until the runner keeps it as the reply's parts.)"""
         async for first in stream:
             if isinstance(first, str):
                 break
@@ -228,8 +271,8 @@ class TurnRunner:
         await renderer.first_token(first)
         # Every other token. This loop is what a token costs: the renderer's write and frame are looked up once,
         # the frame is built without an await, and Interaction.add is inlined (a follower waiting is rare).
-        tokens, write, frame, monotonic = interaction.tokens, renderer.write, renderer.frame, time.monotonic
-        seq, next_checkpoint = 1, report.first_token_at + self.checkpoint_seconds
+        tokens, write, frame = interaction.tokens, renderer.write, renderer.frame
+        seq = 1
         async for token in stream:
             if not isinstance(token, str):
                 continue
@@ -238,9 +281,6 @@ class TurnRunner:
                 interaction.notify()
             await write(frame(seq, token))
             seq += 1
-            if monotonic() >= next_checkpoint:
-                await self._checkpoint(message_id, tokens)
-                next_checkpoint = monotonic() + self.checkpoint_seconds
 
     async def _checkpoint(self, message_id: str, tokens: list[str]) -> None:
         # The text so far, for readers of the history and for what survives a crash. Replies come due one by one;
@@ -254,7 +294,8 @@ class TurnRunner:
             return
         self._saving = True
         try:
-            with anyio.move_on_after(self.checkpoint_seconds):
+            # Shielded: the write carries other replies' text too, and this reply ending must not drop theirs.
+            with anyio.move_on_after(max(self.checkpoint_seconds, 0.01), shield=True):
                 for _ in range(2):
                     due, self._due = self._due, {}
                     if not due:

@@ -514,9 +514,11 @@ AI_SDK = ROOT / "tests" / "ai-sdk"
 
 @dataclass
 class AISDK:
-    """``tests/ai-sdk/driver.mjs``: Vercel's AI SDK (``AbstractChat`` over ``DefaultChatTransport``) run by Node."""
+    """``tests/ai-sdk/driver.mjs``: Vercel's AI SDK (``AbstractChat`` over ``DefaultChatTransport``) run by Node.
+    ``package`` is the npm name it is installed under: ``ai`` (the AI SDK 7) or ``ai6`` (6, an alias)."""
 
     node: str
+    package: str = "ai"
 
     async def run(
         self,
@@ -547,7 +549,8 @@ class AISDK:
             stderr.append(pending)
 
         with anyio.fail_after(within):
-            async with await anyio.open_process(command) as process, anyio.create_task_group() as tg:
+            env = {**os.environ, "PARLEY_AI_SDK": self.package}
+            async with await anyio.open_process(command, env=env) as process, anyio.create_task_group() as tg:
                 assert process.stdout is not None and process.stderr is not None
                 tg.start_soon(read_stderr, process.stderr)
                 async for chunk in process.stdout:
@@ -560,17 +563,19 @@ class AISDK:
         return result
 
 
-@pytest.fixture
-def ai_sdk() -> AISDK:
-    """The AI SDK as a client; skipped without Node or ``npm ci`` (``make test`` runs it), unless
-    PARLEY_REQUIRE_NODE=1 (as .ci/run sets), which makes that a failure."""
+@pytest.fixture(params=["ai", "ai6"])
+def ai_sdk(request: pytest.FixtureRequest) -> AISDK:
+    """The AI SDK as a client, each test once with the AI SDK 7 and once with 6 (both are what people install);
+    skipped without Node or ``npm ci`` (``make test`` runs it), unless PARLEY_REQUIRE_NODE=1 (as .ci/run sets),
+    which makes that a failure."""
     node = shutil.which("node")
+    package: str = request.param
     if node is None:
         reason = "node is not on PATH (apt-get install npm)"
-    elif not (AI_SDK / "node_modules" / "ai" / "package.json").exists():
-        reason = f"the ai package is not installed (cd {AI_SDK.relative_to(ROOT)} && npm ci; make test does it)"
+    elif not (AI_SDK / "node_modules" / package / "package.json").exists():
+        reason = f"the {package} package is not installed (cd {AI_SDK.relative_to(ROOT)} && npm ci; make test does it)"
     else:
-        return AISDK(node)
+        return AISDK(node, package)
     if os.environ.get("PARLEY_REQUIRE_NODE") == "1":
         pytest.fail(f"PARLEY_REQUIRE_NODE=1 but {reason}")
     pytest.skip(reason)

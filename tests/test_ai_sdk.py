@@ -4,6 +4,7 @@ what history says."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.conftest import (
     LiveServer,
     RedisServer,
     Subprocess,
+    eventually,
     make_settings,
     messages,
     new_session,
@@ -88,7 +90,15 @@ async def test_a_conversation_of_several_turns_sends_the_whole_chat_and_answers_
     ]
 
 
-async def test_regenerate_answers_the_last_user_message_again_as_a_new_turn(
+def shown(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [(m["id"], m["role"], m["text"]) for m in result["messages"]]
+
+
+def kept(history: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return [(m["id"], m["role"], m["content"]) for m in history]
+
+
+async def test_regenerate_replaces_the_last_reply_in_history_as_on_the_screen(
     live: Callable[..., LiveServer], ai_sdk: AISDK
 ) -> None:
     server = live()
@@ -98,19 +108,74 @@ async def test_regenerate_answers_the_last_user_message_again_as_a_new_turn(
         history = await messages(client, session_id)
 
     assert result["error"] is None and result["status"] == "ready", result
+    # The SDK dropped the old reply and shows the new one after the same question: so does history.
     assert [(m["role"], m["content"], m["status"]) for m in history] == [
         ("user", "the question", "complete"),
         ("assistant", "the question", "complete"),
-        ("user", "the question", "complete"),
-        ("assistant", "the question", "complete"),
     ]
-    # The SDK drops the old reply and shows the new one: history's second reply, with its own id and interaction.
-    assert [(m["role"], m["text"]) for m in result["messages"]] == [
-        ("user", "the question"),
-        ("assistant", "the question"),
+    assert shown(result) == kept(history)
+    # The reply is the second interaction's; the question stays the first's.
+    assert history[0]["interaction_id"] != history[1]["interaction_id"]
+    assert result["assistant"]["metadata"]["interaction_id"] == history[1]["interaction_id"]
+
+
+async def test_send_regenerate_edit_and_reload_keep_history_equal_to_the_chat(
+    live: Callable[..., LiveServer], ai_sdk: AISDK
+) -> None:
+    server = live()
+    steps = [
+        {"send": "one"},
+        {"send": "two"},
+        {"send": "three"},
+        {"regenerate": None},  # the last reply, again
+        {"regenerate": 1},  # the first reply (by its id): what followed it goes too
+        {"send": "four"},
+        {"edit": 2, "text": "four, edited"},  # sendMessage({text, messageId}): the user message, in place
+        {"send": "five"},
+        {"edit": 0, "text": "one, edited"},  # the first message: all after it goes
+        {"send": "six"},
+        {"regenerate": 2},  # a user message (the SDK keeps it and asks again)
     ]
-    assert result["assistant"]["id"] == history[3]["id"] != history[1]["id"]
-    assert result["assistant"]["metadata"]["interaction_id"] == history[3]["interaction_id"]
+    async with server.client() as client:
+        session_id = await new_session(client)
+        result = await ai_sdk.run("send", server.url, session_id, "--steps", json.dumps(steps))
+        history = await messages(client, session_id)
+        reloaded = await ai_sdk.run("resume", server.url, session_id, "--hydrate")
+        title = (await client.get(f"/api/v1/sessions/{session_id}")).json()["title"]
+
+    assert result["error"] is None and result["status"] == "ready", result
+    assert [(role, text) for _, role, text in shown(result)] == [
+        ("user", "one, edited"),
+        ("assistant", "one, edited"),
+        ("user", "six"),
+        ("assistant", "six"),
+    ]
+    # The same messages, ids included (the SDK's own for its user messages, start.messageId for the replies).
+    assert shown(result) == kept(history)
+    assert all(m["status"] == "complete" for m in history)
+    assert [(m["id"], m["role"], m["text"]) for m in reloaded["messages"]] == kept(history)
+    assert title == "one, edited"
+
+
+async def test_an_edit_or_regenerate_of_a_message_parley_never_had_is_a_404_and_drops_nothing(
+    live: Callable[..., LiveServer], ai_sdk: AISDK
+) -> None:
+    server = live()
+    async with server.client() as client:
+        session_id = await new_session(client)
+        await ai_sdk.run("send", server.url, session_id, "--text", "kept")
+        before = await messages(client, session_id)
+        body = {
+            "id": session_id,
+            "trigger": "regenerate-message",
+            "messageId": "msg_unknown",
+            "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "kept"}]}],
+        }
+        response = await client.post("/api/v1/chat", json=body)
+        assert response.status_code == 404 and response.json()["message"] == "Message not found: msg_unknown"
+        response = await client.post("/api/v1/chat", json={**body, "trigger": "submit-message", "messageId": 7})
+        assert response.status_code == 400
+        assert await messages(client, session_id) == before
 
 
 async def test_a_cancel_mid_reply_ends_the_message_as_cancelled(live: Callable[..., LiveServer], ai_sdk: AISDK) -> None:
@@ -123,13 +188,9 @@ async def test_a_cancel_mid_reply_ends_the_message_as_cancelled(live: Callable[.
     # The app's stop button: POST /api/v1/cancel, while the SDK keeps reading the stream to its end.
     assert result["cancel"]["status"] == 200 and result["cancel"]["body"]["cancelled"] is True, result
     assert result["error"] is None and result["status"] == "ready" and not result["timedOut"], result
-    # parley ends a cancelled reply with finishReason "interrupted", which the SDK accepts and reports.
-    assert result["finish"] == {
-        "isAbort": False,
-        "isDisconnect": False,
-        "isError": False,
-        "finishReason": "interrupted",
-    }
+    # parley ends a cancelled reply with finishReason "other", which both majors accept (6 rejects "interrupted"),
+    # and says how it ended in the metadata.
+    assert result["finish"] == {"isAbort": False, "isDisconnect": False, "isError": False, "finishReason": "other"}
     reply = assistant_of(history)
     assert reply["status"] == "cancelled"
     assert result["assistant"]["metadata"]["status"] == "cancelled"
@@ -261,7 +322,7 @@ async def test_resume_stream_on_another_worker_follows_the_reply_and_a_cancel_th
 
     assert result["cancel"]["status"] == 200 and result["cancel"]["body"]["cancelled"] is True, result
     assert result["error"] is None and result["status"] == "ready" and not result["timedOut"], result
-    assert result["finish"]["finishReason"] == "interrupted"
+    assert result["finish"]["finishReason"] == "other"
     reply = assistant_of(history)
     assert reply["status"] == "cancelled"
     assert result["assistant"]["metadata"]["status"] == "cancelled"
@@ -285,10 +346,58 @@ async def test_resume_stream_with_nothing_running_leaves_the_chat_as_it_was(
     # 204: nothing to resume; the SDK goes back to ready without an error and without touching the messages.
     assert result["error"] is None and result["status"] == "ready" and result["finish"] is None, result
     assert "streaming" not in result["statuses"]
-    assert [(m["role"], m["text"], m["metadata"]) for m in result["messages"]] == [
-        ("user", "done already", None),
-        ("assistant", "done already", None),
+    assert [(m["role"], m["text"], m["metadata"]["status"]) for m in result["messages"]] == [
+        ("user", "done already", "complete"),
+        ("assistant", "done already", "complete"),
     ]
+
+
+async def test_history_loads_into_the_chat_as_it_comes_and_a_reply_that_ended_before_the_rejoin_ends_there_too(
+    serve: Callable[[ASGIApp], LiveServer], tmp_path: Path, ai_sdk: AISDK
+) -> None:
+    agent = GatedAgent(["first ", "half "], ["second ", "half"])
+    # Checkpoints at every token: the paused reply's text so far is in the history at once.
+    settings = make_settings(tmp_path, agent="gated", checkpoint_seconds=0)
+    server = serve(create_app(settings, agents=Agents([agent])))
+    async with server.client() as client:
+        session_id = await new_session(client)
+        form = {"ui_session_id": session_id, "message": "hi", "on_disconnect": "continue"}
+        async with client.stream("POST", "/api/v1/chat", data=form, headers={"accept": "text/plain"}) as response:
+            received = ""
+            async for chunk in response.aiter_text():
+                received += chunk
+                if received == "first half ":
+                    break
+
+        loaded: list[dict[str, Any]] = []
+
+        async def checkpointed() -> bool:
+            loaded[:] = await messages(client, session_id)
+            return bool(loaded[-1]["content"] == "first half ")
+
+        # The page loads the history while the reply runs (its text so far, marked streaming) ...
+        await eventually(checkpointed)
+        assert loaded[-1]["metadata"]["status"] == "streaming"
+        # ... and the reply ends before the page rejoins: the rejoin finds nothing running (204).
+        agent.gate.set()
+        await eventually(lambda: _ended(client, session_id))
+        assert (await client.get(f"/api/v1/chat/{session_id}/stream")).status_code == 204
+        result = await ai_sdk.run("resume", server.url, session_id, "--hydrate", "--history", json.dumps(loaded))
+        history = await messages(client, session_id)
+
+    # The history's messages went into the chat as they came (each is a UIMessage), and the README's recipe (load
+    # the history again when the last message is still marked streaming) ends with the final text.
+    assert [(m["id"], m["role"]) for m in result["hydrated"]] == [(m["id"], m["role"]) for m in loaded]
+    assert result["error"] is None and result["status"] == "ready", result
+    assert [(m["id"], m["role"], m["text"], m["metadata"]) for m in result["messages"]] == [
+        (m["id"], m["role"], m["content"], m["metadata"]) for m in history
+    ]
+    assert result["assistant"]["text"] == "first half second half"
+    assert result["assistant"]["metadata"]["status"] == "complete"
+
+
+async def _ended(client: httpx.AsyncClient, session_id: str) -> bool:
+    return bool((await messages(client, session_id))[-1]["status"] == "complete")
 
 
 class FailingAgent:
@@ -315,6 +424,7 @@ async def test_an_agent_failure_mid_reply_is_an_error_the_sdk_shows_with_the_tex
     # SSE can say what went wrong after the first token: an `error` part puts the chat in status `error`.
     assert result["status"] == "error" and result["finish"]["isError"] is True, result
     assert "The model fell over." in result["error"]["message"]
+    assert "The model fell over." in result["error"]["sentence"]
     reply = assistant_of(history)
     assert reply["status"] == "error"
     assert result["assistant"]["text"] == reply["content"] == "one two three "
@@ -333,6 +443,11 @@ async def test_an_unknown_session_is_an_error_the_sdk_shows(live: Callable[..., 
     async with server.client() as client:
         direct = await client.post("/api/v1/chat", json={**body, "trigger": "submit-message"})
     assert direct.status_code == 404
-    # The SDK turns a non-2xx answer into an error whose message is the body, and the chat's status into `error`.
-    assert result["status"] == "error" and result["error"]["statusCode"] == 404, result
+    # The SDK turns a non-2xx answer into an error whose message is the body, and the chat's status into `error`
+    # (7 adds the status code to it).
+    assert result["status"] == "error", result
     assert result["error"]["message"] == direct.text
+    if ai_sdk.package == "ai":
+        assert result["error"]["statusCode"] == 404, result
+    # The README's line that shows the sentence: JSON.parse(error.message).message.
+    assert result["error"]["sentence"] == "Session not found: ses_nobody"

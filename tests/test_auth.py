@@ -597,3 +597,50 @@ async def test_turn_observers_see_the_owner(serve: Callable[..., LiveServer], tm
 
 async def _equals(value: object, expected: object) -> bool:
     return value == expected
+
+
+async def assert_bob_changes_nothing(alice_url: str, bob_urls: list[str], chats: int = 12) -> None:
+    """Bob posts chats to Alice's session and cancels it, as fast as he can, from every worker, while Alice chats:
+    every one of her chats streams in full and is recorded, and every one of his requests is a 404."""
+    words = "one two three four five six"
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(f"{alice_url}/api/v1/sessions", headers=as_(ALICE))
+        session_id = response.json()["ui_session_id"]
+        bob_answers: list[int] = []
+        done = False
+
+        async def bob(url: str, path: str, data: dict[str, str]) -> None:
+            while not done:
+                answer = await client.post(f"{url}{path}", data=data, headers=as_(BOB))
+                bob_answers.append(answer.status_code)
+
+        async with anyio.create_task_group() as tg:
+            for url in bob_urls:
+                tg.start_soon(bob, url, "/api/v1/chat", {"ui_session_id": session_id, "message": "mine now"})
+                tg.start_soon(bob, url, "/api/v1/cancel", {"ui_session_id": session_id})
+            try:
+                for _ in range(chats):
+                    data = {"ui_session_id": session_id, "message": words}
+                    answer = await client.post(f"{alice_url}/api/v1/chat", data=data, headers=as_(ALICE))
+                    assert (answer.status_code, answer.text) == (200, words)
+            finally:
+                done = True
+        url = f"{alice_url}/api/v1/sessions/{session_id}/messages"
+        turns = (await client.get(url, headers=as_(ALICE))).json()["messages"]
+        assert [(t["role"], t["content"], t["status"]) for t in turns] == chats * [
+            ("user", words, "complete"),
+            ("assistant", words, "complete"),
+        ]
+        assert bob_answers and set(bob_answers) == {404}, sorted(set(bob_answers))
+
+
+async def test_another_owners_chats_and_cancels_change_nothing_for_the_owner(live: Callable[..., LiveServer]) -> None:
+    server = live(api_keys=KEYS, echo_delay=0.005)
+    await assert_bob_changes_nothing(server.url, [server.url])
+
+
+async def test_another_owners_chats_and_cancels_change_nothing_for_the_owner_on_redis(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: Any
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server, **{**_KEYED_WORKERS, "PARLEY_ECHO_DELAY": "0.005"})
+    await assert_bob_changes_nothing(a.url, [a.url, b.url])

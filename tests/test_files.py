@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -308,3 +310,32 @@ async def test_text_files_reach_the_agent_as_text(serve: Callable[..., LiveServe
         ("x.py", "text/x-python", 8, "print(1)"),
         ("p.png", "image/png", 4, None),
     ]
+
+
+async def test_a_blob_left_without_its_record_by_a_killed_process_is_swept(
+    live: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    # What a kill -9 between an upload's move into place and its record leaves (one blob, and the note naming its
+    # session that the upload wrote before the move); and what one between the record and the note's removal
+    # leaves (a recorded blob with its note). The sweep runs every PARLEY_BODY_TIMEOUT_SECONDS (here 1 s) and
+    # takes what is older than twice that.
+    server = live(body_timeout_seconds=1)
+    async with server.client() as client:
+        session_id = await new_session(client)
+        kept = (await upload(client, session_id, b"recorded")).json()["id"]
+        root = files_dir(tmp_path)
+        notes = root / ".unrecorded"
+        notes.mkdir(exist_ok=True)
+        (root / "file_orphan").write_bytes(b"no record")
+        long_ago = time.time() - 60
+        for name in ("file_orphan", kept):
+            (notes / name).write_text(session_id)
+            os.utime(notes / name, (long_ago, long_ago))
+        os.utime(root / "file_orphan", (long_ago, long_ago))
+
+        async def swept() -> bool:
+            return blobs_on_disk(tmp_path) == [kept]
+
+        await eventually(swept, within=15)
+        content = await client.get(f"/api/v1/files/{session_id}/{kept}/content")
+        assert (content.status_code, content.content) == (200, b"recorded")

@@ -4,6 +4,8 @@ bodies no parser can read, wrong JSON types, and the headers an HTTP error must 
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -303,3 +305,96 @@ async def test_a_client_leaving_mid_body_is_one_quiet_line(
 
 async def _logged(log: Path, needle: str) -> bool:
     return await anyio.Path(log).exists() and needle in await anyio.Path(log).read_text()
+
+
+LONE_SURROGATE_BODIES = [
+    b'{"ui_session_id": "S", "message": "hi \\ud800"}',
+    b'{"ui_session_id": "S", "message": "hi \xed\xa0\x80"}',
+    b'{"ui_session_id": "\\ud800", "message": "hi"}',
+    b'{"ui_session_id": "S", "message": "hi", "file_ids": ["\\ud800"]}',
+    b'{"ui_session_id": "S", "message": "hi", "file_ids": "[\\"\\\\ud800\\"]"}',
+    b'{"id": "S", "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi \\ud800"}]}]}',
+    b'{"id": "S", "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi \xed\xa0\x80"}]}]}',
+    b'{"id": "\xed\xa0\x80", "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}]}]}',
+]
+
+
+@pytest.mark.parametrize("body", LONE_SURROGATE_BODIES)
+async def test_a_lone_surrogate_in_a_chat_is_a_400_without_a_traceback(
+    client: httpx.AsyncClient, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    session_id = await new_session(client)
+    body = body.replace(b'"S"', f'"{session_id}"'.encode())
+    with caplog.at_level(logging.INFO):
+        answer = await client.post("/api/v1/chat", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert "Unicode" in answer.json()["message"] or "JSON" in answer.json()["message"]
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
+    assert (await messages(client, session_id)) == []
+
+
+@pytest.mark.parametrize("digit", ["\u00b2", "\u00b9", "\u00b3"])
+async def test_a_last_event_id_with_a_digit_int_refuses_is_taken_as_absent(
+    live: Callable[..., LiveServer], digit: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = live(echo_delay=0.05)
+    async with server.client() as client:
+        session_id = await new_session(client)
+        data = {"ui_session_id": session_id, "message": "one two three four five six"}
+        async with client.stream("POST", "/api/v1/chat", data=data, headers={"accept": "text/event-stream"}) as reply:
+            interaction_id = reply.headers["x-interaction-id"]
+            # Sent as Latin-1, the header's own encoding: its value is '<id>:²', which isdigit() accepts.
+            last = f"{interaction_id}:{digit}".encode("latin-1")
+            with caplog.at_level(logging.INFO):
+                rejoined = await client.get(f"/api/v1/chat/{session_id}/stream", headers={b"last-event-id": last})
+            original = (await reply.aread()).decode()
+    assert rejoined.status_code == 200, rejoined.text
+    assert rejoined.text == original  # a full replay, as without the header
+    assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
+
+
+async def test_a_body_of_a_million_objects_does_not_stall_the_other_streams(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path
+) -> None:
+    # About 1.4 M "{}" in an AI SDK body, under the JSON limit: parsed on the event loop they took ~400 ms, and
+    # every stream of the process stood still as long.
+    crowd = ",".join(["{}"] * 1_400_000)
+    head = '{"id": "ses_none", "messages": [{"role": "user", "parts": [{"type": "text", "text": "hi"}], "x": ['
+    body = (head + crowd + "]}]}").encode()
+    started = time.perf_counter()
+    json.loads(body)
+    parse = time.perf_counter() - started  # how long the stall was, on this machine now
+    server = subprocesses({"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_ECHO_DELAY": "0.005"}).start()
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        during, answer = await _gap_in_a_stream_while_posting(client, body)
+    # The stream went on while the body was read and refused: its longest gap then is far below the stall that
+    # parsing on the loop caused (about the body's parse time).
+    assert during < parse / 2, (during, parse)
+    assert answer.status_code == 413, answer.text
+    assert "objects and arrays" in answer.json()["message"]
+
+
+async def _gap_in_a_stream_while_posting(client: httpx.AsyncClient, body: bytes) -> tuple[float, httpx.Response]:
+    """The longest gap between two pieces of a streaming reply while ``body`` is posted as a JSON chat."""
+    session_id = await new_session(client)
+    data = {"ui_session_id": session_id, "message": " ".join(["w"] * 5000)}
+    arrivals: list[float] = []
+    async with anyio.create_task_group() as tg, client.stream("POST", "/api/v1/chat", data=data) as reply:
+
+        async def read() -> None:
+            async for _ in reply.aiter_raw():
+                arrivals.append(time.perf_counter())
+
+        tg.start_soon(read)
+        await eventually(lambda: _true(len(arrivals) >= 50))
+        sent = time.perf_counter()
+        answer = await client.post("/api/v1/chat", content=body, headers={"content-type": "application/json"})
+        answered = time.perf_counter()
+        count = len(arrivals)
+        await eventually(lambda: _true(len(arrivals) >= count + 20))  # (the gap that spans the answer counts)
+        tg.cancel_scope.cancel()
+    return max(b - a for a, b in itertools.pairwise(arrivals) if b >= sent and a <= answered), answer
+
+
+async def _true(value: bool) -> bool:
+    return value

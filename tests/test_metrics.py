@@ -200,13 +200,37 @@ async def test_two_workers_count_interactions_and_streams_together(
         assert value(samples, "parley_streams_in_progress") == 0
 
 
-def test_with_api_keys_a_scrape_needs_one(subprocesses: Callable[..., Subprocess], tmp_path: Path) -> None:
+@pytest.mark.parametrize("token", [None, "operators-token-0123456789"])
+def test_with_api_keys_a_scrape_needs_the_operators_token_not_an_owners_key(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, token: str | None
+) -> None:
+    # Metrics count every owner's sessions: they are for operators, not for whoever holds a key.
     env = {"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_API_KEYS": "alice:alice-key,bob:bob-key"}
+    if token is not None:
+        env["PARLEY_METRICS_TOKEN"] = token
     server = subprocesses(env).start()
     refused = httpx.get(f"{server.url}/metrics")
     assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
-    assert httpx.get(f"{server.url}/metrics", headers={"x-api-key": "nobody's"}).status_code == 401
-    scraped = httpx.get(f"{server.url}/metrics", headers={"authorization": "Bearer bob-key"})
-    assert scraped.status_code == 200 and "parley_http_requests_total" in scraped.text
+    for headers in ({"x-api-key": "nobody's"}, {"authorization": "Bearer bob-key"}, {"x-api-key": "alice-key"}):
+        answer = httpx.get(f"{server.url}/metrics", headers=headers)
+        assert answer.status_code == 401 and "parley_" not in answer.text
+    if token is not None:
+        for headers in ({"authorization": f"Bearer {token}"}, {"x-api-key": token}):
+            scraped = httpx.get(f"{server.url}/metrics", headers=headers)
+            assert scraped.status_code == 200 and "parley_http_requests_total" in scraped.text
+        # The operators' token is no owner's key.
+        assert httpx.get(f"{server.url}/api/v1/sessions", headers={"x-api-key": token}).status_code == 401
     for probe in ("/healthz", "/readyz", "/api/v1/openapi.json"):  # probes and the document stay open
         assert httpx.get(f"{server.url}{probe}").status_code == 200
+
+
+def test_without_api_keys_a_token_still_guards_the_metrics(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path
+) -> None:
+    open_mode = subprocesses({"PARLEY_DATA_DIR": str(tmp_path / "open")}).start()
+    assert httpx.get(f"{open_mode.url}/metrics").status_code == 200  # open mode: everyone is the operator
+    env = {"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_METRICS_TOKEN": "operators-token"}
+    server = subprocesses(env).start()
+    assert httpx.get(f"{server.url}/metrics").status_code == 401
+    assert httpx.get(f"{server.url}/metrics", headers={"authorization": "Bearer operators-token"}).status_code == 200
+    assert httpx.get(f"{server.url}/api/v1/sessions").status_code == 200  # the API itself stays open

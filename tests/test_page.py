@@ -575,3 +575,132 @@ def test_ui_false_leaves_the_page_out(serve: Callable[..., LiveServer], tmp_path
         assert response.status_code == 404
         assert response.json()["status"] == "error"
     assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+
+
+def test_the_session_list_is_titled_with_one_request(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live()
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for text in ("  how do   lists work?", "a named one", "the third"):
+            session_id = client.post("/api/v1/sessions").json()["ui_session_id"]
+            assert client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": text}).status_code == 200
+        client.patch(f"/api/v1/sessions/{session_id}", json={"title": "Renamed by its owner"})
+    requests: list[str] = []
+    page = open_page()
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(server.url + "/")
+    links = page.get_by_role("navigation", name="Sessions").get_by_role("link")
+    expect(links).to_have_count(3)
+    titles = [(links.nth(index).text_content() or "") for index in range(3)]
+    # Newest first: the third (renamed), the second, the first (whitespace folded); each with its date after it.
+    starts = ("Renamed by its owner", "a named one", "how do lists work?")
+    assert all(title.startswith(start) for title, start in zip(titles, starts, strict=True)), titles
+    assert [url for url in requests if "/api/v1/sessions" in url] == [server.url + "/api/v1/sessions?limit=100"]
+
+
+def shown(page: Page) -> list[tuple[str, str, str]]:
+    """The page's messages: (id, role, text), as history has them."""
+    articles = page.locator("[data-role]")
+    return [
+        (
+            articles.nth(index).get_attribute("data-message-id") or "",
+            articles.nth(index).get_attribute("data-role") or "",
+            content(articles.nth(index)),
+        )
+        for index in range(articles.count())
+    ]
+
+
+def kept(server: LiveServer, session_id: str) -> list[tuple[str, str, str]]:
+    return [(m["id"], m["role"], m["content"]) for m in history(server, session_id)]
+
+
+def test_regenerate_and_edit_replace_messages_as_history_does(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live()
+    page = open_page(server.url + "/")
+    send(page, "one")
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    send(page, "two")
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    session_id = session_of(page)
+    before = kept(server, session_id)
+    # Regenerate: only on the last reply; a new reply takes its place.
+    expect(page.get_by_role("button", name="Regenerate")).to_have_count(1)
+    expect(page.locator("[data-role]").last.get_by_role("button", name="Regenerate")).to_be_visible()
+    page.get_by_role("button", name="Regenerate").click()
+    expect(page.locator("[data-role]")).to_have_count(4)
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    expect(page.get_by_role("button", name="Regenerate")).to_have_count(1)
+    after = kept(server, session_id)
+    assert after[:3] == before[:3] and after[3][0] != before[3][0] and after[3][2] == "two"
+    expect(page.locator("[data-role]").last).to_have_attribute("data-message-id", after[3][0])
+    assert shown(page) == after
+
+    # Edit the first message in place: Enter sends it, and what followed it goes.
+    expect(page.get_by_role("button", name="Edit")).to_have_count(2)
+    page.get_by_role("button", name="Edit").first.click()
+    editor = page.get_by_label("Edit message")
+    expect(editor).to_have_value("one")
+    editor.fill("one, edited")
+    editor.press("Enter")
+    expect(page.locator("[data-role]")).to_have_count(2)
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    expect(page.get_by_role("button", name="Edit")).to_have_count(1)
+    after = kept(server, session_id)
+    assert [(role, text) for _, role, text in after] == [("user", "one, edited"), ("assistant", "one, edited")]
+    expect(page.locator("[data-role]").first).to_have_attribute("data-message-id", after[0][0])
+    assert shown(page) == after
+    page.reload()
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    assert shown(page) == after
+
+
+def test_a_session_can_be_renamed(live: Callable[..., LiveServer], open_page: Any) -> None:
+    server = live()
+    page = open_page(server.url + "/")
+    send(page, "first words")
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    page.once("dialog", lambda dialog: dialog.accept("Named by me"))
+    page.get_by_role("button", name="Rename").click()
+    expect(page.get_by_role("heading", name="Named by me")).to_be_visible()
+    expect(page.get_by_role("link", name=re.compile("^Named by me"))).to_have_attribute("aria-current", "page")
+    assert httpx.get(f"{server.url}/api/v1/sessions/{session_of(page)}", timeout=10).json()["title"] == "Named by me"
+
+
+def test_sending_while_a_reply_streams_offers_to_stop_it_and_send(
+    live: Callable[..., LiveServer], open_page: Any
+) -> None:
+    server = live(echo_delay=0.05)
+    page = open_page(server.url + "/")
+    send(page, WORDS)
+    wait_for_words(reply(page), 3)
+    asked: list[str] = []
+
+    def accept(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", accept)
+    send(page, "this instead")
+    expect(reply(page, 0)).to_have_attribute("data-status", "cancelled")
+    expect(reply(page, 1)).to_have_attribute("data-status", "complete")
+    assert content(reply(page, 1)) == "this instead"
+    assert asked and "Stop it and send" in asked[0]
+    recorded = history(server, session_of(page))
+    assert [(m["role"], m["status"]) for m in recorded] == [
+        ("user", "complete"),
+        ("assistant", "cancelled"),
+        ("user", "complete"),
+        ("assistant", "complete"),
+    ]
+    assert content(reply(page, 0)) == recorded[1]["content"] and len(recorded[1]["content"].split()) < 120
+
+
+@pytest.mark.parametrize("fragment", ["%", "%E0%A4%A"])
+def test_a_malformed_hash_is_said_in_words(live: Callable[..., LiveServer], open_page: Any, fragment: str) -> None:
+    server = live()
+    page = open_page(f"{server.url}/#{fragment}")  # (a script error there fails the test: see open_page)
+    expect(page.get_by_role("alert")).to_contain_text("not a session id")
+    page.evaluate("location.hash = '#%25%'")  # and when the hash changes to one, too
+    expect(page.get_by_role("alert")).to_contain_text("not a session id")
+    send(page, "still works")
+    expect(page.locator(".message.assistant").last).to_contain_text("still works")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import anyio
 import httpx
 import pytest
 
 from tests.conftest import LiveServer, RedisServer, Subprocess, eventually, messages, new_session, start_together
+from tests.openai_stub import OpenAIStub
 from tests.test_chat_sse import SSE, check_stream, parse_sse
 
 pytestmark = pytest.mark.anyio
@@ -249,3 +253,99 @@ async def test_a_killed_owner_on_redis_leaves_its_checkpointed_text(
         last = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"][-1]
     assert len(last["content"].split()) >= 10
     assert received.startswith(last["content"]) or last["content"].startswith(received)
+
+
+async def test_a_silent_model_still_gets_its_text_checkpointed_on_time(
+    subprocesses: Callable[..., Subprocess], serve: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    # Two tokens, then a model that thinks (or a tool that runs) for as long as it likes: checkpoints run on time,
+    # not on tokens, so the history shows the text so far and a kill -9 keeps it.
+    stub = OpenAIStub(delay=0.01, behaviour="hang-mid")
+    env = {
+        "PARLEY_DATA_DIR": str(tmp_path / "data"),
+        "PARLEY_OPENAI_BASE_URL": serve(stub).url + "/v1",
+        "PARLEY_OPENAI_API_KEY": "sk-test",
+        "PARLEY_AGENT": "openai",
+        "PARLEY_CHECKPOINT_SECONDS": "0.2",
+    }
+    server = subprocesses(env).start()
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        session_id = await new_session(client)
+        received = ""
+        # (continue: leaving the loop below may close the connection; the reply must stream on regardless.)
+        data = {"ui_session_id": session_id, "message": "hi", "on_disconnect": "continue"}
+        async with client.stream("POST", "/api/v1/chat", data=data) as r:
+            async for chunk in r.aiter_text():
+                received += chunk
+                if received == "tok0 tok1 ":
+                    break
+
+            async def saved() -> bool:
+                last = (await messages(client, session_id))[-1]
+                return bool(last["status"] == "streaming" and last["content"] == received)
+
+            await eventually(saved, within=3)  # 0.2 s behind; 3 s for a loaded machine
+            server.stop(kill=True)  # while its client is still connected
+    restarted = subprocesses(env).start()
+    async with httpx.AsyncClient(base_url=restarted.url, timeout=10) as client:
+        last = (await messages(client, session_id))[-1]
+    assert (last["status"], last["content"]) == ("interrupted", received)
+
+
+def _stalled_chat(url: str, session_id: str, message: str) -> socket.socket:
+    """A chat (SSE, on_disconnect=continue) from a client that reads its response's head and then stops reading,
+    with the connection left open and its receive buffer small: the server's sends soon block."""
+    address = urlparse(url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+    sock.connect((address.hostname or "", address.port or 80))
+    body = json.dumps({"ui_session_id": session_id, "message": message, "on_disconnect": "continue"}).encode()
+    head = (
+        f"POST /api/v1/chat HTTP/1.1\r\nhost: {address.netloc}\r\ncontent-type: application/json\r\n"
+        f"accept: text/event-stream\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    sock.settimeout(10)
+    assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+    return sock
+
+
+def _read_to_the_end(sock: socket.socket) -> bytes:
+    sock.settimeout(30)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+async def test_a_client_that_stops_reading_does_not_hold_a_continue_reply_back(
+    live: Callable[..., LiveServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = live(body_timeout_seconds=2)
+    message = "ab " * 40_000  # ~4 MB of SSE frames: more than the sockets' buffers hold
+    async with server.client() as client:
+        session_id = await new_session(client)
+        stalled = await anyio.to_thread.run_sync(_stalled_chat, server.url, session_id, message)
+        try:
+
+            async def complete() -> bool:
+                last = (await messages(client, session_id))[-1]
+                return bool(last["role"] == "assistant" and last["status"] == "complete")
+
+            await eventually(complete, within=60)  # the reply runs to its end, and the history has it whole
+            assert (await messages(client, session_id))[-1]["content"] == message
+            again = await client.post("/api/v1/chat", data={"ui_session_id": session_id, "message": "next"})
+            assert (again.status_code, again.text) == (200, "next")  # the session is free
+
+            async def dropped() -> bool:
+                return "dropped" in caplog.text
+
+            await eventually(dropped, within=10)  # after the bound (2 s) without reading
+            # Then it reads what it can, and its connection ends: what it got is the start of the reply.
+            received = await anyio.to_thread.run_sync(_read_to_the_end, stalled)
+        finally:
+            stalled.close()
+    text = "".join(
+        json.loads(data[6:]).get("delta", "") for data in re.findall(rb"data: \{[^\n]*", received) if b"delta" in data
+    )
+    assert text and message.startswith(text)

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from parley.app import create_app
 from parley.settings import Settings, SettingsError
 from tests.conftest import ROOT, free_port
 
@@ -104,3 +106,79 @@ def test_reads_the_owner_settings() -> None:
 def test_rejects_a_bad_stream_limit_with_the_variable_named(value: str) -> None:
     with pytest.raises(ValueError, match="PARLEY_MAX_STREAMS_PER_OWNER"):
         Settings.from_env({"PARLEY_MAX_STREAMS_PER_OWNER": value})
+
+
+def test_reads_the_busy_policy() -> None:
+    assert (Settings().if_busy, Settings().max_queued) == ("reject", 4)
+    settings = Settings.from_env({"PARLEY_IF_BUSY": "enqueue", "PARLEY_MAX_QUEUED": "10"})
+    assert (settings.if_busy, settings.max_queued) == ("enqueue", 10)
+    with pytest.raises(ValueError, match="PARLEY_IF_BUSY"):
+        Settings.from_env({"PARLEY_IF_BUSY": "rollback"})
+    with pytest.raises(ValueError, match="PARLEY_MAX_QUEUED"):
+        Settings.from_env({"PARLEY_MAX_QUEUED": "1.5"})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAX_STREAMS_PER_OWNER", "0"),
+        ("MAX_STREAMS_PER_OWNER", "abc"),
+        ("MAX_STREAMS_PER_OWNER", "\u00b2"),
+        ("METRICS", "maybe"),
+        ("API_KEYS", "alice"),
+        ("API_KEYS", "alice:"),
+        ("API_KEYS", "alice:k bob:k"),
+        ("API_KEYS_FILE", "/nonexistent/parley-keys"),
+    ],
+)
+def test_every_bad_setting_is_a_settings_error_of_one_line(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"PARLEY_{name}|API key") as caught:
+        create_app(Settings.from_env({f"PARLEY_{name}": value}))
+    assert "\n" not in str(caught.value)
+    assert value not in str(caught.value) or name != "API_KEYS"  # never a key in a message
+
+
+def _uvicorn(tmp_path: Path, env: dict[str, str], *args: str) -> tuple[int, list[str]]:
+    """``uvicorn app:app ARGS`` with ``env``; its exit code and stderr lines (it is killed, and fails, after 60 s)."""
+    command = [sys.executable, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(free_port()), *args]
+    full = {**os.environ, "PARLEY_DATA_DIR": str(tmp_path), **env}
+    with subprocess.Popen(
+        command, cwd=ROOT, env=full, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as process:
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            pytest.fail("uvicorn kept running (restarting its workers) with a bad setting")
+    return process.returncode, stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"PARLEY_REDIS_LEASE_SECONDS": "nan"},
+            "parley: PARLEY_REDIS_LEASE_SECONDS must be a finite number, got 'nan'",
+        ),
+        ({"PARLEY_METRICS": "maybe"}, "parley: PARLEY_METRICS must be 1 or 0, got 'maybe'"),
+        ({"PARLEY_API_KEYS": "alice:"}, "parley: PARLEY_API_KEYS: entry 1 is not of the form owner:key"),
+        ({"PARLEY_API_KEYS_FILE": "KEYS"}, "parley: PARLEY_API_KEYS_FILE: entry 2 is not of the form owner:key"),
+    ],
+)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_uvicorn_with_workers_stops_on_a_bad_setting(
+    tmp_path: Path, env: dict[str, str], line: str, workers: str
+) -> None:
+    if env.get("PARLEY_API_KEYS_FILE") == "KEYS":
+        keys = tmp_path / "keys"
+        keys.write_text("alice:secret-one\nbob secret-two\n")
+        env = {"PARLEY_API_KEYS_FILE": str(keys)}
+    code, lines = _uvicorn(tmp_path, env, "--workers", workers)
+    # One process exits 3 (uvicorn's STARTUP_FAILURE); under --workers the supervisor, told so by a worker's 3,
+    # stops (with uvicorn's own exit code, 0) instead of restarting its workers forever.
+    assert code == 3 if workers == "1" else any("failed to start, stopping the parent" in text for text in lines)
+    ours = [text for text in lines if text.startswith("parley:")]
+    assert ours and set(ours) == {line}  # each worker that started says it, in one line
+    assert not any("Traceback" in text or "Error:" in text for text in lines), lines
+    assert "secret" not in "\n".join(lines)

@@ -7,13 +7,14 @@ import secrets
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
 import pytest
 
 from parley.sessions import SQLiteStore, Store
-from parley.sessions.errors import SessionExists, SessionNotFound
+from parley.sessions.errors import EditWithoutText, MessageNotFound, SessionExists, SessionNotFound
 from parley.sessions.store import FileInfo, Message, Session, new_id, new_ordered_id, utcnow
 
 pytestmark = pytest.mark.anyio
@@ -66,6 +67,114 @@ async def test_sessions(store: Store) -> None:
     assert await store.delete_session("s1", "") == []
     assert await store.delete_session("s1", "") is None
     assert await store.list_sessions("", 10, 0) == [second]
+
+
+async def test_titles_are_set_or_taken_from_the_first_user_message(store: Store) -> None:
+    await store.create_session(Session("named", "echo", "2026-01-01T00:00:00Z", "", "My title"))
+    await store.create_session(Session("plain", "echo", "2026-01-02T00:00:00Z"))
+    assert (await store.get_session("named", "")) == Session("named", "echo", "2026-01-01T00:00:00Z", "", "My title")
+    assert (await store.get_session("plain", "")) == Session("plain", "echo", "2026-01-02T00:00:00Z")  # None yet
+    long = "  What   is\n the " + "very " * 30 + "end?"
+    await store.start_turn(*turn("plain", long), limit(0), owner="")
+    await store.start_turn(*turn("plain", "a later question"), limit(0), owner="")
+    await store.start_turn(*turn("named", "ignored for the title"), limit(0), owner="")
+    title = "What is the " + "very " * 30
+    expected = title[:79].rstrip() + "…"
+    assert len(expected) <= 80
+    assert [s.title for s in await store.list_sessions("", 10, 0)] == [expected, "My title"]
+    assert (await store.get_session("plain", "")).title == expected  # type: ignore[union-attr]
+    assert await store.set_title("plain", "", "Renamed") is True
+    assert await store.set_title("plain", "alice", "Not hers") is False
+    assert await store.set_title("nope", "", "No session") is False
+    assert (await store.get_session("plain", "")).title == "Renamed"  # type: ignore[union-attr]
+    assert await store.set_title("named", "", None) is True  # back to the first user message
+    assert [s.title for s in await store.list_sessions("", 10, 0)] == ["Renamed", "ignored for the title"]
+
+
+async def test_a_replaced_turn_takes_the_place_of_a_message_and_what_followed_it(store: Store) -> None:
+    session = Session("s", "echo", utcnow())
+    await store.create_session(session)
+    turns = [turn("s", text) for text in ("one", "two", "three")]
+    for user, reply in turns:
+        await store.start_turn(user, reply, limit(0), owner="")
+        await store.finish_turn(reply.id, user.content + "!", "complete")
+    (u1, a1), (u2, a2), _ = turns
+    before = await store.list_messages("s")
+
+    # A regenerate: the second reply and all after it go; the new reply follows the same user message.
+    ignored, again = turn("s", "not stored")
+    assert await store.replace_turn(a2.id, ignored, again, limit(10), owner="") == (session, before[:2], before[2])
+    assert [(m.id, m.content) for m in await store.list_messages("s")] == [
+        (u1.id, "one"),
+        (a1.id, "one!"),
+        (u2.id, "two"),
+        (again.id, ""),
+    ]
+    await store.finish_turn(again.id, "two again", "complete")
+
+    # An edit, by the message's own id: it and all after it go; the new text (named by its client) takes its place.
+    edited, reply = turn("s", "two, edited")
+    edited = replace(edited, client_id="client-2")
+    assert await store.replace_turn(u2.id, edited, reply, limit(1), owner="") == (session, before[1:2], edited)
+    history = await store.list_messages("s")
+    assert [(m.role, m.content, m.client_id) for m in history] == [
+        ("user", "one", ""),
+        ("assistant", "one!", ""),
+        ("user", "two, edited", "client-2"),
+        ("assistant", "", ""),
+    ]
+    assert history[2].to_json()["id"] == "client-2" and history[3].to_json()["id"] == reply.id
+    assert await store.streaming_turn("s") == reply.interaction_id
+    await store.finish_turn(reply.id, "ok", "complete")
+
+    # keep (a regenerate from a user message): it stays as it is, what followed it goes.
+    ignored, reply = turn("s", "not stored")
+    assert await store.replace_turn("client-2", ignored, reply, limit(0), owner="", keep=True) == (
+        session,
+        [],
+        history[2],
+    )
+    assert [m.id for m in await store.list_messages("s")] == [*(m.id for m in history[:3]), reply.id]
+    await store.finish_turn(reply.id, "ok", "complete")
+
+    # By its client's id; and the first message, which titles the session.
+    first, reply = turn("s", "one, edited")
+    first = replace(first, client_id="client-1")
+    await store.replace_turn("client-2", replace(first, content="two, once more"), reply, limit(0), owner="")
+    assert [m.content for m in await store.list_messages("s")][2:] == ["two, once more", ""]
+    await store.finish_turn(reply.id, "ok", "complete")
+    first, reply = turn("s", "one, edited")
+    await store.replace_turn(u1.id, first, reply, limit(10), owner="")
+    assert [m.content for m in await store.list_messages("s")] == ["one, edited", ""]
+    assert (await store.get_session("s", "")).title == "one, edited"  # type: ignore[union-attr]
+
+
+async def test_a_replace_that_cannot_be_done_changes_nothing(store: Store) -> None:
+    await store.create_session(Session("s", "echo", utcnow()))
+    user, reply = turn("s", "one")
+    await store.start_turn(user, reply, limit(0), owner="")
+    await store.finish_turn(reply.id, "one!", "complete")
+    before = await store.list_messages("s")
+    with pytest.raises(MessageNotFound):
+        await store.replace_turn("msg_nowhere", *turn("s", "x"), limit(0), owner="")
+    with pytest.raises(EditWithoutText):
+        await store.replace_turn(user.id, *turn("s", "  "), limit(0), owner="")  # an edit without text
+    with pytest.raises(SessionNotFound):
+        await store.replace_turn(user.id, *turn("s", "x"), limit(0), owner="mallory")
+    with pytest.raises(MessageNotFound):  # another session's message is no message of this one
+        await store.create_session(Session("t", "echo", utcnow()))
+        await store.replace_turn(user.id, *turn("t", "x"), limit(0), owner="")
+    assert await store.list_messages("s") == before
+    assert await store.list_messages("t") == []
+    # missing_ok: a message the session does not have yet is a plain turn (the AI SDK's new message).
+    new_user, new_reply = turn("s", "two")
+    new_user = replace(new_user, client_id="client-new")
+    assert await store.replace_turn("client-new", new_user, new_reply, limit(5), owner="", missing_ok=True) == (
+        Session("s", "echo", (await store.get_session("s", "")).created_at),  # type: ignore[union-attr]
+        before,
+        new_user,
+    )
+    assert await store.list_messages("s") == [*before, new_user, new_reply]
 
 
 async def test_another_owners_session_is_exactly_a_missing_one(store: Store) -> None:
@@ -368,14 +477,15 @@ async def test_sqlite_serves_sessions_stored_before_owners_to_the_open_owner(tmp
         tg.start_soon(first.open)
         tg.start_soon(second.open)
     await second.close()
-    old = Session("old", "echo", "2025-01-01T00:00:00Z", "")
+    # (Stored before titles too: its title is its first user message's.)
+    old = Session("old", "echo", "2025-01-01T00:00:00Z", "", "from before")
     assert await first.get_session("old", "") == old
     assert await first.get_session("old", "alice") is None
     assert await first.list_sessions("", 10, 0) == [old]
     assert [m.content for m in await first.list_messages("old")] == ["from before"]
     assert [f.id for f in await first.list_files("old")] == ["file_1"]
     before = await first.list_messages("old")
-    assert await first.start_turn(*turn("old"), limit(10), owner="") == (old, before)
+    assert await first.start_turn(*turn("old"), limit(10), owner="") == (replace(old, title=None), before)
     await first.create_session(Session("new", "echo", utcnow(), "alice"))
     assert [s.ui_session_id for s in await first.list_sessions("alice", 10, 0)] == ["new"]
     await first.close()

@@ -19,6 +19,7 @@ from parley.forms import (
     required_text,
 )
 from parley.openapi import (
+    IF_BUSY_QUERY,
     ON_DISCONNECT_QUERY,
     REQUEST_ID,
     SESSION_PARAMETER,
@@ -35,6 +36,7 @@ from parley.routes import authenticated, owned_session
 from parley.service import Parley
 from parley.sessions.errors import CancelFailed, FileNotFound
 from parley.sessions.files import is_text
+from parley.sessions.interactions import IfBusy
 from parley.sessions.store import Session
 from parley.sessions.turns import TurnRequest
 from parley.streaming import ChatResponse, OnDisconnect, PlainText
@@ -46,7 +48,7 @@ from parley.ui_messages import ServerSentEvents
     "Send a message; the reply streams back as plain text (one chunk per token) or as the AI SDK's SSE",
     {200: STREAM},
     (400, 404, 408, 409, 413, 429, 500, 502, 503),
-    parameters=[ON_DISCONNECT_QUERY],
+    parameters=[ON_DISCONNECT_QUERY, IF_BUSY_QUERY],
     body={
         "required": True,
         "content": {
@@ -62,18 +64,31 @@ async def chat(request: Request) -> Response | ChatResponse:
     chat = await read_chat(body, max_message_bytes=limit)
     session_id, file_ids = chat.session_id, chat.file_ids
     attachments: list[Attachment] = []
-    if file_ids:  # (without files, the stream's first store call finds out whether the session exists)
+    if file_ids:  # (without files, claiming the session for the turn finds out whether it is the owner's)
         await owned_session(parley, session_id, owner)
         attachments = await _attachments(parley, session_id, file_ids)
     # (A turn left streaming by a process that died is recorded interrupted when the session is claimed.)
-    turn = TurnRequest(session_id, chat.message, file_ids, attachments, owner)
+    if_busy: IfBusy = chat.if_busy or parley.settings.if_busy  # type: ignore[assignment]  # (both checked)
+    turn = TurnRequest(
+        session_id,
+        chat.message,
+        file_ids,
+        attachments,
+        owner,
+        chat.replace,
+        chat.missing_ok,
+        chat.keep,
+        chat.client_id,
+        if_busy,
+    )
     on_disconnect: OnDisconnect = (
         "continue" if (chat.on_disconnect or parley.settings.on_disconnect) == "continue" else "cancel"
     )
+    stall = parley.settings.body_timeout_seconds  # (a client may stall reading a reply as long as sending a body)
     if _wants_sse(request, chat.ai_sdk):
         keepalive = parley.settings.sse_keepalive_seconds
-        return ChatResponse(parley.runner, turn, ServerSentEvents, on_disconnect, keepalive)
-    return ChatResponse(parley.runner, turn, PlainText, on_disconnect)
+        return ChatResponse(parley.runner, turn, ServerSentEvents, on_disconnect, keepalive, stall)
+    return ChatResponse(parley.runner, turn, PlainText, on_disconnect, stall_seconds=stall)
 
 
 def _wants_sse(request: Request, ai_sdk: bool) -> bool:

@@ -62,7 +62,7 @@ async def upload_file(request: Request) -> Response:
         if not session_id:
             raise BadRequest("The field 'ui_session_id' is required and must not be empty.")
         await owned_session(parley, session_id, owner)
-        blob = await writer.commit()
+        blob = await writer.commit(session_id)
     filename = safe_filename(upload.filename or "")
     info = FileInfo(
         file_id, session_id, filename, mime_type(upload.declared_type, filename), blob.size, blob.sha256, utcnow()
@@ -73,6 +73,7 @@ async def upload_file(request: Request) -> Response:
         with anyio.CancelScope(shield=True):
             await parley.blobs.delete(file_id)
         raise
+    await parley.blobs.settle(file_id)
     return JSONResponse(info.to_json(), status_code=201)
 
 

@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from parley.agents import tools_of
+from parley.errors import Unauthorized
 from parley.health import readiness
 from parley.openapi import documented, json_response, list_of, object_of, ref, served_file
 from parley.routes import authenticated
@@ -61,6 +62,11 @@ async def openapi(request: Request) -> Response:
 
 @served_file("metrics", "Prometheus metrics, in the text exposition format", "text/plain")
 async def prometheus_metrics(request: Request) -> Response:
-    await authenticated(request)  # with API keys configured, a scrape needs one too (any owner's)
+    if not request.app.state.auth.is_operator(request.scope):
+        # Its counts cover every owner: an owner's key is not enough (see Auth.is_operator).
+        raise Unauthorized(
+            "GET /metrics is for operators: send PARLEY_METRICS_TOKEN as 'Authorization: Bearer <token>'.",
+            bearer=True,
+        )
     body, content_type = request.app.state.metrics.exposition()
     return Response(body, headers={"content-type": content_type})

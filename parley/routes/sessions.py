@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from parley.errors import BadRequest
-from parley.forms import OPTIONS_BODY_BYTES, SESSION_ID, bounded, query_int, read_json_or_form
+from parley.forms import OPTIONS_BODY_BYTES, SESSION_ID, bounded, query_int, read_json_or_form, session_title
 from parley.openapi import (
     SESSION_LINKS,
     SESSION_PARAMETER,
@@ -22,7 +22,7 @@ from parley.openapi import (
     ref,
 )
 from parley.routes import authenticated, owned_session
-from parley.sessions.errors import CancelFailed
+from parley.sessions.errors import CancelFailed, SessionNotFound
 from parley.sessions.store import Session, new_id, utcnow
 
 logger = logging.getLogger("parley")
@@ -58,7 +58,7 @@ async def create_session(request: Request) -> Response:
         session_id = new_id("ses_")
     if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
         raise BadRequest("ui_session_id must be 1 to 128 characters: letters, digits, '_' or '-'.")
-    session = Session(session_id, agent, utcnow(), owner)
+    session = Session(session_id, agent, utcnow(), owner, session_title(options.get("title")))
     await parley.store.create_session(session)
     return JSONResponse(session.to_json(), status_code=201)
 
@@ -93,7 +93,36 @@ async def get_session(request: Request) -> Response:
     session = await owned_session(parley, request.path_params["session_id"], owner)
     await parley.interrupt_orphans(session.ui_session_id)
     streaming = await parley.interactions.is_streaming(session.ui_session_id)
-    return JSONResponse({**session.to_json(), "status": "streaming" if streaming else "idle"})
+    # The messages that wait for it (if_busy enqueue), by interaction id: a cancel with one takes it out of the line.
+    line = parley.interactions.line(session.ui_session_id)
+    state = {"status": "streaming" if streaming else "idle", "queued": len(line), "queued_interactions": line}
+    return JSONResponse({**session.to_json(), **state})
+
+
+@documented(
+    "updateSession",
+    "Rename a session",
+    {200: json_response(ref("Session"), "The session")},
+    (400, 404, 408, 413, 503),
+    parameters=[SESSION_PARAMETER],
+    body={
+        "required": True,
+        "content": {
+            "application/json": {"schema": ref("SessionUpdate")},
+            "multipart/form-data": {"schema": ref("SessionUpdate")},
+            "application/x-www-form-urlencoded": {"schema": ref("SessionUpdate")},
+        },
+    },
+)
+async def update_session(request: Request) -> Response:
+    parley, owner = await authenticated(request)
+    options = await read_json_or_form(bounded(request, OPTIONS_BODY_BYTES, parley.settings.body_timeout_seconds))
+    if "title" not in options:
+        raise BadRequest("Send the field to change: title (1 to 200 characters, or null for the first message's).")
+    session_id = request.path_params["session_id"]
+    if not await parley.store.set_title(session_id, owner, session_title(options["title"])):
+        raise SessionNotFound(session_id)
+    return JSONResponse((await owned_session(parley, session_id, owner)).to_json())
 
 
 @documented(

@@ -2,7 +2,12 @@
 // DefaultChatTransport, with a minimal ChatState. tests/test_ai_sdk.py runs it and reads the one JSON line it prints.
 //
 //   node driver.mjs send   --session ID --text TEXT [--text TEXT...] [--regenerate] [--body JSON]
+//                          [--steps '[{"send": T}, {"regenerate": null | INDEX}, {"edit": INDEX, "text": T}]']
 //   node driver.mjs resume --session ID [--hydrate]            (resumeStream(); --hydrate loads the history first)
+//                                       [--history JSON]      (--hydrate with this history, as loaded a while ago)
+//
+// PARLEY_AI_SDK=ai6: the AI SDK 6 (package.json installs it under the alias ai6) instead of 7 (ai). npm installs
+// 6 on Node 20, as ai 7 declares Node >= 22: people use both.
 //
 // --cancel-after-chars N: POST /api/v1/cancel once the assistant's text has N characters, as a stop button would.
 // --stop-after-chars N: the SDK's own stop() instead (it only closes the connection); --then-resume: then call
@@ -12,7 +17,10 @@
 //
 // The base URL is --base URL or $PARLEY_URL. Exit code 0 whenever a result was printed: the test judges it.
 import { parseArgs } from 'node:util';
-import { AbstractChat, DefaultChatTransport } from 'ai';
+
+const sdk = process.env.PARLEY_AI_SDK || 'ai';
+if (!['ai', 'ai6'].includes(sdk)) throw new Error(`PARLEY_AI_SDK must be ai or ai6, not ${sdk}`);
+const { AbstractChat, DefaultChatTransport } = await import(sdk);
 
 // What useChat's React state does, without React: the chat replaces messages and assigns `messages` wholesale.
 class State {
@@ -46,6 +54,19 @@ class HeadlessChat extends AbstractChat {
   get messages() {
     return this.state.messages;
   }
+  set messages(messages) {
+    this.state.messages = messages; // (useChat's setMessages)
+  }
+}
+
+// The README's way to show parley's sentence: a non-2xx answer's body is the error's message, and parley's body is
+// {"status": "error", "message": ...}; an error part mid-stream is the sentence itself.
+function sentence(error) {
+  try {
+    return JSON.parse(error.message).message ?? error.message;
+  } catch {
+    return error.message;
+  }
 }
 
 const textOf = message => message.parts.filter(part => part.type === 'text').map(part => part.text).join('');
@@ -66,11 +87,14 @@ const { values, positionals } = parseArgs({
     'stop-after-chars': { type: 'string' },
     'then-resume': { type: 'boolean', default: false },
     hydrate: { type: 'boolean', default: false },
+    history: { type: 'string' },
     progress: { type: 'boolean', default: false },
     regenerate: { type: 'boolean', default: false },
+    steps: { type: 'string' },
     'timeout-ms': { type: 'string', default: '30000' },
   },
 });
+
 const action = positionals[0];
 if (!values.base || !values.session || !['send', 'resume'].includes(action)) {
   console.error('usage: driver.mjs send|resume --base URL --session ID [--text T] [--hydrate] [--cancel-after-chars N]');
@@ -123,8 +147,9 @@ function onChange(chat) {
 
 let messages = [];
 if (values.hydrate) {
-  // What a page does on load before useChat({resume: true}): show the history it has, then rejoin.
-  messages = (await history()).map(m => ({ id: m.id, role: m.role, parts: [{ type: 'text', text: m.content }] }));
+  // What a page does on load before useChat({resume: true}), as the README shows: the history as it comes (each
+  // message is a UIMessage), then rejoin.
+  messages = values.history === undefined ? await history() : JSON.parse(values.history);
   result.hydrated = messages.map(m => ({ id: m.id, role: m.role, text: textOf(m) }));
 }
 
@@ -144,11 +169,25 @@ const timer = setTimeout(() => {
 }, Number(values['timeout-ms']));
 
 try {
-  if (action === 'resume') await chat.resumeStream();
+  if (action === 'resume') {
+    await chat.resumeStream();
+    // The README's last line: a reply that ended between the history and the rejoin (204: nothing to resume) is
+    // still marked streaming here; the history has its end.
+    if (values.hydrate && messages.at(-1)?.metadata?.status === 'streaming') chat.messages = await history();
+  }
   // Several --text: one turn after another in the same chat, as a user would type them.
   else for (const text of values.text) await chat.sendMessage({ text });
   // The "regenerate" button: the last reply is asked for again (trigger regenerate-message).
   if (values.regenerate) await chat.regenerate();
+  // --steps: what a person does in a chat, in order; a message is named by its index in chat.messages.
+  for (const step of values.steps === undefined ? [] : JSON.parse(values.steps)) {
+    if ('send' in step) await chat.sendMessage({ text: step.send });
+    else if ('regenerate' in step) {
+      await chat.regenerate(step.regenerate === null ? {} : { messageId: chat.messages.at(step.regenerate).id });
+    } else if ('edit' in step) await chat.sendMessage({ text: step.text, messageId: chat.messages.at(step.edit).id });
+    else throw new Error(`unknown step ${JSON.stringify(step)}`);
+    if (chat.status !== 'ready') break;
+  }
   if (cancelling) await cancelling;
   if (stopping) {
     await stopping;
@@ -164,7 +203,7 @@ try {
 
 Object.assign(result, {
   status: chat.status,
-  error: chat.error ? { name: chat.error.name, message: chat.error.message, statusCode: chat.error.statusCode } : null,
+  error: chat.error ? { name: chat.error.name, message: chat.error.message, statusCode: chat.error.statusCode, sentence: sentence(chat.error) } : null,
   statuses,
   assistant: lastAssistant(chat.messages),
   messages: chat.messages.map(m => ({ id: m.id, role: m.role, text: textOf(m), metadata: m.metadata ?? null })),
