@@ -497,3 +497,43 @@ async def test_a_record_that_reads_final_never_changes_after_an_outage_longer_th
         assert seen, "the reply was never recorded"
         assert seen[0] == ("interrupted", received), (seen[0], len(received))
         assert all(record == seen[0] for record in seen)
+
+
+async def test_a_redis_stall_shorter_than_the_lease_does_not_stop_a_reply(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Issue 24 §3.5. Redis stalls (SIGSTOP: connections hang, nothing is refused) for less than the lease: the
+    # renewal in flight must not wait out a socket timeout longer than the lease; renewals retry within the lease,
+    # and the reply goes on to complete.
+    # As in the issue: a lease of 10 s, Redis stalled from just before the first renewal (due at 3.3 s) for longer
+    # than the 5 s socket timeout, back before the owner's stop (at 9 s) and well before the claim runs out (10 s).
+    a, _ = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="10")
+    message = " ".join(f"z{i}" for i in range(260))  # 13 s of stream
+    assert redis_server.process is not None
+    async with httpx.AsyncClient(timeout=30) as client:
+        session_id = await session_on(client, a)
+        received = ""
+
+        async def follow() -> None:
+            nonlocal received
+            async with chat(client, a, session_id, message) as response:
+                async for chunk in response.aiter_text():
+                    received += chunk
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            await eventually(lambda: _true(len(received.split()) >= 60), within=10)  # 3 s in
+            redis_server.process.send_signal(signal.SIGSTOP)
+            try:
+                await anyio.sleep(5.6)  # a stall, not a wait for a condition: shorter than the lease
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+        assert received == message
+
+        async def complete() -> bool:
+            turns = await history(client, a.url, session_id)
+            return turns[1]["status"] != "streaming"
+
+        await eventually(complete, within=10)
+        turns = await history(client, a.url, session_id)
+        assert (turns[1]["status"], turns[1]["content"]) == ("complete", message)
