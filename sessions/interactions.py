@@ -102,6 +102,13 @@ class Interaction:
         if self._released_event is not None:
             self._released_event.set()
 
+    def claim_dropped(self) -> None:
+        """Its claim was not taken, or was given back before the turn started: wake whoever waits for it to go,
+        without calling it released (under if_busy it may wait for the session and claim it again)."""
+        event, self._released_event = self._released_event, None
+        if event is not None:
+            event.set()
+
     async def wait_released(self) -> None:
         if self.released:
             return
@@ -574,7 +581,7 @@ class _Open:
         except BaseException:
             if interactions._running.get(session_id) is interaction:
                 del interactions._running[session_id]
-            interaction.mark_released()  # (a chat waiting for this claim to go goes on)
+            interaction.claim_dropped()  # (a chat waiting for this claim to go goes on)
             await self._undo()
             raise
 
