@@ -167,6 +167,18 @@ class RedisStore:
     async def open(self) -> None:
         # Connections are made on first use, and again after Redis comes back. Data written before hash tags (a
         # single Redis, keys like parley:session:<id>) is not read: it is moved by a command.
+        if not is_cluster(self.redis):
+            try:
+                info: Any = await self.redis.info("cluster")
+            except _DOWN:
+                info = {}
+            except redis_errors.ResponseError:
+                info = {}  # (a Redis that hides INFO: not a cluster node we can tell)
+            if info.get("cluster_enabled") in (1, "1"):
+                # Every key on another node would answer MOVED: refuse to open (each request hears it, 503).
+                raise StoreUnavailable(
+                    "PARLEY_REDIS_URL names a node of a Redis Cluster: set PARLEY_REDIS_CLUSTER=1 to use the cluster."
+                )
         try:
             if not is_cluster(self.redis) and await self.redis.exists(self.prefix + "sessions"):
                 logger.warning(
