@@ -352,6 +352,13 @@ return redis.call('GET', KEYS[2]) or 1
 """
 )
 
+# A cancel's first look: the session's claim, and its owner when the Redis store keeps the session (so that another
+# owner's cancel is answered without asking the process streaming it: as fast as for a session that streams
+# nowhere). KEYS: 1 claim, 2 session. Answers {claim or false, owner or false}.
+CLAIM_AND_OWNER = """
+return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], 'owner')}
+"""
+
 # See _RELEASE. KEYS: 1 claim, 2 cancelled, then the answer list if ARGV[6] is '1', then the owner's slots if
 # ARGV[7] is '1'. ARGV: 1 value, 2 status, 3 cancelled (ms), 4 answer TTL (s), 5 interaction.
 RELEASE_CLAIM = (
@@ -413,5 +420,6 @@ class Scripts:
         self.claim_session: AsyncScript = register(CLAIM_SESSION)
         self.renew_claim: AsyncScript = register(RENEW_CLAIM)
         self.release_claim: AsyncScript = register(RELEASE_CLAIM)
+        self.claim_and_owner: AsyncScript = register(CLAIM_AND_OWNER)
         self.take_slot: AsyncScript = register(TAKE_SLOT)
         self.renew_slots: AsyncScript = register(RENEW_SLOTS)

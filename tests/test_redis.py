@@ -537,3 +537,38 @@ async def test_a_redis_stall_shorter_than_the_lease_does_not_stop_a_reply(
         await eventually(complete, within=10)
         turns = await history(client, a.url, session_id)
         assert (turns[1]["status"], turns[1]["content"]) == ("complete", message)
+
+
+ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-fedcba9876543210"
+
+
+async def test_another_owners_cancel_does_not_ask_the_process_streaming_the_session(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Issue 24 §3.10. Bob's cancel of Alice's session must take the same time whether or not it streams on the
+    # other worker: it must not go through the cancel bus (a PUBLISH to A and a wait for A's answer) when the
+    # session is not his, but be answered from the same reads as for a session that streams nowhere.
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_API_KEYS=f"alice:{ALICE},bob:{BOB}")
+    alice, bob = {"authorization": f"Bearer {ALICE}"}, {"authorization": f"Bearer {BOB}"}
+    redis = Redis.from_url(redis_server.url, decode_responses=True)
+
+    def published() -> int:
+        return int(redis.info("commandstats").get("cmdstat_publish", {}).get("calls", 0))
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        streaming = (await client.post(f"{a.url}/api/v1/sessions", headers=alice)).json()["ui_session_id"]
+        idle = (await client.post(f"{a.url}/api/v1/sessions", headers=alice)).json()["ui_session_id"]
+        data = {"ui_session_id": streaming, "message": " ".join(f"v{i}" for i in range(400))}
+        async with client.stream("POST", f"{a.url}/api/v1/chat", data=data, headers=alice) as response:
+            chunks = response.aiter_text()
+            assert await anext(chunks)
+            before = published()
+            for session_id in (streaming, idle):
+                answer = await client.post(f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id}, headers=bob)
+                assert answer.status_code == 404, answer.text
+            assert published() == before
+            # Alice's reply goes on.
+            assert (await client.get(f"{b.url}/api/v1/sessions/{streaming}", headers=alice)).json()[
+                "status"
+            ] == "streaming"
+    redis.close()
