@@ -6,7 +6,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx
@@ -572,3 +572,41 @@ async def test_another_owners_cancel_does_not_ask_the_process_streaming_the_sess
                 "status"
             ] == "streaming"
     redis.close()
+
+
+async def test_a_follow_request_that_comes_before_the_replys_start_is_mirrored(shared_redis_url: str) -> None:
+    # Issue 24 §3.7. A rejoin that reaches the owner's process between its claim and the start of its reply (no
+    # message id yet) used to be ignored: the follower waited 3 s for a mirror and answered 500 "its process did
+    # not answer". The owner mirrors the reply once it starts.
+    import secrets
+
+    from parley.sessions.interactions import Interaction, Interactions
+    from parley.sessions.redis import connect
+    from parley.sessions.redis_coordinator import RedisCoordinator
+
+    redis = connect(shared_redis_url)
+    coordinator = RedisCoordinator(redis, prefix=f"test-{secrets.token_hex(6)}:")
+    interaction = Interaction("s1")
+
+    class Running:
+        def get(self, session_id: str) -> Interaction | None:
+            return interaction if session_id == "s1" else None
+
+    key = coordinator.rejoin.frames_key(interaction)
+    try:
+        async with anyio.create_task_group() as tg:
+            request = {"follow": interaction.id, "session": "s1"}
+            coordinator.rejoin.on_follow(request, cast(Interactions, Running()), tg)
+            await anyio.sleep(0.1)
+            interaction.message_id = "msg_1"  # the reply starts
+            interaction.add("hello")
+            interaction.finish("complete")
+
+            async def mirrored() -> bool:
+                frames = await redis.xrange(key)
+                return [sorted(fields) for _, fields in frames] == [["m"], ["t"], ["e", "s"]]
+
+            await eventually(mirrored)
+    finally:
+        await redis.delete(key)
+        await redis.aclose()
