@@ -117,6 +117,9 @@ class _MirrorReader:
         self.key = rejoin.frames_key(mirror)
         self.last = "0-0"
         self.idle = 0
+        # Where the owner's copy is in the reply: after a blip, the owner writes its copy again from the first
+        # token into the same stream (a new "m" entry); the tokens this mirror already holds are not added twice.
+        self.at = 0
 
     async def read(self) -> None:
         mirror = self.mirror
@@ -131,9 +134,12 @@ class _MirrorReader:
         for entry_id, fields in answer[0][1]:
             self.last = entry_id
             if "t" in fields:
-                mirror.add(fields["t"])
+                if self.at >= len(mirror.tokens):
+                    mirror.add(fields["t"])
+                self.at += 1
             elif "m" in fields:
                 mirror.message_id = fields["m"]
+                self.at = 0
             elif "s" in fields:
                 mirror.error = fields["e"] or None
                 mirror.finish(fields["s"])

@@ -610,3 +610,30 @@ async def test_a_follow_request_that_comes_before_the_replys_start_is_mirrored(s
     finally:
         await redis.delete(key)
         await redis.aclose()
+
+
+async def test_a_follower_ignores_the_copy_an_owner_restarts_into_the_same_stream(shared_redis_url: str) -> None:
+    # Issue 24 §3.3. After a blip, a new follow request makes the owner write its mirror again from the first token
+    # into the same Redis stream: a follower already reading it must not add that text twice.
+    import secrets
+
+    from parley.sessions.interactions import Interaction
+    from parley.sessions.redis import connect
+    from parley.sessions.redis_coordinator import RedisCoordinator
+    from parley.sessions.redis_rejoin import _MirrorReader
+
+    redis = connect(shared_redis_url)
+    coordinator = RedisCoordinator(redis, prefix=f"test-{secrets.token_hex(6)}:")
+    mirror = Interaction("s1")
+    key = coordinator.rejoin.frames_key(mirror)
+    try:
+        for fields in ({"m": "msg_1"}, {"t": "a "}, {"t": "b "}, {"m": "msg_1"}, {"t": "a "}, {"t": "b "}, {"t": "c"}):
+            await redis.xadd(key, fields)
+        await redis.xadd(key, {"s": "complete", "e": ""})
+        reader = _MirrorReader(coordinator.rejoin, mirror)
+        with anyio.fail_after(5):
+            await reader.run()
+        assert ("".join(mirror.tokens), mirror.status) == ("a b c", "complete")
+    finally:
+        await redis.delete(key)
+        await redis.aclose()
