@@ -97,14 +97,15 @@ fuzz: install
 screenshot: install chromium
 	$(BIN)/python -m tests.screenshot docs/page.png
 
-# Starts its own servers (and redis-server) on loopback, pinned to core 0, with the load generators on core 1;
-# every figure under both uvicorn stacks; writes bench/RESULTS.md.
-bench: install wrk redis-server
+# Starts its own servers (and redis-server, PostgreSQL) on loopback, pinned to core 0, with the load generators on
+# core 1; every figure under both uvicorn stacks, in at most 20 minutes; writes bench/RESULTS.md.
+bench: install wrk redis-server postgresql
 	$(BIN)/python -m pip install --quiet -e '.[server,redis,postgres,mcp,dev,bench]'
 	$(BIN)/python -m bench.run --write
 
-# Instructions per short chat and per token, counted under callgrind: repeatable to 0.1%, for A/B of the hot path.
-bench-instructions: install valgrind
+# Instructions per short chat (on each store), per token and per event, counted under callgrind: repeatable to
+# 0.1%, for A/B of the hot path.
+bench-instructions: install valgrind redis-server postgresql
 	$(BIN)/python -m pip install --quiet -e '.[server,redis,postgres,mcp,dev,bench]'
 	$(BIN)/python -m bench.instructions
 

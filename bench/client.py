@@ -48,6 +48,7 @@ class Stream:
     first_body_at: float | None = None  # when the first byte after the response's head arrived
     first_body: bytes = b""  # what came with it
     body_started: asyncio.Event = field(default_factory=asyncio.Event)
+    everything: bytearray | None = None  # every byte received (head included), when asked for
 
 
 class _StreamProtocol(asyncio.Protocol):
@@ -70,6 +71,8 @@ class _StreamProtocol(asyncio.Protocol):
         if data != TERMINATOR:  # the end of the body is no token: only tokens' arrivals are timed
             stream.arrivals.append(now)
         stream.size += len(data)
+        if stream.everything is not None:
+            stream.everything += data
         if stream.first_body_at is None:
             body = data
             if not stream.head_done:
@@ -93,9 +96,12 @@ class _StreamProtocol(asyncio.Protocol):
             self.done.set_result(self.stream)
 
 
-async def open_stream(port: int, request: bytes) -> tuple[Stream, asyncio.Event, asyncio.Future[Stream]]:
+async def open_stream(
+    port: int, request: bytes, keep: bool = False
+) -> tuple[Stream, asyncio.Event, asyncio.Future[Stream]]:
+    """Send ``request`` on a new connection; the stream records its reads (and keeps every byte with ``keep``)."""
     loop = asyncio.get_running_loop()
-    stream, first, done = Stream(), asyncio.Event(), loop.create_future()
+    stream, first, done = Stream(everything=bytearray() if keep else None), asyncio.Event(), loop.create_future()
     await loop.create_connection(lambda: _StreamProtocol(request, stream, first, done), "127.0.0.1", port)
     return stream, first, done
 

@@ -9,8 +9,13 @@ history, and the floor, from ``make bench``.
 
 Each figure is the difference between two runs that differ only in the amount of work, divided by
 that difference, so start-up cancels out. ``--inner`` runs one measurement without
-valgrind (what the outer process calls). ``--what`` picks the figures: ``chat``, ``token`` (plain text) and
-``sse`` (per token of parley's server-sent events; the others have none).
+valgrind (what the outer process calls). ``--what`` picks the figures: ``chat``, ``token`` (plain text),
+``sse`` (per token of parley's server-sent events; the others have none), and per event of a reply that acts,
+through SSE (:mod:`bench.acting`'s agent): ``reasoning`` (per reasoning token) and ``tool`` (per tool call: its
+start, an input delta, the call and its result, two of which are written to the store at once). ``--stores``
+picks the stores parley's ``chat`` is counted on: ``sqlite``, ``redis`` (Redis as store and coordinator) and
+``postgres`` (PostgreSQL + Redis), each server started here on a free loopback port (as ``make bench`` does;
+only parley's process is counted, not the servers').
 
 ``--env NAME=VALUE`` (repeatable) sets a variable for the app, to count what a setting costs, e.g.
 ``--only parley --env PARLEY_METRICS=0 --env PARLEY_API_KEYS=bench:bench-key``; with API keys, every
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -28,13 +34,17 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from bench import servers
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 64
 WARM_UP = 5  # chats per client before the counted ones
 SESSIONS = CONCURRENCY * 4
+FEATURE_MISSING = 3  # the inner process's exit status when the app lacks what is counted (reasoning, tool frames)
 
 
 def _key_header() -> list[tuple[bytes, bytes]]:
@@ -95,13 +105,25 @@ async def _inner(kind: str, chats: int, words: int, concurrency: int, accept: by
     os.environ["PARLEY_ECHO_DELAY"] = "0"
     # Checkpoints of a reply are timed (one a second): under valgrind, ~50 times slower, they would come ~50
     # times as often per token, and as often as the machine's load makes it. One a second is nothing per token.
+    # A Redis claim's renewals are timed too (a third of its lease): the same, per chat.
     os.environ["PARLEY_CHECKPOINT_SECONDS"] = "3600"
+    os.environ["PARLEY_REDIS_LEASE_SECONDS"] = "3600"
+    # 64 chats at once, ~50 times slower: one may wait its turn for a pooled connection longer than production's
+    # few seconds. (Redis's socket timeout, 5 s, is fixed: on a loaded machine a chat on Redis may still fail.)
+    os.environ["PARLEY_REDIS_POOL_TIMEOUT_SECONDS"] = "600"
+    os.environ["PARLEY_DATABASE_POOL_TIMEOUT_SECONDS"] = "600"
     os.environ["PARLEY_DATA_DIR"] = tempfile.mkdtemp(prefix="parley-instructions-")
     lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    # parley (and the floor, see bench/floor.py) with the garbage-collector settings `uvicorn app:app` applies, as
+    # `make bench` runs them; the peer with CPython's defaults, as it runs there too.
     if kind == "parley":
         from parley import Settings, create_app
 
-        app: Any = create_app(Settings.from_env())
+        app: Any = create_app(Settings.from_env(), owns_process=True)
+    elif kind == "acting":
+        from bench.acting import acting_app
+
+        app = acting_app(logging_and_metrics=False)
     else:
         app = importlib.import_module(f"bench.{kind}").app
     await lifespan.put({"type": "lifespan.startup"})
@@ -128,6 +150,11 @@ async def _inner(kind: str, chats: int, words: int, concurrency: int, accept: by
             answer = await _call(app, "/api/v1/chat", body, accept)
             assert answer[0]["status"] == 200, answer
 
+    if kind == "acting":  # a server without the parts' frames would count something else: say so, count nothing
+        body = f"ui_session_id={sessions[0]}&message=a+b".encode()
+        seen = b"".join(m.get("body", b"") for m in await _call(app, "/api/v1/chat", body, accept)).replace(b" ", b"")
+        if not any(frame in seen for frame in (b'"type":"reasoning-delta"', b'"type":"tool-output-available"')):
+            sys.exit(FEATURE_MISSING)
     await asyncio.gather(*(client(i, WARM_UP) for i in range(concurrency)))  # every code path taken once
     await asyncio.gather(*(client(i, chats // concurrency) for i in range(concurrency)))
     await lifespan.put({"type": "lifespan.shutdown"})
@@ -142,31 +169,84 @@ def _count(kind: str, chats: int, words: int, concurrency: int, env: dict[str, s
         cwd=ROOT,
         capture_output=True,
         text=True,
-        check=True,
         env={**os.environ, **env},
     )
+    if done.returncode != 0:  # the app's own error, not valgrind's summary, says why
+        print("\n".join(done.stderr.splitlines()[-15:]), file=sys.stderr)
+        raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
     refs = re.search(r"refs:\s+([\d,]+)", done.stderr)
     assert refs is not None, done.stderr
     return int(refs.group(1).replace(",", ""))
 
 
-def per_chat(kind: str, env: dict[str, str]) -> int:
-    """Instructions per one-word chat, 64 at a time (what ``make bench``'s short chats do)."""
-    low, high = 640, 1920
-    return (_count(kind, high, 1, CONCURRENCY, env) - _count(kind, low, 1, CONCURRENCY, env)) // (high - low)
+def per_token(kind: str, env: dict[str, str], accept: str = "*/*", words: tuple[int, int] = (2000, 1000)) -> int:
+    """Instructions per streamed token (or per event of :mod:`bench.acting`'s agent): 64 chats of 2,000 words
+    against 64 of 1,000, one at a time (the warm-up chats have as many words: they count too)."""
+    counts = [_count(kind, 64, n, 1, env, accept) for n in words]
+    return (counts[0] - counts[1]) // ((64 + WARM_UP) * (words[0] - words[1]))
 
 
-def per_token(kind: str, env: dict[str, str], accept: str = "*/*") -> int:
-    """Instructions per streamed token: 64 chats of 2,000 words against 64 of 1,000, one at a time (the warm-up
-    chats have as many words: they count too)."""
-    counts = [_count(kind, 64, words, 1, env, accept) for words in (2000, 1000)]
-    return (counts[0] - counts[1]) // ((64 + WARM_UP) * 1000)
+@contextlib.contextmanager
+def store_env(store: str) -> Iterator[Callable[[], dict[str, str]] | None]:
+    """For each count on ``store``, the variables of a fresh place on it (a Redis database, a PostgreSQL database
+    beside one), its servers started here; None when this machine lacks them."""
+    if store == "sqlite":
+        yield dict
+        return
+    with servers.redis_server() as redis, contextlib.ExitStack() as stack:
+        postgres = stack.enter_context(servers.postgres_server()) if store == "postgres" else None
+        if redis is None or not servers.has_redis_extra() or (store == "postgres" and postgres is None):
+            yield None
+            return
+        databases = iter(range(1, 64))
+
+        def fresh() -> dict[str, str]:
+            assert redis is not None
+            env = {"PARLEY_REDIS_URL": redis.url(next(databases))}
+            if postgres is not None:
+                env["PARLEY_DATABASE_URL"] = postgres.create_database()
+            return env
+
+        yield fresh
+
+
+QUICK = False  # --quick: a tenth of the work, to check the code paths (the counts are then rougher)
+STORES = {"sqlite": "SQLite", "redis": "Redis", "postgres": "PostgreSQL + Redis"}
+TITLES = {"chat": "per short chat", "token": "per token", "sse": "per SSE token",
+          "reasoning": "per reasoning token (SSE)", "tool": "per tool call (SSE)"}  # fmt: skip
+SSE = "text/event-stream"
+
+
+def count(kind: str, what: str, env: dict[str, str], fresh: Callable[[], dict[str, str]]) -> str:
+    """One cell of the table: ``what`` for ``kind``, formatted; "—" where the app has no such thing."""
+    scale = 10 if QUICK else 1
+    if what == "chat":  # per one-word chat, 64 at a time (what make bench's short chats do)
+        low, high = 640 // scale, 1920 // scale
+        counts = [_count(kind, chats, 1, CONCURRENCY, {**env, **fresh()}) for chats in (high, low)]
+        return f"{(counts[0] - counts[1]) // (high - low):,}"
+    words, calls = (2000 // scale, 1000 // scale), (200 // scale, 100 // scale)
+    if what == "token":
+        return f"{per_token(kind, env, words=words):,}"
+    if kind != "parley":  # only parley speaks SSE, and only it has agents that act
+        return "—"
+    if what == "sse":
+        return f"{per_token(kind, env, SSE, words):,}"
+    try:
+        if what == "reasoning":
+            return f"{per_token('acting', {**env, 'BENCH_ACTING': 'reasoning'}, SSE, words):,}"
+        return f"{per_token('acting', {**env, 'BENCH_ACTING': 'tools'}, SSE, calls):,}"
+    except subprocess.CalledProcessError as failed:
+        if failed.returncode == FEATURE_MISSING:
+            return "n/a (feature missing)"
+        raise
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="floor,parley,peer")
-    parser.add_argument("--what", default="chat,token", help="chat, token, sse (comma-separated)")
+    parser.add_argument("--what", default="chat,token,sse,reasoning,tool", help=", ".join(TITLES))
+    parser.add_argument("--stores", default="sqlite,redis,postgres", help="parley's chat on: " + ", ".join(STORES))
+    parser.add_argument("--quick", action="store_true", help="a tenth of the work: to check that every count runs")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="set for the app")
     parser.add_argument(
         "--inner", nargs=5, metavar=("KIND", "CHATS", "WORDS", "CONCURRENCY", "ACCEPT"), help=argparse.SUPPRESS
@@ -176,20 +256,27 @@ def main() -> None:
         kind, chats, words, concurrency, accept = args.inner
         asyncio.run(_inner(kind, int(chats), int(words), int(concurrency), accept.encode()))
         return
+    global QUICK
+    QUICK = args.quick
     env = dict(item.split("=", 1) for item in args.env)
-    titles = {"chat": "instructions per short chat", "token": "instructions per token", "sse": "per SSE token"}
     what = args.what.split(",")
-    print("| app | " + " | ".join(titles[name] for name in what) + " |\n| --- |" + " --- |" * len(what))
+    stores = args.stores.split(",")
+    unknown = set(what) - set(TITLES) | set(stores) - set(STORES)
+    if unknown:
+        parser.error(f"unknown: {', '.join(sorted(unknown))}")
+    print("| app | " + " | ".join(f"instructions {TITLES[name]}" for name in what) + " |")
+    print("| --- |" + " --- |" * len(what), flush=True)
     for kind in args.only.split(","):
-        cells = []
-        for name in what:
-            if name == "chat":
-                cells.append(f"{per_chat(kind, env):,}")
-            elif name == "token":
-                cells.append(f"{per_token(kind, env):,}")
-            else:  # only parley speaks SSE: the floor and the peer would stream plain text
-                cells.append(f"{per_token(kind, env, 'text/event-stream'):,}" if kind == "parley" else "—")
-        print(f"| {' '.join([kind, *args.env])} | " + " | ".join(cells) + " |", flush=True)
+        # parley's first row is on SQLite with every figure; then one row per other store, with its chats only.
+        places = [store for store in ["sqlite", *stores] if kind == "parley" or store == "sqlite"]
+        for index, store in enumerate(dict.fromkeys(places)):
+            with store_env(store) as fresh:
+                label = " ".join([kind, *args.env]) + (f" ({STORES[store]})" if kind == "parley" else "")
+                if fresh is None:
+                    cells = ["n/a (no server on this machine)" if name == "chat" else "—" for name in what]
+                else:
+                    cells = [count(kind, name, env, fresh) if index == 0 or name == "chat" else "—" for name in what]
+            print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

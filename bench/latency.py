@@ -1,5 +1,5 @@
-"""Benchmarks 4, 5 and 6, one request at a time: cancel → stream end, rejoin → first replayed byte, and what
-parley's ``openai`` agent adds to a model's first token."""
+"""Benchmarks 4, 5, 6 and 10, one request at a time: cancel → stream end, rejoin → first replayed byte, what
+parley's ``openai`` agent adds to a model's first token, and a busy session's ``interrupt`` and ``enqueue``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import json
 import re
 import time
 
-from bench.client import form_post, open_stream, percentile, raw_request, request, run
+from bench.client import Stream, form_post, open_stream, percentile, raw_request, request, run
 from bench.servers import Server
 
 LONG = " ".join(f"c{i}" for i in range(400))  # 8 s at 50 tokens/s: a reply never ends before its cancel
+SHORT = "one two three"  # 60 ms at 50 tokens/s: the reply a queued message waits for
+PACED = "pace=0.02 "  # bench.acting's agent: this reply at 50 tokens/s, the server's others at once
+SSE = {"Accept": "text/event-stream"}
 _STAMP = re.compile(rb"T(\d+\.\d+)T")
 
 
@@ -107,3 +110,60 @@ def first_token_overhead(parley: Server, stub: Server, count: int, warm_up: int 
     (t50, t99), (d50, d99) = p50_p99(through), p50_p99(direct)
     return {"through p50": t50, "through p99": t99, "direct p50": d50, "direct p99": d99,
             "overhead p50": t50 - d50, "overhead p99": t99 - d99}  # fmt: skip
+
+
+def _busy_answer(stream: Stream, policy: str) -> None:
+    if stream.status in (400, 404, 409, 422):  # an older server: no if_busy (400), or a busy session refused (409)
+        raise Missing(f"if_busy={policy} answered {stream.status}")
+    if stream.status != 200 or stream.first_body_at is None:
+        raise RuntimeError(f"if_busy={policy} answered {stream.status} with no body")
+
+
+async def _interrupts(owner: Server, interrupter: Server, sessions: list[str]) -> list[float]:
+    latencies = []
+    for session_id in sessions:
+        chat = form_post("/api/v1/chat", {"ui_session_id": session_id, "message": PACED + LONG}, owner.port)
+        _, first, done = await open_stream(owner.port, chat)
+        await first.wait()
+        fields = {"ui_session_id": session_id, "message": "hi", "if_busy": "interrupt"}
+        new, _, new_done = await open_stream(
+            interrupter.port, form_post("/api/v1/chat", fields, interrupter.port, headers=SSE)
+        )
+        await asyncio.wait_for(asyncio.gather(done, new_done), 30)
+        _busy_answer(new, "interrupt")
+        assert new.first_body_at is not None
+        latencies.append(new.first_body_at - new.sent_at)
+    return latencies
+
+
+def interrupt_latency(owner: Server, interrupter: Server, count: int) -> tuple[float, float]:
+    """From sending a chat with ``if_busy=interrupt`` (to ``interrupter``) into a session whose reply runs (on
+    ``owner``) to the new reply's first byte: the old reply stopped and recorded, the new one begun, its first
+    token sent. Both servers run :mod:`bench.acting`'s agent, the old reply paced, the new one at once."""
+    return p50_p99(run(_interrupts(owner, interrupter, owner.sessions(count))))
+
+
+async def _enqueued(server: Server, sessions: list[str]) -> list[float]:
+    latencies = []
+    for session_id in sessions:
+        chat = form_post("/api/v1/chat", {"ui_session_id": session_id, "message": PACED + SHORT}, server.port)
+        running, first, done = await open_stream(server.port, chat)
+        await first.wait()
+        fields = {"ui_session_id": session_id, "message": "hi", "if_busy": "enqueue"}
+        queued, _, queued_done = await open_stream(
+            server.port, form_post("/api/v1/chat", fields, server.port, headers=SSE)
+        )
+        await asyncio.wait_for(asyncio.gather(done, queued_done), 30)
+        _busy_answer(queued, "enqueue")
+        assert queued.first_body_at is not None and running.ended_at is not None
+        if queued.first_body_at < running.ended_at:  # it ran at once: the first reply was over before it came
+            raise RuntimeError("the queued message did not wait (the reply before it ended too soon)")
+        latencies.append(queued.first_body_at - running.ended_at)
+    return latencies
+
+
+def enqueue_latency(server: Server, count: int) -> tuple[float, float]:
+    """From the end of a reply (its client sees the stream end) to the first byte of the message queued behind
+    it with ``if_busy=enqueue``, in one process (:mod:`bench.acting`'s agent: the first reply paced, the queued
+    one at once)."""
+    return p50_p99(run(_enqueued(server, server.sessions(count))))

@@ -1,9 +1,11 @@
 """``make bench``: parley against the floor (a bare ASGI app) and a peer (FastAPI with history), as ratios within
 one run, every figure under both of uvicorn's stacks (h11+asyncio and httptools+uvloop), side by side.
 
-Every server, and the bench's redis-server, is pinned to core 0; the load generators (this process for streams,
-wrk for short chats) to core 1. ``python -m bench.run --only 1,1b,4`` runs a subset (figure numbers or names).
-A figure whose feature the server does not have yet (a 404 from an older branch, say) reads "n/a".
+Every server, and the bench's redis-server and PostgreSQL, is pinned to core 0; the load generators (this process
+for streams, wrk for short chats) to core 1. ``python -m bench.run --only 1,1b,4`` runs a subset (figure numbers
+or names); ``--estimate`` prints how long the chosen figures should take, and runs nothing; ``--quick`` runs every
+figure's code path with tiny parameters (a couple of minutes, figures are noise). A figure whose feature the
+server does not have yet (a 404 or 400 from an older branch, say) reads "n/a (feature missing)".
 """
 
 from __future__ import annotations
@@ -11,21 +13,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from bench import chats, latency, report, streams
+from bench.client import percentile
 from bench.latency import Missing
 from bench.report import Row
 from bench.servers import (
     API_KEY,
     CLIENT_CORE,
     METRICS_TOKEN,
+    ROOT,
+    SERVER_CORE,
     STACKS,
     Postgres,
     Redis,
@@ -36,9 +43,24 @@ from bench.servers import (
     serve,
 )
 
-FIGURES = ["throughput", "concurrency", "short", "cancel", "rejoin", "first-token", "access", "stores", "postgres"]
-ALIASES = {"1": "throughput", "1b": "throughput", "2": "concurrency", "3": "short", "4": "cancel", "5": "rejoin",
-           "6": "first-token", "7": "access"}  # fmt: skip
+# In the order they run. "history" (short chats with a 1,000-message history in every session) has no target and
+# takes minutes: only when asked for (--only history).
+FIGURES = ["throughput", "acting", "concurrency", "short", "access", "stores", "cancel", "rejoin", "postgres",
+           "first-token", "tools", "busy", "history"]  # fmt: skip
+DEFAULT = [figure for figure in FIGURES if figure != "history"]
+ALIASES = {"1": ["throughput"], "1b": ["throughput"], "1c": ["acting"], "2": ["concurrency"], "3": ["short"],
+           "4": ["cancel", "postgres"], "5": ["rejoin", "postgres"], "6": ["first-token"], "7": ["access"],
+           "8": ["tools"], "9": ["stores"], "10": ["busy"]}  # fmt: skip
+TITLES = {"throughput": "1. one stream", "acting": "1c. one stream, SSE, half reasoning, tool calls",
+          "concurrency": "2. concurrent streams", "short": "3. short chats, 64 clients", "access": "7. short chats, "
+          "API keys and metrics on", "stores": "9. short chats on Redis, PostgreSQL + Redis", "cancel": "4. cancel",
+          "rejoin": "5. rejoin", "postgres": "4, 5. cancel, rejoin on PostgreSQL + Redis",
+          "first-token": "6. first-token overhead", "tools": "8. tool-call overhead", "busy": "10. if_busy",
+          "history": "short chats with a long history"}  # fmt: skip
+# Figure 2 starts from a guess near each stack's limits on the last quiet run (floor with parley's collector
+# settings 9,000 and parley 7,000 under httptools+uvloop; parley 2,250 and the untuned floor 2,500 under
+# h11+asyncio): a handful of tries.
+FIRST_GUESS = {"h11+asyncio": 2500, "httptools+uvloop": 7000}
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # Replies for benchmarks 4 and 5 run at 50 tokens/s, a fast model's pace: they are cancelled or rejoined after the
 # first token, so the pace sets how long each sample waits for it.
@@ -49,7 +71,7 @@ SLOW = {"PARLEY_ECHO_DELAY": "0.02"}
 class Bench:
     args: argparse.Namespace
     redis: Redis | None
-    cluster: Postgres | None = None  # PostgreSQL, for the postgres figure
+    cluster: Postgres | None = None  # PostgreSQL, for the stores and postgres figures
     rows: list[Row] = field(default_factory=list)
     details: dict[str, list[str]] = field(default_factory=dict)
     _next_db: int = 0
@@ -79,11 +101,13 @@ class Bench:
         return {"PARLEY_REDIS_URL": self.redis.url(self._next_db)}
 
     @contextlib.contextmanager
-    def workers(self, stack: str, env: dict[str, str] | None = None) -> Iterator[tuple[Server, Server]]:
+    def workers(
+        self, stack: str, env: dict[str, str] | None = None, kind: str = "parley"
+    ) -> Iterator[tuple[Server, Server]]:
         """Two parley processes on one Redis, sharing a data directory: two workers behind a load balancer."""
         shared = {**self.redis_env(), **(env or {})}
-        with tempfile.TemporaryDirectory(prefix="parley-bench-") as data, serve("parley", stack, shared, data) as a:
-            with serve("parley", stack, shared, data) as b:
+        with tempfile.TemporaryDirectory(prefix="parley-bench-") as data, serve(kind, stack, shared, data) as a:
+            with serve(kind, stack, shared, data) as b:
                 yield a, b
 
     # 1 and 1b
@@ -105,29 +129,55 @@ class Bench:
             result = f"parley SSE {sse:,.0f} tokens/s: {ratio:.2f} × floor"
             self.rows.append(Row("1b. one stream, SSE", stack, result, "≥ 0.75 × floor", ratio >= 0.75))
 
+    def acting(self, stack: str) -> None:
+        """1c: a reply that reasons and calls tools, through SSE, against the floor streaming the same words."""
+        tps = streams.acting_throughput(stack, self.args.runs)
+        figure, target = "1c. one stream, SSE, half reasoning, tool calls", "≥ 0.75 × floor"
+        floor, parley = tps["floor"], tps["parley"]
+        if floor is None or parley is None:
+            self.rows.append(Row(figure, stack, "n/a (feature missing: no reasoning or tool frames)", target, None))
+            return
+        self.note(
+            "1c", f"{stack}: tokens/s floor {floor:,.0f}, parley (reasoning, text, tool calls, SSE) {parley:,.0f}"
+        )
+        ratio = parley / floor
+        result = f"parley {parley:,.0f} tokens/s, floor {floor:,.0f}: {ratio:.2f} × floor"
+        self.rows.append(Row(figure, stack, result, target, ratio >= 0.75))
+
     # 2
 
     def concurrency(self, stack: str) -> None:
         a = self.args
         log = self.details.setdefault("2", [])
-        levels = (a.start, a.step, a.finest, a.top)
-        held = streams.concurrency(stack, ("floor", "parley"), levels, a.tokens, 2, log)
-        (floor, floor_missed), (parley, parley_missed) = held["floor"], held["parley"]
+        start = a.start or FIRST_GUESS[stack]
+        levels = streams.Levels(start, a.growth, a.finest, a.top, tokens=a.tokens)
+        searches = streams.concurrency(stack, ("floor", "parley"), levels, log)
+        floor_search, parley_search = searches["floor"], searches["parley"]
+        floor, parley = floor_search.held, parley_search.held
+        target = "≥ 0.8 × floor's N; memory ≤ 1.3 × floor's"
         if floor is None or parley is None:
-            floor_n, parley_n = (f"{x.streams}" if x else f"< {a.start}" for x in (floor, parley))
-            result = f"floor {floor_n}, parley {parley_n}"
-            self.rows.append(Row("2. concurrent streams", stack, result, "≥ 0.8 × floor's N", False))
+            floor_n, parley_n = (f"{x.streams}" if x else f"< {levels.finest}" for x in (floor, parley))
+            self.rows.append(Row("2. concurrent streams", stack, f"floor {floor_n}, parley {parley_n}", target, False))
             return
-        at_least = "" if floor_missed else "≥ "  # held the highest level tried: its limit is above
+        at_least = "" if floor_search.missed else "≥ "  # held the highest level tried: its limit is above
         # A miss with the client's core busy may be the client's limit, not the server's: say so.
-        misses = (("floor", floor_missed), ("parley", parley_missed))
+        misses = (("floor", floor_search.missed), ("parley", parley_search.missed))
         busy = [f"{kind} missed {m.streams} with the client at {m.client_cpu:.0%} CPU"
                 for kind, m in misses if m and m.client_cpu >= 0.9]  # fmt: skip
-        ratio, memory = parley.streams / floor.streams, parley.rss_per_stream_kib / floor.rss_per_stream_kib
-        result = (f"floor {at_least}{floor.streams} ({floor.rss_per_stream_kib:.0f} KiB/stream), "
-                  f"parley {parley.streams} ({parley.rss_per_stream_kib:.0f} KiB/stream): {ratio:.2f} × floor's N, "
+        # Memory per stream is compared at the same N, the highest both held (they climb through the same levels),
+        # where both ran the same streams: at very different N the memory the idle process had freed, reused by
+        # the streams, skews it.
+        both = set(floor_search.all_held) & set(parley_search.all_held)
+        at = max(both) if both else None
+        floor_kib, parley_kib = (
+            (floor, parley) if at is None else (floor_search.all_held[at], parley_search.all_held[at])
+        )
+        ratio, memory = parley.streams / floor.streams, parley_kib.rss_per_stream_kib / floor_kib.rss_per_stream_kib
+        self.note("2", f"{stack}: tries: floor {floor_search.tries}, parley {parley_search.tries}")
+        where = f" at N={at}" if at is not None else ""
+        result = (f"floor {at_least}{floor.streams}, parley {parley.streams}: {ratio:.2f} × floor's N; "
+                  f"{parley_kib.rss_per_stream_kib:.0f} KiB/stream against {floor_kib.rss_per_stream_kib:.0f}{where}: "
                   f"{memory:.2f} × its memory") + "".join(f" ({b})" for b in busy)  # fmt: skip
-        target = "≥ 0.8 × floor's N; memory ≤ 1.3 × floor's"
         self.rows.append(Row("2. concurrent streams", stack, result, target, ratio >= 0.8 and memory <= 1.3))
 
     # 3, 7 and the stores
@@ -146,6 +196,8 @@ class Bench:
         self.rows.append(Row("3. short chats, 64 clients", stack, result, "≥ 2 × peer", versus_peer >= 2))
 
     def access(self, stack: str) -> None:
+        """7: API keys and metrics on (the operators' PARLEY_METRICS_TOKEN set: /metrics is theirs) against both
+        off."""
         on_env = {"PARLEY_API_KEYS": f"bench:{API_KEY}", "PARLEY_METRICS": "1", "PARLEY_METRICS_TOKEN": METRICS_TOKEN}
         with serve("parley", stack, {"PARLEY_METRICS": "0"}) as off, serve("parley", stack, on_env, headers=AUTH) as on:
             keys, metrics = chats.access_features(on)
@@ -161,7 +213,43 @@ class Bench:
         result = f"on {rate['on']}, off {rate['off']}: {ratio:.2f}{partial}"
         self.rows.append(Row(figure, stack, result, target, ratio >= 0.9))
 
+    def scaled_env(self) -> dict[str, str]:
+        """PostgreSQL + Redis: the data in a fresh PostgreSQL database, claims, cancels and rejoins in Redis."""
+        if self.cluster is None:
+            raise Missing("no PostgreSQL (or no psycopg) on this machine")
+        return {**self.redis_env(), "PARLEY_DATABASE_URL": self.cluster.create_database()}
+
     def stores(self, stack: str) -> None:
+        """9: short chats/s on Redis (store and coordinator) and on PostgreSQL + Redis, against SQLite: one group,
+        in turn. A store the machine lacks (no redis-server, no PostgreSQL) reads n/a."""
+        places: dict[str, dict[str, str] | None] = {"SQLite": {}}
+        for name, make in (("Redis", self.redis_env), ("PostgreSQL + Redis", self.scaled_env)):
+            try:
+                places[name] = make()
+            except Missing as missing:
+                places[name] = None
+                self.note("9", f"{stack}: {name}: n/a ({missing})")
+        with contextlib.ExitStack() as stack_of_servers:
+            group: dict[str, tuple[Server, list[str]]] = {}
+            for name, env in places.items():
+                if env is not None:
+                    server = stack_of_servers.enter_context(serve("parley", stack, env))
+                    group[name] = (server, server.sessions(4 * chats.CONNECTIONS))
+            rate = chats.rates(group, self.args.rounds, self.args.seconds)
+        for name, r in rate.items():
+            self.note("9", f"{stack}: {name}: {r} (rounds: {', '.join(f'{x:,.0f}' for x in r.rounds)})")
+        sqlite = rate["SQLite"]
+        against = (("Redis", "Redis (store and coordinator)", 0.6), ("PostgreSQL + Redis", "PostgreSQL + Redis", 0.5))
+        for name, title, limit in against:
+            figure = f"9. short chats, {title} against SQLite"
+            if name not in rate:
+                self.rows.append(Row(figure, stack, "n/a (no server on this machine)", f"≥ {limit}", None))
+                continue
+            ratio = rate[name].per_second / sqlite.per_second
+            result = f"{name} {rate[name]}, SQLite {sqlite}: {ratio:.2f}"
+            self.rows.append(Row(figure, stack, result, f"≥ {limit}", ratio >= limit))
+
+    def history(self, stack: str) -> None:
         """Short chats/s on SQLite and on Redis, fresh and with a long history in every session. The histories are
         made once, through the API, and kept for the other stack's servers (a data directory, a Redis database)."""
         messages = f"{2 * self.args.history_chats:,}-message history"
@@ -183,16 +271,12 @@ class Bench:
                     sessions = full.sessions(chats.HISTORY_SESSIONS)
                     chats.fill_history(full, sessions, self.args.history_chats)
                     self._history[store] = (place, sessions)
-                    self.note("stores", f"{store}: {messages} in {len(sessions)} sessions made in "
-                                        f"{time.perf_counter() - started:.0f} s")  # fmt: skip
+                    self.note("history", f"{store}: {messages} in {len(sessions)} sessions made in "
+                                         f"{time.perf_counter() - started:.0f} s")  # fmt: skip
                 group[f"{store}, {messages}"] = (full, sessions)
             rate = chats.rates(group, self.args.rounds, self.args.seconds)
         for name, r in rate.items():
-            self.note("stores", f"{stack}: {name}: {r} (rounds: {', '.join(f'{x:,.0f}' for x in r.rounds)})")
-        if "Redis" in rate:
-            sqlite, redis = rate["SQLite"], rate["Redis"]
-            result = f"SQLite {sqlite}, Redis {redis}: {redis.per_second / sqlite.per_second:.2f}"
-            self.rows.append(Row("Redis store against SQLite", stack, result, "", None))
+            self.note("history", f"{stack}: {name}: {r} (rounds: {', '.join(f'{x:,.0f}' for x in r.rounds)})")
         costs = []
         for store in places:
             empty, long = rate[store], rate[f"{store}, {messages}"]
@@ -201,23 +285,9 @@ class Bench:
         self.rows.append(Row(messages, stack, "; ".join(costs), "", None))
 
     def postgres(self, stack: str) -> None:
-        """PostgreSQL + Redis (data in PostgreSQL, claims, cancels and rejoins in Redis), placed as the bench places
-        Redis: short chats/s against SQLite, and cancel and rejoin across two workers (hosts with no shared disk)."""
-        if self.cluster is None:
-            raise Missing("no PostgreSQL (or no psycopg) on this machine")
-        scaled = {**self.redis_env(), "PARLEY_DATABASE_URL": self.cluster.create_database()}
-        with serve("parley", stack) as sqlite, serve("parley", stack, scaled) as scaled_out:
-            group = {
-                "SQLite": (sqlite, sqlite.sessions(4 * chats.CONNECTIONS)),
-                "PostgreSQL + Redis": (scaled_out, scaled_out.sessions(4 * chats.CONNECTIONS)),
-            }
-            rate = chats.rates(group, self.args.rounds, self.args.seconds)
-        for name, r in rate.items():
-            self.note("postgres", f"{stack}: {name}: {r} (rounds: {', '.join(f'{x:,.0f}' for x in r.rounds)})")
-        ratio = rate["PostgreSQL + Redis"].per_second / rate["SQLite"].per_second
-        result = f"SQLite {rate['SQLite']}, PostgreSQL + Redis {rate['PostgreSQL + Redis']}: {ratio:.2f}"
-        self.rows.append(Row("PostgreSQL + Redis against SQLite, short chats", stack, result, "≥ 0.5", ratio >= 0.5))
-        env = {**SLOW, **self.redis_env(), "PARLEY_DATABASE_URL": self.cluster.create_database()}
+        """4 and 5 on PostgreSQL + Redis (data in PostgreSQL, claims, cancels and rejoins in Redis): cancel and
+        rejoin across two workers that share no disk (two hosts)."""
+        env = {**SLOW, **self.scaled_env()}
         with tempfile.TemporaryDirectory() as data_a, tempfile.TemporaryDirectory() as data_b:
             with serve("parley", stack, env, data_a) as a, serve("parley", stack, env, data_b) as b:
                 p50, p99 = latency.cancel_latency(a, b, self.args.count)
@@ -267,53 +337,153 @@ class Bench:
                   f"stub direct p99 {figures['direct p99']:.2f})")  # fmt: skip
         self.rows.append(Row("6. first-token overhead, openai agent", stack, result, "p99 ≤ 2 ms", p99 <= 2))
 
+    # 8, 10
+
+    def tools(self, stack: str) -> None:
+        """8: what parley adds around a tool call (bench/tool_overhead.py: the openai agent, the tests' stub model
+        server, the example MCP server over stdio), in a process of its own on the server core, on the stack's
+        event loop (the agent runs on uvloop under httptools+uvloop)."""
+        loop = "uvloop" if "uvloop" in stack else "asyncio"
+        command = ["taskset", "-c", str(SERVER_CORE), sys.executable, "-m", "bench.tool_overhead", "--json"]
+        done = subprocess.run([*command, "--calls", str(self.args.count), "--loop", loop], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        if done.returncode != 0:
+            tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+            if "ModuleNotFoundError" in done.stderr or "ImportError" in done.stderr:
+                raise Missing(f"feature missing: {tail[0]}")
+            raise RuntimeError(f"bench.tool_overhead exited {done.returncode}: {tail[0]}")
+        figures: dict[str, list[float]] = json.loads(done.stdout.strip().splitlines()[-1])
+        cells = []
+        worst = 0.0
+        for name, values in figures.items():
+            p50, p99 = percentile(values, 50), percentile(values, 99)
+            worst = max(worst, p99)
+            cells.append(f"{name} p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+        self.note("8", f"{stack}: " + "; ".join(cells) + f" ({len(next(iter(figures.values())))} calls)")
+        figure = "8. tool-call overhead (model's call → MCP tool; tool → model's next request)"
+        self.rows.append(Row(figure, stack, "; ".join(cells), "p99 ≤ 3 ms each", worst <= 3))
+
+    def busy(self, stack: str) -> None:
+        """10: a message into a busy session: ``if_busy=interrupt`` → the new reply's first byte, in one process
+        and from the other of two workers on Redis; ``if_busy=enqueue`` → its start after the reply before it
+        ends (one process: across workers a waiting message polls the claim every 20 ms)."""
+        count = self.args.count
+        interrupt, enqueue = (
+            "10. interrupt → new reply's first byte",
+            "10. enqueued message's start after the reply before",
+        )
+
+        def row(figure: str, limit: float, measure: Callable[[], tuple[float, float]]) -> None:
+            target = f"p99 ≤ {limit:g} ms"
+            try:
+                p50, p99 = measure()
+            except Missing as missing:
+                self.rows.append(Row(figure, stack, f"n/a (feature missing: {missing})", target, None))
+                return
+            self.rows.append(Row(figure, stack, f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", target, p99 <= limit))
+
+        # bench.acting's agent as an echo, whose replies run at the pace their message asks for: the one stopped
+        # (or waited for) at 50 tokens/s, the new one at once (parley's echo would pause before its first token).
+        echo = {"BENCH_ACTING": "text"}
+        with serve("acting", stack, echo) as server:
+            row(f"{interrupt}, one process", 10, lambda: latency.interrupt_latency(server, server, count))
+            row(f"{enqueue}, one process", 5, lambda: latency.enqueue_latency(server, count))
+        with self.workers(stack, echo, kind="acting") as (a, b):
+            row(f"{interrupt}, another worker (Redis)", 20, lambda: latency.interrupt_latency(a, b, count))
+
+
+def estimate(figure: str, stack: str, a: argparse.Namespace) -> float:
+    """Seconds ``figure`` should take under ``stack`` with these parameters on a quiet 2-core machine (from the
+    last full run's details: a 50,000-word stream ~0.5-0.7 s, a server's start ~1 s, a latency sample ~40 ms)."""
+    runs, tokens, rounds, seconds, count = (
+        int(getattr(a, name)) for name in ("runs", "tokens", "rounds", "seconds", "count")
+    )
+    fast = "uvloop" in stack
+    stream = 0.5 if fast else 0.75
+    wrk_group = {"short": 3, "access": 2, "stores": 3}
+    if figure == "throughput":
+        return 6 + runs * 4 * stream
+    if figure == "acting":
+        return 5 + runs * 2 * stream * 1.3
+    if figure == "concurrency":
+        guess = a.start or FIRST_GUESS[stack]
+        tries = 5 if a.start is None else 3  # per server, the first guess near its limit (see streams._next_level)
+        one = 4 + tokens * 0.05 * 1.2 + 1.25 * guess / 1500  # start, the streams, making the sessions
+        return 2 * tries * one
+    if figure in wrk_group:
+        servers = wrk_group[figure]
+        return 3 + servers * (3 + 2.5 + rounds * (seconds + 0.5))
+    samples = {"cancel": 2, "rejoin": 3, "postgres": 2, "first-token": 0.3, "tools": 0.4, "busy": 3.5}
+    if figure in samples:
+        return 4 + samples[figure] * (count + 20) * 0.045
+    if figure == "history":
+        return 60 + 4 * (3 + 2.5 + rounds * (seconds + 0.5))
+    return 30
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", default=",".join(FIGURES), help="figures: " + ", ".join(FIGURES) + " or 1..7, 1b")
+    parser.add_argument(
+        "--only", default=",".join(DEFAULT), help="figures: " + ", ".join(FIGURES) + " or 1..10, 1b, 1c"
+    )
     parser.add_argument("--stacks", default=",".join(STACKS), help=", ".join(STACKS))
-    parser.add_argument("--runs", type=int, default=5, help="benchmark 1: streams per server, the median counts")
-    parser.add_argument("--start", type=int, default=1000, help="benchmark 2: the first level")
-    parser.add_argument("--step", type=int, default=1000, help="benchmark 2: climb by this until a level is missed")
-    parser.add_argument("--finest", type=int, default=250, help="benchmark 2: then bisect down to this")
-    parser.add_argument("--top", type=int, default=12000, help="benchmark 2: the highest level tried")
+    parser.add_argument(
+        "--runs", type=int, default=5, help="benchmarks 1 and 1c: streams per server, the median counts"
+    )
+    parser.add_argument("--start", type=int, default=None, help="benchmark 2: the first level (default: per stack, "
+                        + ", ".join(f"{stack} {n}" for stack, n in FIRST_GUESS.items()) + ")")  # fmt: skip
+    parser.add_argument("--growth", type=float, default=1.25, help="benchmark 2: climb (or fall) by this factor")
+    parser.add_argument("--finest", type=int, default=250, help="benchmark 2: then bisect, not finer than this")
+    parser.add_argument("--top", type=int, default=16000, help="benchmark 2: the highest level tried")
     parser.add_argument("--tokens", type=int, default=200, help="benchmark 2: tokens per stream (at 20 a second)")
     parser.add_argument("--rounds", type=int, default=3, help="wrk figures: rounds per server, the median counts")
     parser.add_argument("--seconds", type=int, default=4, help="wrk figures: seconds per round")
-    parser.add_argument("--history-chats", type=int, default=chats.HISTORY_CHATS, help="stores: chats per session")
-    parser.add_argument("--count", type=int, default=200, help="benchmarks 4 to 6: samples per figure")
+    parser.add_argument("--history-chats", type=int, default=chats.HISTORY_CHATS, help="history: chats per session")
+    parser.add_argument("--count", type=int, default=200, help="benchmarks 4 to 6, 8 and 10: samples per figure")
     parser.add_argument("--write", action="store_true", help="write bench/RESULTS.md")
-    parser.add_argument("--smoke", action="store_true", help="every code path in about 3 minutes; figures are noise")
+    quick = "every figure's code path with tiny parameters (a few minutes); the figures are noise"
+    parser.add_argument("--quick", "--smoke", action="store_true", help=quick)
+    parser.add_argument("--estimate", action="store_true", help="print how long the figures should take; run nothing")
     args = parser.parse_args()
-    if args.smoke:
-        smoke = {"runs": 1, "start": 50, "step": 50, "top": 100, "finest": 25, "tokens": 20, "rounds": 1, "seconds": 1}
-        vars(args).update(smoke, count=5, history_chats=5)
-    chosen = {ALIASES.get(name.strip(), name.strip()) for name in args.only.split(",")}
-    unknown = chosen - set(FIGURES) | set(args.stacks.split(",")) - set(STACKS)
+    if args.quick:
+        tiny = {"runs": 1, "start": 50, "growth": 2.0, "top": 100, "finest": 25, "tokens": 20, "rounds": 1}
+        vars(args).update(tiny, seconds=1, count=5, history_chats=5)
+    chosen = {figure for name in args.only.split(",") for figure in ALIASES.get(name.strip(), [name.strip()])}
+    stacks = args.stacks.split(",")
+    unknown = chosen - set(FIGURES) | set(stacks) - set(STACKS)
     if unknown:
         parser.error(f"unknown: {', '.join(sorted(unknown))}")
+    plan = [(figure, stack) for figure in FIGURES if figure in chosen for stack in stacks]
+    expected = {job: estimate(*job, args) for job in plan}
+    print(f"expected: about {sum(expected.values()) / 60:.0f} minutes on a quiet machine", flush=True)
+    if args.estimate:
+        for (figure, stack), seconds in expected.items():
+            print(f"  {figure:12} {stack:16} {seconds:5.0f} s")
+        return
     os.sched_setaffinity(0, {CLIENT_CORE})
     started = time.perf_counter()
     with redis_server() as redis, postgres_server() as postgres:
         bench = Bench(args, redis, postgres)
-        for figure in (f for f in FIGURES if f in chosen):
-            for stack in args.stacks.split(","):
-                print(f"{figure} ({stack})", flush=True)
-                try:
-                    getattr(bench, figure.replace("-", "_"))(stack)
-                except Missing as missing:
-                    bench.rows.append(Row(figure, stack, f"n/a ({missing})", "", None))
-                except Exception as error:  # one broken figure must not cost the others a 20-minute run
-                    traceback.print_exc()
-                    bench.rows.append(Row(figure, stack, f"error: {type(error).__name__}: {error}", "", False))
+        for figure, stack in plan:
+            print(f"{figure} ({stack}), expected {expected[figure, stack]:.0f} s", flush=True)
+            began = time.perf_counter()
+            try:
+                getattr(bench, figure.replace("-", "_"))(stack)
+            except Missing as missing:
+                bench.rows.append(Row(TITLES[figure], stack, f"n/a ({missing})", "", None))
+            except Exception as error:  # one broken figure must not cost the others a 20-minute run
+                traceback.print_exc()
+                bench.rows.append(Row(TITLES[figure], stack, f"error: {type(error).__name__}: {error}", "", False))
+            took = time.perf_counter() - began
+            bench.note("durations", f"{figure:12} {stack:16} {took:5.0f} s (expected {expected[figure, stack]:.0f})")
         stack_row = bench.stack_row()
         if stack_row:
             bench.rows.append(stack_row)
     minutes = (time.perf_counter() - started) / 60
-    table = report.table(bench.rows)
-    print("\n" + table + f"\n\n{minutes:.1f} minutes")
+    table = report.table(bench.rows, report.last_round())
+    print("\n" + table + f"\n\n{minutes:.1f} minutes", flush=True)
     if args.write:
-        everything = args.only == parser.get_default("only")
+        everything = args.only == parser.get_default("only") and not args.quick
         command = "make bench" if everything else "python -m bench.run " + " ".join(sys.argv[1:])
         stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         report.write(stamp, command, minutes, table, bench.details)

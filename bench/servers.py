@@ -7,6 +7,7 @@ so a benchmark owns exactly the processes it measures.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,7 +25,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_CORE, CLIENT_CORE = 0, 1
-APPS = {"floor": "bench.floor:app", "parley": "app:app", "peer": "bench.peer:app", "stub": "bench.model_stub:app"}
+APPS = {"floor": "bench.floor:app", "parley": "app:app", "peer": "bench.peer:app", "stub": "bench.model_stub:app",
+        "acting": "bench.acting:app"}  # fmt: skip
+SESSION_CONNECTIONS = 16  # sessions are made this many at a time: thousands of them for figure 2, in seconds
 # uvicorn's two stacks: its pure-Python HTTP parser on the standard event loop, and the C ones (what its
 # `standard` extra installs). The names are what the table prints.
 STACKS = {
@@ -77,14 +80,25 @@ class Server:
         """``count`` new sessions (the floor keeps none: any id will do)."""
         if self.kind == "floor":
             return [f"ses_{i}" for i in range(count)]
+        return asyncio.run(self._sessions(count, agent))
+
+    async def _sessions(self, count: int, agent: str | None) -> list[str]:
         body = json.dumps({"agent": agent} if agent else {})
         headers = {**self.headers, "content-type": "application/json"}
-        with httpx.Client(base_url=self.url, headers=headers, timeout=30) as client:
-            created = [client.post("/api/v1/sessions", content=body) for _ in range(count)]
-        for response in created:
-            if response.status_code != 201:
-                raise RuntimeError(f"{self.kind}: POST /api/v1/sessions answered {response.status_code}")
-        return [str(response.json()["ui_session_id"]) for response in created]
+        made: list[str] = []
+        limits = httpx.Limits(max_connections=SESSION_CONNECTIONS)
+        async with httpx.AsyncClient(base_url=self.url, headers=headers, timeout=60, limits=limits) as client:
+
+            async def make(how_many: int) -> None:
+                for _ in range(how_many):
+                    response = await client.post("/api/v1/sessions", content=body)
+                    if response.status_code != 201:
+                        raise RuntimeError(f"{self.kind}: POST /api/v1/sessions answered {response.status_code}")
+                    made.append(str(response.json()["ui_session_id"]))
+
+            share, rest = divmod(count, SESSION_CONNECTIONS)
+            await asyncio.gather(*(make(share + (i < rest)) for i in range(SESSION_CONNECTIONS)))
+        return made
 
 
 @contextlib.contextmanager

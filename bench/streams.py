@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench.client import form_post, open_stream, percentile, run
 from bench.servers import Server, serve
@@ -16,12 +16,16 @@ GAP_LIMIT_MS = 100.0
 SSE = {"Accept": "text/event-stream"}
 
 
-async def _one_stream(server: Server, session_id: str, message: str, headers: dict[str, str]) -> tuple[float, str]:
+async def _one_stream(
+    server: Server, session_id: str, message: str, headers: dict[str, str], keep: bool = False
+) -> tuple[float, str]:
+    """How long one reply took, and its first read's body (or, with ``keep``, everything received)."""
     raw = form_post("/api/v1/chat", {"ui_session_id": session_id, "message": message}, server.port, headers=headers)
-    stream, _, done = await open_stream(server.port, raw)
+    stream, _, done = await open_stream(server.port, raw, keep)
     await done
     assert stream.status == 200 and stream.ended_at is not None, f"{server.kind}: status {stream.status}"
-    return stream.ended_at - stream.sent_at, stream.first_body.decode(errors="replace")
+    seen = stream.everything if stream.everything is not None else stream.first_body
+    return stream.ended_at - stream.sent_at, bytes(seen).decode(errors="replace")
 
 
 def throughput(stack: str, runs: int = 5) -> dict[str, float | None]:
@@ -42,6 +46,31 @@ def throughput(stack: str, runs: int = 5) -> dict[str, float | None]:
             for way, (kind, headers) in ways.items():
                 times[way].append(run(_one_stream(servers[kind], sessions[way][i], message, headers))[0])
     return {way: (WORDS / sorted(t)[len(t) // 2] if t else None) for way, t in times.items()}
+
+
+# What an SSE stream of a reply that acts must carry: the parts' frames (an older server fails the reply, or
+# streams the text alone).
+ACTING_FRAMES = ('"type":"reasoning-delta"', '"type":"tool-output-available"', '"type":"text-delta"')
+
+
+def acting_throughput(stack: str, runs: int = 5) -> dict[str, float | None]:
+    """Tokens per second of a reply that is half reasoning, with a tool call every 1,000 words (parley over SSE,
+    :mod:`bench.acting`'s agent), and of the floor streaming the same words as plain text: medians of ``runs``,
+    in turn. Parley's is None when its stream lacks the parts' frames (the feature is missing)."""
+    message = " ".join(f"w{i % 1000}" for i in range(WORDS))
+    times: dict[str, list[float]] = {"floor": [], "parley": []}
+    with serve("floor", stack) as floor, serve("acting", stack) as acting:
+        ways = {"floor": (floor, {}), "parley": (acting, SSE)}
+        sessions = {way: server.sessions(runs + 1) for way, (server, _) in ways.items()}
+        warm_up = " ".join(f"w{i}" for i in range(1200))  # (a tool call comes after the first 1,000 words)
+        _, seen = run(_one_stream(acting, sessions["parley"][-1], warm_up, SSE, keep=True))
+        run(_one_stream(floor, sessions["floor"][-1], warm_up, {}))
+        if not all(frame in seen.replace(" ", "") for frame in ACTING_FRAMES):
+            return {"floor": None, "parley": None}
+        for i in range(runs):
+            for way, (server, headers) in ways.items():
+                times[way].append(run(_one_stream(server, sessions[way][i], message, headers))[0])
+    return {way: WORDS / sorted(t)[len(t) // 2] for way, t in times.items()}
 
 
 @dataclass
@@ -77,39 +106,57 @@ async def _many_streams(server: Server, sessions: list[str], tokens: int) -> Lev
     return Level(len(sessions), percentile(gaps, 99) * 1000, completed, rss / len(sessions), client_cpu)
 
 
-def _next_level(held: int, missed: int | None, step: int, finest: int, top: int) -> int | None:
-    """Climb by ``step`` until a miss, then halve the bracket down to ``finest``: a handful of tries per server."""
-    if missed is None:
-        return held + step if held + step <= top else None
-    middle = (held + missed) // 2 // finest * finest
+def _next_level(held: int | None, missed: int | None, levels: Levels) -> int | None:
+    """Climb by ``growth`` from the first guess until a miss (or fall by it until a level holds), then halve the
+    bracket until it is within ``resolution`` of the level held or down to ``finest``: a handful of tries per
+    server, whatever its limit, when the first guess is near it."""
+
+    def rounded(n: float) -> int:
+        return max(levels.finest, int(n) // levels.finest * levels.finest)
+
+    if held is None:  # every level tried so far missed: fall
+        assert missed is not None
+        lower = rounded(missed / levels.growth)
+        return lower if lower < missed and missed > levels.finest else None
+    if missed is None:  # every level tried so far held: climb
+        higher = max(rounded(held * levels.growth), held + levels.finest)
+        return higher if higher <= levels.top else None
+    if missed - held <= max(levels.finest, held * levels.resolution):
+        return None
+    middle = rounded((held + missed) / 2)
     return middle if held < middle < missed else None
 
 
-def concurrency(
-    stack: str,
-    kinds: tuple[str, ...],
-    levels: tuple[int, int, int, int],
-    tokens: int,
-    attempts: int,
-    log: list[str],
-) -> dict[str, tuple[Level | None, Level | None]]:
-    """The largest number of 20 tokens/s streams each server holds with a p99 gap ≤ 100 ms. Each server climbs
-    from ``start`` by ``step`` (up to ``top``) until it misses, then bisects the bracket down to ``finest``; in
-    each round every server still searching takes its turn, so a noisy moment falls on all of them. A level
-    missed gets up to ``attempts`` tries and keeps the best: noise on a shared machine only ever adds delay.
-    For each server: the level it held, and the lowest it missed (None: its limit is above the top tried)."""
-    start, step, finest, top = levels
-    best: dict[str, Level | None] = {kind: None for kind in kinds}
-    missed: dict[str, Level | None] = {kind: None for kind in kinds}
-    trying: dict[str, int | None] = {kind: start for kind in kinds}
+@dataclass(frozen=True)
+class Levels:
+    """Where figure 2's search starts and how it moves (see :func:`_next_level`)."""
+
+    start: int
+    growth: float = 1.25
+    finest: int = 250
+    top: int = 16_000
+    resolution: float = 0.1  # stop bisecting once the bracket is within this share of the level held
+    tokens: int = 200  # per stream, at 20 a second
+    marginal: float = 1.25  # a miss whose p99 gap is within this factor of the limit gets a second try
+
+
+def concurrency(stack: str, kinds: tuple[str, ...], levels: Levels, log: list[str]) -> dict[str, Search]:
+    """The largest number of 20 tokens/s streams each server holds with a p99 gap ≤ 100 ms (see
+    :func:`_next_level` for the search). In each round every server still searching takes its turn, so a noisy
+    moment falls on all of them. A marginal miss gets a second try and keeps the better: noise on a shared
+    machine only ever adds delay. For each server: the level it held, the lowest it missed (None: its limit is
+    above the top tried), and how many tries it took."""
+    searches = {kind: Search() for kind in kinds}
+    trying: dict[str, int | None] = {kind: levels.start for kind in kinds}
     while any(n is not None for n in trying.values()):
         for kind, n in list(trying.items()):
             if n is None:
                 continue
             level = None
-            for _ in range(attempts):
+            for _ in range(2):
                 with serve(kind, stack, {"PARLEY_ECHO_DELAY": "0.05"}) as server:
-                    tried = run(_many_streams(server, server.sessions(n), tokens))
+                    tried = run(_many_streams(server, server.sessions(n), levels.tokens))
+                searches[kind].tries += 1
                 line = (f"{stack:16} {kind:6} N={n:5}: p99 gap {tried.p99_gap_ms:7.1f} ms, "
                         f"{tried.completed}/{n} complete, {tried.rss_per_stream_kib:6.1f} KiB/stream, "
                         f"client CPU {tried.client_cpu:.0%}")  # fmt: skip
@@ -117,14 +164,23 @@ def concurrency(
                 print("  " + line, flush=True)
                 if level is None or tried.p99_gap_ms < level.p99_gap_ms:
                     level = tried
-                if level.held:
+                if level.held or level.p99_gap_ms > GAP_LIMIT_MS * levels.marginal:
                     break
             assert level is not None
+            search = searches[kind]
             if level.held:
-                best[kind] = level
+                search.held = level
+                search.all_held[level.streams] = level
             else:
-                missed[kind] = level
-            held, miss = best[kind], missed[kind]
-            bound = miss.streams if miss else None
-            trying[kind] = _next_level(held.streams, bound, step, finest, top) if held else None
-    return {kind: (best[kind], missed[kind]) for kind in kinds}
+                search.missed = level
+            held, missed = search.held, search.missed
+            trying[kind] = _next_level(held.streams if held else None, missed.streams if missed else None, levels)
+    return searches
+
+
+@dataclass
+class Search:
+    held: Level | None = None
+    missed: Level | None = None
+    tries: int = 0
+    all_held: dict[int, Level] = field(default_factory=dict)  # every level held, by its number of streams

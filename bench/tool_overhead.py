@@ -10,7 +10,8 @@ both processes share:
   parley, which appends it and calls the model again).
 
 Each includes the MCP server's own work (the SDK's parsing and dispatch), which parley does not control. Target:
-p99 of each at most 3 ms.
+p99 of each at most 3 ms. ``make bench`` runs it pinned to the server core, on each stack's event loop
+(``--loop asyncio`` or ``uvloop``), and reads its ``--json`` line.
 """
 
 from __future__ import annotations
@@ -80,8 +81,13 @@ async def measure(calls: int) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="the agent's event loop")
+    parser.add_argument("--json", action="store_true", help="print the samples as one JSON object (for bench.run)")
     args = parser.parse_args()
-    figures = anyio.run(measure, args.calls)
+    figures = anyio.run(measure, args.calls, backend_options={"use_uvloop": args.loop == "uvloop"})
+    if args.json:
+        print(json.dumps(figures))
+        return
     for name, values in figures.items():
         print(
             f"{name:>13}: p50 {statistics.median(values):.2f} ms, p99 {percentile(values, 99):.2f} ms, "

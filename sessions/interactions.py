@@ -56,6 +56,7 @@ class Interaction:
         self.reason: CancelReason | None = None
         self.agent_done = False
         self.released = False
+        self.unclaimed = False  # its claim was dropped before its turn started (see claim_dropped)
         self.message_id = ""  # the assistant's message in history, once the turn has started
         # While it waits for its session (if_busy enqueue or interrupt): a cancel takes it out of the line.
         self.waiting: anyio.CancelScope | None = None
@@ -103,14 +104,19 @@ class Interaction:
             self._released_event.set()
 
     def claim_dropped(self) -> None:
-        """Its claim was not taken, or was given back before the turn started: wake whoever waits for it to go,
-        without calling it released (under if_busy it may wait for the session and claim it again)."""
+        """Its claim was not taken, or was given back before the turn started: whoever waits for it to go goes on,
+        but it is not released (under if_busy it may wait for the session, then claim it again: :meth:`claimed`)."""
+        self.unclaimed = True
         event, self._released_event = self._released_event, None
         if event is not None:
             event.set()
 
+    def claimed(self) -> None:
+        self.unclaimed = False
+
     async def wait_released(self) -> None:
-        if self.released:
+        """Until it is released, or its claim was dropped."""
+        if self.released or self.unclaimed:
             return
         if self._released_event is None:
             self._released_event = anyio.Event()
@@ -553,6 +559,7 @@ class _Open:
             await self._undo()
             raise SessionBusy(session_id)
         interactions._running[session_id] = interaction
+        interaction.claimed()
         try:
             turn, taken = self.turn, slots if inline else None
             if turn is None:
