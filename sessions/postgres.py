@@ -417,8 +417,9 @@ class PostgresStore:
         delay = 0.05
         while True:
             try:
-                await self.execute(
-                    "UPDATE messages SET content = %s, status = %s, parts = %s::jsonb, usage = %s::jsonb WHERE id = %s",
+                await self.execute(  # a final record never changes (one recorded interrupted meanwhile stays so)
+                    "UPDATE messages SET content = %s, status = %s, parts = %s::jsonb, usage = %s::jsonb "
+                    "WHERE id = %s AND status = 'streaming'",
                     row,
                 )
                 return

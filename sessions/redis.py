@@ -109,6 +109,9 @@ def require_asyncio() -> None:
         ) from None
 
 
+_FINISH_RETRY_DELAY = 0.05
+
+
 @contextmanager
 def _reachable(on_error: Callable[[str], None]) -> Iterator[None]:
     try:
@@ -165,6 +168,18 @@ class RedisStore:
     async def open(self) -> None:
         # Connections are made on first use, and again after Redis comes back. Data written before hash tags (a
         # single Redis, keys like parley:session:<id>) is not read: it is moved by a command.
+        if not is_cluster(self.redis):
+            try:
+                info: Any = await self.redis.info("cluster")
+            except _DOWN:
+                info = {}
+            except redis_errors.ResponseError:
+                info = {}  # (a Redis that hides INFO: not a cluster node we can tell)
+            if info.get("cluster_enabled") in (1, "1"):
+                # Every key on another node would answer MOVED: refuse to open (each request hears it, 503).
+                raise StoreUnavailable(
+                    "PARLEY_REDIS_URL names a node of a Redis Cluster: set PARLEY_REDIS_CLUSTER=1 to use the cluster."
+                )
         try:
             if not is_cluster(self.redis) and await self.redis.exists(self.prefix + "sessions"):
                 logger.warning(
@@ -215,7 +230,7 @@ class RedisStore:
 
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         k = self.keys(session_id)
-        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.file_ids, k.files, k.claim]
+        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.file_ids, k.files, k.claim, k.leases]
         with _reachable(self.on_error):
             file_ids: Any = await self.scripts.delete_session(keys, [owner])
             if file_ids is not None:
@@ -245,7 +260,7 @@ class RedisStore:
         else:
             session = await self.get_session(session_id, owner)
             limits = json.dumps({} if session is None else {session.agent: history_limit(session)})
-        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.claim]
+        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.claim, k.leases]
         arguments: list[str | int] = [owner, limits]
         for message in (user, assistant):
             arguments += (message.id, _message_json(message), message.status)
@@ -295,7 +310,7 @@ class RedisStore:
         for message in (user, assistant):
             arguments += (message.id, _message_json(message), message.status)
         arguments.append(user.content[:_FIRST_TEXT_CHARS])
-        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming]
+        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.leases]
         with _reachable(self.on_error):
             answer: Any = await self.scripts.replace_turn(keys, arguments)
         outcome = answer[0]
@@ -347,7 +362,7 @@ class RedisStore:
         if reply is None:
             return  # not a reply this process started (it was recorded already)
         k = self.keys(reply.session_id)
-        keys = [k.messages, k.statuses, k.streaming, k.claim]
+        keys = [k.messages, k.statuses, k.streaming, k.leases, k.claim]
         arguments: list[str | int] = [message_id, _message_json(reply, content, parts, usage), status]
         if release is None:
             arguments += ("", 0, 0, "", "", "")
@@ -360,7 +375,6 @@ class RedisStore:
             arguments += (release.value, release.cancelled_ms, release.answer_ttl, release.interaction_id)
             arguments += ("1" if release.answer is not None else "", "1" if release.slots is not None else "")
         deadline = time.monotonic() + self.finish_retry_seconds
-        delay = 0.05
         while True:
             try:
                 await self.scripts.end_turn(keys, arguments)
@@ -369,8 +383,9 @@ class RedisStore:
                 self.on_error(self.name)
                 if time.monotonic() > deadline:
                     raise StoreUnavailable("The session store (Redis) stayed unavailable.") from None
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                # Often (a failed attempt on a Redis that is down costs a refused connection): the reply must be
+                # recorded by its owner within the lease of grace that other processes give it once Redis is back.
+                await anyio.sleep(_FINISH_RETRY_DELAY)
         del self._replies[message_id]
 
     async def checkpoint_turns(
@@ -419,7 +434,7 @@ class RedisStore:
 
     async def _interrupt(self, session_id: str) -> int:
         k = self.keys(session_id)
-        return int(await self.scripts.interrupt_orphans([k.claim, k.streaming, k.statuses]))
+        return int(await self.scripts.interrupt_orphans([k.claim, k.streaming, k.statuses, k.leases]))
 
     async def streaming_turn(self, session_id: str) -> str | None:
         k = self.keys(session_id)

@@ -78,7 +78,13 @@ class RedisCancelBus:
         keys = SessionKeys(self.prefix, session_id)
         reply_key = keys.cancel_reply(request_id)
         with _reachable(self.claims.on_error):
-            claim: Any = await self.redis.get(keys.claim)
+            found: Any = await self.claims.scripts.claim_and_owner([keys.claim, keys.session])
+            claim: Any = found[0] or None
+            session_owner = found[1] or None
+            if owner is not None and session_owner is not None and session_owner != owner:
+                # Another owner's session (the Redis store keeps it here): answered as one that streams nowhere,
+                # in the same time, whether or not it streams (issue 24 §3.10).
+                claim = None
             listeners = -1
             if claim is not None:
                 process_id, _, running_id = str(claim).partition(":")

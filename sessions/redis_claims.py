@@ -132,14 +132,15 @@ class RedisClaims:
             except ApiError:
                 logger.warning("could not release session %s; its lease will run out", interaction.session_id)
 
-    async def renew(self, session_id: str, interaction_id: str) -> bool | str:
-        """Extend the claim if it is still this interaction's; False if it is gone or another's. A cancel left
-        for the interaction (see :meth:`sessions.redis_cancels.RedisCancelBus.cancel_elsewhere`) comes back as
-        its reason."""
+    async def renew(self, session_id: str, interaction_id: str, message_id: str = "") -> bool | str:
+        """Extend the claim if it is still this interaction's (and the lease of its reply ``message_id`` in
+        history); False if it is gone or another's. A cancel left for the interaction (see
+        :meth:`sessions.redis_cancels.RedisCancelBus.cancel_elsewhere`) comes back as its reason."""
         keys = self.keys(session_id)
         with _reachable(self.on_error):
             answer: Any = await self.scripts.renew_claim(
-                [keys.claim, keys.cancel_left(interaction_id)], [self.value(interaction_id), self.lease_ms]
+                [keys.claim, keys.cancel_left(interaction_id), keys.leases],
+                [self.value(interaction_id), self.lease_ms, message_id],
             )
         return answer if isinstance(answer, str) else bool(answer)
 
@@ -157,23 +158,33 @@ class RedisClaims:
         # Stop a little before the lease runs out, so that the reply is over before another process can claim.
         margin = lease / 10
         stop_at = time.monotonic() + lease - margin  # the claim was made just before
+        # Each attempt gets a timeout that fits the lease (a socket timeout may be longer than the whole lease), and
+        # a renewal that failed is tried again soon: a stall of Redis shorter than the lease does not stop the reply.
+        attempt = max(lease / 10, 0.05)
+        due = time.monotonic() + lease / 3
         while True:
-            await anyio.sleep(max(0.0, min(lease / 3, stop_at - time.monotonic())))
+            await anyio.sleep(max(0.0, min(due, stop_at) - time.monotonic()))
             if time.monotonic() >= stop_at:
                 break
             sent_at = time.monotonic()
             renewed: bool | str | None = None
-            # Shielded, so that a renewal in flight is not torn out of its connection, but not past the lease.
-            with anyio.CancelScope(shield=True, deadline=stop_at):
+            # Shielded, so that the reply's cancel does not tear a renewal out of its connection, but not past the
+            # attempt's timeout nor the lease.
+            with anyio.CancelScope(shield=True, deadline=min(stop_at, sent_at + attempt)):
                 try:
-                    renewed = await self.renew(interaction.session_id, interaction.id)
+                    renewed = await self.renew(interaction.session_id, interaction.id, interaction.message_id)
                 except StoreUnavailable:
-                    logger.warning("could not renew the claim on session %s; retrying", interaction.session_id)
+                    pass
+            if renewed is None:
+                logger.warning("could not renew the claim on session %s; retrying", interaction.session_id)
+                due = time.monotonic() + attempt / 2
+                continue
             if isinstance(renewed, str) and interaction.cancel(CANCEL_REASONS.get(renewed, "cancelled")):
                 logger.info("session %s: a cancel left in Redis stopped its reply", interaction.session_id)
             if renewed:
                 stop_at = sent_at + lease - margin
-            elif renewed is False:
+                due = sent_at + lease / 3
+            else:
                 break  # the claim is gone (its session deleted, or it ran out) or another's: stop at once
         if interaction.cancel("lease lost"):
             logger.warning("lost the claim on session %s: its reply is stopped", interaction.session_id)

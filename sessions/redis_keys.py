@@ -13,7 +13,18 @@ from __future__ import annotations
 class SessionKeys:
     """The keys of one session."""
 
-    __slots__ = ("base", "claim", "file_ids", "files", "message_ids", "messages", "session", "statuses", "streaming")
+    __slots__ = (
+        "base",
+        "claim",
+        "file_ids",
+        "files",
+        "leases",
+        "message_ids",
+        "messages",
+        "session",
+        "statuses",
+        "streaming",
+    )
 
     def __init__(self, prefix: str, session_id: str) -> None:
         base = self.base = f"{prefix}{{{session_id}}}:"
@@ -22,6 +33,8 @@ class SessionKeys:
         self.messages = base + "messages"  # hash: message id → the message (JSON, without its status)
         self.statuses = base + "statuses"  # hash: message id → its status
         self.streaming = base + "streaming"  # set: the ids of its replies still streaming
+        # hash: reply id → until when its owner may record it (see _ORPHANED in sessions.redis_scripts)
+        self.leases = base + "leases"
         self.file_ids = base + "file-ids"  # list: its files in order
         self.files = base + "files"  # hash: file id → the file's record (JSON)
         self.claim = base + "claim"  # string: "<process>:<interaction>", while an interaction holds the session

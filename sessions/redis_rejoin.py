@@ -58,15 +58,16 @@ class RedisRejoin:
             while not mirror.message_id and not mirror.status:
                 await reader.read()
         if not mirror.message_id:
-            if not await self.streaming_elsewhere(session_id, interaction_id):
-                return None  # it ended meanwhile
+            if mirror.status or not await self.streaming_elsewhere(session_id, interaction_id):
+                return None  # it ended meanwhile (or before its reply started)
             raise RejoinFailed(f"Failed to rejoin the reply of session: {session_id} (its process did not answer)")
         return mirror, reader.run
 
     def on_follow(self, request: dict[str, Any], interactions: Interactions, task_group: anyio.abc.TaskGroup) -> None:
         """A follower elsewhere asks for a reply of this process's: mirror it (once)."""
         interaction = interactions.get(request["session"])
-        if interaction is not None and interaction.id == request["follow"] and interaction.message_id:
+        # (Also before its reply has started, between its claim and its first write: _mirror waits for the start.)
+        if interaction is not None and interaction.id == request["follow"]:
             if interaction.id not in self._mirrored:
                 self._mirrored.add(interaction.id)
                 task_group.start_soon(self._mirror, interaction)
@@ -75,6 +76,14 @@ class RedisRejoin:
         key = self.frames_key(interaction)
         sent, first = 0, True
         try:
+            # Claimed, not started yet: its message id is set in a moment (nothing wakes a waiter for it: look).
+            while not interaction.message_id and not interaction.status:
+                with anyio.move_on_after(0.02):
+                    await interaction.changed()
+            if not interaction.message_id:  # it ended before its reply started: nothing to rejoin
+                await self.redis.xadd(key, {"s": interaction.status, "e": interaction.error or ""})
+                await self.redis.expire(key, _FRAMES_TTL)
+                return
             while True:
                 tokens, status = interaction.tokens[sent:], interaction.status
                 if not (first or tokens or status):
@@ -110,6 +119,9 @@ class _MirrorReader:
         self.key = rejoin.frames_key(mirror)
         self.last = "0-0"
         self.idle = 0
+        # Where the owner's copy is in the reply: after a blip, the owner writes its copy again from the first
+        # token into the same stream (a new "m" entry); the tokens this mirror already holds are not added twice.
+        self.at = 0
 
     async def read(self) -> None:
         mirror = self.mirror
@@ -123,12 +135,13 @@ class _MirrorReader:
         self.idle = 0
         for entry_id, fields in answer[0][1]:
             self.last = entry_id
-            if "t" in fields:
-                mirror.add(fields["t"])
-            elif "x" in fields:
-                mirror.add(decode(fields["x"]))
+            if "t" in fields or "x" in fields:  # a text token, or another event (see _mirror)
+                if self.at >= len(mirror.tokens):
+                    mirror.add(fields["t"] if "t" in fields else decode(fields["x"]))
+                self.at += 1
             elif "m" in fields:
                 mirror.message_id = fields["m"]
+                self.at = 0
             elif "s" in fields:
                 mirror.error = fields["e"] or None
                 mirror.finish(fields["s"])

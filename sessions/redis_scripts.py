@@ -20,6 +20,25 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# Whether a reply still "streaming" is an orphan to record interrupted now. Its entry in the session's leases says
+# until when its owner's claim holds ('L<lease ms>:<until>', kept by the claim's renewals). Once that time has
+# passed, the first script to see it gives the owner one more lease, counted from then ('G<until>'): an owner that
+# lost its claim to an outage but lives records its own reply once Redis is back, before anyone else may conclude
+# that it died. A reply with no entry (written without a claim) is an orphan as soon as nobody claims the session.
+_ORPHANED = """
+local function orphaned(leases, id, now, claimed)
+  local entry = redis.call('HGET', leases, id)
+  if not entry then return not claimed end
+  local lease, till = string.match(entry, '^L(%d+):(%d+)$')
+  if lease then
+    if now >= tonumber(till) then redis.call('HSET', leases, id, 'G' .. (now + tonumber(lease))) end
+    return false
+  end
+  local grace = string.match(entry, '^G(%d+)$')
+  return grace == nil or now >= tonumber(grace)
+end
+"""
+
 # Frees a claim if it is still ``value``'s. A reply recorded "cancelled" says so for a while, for a canceller
 # waiting on a silent owner; the canceller that stopped the reply through the cancel bus, if one did, hears its
 # answer on its list; the owner's stream slot, if the script holds it, is given back.
@@ -36,19 +55,20 @@ end
 """
 
 # A chat's first round trip. KEYS: 1 session, 2 message ids, 3 messages, 4 statuses, 5 streaming, 6 claim,
-# 7 the owner's stream slots (only when the script takes one). ARGV: 1 owner, 2 each agent's history limit (JSON),
-# 3-5 the user's message (id, JSON, status), 6-8 the reply's, 9 the claim's value ('': no claim), 10 the lease (ms),
-# 11 the interaction, 12 the owner's limit, 13 the start of the user's text (the session's title while it has none
-# set, if it is the first). In this order: the owner's limit (an owner at it hears so whatever the
-# session), the session and its owner, the claim, the agent; then, the claim taken, any turn still streaming is
-# an orphan (its process died and its claim ran out) and is recorded interrupted; then the history is read and both
+# 7 leases, 8 the owner's stream slots (only when the script takes one). ARGV: 1 owner, 2 each agent's history
+# limit (JSON), 3-5 the user's message (id, JSON, status), 6-8 the reply's, 9 the claim's value ('': no claim),
+# 10 the lease (ms), 11 the interaction, 12 the owner's limit, 13 the start of the user's text (the session's title
+# while it has none set, if it is the first). In this order: the owner's limit (an owner at it hears so whatever
+# the session), the session and its owner, the claim, the agent; then, the claim taken, any turn still streaming
+# whose owner is gone (see _ORPHANED) is recorded interrupted; then the history is read and both
 # messages written. Answers {'ok', agent, created_at, history as JSON, their statuses}, or why not.
 BEGIN_TURN = (
     _NOW
+    + _ORPHANED
     + """
-if KEYS[7] then
-  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
-  if redis.call('ZCARD', KEYS[7]) >= tonumber(ARGV[12]) then return {'limit'} end
+if KEYS[8] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now)
+  if redis.call('ZCARD', KEYS[8]) >= tonumber(ARGV[12]) then return {'limit'} end
 end
 local session = redis.call('HMGET', KEYS[1], 'agent', 'created_at', 'owner')
 if not session[1] or (session[3] or '') ~= ARGV[1] then return {'missing'} end
@@ -58,9 +78,13 @@ local limit = cjson.decode(ARGV[2])[session[1]]
 if not limit then return {'agent', session[1], session[2]} end
 if claiming then
   for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-    if redis.call('HGET', KEYS[4], id) == 'streaming' then redis.call('HSET', KEYS[4], id, 'interrupted') end
+    local streaming = redis.call('HGET', KEYS[4], id) == 'streaming'
+    if not streaming or orphaned(KEYS[7], id, now, false) then
+      if streaming then redis.call('HSET', KEYS[4], id, 'interrupted') end
+      redis.call('SREM', KEYS[5], id)
+      redis.call('HDEL', KEYS[7], id)
+    end
   end
-  redis.call('DEL', KEYS[5])
 end
 local messages, statuses = {}, {}
 if limit > 0 then
@@ -75,35 +99,40 @@ redis.call('HSET', KEYS[4], ARGV[3], ARGV[5], ARGV[6], ARGV[8])
 redis.call('RPUSH', KEYS[2], ARGV[3], ARGV[6])
 redis.call('SADD', KEYS[5], ARGV[6])
 redis.call('HSETNX', KEYS[1], 'first', ARGV[13])
-if claiming then redis.call('SET', KEYS[6], ARGV[9], 'PX', ARGV[10]) end
-if KEYS[7] then
-  redis.call('ZADD', KEYS[7], now + tonumber(ARGV[10]), ARGV[11])
-  redis.call('PEXPIRE', KEYS[7], ARGV[10])
+if claiming then
+  redis.call('SET', KEYS[6], ARGV[9], 'PX', ARGV[10])
+  redis.call('HSET', KEYS[7], ARGV[6], 'L' .. ARGV[10] .. ':' .. (now + tonumber(ARGV[10])))
+end
+if KEYS[8] then
+  redis.call('ZADD', KEYS[8], now + tonumber(ARGV[10]), ARGV[11])
+  redis.call('PEXPIRE', KEYS[8], ARGV[10])
 end
 return {'ok', session[1], session[2], messages, statuses}
 """
 )
 
-# A chat's last round trip: the reply's final text and status (unless its session was deleted meanwhile), and,
-# when ARGV[4] names the claim's value, the release (see _RELEASE). KEYS: 1 messages, 2 statuses, 3 streaming,
-# 4 claim, 5 cancelled, then the cancel's answer list if ARGV[8] is '1', then the owner's slots if ARGV[9] is '1'.
+# A chat's last round trip: the reply's final text and status, unless it is no longer "streaming" (its session was
+# deleted meanwhile, or another process recorded it interrupted: a final record never changes), and, when ARGV[4]
+# names the claim's value, the release (see _RELEASE). KEYS: 1 messages, 2 statuses, 3 streaming, 4 leases,
+# 5 claim, 6 cancelled, then the cancel's answer list if ARGV[8] is '1', then the owner's slots if ARGV[9] is '1'.
 # ARGV: 1 reply id, 2 reply JSON, 3 status, 4 claim value, 5 cancelled (ms), 6 answer TTL (s), 7 interaction.
 END_TURN = (
     _RELEASE
     + """
 local recorded = 0
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then
+if redis.call('HGET', KEYS[2], ARGV[1]) == 'streaming' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-  redis.call('SREM', KEYS[3], ARGV[1])
   recorded = 1
 end
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
 if ARGV[4] ~= '' then
   local answer, slots = nil, nil
-  local k = 6
+  local k = 7
   if ARGV[8] == '1' then answer = KEYS[k]; k = k + 1 end
   if ARGV[9] == '1' then slots = KEYS[k] end
-  release(KEYS[4], KEYS[5], answer, slots, ARGV[4], ARGV[3], ARGV[5], ARGV[6], ARGV[7])
+  release(KEYS[5], KEYS[6], answer, slots, ARGV[4], ARGV[3], ARGV[5], ARGV[6], ARGV[7])
 end
 return recorded
 """
@@ -122,20 +151,28 @@ end
 return n
 """
 
-# Mark a session's "streaming" turns "interrupted", unless an interaction holds the session's claim.
-# KEYS: 1 claim, 2 streaming, 3 statuses.
-INTERRUPT_ORPHANS = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+# Mark a session's orphaned "streaming" turns "interrupted" (see _ORPHANED). KEYS: 1 claim, 2 streaming,
+# 3 statuses, 4 leases.
+INTERRUPT_ORPHANS = (
+    _NOW
+    + _ORPHANED
+    + """
+local claimed = redis.call('EXISTS', KEYS[1]) == 1
 local n = 0
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  if redis.call('HGET', KEYS[3], id) == 'streaming' then
-    redis.call('HSET', KEYS[3], id, 'interrupted')
-    n = n + 1
+  local streaming = redis.call('HGET', KEYS[3], id) == 'streaming'
+  if not streaming or orphaned(KEYS[4], id, now, claimed) then
+    if streaming then
+      redis.call('HSET', KEYS[3], id, 'interrupted')
+      n = n + 1
+    end
+    redis.call('SREM', KEYS[2], id)
+    redis.call('HDEL', KEYS[4], id)
   end
 end
-redis.call('DEL', KEYS[2])
 return n
 """
+)
 
 # A session's messages in order. KEYS: 1 message ids, 2 messages, 3 statuses; ARGV[1] the first (from the end if
 # negative). Answers {messages as JSON, their statuses}.
@@ -164,13 +201,17 @@ return 1
 
 # A turn in the place of the session's message ARGV[2] (as the API names it: its client_id, or its id when it has
 # none), with the claim already taken (see Store.replace_turn). KEYS: 1 session, 2 message ids, 3 messages,
-# 4 statuses, 5 streaming. ARGV: 1 owner, 2 target, 3 '1' when a missing target makes it a plain turn, 4 'keep' (a
+# 4 statuses, 5 streaming, 6 leases (a turn still streaming whose owner is gone is recorded interrupted, see
+# _ORPHANED). ARGV: 1 owner, 2 target, 3 '1' when a missing target makes it a plain turn, 4 'keep' (a
 # user message named stays, as for a reply), else whether the user's text is not empty ('1' or '0'), 5 each agent's
 # history limit (JSON), 6-8 the user's message (id, JSON, status), 9-11 the reply's, 12 the start of the user's
 # text (the title's). Client ids are letters, digits, '_' and '-' (see parley.forms): found in the JSON as they
 # are, with no decoding. Answers {'ok', agent, created_at, the kept user message's JSON and status (or ''),
 # history as JSON, their statuses}, or why not.
-REPLACE_TURN = """
+REPLACE_TURN = (
+    _NOW
+    + _ORPHANED
+    + """
 local session = redis.call('HMGET', KEYS[1], 'agent', 'created_at', 'owner')
 if not session[1] or (session[3] or '') ~= ARGV[1] then return {'missing'} end
 local limit = cjson.decode(ARGV[5])[session[1]]
@@ -202,9 +243,13 @@ else
   end
 end
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  if redis.call('HGET', KEYS[4], id) == 'streaming' then redis.call('HSET', KEYS[4], id, 'interrupted') end
+  local streaming = redis.call('HGET', KEYS[4], id) == 'streaming'
+  if not streaming or orphaned(KEYS[6], id, now, false) then
+    if streaming then redis.call('HSET', KEYS[4], id, 'interrupted') end
+    redis.call('SREM', KEYS[5], id)
+    redis.call('HDEL', KEYS[6], id)
+  end
 end
-redis.call('DEL', KEYS[5])
 local kept_row, kept_status = '', ''
 if kept then kept_row, kept_status = redis.call('HGET', KEYS[3], kept), redis.call('HGET', KEYS[4], kept) end
 local messages, statuses = {}, {}
@@ -234,16 +279,17 @@ redis.call('RPUSH', KEYS[2], ARGV[9])
 redis.call('SADD', KEYS[5], ARGV[9])
 return {'ok', session[1], session[2], kept_row, kept_status or '', messages, statuses}
 """
+)
 
 # Deletes the owner's session with its history, its files' records and its claim (an owner that did not answer
 # the cancel, dead or silent, finds its claim gone at its next renewal, and stops). KEYS: 1 session, 2 message ids,
-# 3 messages, 4 statuses, 5 streaming, 6 file ids, 7 files, 8 claim; ARGV[1] the owner. Answers the ids of the
+# 3 messages, 4 statuses, 5 streaming, 6 file ids, 7 files, 8 claim, 9 leases; ARGV[1] the owner. Answers the ids of the
 # files whose records it removed, or nil when the owner has no such session.
 DELETE_SESSION = """
 if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then return false end
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local files = redis.call('LRANGE', KEYS[6], 0, -1)
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
 return files
 """
 
@@ -290,13 +336,27 @@ return 'ok'
 """
 )
 
-# Only ever extends the claim: one that is gone is not made again (its owner stops instead). KEYS: 1 claim,
-# 2 a cancel left for the interaction. Answers 0 (gone), 1 (extended), or the reason of a cancel left for the
-# interaction by a process its owner did not answer.
-RENEW_CLAIM = """
+# Only ever extends the claim: one that is gone is not made again (its owner stops instead); with it, the reply's
+# entry in the session's leases (see _ORPHANED), if it has one. KEYS: 1 claim, 2 a cancel left for the interaction,
+# 3 leases. ARGV: 1 value, 2 lease (ms), 3 the reply ('' if not known yet). Answers 0 (gone), 1 (extended), or the
+# reason of a cancel left for the interaction by a process its owner did not answer.
+RENEW_CLAIM = (
+    _NOW
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[3] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[3]) == 1 then
+  redis.call('HSET', KEYS[3], ARGV[3], 'L' .. ARGV[2] .. ':' .. (now + tonumber(ARGV[2])))
+end
 return redis.call('GET', KEYS[2]) or 1
+"""
+)
+
+# A cancel's first look: the session's claim, and its owner when the Redis store keeps the session (so that another
+# owner's cancel is answered without asking the process streaming it: as fast as for a session that streams
+# nowhere). KEYS: 1 claim, 2 session. Answers {claim or false, owner or false}.
+CLAIM_AND_OWNER = """
+return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], 'owner')}
 """
 
 # See _RELEASE. KEYS: 1 claim, 2 cancelled, then the answer list if ARGV[6] is '1', then the owner's slots if
@@ -360,5 +420,6 @@ class Scripts:
         self.claim_session: AsyncScript = register(CLAIM_SESSION)
         self.renew_claim: AsyncScript = register(RENEW_CLAIM)
         self.release_claim: AsyncScript = register(RELEASE_CLAIM)
+        self.claim_and_owner: AsyncScript = register(CLAIM_AND_OWNER)
         self.take_slot: AsyncScript = register(TAKE_SLOT)
         self.renew_slots: AsyncScript = register(RENEW_SLOTS)

@@ -352,7 +352,12 @@ class SQLiteStore:
         row = (content, status, _json(parts), _json(usage), message_id)
 
         def update(db: sqlite3.Connection) -> None:
-            db.execute("UPDATE messages SET content = ?, status = ?, parts = ?, usage = ? WHERE id = ?", row)
+            db.execute(
+                # A final record never changes (a reply recorded interrupted meanwhile keeps its text).
+                "UPDATE messages SET content = ?, status = ?, parts = ?, usage = ? "
+                "WHERE id = ? AND status = 'streaming'",
+                row,
+            )
 
         await self._run(update)
 

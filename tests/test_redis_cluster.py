@@ -135,3 +135,16 @@ async def test_a_delete_from_the_other_worker_stops_the_stream(
                 return session_id not in {s["ui_session_id"] for s in listed}
 
             await eventually(gone_from_the_list)
+
+
+async def test_a_cluster_node_named_without_the_cluster_setting_says_so(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_cluster: RedisClusterServers
+) -> None:
+    # PARLEY_REDIS_URL names a node of a cluster but PARLEY_REDIS_CLUSTER is not set: every request that reaches
+    # a key of another node would get MOVED (a 500). It is a clear 503 that names the setting, every time.
+    server = subprocesses({"PARLEY_REDIS_URL": redis_cluster.url, "PARLEY_DATA_DIR": str(tmp_path / "a")}).start()
+    async with httpx.AsyncClient(timeout=10) as client:
+        for _ in range(5):
+            answer = await client.post(f"{server.url}/api/v1/sessions")
+            assert answer.status_code == 503, answer.text
+            assert "PARLEY_REDIS_CLUSTER=1" in answer.text

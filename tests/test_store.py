@@ -312,6 +312,20 @@ async def test_interrupt_turns(store: Store) -> None:
     assert [m.status for m in await store.list_messages("b")] == ["complete", "interrupted"]
 
 
+async def test_a_final_record_never_changes(store: Store) -> None:
+    # Issue 24 §1: a reply recorded interrupted (its owner looked dead) keeps its status and text when its owner's
+    # late finish arrives; a checkpoint does not change it either.
+    await store.create_session(Session("a", "echo", utcnow()))
+    _, reply = turn("a")
+    await store.start_turn(*(_, reply), limit(0), owner="")
+    await store.checkpoint_turns({reply.id: "so far"})
+    assert await store.interrupt_turns("a") == 1
+    await store.finish_turn(reply.id, "so far and more", "complete")
+    await store.checkpoint_turns({reply.id: "so far and more again"})
+    last = (await store.list_messages("a"))[-1]
+    assert (last.status, last.content) == ("interrupted", "so far")
+
+
 async def test_deleting_a_session_deletes_its_history_and_files(store: Store) -> None:
     await store.create_session(Session("s", "echo", utcnow()))
     await store.start_turn(*turn("s"), limit(0), owner="")
