@@ -31,6 +31,7 @@ import anyio
 import httpx
 from redis.asyncio import Redis
 
+from parley.sessions.redis_keys import SessionKeys
 from parley.sessions.store import TERMINAL_STATUSES
 from tests.conftest import PostgresServer, RedisServer, Subprocess, postgres_bin
 
@@ -387,12 +388,14 @@ async def check_files(phase: Phase, counts: Counter[str], violations: list[str])
     else:
         redis = Redis.from_url(phase.redis.url, decode_responses=True)
         try:
-            keys = [key async for key in redis.scan_iter("parley:file:*")]
-            records = {key.removeprefix("parley:file:") for key in keys}
-            for key in keys:
-                session_id = await redis.hget(key, "session_id")  # type: ignore[misc]
-                if not await redis.exists(f"parley:session:{session_id}"):
-                    violations.append(f"file record {key} outlived its session {session_id}")
+            # A session's file records are a hash under its hash tag (sessions/redis_keys.py).
+            records = set()
+            async for key in redis.scan_iter("parley:{*}:files"):
+                session_id = key.removeprefix("parley:{").removesuffix("}:files")
+                ids = await redis.hkeys(key)  # type: ignore[misc]
+                records |= set(ids)
+                if ids and not await redis.exists(SessionKeys("parley:", session_id).session):
+                    violations.append(f"file records {key} outlived their session {session_id}")
         finally:
             await redis.aclose()
     counts["files kept (record and blob)"] = len(blobs & records)
