@@ -177,6 +177,12 @@ def unfinished_calls(events: Sequence[Event], status: str) -> list[Event]:
     return closing
 
 
+def stored(value: object) -> str | None:
+    """A reply's parts or usage as every store keeps them: compact JSON (no stored text then reads as another key's
+    `"name": value`, which Redis' scripts look for), or None for none."""
+    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
+
+
 def _json_or_text(text: str) -> Any:
     try:
         return json.loads(text)

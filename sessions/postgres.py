@@ -37,7 +37,7 @@ from parley.sessions.errors import (
     SessionNotFound,
     StoreUnavailable,
 )
-from parley.sessions.parts import Part
+from parley.sessions.parts import Part, stored
 from parley.sessions.postgres_schema import migrate
 from parley.sessions.store import FileInfo, Message, MessageStatus, Session, derived_title, ignore_error
 
@@ -411,7 +411,7 @@ class PostgresStore:
         parts: Sequence[Part] | None = None,
         usage: Mapping[str, int] | None = None,
     ) -> None:
-        row = (content, status, _json(parts), _json(usage), message_id)
+        row = (content, status, stored(parts), stored(usage), message_id)
         # The last word of an interaction must not be lost to an outage: keep trying until PostgreSQL is back.
         deadline = time.monotonic() + self.finish_retry_seconds
         delay = 0.05
@@ -436,8 +436,8 @@ class PostgresStore:
         usages: Mapping[str, Mapping[str, int]] | None = None,
     ) -> None:
         parts, usages = parts or {}, usages or {}
-        folded = [_json(parts.get(message_id)) for message_id in contents]
-        used = [_json(usages.get(message_id)) for message_id in contents]
+        folded = [stored(parts.get(message_id)) for message_id in contents]
+        used = [stored(usages.get(message_id)) for message_id in contents]
         await self.execute(_CHECKPOINT, (list(contents), list(contents.values()), folded, used))
 
     async def interrupt_turns(self, session_id: str | None = None) -> int:
@@ -514,10 +514,6 @@ class PostgresStore:
 
 def _ignore_duration(store: str, seconds: float) -> None:
     pass
-
-
-def _json(value: object) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
 
 
 def _message(row: Any) -> Message:

@@ -12,7 +12,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from parley.sessions.errors import EditWithoutText, MessageNotFound, SessionExists, SessionNotFound
-from parley.sessions.parts import Part
+from parley.sessions.parts import Part, stored
 from parley.sessions.store import FileInfo, Message, MessageStatus, Session, derived_title, ignore_error
 
 T = TypeVar("T")
@@ -349,7 +349,7 @@ class SQLiteStore:
         parts: Sequence[Part] | None = None,
         usage: Mapping[str, int] | None = None,
     ) -> None:
-        row = (content, status, _json(parts), _json(usage), message_id)
+        row = (content, status, stored(parts), stored(usage), message_id)
 
         def update(db: sqlite3.Connection) -> None:
             db.execute(
@@ -369,7 +369,7 @@ class SQLiteStore:
     ) -> None:
         parts, usages = parts or {}, usages or {}
         rows = [
-            (content, _json(parts.get(message_id)), _json(usages.get(message_id)), message_id)
+            (content, stored(parts.get(message_id)), stored(usages.get(message_id)), message_id)
             for message_id, content in contents.items()
         ]
 
@@ -487,13 +487,9 @@ def _message_row(message: Message) -> tuple[Any, ...]:
         message.interaction_id,
         message.created_at,
         message.client_id,
-        _json(message.parts),
-        _json(message.usage),
+        stored(message.parts),
+        stored(message.usage),
     )
-
-
-def _json(value: object) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
 
 
 def _message(row: tuple[Any, ...]) -> Message:
