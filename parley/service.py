@@ -71,9 +71,11 @@ class Parley:
         await self.coordinator.interrupt_orphans(self.store, session_id)
 
     async def run_background(self) -> None:
-        """What the process runs beside its requests (with Redis: the cancel listener, the lease sweeper, and the
-        renewal of its stream slots when streams per owner are limited)."""
+        """What the process runs beside its requests: the checkpoints of its replies in progress (with Redis also:
+        the cancel listener, the lease sweeper, and the renewal of its stream slots when streams per owner are
+        limited)."""
         async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self.runner.run_checkpoints)
             task_group.start_soon(self.interactions.slots.keep_alive)
             await self.coordinator.run(self.interactions, self.store)
 

@@ -127,6 +127,11 @@ class TurnRunner:
         # see _checkpoint.
         self._due: dict[str, list[Event]] = {}
         self._saving = False
+        # While run_checkpoints runs: the replies in progress (message id → its events, and how many of them the
+        # last checkpoint saved), and an event it waits on while there are none.
+        self._checkpointing = False
+        self._live: dict[str, _Live] = {}
+        self._wake: anyio.Event | None = None
 
     async def run(self, request: TurnRequest, renderer: Renderer) -> None:
         """Raises before ``renderer.started`` when the turn cannot start: TooManyStreams, SessionBusy (only to the
@@ -253,6 +258,26 @@ class TurnRunner:
         content, parts, usage = split(events)
         await self.store.finish_turn(message_id, content, status, parts=parts, usage=usage)
 
+    async def run_checkpoints(self) -> None:
+        """Checkpoint every reply in progress in this process, on time, until cancelled: each tick saves the replies
+        whose events grew since their last checkpoint, in one store call. The app's lifespan runs it; a turn in an
+        app whose lifespan does not run (mounted in a host app) runs a timer of its own instead."""
+        period = max(self.checkpoint_seconds, 0.01)  # (0: as often as a timer sensibly can)
+        self._checkpointing = True
+        try:
+            while True:
+                if not self._live:  # (an idle process does not tick)
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                await anyio.sleep(period)
+                for message_id, live in self._live.items():
+                    if len(live.events) > live.saved:
+                        live.saved = len(live.events)
+                        self._due[message_id] = live.events
+                await self._save_due()
+        finally:
+            self._checkpointing = False
+
     @asynccontextmanager
     async def _checkpointed(
         self, interaction: Interaction, message_id: str, events: list[Event]
@@ -262,6 +287,18 @@ class TurnRunner:
         minute or a client that does not read leave no gap in what the history shows and what survives a crash.
         (The body catches every Exception, so the task group never has one to wrap in a group.)"""
         with interaction.scope:
+            if self._checkpointing:
+                # The process's checkpoints (run_checkpoints) take it: a short chat starts no timer of its own,
+                # which would cost it more than the rest of its turn (make bench-instructions).
+                self._live[message_id] = _Live(events)
+                if self._wake is not None:
+                    self._wake.set()
+                    self._wake = None
+                try:
+                    yield
+                finally:
+                    del self._live[message_id]
+                return
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(self._checkpoint_every, message_id, events)
                 yield
@@ -326,6 +363,9 @@ class TurnRunner:
         # next reply that comes due. A store that is slow or down must not hold the reply up: the write is given
         # up after a while, and the next one carries the text.
         self._due[message_id] = tokens
+        await self._save_due()
+
+    async def _save_due(self) -> None:
         if self._saving:
             return
         self._saving = True
@@ -386,6 +426,14 @@ def _checkpoints(
         if usage is not None:
             usages[message_id] = usage
     return contents, parts, usages
+
+
+@dataclass
+class _Live:
+    """A reply in progress, as :meth:`TurnRunner.run_checkpoints` sees it: its events, and how many it saved."""
+
+    events: list[Event]
+    saved: int = 0
 
 
 @dataclass

@@ -12,7 +12,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from parley.app import create_app
-from tests.conftest import LiveServer, make_settings
+from tests.conftest import LiveServer, eventually, make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -43,3 +43,26 @@ async def test_chat_through_a_parent_app(serve: Callable[..., LiveServer], tmp_p
         missing = await client.get("/chat/api/v1/nothing")
         assert missing.status_code == 404
         assert missing.json()["status"] == "error"
+
+
+async def test_a_mounted_app_still_checkpoints_its_replies_on_time(
+    serve: Callable[..., LiveServer], tmp_path: Path
+) -> None:
+    # The process's checkpoints run in the app's lifespan, which a host does not run for a mounted app: each turn
+    # then keeps a timer of its own, and the history still shows the text so far while the reply streams.
+    parley = create_app(make_settings(tmp_path, echo_delay=0.05, checkpoint_seconds=0.1))
+    server = serve(Starlette(routes=[Mount("/chat", app=parley)]))
+    words = " ".join(f"w{i}" for i in range(60))
+    async with server.client() as client:
+        session_id = (await client.post("/chat/api/v1/sessions")).json()["ui_session_id"]
+        data = {"ui_session_id": session_id, "message": words}
+        async with client.stream("POST", "/chat/api/v1/chat", data=data) as response:
+            assert response.status_code == 200
+
+            async def partial() -> bool:
+                history = (await client.get(f"/chat/api/v1/sessions/{session_id}/messages")).json()["messages"]
+                last = history[-1]
+                return bool(last["status"] == "streaming" and len(last["content"].split()) >= 3)
+
+            await eventually(partial)
+            await response.aread()
