@@ -11,6 +11,7 @@ from collections import deque
 from typing import Any, Literal
 
 import anyio
+import anyio.lowlevel
 from starlette.types import Message, Receive, Scope, Send
 
 from parley.agents import AgentError
@@ -206,7 +207,13 @@ class ChatResponse:
             if writer is not None:
                 renderer.wake_writer(last=True)
                 await writer.wait()  # what is queued goes out first (or its client is dropped)
-            group.cancel()  # the disconnect watch and the keep-alive end with the turn
+            if renderer.response_started and self.keepalive_seconds <= 0:
+                # A server answers a receive() after the response with http.disconnect (the ASGI spec says so):
+                # one pass of the event loop lets the disconnect watch end by itself, which costs a short chat
+                # far less than cancelling it (make bench-instructions).
+                await anyio.lowlevel.cancel_shielded_checkpoint()
+            if not renderer.left or self.keepalive_seconds > 0:
+                group.cancel()  # the disconnect watch and the keep-alive end with the turn
 
 
 async def _write_behind(renderer: ResponseRenderer, written: anyio.Event) -> None:
