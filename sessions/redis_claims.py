@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from parley.sessions.errors import ApiError, SessionBusy, StoreUnavailable, TooManyStreams
 from parley.sessions.interactions import CANCEL_REASONS, Interaction
@@ -47,6 +48,9 @@ class RedisClaims:
         self.lease_ms = lease_ms
         self.answer_at_release: dict[str, str] = {}  # interaction → the reply list of the cancel that stopped it
         self._held: set[str] = set()  # the interactions whose claims this process holds
+        # While keep_leases runs: its task group, and the leases it watches (interaction id → _Lease).
+        self._renewers: anyio.abc.TaskGroup | None = None
+        self._leases: dict[str, _Lease] = {}
 
     def keys(self, session_id: str) -> SessionKeys:
         return SessionKeys(self.prefix, session_id)
@@ -146,22 +150,54 @@ class RedisClaims:
 
     @asynccontextmanager
     async def lease(self, interaction: Interaction) -> AsyncIterator[None]:
+        if self._renewers is not None:
+            # keep_leases gives the reply a renewer if it outlives a sixth of a lease: a short chat has none.
+            lease = self._leases[interaction.id] = _Lease(interaction, time.monotonic())
+            try:
+                yield
+            finally:
+                del self._leases[interaction.id]
+                if lease.scope is not None:
+                    lease.scope.cancel()
+            return
         async with anyio.create_task_group() as task_group:
-            renewer = task_group.start_soon(self._keep_claimed, interaction)
+            renewer = task_group.start_soon(self._keep_claimed, interaction, time.monotonic())
             try:
                 yield
             finally:
                 renewer.cancel()
 
-    async def _keep_claimed(self, interaction: Interaction) -> None:
+    async def keep_leases(self) -> None:
+        """Until cancelled (the coordinator runs it): start a renewer, in this task group, for each reply in progress
+        that has run a sixth of a lease, well before its first renewal is due (a third in). Starting a task with
+        every chat, and cancelling it at its end, cost a short chat a sixth of its instructions (make
+        bench-instructions). Without it (an app whose lifespan does not run), each lease starts its own."""
+        async with anyio.create_task_group() as task_group:
+            self._renewers = task_group
+            try:
+                while True:
+                    await anyio.sleep(self.lease_ms / 6000)
+                    for lease in self._leases.values():
+                        if lease.scope is None:
+                            lease.scope = anyio.CancelScope()
+                            task_group.start_soon(self._renew_until_cancelled, lease)
+            finally:
+                self._renewers = None
+
+    async def _renew_until_cancelled(self, lease: _Lease) -> None:
+        assert lease.scope is not None
+        with lease.scope:
+            await self._keep_claimed(lease.interaction, lease.claimed_at)
+
+    async def _keep_claimed(self, interaction: Interaction, claimed_at: float) -> None:
         lease = self.lease_ms / 1000
         # Stop a little before the lease runs out, so that the reply is over before another process can claim.
         margin = lease / 10
-        stop_at = time.monotonic() + lease - margin  # the claim was made just before
+        stop_at = claimed_at + lease - margin  # the claim was made just before
         # Each attempt gets a timeout that fits the lease (a socket timeout may be longer than the whole lease), and
         # a renewal that failed is tried again soon: a stall of Redis shorter than the lease does not stop the reply.
         attempt = max(lease / 10, 0.05)
-        due = time.monotonic() + lease / 3
+        due = claimed_at + lease / 3
         while True:
             await anyio.sleep(max(0.0, min(due, stop_at) - time.monotonic()))
             if time.monotonic() >= stop_at:
@@ -197,3 +233,15 @@ class RedisClaims:
             return None
         process_id, _, interaction_id = str(value).partition(":")
         return process_id, interaction_id
+
+
+class _Lease:
+    """A reply's claim, as :meth:`RedisClaims.keep_leases` watches it: when it was taken, and once its renewer has
+    started, the cancel scope that stops it when the reply ends."""
+
+    __slots__ = ("claimed_at", "interaction", "scope")
+
+    def __init__(self, interaction: Interaction, claimed_at: float) -> None:
+        self.interaction = interaction
+        self.claimed_at = claimed_at
+        self.scope: anyio.CancelScope | None = None

@@ -156,9 +156,11 @@ class RedisCoordinator:
         await store.interrupt_turns(session_id)
 
     async def run(self, interactions: Interactions, store: Store) -> None:
-        """The cancel listener, and a sweeper that interrupts the turns of processes that died."""
+        """The cancel listener, the renewers of the leases of long replies, and a sweeper that interrupts the turns
+        of processes that died."""
         async with anyio.create_task_group() as task_group:
             await task_group.start(self.listen, interactions, task_group)
+            task_group.start_soon(self.claims.keep_leases)
             while True:
                 await anyio.sleep(self.claims.lease_ms / 1000)
                 try:
