@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ def words_in(page: Page, count: int) -> None:
     page.wait_for_function(
         """count => {
             const last = [...document.querySelectorAll('article')].at(-1);
-            const words = last?.querySelector('[data-text]')?.textContent.split(' ') ?? [];
+            const words = last?.querySelector('[data-text]')?.textContent.split(' ').filter(Boolean) ?? [];
             return last?.dataset.role === 'assistant' && words.length >= count;
         }""",
         arg=count,
@@ -197,6 +198,20 @@ def test_send_stop_reload_regenerate_edit_and_reload_show_what_history_keeps(
     assert shown(page) == kept(server, session_id)
     assert [role for _, role, _ in shown(page)] == ["user", "assistant"] * 3
 
+    # Stop after a reload: the rejoined reply's interaction id came with the history's metadata.
+    send(page, WORDS)
+    words_in(page, 5)
+    page.reload()
+    expect(page.locator("main")).to_have_attribute("data-chat-status", "streaming")
+    words_in(page, 10)
+    page.get_by_role("button", name="Stop").click()
+    settled(page, status="cancelled", not_id=running)
+    stopped = text(last(page))
+    assert WORDS.startswith(stopped) and len(stopped.split()) >= 10 and stopped != WORDS
+    assert history(server, session_id)[-1]["status"] == "cancelled"
+    assert shown(page) == kept(server, session_id)
+    running = last(page).get_attribute("data-id")
+
     # Regenerate the last reply (of a short question, to be quick): a new reply in its place, after the same
     # question, on the screen and in history.
     send(page, "Once more?")
@@ -209,7 +224,7 @@ def test_send_stop_reload_regenerate_edit_and_reload_show_what_history_keeps(
         ("user", "Once more?"),
         ("assistant", "Once more?"),
     ]
-    assert len(shown(page)) == 8
+    assert len(shown(page)) == 10
 
     # Edit the second question: it and everything after it give way to the new text and its reply.
     regenerated = shown(page)[-1][0]
@@ -230,6 +245,41 @@ def test_send_stop_reload_regenerate_edit_and_reload_show_what_history_keeps(
     page.reload()
     settled(page)
     assert shown(page) == before == kept(server, session_id)
+
+
+def test_a_reply_that_ends_between_the_history_and_the_rejoin_shows_its_end(
+    live: Callable[..., LiveServer], open_app: Callable[[LiveServer, str], Page]
+) -> None:
+    server = live(echo_delay=0.05, checkpoint_seconds=0.1)
+    page = open_app(server, "")
+    session_id = session_of(page)
+    send(page, WORDS)
+    words_in(page, 5)
+    running = last(page).get_attribute("data-id")
+
+    # The reload reads the history while the reply runs; its rejoin reaches parley only once the reply ended.
+    loaded: list[str] = []
+
+    def read_history(route: Route) -> None:
+        response = route.fetch()
+        loaded.append(response.json()["messages"][-1]["metadata"]["status"])
+        route.fulfill(response=response)
+
+    def rejoin_late(route: Route) -> None:
+        deadline = time.monotonic() + WAIT / 1000
+        while history(server, session_id)[-1]["status"] == "streaming":
+            assert time.monotonic() < deadline, "the reply did not end"
+            time.sleep(0.02)
+        route.continue_()
+
+    page.route(f"{server.url}/api/v1/sessions/{session_id}/messages", read_history)
+    page.route(f"{server.url}/api/v1/chat/{session_id}/stream", rejoin_late)
+    page.reload()
+    # 204: nothing to rejoin, and the half reply marked streaming; the README's recipe loads the history again.
+    settled(page, same_id=running)
+    assert loaded == ["streaming", "complete"]
+    assert text(last(page)) == WORDS
+    assert shown(page) == kept(server, session_id)
 
 
 def test_an_error_shows_parleys_sentence(
