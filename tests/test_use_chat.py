@@ -1,6 +1,6 @@
 """A React app as a newcomer builds it from the README's useChat section (tests/ai-sdk/react-app: ``useChat`` from
-``@ai-sdk/react``, ``DefaultChatTransport`` from ``ai``, built by Vite), in a real Chromium against a real uvicorn,
-once with the AI SDK 7 and once with 6: what the app shows must be what history says."""
+``@ai-sdk/react``, ``DefaultChatTransport`` from ``ai``, type-checked by tsc and built by Vite), in a real Chromium
+against a real uvicorn, once with the AI SDK 7 and once with 6: what the app shows must be what history says."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from tests.conftest import AI_SDK, ROOT, LiveServer
 
 APP = AI_SDK / "react-app"
 VITE = AI_SDK / "node_modules" / "vite" / "bin" / "vite.js"
+TSC = AI_SDK / "node_modules" / "typescript" / "bin" / "tsc"
 WAIT = 15_000  # ms: generous, the machine may be busy
 # 100 words at 50 ms: five seconds, long enough to stop or reload mid-reply on a loaded machine.
 WORDS = " ".join(f"w{i}" for i in range(100))
@@ -46,23 +47,28 @@ def node_version(node: str) -> tuple[int, ...]:
 
 @pytest.fixture(scope="module", params=["ai", "ai6"])
 def bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The app built by ``vite build`` against the AI SDK 7 (``ai``) or 6 (``ai6``: vite.config.js points the
-    app's imports at the npm aliases); skipped without Node or ``npm ci`` (``make test`` runs it), unless
-    PARLEY_REQUIRE_NODE=1 (as .ci/run sets), which makes that a failure."""
+    """The app, type-checked by ``tsc`` and built by ``vite build`` (as Vite's react-ts template builds), against
+    the AI SDK 7 (``ai``) or 6 (``ai6``: tsconfig.ai6.json and vite.config.js point the app's imports at the npm
+    aliases); skipped without Node or ``npm ci`` (``make test`` runs it), unless PARLEY_REQUIRE_NODE=1 (as .ci/run
+    sets), which makes that a failure."""
     package: str = request.param
     node = shutil.which("node")
     if node is None:
         reason = "node is not on PATH (apt-get install npm)"
-    elif not VITE.exists():
-        reason = f"vite is not installed (cd {AI_SDK.relative_to(ROOT)} && npm ci; make test does it)"
+    elif not VITE.exists() or not TSC.exists():
+        reason = f"vite or typescript is not installed (cd {AI_SDK.relative_to(ROOT)} && npm ci; make test does it)"
     elif node_version(node) < (20, 19):
         reason = f"Vite 8 needs Node >= 20.19, and this node is {'.'.join(map(str, node_version(node)))}"
     else:
         out = tmp_path_factory.mktemp(f"use-chat-{package}")
-        command = [node, str(VITE), "build", "--outDir", str(out), "--emptyOutDir"]
+        tsconfig = "tsconfig.ai6.json" if package == "ai6" else "tsconfig.json"
         env = {**os.environ, "PARLEY_AI_SDK": package}
-        built = subprocess.run(command, cwd=APP, env=env, capture_output=True, text=True, timeout=120)
-        assert built.returncode == 0, built.stdout + built.stderr
+        for command in (
+            [node, str(TSC), "-p", tsconfig],
+            [node, str(VITE), "build", "--outDir", str(out), "--emptyOutDir"],
+        ):
+            done = subprocess.run(command, cwd=APP, env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
         return out
     if os.environ.get("PARLEY_REQUIRE_NODE") == "1":
         pytest.fail(f"PARLEY_REQUIRE_NODE=1 but {reason}")

@@ -1,33 +1,37 @@
 // A chat app as a newcomer writes it from the README's useChat section ("From a React app: useChat"): the
 // section's code as it stands, between the two lines of `=` below (tests/test_use_chat.py checks that it is);
-// around it, only what the section leaves out: a session to chat in, and the rendering. The test builds it with
-// Vite (vite.config.js) and drives it in Chromium.
+// around it, only what the section leaves out: a session to chat in, and the rendering. The test type-checks it
+// (tsconfig.json) and builds it (vite.config.js) as Vite's react-ts template does, and drives it in Chromium.
 import { StrictMode, useState } from 'react';
 import { createRoot } from 'react-dom/client';
 
 // The session: the one in the address (?session=ID), else a new one, put there so that a reload opens it again.
 async function session(): Promise<string> {
   const url = new URL(location.href);
-  if (!url.searchParams.get('session')) {
-    const created = await fetch('/api/v1/sessions', { method: 'POST' }).then(r => r.json());
-    url.searchParams.set('session', created.ui_session_id);
-    window.history.replaceState(null, '', url);
-  }
-  return url.searchParams.get('session');
+  const id = url.searchParams.get('session');
+  if (id) return id;
+  const created: { ui_session_id: string } = await fetch('/api/v1/sessions', { method: 'POST' }).then(r => r.json());
+  url.searchParams.set('session', created.ui_session_id);
+  window.history.replaceState(null, '', url);
+  return created.ui_session_id;
 }
 const sessionId = await session();
 
 // ==================================================================================================== README
 import { useEffect } from 'react';
 import { useChat } from '@ai-sdk/react';
-import { DefaultChatTransport } from 'ai';
+import { DefaultChatTransport, type UIMessage } from 'ai';
+
+// parley's messages: UIMessages whose metadata says which reply of which session, and how it ended.
+type Message = UIMessage<{ ui_session_id: string; interaction_id: string; status?: string }>;
 
 // Before the chat renders: the history, whose messages useChat takes as they are ({id, role, parts, metadata}).
-const load = (id: string) => fetch(`/api/v1/sessions/${id}/messages`).then(r => r.json()).then(body => body.messages);
+const load = (id: string): Promise<Message[]> =>
+  fetch(`/api/v1/sessions/${id}/messages`).then(r => r.json()).then(body => body.messages);
 const history = await load(sessionId);                   // a session made with POST /api/v1/sessions
 
-function Chat({ sessionId, history }) {
-  const { messages, setMessages, sendMessage, regenerate, resumeStream, status, error } = useChat({
+function Chat({ sessionId, history }: { sessionId: string; history: Message[] }) {
+  const { messages, setMessages, sendMessage, regenerate, resumeStream, status, error } = useChat<Message>({
     id: sessionId,                                       // parley's ui_session_id
     messages: history,
     transport: new DefaultChatTransport({ api: '/api/v1/chat', body: { on_disconnect: 'continue' } }),
@@ -54,7 +58,7 @@ function Chat({ sessionId, history }) {
   const [draft, setDraft] = useState('');
   const [editing, setEditing] = useState<{ id: string; text: string } | null>(null);
   const busy = status === 'submitted' || status === 'streaming';
-  const textOf = message => message.parts.filter(part => part.type === 'text').map(part => part.text).join('');
+  const textOf = (message: Message) => message.parts.map(part => (part.type === 'text' ? part.text : '')).join('');
   return (
     <main data-chat-status={status}>
       {messages.map(message => (
@@ -93,7 +97,7 @@ function Chat({ sessionId, history }) {
   );
 }
 
-createRoot(document.getElementById('root')).render(
+createRoot(document.getElementById('root')!).render(
   <StrictMode>
     <Chat sessionId={sessionId} history={history} />
   </StrictMode>,
