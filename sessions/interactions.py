@@ -65,6 +65,10 @@ class Interaction:
         self.waiting: anyio.CancelScope | None = None
         self.place = 0
         self.shared_place = False  # its place is in the coordinator's line (its claim goes by that line's order)
+        # A waiting message whose claim is on its way is the session's reply in progress only if its claim holds: a
+        # cancel of that reply (or an interrupt) stops it then, and only then (see cancel_running).
+        self.claiming = False
+        self.stop_once_claimed: CancelReason | None = None
         # The reply so far, as the agent's events (text tokens and the rest): rejoining clients read it from here.
         self.tokens: list[Event] = []
         self.status = ""  # the history status, once done
@@ -82,6 +86,13 @@ class Interaction:
             self.waiting.cancel()  # (it never started: it leaves the line, and nothing of it is recorded)
         self.scope.cancel()
         return True
+
+    def cancel_running(self, reason: CancelReason) -> bool:
+        """Cancel it as the session's reply in progress (not as the message it is): see ``claiming``."""
+        if self.claiming:
+            self.stop_once_claimed = reason
+            return False
+        return self.cancel(reason)
 
     def notify(self) -> None:
         if self.waiter is not None:
@@ -421,7 +432,7 @@ class Interactions:
             line.insert(0, interaction)
             running = self._running.get(interaction.session_id)
             if running is not None:
-                running.cancel("cancelled")  # recorded as a cancel records it; then this one runs
+                running.cancel_running("cancelled")  # recorded as a cancel records it; then this one runs
         else:
             interaction.place = line[-1].place + 1 if line else 0
             line.append(interaction)
@@ -513,6 +524,8 @@ class Interactions:
             return False
         if owner is not None and interaction.owner != owner:
             return False
+        if interaction_id is None:
+            return interaction.cancel_running(CANCEL_REASONS.get(reason, "cancelled"))
         return interaction.cancel(CANCEL_REASONS.get(reason, "cancelled"))
 
     async def cancel(
@@ -534,9 +547,9 @@ class Interactions:
                     cancelled = waiting.cancel(CANCEL_REASONS.get(reason, "cancelled"))
                     return "cancelled_here" if cancelled else "not_running"
         running = self._running.get(session_id)
-        if running is not None and running.shared_place and running in self._lines.get(session_id, ()):
+        if running is not None and running.claiming:
             # A waiting message that tries to claim the session now: the reply in progress, if any, may run elsewhere
-            # (if not, it may be this one, if its claim holds).
+            # (if not, it may be this one, if its claim holds: then cancel_here stops it once it does).
             if await self.coordinator.cancel_elsewhere(
                 session_id, interaction_id, reason, owner, wait_out_silence, check
             ):
@@ -649,6 +662,7 @@ class _Open:
             raise SessionBusy(session_id)
         interactions._running[session_id] = interaction
         interaction.claimed()
+        interaction.claiming = first_in_line and interaction.shared_place
         try:
             turn, taken = self.turn, slots if inline else None
             if turn is None:
@@ -675,6 +689,7 @@ class _Open:
                     raise
                 self.started = session, earlier
         except BaseException:
+            interaction.claiming, interaction.stop_once_claimed = False, None
             if interactions._running.get(session_id) is interaction:
                 del interactions._running[session_id]
                 if session_id in interactions._lines:
@@ -682,6 +697,10 @@ class _Open:
             interaction.claim_dropped()  # (a chat waiting for this claim to go goes on)
             await self._undo()
             raise
+        if interaction.claiming:
+            interaction.claiming = False
+            if interaction.stop_once_claimed is not None:
+                interaction.cancel(interaction.stop_once_claimed)  # (it holds the claim: it is the reply in progress)
 
     async def _wait(self) -> None:
         """if_busy interrupt or enqueue, with the session busy: wait in its line, then enter."""
