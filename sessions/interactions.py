@@ -633,7 +633,7 @@ class _Open:
         except SessionBusy:  # (another process runs the session's reply)
             if self.if_busy == "reject":
                 raise
-            await self._wait()
+            await self._wait(busy_elsewhere=True)
         return interaction
 
     async def _enter(self, *, first_in_line: bool) -> None:
@@ -702,8 +702,9 @@ class _Open:
             if interaction.stop_once_claimed is not None:
                 interaction.cancel(interaction.stop_once_claimed)  # (it holds the claim: it is the reply in progress)
 
-    async def _wait(self) -> None:
-        """if_busy interrupt or enqueue, with the session busy: wait in its line, then enter."""
+    async def _wait(self, busy_elsewhere: bool = False) -> None:
+        """if_busy interrupt or enqueue, with the session busy (``busy_elsewhere``: the coordinator just said so):
+        wait in its line, then enter."""
         interactions, interaction, if_busy = self.interactions, self.interaction, self.if_busy
         session_id = interaction.session_id
         line = interactions._lines.get(session_id)
@@ -729,9 +730,13 @@ class _Open:
                 if place is not None:
                     interaction.shared_place = True
                     interactions._take_place(interaction, place)
+                stop_first = front and busy_elsewhere  # (no need to be told again that the session is busy)
                 while interaction.reason is None:
                     moved = interactions._moved_event(session_id)
                     if interactions._may_go(interaction):
+                        if stop_first:
+                            stop_first = False
+                            await self._interrupt_elsewhere()
                         # Its turn here: from now a cancel stops it as it stops a running reply (it is recorded so).
                         interaction.waiting = None
                         try:
