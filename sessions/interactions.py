@@ -447,7 +447,7 @@ class Interactions:
     def _may_go(self, interaction: Interaction) -> bool:
         """First in the session's line here, and nothing runs here (the coordinator's claim tells the rest)."""
         line = self._lines.get(interaction.session_id)
-        return interaction.session_id not in self._running and bool(line) and line[0] is interaction  # type: ignore[index]
+        return interaction.session_id not in self._running and line is not None and line[0] is interaction
 
     def _leave_line(self, interaction: Interaction) -> None:
         line = self._lines.get(interaction.session_id)

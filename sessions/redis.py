@@ -131,6 +131,7 @@ class Claim:
     interaction_id: str
     slots: str | None = None
     limit: int = 0
+    waiting: bool = False  # it waits in the session's line: claimed only while it is first there
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,7 @@ class RedisStore:
             arguments += (claim.value, claim.lease_ms, claim.interaction_id, claim.limit)
             if claim.slots is not None:
                 keys.append(claim.slots)
-        arguments.append(user.content[:_FIRST_TEXT_CHARS])
+        arguments += (user.content[:_FIRST_TEXT_CHARS], "1" if claim is not None and claim.waiting else "")
         with _reachable(self.on_error):
             answer: Any = await self.scripts.begin_turn(keys, arguments)
         outcome = answer[0]

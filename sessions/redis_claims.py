@@ -56,10 +56,10 @@ class RedisClaims:
 
     def to_take(self, interaction: Interaction, slots: RedisStreamSlots | None) -> Claim:
         """The claim for a store's script to take (with the owner's stream slot, when ``slots`` is given)."""
-        value = self.value(interaction.id)
+        value, waiting = self.value(interaction.id), interaction.shared_place
         if slots is None:
-            return Claim(value, self.lease_ms, interaction.id)
-        return Claim(value, self.lease_ms, interaction.id, slots.key(interaction.owner), slots.limit or 0)
+            return Claim(value, self.lease_ms, interaction.id, waiting=waiting)
+        return Claim(value, self.lease_ms, interaction.id, slots.key(interaction.owner), slots.limit or 0, waiting)
 
     def taken(self, interaction: Interaction, slots: RedisStreamSlots | None) -> None:
         """A store's script took the claim (and the slot, with ``slots``)."""
@@ -77,7 +77,7 @@ class RedisClaims:
             keys.append(claim.slots)
         with _reachable(self.on_error):
             answer: Any = await self.scripts.claim_session(
-                keys, [claim.value, claim.lease_ms, claim.interaction_id, claim.limit]
+                keys, [claim.value, claim.lease_ms, claim.interaction_id, claim.limit, "1" if claim.waiting else ""]
             )
         if answer == "limit":
             raise TooManyStreams(claim.limit)

@@ -59,6 +59,16 @@ local function line(queue, now)
 end
 """
 
+# Whether an interaction may take a free claim, given the session's line (see _LINE): only when no message waits
+# for the session, or, for a message that waits ('1'), when it is first in the line (not when a cancel or a delete
+# took it out meanwhile).
+_MAY_CLAIM = """
+local function may_claim(waiting, interaction, waits)
+  if waits == '1' then return #waiting > 0 and waiting[1][1] == interaction end
+  return #waiting == 0
+end
+"""
+
 # Frees a claim if it is still ``value``'s. A reply recorded "cancelled" says so for a while, for a canceller
 # waiting on a silent owner; the canceller that stopped the reply through the cancel bus, if one did, hears its
 # answer on its list; the owner's stream slot, if the script holds it, is given back. Answers the process of the
@@ -86,15 +96,17 @@ end
 # 7 leases, 8 the messages that wait for the session, 9 the owner's stream slots (only when the script takes one).
 # ARGV: 1 owner, 2 each agent's history limit (JSON), 3-5 the user's message (id, JSON, status), 6-8 the reply's,
 # 9 the claim's value ('': no claim), 10 the lease (ms), 11 the interaction, 12 the owner's limit, 13 the start of
-# the user's text (the session's title while it has none set, if it is the first). In this order: the owner's limit
-# (an owner at it hears so whatever the session), the session and its owner, the claim (free, and no message but
-# this interaction's first in the session's line: claiming takes it out of the line), the agent; then, the claim
-# taken, any turn still streaming whose owner is gone (see _ORPHANED) is recorded interrupted; then the history is
-# read and both messages written. Answers {'ok', agent, created_at, history as JSON, their statuses}, or why not.
+# the user's text (the session's title while it has none set, if it is the first), 14 '1' if the interaction waits
+# in the session's line. In this order: the owner's limit (an owner at it hears so whatever the session), the
+# session and its owner, the claim (free, and see _MAY_CLAIM: claiming takes the interaction out of the line), the
+# agent; then, the claim taken, any turn still streaming whose owner is gone (see _ORPHANED) is recorded
+# interrupted; then the history is read and both messages written. Answers {'ok', agent, created_at, history as
+# JSON, their statuses}, or why not.
 BEGIN_TURN = (
     _NOW
     + _ORPHANED
     + _LINE
+    + _MAY_CLAIM
     + """
 if KEYS[9] then
   redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
@@ -107,7 +119,7 @@ local waiting = {}
 if claiming then
   if redis.call('EXISTS', KEYS[6]) == 1 then return {'busy'} end
   waiting = line(KEYS[8], now)
-  if #waiting > 0 and waiting[1][1] ~= ARGV[11] then return {'busy'} end
+  if not may_claim(waiting, ARGV[11], ARGV[14]) then return {'busy'} end
 end
 local limit = cjson.decode(ARGV[2])[session[1]]
 if not limit then return {'agent', session[1], session[2]} end
@@ -354,12 +366,13 @@ return 1
 # The claims of sessions (see sessions.redis_claims).
 
 # Claims a session for a store other than Redis's: the owner's stream slot first, when KEYS[3] names it (as in
-# BEGIN_TURN), then the claim (as in BEGIN_TURN, only if no other message waits first in the session's line).
-# KEYS: 1 claim, 2 the messages that wait for the session, 3 the owner's slots. ARGV: 1 value, 2 lease (ms),
-# 3 interaction, 4 the owner's limit. Answers 'ok', 'limit' or 'busy'.
+# BEGIN_TURN), then the claim (as in BEGIN_TURN: see _MAY_CLAIM). KEYS: 1 claim, 2 the messages that wait for the
+# session, 3 the owner's slots. ARGV: 1 value, 2 lease (ms), 3 interaction, 4 the owner's limit, 5 '1' if the
+# interaction waits in the session's line. Answers 'ok', 'limit' or 'busy'.
 CLAIM_SESSION = (
     _NOW
     + _LINE
+    + _MAY_CLAIM
     + """
 if KEYS[3] then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
@@ -367,7 +380,7 @@ if KEYS[3] then
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'busy' end
 local waiting = line(KEYS[2], now)
-if #waiting > 0 and waiting[1][1] ~= ARGV[3] then return 'busy' end
+if not may_claim(waiting, ARGV[3], ARGV[5]) then return 'busy' end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if #waiting > 0 then redis.call('HDEL', KEYS[2], ARGV[3]) end
 if KEYS[3] then
