@@ -3,7 +3,8 @@
 - :mod:`sessions.redis_claims`: one interaction per session across processes (a claim with a lease);
 - :mod:`sessions.redis_cancels`: the cancel bus, which carries cancels to the process that owns the stream;
 - :mod:`sessions.redis_rejoin`: rejoining a reply from any process (its owner mirrors it into a Redis stream on
-  demand).
+  demand);
+- :mod:`sessions.redis_queue`: the line of messages that wait for a busy session, one for every process.
 
 Their Lua scripts are in :mod:`sessions.redis_scripts`, their keys named in :mod:`sessions.redis_keys`. With the
 Redis store on the same client, a short chat is two round trips to Redis: the claim rides in the store's first
@@ -37,6 +38,7 @@ from parley.sessions.redis import RedisStore
 from parley.sessions.redis_cancels import RedisCancelBus
 from parley.sessions.redis_claims import RedisClaims
 from parley.sessions.redis_limits import RedisStreamSlots
+from parley.sessions.redis_queue import RedisQueue
 from parley.sessions.redis_rejoin import RedisRejoin
 from parley.sessions.redis_scripts import Scripts
 from parley.sessions.store import Message, MessageStatus, Session, Store
@@ -56,6 +58,7 @@ class RedisCoordinator:
         self.claims = RedisClaims(redis, Scripts(redis), prefix, self.process_id, lease_ms)
         self.bus = RedisCancelBus(redis, prefix, self.claims)
         self.rejoin = RedisRejoin(redis, prefix, self.claims, self.bus)
+        self.queue = RedisQueue(self.claims, self.bus)
 
     @property
     def on_error(self) -> Callable[[str], None]:
@@ -77,6 +80,7 @@ class RedisCoordinator:
 
     async def claim(self, interaction: Interaction, slots: StreamSlots | None) -> None:
         await self.claims.claim(interaction, _redis_slots(slots))
+        self.queue.entered(interaction)
 
     async def start_turn(
         self, interaction: Interaction, slots: StreamSlots | None, turn: TurnStart
@@ -87,8 +91,10 @@ class RedisCoordinator:
             claim = self.claims.to_take(interaction, redis_slots)
             started = await store.begin(turn.user, turn.assistant, turn.history_limit, interaction.owner, claim)
             self.claims.taken(interaction, redis_slots)
+            self.queue.entered(interaction)
             return started
         await self.claims.claim(interaction, redis_slots)
+        self.queue.entered(interaction)
         try:
             # With the claim taken, any turn of the session still streaming is an orphan. (A store that records them
             # in start_turn's own statement, PostgreSQL's, is spared the round trip.)
@@ -96,7 +102,7 @@ class RedisCoordinator:
                 await turn.store.interrupt_turns(interaction.session_id)
             return await turn.store.start_turn(turn.user, turn.assistant, turn.history_limit, owner=interaction.owner)
         except BaseException:
-            await self.claims.release(interaction, redis_slots)
+            await self._tell_first(interaction.session_id, await self.claims.release(interaction, redis_slots))
             raise
 
     async def end_turn(
@@ -118,17 +124,39 @@ class RedisCoordinator:
         redis_slots = _redis_slots(slots)
         release = self.claims.to_release(interaction, redis_slots)
         try:
-            await own.end(message_id, content, status, release, parts=parts, usage=usage)
+            first = await own.end(message_id, content, status, release, parts=parts, usage=usage)
         except BaseException:
             # Not recorded in time (Redis away): the claim is still this process's to free, in release().
             self.claims.keep(interaction, release, redis_slots)
             raise
+        await self._tell_first(interaction.session_id, first)
 
     def lease(self, interaction: Interaction) -> Lease:
         return self.claims.lease(interaction)
 
     async def release(self, interaction: Interaction, slots: StreamSlots | None) -> None:
-        await self.claims.release(interaction, _redis_slots(slots))
+        await self._tell_first(interaction.session_id, await self.claims.release(interaction, _redis_slots(slots)))
+
+    async def _tell_first(self, session_id: str, process_id: str | None) -> None:
+        # The claim is free: the process whose message waits first for the session is told at once. (This process's
+        # own messages see it from Interactions.release, which moves the line here after this.)
+        if process_id is not None and process_id != self.process_id:
+            await self.queue.tell_first(session_id, process_id)
+
+    async def enqueue(self, interaction: Interaction, front: bool, limit: int | None) -> int | None:
+        return await self.queue.enqueue(interaction, front, limit)
+
+    async def wait_moved(self, interaction: Interaction, moved: anyio.Event) -> None:
+        await self.queue.wait(interaction, moved)
+
+    async def dequeue(self, interaction: Interaction) -> None:
+        await self.queue.dequeue(interaction)
+
+    async def line(self, session_id: str) -> list[str] | None:
+        return await self.queue.line(session_id)
+
+    async def drop_line(self, session_id: str, reason: CancelReason) -> None:
+        await self.queue.drop(session_id, reason)
 
     async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
         return await self.rejoin.streaming_elsewhere(session_id, interaction_id)
