@@ -161,7 +161,9 @@ class RedisClaims:
         # Each attempt gets a timeout that fits the lease (a socket timeout may be longer than the whole lease), and
         # a renewal that failed is tried again soon: a stall of Redis shorter than the lease does not stop the reply.
         attempt = max(lease / 10, 0.05)
-        due = time.monotonic() + lease / 3
+        # A lease taken once the agent is done keeps the claim while the reply is recorded (the store was slow or
+        # down, see TurnRunner): the claim was last renewed up to a third of a lease ago, so renew it at once.
+        due = time.monotonic() + (0 if interaction.agent_done else lease / 3)
         while True:
             await anyio.sleep(max(0.0, min(due, stop_at) - time.monotonic()))
             if time.monotonic() >= stop_at:
