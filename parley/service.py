@@ -159,8 +159,11 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
         settings.redis_pool_timeout_seconds,
         cluster=settings.redis_cluster,
     )
+    # One connection apart from the pool, for the reader of the replies this process's rejoins follow: followers,
+    # however many, never take a connection that requests need (see sessions/redis_rejoin.py).
+    reader = connect(settings.redis_url, 1, settings.redis_pool_timeout_seconds, cluster=settings.redis_cluster)
     lease = settings.redis_lease_seconds
-    coordinator = RedisCoordinator(redis, lease_seconds=lease)
+    coordinator = RedisCoordinator(redis, lease_seconds=lease, reader=reader)
     return store or RedisStore(redis), coordinator, RedisStreamSlots(redis, limit, lease_seconds=lease)
 
 

@@ -48,14 +48,18 @@ class RedisCoordinator:
     """One interaction per session across processes (:class:`RedisClaims`), cancels that reach the process owning
     the stream (:class:`RedisCancelBus`), and rejoins from any process (:class:`RedisRejoin`)."""
 
-    def __init__(self, redis: Any, prefix: str = "parley:", lease_seconds: float = 10.0) -> None:
+    def __init__(
+        self, redis: Any, prefix: str = "parley:", lease_seconds: float = 10.0, reader: Any | None = None
+    ) -> None:
+        """``reader``: a client of its own (one connection) for the followers of other processes' replies (see
+        :mod:`sessions.redis_rejoin`); without it, they read on ``redis``."""
         self.redis = redis
         self.prefix = prefix
         self.process_id = "proc_" + secrets.token_hex(8)
         lease_ms = max(int(lease_seconds * 1000), 100)
         self.claims = RedisClaims(redis, Scripts(redis), prefix, self.process_id, lease_ms)
         self.bus = RedisCancelBus(redis, prefix, self.claims)
-        self.rejoin = RedisRejoin(redis, prefix, self.claims, self.bus)
+        self.rejoin = RedisRejoin(redis, prefix, self.claims, self.bus, reader)
 
     @property
     def on_error(self) -> Callable[[str], None]:
@@ -157,14 +161,19 @@ class RedisCoordinator:
 
     async def run(self, interactions: Interactions, store: Store) -> None:
         """The cancel listener, and a sweeper that interrupts the turns of processes that died."""
-        async with anyio.create_task_group() as task_group:
-            await task_group.start(self.listen, interactions, task_group)
-            while True:
-                await anyio.sleep(self.claims.lease_ms / 1000)
-                try:
-                    await self.interrupt_orphans(store)
-                except ApiError:
-                    logger.warning("lease sweeper: the store is unavailable; will retry")
+        try:
+            async with anyio.create_task_group() as task_group:
+                await task_group.start(self.listen, interactions, task_group)
+                while True:
+                    await anyio.sleep(self.claims.lease_ms / 1000)
+                    try:
+                        await self.interrupt_orphans(store)
+                    except ApiError:
+                        logger.warning("lease sweeper: the store is unavailable; will retry")
+        finally:
+            if self.rejoin.reader is not self.redis:
+                with anyio.CancelScope(shield=True):
+                    await self.rejoin.reader.aclose()  # (its one connection: the reader ran in this task group)
 
     async def listen(
         self,
@@ -173,9 +182,13 @@ class RedisCoordinator:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve cancels and follow requests addressed to this process until cancelled (mirrors for rejoins run
-        in ``task_group``)."""
-        await self.bus.listen(interactions, task_group, self.rejoin.on_follow, task_status=task_status)
+        """Serve cancels and follow requests addressed to this process until cancelled (mirrors for rejoins, and
+        the reader of the replies this process's followers follow, run in ``task_group``)."""
+        self.rejoin.task_group = task_group
+        try:
+            await self.bus.listen(interactions, task_group, self.rejoin.on_follow, task_status=task_status)
+        finally:
+            self.rejoin.task_group = None
 
 
 def _redis_slots(slots: StreamSlots | None) -> RedisStreamSlots | None:

@@ -349,3 +349,47 @@ async def test_a_client_that_stops_reading_does_not_hold_a_continue_reply_back(
         json.loads(data[6:]).get("delta", "") for data in re.findall(rb"data: \{[^\n]*", received) if b"delta" in data
     )
     assert text and message.startswith(text)
+
+
+@pytest.mark.redis
+async def test_followers_on_another_worker_leave_its_redis_pool_to_its_requests(
+    subprocesses: Callable[..., Subprocess], redis_server: RedisServer
+) -> None:
+    # Issue 24 §3.2. Each follower of a reply that runs on A used to hold one of B's pooled connections in a
+    # blocking XREAD: with more followers than the pool (PARLEY_REDIS_MAX_CONNECTIONS), B's other requests waited
+    # for a connection and answered 503. B reads each reply once, on a connection of its own, for all its followers.
+    env = {
+        "PARLEY_REDIS_URL": redis_server.url,
+        "PARLEY_ECHO_DELAY": "0.03",
+        "PARLEY_REDIS_MAX_CONNECTIONS": "8",
+        "PARLEY_REDIS_POOL_TIMEOUT_SECONDS": "2",
+    }
+    a, b = start_together(subprocesses(env), subprocesses(env))
+    message = " ".join(f"f{i}" for i in range(150))  # 4.5 s of stream
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client:
+        session_ids = [(await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"] for _ in range(3)]
+        originals = [Reader() for _ in session_ids]
+        followers = [(session_id, Reader()) for session_id in session_ids for _ in range(8)]  # 3 × the pool
+        others: list[int] = []
+        async with anyio.create_task_group() as tg:
+            for session_id, original in zip(session_ids, originals, strict=True):
+                data = {"ui_session_id": session_id, "message": message}
+                tg.start_soon(lambda d=data, r=original: r.read(client, "POST", f"{a.url}/api/v1/chat", data=d))
+            await eventually(lambda: _true(all(len(r.text.split()) >= 3 for r in originals)))
+            for session_id, follower in followers:
+                stream = f"{b.url}/api/v1/chat/{session_id}/stream"
+                tg.start_soon(lambda s=stream, r=follower: r.read(client, "GET", s, headers={"accept": "text/plain"}))
+            await eventually(lambda: _true(all(r.headers is not None or r.done for _, r in followers)), within=10)
+            # Meanwhile, B's own requests: a session made and a short chat, answered (no 503) while all follow.
+            while not all(r.done for r in originals):
+                created = await client.post(f"{b.url}/api/v1/sessions")
+                others.append(created.status_code)
+                if created.status_code != 201:
+                    continue
+                data = {"ui_session_id": created.json()["ui_session_id"], "message": "hi"}
+                others.append((await client.post(f"{b.url}/api/v1/chat", data=data)).status_code)
+        assert others and set(others) == {200, 201}, others
+        for session_id, follower in followers:
+            history = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"]
+            assert (history[-1]["status"], history[-1]["content"]) == ("complete", message)
+            assert (follower.status, follower.text) == (200, message)
