@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -393,3 +394,48 @@ async def test_followers_on_another_worker_leave_its_redis_pool_to_its_requests(
             history = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"]
             assert (history[-1]["status"], history[-1]["content"]) == ("complete", message)
             assert (follower.status, follower.text) == (200, message)
+
+
+@pytest.mark.redis
+async def test_a_follower_that_loses_redis_ends_without_a_finish(
+    subprocesses: Callable[..., Subprocess], redis_server: RedisServer
+) -> None:
+    # Issue 24 §3.3. Redis stalls (SIGSTOP) while a follower on B reads a reply that runs on A: B's read fails, and
+    # B cannot know how the reply ends. The follower used to be sent `finish` with status interrupted while the
+    # reply went on to complete; it ends without a finish instead (its client rejoins), its deltas a prefix of the
+    # reply's text. The stall is shorter than the lease: A's reply goes on and is recorded complete.
+    env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_ECHO_DELAY": "0.05", "PARLEY_REDIS_LEASE_SECONDS": "10"}
+    a, b = start_together(subprocesses(env), subprocesses(env))
+    message = " ".join(f"p{i}" for i in range(300))  # 15 s of stream
+    assert redis_server.process is not None
+    async with httpx.AsyncClient(timeout=30) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        original, follower, plain = Reader(), Reader(), Reader()
+        data = {"ui_session_id": session_id, "message": message}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: original.read(client, "POST", f"{a.url}/api/v1/chat", data=data))
+            await eventually(lambda: _true(len(original.text.split()) >= 3))
+            stream = f"{b.url}/api/v1/chat/{session_id}/stream"
+            tg.start_soon(lambda: follower.read(client, "GET", stream))
+            tg.start_soon(lambda: plain.read(client, "GET", stream, headers={"accept": "text/plain"}))
+            await eventually(lambda: _true(follower.text.count("text-delta") >= 5 and len(plain.text.split()) >= 5))
+            redis_server.process.send_signal(signal.SIGSTOP)
+            try:
+                # The followers end while Redis stalls (their reads time out), well before the reply would end.
+                await eventually(lambda: _true(follower.done and plain.done), within=8)
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+        assert original.text == message
+
+        async def recorded() -> bool:
+            turns = (await client.get(f"{a.url}/api/v1/sessions/{session_id}/messages")).json()["messages"]
+            return bool(turns[-1]["status"] != "streaming")
+
+        await eventually(recorded, within=10)
+        last = (await client.get(f"{a.url}/api/v1/sessions/{session_id}/messages")).json()["messages"][-1]
+    assert (last["status"], last["content"]) == ("complete", message)
+    parts = [json.loads(data) for event_id, data in parse_sse(follower.text) if event_id is not None]
+    assert "finish" not in [part["type"] for part in parts]
+    deltas = "".join(part["delta"] for part in parts if part["type"] == "text-delta")
+    assert deltas and message.startswith(deltas)
+    assert plain.text and message.startswith(plain.text)
