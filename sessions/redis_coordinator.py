@@ -13,9 +13,11 @@ the release are one round trip each.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -189,6 +191,32 @@ class RedisCoordinator:
             await self.bus.listen(interactions, task_group, self.rejoin.on_follow, task_status=task_status)
         finally:
             self.rejoin.task_group = None
+
+
+class Detached:
+    """What a parley on Redis runs beside its requests (:meth:`RedisCoordinator.run`: the listener for cancels and
+    rejoins sent from other processes, the sweeper), when no lifespan of parley's runs it: mounted in a host app
+    that does not run the mounted app's lifespan. Started by the first request, in a task group of its own, which
+    one asyncio task holds (Redis means asyncio: see :func:`sessions.redis.require_asyncio`). This object owns that
+    task: :meth:`aclose` cancels it and waits for its end. Without a lifespan nothing calls it, and the event loop
+    does it when the server exits: ``asyncio.run`` (under uvicorn, hypercorn) cancels each task left and waits for
+    it, so the task group's tasks end as a cancelled task group's do anywhere else."""
+
+    def __init__(self, run: Callable[[], Awaitable[None]]) -> None:
+        # A context of its own: it is started from a request, whose context (its request id) it must not keep.
+        self._task = asyncio.get_running_loop().create_task(self._own(run), context=contextvars.Context())
+
+    @staticmethod
+    async def _own(run: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await run()  # (its task group is run's own)
+        except Exception:
+            logger.exception("parley: what runs beside the requests stopped")
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([self._task])
 
 
 def _redis_slots(slots: StreamSlots | None) -> RedisStreamSlots | None:

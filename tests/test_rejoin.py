@@ -370,7 +370,7 @@ async def test_followers_on_another_worker_leave_its_redis_pool_to_its_requests(
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client:
         session_ids = [(await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"] for _ in range(3)]
         originals = [Reader() for _ in session_ids]
-        followers = [(session_id, Reader()) for session_id in session_ids for _ in range(8)]  # 3 × the pool
+        followers = [(session_id, Reader()) for session_id in session_ids for _ in range(8)]  # 3 times the pool
         others: list[int] = []
         async with anyio.create_task_group() as tg:
             for session_id, original in zip(session_ids, originals, strict=True):
