@@ -175,8 +175,9 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
     # however many, never take a connection that requests need (see sessions/redis_rejoin.py).
     reader = connect(settings.redis_url, 1, settings.redis_pool_timeout_seconds, cluster=settings.redis_cluster)
     lease = settings.redis_lease_seconds
-    coordinator = RedisCoordinator(redis, lease_seconds=lease, reader=reader)
-    return store or RedisStore(redis), coordinator, RedisStreamSlots(redis, limit, lease_seconds=lease)
+    store = store or RedisStore(redis)
+    coordinator = RedisCoordinator(redis, lease_seconds=lease, reader=reader, store=store)
+    return store, coordinator, RedisStreamSlots(redis, limit, lease_seconds=lease)
 
 
 def _claims_in(coordinator: Coordinator) -> Callable[[Collection[str]], Awaitable[Mapping[str, str]]]:

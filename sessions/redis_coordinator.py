@@ -18,12 +18,12 @@ import contextvars
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 
-from parley.sessions.errors import ApiError
+from parley.sessions.errors import ApiError, SessionBusy, SessionNotFound
 from parley.sessions.interactions import (
     CancelReason,
     Followed,
@@ -45,17 +45,31 @@ from parley.sessions.store import Message, MessageStatus, Session, Store
 
 logger = logging.getLogger("parley")
 
+T = TypeVar("T")
+
+# How long a chat waits out claims of other owners' (intruders', each gone after one store call), and how often it
+# tries again meanwhile.
+_INTRUDER_PATIENCE = 5.0
+_INTRUDER_POLL_SECONDS = 0.005
+
 
 class RedisCoordinator:
     """One interaction per session across processes (:class:`RedisClaims`), cancels that reach the process owning
     the stream (:class:`RedisCancelBus`), and rejoins from any process (:class:`RedisRejoin`)."""
 
     def __init__(
-        self, redis: Any, prefix: str = "parley:", lease_seconds: float = 10.0, reader: Any | None = None
+        self,
+        redis: Any,
+        prefix: str = "parley:",
+        lease_seconds: float = 10.0,
+        reader: Any | None = None,
+        store: Store | None = None,
     ) -> None:
         """``reader``: a client of its own (one connection) for the followers of other processes' replies (see
-        :mod:`sessions.redis_rejoin`); without it, they read on ``redis``."""
+        :mod:`sessions.redis_rejoin`); without it, they read on ``redis``. ``store``: the sessions' store, which
+        tells an intruder's claim from a claim of the session's owner (see :meth:`_claim`)."""
         self.redis = redis
+        self.store = store
         self.prefix = prefix
         self.process_id = "proc_" + secrets.token_hex(8)
         lease_ms = max(int(lease_seconds * 1000), 100)
@@ -82,7 +96,11 @@ class RedisCoordinator:
         return isinstance(slots, RedisStreamSlots) and slots.inline and slots.redis is self.redis
 
     async def claim(self, interaction: Interaction, slots: StreamSlots | None) -> None:
-        await self.claims.claim(interaction, _redis_slots(slots))
+        redis_slots = _redis_slots(slots)
+        if self.store is None:  # (nothing to tell an intruder's claim by)
+            await self.claims.claim(interaction, redis_slots)
+            return
+        await self._claim(interaction, lambda: self.claims.claim(interaction, redis_slots), self.store)
 
     async def start_turn(
         self, interaction: Interaction, slots: StreamSlots | None, turn: TurnStart
@@ -91,10 +109,12 @@ class RedisCoordinator:
         store = self._own(turn.store)
         if store is not None:
             claim = self.claims.to_take(interaction, redis_slots)
-            started = await store.begin(turn.user, turn.assistant, turn.history_limit, interaction.owner, claim)
+            user, assistant, limit, owner = turn.user, turn.assistant, turn.history_limit, interaction.owner
+            # (The script checks the owner before the claim: busy, the session is the owner's.)
+            started = await self._claim(interaction, lambda: store.begin(user, assistant, limit, owner, claim), None)
             self.claims.taken(interaction, redis_slots)
             return started
-        await self.claims.claim(interaction, redis_slots)
+        await self._claim(interaction, lambda: self.claims.claim(interaction, redis_slots), turn.store)
         try:
             # With the claim taken, any turn of the session still streaming is an orphan. (A store that records them
             # in start_turn's own statement, PostgreSQL's, is spared the round trip.)
@@ -129,6 +149,32 @@ class RedisCoordinator:
             # Not recorded in time (Redis away): the claim is still this process's to free, in release().
             self.claims.keep(interaction, release, redis_slots)
             raise
+
+    async def _claim(self, interaction: Interaction, attempt: Callable[[], Awaitable[T]], store: Store | None) -> T:
+        """``attempt`` (the claim, alone or in the turn's first script) until it is not refused for a claim of
+        another owner's (issue 24 §3.4). Such a claim is an intruder's, taken before its store call found the
+        session is not its owner's (then it goes at once), or the session is not this interaction's owner's (then
+        this one is the intruder: SessionNotFound, as for a session that does not exist). ``store`` tells which;
+        None: the attempt checked the owner before the claim. Nothing another owner does makes the owner's chat
+        busy; a claim of the owner's own is SessionBusy at once."""
+        checked = store is None
+        with anyio.move_on_after(_INTRUDER_PATIENCE):
+            while True:
+                try:
+                    return await attempt()
+                except SessionBusy:
+                    holder = await self.claims.holder(interaction.session_id)
+                    if holder is None:
+                        continue  # gone meanwhile: at once, again
+                    if holder[2] == interaction.owner:
+                        raise
+                if not checked:
+                    assert store is not None
+                    if await store.get_session(interaction.session_id, interaction.owner) is None:
+                        raise SessionNotFound(interaction.session_id)
+                    checked = True
+                await anyio.sleep(_INTRUDER_POLL_SECONDS)
+        raise SessionBusy(interaction.session_id)
 
     def lease(self, interaction: Interaction) -> Lease:
         return self.claims.lease(interaction)

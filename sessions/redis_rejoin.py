@@ -186,7 +186,7 @@ class RedisRejoin:
         for key, last in streams.items():
             slots.setdefault(self.reader.keyslot(key), {})[key] = last
         block = _READ_BLOCK_MS if len(slots) == 1 else None
-        found = []
+        found: list[tuple[str, list[tuple[str, dict[str, str]]]]] = []
         for group in slots.values():
             found += await self.reader.xread(group, count=1000, block=block) or ()
         if not found and block is None:
