@@ -137,7 +137,12 @@ def create_app(
                 try:
                     await tg.start(parley.agents.run)
                 except* SettingsError as refused:
-                    logger.error("parley: %s", _first(refused))  # (the one line to read above the traceback)
+                    if owns_process:
+                        # A configuration mistake, found only now: one line and exit 3, as a bad setting at
+                        # start-up does (uvicorn's --workers supervisor stops rather than restart it forever).
+                        print(f"parley: {_first(refused)}", file=sys.stderr, flush=True)
+                        os._exit(3)
+                    logger.error("parley: %s", _first(refused))  # (the host's server prints the traceback)
                     raise
                 tg.start_soon(parley.run_background)
                 # Partial uploads of a killed process: untouched for twice the time a body may stall.

@@ -144,6 +144,7 @@ SESSION_LINKS = {
 
 _OPERATIONS: dict[Callable[..., Any], Schema] = {}
 _PUBLIC: set[Callable[..., Any]] = set()  # answered without a key, even when keys are configured
+_OPERATOR: set[Callable[..., Any]] = set()  # answered only with the operator's token (PARLEY_METRICS_TOKEN)
 
 
 def documented(
@@ -156,10 +157,12 @@ def documented(
     body: Schema | None = None,
     links: dict[str, Schema] | None = None,
     public: bool = False,
+    operator: bool = False,
 ) -> Callable[[Handler], Handler]:
     """Describe the endpoint this decorates: its operation in the document, wherever the route table puts it.
     ``errors`` are the statuses it may answer with an error body (their meaning is :data:`parley.errors.MEANING`);
-    ``public`` endpoints need no API key (probes, this document, the page)."""
+    ``public`` endpoints need no API key (probes, this document, the page); ``operator`` endpoints need the
+    operator's token instead of a key (the metrics)."""
     answers = {str(status): response for status, response in responses.items()}
     for status in errors:
         answers[str(status)] = json_response(ERROR, MEANING[status])
@@ -176,16 +179,19 @@ def documented(
         _OPERATIONS[handler] = operation
         if public:
             _PUBLIC.add(handler)
+        if operator:
+            _OPERATOR.add(handler)
         return handler
 
     return register
 
 
 def served_file(
-    operation_id: str, summary: str, media_type: str, *, public: bool = False
+    operation_id: str, summary: str, media_type: str, *, public: bool = False, operator: bool = False
 ) -> Callable[[Handler], Handler]:
     content = {media_type: {"schema": TEXT}}
-    return documented(operation_id, summary, {200: {"description": summary, "content": content}}, public=public)
+    responses = {200: {"description": summary, "content": content}}
+    return documented(operation_id, summary, responses, public=public, operator=operator)
 
 
 def _schemas(settings: Settings) -> dict[str, Schema]:
@@ -392,6 +398,18 @@ _SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "An API key: Authorization: Bearer <key>"},
     "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "An API key"},
 }
+_OPERATOR_SCHEME = {
+    "operatorToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The operator's token: Authorization: Bearer <PARLEY_METRICS_TOKEN>",
+    }
+}
+_NOT_OPERATOR: Schema = {
+    "description": "Not the operator's token (PARLEY_METRICS_TOKEN): an owner's API key is not enough",
+    "headers": {**REQUEST_ID, "WWW-Authenticate": {"schema": {"const": "Bearer"}}},
+    "content": {"application/json": {"schema": ERROR}},
+}
 _UNAUTHORIZED: Schema = {
     "description": "No API key, or one that names no owner (PARLEY_API_KEYS)",
     "headers": {**REQUEST_ID, "WWW-Authenticate": {"schema": {"const": "Bearer"}}},
@@ -408,14 +426,24 @@ def _version() -> str:
 
 def document(routes: Sequence[BaseRoute], settings: Settings, *, keys: bool) -> Schema:
     """The OpenAPI document of an app with these routes (each endpoint :func:`documented`) and settings: with the
-    security schemes (and every 401) when API keys are configured."""
+    security schemes (and every 401) when API keys are configured, and the operator's when the metrics need a
+    token (PARLEY_METRICS_TOKEN, or API keys without it: then nobody may read them)."""
+    operator_only = keys or settings.metrics_token is not None
+    schemes: Schema = dict(_SECURITY_SCHEMES) if keys else {}
     paths: dict[str, dict[str, Schema]] = {}
     for route in routes:
         if not isinstance(route, Route):
             continue
         handler = getattr(route.endpoint, "handler", route.endpoint)  # (an endpoint run as a plain ASGI app)
         operation = _OPERATIONS[handler]  # (KeyError: an endpoint that was not documented)
-        if keys:
+        if handler in _OPERATOR and operator_only:
+            schemes.update(_OPERATOR_SCHEME)
+            operation = {
+                **operation,
+                "security": [{"operatorToken": []}],
+                "responses": {**operation["responses"], "401": _NOT_OPERATOR},
+            }
+        elif keys:
             if handler in _PUBLIC:
                 operation = {**operation, "security": []}
             else:
@@ -441,7 +469,8 @@ def document(routes: Sequence[BaseRoute], settings: Settings, *, keys: bool) -> 
         "paths": paths,
         "components": components,
     }
+    if schemes:
+        components["securitySchemes"] = schemes
     if keys:
-        components["securitySchemes"] = _SECURITY_SCHEMES
         document["security"] = [{"bearer": []}, {"apiKey": []}]
     return document

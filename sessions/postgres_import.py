@@ -2,8 +2,9 @@
 
     python -m parley.sessions.postgres_import ./data/parley.db [--files ./data/files] [--database-url URL]
 
-The database is ``--database-url`` or ``PARLEY_DATABASE_URL``; its schema is brought up to date first. Sessions,
-messages (in their order) and files' records are copied, each session in one transaction; with ``--files`` (by
+The database is ``--database-url`` or ``PARLEY_DATABASE_URL``; its schema is brought up to date first. Sessions
+(with their owners and titles), messages (in their order, with their clients' ids, parts and usage) and files'
+records are copied, each session in one transaction; with ``--files`` (by
 default the ``files`` directory beside the SQLite file, when there is one), files' bytes too, chunk by chunk. A
 session whose id the database already has is left as it is there, so the command may be run again after a
 partial run. The SQLite file is only read. Run it with parley stopped (or idle): a turn still ``streaming`` in
@@ -26,7 +27,7 @@ import psycopg
 from parley.sessions.postgres_blobs import CHUNK_BYTES
 from parley.sessions.postgres_schema import migrate
 
-_MESSAGES = "id, session_id, role, content, file_ids, status, interaction_id, created_at, parts, usage"
+_MESSAGES = "id, session_id, role, content, file_ids, status, interaction_id, created_at, client_id, parts, usage"
 _FILES = "id, session_id, filename, mime_type, size, sha256, created_at"
 
 
@@ -36,16 +37,21 @@ async def run(sqlite_path: Path, url: str, files: Path | None) -> dict[str, int]
     counts = {"sessions copied": 0, "sessions already there": 0, "messages": 0, "files": 0, "file bytes": 0}
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as connection:
         await migrate(connection)
-        owners = {row[1] for row in source.execute("PRAGMA table_info(sessions)")}
-        owner = "owner" if "owner" in owners else "''"
-        # A file from before messages had parts and usage: NULL, which reads as a message of text alone.
-        has_parts = "parts" in {row[1] for row in source.execute("PRAGMA table_info(messages)")}
-        read = _MESSAGES if has_parts else _MESSAGES.replace("parts, usage", "NULL, NULL")
-        sessions = source.execute(f"SELECT id, agent, created_at, {owner} FROM sessions ORDER BY rowid").fetchall()
+        # A file from an older parley lacks the later columns: each reads as what the store reads for it
+        # (no owner: open mode's ''; no title: derived from the first message; no client id; no parts: text alone).
+        session_columns = {row[1] for row in source.execute("PRAGMA table_info(sessions)")}
+        message_columns = {row[1] for row in source.execute("PRAGMA table_info(messages)")}
+        owner = "owner" if "owner" in session_columns else "''"
+        title = "title" if "title" in session_columns else "NULL"
+        read = _MESSAGES if "client_id" in message_columns else _MESSAGES.replace("client_id", "''")
+        read = read if "parts" in message_columns else read.replace("parts, usage", "NULL, NULL")
+        sessions = source.execute(
+            f"SELECT id, agent, created_at, {owner}, {title} FROM sessions ORDER BY rowid"
+        ).fetchall()
         for session in sessions:
             async with connection.transaction():
                 cursor = await connection.execute(
-                    "INSERT INTO sessions (id, agent, created_at, owner) VALUES (%s, %s, %s, %s) "
+                    "INSERT INTO sessions (id, agent, created_at, owner, title) VALUES (%s, %s, %s, %s, %s) "
                     "ON CONFLICT (id) DO NOTHING RETURNING 1",
                     session,
                 )
@@ -59,7 +65,7 @@ async def run(sqlite_path: Path, url: str, files: Path | None) -> dict[str, int]
                 async with connection.cursor() as many:
                     await many.executemany(
                         f"INSERT INTO messages ({_MESSAGES}) "
-                        "VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s::jsonb, %s::jsonb)",
+                        "VALUES (%s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s::jsonb, %s::jsonb)",
                         [_message(row) for row in messages],
                     )
                 counts["messages"] += len(messages)

@@ -52,15 +52,30 @@ def test_the_page_is_documented_only_when_it_is_served(tmp_path: Path) -> None:
 
 def test_with_api_keys_it_names_the_schemes_and_every_401(tmp_path: Path) -> None:
     document = create_app(make_settings(tmp_path, api_keys="alice:alice-key")).state.openapi
-    assert set(document["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert set(document["components"]["securitySchemes"]) == {"bearer", "apiKey", "operatorToken"}
     assert document["security"] == [{"bearer": []}, {"apiKey": []}]
-    for path in ("/api/v1/sessions", "/api/v1/chat", "/metrics"):
+    for path in ("/api/v1/sessions", "/api/v1/chat"):
         for operation in document["paths"][path].values():
             assert "401" in operation["responses"] and "security" not in operation
+    # The metrics are the operator's: an owner's key is not what opens them.
+    (metrics,) = document["paths"]["/metrics"].values()
+    assert (
+        metrics["security"] == [{"operatorToken": []}]
+        and "PARLEY_METRICS_TOKEN" in metrics["responses"]["401"]["description"]
+    )
     for path in ("/healthz", "/readyz", "/api/v1/openapi.json", "/"):
         (operation,) = document["paths"][path].values()
         assert operation["security"] == [] and "401" not in operation["responses"]
     assert "securitySchemes" not in create_app(make_settings(tmp_path)).state.openapi["components"]
+
+
+def test_with_a_metrics_token_only_the_metrics_need_a_token(tmp_path: Path) -> None:
+    document = create_app(make_settings(tmp_path, metrics_token="ops-token")).state.openapi
+    assert set(document["components"]["securitySchemes"]) == {"operatorToken"} and "security" not in document
+    (metrics,) = document["paths"]["/metrics"].values()
+    assert metrics["security"] == [{"operatorToken": []}] and "401" in metrics["responses"]
+    for operation in document["paths"]["/api/v1/sessions"].values():
+        assert "401" not in operation["responses"] and "security" not in operation
 
 
 def test_every_operation_has_an_id_and_every_status_a_schema(tmp_path: Path) -> None:

@@ -363,19 +363,23 @@ async def test_an_sqlite_history_moves_into_postgres_and_reads_the_same(
         assert download.content == b"bytes\n"
 
 
-async def test_an_sqlite_history_with_parts_and_usage_moves_into_postgres_with_them(
+async def test_an_sqlite_history_with_parts_usage_titles_and_client_ids_moves_into_postgres_with_them(
     tmp_path: Path, postgres_url: str
 ) -> None:
+    from dataclasses import replace
+
     from parley.sessions import SQLiteStore, postgres
     from parley.sessions.store import Session
     from tests.test_store import REASONED, USAGE, limit, turn
 
     sqlite = SQLiteStore(tmp_path / "parley.db")
-    await sqlite.create_session(Session("acted", "openai", "2026-01-01T00:00:00.000000Z"))
+    await sqlite.create_session(Session("acted", "openai", "2026-01-01T00:00:00.000000Z", "alice"))
     user, reply = turn("acted", "add")
-    await sqlite.start_turn(user, reply, limit(0), owner="")
+    await sqlite.start_turn(replace(user, client_id="ui-msg-1"), reply, limit(0), owner="alice")
     await sqlite.finish_turn(reply.id, "two", "complete", parts=REASONED, usage=USAGE)
+    assert await sqlite.set_title("acted", "alice", "Sums")
     before = await sqlite.list_messages("acted")
+    session_before = await sqlite.get_session("acted", "alice")
     await sqlite.close()
     command = [sys.executable, "-m", "parley.sessions.postgres_import", str(tmp_path / "parley.db")]
     done = await anyio.run_process(command, env={**os.environ, "PARLEY_DATABASE_URL": postgres_url}, check=False)
@@ -384,9 +388,12 @@ async def test_an_sqlite_history_with_parts_and_usage_moves_into_postgres_with_t
     await store.open()
     try:
         after = await store.list_messages("acted")
+        session_after = await store.get_session("acted", "alice")
     finally:
         await store.close()
     assert after == before and after[-1].parts == REASONED and after[-1].usage == USAGE
+    assert after[0].client_id == "ui-msg-1"
+    assert session_after == session_before and session_after is not None and session_after.title == "Sums"
 
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-fedcba9876543210"

@@ -60,7 +60,7 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(request.app.state.openapi)
 
 
-@served_file("metrics", "Prometheus metrics, in the text exposition format", "text/plain")
+@served_file("metrics", "Prometheus metrics, in the text exposition format", "text/plain", operator=True)
 async def prometheus_metrics(request: Request) -> Response:
     if not request.app.state.auth.is_operator(request.scope):
         # Its counts cover every owner: an owner's key is not enough (see Auth.is_operator).
