@@ -93,16 +93,19 @@ class RedisRejoin:
             with anyio.move_on_after(_FOLLOW_PATIENCE):
                 while not mirror.message_id and not mirror.status and not copy.lost:
                     await mirror.changed()
-            if not mirror.message_id:
-                if mirror.status or copy.lost or not await self.streaming_elsewhere(session_id, interaction_id):
-                    raise _Ended
+            # Not started: it ended meanwhile (or before its reply started), or its process did not answer. (Lost:
+            # if Redis failed under the reader, this asks it again, and a 503 says so.)
+            ended = not mirror.message_id and (
+                bool(mirror.status) or not await self.streaming_elsewhere(session_id, interaction_id)
+            )
+            if not mirror.message_id and not ended:
                 raise RejoinFailed(f"Failed to rejoin the reply of session: {session_id} (its process did not answer)")
-        except _Ended:
-            copy.leave()
-            return None  # it ended meanwhile (or before its reply started), or Redis failed under the reader
         except BaseException:
             copy.leave()
             raise
+        if ended:
+            copy.leave()
+            return None
         return mirror, copy.follow
 
     def on_follow(self, request: dict[str, Any], interactions: Interactions, task_group: anyio.abc.TaskGroup) -> None:
@@ -202,10 +205,6 @@ class RedisRejoin:
         copy.lost = True
         copy.mirror.notify()
         self._drop(copy)
-
-
-class _Ended(Exception):
-    """(A follow that finds nothing to follow.)"""
 
 
 class _Copy:
