@@ -182,8 +182,8 @@ class RedisCoordinator:
     async def release(self, interaction: Interaction, slots: StreamSlots | None) -> None:
         await self.claims.release(interaction, _redis_slots(slots))
 
-    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
-        return await self.rejoin.streaming_elsewhere(session_id, interaction_id)
+    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None, owner: str | None = None) -> bool:
+        return await self.rejoin.streaming_elsewhere(session_id, interaction_id, owner)
 
     async def cancel_elsewhere(
         self,

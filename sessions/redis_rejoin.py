@@ -66,9 +66,9 @@ class RedisRejoin:
     def frames_key(self, interaction: Interaction) -> str:
         return SessionKeys(self.prefix, interaction.session_id).frames(interaction.id)
 
-    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
-        owner = await self.claims.owner(session_id)
-        return owner is not None and interaction_id in (None, owner[1])
+    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None, owner: str | None = None) -> bool:
+        holder = await self.claims.holder(session_id)
+        return holder is not None and interaction_id in (None, holder[1]) and owner in (None, holder[2])
 
     async def follow(self, session_id: str) -> Followed | None:
         owner = await self.claims.owner(session_id)

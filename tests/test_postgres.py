@@ -432,6 +432,9 @@ async def test_another_owner_hammering_a_session_on_another_host_never_makes_its
                 hers.append(answer.status_code)
                 assert answer.status_code == 200, (answer.status_code, answer.text, hers)
                 assert answer.text == "hello there"
+                # Her reply has ended: her session reads idle, whatever Bob's chats claim meanwhile.
+                state = await client.get(f"{a.url}/api/v1/sessions/{session_id}", headers=alice)
+                assert state.json()["status"] == "idle", (state.json(), hers)
             done = True
         assert set(his) == {404}, his
         assert hers == [200] * 40
