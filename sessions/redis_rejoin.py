@@ -38,10 +38,12 @@ logger = logging.getLogger("parley")
 # How long a rejoin waits for the owner to start its mirror; how long a mirror outlives its interaction.
 _FOLLOW_PATIENCE = 3.0
 _FRAMES_TTL = 60
-# How long one XREAD of the reader waits for news (a reply followed meanwhile is read from the next one on); how
+# How long one XREAD of the reader waits for news (a reply followed meanwhile interrupts it: see follow); how
 # long a followed stream may stay silent before the reader asks whether its owner still holds the claim.
-_READ_BLOCK_MS = 100
+_READ_BLOCK_MS = 1000
 _SILENCE_SECONDS = 2.0
+# On a Redis Cluster, replies followed in several slots are read without blocking, this often.
+_CLUSTER_POLL_SECONDS = 0.05
 
 
 class RedisRejoin:
@@ -60,6 +62,7 @@ class RedisRejoin:
         self._mirrored: set[str] = set()  # interactions being mirrored into Redis for rejoins
         self._copies: dict[str, _Copy] = {}  # interaction id → the copy this process's followers read
         self._reading = False
+        self._waiting: anyio.CancelScope | None = None  # the reader's XREAD in flight
         # The coordinator's task group (see RedisCoordinator.listen), which the reader runs in.
         self.task_group: anyio.abc.TaskGroup | None = None
 
@@ -87,6 +90,10 @@ class RedisRejoin:
                 if not self._reading:
                     self._reading = True
                     self.task_group.start_soon(self._read)
+                elif self._waiting is not None:
+                    # Read it now, not after the XREAD in flight: that one is given up (its connection closed, as
+                    # redis-py does with a command it does not see to its end), and the next one names it too.
+                    self._waiting.cancel()
         mirror = copy.mirror
         copy.followers += 1  # (given back when its follower ends: see _Copy.follow)
         try:
@@ -160,7 +167,13 @@ class RedisRejoin:
                 copies = {copy.key: copy for copy in self._copies.values()}
                 try:
                     with _reachable(self.claims.on_error):
-                        for key, entries in await self._next(copies):
+                        found = None
+                        try:
+                            with anyio.CancelScope() as self._waiting:
+                                found = await self._next(copies)
+                        finally:
+                            self._waiting = None
+                        for key, entries in found or ():
                             copy = copies[key]
                             copy.add(entries)
                             if copy.mirror.status:
@@ -193,7 +206,7 @@ class RedisRejoin:
         for group in slots.values():
             found += await self.reader.xread(group, count=1000, block=block) or ()
         if not found and block is None:
-            await anyio.sleep(_READ_BLOCK_MS / 1000)
+            await anyio.sleep(_CLUSTER_POLL_SECONDS)
         return found
 
     def _drop(self, copy: _Copy) -> None:
