@@ -157,24 +157,31 @@ class RedisCoordinator:
         this one is the intruder: SessionNotFound, as for a session that does not exist). ``store`` tells which;
         None: the attempt checked the owner before the claim. Nothing another owner does makes the owner's chat
         busy; a claim of the owner's own is SessionBusy at once."""
+        try:
+            return await attempt()  # (every chat: no cancel scope, no timer until a claim is in the way)
+        except SessionBusy:
+            if not await self._another_owners_claim(interaction):
+                raise
         checked = store is None
         with anyio.move_on_after(_INTRUDER_PATIENCE):
             while True:
-                try:
-                    return await attempt()
-                except SessionBusy:
-                    holder = await self.claims.holder(interaction.session_id)
-                    if holder is None:
-                        continue  # gone meanwhile: at once, again
-                    if holder[2] == interaction.owner:
-                        raise
                 if not checked:
                     assert store is not None
                     if await store.get_session(interaction.session_id, interaction.owner) is None:
                         raise SessionNotFound(interaction.session_id)
                     checked = True
                 await anyio.sleep(_INTRUDER_POLL_SECONDS)
+                try:
+                    return await attempt()
+                except SessionBusy:
+                    if not await self._another_owners_claim(interaction):
+                        raise
         raise SessionBusy(interaction.session_id)
+
+    async def _another_owners_claim(self, interaction: Interaction) -> bool:
+        """Whether the claim that refused ``interaction`` is another owner's (or gone meanwhile: try again)."""
+        holder = await self.claims.holder(interaction.session_id)
+        return holder is None or holder[2] != interaction.owner
 
     def lease(self, interaction: Interaction) -> Lease:
         return self.claims.lease(interaction)
