@@ -42,8 +42,9 @@ postgresql:
 			echo "PostgreSQL is not installed: the PostgreSQL tests will be skipped (apt-get install postgresql)"; \
 		fi; }
 
-# The AI SDK tests drive parley with Vercel's `ai` package from Node; `npm ci` installs the versions pinned by
-# tests/ai-sdk/package-lock.json (Debian's npm brings Node with it).
+# The AI SDK tests drive parley with Vercel's `ai` package from Node, and a React app (useChat, built by Vite in the
+# test) in Chromium; `npm ci` installs the versions pinned by tests/ai-sdk/package-lock.json (Debian's npm brings
+# Node with it).
 AI_SDK := tests/ai-sdk
 
 npm:

@@ -366,7 +366,7 @@ class Bench:
     def busy(self, stack: str) -> None:
         """10: a message into a busy session: ``if_busy=interrupt`` → the new reply's first byte, in one process
         and from the other of two workers on Redis; ``if_busy=enqueue`` → its start after the reply before it
-        ends (one process: across workers a waiting message polls the claim every 20 ms)."""
+        ends, in one process."""
         count = self.args.count
         interrupt, enqueue = (
             "10. interrupt → new reply's first byte",

@@ -60,8 +60,15 @@ class Interaction:
         self.released = False
         self.unclaimed = False  # its claim was dropped before its turn started (see claim_dropped)
         self.message_id = ""  # the assistant's message in history, once the turn has started
-        # While it waits for its session (if_busy enqueue or interrupt): a cancel takes it out of the line.
+        # While it waits for its session (if_busy enqueue or interrupt): a cancel takes it out of the line. Its place
+        # in the line: the lines keep their messages in this order (the coordinator's, when it shares the line).
         self.waiting: anyio.CancelScope | None = None
+        self.place = 0
+        self.shared_place = False  # its place is in the coordinator's line (its claim goes by that line's order)
+        # A waiting message whose claim is on its way is the session's reply in progress only if its claim holds: a
+        # cancel of that reply (or an interrupt) stops it then, and only then (see cancel_running).
+        self.claiming = False
+        self.stop_once_claimed: CancelReason | None = None
         # The reply so far, as the agent's events (text tokens and the rest): rejoining clients read it from here.
         self.tokens: list[Event] = []
         self.status = ""  # the history status, once done
@@ -79,6 +86,13 @@ class Interaction:
             self.waiting.cancel()  # (it never started: it leaves the line, and nothing of it is recorded)
         self.scope.cancel()
         return True
+
+    def cancel_running(self, reason: CancelReason) -> bool:
+        """Cancel it as the session's reply in progress (not as the message it is): see ``claiming``."""
+        if self.claiming:
+            self.stop_once_claimed = reason
+            return False
+        return self.cancel(reason)
 
     def notify(self) -> None:
         if self.waiter is not None:
@@ -227,6 +241,29 @@ class Coordinator(Protocol):
     async def run(self, interactions: Interactions, store: Store) -> None:
         """What the process runs beside its requests (a cancel listener, a sweeper), until cancelled."""
 
+    async def enqueue(self, interaction: Interaction, front: bool, limit: int | None) -> int | None:
+        """Put a message that waits for its session in the session's line that every process shares, at its back
+        (or its ``front``: an interrupt); its place there. None when there is no such line (the process's own is
+        the only one). Raises TooManyQueued when ``limit`` messages wait already. From then on the coordinator's
+        claim goes only to the message first in that line."""
+
+    async def wait_moved(self, interaction: Interaction, moved: anyio.Event) -> None:
+        """Until ``moved`` is set (the session's line may have moved: this process sets it, and the coordinator
+        when another process moves the shared line), or for a while at most; meanwhile the interaction keeps its
+        place (if it lost it, it is cancelled, "lease lost")."""
+
+    async def dequeue(self, interaction: Interaction) -> None:
+        """Take a message out of the shared line (it leaves without running). Never raises, and finishes even
+        when cancelled."""
+
+    async def line(self, session_id: str) -> list[str] | None:
+        """The interaction ids of the messages that wait for the session, in every process, in the order they
+        run; None when there is no shared line."""
+
+    async def drop_line(self, session_id: str, reason: CancelReason) -> None:
+        """End every message that waits for the session, in every process (its session is deleted). Never
+        raises."""
+
 
 class _NoLease:
     async def __aenter__(self) -> None:
@@ -315,6 +352,21 @@ class LocalCoordinator:
     async def run(self, interactions: Interactions, store: Store) -> None:
         return None
 
+    async def enqueue(self, interaction: Interaction, front: bool, limit: int | None) -> int | None:
+        return None
+
+    async def wait_moved(self, interaction: Interaction, moved: anyio.Event) -> None:
+        await moved.wait()
+
+    async def dequeue(self, interaction: Interaction) -> None:
+        return None
+
+    async def line(self, session_id: str) -> list[str] | None:
+        return None
+
+    async def drop_line(self, session_id: str, reason: CancelReason) -> None:
+        return None
+
 
 class Interactions:
     """The interactions in progress in this process, at most one per session, each driven inside its own cancel
@@ -345,8 +397,8 @@ class Interactions:
         This is where a message into a busy session learns what ``if_busy`` makes of it: reject raises
         SessionBusy; interrupt cancels the reply in progress (as a cancel does) and waits for it to end;
         enqueue waits until it and the messages queued before have ended (TooManyQueued past ``max_queued``).
-        Both wait in the session's line (an interrupt at its head), take a stream slot only once it is their
-        turn, and wait for a reply that another process runs by polling its claim. ``waiting`` is told of an
+        Both wait in the session's line (an interrupt at its head; with a coordinator that shares it, one line
+        for every process), and take a stream slot only once it is their turn. ``waiting`` is told of an
         interaction that waits: cancelling it takes it out of the line (Dequeued; SessionNotFound for
         "deleted"), and nothing of it is recorded."""
         return _Open(self, session_id, owner, if_busy, waiting)
@@ -355,32 +407,48 @@ class Interactions:
         """How many messages wait for the session in this process."""
         return len(self._lines.get(session_id, ()))
 
-    def line(self, session_id: str) -> list[str]:
-        """The interaction ids of the messages that wait for the session in this process, in the order they run."""
-        return [waiting.id for waiting in self._lines.get(session_id, ())]
+    async def line(self, session_id: str) -> list[str]:
+        """The interaction ids of the messages that wait for the session (in every process, when the coordinator
+        shares the line), in the order they run."""
+        shared = await self.coordinator.line(session_id)
+        return shared if shared is not None else [waiting.id for waiting in self._lines.get(session_id, ())]
 
-    def _move(self, session_id: str) -> None:
+    def wake(self, session_id: str) -> None:
+        """The session's line may have moved: its messages that wait here look again."""
         moved = self._moved.pop(session_id, None)
         if moved is not None:
             moved.set()
 
-    async def _wait_turn(self, interaction: Interaction, if_busy: IfBusy) -> None:
-        """Wait in the session's line until ``interaction`` is first in it and nothing runs here (it stays in the
-        line: the caller leaves it once it runs, so that nobody gets in between)."""
-        session_id = interaction.session_id
-        line = self._lines.setdefault(session_id, [])
-        if if_busy == "interrupt":
+    def _moved_event(self, session_id: str) -> anyio.Event:
+        """Set at the next :meth:`wake` (taken before a look, so that a wake during the look is not missed)."""
+        moved = self._moved.get(session_id)
+        if moved is None:
+            moved = self._moved[session_id] = anyio.Event()
+        return moved
+
+    def _join_line(self, interaction: Interaction, front: bool) -> None:
+        line = self._lines.setdefault(interaction.session_id, [])
+        if front:
+            interaction.place = line[0].place - 1 if line else 0
             line.insert(0, interaction)
-            running = self._running.get(session_id)
+            running = self._running.get(interaction.session_id)
             if running is not None:
-                running.cancel("cancelled")  # recorded as a cancel records it; then this one runs
+                running.cancel_running("cancelled")  # recorded as a cancel records it; then this one runs
         else:
+            interaction.place = line[-1].place + 1 if line else 0
             line.append(interaction)
-        while self._running.get(session_id) is not None or line[0] is not interaction:
-            moved = self._moved.get(session_id)
-            if moved is None:
-                moved = self._moved[session_id] = anyio.Event()
-            await moved.wait()
+
+    def _take_place(self, interaction: Interaction, place: int) -> None:
+        """Its place in the shared line: this process's line keeps the same order."""
+        interaction.place = place
+        line = self._lines.get(interaction.session_id)
+        if line is not None:
+            line.sort(key=lambda waiting: waiting.place)
+
+    def _may_go(self, interaction: Interaction) -> bool:
+        """First in the session's line here, and nothing runs here (the coordinator's claim tells the rest)."""
+        line = self._lines.get(interaction.session_id)
+        return interaction.session_id not in self._running and line is not None and line[0] is interaction
 
     def _leave_line(self, interaction: Interaction) -> None:
         line = self._lines.get(interaction.session_id)
@@ -388,7 +456,7 @@ class Interactions:
             line.remove(interaction)
             if not line:
                 del self._lines[interaction.session_id]
-            self._move(interaction.session_id)
+            self.wake(interaction.session_id)
 
     def cancel_queued(self, session_id: str, reason: CancelReason, interaction_id: str | None = None) -> bool:
         """Take the session's waiting messages (only ``interaction_id``, when given) out of its line."""
@@ -424,18 +492,21 @@ class Interactions:
         case. Only the first call does anything."""
         if interaction.released:
             return
-        if self._running.get(interaction.session_id) is interaction:
-            del self._running[interaction.session_id]
-            if interaction.session_id in self._lines:
-                self._move(interaction.session_id)  # the next in line
+        session_id = interaction.session_id
+        if self._running.get(session_id) is interaction:
+            del self._running[session_id]
         if not interaction.status:  # it never got going (say, its session was gone): followers must not wait
             interaction.finish("interrupted")
         interaction.mark_released()
         slots = self.slots
-        await self.coordinator.release(interaction, slots if slots.limit is not None else None)
-        if slots.limit is not None:
-            with anyio.CancelScope(shield=True):
-                await self.slots.give_back(interaction.owner, interaction.id)
+        try:
+            await self.coordinator.release(interaction, slots if slots.limit is not None else None)
+            if slots.limit is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.slots.give_back(interaction.owner, interaction.id)
+        finally:
+            if session_id in self._lines:
+                self.wake(session_id)  # the next in line (once the claim and the slot are free)
 
     def get(self, session_id: str) -> Interaction | None:
         return self._running.get(session_id)
@@ -454,6 +525,8 @@ class Interactions:
             return False
         if owner is not None and interaction.owner != owner:
             return False
+        if interaction_id is None:
+            return interaction.cancel_running(CANCEL_REASONS.get(reason, "cancelled"))
         return interaction.cancel(CANCEL_REASONS.get(reason, "cancelled"))
 
     async def cancel(
@@ -475,6 +548,14 @@ class Interactions:
                     cancelled = waiting.cancel(CANCEL_REASONS.get(reason, "cancelled"))
                     return "cancelled_here" if cancelled else "not_running"
         running = self._running.get(session_id)
+        if running is not None and running.claiming:
+            # A waiting message that tries to claim the session now: the reply in progress, if any, may run elsewhere
+            # (if not, it may be this one, if its claim holds: then cancel_here stops it once it does).
+            if await self.coordinator.cancel_elsewhere(
+                session_id, interaction_id, reason, owner, wait_out_silence, check
+            ):
+                return "cancelled_elsewhere"
+            running, check = self._running.get(session_id), None  # (cancel_elsewhere ran it)
         if running is not None:
             # This process owns it: no need for the coordinator, so this works even while Redis is down. Only a
             # started interaction shows whose the session is: a claim is taken before the owner is known, and
@@ -482,10 +563,11 @@ class Interactions:
             if check is not None and (running.owner != owner or not running.message_id):
                 await check()
                 check = None  # (the session is the canceller's)
-            if running.owner == owner or owner is None:
+            if (running.owner == owner or owner is None) and interaction_id in (None, running.id):
                 cancelled = self.cancel_here(session_id, interaction_id, reason, owner)
                 return "cancelled_here" if cancelled else "not_running"
-            # Another owner's claim in this process, not started: the owner's reply, if any, runs elsewhere.
+            # Another owner's claim in this process, not started: the owner's reply, if any, runs elsewhere. (Or
+            # another interaction: it may wait in the line that the coordinator shares.)
         if await self.coordinator.cancel_elsewhere(session_id, interaction_id, reason, owner, wait_out_silence, check):
             return "cancelled_elsewhere"
         return "not_running"
@@ -502,6 +584,7 @@ class Interactions:
         the session also ends the messages that wait for it.)"""
         if reason == "deleted":
             self.cancel_queued(session_id, reason)
+            await self.coordinator.drop_line(session_id, reason)
         outcome = await self.cancel(session_id, reason=reason)
         with anyio.move_on_after(patience):
             interaction = self._running.get(session_id)
@@ -555,7 +638,7 @@ class _Open:
         except SessionBusy:  # (another process runs the session's reply)
             if self.if_busy == "reject":
                 raise
-            await self._wait()
+            await self._wait(busy_elsewhere=True)
         return interaction
 
     async def _enter(self, *, first_in_line: bool) -> None:
@@ -584,6 +667,7 @@ class _Open:
             raise SessionBusy(session_id)
         interactions._running[session_id] = interaction
         interaction.claimed()
+        interaction.claiming = first_in_line and interaction.shared_place
         try:
             turn, taken = self.turn, slots if inline else None
             if turn is None:
@@ -610,14 +694,22 @@ class _Open:
                     raise
                 self.started = session, earlier
         except BaseException:
+            interaction.claiming, interaction.stop_once_claimed = False, None
             if interactions._running.get(session_id) is interaction:
                 del interactions._running[session_id]
+                if session_id in interactions._lines:
+                    interactions.wake(session_id)
             interaction.claim_dropped()  # (a chat waiting for this claim to go goes on)
             await self._undo()
             raise
+        if interaction.claiming:
+            interaction.claiming = False
+            if interaction.stop_once_claimed is not None:
+                interaction.cancel(interaction.stop_once_claimed)  # (it holds the claim: it is the reply in progress)
 
-    async def _wait(self) -> None:
-        """if_busy interrupt or enqueue, with the session busy: wait in its line, then enter."""
+    async def _wait(self, busy_elsewhere: bool = False) -> None:
+        """if_busy interrupt or enqueue, with the session busy (``busy_elsewhere``: the coordinator just said so):
+        wait in its line, then enter."""
         interactions, interaction, if_busy = self.interactions, self.interaction, self.if_busy
         session_id = interaction.session_id
         line = interactions._lines.get(session_id)
@@ -628,34 +720,63 @@ class _Open:
             # apart; this rare path asks it.
             if self.turn is None or await self.turn.store.get_session(session_id, interaction.owner) is None:
                 raise SessionNotFound(session_id)
-        if if_busy == "enqueue" and interactions.queued(session_id) >= interactions.max_queued:
+        front = if_busy == "interrupt"
+        if not front and interactions.queued(session_id) >= interactions.max_queued:
             raise TooManyQueued(interactions.max_queued)
         if self.waiting is not None:
             self.waiting(interaction)
+        coordinator = interactions.coordinator
         entered = False
         try:
             with anyio.CancelScope() as waiting:
                 interaction.waiting = waiting
-                await interactions._wait_turn(interaction, if_busy)
+                interactions._join_line(interaction, front)
+                place = await coordinator.enqueue(interaction, front, None if front else interactions.max_queued)
+                if place is not None:
+                    interaction.shared_place = True
+                    interactions._take_place(interaction, place)
+                stop_first = front and busy_elsewhere  # (no need to be told again that the session is busy)
                 while interaction.reason is None:
-                    # Its turn: from here a cancel stops it as it stops a running reply (it is recorded so).
-                    interaction.waiting = None
-                    try:
-                        await self._enter(first_in_line=True)
-                        entered = True
-                        break
-                    except SessionBusy:  # another process runs the session's reply: stop it, or wait for it
-                        interaction.waiting = waiting
-                        if if_busy == "interrupt":
-                            await interactions.cancel(session_id, reason="cancelled", owner=interaction.owner)
-                        await anyio.sleep(_CLAIM_POLL_SECONDS)
+                    moved = interactions._moved_event(session_id)
+                    if interactions._may_go(interaction):
+                        if stop_first:
+                            stop_first = False
+                            await self._interrupt_elsewhere()
+                        # Its turn here: from now a cancel stops it as it stops a running reply (it is recorded so).
+                        interaction.waiting = None
+                        try:
+                            await self._enter(first_in_line=True)
+                            entered = True
+                            break
+                        except SessionBusy:  # another process runs the session's reply, or has a message first
+                            interaction.waiting = waiting
+                            if front and await self._interrupt_elsewhere():
+                                continue  # (its process answered once the reply was recorded and the session free)
+                    await coordinator.wait_moved(interaction, moved)
         finally:
             interaction.waiting = None
-            interactions._leave_line(interaction)
+            if not entered:
+                await coordinator.dequeue(interaction)
+            interactions._leave_line(interaction)  # (after the shared line: the next here finds it moved)
         if not entered:  # taken out of the line
             if interaction.reason == "deleted":
                 raise SessionNotFound(session_id)
+            if interaction.reason == "lease lost" and self.turn is not None:
+                # Its place in the shared line is gone, and the word why did not reach this process: a delete, or
+                # a cancel. (One store read, on this rare path.)
+                if await self.turn.store.get_session(session_id, interaction.owner) is None:
+                    raise SessionNotFound(session_id)
             raise Dequeued(session_id)
+
+    async def _interrupt_elsewhere(self) -> bool:
+        """Stop the reply that another process runs for the session; True once it is recorded and the session free.
+        (A process that does not answer holds its claim a lease at most: the line moves on then.)"""
+        interaction = self.interaction
+        try:
+            outcome = await self.interactions.cancel(interaction.session_id, owner=interaction.owner)
+        except CancelFailed:
+            return False
+        return outcome == "cancelled_elsewhere"
 
     async def _undo(self) -> None:
         if self.interactions.slots.limit is not None:
@@ -663,7 +784,3 @@ class _Open:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.interactions.release(self.interaction)
-
-
-# How often a message that waits polls for a session whose reply another process runs.
-_CLAIM_POLL_SECONDS = 0.02

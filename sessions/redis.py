@@ -131,6 +131,7 @@ class Claim:
     interaction_id: str
     slots: str | None = None
     limit: int = 0
+    waiting: bool = False  # it waits in the session's line: claimed only while it is first there
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,7 @@ class RedisStore:
     async def delete_session(self, session_id: str, owner: str) -> list[str] | None:
         k = self.keys(session_id)
         keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.file_ids, k.files, k.claim, k.leases]
+        keys.append(k.queue)
         with _reachable(self.on_error):
             file_ids: Any = await self.scripts.delete_session(keys, [owner])
             if file_ids is not None:
@@ -260,7 +262,7 @@ class RedisStore:
         else:
             session = await self.get_session(session_id, owner)
             limits = json.dumps({} if session is None else {session.agent: history_limit(session)})
-        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.claim, k.leases]
+        keys = [k.session, k.message_ids, k.messages, k.statuses, k.streaming, k.claim, k.leases, k.queue]
         arguments: list[str | int] = [owner, limits]
         for message in (user, assistant):
             arguments += (message.id, _message_json(message), message.status)
@@ -270,7 +272,7 @@ class RedisStore:
             arguments += (claim.value, claim.lease_ms, claim.interaction_id, claim.limit)
             if claim.slots is not None:
                 keys.append(claim.slots)
-        arguments.append(user.content[:_FIRST_TEXT_CHARS])
+        arguments += (user.content[:_FIRST_TEXT_CHARS], "1" if claim is not None and claim.waiting else "")
         with _reachable(self.on_error):
             answer: Any = await self.scripts.begin_turn(keys, arguments)
         outcome = answer[0]
@@ -354,20 +356,21 @@ class RedisStore:
         *,
         parts: Sequence[Part] | None = None,
         usage: Mapping[str, int] | None = None,
-    ) -> None:
+    ) -> str | None:
         """:meth:`finish_turn`, and with ``release``, the coordinator's release of the turn's claim (and stream
         slot) too, in one round trip. The last word of an interaction must not be lost to a Redis outage: this
-        keeps trying until Redis is back (``finish_retry_seconds`` at most)."""
+        keeps trying until Redis is back (``finish_retry_seconds`` at most). With ``release``, answers the
+        process of the message that waits first for the session, if one does (see sessions.redis_queue)."""
         reply = self._replies.get(message_id)
         if reply is None:
-            return  # not a reply this process started (it was recorded already)
+            return None  # not a reply this process started (it was recorded already)
         k = self.keys(reply.session_id)
         keys = [k.messages, k.statuses, k.streaming, k.leases, k.claim]
         arguments: list[str | int] = [message_id, _message_json(reply, content, parts, usage), status]
         if release is None:
             arguments += ("", 0, 0, "", "", "")
         else:
-            keys.append(release.cancelled_key)
+            keys += (release.cancelled_key, k.queue)
             if release.answer is not None:
                 keys.append(release.answer)
             if release.slots is not None:
@@ -377,7 +380,7 @@ class RedisStore:
         deadline = time.monotonic() + self.finish_retry_seconds
         while True:
             try:
-                await self.scripts.end_turn(keys, arguments)
+                first: Any = await self.scripts.end_turn(keys, arguments)
                 break
             except _DOWN:
                 self.on_error(self.name)
@@ -387,6 +390,7 @@ class RedisStore:
                 # recorded by its owner within the lease of grace that other processes give it once Redis is back.
                 await anyio.sleep(_FINISH_RETRY_DELAY)
         del self._replies[message_id]
+        return str(first) if first else None
 
     async def checkpoint_turns(
         self,

@@ -15,7 +15,7 @@ import anyio
 import anyio.abc
 
 from parley.sessions.errors import CancelFailed
-from parley.sessions.interactions import CancelReason, Interactions, OwnerCheck
+from parley.sessions.interactions import CANCEL_REASONS, CancelReason, Interactions, OwnerCheck
 from parley.sessions.redis import _DOWN, _reachable, is_cluster
 from parley.sessions.redis_claims import RedisClaims, parse
 from parley.sessions.redis_keys import SessionKeys, process_channel
@@ -78,7 +78,17 @@ class RedisCancelBus:
         keys = SessionKeys(self.prefix, session_id)
         reply_key = keys.cancel_reply(request_id)
         with _reachable(self.claims.on_error):
-            found: Any = await self.claims.scripts.claim_and_owner([keys.claim, keys.session])
+            mine = "" if owner is None else "1"
+            found: Any = await self.claims.scripts.claim_and_owner(
+                [keys.claim, keys.session, keys.queue], [interaction_id or "", owner or "", mine]
+            )
+            if found[2]:
+                # A message that waited in the session's line (the owner's, if given): taken out of it. Its process
+                # ends its request; the one whose message is first now, if the claim is free, may go.
+                await self.publish(found[2], {"dequeue": session_id, "interaction": interaction_id, "reason": reason})
+                if found[3]:
+                    await self.publish(found[3], {"moved": session_id})
+                return True
             claim: Any = found[0] or None
             session_owner = found[1] or None
             claim_owner = None if claim is None else parse(claim)[2]
@@ -159,6 +169,13 @@ class RedisCancelBus:
             request: dict[str, Any] = json.loads(data)
             if "follow" in request:
                 on_follow(request, interactions, task_group)
+                return
+            if "moved" in request:  # the session's line may have moved (see sessions.redis_queue)
+                interactions.wake(request["moved"])
+                return
+            if "dequeue" in request:  # a cancel or a delete took this process's waiting message(s) out of the line
+                reason = CANCEL_REASONS.get(request["reason"], "cancelled")
+                interactions.cancel_queued(request["dequeue"], reason, request.get("interaction") or None)
                 return
             owner = request.get("owner")
             if owner is not None and not isinstance(owner, str):

@@ -58,10 +58,10 @@ class RedisClaims:
 
     def to_take(self, interaction: Interaction, slots: RedisStreamSlots | None) -> Claim:
         """The claim for a store's script to take (with the owner's stream slot, when ``slots`` is given)."""
-        value = self.value(interaction)
+        value, waiting = self.value(interaction), interaction.shared_place
         if slots is None:
-            return Claim(value, self.lease_ms, interaction.id)
-        return Claim(value, self.lease_ms, interaction.id, slots.key(interaction.owner), slots.limit or 0)
+            return Claim(value, self.lease_ms, interaction.id, waiting=waiting)
+        return Claim(value, self.lease_ms, interaction.id, slots.key(interaction.owner), slots.limit or 0, waiting)
 
     def taken(self, interaction: Interaction, slots: RedisStreamSlots | None) -> None:
         """A store's script took the claim (and the slot, with ``slots``)."""
@@ -73,12 +73,13 @@ class RedisClaims:
         """Claim the session (and with ``slots``, take the owner's stream slot first): one round trip. Raises
         TooManyStreams, SessionBusy."""
         claim = self.to_take(interaction, slots)
-        keys = [self.keys(interaction.session_id).claim]
+        session_keys = self.keys(interaction.session_id)
+        keys = [session_keys.claim, session_keys.queue]
         if claim.slots is not None:
             keys.append(claim.slots)
         with _reachable(self.on_error):
             answer: Any = await self.scripts.claim_session(
-                keys, [claim.value, claim.lease_ms, claim.interaction_id, claim.limit]
+                keys, [claim.value, claim.lease_ms, claim.interaction_id, claim.limit, "1" if claim.waiting else ""]
             )
         if answer == "limit":
             raise TooManyStreams(claim.limit)
@@ -118,21 +119,25 @@ class RedisClaims:
         if release.slots is not None and slots is not None:
             slots.hold(interaction.owner, interaction.id)
 
-    async def release(self, interaction: Interaction, slots: RedisStreamSlots | None) -> None:
-        """Free the claim if this process still holds it; never raises, and finishes even when cancelled."""
+    async def release(self, interaction: Interaction, slots: RedisStreamSlots | None) -> str | None:
+        """Free the claim if this process still holds it; never raises, and finishes even when cancelled. Answers
+        the process of the message that waits first for the session, if one does (see sessions.redis_queue)."""
         release = self.to_release(interaction, slots)
         if release is None:
-            return
-        keys = [self.keys(interaction.session_id).claim, release.cancelled_key]
+            return None
+        session_keys = self.keys(interaction.session_id)
+        keys = [session_keys.claim, release.cancelled_key, session_keys.queue]
         keys += [key for key in (release.answer, release.slots) if key is not None]
         arguments: list[str | int] = [release.value, interaction.status, release.cancelled_ms, release.answer_ttl]
         arguments += (release.interaction_id, "1" if release.answer else "", "1" if release.slots else "")
         with anyio.CancelScope(shield=True):
             try:
                 with _reachable(self.on_error):
-                    await self.scripts.release_claim(keys, arguments)
+                    first: Any = await self.scripts.release_claim(keys, arguments)
             except ApiError:
                 logger.warning("could not release session %s; its lease will run out", interaction.session_id)
+                return None
+        return str(first) if first else None
 
     async def renew(self, interaction: Interaction) -> bool | str:
         """Extend the claim if it is still this interaction's (and the lease of its reply in history, once it has
@@ -163,7 +168,9 @@ class RedisClaims:
         # Each attempt gets a timeout that fits the lease (a socket timeout may be longer than the whole lease), and
         # a renewal that failed is tried again soon: a stall of Redis shorter than the lease does not stop the reply.
         attempt = max(lease / 10, 0.05)
-        due = time.monotonic() + lease / 3
+        # A lease taken once the agent is done keeps the claim while the reply is recorded (the store was slow or
+        # down, see TurnRunner): the claim was last renewed up to a third of a lease ago, so renew it at once.
+        due = time.monotonic() + (0 if interaction.agent_done else lease / 3)
         while True:
             await anyio.sleep(max(0.0, min(due, stop_at) - time.monotonic()))
             if time.monotonic() >= stop_at:

@@ -3,7 +3,8 @@
 - :mod:`sessions.redis_claims`: one interaction per session across processes (a claim with a lease);
 - :mod:`sessions.redis_cancels`: the cancel bus, which carries cancels to the process that owns the stream;
 - :mod:`sessions.redis_rejoin`: rejoining a reply from any process (its owner mirrors it into a Redis stream on
-  demand).
+  demand);
+- :mod:`sessions.redis_queue`: the line of messages that wait for a busy session, one for every process.
 
 Their Lua scripts are in :mod:`sessions.redis_scripts`, their keys named in :mod:`sessions.redis_keys`. With the
 Redis store on the same client, a short chat is two round trips to Redis: the claim rides in the store's first
@@ -39,6 +40,7 @@ from parley.sessions.redis import RedisStore
 from parley.sessions.redis_cancels import RedisCancelBus
 from parley.sessions.redis_claims import RedisClaims
 from parley.sessions.redis_limits import RedisStreamSlots
+from parley.sessions.redis_queue import RedisQueue
 from parley.sessions.redis_rejoin import RedisRejoin
 from parley.sessions.redis_scripts import Scripts
 from parley.sessions.store import Message, MessageStatus, Session, Store
@@ -76,6 +78,7 @@ class RedisCoordinator:
         self.claims = RedisClaims(redis, Scripts(redis), prefix, self.process_id, lease_ms)
         self.bus = RedisCancelBus(redis, prefix, self.claims)
         self.rejoin = RedisRejoin(redis, prefix, self.claims, self.bus, reader)
+        self.queue = RedisQueue(self.claims, self.bus)
 
     @property
     def on_error(self) -> Callable[[str], None]:
@@ -99,8 +102,9 @@ class RedisCoordinator:
         redis_slots = _redis_slots(slots)
         if self.store is None:  # (nothing to tell an intruder's claim by)
             await self.claims.claim(interaction, redis_slots)
-            return
-        await self._claim(interaction, lambda: self.claims.claim(interaction, redis_slots), self.store)
+        else:
+            await self._claim(interaction, lambda: self.claims.claim(interaction, redis_slots), self.store)
+        self.queue.entered(interaction)
 
     async def start_turn(
         self, interaction: Interaction, slots: StreamSlots | None, turn: TurnStart
@@ -113,8 +117,10 @@ class RedisCoordinator:
             # (The script checks the owner before the claim: busy, the session is the owner's.)
             started = await self._claim(interaction, lambda: store.begin(user, assistant, limit, owner, claim), None)
             self.claims.taken(interaction, redis_slots)
+            self.queue.entered(interaction)
             return started
         await self._claim(interaction, lambda: self.claims.claim(interaction, redis_slots), turn.store)
+        self.queue.entered(interaction)
         try:
             # With the claim taken, any turn of the session still streaming is an orphan. (A store that records them
             # in start_turn's own statement, PostgreSQL's, is spared the round trip.)
@@ -122,7 +128,7 @@ class RedisCoordinator:
                 await turn.store.interrupt_turns(interaction.session_id)
             return await turn.store.start_turn(turn.user, turn.assistant, turn.history_limit, owner=interaction.owner)
         except BaseException:
-            await self.claims.release(interaction, redis_slots)
+            await self._tell_first(interaction.session_id, await self.claims.release(interaction, redis_slots))
             raise
 
     async def end_turn(
@@ -144,11 +150,12 @@ class RedisCoordinator:
         redis_slots = _redis_slots(slots)
         release = self.claims.to_release(interaction, redis_slots)
         try:
-            await own.end(message_id, content, status, release, parts=parts, usage=usage)
+            first = await own.end(message_id, content, status, release, parts=parts, usage=usage)
         except BaseException:
             # Not recorded in time (Redis away): the claim is still this process's to free, in release().
             self.claims.keep(interaction, release, redis_slots)
             raise
+        await self._tell_first(interaction.session_id, first)
 
     async def _claim(self, interaction: Interaction, attempt: Callable[[], Awaitable[T]], store: Store | None) -> T:
         """``attempt`` (the claim, alone or in the turn's first script) until it is not refused for a claim of
@@ -160,34 +167,56 @@ class RedisCoordinator:
         try:
             return await attempt()  # (every chat: no cancel scope, no timer until a claim is in the way)
         except SessionBusy:
-            if not await self._another_owners_claim(interaction):
-                raise
-        checked = store is None
+            pass
+        checked, retried = store is None, False
         with anyio.move_on_after(_INTRUDER_PATIENCE):
             while True:
-                if not checked:
-                    assert store is not None
-                    if await store.get_session(interaction.session_id, interaction.owner) is None:
-                        raise SessionNotFound(interaction.session_id)
-                    checked = True
-                await anyio.sleep(_INTRUDER_POLL_SECONDS)
+                holder = await self.claims.holder(interaction.session_id)
+                if (holder is None and retried) or (holder is not None and holder[2] == interaction.owner):
+                    # The owner's own claim, or no claim but messages that wait for the session (if_busy).
+                    raise SessionBusy(interaction.session_id)
+                if holder is None:
+                    retried = True  # gone meanwhile (an intruder's claim goes in a moment): once more, at once
+                else:
+                    if not checked:
+                        assert store is not None
+                        if await store.get_session(interaction.session_id, interaction.owner) is None:
+                            raise SessionNotFound(interaction.session_id)
+                        checked = True
+                    retried = False
+                    await anyio.sleep(_INTRUDER_POLL_SECONDS)
                 try:
                     return await attempt()
                 except SessionBusy:
-                    if not await self._another_owners_claim(interaction):
-                        raise
+                    pass
         raise SessionBusy(interaction.session_id)
-
-    async def _another_owners_claim(self, interaction: Interaction) -> bool:
-        """Whether the claim that refused ``interaction`` is another owner's (or gone meanwhile: try again)."""
-        holder = await self.claims.holder(interaction.session_id)
-        return holder is None or holder[2] != interaction.owner
 
     def lease(self, interaction: Interaction) -> Lease:
         return self.claims.lease(interaction)
 
     async def release(self, interaction: Interaction, slots: StreamSlots | None) -> None:
-        await self.claims.release(interaction, _redis_slots(slots))
+        await self._tell_first(interaction.session_id, await self.claims.release(interaction, _redis_slots(slots)))
+
+    async def _tell_first(self, session_id: str, process_id: str | None) -> None:
+        # The claim is free: the process whose message waits first for the session is told at once. (This process's
+        # own messages see it from Interactions.release, which moves the line here after this.)
+        if process_id is not None and process_id != self.process_id:
+            await self.queue.tell_first(session_id, process_id)
+
+    async def enqueue(self, interaction: Interaction, front: bool, limit: int | None) -> int | None:
+        return await self.queue.enqueue(interaction, front, limit)
+
+    async def wait_moved(self, interaction: Interaction, moved: anyio.Event) -> None:
+        await self.queue.wait(interaction, moved)
+
+    async def dequeue(self, interaction: Interaction) -> None:
+        await self.queue.dequeue(interaction)
+
+    async def line(self, session_id: str) -> list[str] | None:
+        return await self.queue.line(session_id)
+
+    async def drop_line(self, session_id: str, reason: CancelReason) -> None:
+        await self.queue.drop(session_id, reason)
 
     async def streaming_elsewhere(self, session_id: str, interaction_id: str | None, owner: str | None = None) -> bool:
         return await self.rejoin.streaming_elsewhere(session_id, interaction_id, owner)

@@ -21,6 +21,7 @@ class SessionKeys:
         "leases",
         "message_ids",
         "messages",
+        "queue",
         "session",
         "statuses",
         "streaming",
@@ -38,6 +39,8 @@ class SessionKeys:
         self.file_ids = base + "file-ids"  # list: its files in order
         self.files = base + "files"  # hash: file id → the file's record (JSON)
         self.claim = base + "claim"  # string: "<process>:<interaction>", while an interaction holds the session
+        # hash: interaction → "<place> <until> <process> <owner>", the messages that wait for it (see redis_queue)
+        self.queue = base + "queue"
 
     def cancel_left(self, interaction_id: str) -> str:
         """A cancel its owner's process did not answer, for it to find at its next renewal."""

@@ -39,11 +39,45 @@ local function orphaned(leases, id, now, claimed)
 end
 """
 
+# The messages that wait for a session (see sessions.redis_queue), live ones only, in the order they run: a hash,
+# interaction → '<place> <until> <process> <owner>'. An entry whose until has passed (its process stopped renewing
+# it: it died) is dropped as it is met, so that it holds up the others a lease at most.
+_LINE = """
+local function line(queue, now)
+  local flat = redis.call('HGETALL', queue)
+  local entries = {}
+  for i = 1, #flat, 2 do
+    local place, till, process, owner = string.match(flat[i + 1], '^(%-?%d+) (%d+) (%S+) (.*)$')
+    if place and now < tonumber(till) then
+      entries[#entries + 1] = {flat[i], tonumber(place), process, owner}
+    else
+      redis.call('HDEL', queue, flat[i])
+    end
+  end
+  table.sort(entries, function(x, y) return x[2] < y[2] end)
+  return entries
+end
+"""
+
+# Whether an interaction may take a free claim, given the session's line (see _LINE): only when no message waits
+# for the session, or, for a message that waits ('1'), when it is first in the line (not when a cancel or a delete
+# took it out meanwhile).
+_MAY_CLAIM = """
+local function may_claim(waiting, interaction, waits)
+  if waits == '1' then return #waiting > 0 and waiting[1][1] == interaction end
+  return #waiting == 0
+end
+"""
+
 # Frees a claim if it is still ``value``'s. A reply recorded "cancelled" says so for a while, for a canceller
 # waiting on a silent owner; the canceller that stopped the reply through the cancel bus, if one did, hears its
-# answer on its list; the owner's stream slot, if the script holds it, is given back.
-_RELEASE = """
-local function release(claim, cancelled, answer, slots, value, status, cancelled_ms, answer_ttl, interaction)
+# answer on its list; the owner's stream slot, if the script holds it, is given back. Answers the process of the
+# message first in the session's line, if one waits (its process is told that it may go: see sessions.redis_queue).
+_RELEASE = (
+    _LINE
+    + """
+local function release(claim, cancelled, answer, slots, value, status, cancelled_ms, answer_ttl, interaction,
+                       queue, now)
   if status == 'cancelled' then redis.call('SET', cancelled, '1', 'PX', cancelled_ms) end
   if answer then
     redis.call('RPUSH', answer, '1')
@@ -51,29 +85,42 @@ local function release(claim, cancelled, answer, slots, value, status, cancelled
   end
   if slots then redis.call('ZREM', slots, interaction) end
   if redis.call('GET', claim) == value then redis.call('DEL', claim) end
+  local waiting = line(queue, now)
+  if #waiting > 0 then return waiting[1][3] end
+  return false
 end
 """
+)
 
 # A chat's first round trip. KEYS: 1 session, 2 message ids, 3 messages, 4 statuses, 5 streaming, 6 claim,
-# 7 leases, 8 the owner's stream slots (only when the script takes one). ARGV: 1 owner, 2 each agent's history
-# limit (JSON), 3-5 the user's message (id, JSON, status), 6-8 the reply's, 9 the claim's value ('': no claim),
-# 10 the lease (ms), 11 the interaction, 12 the owner's limit, 13 the start of the user's text (the session's title
-# while it has none set, if it is the first). In this order: the owner's limit (an owner at it hears so whatever
-# the session), the session and its owner, the claim, the agent; then, the claim taken, any turn still streaming
-# whose owner is gone (see _ORPHANED) is recorded interrupted; then the history is read and both
-# messages written. Answers {'ok', agent, created_at, history as JSON, their statuses}, or why not.
+# 7 leases, 8 the messages that wait for the session, 9 the owner's stream slots (only when the script takes one).
+# ARGV: 1 owner, 2 each agent's history limit (JSON), 3-5 the user's message (id, JSON, status), 6-8 the reply's,
+# 9 the claim's value ('': no claim), 10 the lease (ms), 11 the interaction, 12 the owner's limit, 13 the start of
+# the user's text (the session's title while it has none set, if it is the first), 14 '1' if the interaction waits
+# in the session's line. In this order: the owner's limit (an owner at it hears so whatever the session), the
+# session and its owner, the claim (free, and see _MAY_CLAIM: claiming takes the interaction out of the line), the
+# agent; then, the claim taken, any turn still streaming whose owner is gone (see _ORPHANED) is recorded
+# interrupted; then the history is read and both messages written. Answers {'ok', agent, created_at, history as
+# JSON, their statuses}, or why not.
 BEGIN_TURN = (
     _NOW
     + _ORPHANED
+    + _LINE
+    + _MAY_CLAIM
     + """
-if KEYS[8] then
-  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', now)
-  if redis.call('ZCARD', KEYS[8]) >= tonumber(ARGV[12]) then return {'limit'} end
+if KEYS[9] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
+  if redis.call('ZCARD', KEYS[9]) >= tonumber(ARGV[12]) then return {'limit'} end
 end
 local session = redis.call('HMGET', KEYS[1], 'agent', 'created_at', 'owner')
 if not session[1] or (session[3] or '') ~= ARGV[1] then return {'missing'} end
 local claiming = ARGV[9] ~= ''
-if claiming and redis.call('EXISTS', KEYS[6]) == 1 then return {'busy'} end
+local waiting = {}
+if claiming then
+  if redis.call('EXISTS', KEYS[6]) == 1 then return {'busy'} end
+  waiting = line(KEYS[8], now)
+  if not may_claim(waiting, ARGV[11], ARGV[14]) then return {'busy'} end
+end
 local limit = cjson.decode(ARGV[2])[session[1]]
 if not limit then return {'agent', session[1], session[2]} end
 if claiming then
@@ -102,10 +149,11 @@ redis.call('HSETNX', KEYS[1], 'first', ARGV[13])
 if claiming then
   redis.call('SET', KEYS[6], ARGV[9], 'PX', ARGV[10])
   redis.call('HSET', KEYS[7], ARGV[6], 'L' .. ARGV[10] .. ':' .. (now + tonumber(ARGV[10])))
+  if #waiting > 0 then redis.call('HDEL', KEYS[8], ARGV[11]) end
 end
-if KEYS[8] then
-  redis.call('ZADD', KEYS[8], now + tonumber(ARGV[10]), ARGV[11])
-  redis.call('PEXPIRE', KEYS[8], ARGV[10])
+if KEYS[9] then
+  redis.call('ZADD', KEYS[9], now + tonumber(ARGV[10]), ARGV[11])
+  redis.call('PEXPIRE', KEYS[9], ARGV[10])
 end
 return {'ok', session[1], session[2], messages, statuses}
 """
@@ -114,27 +162,27 @@ return {'ok', session[1], session[2], messages, statuses}
 # A chat's last round trip: the reply's final text and status, unless it is no longer "streaming" (its session was
 # deleted meanwhile, or another process recorded it interrupted: a final record never changes), and, when ARGV[4]
 # names the claim's value, the release (see _RELEASE). KEYS: 1 messages, 2 statuses, 3 streaming, 4 leases,
-# 5 claim, 6 cancelled, then the cancel's answer list if ARGV[8] is '1', then the owner's slots if ARGV[9] is '1'.
-# ARGV: 1 reply id, 2 reply JSON, 3 status, 4 claim value, 5 cancelled (ms), 6 answer TTL (s), 7 interaction.
+# 5 claim, 6 cancelled, 7 the messages that wait for the session, then the cancel's answer list if ARGV[8] is '1',
+# then the owner's slots if ARGV[9] is '1'. ARGV: 1 reply id, 2 reply JSON, 3 status, 4 claim value,
+# 5 cancelled (ms), 6 answer TTL (s), 7 interaction. Answers what the release answers (false without one).
 END_TURN = (
-    _RELEASE
+    _NOW
+    + _RELEASE
     + """
-local recorded = 0
 if redis.call('HGET', KEYS[2], ARGV[1]) == 'streaming' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-  recorded = 1
 end
 redis.call('SREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
 if ARGV[4] ~= '' then
   local answer, slots = nil, nil
-  local k = 7
+  local k = 8
   if ARGV[8] == '1' then answer = KEYS[k]; k = k + 1 end
   if ARGV[9] == '1' then slots = KEYS[k] end
-  release(KEYS[5], KEYS[6], answer, slots, ARGV[4], ARGV[3], ARGV[5], ARGV[6], ARGV[7])
+  return release(KEYS[5], KEYS[6], answer, slots, ARGV[4], ARGV[3], ARGV[5], ARGV[6], ARGV[7], KEYS[7], now)
 end
-return recorded
+return false
 """
 )
 
@@ -283,13 +331,13 @@ return {'ok', session[1], session[2], kept_row, kept_status or '', messages, sta
 
 # Deletes the owner's session with its history, its files' records and its claim (an owner that did not answer
 # the cancel, dead or silent, finds its claim gone at its next renewal, and stops). KEYS: 1 session, 2 message ids,
-# 3 messages, 4 statuses, 5 streaming, 6 file ids, 7 files, 8 claim, 9 leases; ARGV[1] the owner. Answers the ids of the
-# files whose records it removed, or nil when the owner has no such session.
+# 3 messages, 4 statuses, 5 streaming, 6 file ids, 7 files, 8 claim, 9 leases, 10 the messages that wait for it;
+# ARGV[1] the owner. Answers the ids of the files whose records it removed, or nil when the owner has no such session.
 DELETE_SESSION = """
 if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then return false end
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local files = redis.call('LRANGE', KEYS[6], 0, -1)
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10])
 return files
 """
 
@@ -317,20 +365,27 @@ return 1
 
 # The claims of sessions (see sessions.redis_claims).
 
-# Claims a session for a store other than Redis's: the owner's stream slot first, when KEYS[2] names it (as in
-# BEGIN_TURN), then the claim. KEYS: 1 claim, 2 the owner's slots. ARGV: 1 value, 2 lease (ms), 3 interaction,
-# 4 the owner's limit. Answers 'ok', 'limit' or 'busy'.
+# Claims a session for a store other than Redis's: the owner's stream slot first, when KEYS[3] names it (as in
+# BEGIN_TURN), then the claim (as in BEGIN_TURN: see _MAY_CLAIM). KEYS: 1 claim, 2 the messages that wait for the
+# session, 3 the owner's slots. ARGV: 1 value, 2 lease (ms), 3 interaction, 4 the owner's limit, 5 '1' if the
+# interaction waits in the session's line. Answers 'ok', 'limit' or 'busy'.
 CLAIM_SESSION = (
     _NOW
+    + _LINE
+    + _MAY_CLAIM
     + """
-if KEYS[2] then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 'limit' end
+if KEYS[3] then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[4]) then return 'limit' end
 end
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 'busy' end
-if KEYS[2] then
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'busy' end
+local waiting = line(KEYS[2], now)
+if not may_claim(waiting, ARGV[3], ARGV[5]) then return 'busy' end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if #waiting > 0 then redis.call('HDEL', KEYS[2], ARGV[3]) end
+if KEYS[3] then
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
 end
 return 'ok'
 """
@@ -354,22 +409,117 @@ return redis.call('GET', KEYS[2]) or 1
 
 # A cancel's first look: the session's claim, and its owner when the Redis store keeps the session (so that another
 # owner's cancel is answered without asking the process streaming it: as fast as for a session that streams
-# nowhere). KEYS: 1 claim, 2 session. Answers {claim or false, owner or false}.
-CLAIM_AND_OWNER = """
-return {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], 'owner')}
+# nowhere); and a cancel of a message that waits in the session's line (ARGV[1], for the owner ARGV[2] when ARGV[3]
+# is '1') takes it out of the line. KEYS: 1 claim, 2 session, 3 the messages that wait for it. Answers {claim or
+# false, owner or false, the process of the message taken out of the line or false, the process to tell that its
+# message is now first in the line, with the claim free, or false}.
+CLAIM_AND_OWNER = (
+    _NOW
+    + _LINE
+    + """
+local claim, owner = redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], 'owner')
+local dequeued, first = false, false
+if ARGV[1] ~= '' and redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
+  local waiting = line(KEYS[3], now)
+  for i, entry in ipairs(waiting) do
+    if entry[1] == ARGV[1] and (ARGV[3] ~= '1' or entry[4] == ARGV[2]) then
+      redis.call('HDEL', KEYS[3], ARGV[1])
+      dequeued = entry[3]
+      if i == 1 and #waiting > 1 and not claim then first = waiting[2][3] end
+    end
+  end
+end
+return {claim, owner, dequeued, first}
 """
+)
 
-# See _RELEASE. KEYS: 1 claim, 2 cancelled, then the answer list if ARGV[6] is '1', then the owner's slots if
-# ARGV[7] is '1'. ARGV: 1 value, 2 status, 3 cancelled (ms), 4 answer TTL (s), 5 interaction.
+# See _RELEASE (and what it answers). KEYS: 1 claim, 2 cancelled, 3 the messages that wait for the session, then the
+# answer list if ARGV[6] is '1', then the owner's slots if ARGV[7] is '1'. ARGV: 1 value, 2 status, 3 cancelled
+# (ms), 4 answer TTL (s), 5 interaction.
 RELEASE_CLAIM = (
-    _RELEASE
+    _NOW
+    + _RELEASE
     + """
 local answer, slots = nil, nil
-local k = 3
+local k = 4
 if ARGV[6] == '1' then answer = KEYS[k]; k = k + 1 end
 if ARGV[7] == '1' then slots = KEYS[k] end
-release(KEYS[1], KEYS[2], answer, slots, ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return release(KEYS[1], KEYS[2], answer, slots, ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], KEYS[3], now)
+"""
+)
+
+# The line of messages that wait for a session (see sessions.redis_queue and _LINE). KEYS[1]: the line; ARGV:
+# 1 interaction, 2 its process, 3 its owner, 4 lease (ms), 5 '1' to go first (an interrupt), 6 how many may wait
+# (0: no limit). Answers its place, or false when the line is full.
+ENQUEUE = (
+    _NOW
+    + _LINE
+    + """
+local waiting = line(KEYS[1], now)
+local limit = tonumber(ARGV[6])
+if limit > 0 and #waiting >= limit then return false end
+local place = 0
+if #waiting > 0 then
+  if ARGV[5] == '1' then place = waiting[1][2] - 1 else place = waiting[#waiting][2] + 1 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], place .. ' ' .. (now + tonumber(ARGV[4])) .. ' ' .. ARGV[2] .. ' ' .. ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return place
+"""
+)
+
+# A waiting message's lease, extended (its process lives). KEYS[1]: the line; ARGV: 1 interaction, 2 lease (ms).
+# Answers 0 if it is no longer in the line (taken out by a cancel or a delete, or run out), else 1.
+RENEW_WAITING = (
+    _NOW
+    + """
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if not entry then return 0 end
+local place, rest = string.match(entry, '^(%-?%d+) %d+ (.*)$')
+redis.call('HSET', KEYS[1], ARGV[1], place .. ' ' .. (now + tonumber(ARGV[2])) .. ' ' .. rest)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
+"""
+)
+
+# A waiting message leaves the line without running. KEYS: 1 the line, 2 the claim; ARGV[1] the interaction.
+# Answers the process of the message first in the line after it, if it was first and the claim is free, or false.
+DEQUEUE = (
+    _NOW
+    + _LINE
+    + """
+local waiting = line(KEYS[1], now)
+redis.call('HDEL', KEYS[1], ARGV[1])
+if #waiting > 1 and waiting[1][1] == ARGV[1] and redis.call('EXISTS', KEYS[2]) == 0 then return waiting[2][3] end
+return false
+"""
+)
+
+# KEYS[1]: the line. Answers the interactions that wait, in the order they run.
+READ_LINE = (
+    _NOW
+    + _LINE
+    + """
+local ids = {}
+for i, entry in ipairs(line(KEYS[1], now)) do ids[i] = entry[1] end
+return ids
+"""
+)
+
+# Empties the line (its session is deleted). KEYS[1]: the line. Answers the processes whose messages waited.
+DROP_LINE = (
+    _NOW
+    + _LINE
+    + """
+local seen, processes = {}, {}
+for _, entry in ipairs(line(KEYS[1], now)) do
+  if not seen[entry[3]] then
+    seen[entry[3]] = true
+    processes[#processes + 1] = entry[3]
+  end
+end
+redis.call('DEL', KEYS[1])
+return processes
 """
 )
 
@@ -421,5 +571,10 @@ class Scripts:
         self.renew_claim: AsyncScript = register(RENEW_CLAIM)
         self.release_claim: AsyncScript = register(RELEASE_CLAIM)
         self.claim_and_owner: AsyncScript = register(CLAIM_AND_OWNER)
+        self.enqueue: AsyncScript = register(ENQUEUE)
+        self.renew_waiting: AsyncScript = register(RENEW_WAITING)
+        self.dequeue: AsyncScript = register(DEQUEUE)
+        self.read_line: AsyncScript = register(READ_LINE)
+        self.drop_line: AsyncScript = register(DROP_LINE)
         self.take_slot: AsyncScript = register(TAKE_SLOT)
         self.renew_slots: AsyncScript = register(RENEW_SLOTS)

@@ -237,11 +237,16 @@ class TurnRunner:
         finally:
             if not recorded:
                 # The store is slow or down, or this was torn down from outside (a server shutdown): the client
-                # has seen the end, or will not; keep trying to record it.
+                # has seen the end, or will not; keep trying to record it. Meanwhile the session stays claimed (the
+                # lease renewed): nobody takes a reply whose owner may still record it for an orphan's.
                 with anyio.CancelScope(shield=True):
                     if report.ended_at is None and relayed.acted:
                         events.extend(unfinished_calls(events, status))
-                    await self._record(reply.id, events, status)
+                    async with self.interactions.coordinator.lease(interaction):
+                        try:
+                            await self._record(reply.id, events, status)
+                        except ParleyError as exc:  # (given up after a long outage: the last checkpoint stands)
+                            logger.error("could not record the reply in session %s: %s", session_id, exc)
             if report.ended_at is None:  # torn down from outside (a server shutdown)
                 interaction.finish(status)
                 report.status, report.tokens, report.ended_at = status, _tokens(events, relayed.acted), time.monotonic()

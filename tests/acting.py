@@ -84,8 +84,8 @@ class ActingAgent:
         self.tool_runs.append("finished")
 
 
-def agents(delay: float = 0.0, tool_seconds: float = 0.0) -> Agents:
-    return Agents([EchoAgent(), ActingAgent(delay, tool_seconds)], default="acting")
+def agents(delay: float = 0.0, tool_seconds: float = 0.0, echo_delay: float = 0.0) -> Agents:
+    return Agents([EchoAgent(echo_delay), ActingAgent(delay, tool_seconds)], default="acting")
 
 
 def _app() -> object:
@@ -94,7 +94,9 @@ def _app() -> object:
 
     delay = float(os.environ.get("PARLEY_ACTING_DELAY", "0"))
     tool_seconds = float(os.environ.get("PARLEY_ACTING_TOOL_SECONDS", "0"))
-    return create_app(Settings.from_env(), agents=agents(delay, tool_seconds), owns_process=True)
+    settings = Settings.from_env()
+    # (The echo agent as the app builds it: PARLEY_ECHO_DELAY spaces its words out, as make soak asks.)
+    return create_app(settings, agents=agents(delay, tool_seconds, settings.echo_delay), owns_process=True)
 
 
 def __getattr__(name: str) -> object:

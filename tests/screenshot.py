@@ -15,9 +15,9 @@ from playwright.sync_api import expect, sync_playwright
 
 from parley.app import create_app
 from parley.settings import Settings
-from tests.conftest import free_port
+from tests.conftest import CHROMIUM, free_port
 from tests.demo import environment, model, serve_in_thread
-from tests.test_page import CHROMIUM, WAIT, reply, send
+from tests.test_page import WAIT, reply, send
 
 QUESTION = "What is 2 + 3? Use a tool, please."
 

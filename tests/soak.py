@@ -48,6 +48,7 @@ class Chat:
     interaction_id: str = ""
     received: str = ""
     ended: str = ""  # read-to-end | left | broken
+    ended_at: float | None = None  # when the client read its end, left or lost the stream
     cancelled: bool | None = None  # what the cancel answered, if one was sent and answered
 
 
@@ -164,14 +165,14 @@ class Driver:
                 chat.interaction_id = response.headers["x-interaction-id"]
                 self.phase.chats.append(chat)
                 if plan == "leave-at-once":
-                    chat.ended = "left"
+                    chat.ended, chat.ended_at = "left", time.monotonic()
                     return
                 chunks = 0
                 async for text in response.aiter_text():
                     chat.received += text
                     chunks += 1
                     if chunks == stop_after and plan == "leave":
-                        chat.ended = "left"
+                        chat.ended, chat.ended_at = "left", time.monotonic()
                         return
                     if chunks == stop_after and plan == "cancel":
                         _, other = self.url()  # any worker: the cancel must reach the owner
@@ -179,10 +180,10 @@ class Driver:
                         answer = await self.request("cancel", "POST", f"{other}/api/v1/cancel", data=form)
                         if answer is not None and answer.status_code == 200:
                             chat.cancelled = bool(answer.json()["cancelled"])
-                chat.ended = "read-to-end"
+                chat.ended, chat.ended_at = "read-to-end", time.monotonic()
         except httpx.TransportError as exc:
             self.phase.transport_errors[f"chat {exc.__class__.__name__}"] += 1
-            chat.ended = "broken"
+            chat.ended, chat.ended_at = "broken", time.monotonic()
 
     async def upload(self, session_id: str) -> None:
         _, base = self.url()
@@ -317,34 +318,10 @@ async def check(phase: Phase, lease: float) -> tuple[Counter[str], list[str]]:
         if chat.session_id in phase.deleted:
             counts["chats whose session was deleted"] += 1
             continue
-        record = histories.get(chat.session_id, {}).get(chat.interaction_id)
-        if record is None:
-            violations.append(f"no record of {chat.interaction_id} ({chat.plan}, {chat.ended})")
-            continue
-        counts[f"replies recorded {record['status']}"] += 1
-        content, received = record["content"], chat.received
-        check_parts(chat, record, counts, violations)
-        killed = (
-            any(name == chat.server and chat.started <= at for name, at, _ in phase.killed)
-            and record["status"] == "interrupted"
-        )
-        if killed:
-            # Its process died mid-reply: what reached the store last is a prefix of what the reader got.
-            counts["replies interrupted by the kill -9"] += 1
-            if not received.startswith(content):
-                violations.append(f"{chat.interaction_id}: killed reply recorded {content!r}, reader got {received!r}")
-        elif chat.ended == "read-to-end":
-            if content != received:
-                violations.append(
-                    f"{chat.interaction_id}: recorded {content!r} ({record['status']}), read {received!r}"
-                )
-        elif not content.startswith(received):
-            violations.append(f"{chat.interaction_id}: recorded {content!r}, the reader left with {received!r}")
-        if chat.cancelled is not None:
-            counts[f"cancels answered cancelled={chat.cancelled}"] += 1
-            if chat.cancelled != (record["status"] == "cancelled"):
-                said = f"the cancel said cancelled={chat.cancelled}"
-                violations.append(f"{chat.interaction_id}: {said}, the record is {record['status']}")
+        found = len(violations)
+        check_chat(phase, chat, histories.get(chat.session_id, {}).get(chat.interaction_id), counts, violations)
+        # Where and when it ran, beside the outages: what the next person needs to tell a cause from another.
+        violations[found:] = [f"{violation}\n         {_whereabouts(phase, chat)}" for violation in violations[found:]]
     await check_files(phase, counts, violations)
     for sent, at, endpoint, status, detail in phase.server_errors:
         # In flight while Redis was down (a request may queue for a connection until the pool's timeout).
@@ -356,6 +333,61 @@ async def check(phase: Phase, lease: float) -> tuple[Counter[str], list[str]]:
                 f"{endpoint} answered {status} at {at - START:.1f}s, sent at {sent - START:.1f}s ({detail})"
             )
     return counts, violations
+
+
+def check_chat(
+    phase: Phase, chat: Chat, record: dict[str, Any] | None, counts: Counter[str], violations: list[str]
+) -> None:
+    """One reply: its record is what its reader got (a prefix of it, if its host was killed; what the reader left
+    with is a prefix of it, if the reader left), and a cancel that said it stopped the reply did."""
+    if record is None:
+        violations.append(f"no record of {chat.interaction_id} ({chat.plan}, {chat.ended})")
+        return
+    counts[f"replies recorded {record['status']}"] += 1
+    content, received = record["content"], chat.received
+    check_parts(chat, record, counts, violations)
+    # Its host was killed while the reply ran, or soon after its client saw the end (a reply is recorded within a
+    # second of it, the stores being up): a reply long over by then was recorded by its live owner.
+    killed = (
+        any(
+            name == chat.server and chat.started <= at and (chat.ended_at is None or chat.ended_at >= at - _RECORDED)
+            for name, at, _ in phase.killed
+        )
+        and record["status"] == "interrupted"
+    )
+    if killed:
+        # Its process died mid-reply: what reached the store last is a prefix of what the reader got.
+        counts["replies interrupted by the kill -9"] += 1
+        if not received.startswith(content):
+            violations.append(f"{chat.interaction_id}: killed reply recorded {content!r}, reader got {received!r}")
+    elif chat.ended == "read-to-end":
+        if content != received:
+            violations.append(f"{chat.interaction_id}: recorded {content!r} ({record['status']}), read {received!r}")
+    elif not content.startswith(received):
+        violations.append(f"{chat.interaction_id}: recorded {content!r}, the reader left with {received!r}")
+    if chat.cancelled is not None:
+        counts[f"cancels answered cancelled={chat.cancelled}"] += 1
+        if chat.cancelled != (record["status"] == "cancelled"):
+            said = f"the cancel said cancelled={chat.cancelled}"
+            violations.append(f"{chat.interaction_id}: {said}, the record is {record['status']}")
+
+
+# How long after its client saw the end a reply is sure to be recorded, when no outage is under way (generous: the
+# machine may be loaded).
+_RECORDED = 10.0
+
+
+def _whereabouts(phase: Phase, chat: Chat) -> str:
+    """A chat's host, plan and times (seconds since the soak began), and the outages of its phase."""
+    ended = f"{chat.ended_at - START:.1f}s" if chat.ended_at is not None else "?"
+    windows = [f"redis down {a - START:.1f}-{b - START:.1f}s" for a, b in phase.redis_down]
+    windows += [f"postgres down {a - START:.1f}-{b - START:.1f}s" for a, b in phase.postgres_down]
+    windows += [f"{name} killed {a - START:.1f}s (back {b - START:.1f}s)" for name, a, b in phase.killed]
+    words = len(chat.received.split())
+    return (
+        f"(session {chat.session_id} on {chat.server}, plan {chat.plan}, {chat.ended or 'unfinished'} after {words} "
+        f"words; {chat.started - START:.1f}s -> {ended}; {', '.join(windows) or 'no outage'})"
+    )
 
 
 def check_parts(chat: Chat, record: dict[str, Any], counts: Counter[str], violations: list[str]) -> None:
@@ -466,7 +498,7 @@ async def run_phase(name: str, root: Path, seconds: float, concurrency: int, max
         env = {**env, "PARLEY_REDIS_URL": redis.url, "PARLEY_DATABASE_URL": database_url}
         servers = {
             host: Subprocess(
-                {**env, "PARLEY_DATA_DIR": str(root / name / f"data-{host}")}, log=root / name / f"{host}.log"
+                {**env, "PARLEY_DATA_DIR": str(root / name / f"data-{host}")}, log=root / name / f"{host}.log", app=APP
             )
             for host in ("a", "b")
         }

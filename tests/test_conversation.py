@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, RedisServer, Subprocess, eventually, messages, new_session, pair
+from tests.conftest import (
+    LiveServer,
+    RedisServer,
+    Subprocess,
+    eventually,
+    messages,
+    new_session,
+    pair,
+    start_together,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -406,13 +416,198 @@ async def test_a_worker_killed_with_a_queue_loses_only_its_own_waiting_messages(
             tg.start_soon(enqueue, on_b, "lost with b")
             await eventually(lambda: _queued(on_b, session_id, 1))
             tg.start_soon(enqueue, on_a, "waits on a")
-            await eventually(lambda: _queued(on_a, session_id, 1))
+            await eventually(lambda: _queued(on_a, session_id, 2))  # (one line for the session, on every worker)
             b.stop(kill=True)  # its waiting message goes with it: its client sees the connection drop
             assert await running.rest() == LONG
         history = await messages(on_a, session_id)
     assert isinstance(outcomes["lost with b"], httpx.HTTPError)
     assert outcomes["waits on a"] == "waits on a"
     assert [m["content"] for m in history] == [LONG, LONG, "waits on a", "waits on a"]
+
+
+async def _line(clients: Sequence[httpx.AsyncClient], session_id: str) -> list[str]:
+    """The session's waiting messages as the workers tell them, each seen once, first seen first."""
+    seen: list[str] = []
+    for client in clients:
+        seen += [i for i in (await state(client, session_id))["queued_interactions"] if i not in seen]
+    return seen
+
+
+class Queue:
+    """Messages sent with ``if_busy=enqueue``, each to a worker, one after the other once the one before waits;
+    what each got back (its text, or the error that ended it)."""
+
+    def __init__(self, session_id: str, clients: Sequence[httpx.AsyncClient], tg: anyio.abc.TaskGroup) -> None:
+        self.session_id, self.clients, self.tg = session_id, clients, tg
+        self.answers: dict[str, httpx.Response | httpx.HTTPError] = {}
+        self.ids: dict[str, str] = {}  # text → interaction id
+
+    async def send(self, client: httpx.AsyncClient, text: str) -> None:
+        before = await _line(self.clients, self.session_id)
+        self.tg.start_soon(self._post, client, text)
+        await eventually(lambda: _longer(self.clients, self.session_id, len(before)))
+        (self.ids[text],) = [i for i in await _line(self.clients, self.session_id) if i not in before]
+
+    async def _post(self, client: httpx.AsyncClient, text: str) -> None:
+        form = {"ui_session_id": self.session_id, "message": text, "if_busy": "enqueue"}
+        try:
+            self.answers[text] = await client.post("/api/v1/chat", data=form)
+        except httpx.HTTPError as exc:
+            self.answers[text] = exc
+
+
+async def _longer(clients: Sequence[httpx.AsyncClient], session_id: str, than: int) -> bool:
+    return len(await _line(clients, session_id)) > than
+
+
+def _texts(history: list[dict[str, Any]]) -> list[str]:
+    return [m["content"] for m in history]
+
+
+@pytest.mark.redis
+async def test_across_workers_queued_messages_run_first_come_first_served(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
+    ):
+        session_id = await new_session(on_a)
+        async with Running(on_a, session_id) as running, anyio.create_task_group() as tg:
+            queue = Queue(session_id, (on_a, on_b), tg)
+            for client, text in ((on_b, "one"), (on_a, "two"), (on_b, "three")):
+                await queue.send(client, text)
+            assert await running.rest() == LONG
+        history = await messages(on_b, session_id)
+    assert {text: answer.text for text, answer in queue.answers.items()} == {t: t for t in ("one", "two", "three")}
+    assert _texts(history) == [LONG, LONG, "one", "one", "two", "two", "three", "three"]
+
+
+@pytest.mark.redis
+async def test_across_workers_every_worker_tells_the_sessions_whole_line(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02", PARLEY_MAX_QUEUED="2")
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
+    ):
+        session_id = await new_session(on_a)
+        async with Running(on_a, session_id), anyio.create_task_group() as tg:
+            queue = Queue(session_id, (on_a, on_b), tg)
+            await queue.send(on_b, "one")
+            await queue.send(on_a, "two")
+            for client in (on_a, on_b):
+                told = await state(client, session_id)
+                assert (told["status"], told["queued"]) == ("streaming", 2), told
+                assert told["queued_interactions"] == [queue.ids["one"], queue.ids["two"]], told
+            # PARLEY_MAX_QUEUED counts the session's line, wherever its messages wait.
+            form = {"ui_session_id": session_id, "message": "three", "if_busy": "enqueue"}
+            assert_error(await on_b.post("/api/v1/chat", data=form), 429, "wait for this session")
+            await on_b.post("/api/v1/cancel", data={"ui_session_id": session_id})
+    assert [queue.answers[t].text for t in ("one", "two")] == ["one", "two"]  # type: ignore[union-attr]
+
+
+@pytest.mark.redis
+async def test_across_workers_a_cancel_takes_a_message_out_of_the_line_where_it_waits(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
+    ):
+        session_id = await new_session(on_a)
+        async with Running(on_a, session_id) as running, anyio.create_task_group() as tg:
+            queue = Queue(session_id, (on_a, on_b), tg)
+            await queue.send(on_b, "dropped")
+            await queue.send(on_a, "kept")
+            form = {"ui_session_id": session_id, "interaction_id": queue.ids["dropped"]}
+            cancel = await on_a.post("/api/v1/cancel", data=form)
+            assert cancel.status_code == 200 and cancel.json()["cancelled"] is True
+            await eventually(lambda: _now_waiting(on_b, session_id, [queue.ids["kept"]]))
+            assert (await state(on_b, session_id))["status"] == "streaming"  # the running reply goes on
+            assert await running.rest() == LONG
+        history = await messages(on_a, session_id)
+    assert_error(queue.answers["dropped"], 409, "cancelled while it waited")  # type: ignore[arg-type]
+    assert _texts(history) == [LONG, LONG, "kept", "kept"]
+
+
+async def _now_waiting(client: httpx.AsyncClient, session_id: str, ids: list[str]) -> bool:
+    return bool((await state(client, session_id))["queued_interactions"] == ids)
+
+
+@pytest.mark.redis
+async def test_across_workers_deleting_a_session_ends_its_waiting_messages_with_404_on_every_worker(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
+    ):
+        session_id = await new_session(on_a)
+        async with Running(on_a, session_id), anyio.create_task_group() as tg:
+            queue = Queue(session_id, (on_a, on_b), tg)
+            await queue.send(on_b, "on b")
+            await queue.send(on_a, "on a")
+            assert (await on_b.delete(f"/api/v1/sessions/{session_id}")).status_code == 200
+    for text in ("on a", "on b"):
+        assert_error(queue.answers[text], 404, session_id)  # type: ignore[arg-type]
+
+
+@pytest.mark.redis
+async def test_across_workers_a_waiting_message_whose_client_leaves_leaves_the_line(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
+    ):
+        session_id = await new_session(on_a)
+        async with Running(on_a, session_id) as running:
+            form = {"ui_session_id": session_id, "message": "gone", "if_busy": "enqueue", "on_disconnect": "continue"}
+            with anyio.move_on_after(5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(lambda: on_b.post("/api/v1/chat", data=form))
+                    await eventually(lambda: _queued(on_a, session_id, 1))  # (seen from the other worker)
+                    tg.cancel_scope.cancel()  # the client goes away (its connection closes)
+            await eventually(lambda: _queued(on_a, session_id, 0))
+            async with anyio.create_task_group() as tg:
+                queue = Queue(session_id, (on_a, on_b), tg)
+                await queue.send(on_a, "next")
+                assert await running.rest() == LONG
+        history = await messages(on_a, session_id)
+    assert queue.answers["next"].text == "next"  # type: ignore[union-attr]
+    assert _texts(history) == [LONG, LONG, "next", "next"]
+
+
+@pytest.mark.redis
+async def test_across_workers_a_worker_killed_with_the_head_of_the_line_holds_up_the_others_only_briefly(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    # Three workers: the killed one's message waits first; the others wait on two workers, in an order that
+    # neither worker alone could keep.
+    env = {"PARLEY_ECHO_DELAY": "0.02", "PARLEY_REDIS_LEASE_SECONDS": "1", "PARLEY_REDIS_URL": redis_server.url}
+    a, b, c = start_together(*(subprocesses({**env, "PARLEY_DATA_DIR": str(tmp_path / name)}) for name in "abc"))
+    async with (
+        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
+        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
+        httpx.AsyncClient(base_url=c.url, timeout=20) as on_c,
+    ):
+        session_id = await new_session(on_a)
+        async with Running(on_a, session_id) as running, anyio.create_task_group() as tg:
+            queue = Queue(session_id, (on_a, on_b, on_c), tg)
+            for client, text in ((on_b, "lost with b"), (on_c, "one"), (on_a, "two"), (on_c, "three")):
+                await queue.send(client, text)
+            b.stop(kill=True)  # its waiting message goes with it: its client sees the connection drop
+            assert await running.rest() == LONG
+        history = await messages(on_a, session_id)
+    assert isinstance(queue.answers["lost with b"], httpx.HTTPError)
+    assert {t: queue.answers[t].text for t in ("one", "two", "three")} == {t: t for t in ("one", "two", "three")}  # type: ignore[union-attr]
+    assert _texts(history) == [LONG, LONG, "one", "one", "two", "two", "three", "three"]
 
 
 async def test_the_ai_sdks_message_ids_are_kept_when_they_are_plain(client: httpx.AsyncClient) -> None:

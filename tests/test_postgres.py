@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,73 @@ async def test_postgres_down_means_503_streams_go_on_and_are_recorded_when_it_is
         metrics = (await client.get(f"{a.url}/metrics")).text
         assert 'parley_store_errors_total{store="postgres"}' in metrics
         assert 'parley_store_duration_seconds_count{store="postgres"}' in metrics
+
+
+async def test_a_reply_that_outlives_postgres_for_longer_than_the_lease_is_read_final_only_with_its_own_text(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, own_postgres: PostgresServer, redis_server: RedisServer
+) -> None:
+    # Issue 24 §1 on PostgreSQL + Redis (make soak: a reply read to its end, recorded "interrupted" with ''). A's
+    # reply ends while PostgreSQL is down, and A keeps trying to record it; PostgreSQL stays away longer than the
+    # lease. A reader polling history through B (whose reads look for orphans) and A from the moment PostgreSQL is
+    # back must see the reply final only with the text the client received: A, alive, holds its session until it
+    # has recorded its reply, so nobody takes the reply for an orphan's.
+    url = own_postgres.create_database()
+    a, b = start_together(
+        # (A short wait for a connection on A: its retries of the record sleep between tries, as under load, rather
+        # than wait in the pool's queue for the first connection PostgreSQL's return makes.)
+        host(
+            subprocesses,
+            tmp_path,
+            "a",
+            url,
+            PARLEY_REDIS_URL=redis_server.url,
+            PARLEY_ECHO_DELAY="0.02",
+            PARLEY_DATABASE_POOL_TIMEOUT_SECONDS="0.2",
+        ),
+        host(subprocesses, tmp_path, "b", url, PARLEY_REDIS_URL=redis_server.url),
+    )
+    message = " ".join(f"v{i}" for i in range(60))  # 1.2 s of stream
+    async with httpx.AsyncClient(timeout=30) as client:
+        session_id = await session_on(client, a)
+        received = ""
+        ended = anyio.Event()
+
+        async def stream() -> None:
+            nonlocal received
+            async with chat(client, a, session_id, message) as response:
+                async for chunk in response.aiter_text():
+                    received += chunk
+            ended.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream)
+            with anyio.fail_after(10):
+                while len(received.split()) < 3:
+                    await anyio.sleep(0.02)
+            own_postgres.stop()
+            stopped_at = time.monotonic()
+            with anyio.fail_after(15):
+                await ended.wait()  # (the client sees the end a second after the reply's, recorded or not)
+            # Longer than the lease (1 s) after the reply's end: A's claim would have run out meanwhile.
+            await anyio.sleep(max(0.0, stopped_at + 4 - time.monotonic()))
+        seen: list[tuple[str, str]] = []
+
+        async def read_history(server: Subprocess) -> None:
+            with anyio.move_on_after(30):
+                while len(seen) < 10:
+                    answer = await client.get(f"{server.url}/api/v1/sessions/{session_id}/messages")
+                    if answer.status_code == 200 and answer.json()["messages"][1]["status"] != "streaming":
+                        turn = answer.json()["messages"][1]
+                        seen.append((turn["status"], turn["content"]))
+
+        async with anyio.create_task_group() as tg:
+            for server in (a, b, a, b):  # (readers on A too, queued for its connections beside its record's retry)
+                tg.start_soon(read_history, server)  # from the moment PostgreSQL answers again
+            await anyio.to_thread.run_sync(own_postgres.start)
+        assert received == message
+        assert seen, "the reply was never recorded"
+        assert seen[0] == ("complete", message), seen[0]
+        assert all(record == seen[0] for record in seen)
 
 
 async def test_two_hosts_on_postgres_and_redis_share_files_cancels_rejoins_and_deletes(

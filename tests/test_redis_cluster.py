@@ -1,7 +1,7 @@
 """Scale-out on a real 3-node Redis Cluster that the tests start (``redis_cluster`` in conftest): two uvicorn
-workers with PARLEY_REDIS_CLUSTER=1, each told one node. Chats, the busy rule, a cancel, a rejoin and a delete
-from the other worker, on sessions whose keys live on every node. (The store contract runs on the cluster too:
-tests/test_store.py.)"""
+workers with PARLEY_REDIS_CLUSTER=1, each told one node. Chats, the busy rule, a cancel, a rejoin, a delete and the
+line of waiting messages (if_busy) from the other worker, on sessions whose keys live on every node. (The store
+contract runs on the cluster too: tests/test_store.py.)"""
 
 from __future__ import annotations
 
@@ -135,6 +135,58 @@ async def test_a_delete_from_the_other_worker_stops_the_stream(
                 return session_id not in {s["ui_session_id"] for s in listed}
 
             await eventually(gone_from_the_list)
+
+
+async def test_the_line_of_waiting_messages_and_an_interrupt_across_two_workers(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_cluster: RedisClusterServers
+) -> None:
+    a, b = pair(subprocesses, tmp_path, redis_cluster)
+    async with httpx.AsyncClient(timeout=20) as client:
+        for session_id in await sessions_on_every_node(client, a, redis_cluster):
+            answers: dict[str, httpx.Response] = {}
+
+            async def send(
+                server: Subprocess,
+                text: str,
+                if_busy: str,
+                session_id: str = session_id,
+                answers: dict[str, httpx.Response] = answers,
+            ) -> None:
+                form = {"ui_session_id": session_id, "message": text, "if_busy": if_busy}
+                answers[text] = await client.post(f"{server.url}/api/v1/chat", data=form)
+
+            async def line(session_id: str = session_id) -> list[str]:
+                return list((await client.get(f"{a.url}/api/v1/sessions/{session_id}")).json()["queued_interactions"])
+
+            async def waiting(count: int) -> bool:
+                return len(await line()) == count
+
+            async with chat(client, a, session_id) as response, anyio.create_task_group() as tg:
+                chunks = response.aiter_text()  # (kept: a dropped iterator closes the response)
+                await anext(chunks)
+                tg.start_soon(send, b, "queued", "enqueue")
+                await eventually(lambda: waiting(1))
+                tg.start_soon(send, a, "dropped", "enqueue")
+                await eventually(lambda: waiting(2))
+                dropped = (await line())[1]
+                cancel = await client.post(
+                    f"{b.url}/api/v1/cancel", data={"ui_session_id": session_id, "interaction_id": dropped}
+                )
+                assert cancel.json()["cancelled"] is True
+                await eventually(lambda: waiting(1))
+                tg.start_soon(send, b, "now", "interrupt")  # first in the line: stops the reply, then runs
+                async for _ in chunks:
+                    pass
+            assert answers["dropped"].status_code == 409
+            assert (answers["now"].text, answers["queued"].text) == ("now", "queued")
+            turns = await history(client, b.url, session_id)
+            assert [(t["content"], t["status"]) for t in turns][2:] == [
+                ("now", "complete"),
+                ("now", "complete"),
+                ("queued", "complete"),
+                ("queued", "complete"),
+            ]
+            assert turns[1]["status"] == "cancelled"
 
 
 async def test_a_cluster_node_named_without_the_cluster_setting_says_so(

@@ -94,7 +94,7 @@ async def get_session(request: Request) -> Response:
     await parley.interrupt_orphans(session.ui_session_id)
     streaming = await parley.interactions.is_streaming(session.ui_session_id, owner)
     # The messages that wait for it (if_busy enqueue), by interaction id: a cancel with one takes it out of the line.
-    line = parley.interactions.line(session.ui_session_id)
+    line = await parley.interactions.line(session.ui_session_id)
     state = {"status": "streaming" if streaming else "idle", "queued": len(line), "queued_interactions": line}
     return JSONResponse({**session.to_json(), **state})
 
