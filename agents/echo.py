@@ -4,6 +4,7 @@ import re
 from collections.abc import AsyncGenerator
 
 import anyio
+from anyio.lowlevel import checkpoint
 
 from parley.agents.base import Turn
 from parley.settings import Settings
@@ -25,10 +26,13 @@ class EchoAgent:
 
     async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
         text = turn.message + "".join(f"\n[file: {f.filename}, {f.size} bytes]" for f in turn.files)
-        for token in _TOKEN.findall(text):
+        for token in _TOKEN.finditer(text):  # (one at a time: a stream does not hold its every token from the start)
             # Even with no delay, pause at a checkpoint: a fast echo still lets a cancel in between tokens.
-            await anyio.sleep(self.delay)
-            yield token
+            if self.delay:
+                await anyio.sleep(self.delay)
+            else:
+                await checkpoint()
+            yield token.group()
 
 
 def from_settings(settings: Settings) -> EchoAgent:

@@ -155,11 +155,12 @@ class ChatResponse:
     Before the response starts, a turn that cannot start (busy, unknown session, store down) or an agent that
     fails before its first token is a JSON error with its status.
 
-    The turn, the disconnect watch and the keep-alive are tasks of one task group, owned here: when the turn
-    ends it stops the other two, and when this request is torn down from outside the group cancels the turn
-    (whose history writes are shielded) and waits for it. The turn runs in a task of its own rather than in
-    this one: every switch to the event loop (one per token at no delay) crosses each coroutine frame between
-    its task and the agent, and the server's, the middleware's and the router's are not in its way there."""
+    The turn, the disconnect watch and the keep-alive run in one task group, owned here: when the turn ends it
+    stops the other two, and when this request is torn down from outside the group cancels the turn (whose
+    history writes are shielded) and waits for it. The turn runs in a task of its own rather than in this one:
+    every switch to the event loop (one per token at no delay) crosses each coroutine frame between its task and
+    the agent, and the server's, the middleware's and the router's are not in its way there. The disconnect
+    watch, which wakes once, runs in this task: a stream holds one task fewer."""
 
     def __init__(
         self,
@@ -186,9 +187,9 @@ class ChatResponse:
                 writer = anyio.Event()
                 task_group.start_soon(_write_behind, renderer, writer)
             task_group.start_soon(self._turn, renderer, task_group.cancel_scope, writer)
-            task_group.start_soon(_watch_disconnect, receive, renderer)
             if self.keepalive_seconds > 0:
                 task_group.start_soon(_keep_alive, renderer)
+            await _watch_disconnect(receive, renderer)
         if renderer.dropped and not renderer.left:
             raise ClientDropped(f"the client read nothing for {self.stall_seconds:g} s of a reply that went on")
         if self.failure is not None:

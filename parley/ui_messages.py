@@ -63,8 +63,12 @@ def headers(interaction_id: str) -> list[tuple[bytes, bytes]]:
     return [*SSE_HEADERS, (b"x-interaction-id", interaction_id.encode())]
 
 
+# json.dumps with these arguments, made once rather than on every frame.
+_json = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def _frame(interaction_id: str, seq: int | None, part: dict[str, Any]) -> bytes:
-    data = json.dumps(part, separators=(",", ":"), default=str)
+    data = _json(part)
     if seq is None:
         return f"data: {data}\n\n".encode()
     return f"id: {interaction_id}:{seq}\ndata: {data}\n\n".encode()
@@ -88,6 +92,12 @@ _DELTA_DATA = f'\ndata: {{"type":"text-delta","id":"{_TEXT_ID}","delta":'
 
 def _delta(interaction_id: str, seq: int, text: str) -> bytes:
     return f"id: {interaction_id}:{seq}{_DELTA_DATA}{encode_basestring_ascii(text)}}}\n\n".encode()
+
+
+def _reasoning_delta(interaction_id: str, seq: int, part_id: str, text: str) -> bytes:
+    # The same for a reasoning-delta, as many as a reasoning model streams (``part_id`` is reasoning_id's: no escape).
+    data = f'{{"type":"reasoning-delta","id":"{part_id}","delta":{encode_basestring_ascii(text)}}}'
+    return f"id: {interaction_id}:{seq}\ndata: {data}\n\n".encode()
 
 
 def delta(interaction_id: str, token: int, text: str) -> bytes:
@@ -119,6 +129,8 @@ class Framer:
             frames = [_frame(interaction_id, seq + index, chunk) for index, chunk in enumerate(chunks)]
             frames.append(_delta(interaction_id, seq + len(chunks), event))
             return frames
+        if type(event) is Reasoning and self.open == "reasoning":
+            return [_reasoning_delta(interaction_id, seq, reasoning_id(self.reasonings - 1), event.text)]
         return [_frame(interaction_id, seq + index, chunk) for index, chunk in enumerate(self._chunks(event))]
 
     def _chunks(self, event: Event) -> list[dict[str, Any]]:

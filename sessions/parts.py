@@ -148,6 +148,10 @@ def split(events: Sequence[Event]) -> tuple[str, list[Part] | None, dict[str, in
     return content, fold(events), usage.to_json() if usage is not None else None
 
 
+# The events a reply streams most of, which open and close no tool call.
+_RUNS = frozenset({str, Reasoning})
+
+
 def unfinished_calls(events: Sequence[Event], status: str) -> list[Event]:
     """The events that close a reply's tool calls that have no outcome, as failed (a cancel, say, stopped the
     agent while a tool ran): the model, on a later turn, and the user see every call answered."""
@@ -155,6 +159,8 @@ def unfinished_calls(events: Sequence[Event], status: str) -> list[Event]:
     raw: dict[str, str] = {}
     open_calls: dict[str, None] = {}
     for event in events:
+        if type(event) in _RUNS:
+            continue
         if isinstance(event, ToolInputStart):
             started[event.call_id], raw[event.call_id] = event.name, ""
             open_calls[event.call_id] = None

@@ -65,19 +65,21 @@ _TITLED_COLUMNS = (
 _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
 
 # One statement: the session (if it is the owner's); if its agent is one whose history limit is known (the
-# arrays), its latest messages, both new ones written, and its turns still "streaming" marked "interrupted" (the
-# caller holds the session's claim, so no live process can be writing them). Every part reads the statement's
-# one snapshot: the history is what came before the new turn. An agent not in the arrays writes nothing: the
-# caller learns its limit from the session and runs this again.
+# limits, a JSON object by agent), its latest messages, both new ones written, and its turns still "streaming"
+# marked "interrupted" (the caller holds the session's claim, so no live process can be writing them). Every part
+# reads the statement's one snapshot: the history is what came before the new turn. An agent not in the limits
+# writes nothing: the caller learns its limit from the session and runs this again. The orphans and the history
+# are found by the session id itself, not through the CTEs: a prepared statement's generic plan then looks up
+# that session's rows in the index, where a join to a CTE scanned every streaming turn of every session.
 _START_TURN = f"""
 WITH s AS (
-    SELECT id, agent, created_at FROM sessions WHERE id = %(session)s AND owner = %(owner)s
+    SELECT agent, created_at, (%(limits)s::jsonb ->> agent)::int AS history FROM sessions
+    WHERE id = %(session)s AND owner = %(owner)s
 ), known AS (
-    SELECT s.id, k.history FROM s JOIN unnest(%(agents)s::text[], %(limits)s::int[]) AS k(agent, history)
-    ON k.agent = s.agent
+    SELECT history FROM s WHERE history IS NOT NULL
 ), orphans AS (
-    UPDATE messages SET status = 'interrupted' FROM known
-    WHERE messages.session_id = known.id AND messages.status = 'streaming'
+    UPDATE messages SET status = 'interrupted'
+    WHERE session_id = %(session)s AND status = 'streaming' AND EXISTS (SELECT 1 FROM known)
 ), added AS (
     INSERT INTO messages ({_MESSAGE_COLUMNS})
     SELECT v.* FROM known, (VALUES
@@ -87,10 +89,10 @@ WITH s AS (
          %(a_at)s, '')
     ) AS v(id, session_id, role, content, file_ids, status, interaction_id, created_at, client_id)
 )
-SELECT s.agent, s.created_at, EXISTS (SELECT 1 FROM known), (
-    SELECT json_agg(json_build_array({_HISTORY_COLUMNS}) ORDER BY h.seq)
-    FROM known, LATERAL (
-        SELECT seq, {_READ_COLUMNS} FROM messages WHERE session_id = known.id ORDER BY seq DESC LIMIT known.history
+SELECT s.agent, s.created_at, s.history IS NOT NULL, (
+    SELECT json_agg(json_build_array({_HISTORY_COLUMNS}) ORDER BY h.seq) FROM (
+        SELECT seq, {_READ_COLUMNS} FROM messages WHERE session_id = %(session)s
+        ORDER BY seq DESC LIMIT coalesce(s.history, 0)
     ) AS h
 ) FROM s
 """
@@ -284,24 +286,7 @@ class PostgresStore:
     async def _start_turn(
         self, user: Message, assistant: Message, limits: dict[str, int], owner: str
     ) -> tuple[Any, ...] | None:
-        params = {
-            "session": user.session_id,
-            "owner": owner,
-            "agents": list(limits),
-            "limits": list(limits.values()),
-            "interaction": user.interaction_id,
-            "u_id": user.id,
-            "u_content": user.content,
-            "u_files": json.dumps(list(user.file_ids)),
-            "u_status": user.status,
-            "u_at": user.created_at,
-            "u_client": user.client_id,
-            "a_id": assistant.id,
-            "a_content": assistant.content,
-            "a_files": json.dumps(list(assistant.file_ids)),
-            "a_status": assistant.status,
-            "a_at": assistant.created_at,
-        }
+        params = _start_turn_params(user, assistant, limits, owner)
         try:
             rows = await self.fetch(_START_TURN, params)
         except pg_errors.ForeignKeyViolation:
@@ -510,6 +495,27 @@ class PostgresStore:
 
     async def delete_file(self, session_id: str, file_id: str) -> bool:
         return await self.execute("DELETE FROM files WHERE id = %s AND session_id = %s", (file_id, session_id)) > 0
+
+
+def _start_turn_params(user: Message, assistant: Message, limits: Mapping[str, int], owner: str) -> dict[str, Any]:
+    """_START_TURN's parameters."""
+    return {
+        "session": user.session_id,
+        "owner": owner,
+        "limits": json.dumps(limits),
+        "interaction": user.interaction_id,
+        "u_id": user.id,
+        "u_content": user.content,
+        "u_files": json.dumps(list(user.file_ids)),
+        "u_status": user.status,
+        "u_at": user.created_at,
+        "u_client": user.client_id,
+        "a_id": assistant.id,
+        "a_content": assistant.content,
+        "a_files": json.dumps(list(assistant.file_ids)),
+        "a_status": assistant.status,
+        "a_at": assistant.created_at,
+    }
 
 
 def _ignore_duration(store: str, seconds: float) -> None:

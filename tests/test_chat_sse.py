@@ -12,6 +12,7 @@ import pytest
 
 from parley import ui_messages
 from parley.agents import Agents
+from parley.agents.events import Reasoning
 from parley.app import create_app
 from tests.conftest import FailingAgent, LiveServer, make_settings, messages, new_session
 
@@ -78,6 +79,20 @@ async def test_a_delta_frame_carries_its_text_exactly(text: str) -> None:
     frame = ui_messages.delta("int_1", 3, text).decode()
     assert frame.startswith(head) and frame.endswith("\n\n")
     assert json.loads(frame[len(head) : -2]) == {"type": "text-delta", "id": "text", "delta": text}
+
+
+@pytest.mark.parametrize("text", ["hello ", 'a "quote" and a \\ ', "line\n\ttab", "café ✓ 😀", "</script>", "\x00\x1f"])
+async def test_a_run_of_reasoning_frames_each_piece_exactly(text: str) -> None:
+    framer = ui_messages.Framer()
+    first = framer.frames("int_1", 1, Reasoning("thinking "))  # reasoning-start, then its first delta
+    frames = [frame.decode() for frame in [*first, *framer.frames("int_1", 3, Reasoning(text))]]
+    assert [frame.partition("\n")[0] for frame in frames] == ["id: int_1:1", "id: int_1:2", "id: int_1:3"]
+    parts = [json.loads(frame.partition("\ndata: ")[2].removesuffix("\n\n")) for frame in frames]
+    assert parts == [
+        {"type": "reasoning-start", "id": "reasoning-0"},
+        {"type": "reasoning-delta", "id": "reasoning-0", "delta": "thinking "},
+        {"type": "reasoning-delta", "id": "reasoning-0", "delta": text},
+    ]
 
 
 async def test_a_form_chat_asking_for_sse_gets_the_ui_message_stream(live: Callable[..., LiveServer]) -> None:

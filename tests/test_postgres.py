@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,10 +17,12 @@ import anyio
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
 
 from parley.sessions import postgres, postgres_schema
 from parley.sessions.errors import EventLoopUnsupported
 from parley.sessions.postgres_blobs import CHUNK_BYTES
+from parley.sessions.store import Message, Session, new_id, new_ordered_id, utcnow
 from tests.conftest import ROOT, PostgresServer, RedisServer, Subprocess, eventually, start_together
 from tests.test_redis import chat, history, session_on
 
@@ -462,6 +465,61 @@ async def test_an_sqlite_history_with_parts_usage_titles_and_client_ids_moves_in
     assert after == before and after[-1].parts == REASONED and after[-1].usage == USAGE
     assert after[0].client_id == "ui-msg-1"
     assert session_after == session_before and session_after is not None and session_after.title == "Sums"
+
+
+def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(found for child in node.get("Plans", ()) for found in _plan_nodes(child))]
+
+
+def _numbered(query: str) -> tuple[str, list[str]]:
+    """A psycopg query's %(name)s placeholders as SQL's PREPARE takes them ($1, $2, ...), and their names."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"${names.index(match[1]) + 1}"
+
+    return re.sub(r"%\((\w+)\)s", number, query), names
+
+
+def _turn(session_id: str) -> tuple[Message, Message]:
+    interaction, now = new_id("int_"), utcnow()
+    user = Message(new_ordered_id("msg_"), session_id, "user", "hi", (), "complete", interaction, now)
+    return user, Message(new_ordered_id("msg_"), session_id, "assistant", "", (), "streaming", interaction, now)
+
+
+async def test_a_turn_finds_its_sessions_orphans_by_the_session_not_among_every_streaming_reply(
+    postgres_url: str,
+) -> None:
+    """start_turn marks its session's turns left streaming interrupted. In the generic plan a prepared statement
+    ends up with (psycopg prepares what it runs often), it must look that session up in the index of streaming
+    turns, not read every reply streaming in every other session: that cost grew with the replies in flight."""
+    store = postgres.PostgresStore(postgres.connect(postgres_url))
+    await store.open()
+    try:
+        others = 20
+        for _ in range(others + 1):
+            session = Session(new_id("ses_"), "echo", utcnow())
+            await store.create_session(session)
+            user, reply = _turn(session.ui_session_id)
+            await store.start_turn(user, reply, lambda _: 0, owner="")  # (left streaming: a reply in flight)
+    finally:
+        await store.close()
+    user, reply = _turn(session.ui_session_id)  # the last session's next turn: one orphan of its own
+    numbered, names = _numbered(postgres._START_TURN)
+    params = postgres._start_turn_params(user, reply, {"echo": 0}, "")
+    with psycopg.connect(postgres_url) as connection:  # (one transaction, rolled back)
+        connection.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        connection.execute(f"PREPARE start_turn ({', '.join(['text'] * len(names))}) AS {numbered}")
+        arguments = sql.SQL(", ").join(sql.Literal(params[name]) for name in names)
+        explain = sql.SQL("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE start_turn ({})").format(arguments)
+        row = connection.execute(explain).fetchone()  # (EXECUTE takes its arguments as literals)
+        connection.rollback()
+    assert row is not None
+    nodes = _plan_nodes(row[0][0]["Plan"])
+    read = [node["Actual Rows"] for node in nodes if node.get("Index Name") == "messages_streaming"]
+    assert read and sum(read) <= 1, nodes  # its own orphan, not the others' replies
 
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-fedcba9876543210"
