@@ -118,6 +118,7 @@ def create_app(
         if owns_process:
             gc_tuning.tune_for_streams()
         auth.warn_if_open()
+        parley.in_lifespan = True  # (what runs beside the requests runs here, below: not on first use)
         try:
             await parley.ready()
         except StoreUnavailable as exc:

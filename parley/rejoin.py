@@ -3,7 +3,8 @@
 
 The reply is read from an :class:`sessions.interactions.Interaction`: in the process that runs it, the interaction
 itself; in another process (Redis), a mirror of it that :mod:`sessions.redis_rejoin` fills from the owner's Redis
-stream.
+stream. A mirror that stops before the reply's end (its reader lost Redis) cannot tell how the reply ended: the
+follower then ends without a ``finish`` (the text so far, then the end of the body), and its client rejoins.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Follow:
         self.plain = plain
         self.after = after
         self.offset = offset
+        self.lost = False  # the mirror stopped before the reply's end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         interaction = self.interaction
@@ -63,18 +65,25 @@ class Follow:
             # Leaving stops this follower only: the interaction goes on.
             task_group.start_soon(_stop_on_disconnect, receive, task_group.cancel_scope)
             if self.feed is not None:  # a mirror of an interaction that another process runs
-                task_group.start_soon(self.feed)
+                task_group.start_soon(self._fed, self.feed)
             if self.plain:
                 await self._plain(send)
             else:
                 await self._sse(send)
             task_group.cancel_scope.cancel()
 
+    async def _fed(self, feed: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        await feed()
+        if not self.interaction.status:
+            self.lost = True
+            self.interaction.notify()
+
     async def _sse(self, send: Send) -> None:
         replay = ui_messages.Replay(self.interaction, self.after)
         while True:
             frames, ended = replay.more()
-            if ended:
+            if ended or (self.lost and not frames):
+                # (Lost: what the mirror holds is sent, then the body ends with no finish.)
                 await send({"type": "http.response.body", "body": frames, "more_body": False})
                 return
             if frames:
@@ -95,7 +104,7 @@ class Follow:
             if text:
                 await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
             if sent == len(tokens):
-                if self.interaction.status:
+                if self.interaction.status or self.lost:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return
                 await self.interaction.changed()

@@ -20,6 +20,7 @@ from parley.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from parley.sessions.postgres import PostgresStore
+    from parley.sessions.redis_coordinator import Detached
 
 logger = logging.getLogger("parley")
 
@@ -40,6 +41,10 @@ class Parley:
     runner: TurnRunner = field(init=False)
     _ready: bool = False
     _ready_lock: anyio.Lock = field(default_factory=anyio.Lock)
+    # Whether parley's own lifespan runs what the process runs beside its requests (run_background); a host app
+    # that mounts parley may not run it, and then the first request starts it (see ready).
+    in_lifespan: bool = False
+    _detached: Detached | None = None
 
     def __post_init__(self) -> None:
         self.runner = TurnRunner(
@@ -63,6 +68,11 @@ class Parley:
                     await self.store.open()
                     await self.blobs.open()
                     await self.coordinator.interrupt_orphans(self.store)
+                    if not self.in_lifespan and self.settings.redis_url:
+                        # Nothing else would listen for the cancels and rejoins that other processes send here.
+                        from parley.sessions.redis_coordinator import Detached
+
+                        self._detached = Detached(self.run_background)
                     self._ready = True
         return self
 
@@ -80,6 +90,8 @@ class Parley:
             await self.coordinator.run(self.interactions, self.store)
 
     async def close(self) -> None:
+        if self._detached is not None:
+            await self._detached.aclose()
         # A server that gives up waiting for streams at shutdown (uvicorn --timeout-graceful-shutdown)
         # cancels them and then runs the lifespan's end: let their last words reach the store before it closes.
         with anyio.move_on_after(_SHUTDOWN_PATIENCE):
@@ -161,9 +173,13 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
         settings.redis_pool_timeout_seconds,
         cluster=settings.redis_cluster,
     )
+    # One connection apart from the pool, for the reader of the replies this process's rejoins follow: followers,
+    # however many, never take a connection that requests need (see sessions/redis_rejoin.py).
+    reader = connect(settings.redis_url, 1, settings.redis_pool_timeout_seconds, cluster=settings.redis_cluster)
     lease = settings.redis_lease_seconds
-    coordinator = RedisCoordinator(redis, lease_seconds=lease)
-    return store or RedisStore(redis), coordinator, RedisStreamSlots(redis, limit, lease_seconds=lease)
+    store = store or RedisStore(redis)
+    coordinator = RedisCoordinator(redis, lease_seconds=lease, reader=reader, store=store)
+    return store, coordinator, RedisStreamSlots(redis, limit, lease_seconds=lease)
 
 
 def _claims_in(coordinator: Coordinator) -> Callable[[Collection[str]], Awaitable[Mapping[str, str]]]:

@@ -210,8 +210,9 @@ class Coordinator(Protocol):
         """Free the claim (and the stream slot taken with it), if still held. Never raises, and finishes even when
         cancelled (it shields what it must)."""
 
-    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
-        """Does another process run the session's interaction (``interaction_id``, if given)?"""
+    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None, owner: str | None = None) -> bool:
+        """Does another process run the session's interaction (``interaction_id``, if given; for ``owner``, if
+        given: another owner's claim, an intruder's about to be refused, is no reply of the session's)?"""
 
     async def cancel_elsewhere(
         self,
@@ -313,8 +314,8 @@ class LocalCoordinator:
     async def release(self, interaction: Interaction, slots: StreamSlots | None) -> None:
         return None
 
-    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None) -> bool:
-        streaming = await self.store.streaming_turn(session_id)
+    async def streaming_elsewhere(self, session_id: str, interaction_id: str | None, owner: str | None = None) -> bool:
+        streaming = await self.store.streaming_turn(session_id)  # (a turn started: the session's owner's)
         return streaming is not None and interaction_id in (None, streaming)
 
     async def cancel_elsewhere(
@@ -571,8 +572,12 @@ class Interactions:
             return "cancelled_elsewhere"
         return "not_running"
 
-    async def is_streaming(self, session_id: str) -> bool:
-        return session_id in self._running or await self.coordinator.streaming_elsewhere(session_id, None)
+    async def is_streaming(self, session_id: str, owner: str | None = None) -> bool:
+        """Whether the session's reply runs (for ``owner``, if given: nothing another owner does shows)."""
+        running = self._running.get(session_id)
+        if running is not None:
+            return owner is None or running.owner == owner
+        return await self.coordinator.streaming_elsewhere(session_id, None, owner)
 
     async def cancel_and_wait(self, session_id: str, reason: CancelReason, patience: float = 5.0) -> CancelOutcome:
         """Cancel the session's interaction and wait (``patience`` seconds at most) until it has ended. (Deleting

@@ -17,7 +17,7 @@ import anyio.abc
 from parley.sessions.errors import CancelFailed
 from parley.sessions.interactions import CANCEL_REASONS, CancelReason, Interactions, OwnerCheck
 from parley.sessions.redis import _DOWN, _reachable, is_cluster
-from parley.sessions.redis_claims import RedisClaims
+from parley.sessions.redis_claims import RedisClaims, parse
 from parley.sessions.redis_keys import SessionKeys, process_channel
 
 logger = logging.getLogger("parley")
@@ -91,13 +91,15 @@ class RedisCancelBus:
                 return True
             claim: Any = found[0] or None
             session_owner = found[1] or None
-            if owner is not None and session_owner is not None and session_owner != owner:
-                # Another owner's session (the Redis store keeps it here): answered as one that streams nowhere,
-                # in the same time, whether or not it streams (issue 24 §3.10).
+            claim_owner = None if claim is None else parse(claim)[2]
+            if owner is not None and (session_owner not in (None, owner) or claim_owner not in (None, owner)):
+                # Another owner's session (the Redis store keeps it here), or another owner's claim (whatever the
+                # store): answered as one that streams nowhere, in the same time, whether or not it streams (issue
+                # 24 §3.10).
                 claim = None
             listeners = -1
             if claim is not None:
-                process_id, _, running_id = str(claim).partition(":")
+                process_id, running_id, _ = parse(claim)
                 if process_id != self.process_id and interaction_id in (None, running_id):
                     # The owner rides along: the receiving process checks it too, so another owner's cancel never
                     # stops it; and the interaction the claim holds, so that the cancel never stops a later one.

@@ -28,10 +28,10 @@ _ANSWER_TTL = 30
 
 
 class RedisClaims:
-    """A claim is ``parley:{<session>}:claim`` = ``<process>:<interaction>``, set only if absent, with a lease that
-    the owner renews while the stream runs; if its process dies, the claim runs out and the session is free again.
-    A renewal never re-creates a claim that is gone (run out during a Redis outage, or deleted with its session):
-    the owner stops its reply instead, as it does when it cannot renew before its lease runs out, so two
+    """A claim is ``parley:{<session>}:claim`` = ``<process>:<interaction>:<owner>``, set only if absent, with a
+    lease that the owner renews while the stream runs; if its process dies, the claim runs out and the session is
+    free again. A renewal never re-creates a claim that is gone (run out during a Redis outage, or deleted with its
+    session): the owner stops its reply instead, as it does when it cannot renew before its lease runs out, so two
     interactions of a session never overlap.
 
     The claim is taken in a chat's first round trip and freed in its last: with the Redis store, inside the
@@ -55,12 +55,14 @@ class RedisClaims:
     def keys(self, session_id: str) -> SessionKeys:
         return SessionKeys(self.prefix, session_id)
 
-    def value(self, interaction_id: str) -> str:
-        return f"{self.process_id}:{interaction_id}"
+    def value(self, interaction: Interaction) -> str:
+        # (The owner last: it may hold a colon. It tells a claim of another owner's, an intruder's that its
+        # store call is about to refuse, from one of the session's own: see RedisCoordinator.)
+        return f"{self.process_id}:{interaction.id}:{interaction.owner}"
 
     def to_take(self, interaction: Interaction, slots: RedisStreamSlots | None) -> Claim:
         """The claim for a store's script to take (with the owner's stream slot, when ``slots`` is given)."""
-        value, waiting = self.value(interaction.id), interaction.shared_place
+        value, waiting = self.value(interaction), interaction.shared_place
         if slots is None:
             return Claim(value, self.lease_ms, interaction.id, waiting=waiting)
         return Claim(value, self.lease_ms, interaction.id, slots.key(interaction.owner), slots.limit or 0, waiting)
@@ -102,7 +104,7 @@ class RedisClaims:
             slot_key = slots.key(interaction.owner)
             slots.forget(interaction.id)
         return Release(
-            self.value(interaction.id),
+            self.value(interaction),
             keys.cancelled(interaction.id),
             _CANCELLED_TTL_MS,
             answer,
@@ -141,15 +143,15 @@ class RedisClaims:
                 return None
         return str(first) if first else None
 
-    async def renew(self, session_id: str, interaction_id: str, message_id: str = "") -> bool | str:
-        """Extend the claim if it is still this interaction's (and the lease of its reply ``message_id`` in
-        history); False if it is gone or another's. A cancel left for the interaction (see
+    async def renew(self, interaction: Interaction) -> bool | str:
+        """Extend the claim if it is still this interaction's (and the lease of its reply in history, once it has
+        one); False if it is gone or another's. A cancel left for the interaction (see
         :meth:`sessions.redis_cancels.RedisCancelBus.cancel_elsewhere`) comes back as its reason."""
-        keys = self.keys(session_id)
+        keys = self.keys(interaction.session_id)
         with _reachable(self.on_error):
             answer: Any = await self.scripts.renew_claim(
-                [keys.claim, keys.cancel_left(interaction_id), keys.leases],
-                [self.value(interaction_id), self.lease_ms, message_id],
+                [keys.claim, keys.cancel_left(interaction.id), keys.leases],
+                [self.value(interaction), self.lease_ms, interaction.message_id],
             )
         return answer if isinstance(answer, str) else bool(answer)
 
@@ -216,7 +218,7 @@ class RedisClaims:
             # attempt's timeout nor the lease.
             with anyio.CancelScope(shield=True, deadline=min(stop_at, sent_at + attempt)):
                 try:
-                    renewed = await self.renew(interaction.session_id, interaction.id, interaction.message_id)
+                    renewed = await self.renew(interaction)
                 except StoreUnavailable:
                     pass
             if renewed is None:
@@ -235,12 +237,21 @@ class RedisClaims:
 
     async def owner(self, session_id: str) -> tuple[str, str] | None:
         """The process and the interaction holding the session's claim, if any."""
+        holder = await self.holder(session_id)
+        return None if holder is None else holder[:2]
+
+    async def holder(self, session_id: str) -> tuple[str, str, str] | None:
+        """The process, the interaction and the owner holding the session's claim, if any."""
         with _reachable(self.on_error):
             value: Any = await self.redis.get(self.keys(session_id).claim)
-        if value is None:
-            return None
-        process_id, _, interaction_id = str(value).partition(":")
-        return process_id, interaction_id
+        return None if value is None else parse(value)
+
+
+def parse(value: str) -> tuple[str, str, str]:
+    """A claim's process, interaction and owner."""
+    process_id, _, rest = str(value).partition(":")
+    interaction_id, _, owner = rest.partition(":")
+    return process_id, interaction_id, owner
 
 
 class _Lease:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -12,7 +13,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from parley.app import create_app
-from tests.conftest import LiveServer, eventually, make_settings
+from tests.conftest import LiveServer, RedisServer, Subprocess, eventually, make_settings, start_together
 
 pytestmark = pytest.mark.anyio
 
@@ -66,3 +67,38 @@ async def test_a_mounted_app_still_checkpoints_its_replies_on_time(
 
             await eventually(partial)
             await response.aread()
+
+
+async def test_mounted_without_its_lifespan_on_redis_it_hears_cancels_and_rejoins_from_other_processes(
+    subprocesses: Callable[..., Subprocess], redis_server: RedisServer
+) -> None:
+    # Issue 24 §2. Mounted in a host app, parley's lifespan does not run: nothing listened for the cancels and
+    # rejoins that other processes send. The first request starts the listener.
+    env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_ECHO_DELAY": "0.03"}
+    a, b = start_together(subprocesses(env, app="tests.hosted:app"), subprocesses(env, app="tests.hosted:app"))
+    message = " ".join(f"h{i}" for i in range(100))
+    async with httpx.AsyncClient(timeout=20) as client:
+        session_id = (await client.post(f"{a.url}/chat/api/v1/sessions")).json()["ui_session_id"]
+        data = {"ui_session_id": session_id, "message": message}
+        # A rejoin through B follows the reply that A runs.
+        async with client.stream("POST", f"{a.url}/chat/api/v1/chat", data=data) as response:
+            chunks = response.aiter_text()
+            assert await anext(chunks)
+            stream = f"{b.url}/chat/api/v1/chat/{session_id}/stream"
+            async with client.stream("GET", stream, headers={"accept": "text/plain"}) as rejoin:
+                assert rejoin.status_code == 200
+                followed = (await rejoin.aread()).decode()
+        assert followed == message
+        # A cancel through B stops the reply that A runs.
+        received = ""
+        cancel: httpx.Response | None = None
+        async with client.stream("POST", f"{a.url}/chat/api/v1/chat", data=data) as response:
+            async for chunk in response.aiter_text():
+                received += chunk
+                if len(received.split()) >= 3 and cancel is None:
+                    cancel = await client.post(f"{b.url}/chat/api/v1/cancel", data={"ui_session_id": session_id})
+        assert cancel is not None and cancel.status_code == 200, cancel
+        assert cancel.json()["cancelled"] is True
+        assert len(received) < len(message)
+        turns = (await client.get(f"{b.url}/chat/api/v1/sessions/{session_id}/messages")).json()["messages"]
+        assert [t["status"] for t in turns] == ["complete", "complete", "complete", "cancelled"]

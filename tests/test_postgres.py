@@ -520,3 +520,53 @@ async def test_a_turn_finds_its_sessions_orphans_by_the_session_not_among_every_
     nodes = _plan_nodes(row[0][0]["Plan"])
     read = [node["Actual Rows"] for node in nodes if node.get("Index Name") == "messages_streaming"]
     assert read and sum(read) <= 1, nodes  # its own orphan, not the others' replies
+
+
+ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-fedcba9876543210"
+
+
+async def test_another_owner_hammering_a_session_on_another_host_never_makes_its_owners_chats_busy(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, postgres_url: str, redis_server: RedisServer
+) -> None:
+    # Issue 24 §3.4, on PostgreSQL and Redis. Bob's chat to Alice's session took the session's claim in Redis before
+    # PostgreSQL's owner check refused it: meanwhile, Alice's chats on the other host answered 409. Nothing Bob does
+    # changes what Alice sees, and Bob is answered as for a session that does not exist.
+    keys = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_API_KEYS": f"alice:{ALICE},bob:{BOB}"}
+    a, b = start_together(
+        host(subprocesses, tmp_path, "a", postgres_url, PARLEY_ECHO_DELAY="0", **keys),
+        host(subprocesses, tmp_path, "b", postgres_url, PARLEY_ECHO_DELAY="0", **keys),
+    )
+    alice, bob = {"authorization": f"Bearer {ALICE}"}, {"authorization": f"Bearer {BOB}"}
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client:
+        created = await client.post(f"{a.url}/api/v1/sessions", headers=alice)
+        session_id = created.json()["ui_session_id"]
+        data = {"ui_session_id": session_id, "message": "hello there"}
+        hers: list[int] = []
+        his: list[int] = []
+        done = False
+
+        async def intrude(path: str) -> None:
+            while not done:
+                his.append((await client.post(f"{b.url}/api/v1/{path}", data=data, headers=bob)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for path in ("chat", "chat", "chat", "chat", "cancel", "cancel"):
+                tg.start_soon(intrude, path)
+            await eventually(lambda: _true(len(his) >= 20))
+            for _ in range(40):
+                answer = await client.post(f"{a.url}/api/v1/chat", data=data, headers=alice)
+                hers.append(answer.status_code)
+                assert answer.status_code == 200, (answer.status_code, answer.text, hers)
+                assert answer.text == "hello there"
+                # Her reply has ended: her session reads idle, whatever Bob's chats claim meanwhile.
+                state = await client.get(f"{a.url}/api/v1/sessions/{session_id}", headers=alice)
+                assert state.json()["status"] == "idle", (state.json(), hers)
+            done = True
+        assert set(his) == {404}, his
+        assert hers == [200] * 40
+        turns = (await client.get(f"{a.url}/api/v1/sessions/{session_id}/messages", headers=alice)).json()["messages"]
+        assert len(turns) == 80 and {turn["status"] for turn in turns} == {"complete"}
+
+
+async def _true(value: bool) -> bool:
+    return value

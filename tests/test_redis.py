@@ -617,23 +617,20 @@ async def test_a_follower_ignores_the_copy_an_owner_restarts_into_the_same_strea
     # into the same Redis stream: a follower already reading it must not add that text twice.
     import secrets
 
-    from parley.sessions.interactions import Interaction
     from parley.sessions.redis import connect
     from parley.sessions.redis_coordinator import RedisCoordinator
-    from parley.sessions.redis_rejoin import _MirrorReader
+    from parley.sessions.redis_rejoin import _Copy
 
     redis = connect(shared_redis_url)
     coordinator = RedisCoordinator(redis, prefix=f"test-{secrets.token_hex(6)}:")
-    mirror = Interaction("s1")
-    key = coordinator.rejoin.frames_key(mirror)
+    copy = _Copy(coordinator.rejoin, "s1", "int_1")
     try:
         for fields in ({"m": "msg_1"}, {"t": "a "}, {"t": "b "}, {"m": "msg_1"}, {"t": "a "}, {"t": "b "}, {"t": "c"}):
-            await redis.xadd(key, fields)
-        await redis.xadd(key, {"s": "complete", "e": ""})
-        reader = _MirrorReader(coordinator.rejoin, mirror)
-        with anyio.fail_after(5):
-            await reader.run()
-        assert ("".join(mirror.tokens), mirror.status) == ("a b c", "complete")
+            await redis.xadd(copy.key, fields)
+        await redis.xadd(copy.key, {"s": "complete", "e": ""})
+        answer = await redis.xread({copy.key: "0-0"})
+        copy.add(answer[0][1])
+        assert ("".join(copy.mirror.tokens), copy.mirror.status) == ("a b c", "complete")
     finally:
-        await redis.delete(key)
+        await redis.delete(copy.key)
         await redis.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -349,3 +350,92 @@ async def test_a_client_that_stops_reading_does_not_hold_a_continue_reply_back(
         json.loads(data[6:]).get("delta", "") for data in re.findall(rb"data: \{[^\n]*", received) if b"delta" in data
     )
     assert text and message.startswith(text)
+
+
+@pytest.mark.redis
+async def test_followers_on_another_worker_leave_its_redis_pool_to_its_requests(
+    subprocesses: Callable[..., Subprocess], redis_server: RedisServer
+) -> None:
+    # Issue 24 §3.2. Each follower of a reply that runs on A used to hold one of B's pooled connections in a
+    # blocking XREAD: with more followers than the pool (PARLEY_REDIS_MAX_CONNECTIONS), B's other requests waited
+    # for a connection and answered 503. B reads each reply once, on a connection of its own, for all its followers.
+    env = {
+        "PARLEY_REDIS_URL": redis_server.url,
+        "PARLEY_ECHO_DELAY": "0.03",
+        "PARLEY_REDIS_MAX_CONNECTIONS": "8",
+        "PARLEY_REDIS_POOL_TIMEOUT_SECONDS": "2",
+    }
+    a, b = start_together(subprocesses(env), subprocesses(env))
+    message = " ".join(f"f{i}" for i in range(150))  # 4.5 s of stream
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client:
+        session_ids = [(await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"] for _ in range(3)]
+        originals = [Reader() for _ in session_ids]
+        followers = [(session_id, Reader()) for session_id in session_ids for _ in range(8)]  # 3 times the pool
+        others: list[int] = []
+        async with anyio.create_task_group() as tg:
+            for session_id, original in zip(session_ids, originals, strict=True):
+                data = {"ui_session_id": session_id, "message": message}
+                tg.start_soon(lambda d=data, r=original: r.read(client, "POST", f"{a.url}/api/v1/chat", data=d))
+            await eventually(lambda: _true(all(len(r.text.split()) >= 3 for r in originals)))
+            for session_id, follower in followers:
+                stream = f"{b.url}/api/v1/chat/{session_id}/stream"
+                tg.start_soon(lambda s=stream, r=follower: r.read(client, "GET", s, headers={"accept": "text/plain"}))
+            await eventually(lambda: _true(all(r.headers is not None or r.done for _, r in followers)), within=10)
+            # Meanwhile, B's own requests: a session made and a short chat, answered (no 503) while all follow.
+            while not all(r.done for r in originals):
+                created = await client.post(f"{b.url}/api/v1/sessions")
+                others.append(created.status_code)
+                if created.status_code != 201:
+                    continue
+                data = {"ui_session_id": created.json()["ui_session_id"], "message": "hi"}
+                others.append((await client.post(f"{b.url}/api/v1/chat", data=data)).status_code)
+        assert others and set(others) == {200, 201}, others
+        for session_id, follower in followers:
+            history = (await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")).json()["messages"]
+            assert (history[-1]["status"], history[-1]["content"]) == ("complete", message)
+            assert (follower.status, follower.text) == (200, message)
+
+
+@pytest.mark.redis
+async def test_a_follower_that_loses_redis_ends_without_a_finish(
+    subprocesses: Callable[..., Subprocess], redis_server: RedisServer
+) -> None:
+    # Issue 24 §3.3. Redis stalls (SIGSTOP) while a follower on B reads a reply that runs on A: B's read fails, and
+    # B cannot know how the reply ends. The follower used to be sent `finish` with status interrupted while the
+    # reply went on to complete; it ends without a finish instead (its client rejoins), its deltas a prefix of the
+    # reply's text. The stall is shorter than the lease: A's reply goes on and is recorded complete.
+    env = {"PARLEY_REDIS_URL": redis_server.url, "PARLEY_ECHO_DELAY": "0.05", "PARLEY_REDIS_LEASE_SECONDS": "10"}
+    a, b = start_together(subprocesses(env), subprocesses(env))
+    message = " ".join(f"p{i}" for i in range(300))  # 15 s of stream
+    assert redis_server.process is not None
+    async with httpx.AsyncClient(timeout=30) as client:
+        session_id = (await client.post(f"{a.url}/api/v1/sessions")).json()["ui_session_id"]
+        original, follower, plain = Reader(), Reader(), Reader()
+        data = {"ui_session_id": session_id, "message": message}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: original.read(client, "POST", f"{a.url}/api/v1/chat", data=data))
+            await eventually(lambda: _true(len(original.text.split()) >= 3))
+            stream = f"{b.url}/api/v1/chat/{session_id}/stream"
+            tg.start_soon(lambda: follower.read(client, "GET", stream))
+            tg.start_soon(lambda: plain.read(client, "GET", stream, headers={"accept": "text/plain"}))
+            await eventually(lambda: _true(follower.text.count("text-delta") >= 5 and len(plain.text.split()) >= 5))
+            redis_server.process.send_signal(signal.SIGSTOP)
+            try:
+                # The followers end while Redis stalls (their reads time out), well before the reply would end.
+                await eventually(lambda: _true(follower.done and plain.done), within=8)
+            finally:
+                redis_server.process.send_signal(signal.SIGCONT)
+        assert original.text == message
+
+        async def recorded() -> bool:
+            turns = (await client.get(f"{a.url}/api/v1/sessions/{session_id}/messages")).json()["messages"]
+            return bool(turns[-1]["status"] != "streaming")
+
+        await eventually(recorded, within=10)
+        last = (await client.get(f"{a.url}/api/v1/sessions/{session_id}/messages")).json()["messages"][-1]
+    assert (last["status"], last["content"]) == ("complete", message)
+    parts = [json.loads(data) for event_id, data in parse_sse(follower.text) if event_id is not None]
+    assert "finish" not in [part["type"] for part in parts]
+    deltas = "".join(part["delta"] for part in parts if part["type"] == "text-delta")
+    assert deltas and message.startswith(deltas)
+    assert plain.text and message.startswith(plain.text)

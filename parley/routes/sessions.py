@@ -92,7 +92,7 @@ async def get_session(request: Request) -> Response:
     parley, owner = await authenticated(request)
     session = await owned_session(parley, request.path_params["session_id"], owner)
     await parley.interrupt_orphans(session.ui_session_id)
-    streaming = await parley.interactions.is_streaming(session.ui_session_id)
+    streaming = await parley.interactions.is_streaming(session.ui_session_id, owner)
     # The messages that wait for it (if_busy enqueue), by interaction id: a cancel with one takes it out of the line.
     line = await parley.interactions.line(session.ui_session_id)
     state = {"status": "streaming" if streaming else "idle", "queued": len(line), "queued_interactions": line}
