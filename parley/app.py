@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import NoReturn
 
 import anyio
 from prometheus_client import CollectorRegistry
@@ -129,8 +130,7 @@ def create_app(
                 raise
             # The server would wrap the reason in a page of tracebacks (hypercorn's, and then exit 0): say it in
             # one line and stop the process, as a bad setting does.
-            print(f"parley: {exc}", file=sys.stderr, flush=True)
-            os._exit(1)
+            _say_and_exit(f"parley: {exc}", 1)
         try:
             async with anyio.create_task_group() as tg:
                 # The agents' connections (MCP servers): open before the first request, or the start is refused.
@@ -140,8 +140,7 @@ def create_app(
                     if owns_process:
                         # A configuration mistake, found only now: one line and exit 3, as a bad setting at
                         # start-up does (uvicorn's --workers supervisor stops rather than restart it forever).
-                        print(f"parley: {_first(refused)}", file=sys.stderr, flush=True)
-                        os._exit(3)
+                        _say_and_exit(f"parley: {_first(refused)}", 3)
                     logger.error("parley: %s", _first(refused))  # (the host's server prints the traceback)
                     raise
                 tg.start_soon(parley.run_background)
@@ -201,7 +200,19 @@ def serve_from_environment() -> Starlette:
         return create_app(settings, owns_process=True)
     except SettingsError as exc:
         # A configuration mistake is the operator's to fix: say which variable, in one line, no traceback.
-        print(f"parley: {exc}", file=sys.stderr, flush=True)
+        _say(f"parley: {exc}")
         # 3 is uvicorn's STARTUP_FAILURE: under --workers its supervisor stops instead of restarting the
         # worker forever (every worker would fail the same way).
         raise SystemExit(3) from None
+
+
+def _say(line: str) -> None:
+    # One write of the whole line: under --workers every worker says it on the same stderr at once, and print()
+    # writes the text and its newline apart, so two workers' lines could run together.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _say_and_exit(line: str, status: int) -> NoReturn:
+    _say(line)
+    os._exit(status)
