@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -353,16 +354,25 @@ async def _idle(client: httpx.AsyncClient, session_id: str) -> bool:
 # if_busy across two workers on Redis
 
 
-@pytest.mark.redis
-async def test_across_workers_interrupt_and_enqueue_reach_a_reply_another_worker_runs(
-    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
-) -> None:
-    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
+@asynccontextmanager
+async def two_workers(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer, **env: str
+) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient, str]]:
+    """Two workers on one Redis with slow echoes (a reply runs long enough to queue behind), a client on each, and
+    a new session (made on the first)."""
+    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02", **env)
     async with (
         httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
         httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
     ):
-        session_id = await new_session(on_a)
+        yield on_a, on_b, await new_session(on_a)
+
+
+@pytest.mark.redis
+async def test_across_workers_interrupt_and_enqueue_reach_a_reply_another_worker_runs(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with two_workers(subprocesses, tmp_path, redis_server) as (on_a, on_b, session_id):
         # interrupt, sent to b, stops the reply that a runs (recorded cancelled), then runs on b.
         async with Running(on_a, session_id) as running:
             form = {"ui_session_id": session_id, "message": "from b", "if_busy": "interrupt"}
@@ -468,12 +478,7 @@ def _texts(history: list[dict[str, Any]]) -> list[str]:
 async def test_across_workers_queued_messages_run_first_come_first_served(
     subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
-    async with (
-        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
-        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
-    ):
-        session_id = await new_session(on_a)
+    async with two_workers(subprocesses, tmp_path, redis_server) as (on_a, on_b, session_id):
         async with Running(on_a, session_id) as running, anyio.create_task_group() as tg:
             queue = Queue(session_id, (on_a, on_b), tg)
             for client, text in ((on_b, "one"), (on_a, "two"), (on_b, "three")):
@@ -488,12 +493,7 @@ async def test_across_workers_queued_messages_run_first_come_first_served(
 async def test_across_workers_every_worker_tells_the_sessions_whole_line(
     subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02", PARLEY_MAX_QUEUED="2")
-    async with (
-        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
-        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
-    ):
-        session_id = await new_session(on_a)
+    async with two_workers(subprocesses, tmp_path, redis_server, PARLEY_MAX_QUEUED="2") as (on_a, on_b, session_id):
         async with Running(on_a, session_id), anyio.create_task_group() as tg:
             queue = Queue(session_id, (on_a, on_b), tg)
             await queue.send(on_b, "one")
@@ -513,12 +513,7 @@ async def test_across_workers_every_worker_tells_the_sessions_whole_line(
 async def test_across_workers_a_cancel_takes_a_message_out_of_the_line_where_it_waits(
     subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
-    async with (
-        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
-        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
-    ):
-        session_id = await new_session(on_a)
+    async with two_workers(subprocesses, tmp_path, redis_server) as (on_a, on_b, session_id):
         async with Running(on_a, session_id) as running, anyio.create_task_group() as tg:
             queue = Queue(session_id, (on_a, on_b), tg)
             await queue.send(on_b, "dropped")
@@ -542,12 +537,7 @@ async def _now_waiting(client: httpx.AsyncClient, session_id: str, ids: list[str
 async def test_across_workers_deleting_a_session_ends_its_waiting_messages_with_404_on_every_worker(
     subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
-    async with (
-        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
-        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
-    ):
-        session_id = await new_session(on_a)
+    async with two_workers(subprocesses, tmp_path, redis_server) as (on_a, on_b, session_id):
         async with Running(on_a, session_id), anyio.create_task_group() as tg:
             queue = Queue(session_id, (on_a, on_b), tg)
             await queue.send(on_b, "on b")
@@ -561,12 +551,7 @@ async def test_across_workers_deleting_a_session_ends_its_waiting_messages_with_
 async def test_across_workers_a_waiting_message_whose_client_leaves_leaves_the_line(
     subprocesses: Callable[..., Subprocess], tmp_path: Path, redis_server: RedisServer
 ) -> None:
-    a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_ECHO_DELAY="0.02")
-    async with (
-        httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
-        httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
-    ):
-        session_id = await new_session(on_a)
+    async with two_workers(subprocesses, tmp_path, redis_server) as (on_a, on_b, session_id):
         async with Running(on_a, session_id) as running:
             form = {"ui_session_id": session_id, "message": "gone", "if_busy": "enqueue", "on_disconnect": "continue"}
             with anyio.move_on_after(5):
