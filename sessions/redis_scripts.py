@@ -37,6 +37,23 @@ local function orphaned(leases, id, now, claimed)
   local grace = string.match(entry, '^G(%d+)$')
   return grace == nil or now >= tonumber(grace)
 end
+
+-- Record the session's orphans interrupted and forget every reply no longer streaming; how many were orphans.
+local function interrupt_orphans(streaming, statuses, leases, now, claimed)
+  local n = 0
+  for _, id in ipairs(redis.call('SMEMBERS', streaming)) do
+    local live = redis.call('HGET', statuses, id) == 'streaming'
+    if not live or orphaned(leases, id, now, claimed) then
+      if live then
+        redis.call('HSET', statuses, id, 'interrupted')
+        n = n + 1
+      end
+      redis.call('SREM', streaming, id)
+      redis.call('HDEL', leases, id)
+    end
+  end
+  return n
+end
 """
 
 # The messages that wait for a session (see sessions.redis_queue), live ones only, in the order they run: a hash,
@@ -123,16 +140,7 @@ if claiming then
 end
 local limit = cjson.decode(ARGV[2])[session[1]]
 if not limit then return {'agent', session[1], session[2]} end
-if claiming then
-  for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-    local streaming = redis.call('HGET', KEYS[4], id) == 'streaming'
-    if not streaming or orphaned(KEYS[7], id, now, false) then
-      if streaming then redis.call('HSET', KEYS[4], id, 'interrupted') end
-      redis.call('SREM', KEYS[5], id)
-      redis.call('HDEL', KEYS[7], id)
-    end
-  end
-end
+if claiming then interrupt_orphans(KEYS[5], KEYS[4], KEYS[7], now, false) end
 local messages, statuses = {}, {}
 if limit > 0 then
   local ids = redis.call('LRANGE', KEYS[2], -limit, -1)
@@ -205,20 +213,7 @@ INTERRUPT_ORPHANS = (
     _NOW
     + _ORPHANED
     + """
-local claimed = redis.call('EXISTS', KEYS[1]) == 1
-local n = 0
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local streaming = redis.call('HGET', KEYS[3], id) == 'streaming'
-  if not streaming or orphaned(KEYS[4], id, now, claimed) then
-    if streaming then
-      redis.call('HSET', KEYS[3], id, 'interrupted')
-      n = n + 1
-    end
-    redis.call('SREM', KEYS[2], id)
-    redis.call('HDEL', KEYS[4], id)
-  end
-end
-return n
+return interrupt_orphans(KEYS[2], KEYS[3], KEYS[4], now, redis.call('EXISTS', KEYS[1]) == 1)
 """
 )
 
@@ -290,14 +285,7 @@ else
     return {'needs_text'}
   end
 end
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  local streaming = redis.call('HGET', KEYS[4], id) == 'streaming'
-  if not streaming or orphaned(KEYS[6], id, now, false) then
-    if streaming then redis.call('HSET', KEYS[4], id, 'interrupted') end
-    redis.call('SREM', KEYS[5], id)
-    redis.call('HDEL', KEYS[6], id)
-  end
-end
+interrupt_orphans(KEYS[5], KEYS[4], KEYS[6], now, false)
 local kept_row, kept_status = '', ''
 if kept then kept_row, kept_status = redis.call('HGET', KEYS[3], kept), redis.call('HGET', KEYS[4], kept) end
 local messages, statuses = {}, {}
