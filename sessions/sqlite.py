@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import astuple
 from pathlib import Path
@@ -96,6 +97,21 @@ class _Operation:
         self.error: BaseException | None = None
 
 
+def _enter_wal(db: sqlite3.Connection, patience: float = 5.0) -> None:
+    """Switch a new connection to WAL. Two processes opening a new file at once (``uvicorn --workers`` on one
+    data directory) can make the switch fail at once with "database is locked": SQLite does not call the busy
+    handler for it, so retry it for as long as the busy timeout would have waited."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)  # (in the store's thread, not the event loop's)
+
+
 class SQLiteStore:
     """The embedded store: one SQLite file (WAL), every query run off the event loop, in a worker thread.
 
@@ -126,7 +142,7 @@ class SQLiteStore:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
+        _enter_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=5000")

@@ -364,6 +364,30 @@ async def test_sqlite_keeps_everything_across_a_reopen(tmp_path: Path) -> None:
     await again.close()
 
 
+async def test_sqlite_opens_a_file_another_process_is_writing_to(tmp_path: Path) -> None:
+    # `uvicorn --workers 2` on one data directory: both workers open the new file at once, and one switched it
+    # to WAL while the other was creating the schema. The switch fails at once with "database is locked"
+    # (SQLite does not wait for it as it waits for writes): CI saw a worker refuse to start. Here the other
+    # worker is a connection in the middle of a write, which it commits a little later.
+    path = tmp_path / "parley.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE other_worker (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO other_worker VALUES (1)")
+    store = SQLiteStore(path)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(store.open)
+        await anyio.sleep(0.2)  # (the other write's length; the store waits for a condition, not this)
+        other.execute("COMMIT")
+    await store.create_session(Session("s", "echo", utcnow()))
+    assert await store.get_session("s", "") is not None
+    other.close()
+    reader = sqlite3.connect(path)
+    assert reader.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    reader.close()
+    await store.close()
+
+
 async def test_sqlite_a_caller_that_ran_a_batch_gets_on_while_work_keeps_arriving(tmp_path: Path) -> None:
     # Regression: the caller that ran a batch used to go on running the next ones as long as work kept
     # arriving, so under steady load (the short-chat benchmark) its own request stalled for seconds.
