@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -154,6 +154,7 @@ class Subprocess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
         self.process: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
 
     @property
     def server(self) -> str:
@@ -165,6 +166,8 @@ class Subprocess:
     def launch(self) -> Subprocess:
         """Start the process without waiting for it: see :func:`start_together`."""
         log = self.log.open("ab") if self.log is not None else None
+        # Without a log, stderr is kept anyway, for what a process that did not start said.
+        self._stderr = tempfile.TemporaryFile() if log is None else None
         if self.hypercorn:
             command = [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{self.port}", *self.args, self.app]
         else:
@@ -175,7 +178,7 @@ class Subprocess:
             cwd=ROOT,
             env=self.env,
             stdout=log or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+            stderr=subprocess.STDOUT if log else self._stderr,
             start_new_session=True,  # its own process group: see stop()
         )
         if log is not None:
@@ -197,7 +200,20 @@ class Subprocess:
                 time.sleep(0.05)
         self.stop()
         status = self.process.poll()
-        raise RuntimeError(f"{self.server} app:app did not start on port {self.port} (exit status {status})")
+        raise RuntimeError(
+            f"{self.server} app:app did not start on port {self.port} (exit status {status}): {self._said()}"
+        )
+
+    def _said(self) -> str:
+        """The end of what the process wrote to stderr (or to its log)."""
+        if self._stderr is not None:
+            self._stderr.seek(0)
+            said = self._stderr.read()
+        elif self.log is not None and self.log.exists():
+            said = self.log.read_bytes()
+        else:
+            return ""
+        return said[-2000:].decode(errors="replace")
 
     def stop(self, kill: bool = False) -> None:
         if self.process and self.process.poll() is None:
