@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,10 +58,13 @@ TITLES = {"throughput": "1. one stream", "acting": "1c. one stream, SSE, half re
           "rejoin": "5. rejoin", "postgres": "4, 5. cancel, rejoin on PostgreSQL + Redis",
           "first-token": "6. first-token overhead", "tools": "8. tool-call overhead", "busy": "10. if_busy",
           "history": "short chats with a long history"}  # fmt: skip
-# Figure 2 starts from a guess near each stack's limits on the last quiet run (floor with parley's collector
-# settings 9,000 and parley 7,000 under httptools+uvloop; parley 2,250 and the untuned floor 2,500 under
-# h11+asyncio): a handful of tries.
-FIRST_GUESS = {"h11+asyncio": 2500, "httptools+uvloop": 7000}
+# Figure 2 starts from a guess near each stack's limits on the last quiet run (h11+asyncio: floor 3,000, parley
+# 2,000-2,250; httptools+uvloop: floor ≥ 13,250, parley 9,250), the same for both servers so that they run one level
+# alike (memory is compared there): a handful of tries each.
+FIRST_GUESS = {"h11+asyncio": 2500, "httptools+uvloop": 9000}
+# Seconds each stack's figure 2 may take, all tries included (the last quiet run's httptools+uvloop search took 878 s,
+# its limit at the latency line for five levels): the search reports what it found by then.
+BUDGET = 300.0
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # Replies for benchmarks 4 and 5 run at 50 tokens/s, a fast model's pace: they are cancelled or rejoined after the
 # first token, so the pace sets how long each sample waits for it.
@@ -150,34 +154,37 @@ class Bench:
         a = self.args
         log = self.details.setdefault("2", [])
         start = a.start or FIRST_GUESS[stack]
-        levels = streams.Levels(start, a.growth, a.finest, a.top, tokens=a.tokens)
+        levels = streams.Levels(start, a.growth, a.finest, a.top, tokens=a.tokens, budget=a.budget or None)
         searches = streams.concurrency(stack, ("floor", "parley"), levels, log)
         floor_search, parley_search = searches["floor"], searches["parley"]
         floor, parley = floor_search.held, parley_search.held
         target = "≥ 0.8 × floor's N; memory ≤ 1.3 × floor's"
+        stopped = f" (search stopped at its {levels.budget:.0f} s budget)" if floor_search.stopped else ""
+        floor_n, parley_n = _limit(floor_search), _limit(parley_search)
         if floor is None or parley is None:
-            floor_n, parley_n = (f"{x.streams}" if x else f"< {levels.finest}" for x in (floor, parley))
-            self.rows.append(Row("2. concurrent streams", stack, f"floor {floor_n}, parley {parley_n}", target, False))
+            self.rows.append(
+                Row("2. concurrent streams", stack, f"floor {floor_n}, parley {parley_n}{stopped}", target, False)
+            )
             return
-        at_least = "" if floor_search.missed else "≥ "  # held the highest level tried: its limit is above
         # A miss with the client's core busy may be the client's limit, not the server's: say so.
         misses = (("floor", floor_search.missed), ("parley", parley_search.missed))
         busy = [f"{kind} missed {m.streams} with the client at {m.client_cpu:.0%} CPU"
                 for kind, m in misses if m and m.client_cpu >= 0.9]  # fmt: skip
-        # Memory per stream is compared at the same N, the highest both held (they climb through the same levels),
-        # where both ran the same streams: at very different N the memory the idle process had freed, reused by
-        # the streams, skews it.
-        both = set(floor_search.all_held) & set(parley_search.all_held)
+        # Memory per stream is compared at the same N, where both ran the same streams: at very different N the
+        # memory the idle process had freed, reused by the streams, skews it. The highest N both held; else (one
+        # missed every level the other held) the highest both ran to the end, every stream complete.
+        both = set(floor_search.all_held()) & set(parley_search.all_held()) or {
+            n for n in set(floor_search.ran) & set(parley_search.ran)
+            if all(s.ran[n].completed == n for s in (floor_search, parley_search))
+        }  # fmt: skip
         at = max(both) if both else None
-        floor_kib, parley_kib = (
-            (floor, parley) if at is None else (floor_search.all_held[at], parley_search.all_held[at])
-        )
+        floor_kib, parley_kib = (floor, parley) if at is None else (floor_search.ran[at], parley_search.ran[at])
         ratio, memory = parley.streams / floor.streams, parley_kib.rss_per_stream_kib / floor_kib.rss_per_stream_kib
-        self.note("2", f"{stack}: tries: floor {floor_search.tries}, parley {parley_search.tries}")
+        self.note("2", f"{stack}: tries: floor {floor_search.tries}, parley {parley_search.tries}{stopped}")
         where = f" at N={at}" if at is not None else ""
-        result = (f"floor {at_least}{floor.streams}, parley {parley.streams}: {ratio:.2f} × floor's N; "
+        result = (f"floor {floor_n}, parley {parley_n}: {ratio:.2f} × floor's N; "
                   f"{parley_kib.rss_per_stream_kib:.0f} KiB/stream against {floor_kib.rss_per_stream_kib:.0f}{where}: "
-                  f"{memory:.2f} × its memory") + "".join(f" ({b})" for b in busy)  # fmt: skip
+                  f"{memory:.2f} × its memory") + stopped + "".join(f" ({b})" for b in busy)  # fmt: skip
         self.rows.append(Row("2. concurrent streams", stack, result, target, ratio >= 0.8 and memory <= 1.3))
 
     # 3, 7 and the stores
@@ -392,6 +399,16 @@ class Bench:
             row(f"{interrupt}, another worker (Redis)", 20, lambda: latency.interrupt_latency(a, b, count))
 
 
+def _limit(search: streams.Search) -> str:
+    """A server's limit as figure 2's search left it: the level held, "≥" when it held the highest level it tried,
+    and the lowest level it missed when the search stopped before it had closed in."""
+    if search.held is None:  # it missed every level it tried (or tried none before the budget ran out)
+        return f"< {search.missed.streams}" if search.missed else "not tried"
+    if search.missed is None:
+        return f"≥ {search.held.streams}"
+    return f"{search.held.streams} (< {search.missed.streams})" if search.stopped else f"{search.held.streams}"
+
+
 def estimate(figure: str, stack: str, a: argparse.Namespace) -> float:
     """Seconds ``figure`` should take under ``stack`` with these parameters on a quiet 2-core machine (from the
     last full run's details: a 50,000-word stream ~0.5-0.7 s, a server's start ~1 s, a latency sample ~40 ms)."""
@@ -407,9 +424,10 @@ def estimate(figure: str, stack: str, a: argparse.Namespace) -> float:
         return 5 + runs * 2 * stream * 1.3
     if figure == "concurrency":
         guess = a.start or FIRST_GUESS[stack]
-        tries = 5 if a.start is None else 3  # per server, the first guess near its limit (see streams._next_level)
-        one = 4 + tokens * 0.05 * 1.2 + 1.25 * guess / 1500  # start, the streams, making the sessions
-        return 2 * tries * one
+        # Per try: a server's start, making the sessions (~0.2 ms each), opening the streams one by one and their
+        # 10 s (200 tokens at 20 a second), ~2 ms a stream in all; four tries per server (see streams._next_level).
+        one = 3 + tokens * 0.05 * 1.2 + guess * 0.002
+        return min(2 * 4 * one, a.budget or math.inf)
     if figure in wrk_group:
         servers = wrk_group[figure]
         return 3 + servers * (3 + 2.5 + rounds * (seconds + 0.5))
@@ -435,6 +453,8 @@ def main() -> None:
     parser.add_argument("--growth", type=float, default=1.25, help="benchmark 2: climb (or fall) by this factor")
     parser.add_argument("--finest", type=int, default=250, help="benchmark 2: then bisect, not finer than this")
     parser.add_argument("--top", type=int, default=16000, help="benchmark 2: the highest level tried")
+    parser.add_argument("--budget", type=float, default=BUDGET, help="benchmark 2: seconds per stack (0: no limit); "
+                        "the search stops when the next try would end past it")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=200, help="benchmark 2: tokens per stream (at 20 a second)")
     parser.add_argument("--rounds", type=int, default=3, help="wrk figures: rounds per server, the median counts")
     parser.add_argument("--seconds", type=int, default=4, help="wrk figures: seconds per round")

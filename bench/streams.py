@@ -129,7 +129,7 @@ def _next_level(held: int | None, missed: int | None, levels: Levels) -> int | N
 
 @dataclass(frozen=True)
 class Levels:
-    """Where figure 2's search starts and how it moves (see :func:`_next_level`)."""
+    """Where figure 2's search starts and how it moves (see :func:`_next_level`), and how long it may take."""
 
     start: int
     growth: float = 1.25
@@ -137,29 +137,42 @@ class Levels:
     top: int = 16_000
     resolution: float = 0.1  # stop bisecting once the bracket is within this share of the level held
     tokens: int = 200  # per stream, at 20 a second
-    marginal: float = 1.25  # a miss whose p99 gap is within this factor of the limit gets a second try
+    # A miss whose p99 gap is within this factor of the limit gets a second try: noise on a shared machine only
+    # ever adds delay, and a verdict this close may be its doing. A clearer miss, or any hold, is not tried again.
+    marginal: float = 1.1
+    # Seconds for the whole search (every server): no try starts that the longest so far would take past it.
+    # None: no limit.
+    budget: float | None = None
 
 
 def concurrency(stack: str, kinds: tuple[str, ...], levels: Levels, log: list[str]) -> dict[str, Search]:
     """The largest number of 20 tokens/s streams each server holds with a p99 gap ≤ 100 ms (see
     :func:`_next_level` for the search). In each round every server still searching takes its turn, so a noisy
-    moment falls on all of them. A marginal miss gets a second try and keeps the better: noise on a shared
-    machine only ever adds delay. For each server: the level it held, the lowest it missed (None: its limit is
-    above the top tried), and how many tries it took."""
+    moment falls on all of them. A marginal miss gets a second try and keeps the better. Once the next try would
+    end past ``levels.budget``, the search stops where it is (``Search.stopped``): each server's level held and
+    lowest missed so far still bracket its limit. For each server: the level it held, the lowest it missed (None:
+    its limit is above the top tried), and how many tries it took."""
     searches = {kind: Search() for kind in kinds}
     trying: dict[str, int | None] = {kind: levels.start for kind in kinds}
+    began, longest = time.perf_counter(), 0.0
     while any(n is not None for n in trying.values()):
         for kind, n in list(trying.items()):
             if n is None:
                 continue
             level = None
             for _ in range(2):
+                if levels.budget is not None and time.perf_counter() - began + longest > levels.budget:
+                    for search in searches.values():
+                        search.stopped = True
+                    return searches
+                started = time.perf_counter()
                 with serve(kind, stack, {"PARLEY_ECHO_DELAY": "0.05"}) as server:
                     tried = run(_many_streams(server, server.sessions(n), levels.tokens))
+                longest = max(longest, time.perf_counter() - started)
                 searches[kind].tries += 1
                 line = (f"{stack:16} {kind:6} N={n:5}: p99 gap {tried.p99_gap_ms:7.1f} ms, "
                         f"{tried.completed}/{n} complete, {tried.rss_per_stream_kib:6.1f} KiB/stream, "
-                        f"client CPU {tried.client_cpu:.0%}")  # fmt: skip
+                        f"client CPU {tried.client_cpu:.0%}, {time.perf_counter() - started:.0f} s")  # fmt: skip
                 log.append(line)
                 print("  " + line, flush=True)
                 if level is None or tried.p99_gap_ms < level.p99_gap_ms:
@@ -168,9 +181,9 @@ def concurrency(stack: str, kinds: tuple[str, ...], levels: Levels, log: list[st
                     break
             assert level is not None
             search = searches[kind]
+            search.ran[level.streams] = level
             if level.held:
                 search.held = level
-                search.all_held[level.streams] = level
             else:
                 search.missed = level
             held, missed = search.held, search.missed
@@ -183,4 +196,8 @@ class Search:
     held: Level | None = None
     missed: Level | None = None
     tries: int = 0
-    all_held: dict[int, Level] = field(default_factory=dict)  # every level held, by its number of streams
+    ran: dict[int, Level] = field(default_factory=dict)  # every level tried (its better try), by its streams
+    stopped: bool = False  # the search ran out of time: the limit lies between held and missed, not closer
+
+    def all_held(self) -> dict[int, Level]:
+        return {n: level for n, level in self.ran.items() if level.held}

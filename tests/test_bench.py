@@ -53,11 +53,21 @@ def test_figure_2_stops_at_its_top_and_at_nothing_held() -> None:
     assert search(100, streams.Levels(2500)) == (None, 7)  # falls to the finest level, misses it, stops
 
 
+def test_figure_2_says_where_a_search_left_each_limit() -> None:
+    held, missed = streams.Level(9000, 90.0, 9000, 12.0, 0.3), streams.Level(11250, 130.0, 11250, 11.0, 0.3)
+    assert run._limit(streams.Search(held, missed)) == "9000"
+    assert run._limit(streams.Search(held, None)) == "≥ 9000"  # held the highest level it tried
+    # Stopped by its budget before it closed in: the limit lies anywhere below the lowest level missed.
+    assert run._limit(streams.Search(held, missed, stopped=True)) == "9000 (< 11250)"
+    assert run._limit(streams.Search(None, missed, stopped=True)) == "< 11250"
+
+
 def test_make_bench_is_expected_to_take_at_most_20_minutes() -> None:
-    defaults = {"runs": 5, "start": None, "tokens": 200, "rounds": 3, "seconds": 4, "count": 200}
+    defaults = {"runs": 5, "start": None, "tokens": 200, "rounds": 3, "seconds": 4, "count": 200, "budget": run.BUDGET}
     args = argparse.Namespace(**defaults)
     seconds = sum(run.estimate(figure, stack, args) for figure in run.DEFAULT for stack in run.STACKS)
     assert seconds <= 20 * 60
+    assert all(run.estimate("concurrency", stack, args) <= run.BUDGET for stack in run.STACKS)
     assert set(run.TITLES) == set(run.FIGURES)
 
 
