@@ -26,7 +26,13 @@ class EchoAgent:
 
     async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
         text = turn.message + "".join(f"\n[file: {f.filename}, {f.size} bytes]" for f in turn.files)
-        for token in _TOKEN.finditer(text):  # (one at a time: a stream does not hold its every token from the start)
+        # One token at a time (a stream does not hold its every token from the start), each matched where the last
+        # one ended: an iterator over the matches would keep ~1.5 KiB of the matcher's state for the whole reply.
+        position, end, match = 0, len(text), _TOKEN.match
+        while position < end:
+            token = match(text, position)
+            assert token is not None  # (the pattern matches wherever there is text left)
+            position = token.end()
             # Even with no delay, pause at a checkpoint: a fast echo still lets a cancel in between tokens.
             if self.delay:
                 await anyio.sleep(self.delay)
