@@ -247,36 +247,19 @@ async def test_an_owner_that_cannot_renew_stops_before_its_lease_ends(
     # run out (so B may take the session once Redis is back, and the two turns never overlap), and records it
     # interrupted.
     a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="2")
-    message = " ".join(f"y{i}" for i in range(400))  # 20 s of stream
     async with httpx.AsyncClient(timeout=30) as client:
         session_id = await session_on(client, a)
-        received = ""
-        ended_at: float | None = None
+        received = await _redis_down_while_streaming(client, a, session_id, redis_server)
 
-        async def follow() -> None:
-            nonlocal received, ended_at
-            async with chat(client, a, session_id, message) as response:
-                async for chunk in response.aiter_text():
-                    received += chunk
-            ended_at = time.monotonic()
+        async def idle_on_b() -> bool:
+            # Once A's claim is gone (released, or run out with its lease), B sees the session free.
+            answer = await client.get(f"{b.url}/api/v1/sessions/{session_id}")
+            return answer.status_code == 200 and answer.json()["status"] == "idle"
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(follow)
-            await eventually(lambda: _true(len(received.split()) >= 3))
-            redis_server.stop()
-            # Stopped before its lease ran out (then A tried to record it for up to 1 s before ending the response).
-            await eventually(lambda: _true(ended_at is not None), within=10)
-            redis_server.start()
-
-            async def idle_on_b() -> bool:
-                # Once A's claim is gone (released, or run out with its lease), B sees the session free.
-                answer = await client.get(f"{b.url}/api/v1/sessions/{session_id}")
-                return answer.status_code == 200 and answer.json()["status"] == "idle"
-
-            await eventually(idle_on_b, within=10)
-            second = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "b"})
-            assert second.status_code == 200, second.text
-            assert second.text == "b"
+        await eventually(idle_on_b, within=10)
+        second = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "b"})
+        assert second.status_code == 200, second.text
+        assert second.text == "b"
         assert 3 <= len(received.split()) < 400
 
         async def recorded() -> bool:
@@ -297,6 +280,35 @@ async def test_an_owner_that_cannot_renew_stops_before_its_lease_ends(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _redis_down_while_streaming(
+    client: httpx.AsyncClient, a: Subprocess, session_id: str, redis_server: RedisServer, down_for: float = 0.0
+) -> str:
+    """A streams a 20 s reply; Redis stops after its first tokens and starts again once A's response has ended
+    (A stops a reply whose claim it cannot renew, before its lease runs out, then tries to record it for up to 1 s),
+    and no sooner than ``down_for`` seconds after it stopped. What the client received."""
+    message = " ".join(f"y{i}" for i in range(400))
+    received = ""
+    ended = anyio.Event()
+
+    async def follow() -> None:
+        nonlocal received
+        async with chat(client, a, session_id, message) as response:
+            async for chunk in response.aiter_text():
+                received += chunk
+        ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follow)
+        await eventually(lambda: _true(len(received.split()) >= 3))
+        redis_server.stop()
+        stopped_at = time.monotonic()
+        with anyio.fail_after(10):
+            await ended.wait()
+        await anyio.sleep(max(0.0, stopped_at + down_for - time.monotonic()))
+        redis_server.start()
+    return received
 
 
 async def test_delete_works_while_the_owner_is_dead_or_silent(
@@ -460,28 +472,10 @@ async def test_a_record_that_reads_final_never_changes_after_an_outage_longer_th
     # look for orphans) must never see the reply final with any text but the one the client received: nobody
     # marks it interrupted while its owner, alive, may still record it, and its owner records it promptly.
     a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="2")
-    message = " ".join(f"y{i}" for i in range(400))  # 20 s of stream
     async with httpx.AsyncClient(timeout=30) as client:
         session_id = await session_on(client, a)
-        received = ""
-        ended_at: float | None = None
-
-        async def follow() -> None:
-            nonlocal received, ended_at
-            async with chat(client, a, session_id, message) as response:
-                async for chunk in response.aiter_text():
-                    received += chunk
-            ended_at = time.monotonic()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(follow)
-            await eventually(lambda: _true(len(received.split()) >= 3))
-            redis_server.stop()
-            stopped_at = time.monotonic()
-            await eventually(lambda: _true(ended_at is not None), within=10)
-            # Longer than the lease: A's claim runs out in Redis's eyes meanwhile.
-            await anyio.sleep(max(0.0, stopped_at + 4.5 - time.monotonic()))
-            redis_server.start()
+        # Longer than the lease: A's claim runs out in Redis's eyes meanwhile.
+        received = await _redis_down_while_streaming(client, a, session_id, redis_server, down_for=4.5)
         seen: list[tuple[str, str]] = []
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
