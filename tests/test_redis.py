@@ -282,19 +282,23 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def _redis_down_while_streaming(
-    client: httpx.AsyncClient, a: Subprocess, session_id: str, redis_server: RedisServer, down_for: float = 0.0
+async def stream_through_an_outage(
+    client: httpx.AsyncClient,
+    server: Subprocess,
+    session_id: str,
+    message: str,
+    outage: Callable[[], object],
+    down_for: float = 0.0,
 ) -> str:
-    """A streams a 20 s reply; Redis stops after its first tokens and starts again once A's response has ended
-    (A stops a reply whose claim it cannot renew, before its lease runs out, then tries to record it for up to 1 s),
-    and no sooner than ``down_for`` seconds after it stopped. What the client received."""
-    message = " ".join(f"y{i}" for i in range(400))
+    """Chat ``message`` on ``server`` and call ``outage()`` (a store or Redis stops) once its first words have
+    arrived; return what the client received, once the response has ended (its owner stops a reply it cannot keep,
+    then tries to record it) and ``down_for`` seconds have passed since the outage began."""
     received = ""
     ended = anyio.Event()
 
     async def follow() -> None:
         nonlocal received
-        async with chat(client, a, session_id, message) as response:
+        async with chat(client, server, session_id, message) as response:
             async for chunk in response.aiter_text():
                 received += chunk
         ended.set()
@@ -302,12 +306,23 @@ async def _redis_down_while_streaming(
     async with anyio.create_task_group() as tg:
         tg.start_soon(follow)
         await eventually(lambda: _true(len(received.split()) >= 3))
-        redis_server.stop()
-        stopped_at = time.monotonic()
-        with anyio.fail_after(10):
+        outage()
+        began = time.monotonic()
+        with anyio.fail_after(15):
             await ended.wait()
-        await anyio.sleep(max(0.0, stopped_at + down_for - time.monotonic()))
-        redis_server.start()
+        await anyio.sleep(max(0.0, began + down_for - time.monotonic()))
+    return received
+
+
+async def _redis_down_while_streaming(
+    client: httpx.AsyncClient, a: Subprocess, session_id: str, redis_server: RedisServer, down_for: float = 0.0
+) -> str:
+    """A streams a 20 s reply; Redis stops after its first tokens and starts again once A's response has ended
+    (A stops a reply whose claim it cannot renew, before its lease runs out), and no sooner than ``down_for``
+    seconds after it stopped. What the client received."""
+    message = " ".join(f"y{i}" for i in range(400))
+    received = await stream_through_an_outage(client, a, session_id, message, redis_server.stop, down_for)
+    redis_server.start()
     return received
 
 
