@@ -190,6 +190,7 @@ class RedisStore:
             pass
 
     async def close(self) -> None:
+        self.scripts.close()
         await self.redis.aclose()
 
     async def create_session(self, session: Session) -> None:
@@ -274,7 +275,7 @@ class RedisStore:
                 keys.append(claim.slots)
         arguments += (user.content[:_FIRST_TEXT_CHARS], "1" if claim is not None and claim.waiting else "")
         with _reachable(self.on_error):
-            answer: Any = await self.scripts.begin_turn(keys, arguments)
+            answer: Any = await self.scripts.run(self.scripts.begin_turn, keys, arguments)
         outcome = answer[0]
         if outcome == "missing":
             raise SessionNotFound(session_id)
@@ -380,7 +381,7 @@ class RedisStore:
         deadline = time.monotonic() + self.finish_retry_seconds
         while True:
             try:
-                first: Any = await self.scripts.end_turn(keys, arguments)
+                first: Any = await self.scripts.run(self.scripts.end_turn, keys, arguments)
                 break
             except _DOWN:
                 self.on_error(self.name)

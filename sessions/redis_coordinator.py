@@ -257,6 +257,7 @@ class RedisCoordinator:
                     except ApiError:
                         logger.warning("lease sweeper: the store is unavailable; will retry")
         finally:
+            self.claims.scripts.close()  # (its pipe: the client's own connections close with the client)
             if self.rejoin.reader is not self.redis:
                 with anyio.CancelScope(shield=True):
                     await self.rejoin.reader.aclose()  # (its one connection: the reader ran in this task group)
