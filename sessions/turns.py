@@ -38,10 +38,6 @@ _REASON_STATUS: dict[str, MessageStatus] = {
 # Events that show nothing: a reply's first token (its time to first token) is the first event of another kind.
 _UNSEEN = (Step, Usage)
 
-# Record before the client sees the end, so that reading the history right after finds the reply; but if the
-# store is slow (Redis down), end the stream after this long anyway and keep trying to record in the background.
-_RECORD_BEFORE_END = 1.0
-
 
 @dataclass(frozen=True)
 class TurnRequest:
@@ -121,12 +117,16 @@ class TurnRunner:
         agents: Agents,
         observers: Sequence[TurnObserver] = (),
         checkpoint_seconds: float = 1.0,
+        record_before_end_seconds: float = 1.0,
     ) -> None:
         self.store = store
         self.interactions = interactions
         self.agents = agents
         self.observers = tuple(observers)
         self.checkpoint_seconds = checkpoint_seconds
+        # Record before the client sees the end, so that reading the history right after finds the reply; but if
+        # the store is slow (Redis down), end the stream after this long anyway and keep trying to record after.
+        self.record_before_end_seconds = record_before_end_seconds
         self._history_limits = HistoryLimits({agent.name: agent.history_limit for agent in agents}, self._history_limit)
         # Replies whose text is due to be saved (message id → its tokens so far), and whether a write is under way:
         # see _checkpoint.
@@ -224,7 +224,7 @@ class TurnRunner:
                 # The agent was stopped (or ended) while a tool ran: the runner records the call as failed.
                 closing = unfinished_calls(events, status) if relayed.acted else []
                 events.extend(closing)
-                with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
+                with anyio.move_on_after(self.record_before_end_seconds, shield=True) as attempt:
                     # (With Redis, the session is freed in the same round trip.)
                     content, parts, usage = split(events)
                     await self.interactions.end_turn(
