@@ -146,8 +146,12 @@ class Pipe:
                 greeting.append(self._send(_pack(("AUTH", *credentials))))
             if self.db:
                 greeting.append(self._send(_pack(("SELECT", self.db))))
-            for answer in greeting:
-                await answer
+            try:
+                for answer in greeting:
+                    await answer
+            except BaseException:
+                self._drop(redis_errors.ConnectionError("Redis refused the connection's AUTH or SELECT."))
+                raise
 
     def _received(self, data: bytes) -> None:
         reader, waiting = self._reader, self._waiting
@@ -211,7 +215,8 @@ class _Protocol(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        self.pipe._received(data)
+        if self.transport is self.pipe._transport:  # (not one given up on)
+            self.pipe._received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:

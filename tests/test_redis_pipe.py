@@ -84,3 +84,25 @@ async def test_clients_the_pipe_does_not_speak_for_have_none(redis_server: Redis
         client = connect(url)
         assert pipe_of(client) is None
         await client.aclose()
+
+
+async def test_the_pipe_speaks_to_its_database_and_refuses_what_redis_refuses(redis_server: RedisServer) -> None:
+    client = connect(f"redis://127.0.0.1:{redis_server.port}/3")
+    pipe = pipe_of(client)
+    assert pipe is not None
+    try:
+        await pipe.call("SET", "where", "three")
+        assert await client.get("where") == "three"
+        other = connect(redis_server.url)
+        assert await other.get("where") is None  # (database 0)
+        await other.aclose()
+    finally:
+        pipe.close()
+        await client.aclose()
+    wrong = connect(f"redis://:no-such-password@127.0.0.1:{redis_server.port}/0")
+    refused = pipe_of(wrong)
+    assert refused is not None
+    with pytest.raises(redis_errors.RedisError):  # (this Redis has no password: AUTH is refused)
+        await refused.call("PING")
+    refused.close()
+    await wrong.aclose()
