@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis import exceptions as redis_errors
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
@@ -227,7 +228,7 @@ def _pack(command: tuple[Any, ...]) -> bytes:
     return hiredis.pack_command(command)  # type: ignore[no-any-return]
 
 
-def _error(message: str) -> redis_errors.ResponseError:
-    if message.startswith("NOSCRIPT"):
-        return redis_errors.NoScriptError(message)
-    return redis_errors.ResponseError(message)
+def _error(message: str) -> Exception:
+    # As redis-py reads it: LOADING (a Redis restarting, still reading its data) is a BusyLoadingError, which is a
+    # ConnectionError (Redis not there yet: try again), NOSCRIPT a NoScriptError, and so on.
+    return BaseParser.parse_error(message)  # type: ignore[no-untyped-call,no-any-return]

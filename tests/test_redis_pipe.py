@@ -106,3 +106,18 @@ async def test_the_pipe_speaks_to_its_database_and_refuses_what_redis_refuses(re
         await refused.call("PING")
     refused.close()
     await wrong.aclose()
+
+
+async def test_errors_read_as_redis_py_reads_them(redis_server: RedisServer) -> None:
+    # A Redis that restarts answers LOADING while it reads its data back: that is Redis not there yet (a
+    # ConnectionError, which the store's last write of a reply waits out), not a failed command. (The script only
+    # makes Redis send the same error line.)
+    pipe = pipe_on(redis_server)
+    try:
+        with pytest.raises(redis_errors.ConnectionError):
+            await pipe.call("EVAL", "return redis.error_reply('LOADING Redis is loading the dataset in memory')", 0)
+        with pytest.raises(redis_errors.ResponseError) as refused:
+            await pipe.call("EVAL", "return redis.error_reply('ERR not this')", 0)
+        assert not isinstance(refused.value, redis_errors.ConnectionError)
+    finally:
+        pipe.close()
