@@ -194,6 +194,12 @@ class RedisCoordinator:
     def lease(self, interaction: Interaction) -> Lease:
         return self.claims.lease(interaction)
 
+    async def aclose(self) -> None:
+        """Close its connections (its client's, and the pipe beside it: see sessions.redis_pipe), for a coordinator
+        used without :meth:`run`, which closes the pipe when it ends."""
+        self.claims.scripts.close()
+        await self.redis.aclose()
+
     async def release(self, interaction: Interaction, slots: StreamSlots | None) -> None:
         await self._tell_first(interaction.session_id, await self.claims.release(interaction, _redis_slots(slots)))
 
