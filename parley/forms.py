@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import json.scanner
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import replace as replace_fields
 from typing import Any
@@ -75,12 +75,16 @@ def bounded(request: Request, max_bytes: int, timeout: float) -> Request:
     return Request(request.scope, counted)
 
 
-async def read_form(request: Request, *, max_field_bytes: int = 64 * 1024, max_fields: int = MAX_FIELDS) -> FormData:
+# A form's fields by name (a repeated name: its last value, as Starlette's FormData gives it).
+Form = Mapping[str, str | UploadFile]
+
+
+async def read_form(request: Request, *, max_field_bytes: int = 64 * 1024, max_fields: int = MAX_FIELDS) -> Form:
     """The request's form fields (multipart or urlencoded), with every failure a clear 4xx."""
     return await _read_form(request, _content_type(request), max_field_bytes, max_fields)
 
 
-async def _read_form(request: Request, content_type: str, max_field_bytes: int, max_fields: int) -> FormData:
+async def _read_form(request: Request, content_type: str, max_field_bytes: int, max_fields: int) -> Form:
     if content_type not in _FORM_TYPES:
         if not content_type and not await request.body():
             return FormData()  # no body at all: let the required fields say what is missing
@@ -97,26 +101,27 @@ async def _read_form(request: Request, content_type: str, max_field_bytes: int, 
         raise BadRequest(f"The form could not be parsed: {exc.detail}") from None
 
 
-async def _read_urlencoded(request: Request, max_size: int, max_field_bytes: int, max_fields: int) -> FormData:
+async def _read_urlencoded(request: Request, max_size: int, max_field_bytes: int, max_fields: int) -> Form:
     # The standard library's parser over the (bounded) body: cheaper than the streaming parser, which counts
     # for short chats, and it reads raw UTF-8 as UTF-8 where the streaming one reads it as Latin-1.
     body = await _read_at_most(request, max_size, f"A form field is larger than the limit of {max_field_bytes} bytes.")
     text = body.decode("utf-8", errors="replace")
     if text.count("&") >= max_fields:
         raise BadRequest(f"The form has too many fields (at most {max_fields}).")
-    return FormData(_urlencoded_fields(text))
+    return _urlencoded_fields(text)
 
 
-def _urlencoded_fields(text: str) -> list[tuple[str, str | UploadFile]]:
-    """What ``parse_qsl(text, keep_blank_values=True)`` gives, in a few steps where it takes dozens (a chat's form is
-    two short fields, most often with nothing to unquote)."""
-    fields: list[tuple[str, str | UploadFile]] = []
+def _urlencoded_fields(text: str) -> dict[str, str | UploadFile]:
+    """``dict(parse_qsl(text, keep_blank_values=True))``, in a few steps where it takes dozens (a chat's form is two
+    short fields, most often with nothing to unquote), and a plain dict rather than a FormData, whose lookups are
+    Python code."""
+    fields: dict[str, str | UploadFile] = {}
     for pair in text.split("&"):
         if pair:
             name, _, value = pair.partition("=")
             if "%" in pair or "+" in pair:
                 name, value = unquote_plus(name), unquote_plus(value)
-            fields.append((name, value))
+            fields[name] = value
     return fields
 
 
@@ -163,14 +168,14 @@ async def read_json_or_form(request: Request) -> dict[str, Any]:
     return {}
 
 
-def required_text(form: FormData, name: str) -> str:
+def required_text(form: Form, name: str) -> str:
     value = form.get(name)
     if not isinstance(value, str) or not value.strip():
         raise BadRequest(f"The field '{name}' is required and must not be empty.")
     return value
 
 
-def optional_text(form: FormData, name: str) -> str | None:
+def optional_text(form: Form, name: str) -> str | None:
     value = form.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
