@@ -173,6 +173,7 @@ FILE_IDS = 'Invalid file_ids format: expected a JSON array of strings, like ["fi
         (b'{"id": "s", "messages": 3}', "messages must be an array of UI messages."),
         (b'{"id": "s", "messages": []}', "messages has no user message to answer."),
         (b'{"id": "s", "messages": [], "trigger": "x"}', "trigger must be 'submit-message' or 'regenerate-message'."),
+        (b'{"id": "s", "message": {"role": "assistant", "parts": []}}', "messages has no user message to answer."),
         (b'{"ui_session_id": "s", "message": "hi", "on_disconnect": "later"}', ON_DISCONNECT),
         (b'{"ui_session_id": "s", "message": "hi", "file_ids": [1]}', FILE_IDS),
     ],
