@@ -514,10 +514,12 @@ async def test_a_redis_stall_shorter_than_the_lease_does_not_stop_a_reply(
     # Issue 24 §3.5. Redis stalls (SIGSTOP: connections hang, nothing is refused) for less than the lease: the
     # renewal in flight must not wait out a socket timeout longer than the lease; renewals retry within the lease,
     # and the reply goes on to complete.
-    # As in the issue: a lease of 10 s, Redis stalled from just before the first renewal (due at 3.3 s) for longer
-    # than the 5 s socket timeout, back before the owner's stop (at 9 s) and well before the claim runs out (10 s).
-    a, _ = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="10")
-    message = " ".join(f"z{i}" for i in range(260))  # 13 s of stream
+    # As in the issue, with a lease of 12 s: Redis stalled from just before the first renewal (due at 4 s) for
+    # longer than the 5 s socket timeout, back about 1.4 s before the owner's stop (at 10.8 s; renewals are tried
+    # every 1.8 s at most, and a loaded machine needs the rest) and well before the claim runs out (12 s). (With
+    # the issue's 10 s lease, the margin was 0.4 s, less than a retry's period: it failed on a loaded machine.)
+    a, _ = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="12")
+    message = " ".join(f"z{i}" for i in range(300))  # 15 s of stream
     assert redis_server.process is not None
     async with httpx.AsyncClient(timeout=30) as client:
         session_id = await session_on(client, a)
@@ -531,7 +533,7 @@ async def test_a_redis_stall_shorter_than_the_lease_does_not_stop_a_reply(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(follow)
-            await eventually(lambda: _true(len(received.split()) >= 60), within=10)  # 3 s in
+            await eventually(lambda: _true(len(received.split()) >= 76), within=10)  # 3.8 s in, or later
             redis_server.process.send_signal(signal.SIGSTOP)
             try:
                 await anyio.sleep(5.6)  # a stall, not a wait for a condition: shorter than the lease
