@@ -48,6 +48,10 @@ def read_file_part(part: dict[str, Any], max_bytes: int) -> FilePart:
     if not isinstance(url, str) or not isinstance(media_type, str) or not isinstance(filename, str | None):
         raise BadRequest("A file part needs a url and a mediaType, as strings (and its filename, if any).")
     filename = filename or ""
+    try:
+        filename.encode()
+    except UnicodeEncodeError:  # (JSON may carry a lone surrogate: no name a store or a client can take)
+        raise BadRequest("A file part's filename is not valid Unicode text (it has a lone surrogate).") from None
     if url[:5].lower() == "data:":
         data = _data_url_bytes(url)
         if len(data) > max_bytes:

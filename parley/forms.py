@@ -249,7 +249,7 @@ async def read_chat(request: Request, *, max_message_bytes: int, max_file_bytes:
         # JSON may carry a lone surrogate ("\ud800", or the raw bytes ED A0 80, which json.loads lets through):
         # not text any store, model or client can take.
         size = len(chat.message.encode())
-        for text in (chat.session_id, *chat.file_ids, *(file.filename for file in chat.files)):
+        for text in (chat.session_id, *chat.file_ids):
             text.encode()
     except UnicodeEncodeError:
         raise BadRequest("The chat is not valid Unicode text (it has a lone surrogate).") from None

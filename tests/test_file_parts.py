@@ -5,6 +5,7 @@ take is refused, and leaves nothing behind."""
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,7 @@ async def test_the_same_file_sent_again_or_by_its_url_in_parley_names_the_file_t
         (file_part("cat.png", "image/png", "https://example.com/cat.png"), 400, "parley fetches nothing"),
         (file_part("a.txt", "text/plain", "/elsewhere/cat.png"), 400, "parley fetches nothing"),
         ({"type": "file", "url": "data:,hi"}, 400, "needs a url and a mediaType"),
+        (file_part("\ud800.txt", "text/plain", "data:,hi"), 400, "lone surrogate"),
         (file_part("big.bin", "application/octet-stream", data_url(b"x" * 4097, "x/y")), 413, "larger than the limit"),
         (file_part("a.txt", "text/plain", "/api/v1/files/s/file_nope/content"), 404, "File not found: file_nope"),
     ],
@@ -147,7 +149,10 @@ async def test_a_file_part_parley_cannot_take_is_refused_and_leaves_nothing(
     async with server.client() as client:
         session_id = await new_session(client)
         # (A good file before it: it must not stay either.)
-        response = await client.post("/api/v1/chat", json=body(session_id, "hi", [good, part]), headers=PLAIN)
+        sent = json.dumps(body(session_id, "hi", [good, part]))  # (a lone surrogate as \ud800, as JSON allows)
+        response = await client.post(
+            "/api/v1/chat", content=sent, headers={**PLAIN, "content-type": "application/json"}
+        )
         assert response.status_code == status, response.text
         assert message in response.json()["message"]
         assert await messages(client, session_id) == []
