@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
 from parley.errors import BadRequest, BodyTimeout, PayloadTooLarge
+from parley.file_parts import FilePart, read_file_part
 from parley.sessions.store import TITLE_MAX_CHARS
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -235,16 +236,18 @@ class ChatRequest:
     keep: bool = False
     client_id: str = ""
     if_busy: str | None = None
+    files: tuple[FilePart, ...] = ()  # the AI SDK's file parts of the message (see parley.file_parts)
 
 
 _ON_DISCONNECT = ("cancel", "continue")
 _IF_BUSY = ("reject", "interrupt", "enqueue")
 
 
-async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
+async def read_chat(request: Request, *, max_message_bytes: int, max_file_bytes: int) -> ChatRequest:
+    """The chat as sent; ``max_file_bytes`` bounds each file of an AI SDK message's file parts."""
     content_type = _content_type(request)
     if content_type == "application/json":
-        chat = _chat_json(await _read_json(request, 16 * max_message_bytes + 64 * 1024))
+        chat = _chat_json(await _read_json(request, 16 * max_message_bytes + 64 * 1024), max_file_bytes)
     else:
         form = await _read_form(request, content_type, max_message_bytes, MAX_FIELDS)
         replace = optional_text(form, "replace")
@@ -325,7 +328,7 @@ def _loads_bounded(raw: bytes) -> Any:
         raise BadRequest("The body is not valid JSON.") from None
 
 
-def _chat_json(data: Any) -> ChatRequest:
+def _chat_json(data: Any, max_file_bytes: int) -> ChatRequest:
     if not isinstance(data, dict):
         raise BadRequest("The JSON body must be an object.")
     on_disconnect, if_busy = data.get("on_disconnect"), data.get("if_busy")
@@ -341,7 +344,13 @@ def _chat_json(data: Any) -> ChatRequest:
     elif not isinstance(file_ids, list) or not all(isinstance(item, str) for item in file_ids):
         raise BadRequest('Invalid file_ids format: expected a JSON array of strings, like ["file_123"].')
     file_ids = list(dict.fromkeys(file_ids))
-    if "messages" not in data:
+    # The AI SDK's body has the chat's "messages", or only the last one as "message" (its recipe for sending only
+    # the new message, prepareSendMessagesRequest: parley has the rest); parley's own has "message" as text.
+    if "messages" in data:
+        messages = data["messages"]
+    elif isinstance(data.get("message"), dict):
+        messages = [data["message"]]
+    else:
         session_id, message, replace = data.get("ui_session_id"), data.get("message"), data.get("replace")
         if replace is not None and (not isinstance(replace, str) or not replace.strip()):
             raise BadRequest("replace must be the id of a message of the session.")
@@ -369,17 +378,17 @@ def _chat_json(data: Any) -> ChatRequest:
     # message before the reply the client dropped (messageId names the reply, or nothing: the last one); after
     # sendMessage({text, messageId}), the edited message. In history, that message takes the place of the one
     # with its id (or, when the SDK named one, of messageId's) with all that followed; a new one is appended.
-    client_id, message = _last_user_message(data["messages"])
+    client_id, message, files = _last_user_message(messages, max_file_bytes)
     replace, missing_ok = (message_id, False) if message_id is not None else (client_id or None, True)
     keep = trigger == "regenerate-message"  # (the user message it answers stays as it is)
     return ChatRequest(
-        session_id, message, file_ids, on_disconnect, True, replace, missing_ok, keep, client_id, if_busy
+        session_id, message, file_ids, on_disconnect, True, replace, missing_ok, keep, client_id, if_busy, files
     )
 
 
-def _last_user_message(messages: Any) -> tuple[str, str]:
+def _last_user_message(messages: Any, max_file_bytes: int) -> tuple[str, str, tuple[FilePart, ...]]:
     """The id (when it is one parley keeps: 1 to 128 letters, digits, '_' or '-', as the AI SDK's own ids and UUIDs
-    are) and the text of the last user message."""
+    are), the text and the file parts of the last user message."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise BadRequest("messages must be an array of UI messages.")
     for message in reversed(messages):
@@ -397,5 +406,6 @@ def _last_user_message(messages: Any) -> tuple[str, str]:
         client_id = message.get("id")
         if not isinstance(client_id, str) or not SESSION_ID.fullmatch(client_id):
             client_id = ""  # (the message gets parley's own id)
-        return client_id, text
+        files = tuple(read_file_part(part, max_file_bytes) for part in parts if part.get("type") == "file")
+        return client_id, text, files
     raise BadRequest("messages has no user message to answer.")
