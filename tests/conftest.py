@@ -155,6 +155,7 @@ class Subprocess:
         self.env = {**os.environ, **env}
         self.process: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
+        self._stopped_said = b""
 
     @property
     def server(self) -> str:
@@ -167,6 +168,7 @@ class Subprocess:
         """Start the process without waiting for it: see :func:`start_together`."""
         log = self.log.open("ab") if self.log is not None else None
         # Without a log, stderr is kept anyway, for what a process that did not start said.
+        self._keep_stderr()  # (a restart's)
         self._stderr = tempfile.TemporaryFile() if log is None else None
         if self.hypercorn:
             command = [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{self.port}", *self.args, self.app]
@@ -205,11 +207,10 @@ class Subprocess:
         )
 
     def _said(self) -> str:
-        """The end of what the process wrote to stderr (or to its log)."""
-        if self._stderr is not None:
-            self._stderr.seek(0)
-            said = self._stderr.read()
-        elif self.log is not None and self.log.exists():
+        """The end of what the stopped process wrote to stderr (or to its log)."""
+        if self.log is None:
+            said = self._stopped_said
+        elif self.log.exists():
             said = self.log.read_bytes()
         else:
             return ""
@@ -224,6 +225,14 @@ class Subprocess:
             else:
                 self.process.terminate()
             self.process.wait(10)
+        self._keep_stderr()
+
+    def _keep_stderr(self) -> None:
+        if self._stderr is not None:
+            self._stderr.seek(max(0, self._stderr.seek(0, os.SEEK_END) - 2000))
+            self._stopped_said = self._stderr.read()
+            self._stderr.close()
+            self._stderr = None
 
 
 def start_together(*procs: Subprocess) -> tuple[Subprocess, ...]:

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from parley.sessions.errors import EventLoopUnsupported
 from parley.sessions.postgres_blobs import CHUNK_BYTES
 from parley.sessions.store import Message, Session, new_id, new_ordered_id, utcnow
 from tests.conftest import ROOT, PostgresServer, RedisServer, Subprocess, eventually, start_together
-from tests.test_redis import chat, history, session_on
+from tests.test_redis import chat, history, session_on, stream_through_an_outage
 
 pytestmark = pytest.mark.anyio
 
@@ -251,27 +250,8 @@ async def test_a_reply_that_outlives_postgres_for_longer_than_the_lease_is_read_
     message = " ".join(f"v{i}" for i in range(60))  # 1.2 s of stream
     async with httpx.AsyncClient(timeout=30) as client:
         session_id = await session_on(client, a)
-        received = ""
-        ended = anyio.Event()
-
-        async def stream() -> None:
-            nonlocal received
-            async with chat(client, a, session_id, message) as response:
-                async for chunk in response.aiter_text():
-                    received += chunk
-            ended.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(stream)
-            with anyio.fail_after(10):
-                while len(received.split()) < 3:
-                    await anyio.sleep(0.02)
-            own_postgres.stop()
-            stopped_at = time.monotonic()
-            with anyio.fail_after(15):
-                await ended.wait()  # (the client sees the end a second after the reply's, recorded or not)
-            # Longer than the lease (1 s) after the reply's end: A's claim would have run out meanwhile.
-            await anyio.sleep(max(0.0, stopped_at + 4 - time.monotonic()))
+        # Longer than the lease (1 s) after the reply's end: A's claim would have run out meanwhile.
+        received = await stream_through_an_outage(client, a, session_id, message, own_postgres.stop, down_for=4)
         seen: list[tuple[str, str]] = []
 
         async def read_history(server: Subprocess) -> None:

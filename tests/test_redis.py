@@ -247,36 +247,19 @@ async def test_an_owner_that_cannot_renew_stops_before_its_lease_ends(
     # run out (so B may take the session once Redis is back, and the two turns never overlap), and records it
     # interrupted.
     a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="2")
-    message = " ".join(f"y{i}" for i in range(400))  # 20 s of stream
     async with httpx.AsyncClient(timeout=30) as client:
         session_id = await session_on(client, a)
-        received = ""
-        ended_at: float | None = None
+        received = await _redis_down_while_streaming(client, a, session_id, redis_server)
 
-        async def follow() -> None:
-            nonlocal received, ended_at
-            async with chat(client, a, session_id, message) as response:
-                async for chunk in response.aiter_text():
-                    received += chunk
-            ended_at = time.monotonic()
+        async def idle_on_b() -> bool:
+            # Once A's claim is gone (released, or run out with its lease), B sees the session free.
+            answer = await client.get(f"{b.url}/api/v1/sessions/{session_id}")
+            return answer.status_code == 200 and answer.json()["status"] == "idle"
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(follow)
-            await eventually(lambda: _true(len(received.split()) >= 3))
-            redis_server.stop()
-            # Stopped before its lease ran out (then A tried to record it for up to 1 s before ending the response).
-            await eventually(lambda: _true(ended_at is not None), within=10)
-            redis_server.start()
-
-            async def idle_on_b() -> bool:
-                # Once A's claim is gone (released, or run out with its lease), B sees the session free.
-                answer = await client.get(f"{b.url}/api/v1/sessions/{session_id}")
-                return answer.status_code == 200 and answer.json()["status"] == "idle"
-
-            await eventually(idle_on_b, within=10)
-            second = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "b"})
-            assert second.status_code == 200, second.text
-            assert second.text == "b"
+        await eventually(idle_on_b, within=10)
+        second = await client.post(f"{b.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "b"})
+        assert second.status_code == 200, second.text
+        assert second.text == "b"
         assert 3 <= len(received.split()) < 400
 
         async def recorded() -> bool:
@@ -297,6 +280,50 @@ async def test_an_owner_that_cannot_renew_stops_before_its_lease_ends(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def stream_through_an_outage(
+    client: httpx.AsyncClient,
+    server: Subprocess,
+    session_id: str,
+    message: str,
+    outage: Callable[[], object],
+    down_for: float = 0.0,
+) -> str:
+    """Chat ``message`` on ``server`` and call ``outage()`` (a store or Redis stops) once its first words have
+    arrived; return what the client received, once the response has ended (its owner stops a reply it cannot keep,
+    then tries to record it) and ``down_for`` seconds have passed since the outage began."""
+    received = ""
+    ended = anyio.Event()
+
+    async def follow() -> None:
+        nonlocal received
+        async with chat(client, server, session_id, message) as response:
+            async for chunk in response.aiter_text():
+                received += chunk
+        ended.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follow)
+        await eventually(lambda: _true(len(received.split()) >= 3))
+        outage()
+        began = time.monotonic()
+        with anyio.fail_after(15):
+            await ended.wait()
+        await anyio.sleep(max(0.0, began + down_for - time.monotonic()))
+    return received
+
+
+async def _redis_down_while_streaming(
+    client: httpx.AsyncClient, a: Subprocess, session_id: str, redis_server: RedisServer, down_for: float = 0.0
+) -> str:
+    """A streams a 20 s reply; Redis stops after its first tokens and starts again once A's response has ended
+    (A stops a reply whose claim it cannot renew, before its lease runs out), and no sooner than ``down_for``
+    seconds after it stopped. What the client received."""
+    message = " ".join(f"y{i}" for i in range(400))
+    received = await stream_through_an_outage(client, a, session_id, message, redis_server.stop, down_for)
+    redis_server.start()
+    return received
 
 
 async def test_delete_works_while_the_owner_is_dead_or_silent(
@@ -460,28 +487,10 @@ async def test_a_record_that_reads_final_never_changes_after_an_outage_longer_th
     # look for orphans) must never see the reply final with any text but the one the client received: nobody
     # marks it interrupted while its owner, alive, may still record it, and its owner records it promptly.
     a, b = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="2")
-    message = " ".join(f"y{i}" for i in range(400))  # 20 s of stream
     async with httpx.AsyncClient(timeout=30) as client:
         session_id = await session_on(client, a)
-        received = ""
-        ended_at: float | None = None
-
-        async def follow() -> None:
-            nonlocal received, ended_at
-            async with chat(client, a, session_id, message) as response:
-                async for chunk in response.aiter_text():
-                    received += chunk
-            ended_at = time.monotonic()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(follow)
-            await eventually(lambda: _true(len(received.split()) >= 3))
-            redis_server.stop()
-            stopped_at = time.monotonic()
-            await eventually(lambda: _true(ended_at is not None), within=10)
-            # Longer than the lease: A's claim runs out in Redis's eyes meanwhile.
-            await anyio.sleep(max(0.0, stopped_at + 4.5 - time.monotonic()))
-            redis_server.start()
+        # Longer than the lease: A's claim runs out in Redis's eyes meanwhile.
+        received = await _redis_down_while_streaming(client, a, session_id, redis_server, down_for=4.5)
         seen: list[tuple[str, str]] = []
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -505,10 +514,12 @@ async def test_a_redis_stall_shorter_than_the_lease_does_not_stop_a_reply(
     # Issue 24 §3.5. Redis stalls (SIGSTOP: connections hang, nothing is refused) for less than the lease: the
     # renewal in flight must not wait out a socket timeout longer than the lease; renewals retry within the lease,
     # and the reply goes on to complete.
-    # As in the issue: a lease of 10 s, Redis stalled from just before the first renewal (due at 3.3 s) for longer
-    # than the 5 s socket timeout, back before the owner's stop (at 9 s) and well before the claim runs out (10 s).
-    a, _ = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="10")
-    message = " ".join(f"z{i}" for i in range(260))  # 13 s of stream
+    # As in the issue, with a lease of 12 s: Redis stalled from just before the first renewal (due at 4 s) for
+    # longer than the 5 s socket timeout, back about 1.4 s before the owner's stop (at 10.8 s; renewals are tried
+    # every 1.8 s at most, and a loaded machine needs the rest) and well before the claim runs out (12 s). (With
+    # the issue's 10 s lease, the margin was 0.4 s, less than a retry's period: it failed on a loaded machine.)
+    a, _ = pair(subprocesses, tmp_path, redis_server, PARLEY_REDIS_LEASE_SECONDS="12")
+    message = " ".join(f"z{i}" for i in range(300))  # 15 s of stream
     assert redis_server.process is not None
     async with httpx.AsyncClient(timeout=30) as client:
         session_id = await session_on(client, a)
@@ -522,7 +533,7 @@ async def test_a_redis_stall_shorter_than_the_lease_does_not_stop_a_reply(
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(follow)
-            await eventually(lambda: _true(len(received.split()) >= 60), within=10)  # 3 s in
+            await eventually(lambda: _true(len(received.split()) >= 76), within=10)  # 3.8 s in, or later
             redis_server.process.send_signal(signal.SIGSTOP)
             try:
                 await anyio.sleep(5.6)  # a stall, not a wait for a condition: shorter than the lease
