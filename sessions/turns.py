@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
+from operator import countOf
 from typing import Any, Protocol
 
 import anyio
@@ -473,4 +474,4 @@ def _name_event_loop() -> None:
 
 def _tokens(events: list[Event], acted: bool) -> int:
     """How many text tokens a reply streamed (what observers count): all its events, unless some were not text."""
-    return sum(type(event) is str for event in events) if acted else len(events)
+    return countOf(map(type, events), str) if acted else len(events)  # (counted in C: a reply may be long)
