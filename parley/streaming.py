@@ -216,8 +216,9 @@ class ChatResponse:
             if renderer.response_started and self.keepalive_seconds <= 0:
                 # A server answers a receive() after the response with http.disconnect (the ASGI spec says so):
                 # one pass of the event loop lets the disconnect watch end by itself, which costs a short chat
-                # far less than cancelling it (make bench-instructions).
-                await anyio.lowlevel.cancel_shielded_checkpoint()
+                # far less than cancelling it (make bench-instructions). Not shielded (a scope more): if the group
+                # is cancelled meanwhile, this task is being torn down anyway and has nothing left to do.
+                await anyio.lowlevel.checkpoint()
             if not renderer.left or self.keepalive_seconds > 0:
                 group.cancel()  # the disconnect watch and the keep-alive end with the turn
 

@@ -75,12 +75,10 @@ def _frame(interaction_id: str, seq: int | None, part: dict[str, Any]) -> bytes:
 
 
 def head(interaction: Interaction) -> bytes:
-    """Frame 0: ``start``."""
-    start = {
-        "type": "start",
-        "messageId": interaction.message_id,
-        "messageMetadata": {"ui_session_id": interaction.session_id, "interaction_id": interaction.id},
-    }
+    """Frame 0: ``start``. Its metadata is the reply's as history gives it while it runs (``status`` streaming):
+    ``useChat`` keeps it as the message's until ``finish`` merges in how it ended."""
+    metadata = {"ui_session_id": interaction.session_id, "interaction_id": interaction.id, "status": "streaming"}
+    start = {"type": "start", "messageId": interaction.message_id, "messageMetadata": metadata}
     return _frame(interaction.id, 0, start)
 
 
