@@ -1,8 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Protocol
+
+import anyio
+import anyio.lowlevel
 
 from parley.agents.events import Event
 
@@ -57,3 +61,15 @@ class Agent(Protocol):
 
 class UpstreamError(AgentError):
     """The model server behind the agent refused, failed, or went silent."""
+
+
+def pace(delay: float) -> Callable[[], Awaitable[None]]:
+    """What an agent that streams at a fixed pace awaits before each token: ``anyio.sleep(delay)``, or with no delay a
+    checkpoint, so that a fast agent still lets a cancel in (and other streams run) between its tokens. Call it in
+    the task that runs the reply, once per reply."""
+    if delay:
+        return partial(anyio.sleep, delay)
+    # anyio.lowlevel.checkpoint() finds the running event loop's backend anew on every call (through sniffio: more
+    # instructions than the rest of a token's own work, make bench-instructions); the backend's checkpoint, looked
+    # up once, is the very call it makes.
+    return anyio.lowlevel.current_token().backend_class.checkpoint

@@ -3,10 +3,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncGenerator
 
-import anyio
-from anyio.lowlevel import checkpoint
-
-from parley.agents.base import Turn
+from parley.agents.base import Turn, pace
 from parley.settings import Settings
 
 # A token is a word with the whitespace that follows it; leading whitespace rides on the first word.
@@ -26,17 +23,14 @@ class EchoAgent:
 
     async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
         text = turn.message + "".join(f"\n[file: {f.filename}, {f.size} bytes]" for f in turn.files)
+        pause = pace(self.delay)
         # One token at a time (a stream does not hold its every token from the start), each matched where the last
         # one ended: an iterator over the matches would keep ~1.5 KiB of the matcher's state for the whole reply.
         position, end, match = 0, len(text), _TOKEN.match
         while position < end:
             token = match(text, position).group()  # type: ignore[union-attr]  # (it matches wherever text is left)
             position += len(token)
-            # Even with no delay, pause at a checkpoint: a fast echo still lets a cancel in between tokens.
-            if self.delay:
-                await anyio.sleep(self.delay)
-            else:
-                await checkpoint()
+            await pause()
             yield token
 
 

@@ -108,10 +108,14 @@ async def _inner(kind: str, chats: int, words: int, concurrency: int, accept: by
     # A Redis claim's renewals are timed too (a third of its lease): the same, per chat.
     os.environ["PARLEY_CHECKPOINT_SECONDS"] = "3600"
     os.environ["PARLEY_REDIS_LEASE_SECONDS"] = "3600"
-    # 64 chats at once, ~50 times slower: one may wait its turn for a pooled connection longer than production's
-    # few seconds. (Redis's socket timeout, 5 s, is fixed: on a loaded machine a chat on Redis may still fail.)
+    # 64 chats at once, ~50 times slower, on a machine that may be loaded: one may wait its turn for a pooled
+    # connection, or for its reply from Redis, longer than production's few seconds, and its reply may take longer
+    # than a second to record (then it would be recorded after its response, in more round trips, and counted so).
+    # Settings for the count only: nothing else is told apart by them.
     os.environ["PARLEY_REDIS_POOL_TIMEOUT_SECONDS"] = "600"
     os.environ["PARLEY_DATABASE_POOL_TIMEOUT_SECONDS"] = "600"
+    os.environ["PARLEY_REDIS_SOCKET_TIMEOUT_SECONDS"] = "600"
+    os.environ["PARLEY_RECORD_BEFORE_END_SECONDS"] = "600"
     os.environ["PARLEY_DATA_DIR"] = tempfile.mkdtemp(prefix="parley-instructions-")
     lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     # parley (and the floor, see bench/floor.py) with the garbage-collector settings `uvicorn app:app` applies, as

@@ -30,7 +30,7 @@ const KEY = "parley.apiKey";
 const state = {
   sessionId: null, // the open session, also in the URL's fragment
   view: 0, // bumped whenever the chat view changes, so late answers for an old view are dropped
-  run: null, // the reply being followed: {sessionId, interactionId, abort, reply, stopping}
+  run: null, // the reply being followed: {sessionId, interactionId, abort, reply, stopping, stopOnStart}
   attachments: [], // [{file, uploaded: FileInfo | null, sessionId}]
   titles: new Map(),
   agents: new Map(), // session id -> its agent's name, to label its replies
@@ -549,6 +549,7 @@ function setStreaming(on) {
 // the status history gave it (null when the stream ended without saying).
 async function readReply(response, run) {
   run.interactionId = response.headers.get("x-interaction-id") ?? run.interactionId;
+  if (run.stopOnStart) cancel(run); // Stop was pressed before the reply had started
   if (!(response.headers.get("content-type") ?? "").startsWith("text/event-stream")) {
     throw new Error(`expected a stream of server-sent events, got ${response.headers.get("content-type")}`);
   }
@@ -624,6 +625,7 @@ async function follow(reply, sessionId, open) {
     lastEventId: null,
     abort: new AbortController(),
     stopping: false,
+    stopOnStart: false,
     show(parts) {
       // (Counted in parts shown and, within the last, in text: the replay catches up before the display moves.)
       const shown = parts.filter((part) => partKind(part) !== null);
@@ -855,18 +857,27 @@ async function renameSession() {
   }
 }
 
-async function stop() {
+// Stop cancels the reply by its interaction id, which comes with the reply's first frame. Pressed before that (the
+// request is on its way, or the model has not said its first word), it waits for the id: a cancel without one would
+// stop whatever reply the session runs when it arrives, another tab's or the next one, and none if it came first.
+function stop() {
   const run = state.run;
   if (!run || run.stopping) return;
   run.stopping = true;
-  ui.send.disabled = true;
+  ui.send.disabled = true; // (until the cancel is answered, or the reply ends)
+  if (run.interactionId) cancel(run);
+  else run.stopOnStart = true;
+}
+
+async function cancel(run) {
+  run.stopOnStart = false;
   try {
     await postForm("api/v1/cancel", { ui_session_id: run.sessionId, interaction_id: run.interactionId });
   } catch (error) {
     run.stopping = false;
     showError(`Stop failed: ${error.message}`);
   } finally {
-    ui.send.disabled = false;
+    if (state.run === run) ui.send.disabled = false;
   }
 }
 

@@ -16,23 +16,20 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from parley import gc_tuning, logs, metrics, page
 from parley.agents import Agents
 from parley.auth import Auth, keys_from
 from parley.errors import EXCEPTION_HANDLERS
 from parley.openapi import document
-from parley.rejoin import Follow
 from parley.routes import chat, files, operations, sessions
 from parley.service import build
 from parley.sessions import Store
 from parley.sessions.errors import EventLoopUnsupported, StoreUnavailable
 from parley.sessions.turns import TurnObserver
 from parley.settings import Settings, SettingsError
-from parley.streaming import ChatResponse
 from parley.telemetry import Telemetry
 
 logger = logging.getLogger("parley")
@@ -42,7 +39,7 @@ class _PlainEndpoint:
     """A route endpoint run as a plain ASGI app: Starlette wraps a function endpoint's ``send`` in one more
     layer, a cost paid on every token of a stream. Errors still reach the app's exception handlers."""
 
-    def __init__(self, handler: Callable[[Request], Awaitable[Response | ChatResponse | Follow]]) -> None:
+    def __init__(self, handler: Callable[[Request], Awaitable[ASGIApp]]) -> None:
         self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -3,11 +3,11 @@ from __future__ import annotations
 import json
 import json.scanner
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import replace as replace_fields
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 import anyio
 from starlette.datastructures import FormData, UploadFile
@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message
 
 from parley.errors import BadRequest, BodyTimeout, PayloadTooLarge
+from parley.file_parts import FilePart, read_file_part
 from parley.sessions.store import TITLE_MAX_CHARS
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -75,12 +76,16 @@ def bounded(request: Request, max_bytes: int, timeout: float) -> Request:
     return Request(request.scope, counted)
 
 
-async def read_form(request: Request, *, max_field_bytes: int = 64 * 1024, max_fields: int = MAX_FIELDS) -> FormData:
+# A form's fields by name (a repeated name: its last value, as Starlette's FormData gives it).
+Form = Mapping[str, str | UploadFile]
+
+
+async def read_form(request: Request, *, max_field_bytes: int = 64 * 1024, max_fields: int = MAX_FIELDS) -> Form:
     """The request's form fields (multipart or urlencoded), with every failure a clear 4xx."""
     return await _read_form(request, _content_type(request), max_field_bytes, max_fields)
 
 
-async def _read_form(request: Request, content_type: str, max_field_bytes: int, max_fields: int) -> FormData:
+async def _read_form(request: Request, content_type: str, max_field_bytes: int, max_fields: int) -> Form:
     if content_type not in _FORM_TYPES:
         if not content_type and not await request.body():
             return FormData()  # no body at all: let the required fields say what is missing
@@ -97,17 +102,28 @@ async def _read_form(request: Request, content_type: str, max_field_bytes: int, 
         raise BadRequest(f"The form could not be parsed: {exc.detail}") from None
 
 
-async def _read_urlencoded(request: Request, max_size: int, max_field_bytes: int, max_fields: int) -> FormData:
+async def _read_urlencoded(request: Request, max_size: int, max_field_bytes: int, max_fields: int) -> Form:
     # The standard library's parser over the (bounded) body: cheaper than the streaming parser, which counts
     # for short chats, and it reads raw UTF-8 as UTF-8 where the streaming one reads it as Latin-1.
     body = await _read_at_most(request, max_size, f"A form field is larger than the limit of {max_field_bytes} bytes.")
-    try:
-        fields: list[tuple[str, str | UploadFile]] = list(
-            parse_qsl(body.decode("utf-8", errors="replace"), keep_blank_values=True, max_num_fields=max_fields)
-        )
-    except ValueError:
-        raise BadRequest(f"The form has too many fields (at most {max_fields}).") from None
-    return FormData(fields)
+    text = body.decode("utf-8", errors="replace")
+    if text.count("&") >= max_fields:
+        raise BadRequest(f"The form has too many fields (at most {max_fields}).")
+    return _urlencoded_fields(text)
+
+
+def _urlencoded_fields(text: str) -> dict[str, str | UploadFile]:
+    """``dict(parse_qsl(text, keep_blank_values=True))``, in a few steps where it takes dozens (a chat's form is two
+    short fields, most often with nothing to unquote), and a plain dict rather than a FormData, whose lookups are
+    Python code."""
+    fields: dict[str, str | UploadFile] = {}
+    for pair in text.split("&"):
+        if pair:
+            name, _, value = pair.partition("=")
+            if "%" in pair or "+" in pair:
+                name, value = unquote_plus(name), unquote_plus(value)
+            fields[name] = value
+    return fields
 
 
 async def _read_at_most(request: Request, limit: int, too_large: str) -> bytes:
@@ -153,14 +169,14 @@ async def read_json_or_form(request: Request) -> dict[str, Any]:
     return {}
 
 
-def required_text(form: FormData, name: str) -> str:
+def required_text(form: Form, name: str) -> str:
     value = form.get(name)
     if not isinstance(value, str) or not value.strip():
         raise BadRequest(f"The field '{name}' is required and must not be empty.")
     return value
 
 
-def optional_text(form: FormData, name: str) -> str | None:
+def optional_text(form: Form, name: str) -> str | None:
     value = form.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -220,16 +236,18 @@ class ChatRequest:
     keep: bool = False
     client_id: str = ""
     if_busy: str | None = None
+    files: tuple[FilePart, ...] = ()  # the AI SDK's file parts of the message (see parley.file_parts)
 
 
 _ON_DISCONNECT = ("cancel", "continue")
 _IF_BUSY = ("reject", "interrupt", "enqueue")
 
 
-async def read_chat(request: Request, *, max_message_bytes: int) -> ChatRequest:
+async def read_chat(request: Request, *, max_message_bytes: int, max_file_bytes: int) -> ChatRequest:
+    """The chat as sent; ``max_file_bytes`` bounds each file of an AI SDK message's file parts."""
     content_type = _content_type(request)
     if content_type == "application/json":
-        chat = _chat_json(await _read_json(request, 16 * max_message_bytes + 64 * 1024))
+        chat = _chat_json(await _read_json(request, 16 * max_message_bytes + 64 * 1024), max_file_bytes)
     else:
         form = await _read_form(request, content_type, max_message_bytes, MAX_FIELDS)
         replace = optional_text(form, "replace")
@@ -310,7 +328,7 @@ def _loads_bounded(raw: bytes) -> Any:
         raise BadRequest("The body is not valid JSON.") from None
 
 
-def _chat_json(data: Any) -> ChatRequest:
+def _chat_json(data: Any, max_file_bytes: int) -> ChatRequest:
     if not isinstance(data, dict):
         raise BadRequest("The JSON body must be an object.")
     on_disconnect, if_busy = data.get("on_disconnect"), data.get("if_busy")
@@ -326,7 +344,13 @@ def _chat_json(data: Any) -> ChatRequest:
     elif not isinstance(file_ids, list) or not all(isinstance(item, str) for item in file_ids):
         raise BadRequest('Invalid file_ids format: expected a JSON array of strings, like ["file_123"].')
     file_ids = list(dict.fromkeys(file_ids))
-    if "messages" not in data:
+    # The AI SDK's body has the chat's "messages", or only the last one as "message" (its recipe for sending only
+    # the new message, prepareSendMessagesRequest: parley has the rest); parley's own has "message" as text.
+    if "messages" in data:
+        messages = data["messages"]
+    elif isinstance(data.get("message"), dict):
+        messages = [data["message"]]
+    else:
         session_id, message, replace = data.get("ui_session_id"), data.get("message"), data.get("replace")
         if replace is not None and (not isinstance(replace, str) or not replace.strip()):
             raise BadRequest("replace must be the id of a message of the session.")
@@ -354,17 +378,17 @@ def _chat_json(data: Any) -> ChatRequest:
     # message before the reply the client dropped (messageId names the reply, or nothing: the last one); after
     # sendMessage({text, messageId}), the edited message. In history, that message takes the place of the one
     # with its id (or, when the SDK named one, of messageId's) with all that followed; a new one is appended.
-    client_id, message = _last_user_message(data["messages"])
+    client_id, message, files = _last_user_message(messages, max_file_bytes)
     replace, missing_ok = (message_id, False) if message_id is not None else (client_id or None, True)
     keep = trigger == "regenerate-message"  # (the user message it answers stays as it is)
     return ChatRequest(
-        session_id, message, file_ids, on_disconnect, True, replace, missing_ok, keep, client_id, if_busy
+        session_id, message, file_ids, on_disconnect, True, replace, missing_ok, keep, client_id, if_busy, files
     )
 
 
-def _last_user_message(messages: Any) -> tuple[str, str]:
+def _last_user_message(messages: Any, max_file_bytes: int) -> tuple[str, str, tuple[FilePart, ...]]:
     """The id (when it is one parley keeps: 1 to 128 letters, digits, '_' or '-', as the AI SDK's own ids and UUIDs
-    are) and the text of the last user message."""
+    are), the text and the file parts of the last user message."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise BadRequest("messages must be an array of UI messages.")
     for message in reversed(messages):
@@ -382,5 +406,6 @@ def _last_user_message(messages: Any) -> tuple[str, str]:
         client_id = message.get("id")
         if not isinstance(client_id, str) or not SESSION_ID.fullmatch(client_id):
             client_id = ""  # (the message gets parley's own id)
-        return client_id, text
+        files = tuple(read_file_part(part, max_file_bytes) for part in parts if part.get("type") == "file")
+        return client_id, text, files
     raise BadRequest("messages has no user message to answer.")

@@ -194,6 +194,24 @@ def served_file(
     return documented(operation_id, summary, responses, public=public, operator=operator)
 
 
+# The message a chat in the AI SDK's body answers: the user's, with a text part.
+_USER_MESSAGE: Schema = {
+    "type": "object",
+    "required": ["role", "parts"],
+    "properties": {
+        "role": {"const": "user"},
+        "parts": {
+            "type": "array",
+            "contains": {
+                "type": "object",
+                "required": ["type", "text"],
+                "properties": {"type": {"const": "text"}, "text": _REQUIRED_TEXT},
+            },
+        },
+    },
+}
+
+
 def _schemas(settings: Settings) -> dict[str, Schema]:
     message: Schema = {
         **_REQUIRED_TEXT,
@@ -239,11 +257,12 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "created_at": _TIME,
             }
         ),
-        # The parts useChat keeps (step-start, reasoning, dynamic-tool, text): a client restores a chat from them.
+        # The parts useChat keeps (step-start, reasoning, dynamic-tool, text; a user message's file parts): a client
+        # restores a chat from them.
         "Part": {
             "type": "object",
             "properties": {
-                "type": {"enum": ["text", "reasoning", "step-start", "dynamic-tool"]},
+                "type": {"enum": ["text", "reasoning", "step-start", "dynamic-tool", "file"]},
                 "text": TEXT,
                 "state": {
                     "enum": [
@@ -261,6 +280,9 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "input": {},
                 "output": {},
                 "errorText": TEXT,
+                "mediaType": TEXT,
+                "filename": TEXT,
+                "url": {**TEXT, "description": "A file's bytes in parley (GET)"},
             },
             "required": ["type"],
         },
@@ -324,38 +346,17 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
         ),
         "AiSdkChat": {
             "type": "object",
-            "description": "The body of the AI SDK's DefaultChatTransport: parley answers the last user message's text",
+            "description": "The body of the AI SDK's DefaultChatTransport (the chat's messages), or of its recipe that "
+            "sends only the last message (prepareSendMessagesRequest): parley answers the last user message's text",
             "properties": {
                 "id": {**_REQUIRED_TEXT, "description": "The chat's id: parley's ui_session_id"},
                 "messages": {
                     "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "role": {"enum": ["system", "user", "assistant"]},
-                            "parts": {
-                                "type": "array",
-                                "items": {"type": "object", "properties": {"type": TEXT, "text": TEXT}},
-                            },
-                        },
-                    },
+                    "items": ref("UIMessage"),
                     "description": "The conversation: the last message whose role is user must have a text part",
-                    "contains": {
-                        "type": "object",
-                        "required": ["role", "parts"],
-                        "properties": {
-                            "role": {"const": "user"},
-                            "parts": {
-                                "type": "array",
-                                "contains": {
-                                    "type": "object",
-                                    "required": ["type", "text"],
-                                    "properties": {"type": {"const": "text"}, "text": _REQUIRED_TEXT},
-                                },
-                            },
-                        },
-                    },
+                    "contains": _USER_MESSAGE,
                 },
+                "message": {**_USER_MESSAGE, "description": "Only the message to answer (parley has the rest)"},
                 "trigger": {"enum": ["submit-message", "regenerate-message"]},
                 "messageId": {
                     "type": "string",
@@ -366,7 +367,24 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "file_ids": {"oneOf": [{"type": "array", "items": TEXT}, {"type": "string"}]},
                 "on_disconnect": _ON_DISCONNECT,
             },
-            "required": ["id", "messages"],
+            "required": ["id"],
+            "anyOf": [{"required": ["messages"]}, {"required": ["message"]}],
+        },
+        "UIMessage": {
+            "type": "object",
+            "properties": {
+                "id": TEXT,
+                "role": {"enum": ["system", "user", "assistant"]},
+                "parts": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"type": TEXT, "text": TEXT, "mediaType": TEXT, "filename": TEXT, "url": TEXT},
+                    },
+                    "description": "A user message's file parts (sendMessage({text, files})) become the session's "
+                    "files: each url a data: URL, or a file's url in parley as history gives it",
+                },
+            },
         },
         "CancelForm": _object(
             {"ui_session_id": _REQUIRED_TEXT},

@@ -47,8 +47,14 @@ class Parley:
     _detached: Detached | None = None
 
     def __post_init__(self) -> None:
+        settings = self.settings
         self.runner = TurnRunner(
-            self.store, self.interactions, self.agents, self.observers, self.settings.checkpoint_seconds
+            self.store,
+            self.interactions,
+            self.agents,
+            self.observers,
+            settings.checkpoint_seconds,
+            settings.record_before_end_seconds,
         )
 
     @property
@@ -172,10 +178,17 @@ def _store_and_coordinator(settings: Settings, store: Store | None) -> tuple[Sto
         settings.redis_max_connections,
         settings.redis_pool_timeout_seconds,
         cluster=settings.redis_cluster,
+        socket_timeout=settings.redis_socket_timeout_seconds,
     )
     # One connection apart from the pool, for the reader of the replies this process's rejoins follow: followers,
     # however many, never take a connection that requests need (see sessions/redis_rejoin.py).
-    reader = connect(settings.redis_url, 1, settings.redis_pool_timeout_seconds, cluster=settings.redis_cluster)
+    reader = connect(
+        settings.redis_url,
+        1,
+        settings.redis_pool_timeout_seconds,
+        cluster=settings.redis_cluster,
+        socket_timeout=settings.redis_socket_timeout_seconds,
+    )
     lease = settings.redis_lease_seconds
     store = store or RedisStore(redis)
     coordinator = RedisCoordinator(redis, lease_seconds=lease, reader=reader, store=store)

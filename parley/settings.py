@@ -38,7 +38,9 @@ class Settings:
     redis_max_connections: int = 100
     redis_pool_timeout_seconds: float = 10.0
     redis_cluster: bool = False
+    redis_socket_timeout_seconds: float = 5.0
     checkpoint_seconds: float = 1.0
+    record_before_end_seconds: float = 1.0
     sse_keepalive_seconds: float = 15.0
     on_disconnect: str = "cancel"
     if_busy: str = "reject"  # what a message into a session with a reply in progress does (see IF_BUSY)
@@ -99,7 +101,13 @@ class Settings:
                 "REDIS_POOL_TIMEOUT_SECONDS", defaults.redis_pool_timeout_seconds, positive=True
             ),
             redis_cluster=_switch(text("REDIS_CLUSTER"), defaults.redis_cluster, "PARLEY_REDIS_CLUSTER"),
+            redis_socket_timeout_seconds=number(
+                "REDIS_SOCKET_TIMEOUT_SECONDS", defaults.redis_socket_timeout_seconds, positive=True
+            ),
             checkpoint_seconds=number("CHECKPOINT_SECONDS", defaults.checkpoint_seconds),
+            record_before_end_seconds=number(
+                "RECORD_BEFORE_END_SECONDS", defaults.record_before_end_seconds, positive=True
+            ),
             sse_keepalive_seconds=number("SSE_KEEPALIVE_SECONDS", defaults.sse_keepalive_seconds),
             on_disconnect=_choice(text("ON_DISCONNECT"), defaults.on_disconnect, "PARLEY_ON_DISCONNECT"),
             if_busy=_choice(text("IF_BUSY"), defaults.if_busy, "PARLEY_IF_BUSY", ("reject", "interrupt", "enqueue")),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Literal
 
 import anyio
@@ -62,6 +63,8 @@ class ResponseRenderer:
         self.dropped = False  # it stayed connected but stopped reading, for too long
         self.behind: deque[Message] | None = None
         self.nothing_more = False
+        # How it frames an event that goes on a run of its kind (see sessions.turns.Renderer), by kind.
+        self.runs: dict[type, Callable[[int, Any], Message]] = {}
         if on_disconnect == "continue":
             self.behind, self._server_send, self._queued = deque(), send, anyio.Event()
             self.send = self.write = self._queue
@@ -100,9 +103,6 @@ class ResponseRenderer:
     async def event(self, seq: int, event: Event) -> int:
         raise NotImplementedError
 
-    def frame(self, seq: int, text: str) -> Message:
-        raise NotImplementedError
-
     async def ended(self, status: str, error: AgentError | None, seq: int) -> None:
         raise NotImplementedError
 
@@ -121,6 +121,10 @@ class PlainText(ResponseRenderer):
     terminating chunk), so a partial reply never looks whole. A stopped reply (cancel, delete, lost claim) ends as a
     whole one does: history says how."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.runs = {str: _chunk}
+
     async def _start(self) -> None:
         assert self.interaction is not None
         self.response_started = True
@@ -132,11 +136,8 @@ class PlainText(ResponseRenderer):
             return seq  # plain text is the text alone
         if not self.response_started:
             await self._start()
-        await self.send(self.frame(seq, event))
+        await self.send(_chunk(seq, event))
         return seq + 1
-
-    def frame(self, seq: int, text: str) -> Message:
-        return {"type": "http.response.body", "body": text.encode(), "more_body": True}
 
     async def ended(self, status: str, error: AgentError | None, seq: int) -> None:
         if error is not None:
@@ -147,6 +148,10 @@ class PlainText(ResponseRenderer):
         if not self.response_started:
             await self._start()
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _chunk(seq: int, text: str) -> Message:
+    return {"type": "http.response.body", "body": text.encode(), "more_body": True}
 
 
 class ChatResponse:
@@ -211,8 +216,9 @@ class ChatResponse:
             if renderer.response_started and self.keepalive_seconds <= 0:
                 # A server answers a receive() after the response with http.disconnect (the ASGI spec says so):
                 # one pass of the event loop lets the disconnect watch end by itself, which costs a short chat
-                # far less than cancelling it (make bench-instructions).
-                await anyio.lowlevel.cancel_shielded_checkpoint()
+                # far less than cancelling it (make bench-instructions). Not shielded (a scope more): if the group
+                # is cancelled meanwhile, this task is being torn down anyway and has nothing left to do.
+                await anyio.lowlevel.checkpoint()
             if not renderer.left or self.keepalive_seconds > 0:
                 group.cancel()  # the disconnect watch and the keep-alive end with the turn
 

@@ -12,6 +12,11 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+try:
+    import sniffio
+except ImportError:  # (anyio then takes the event loop for asyncio's, at no cost per call)
+    sniffio = None  # type: ignore[assignment]
+
 from parley import logs
 from parley.metrics import Metrics, RequestMetrics
 
@@ -40,6 +45,11 @@ class Telemetry:
         # Not reset at the end: uvicorn runs each request in a task of its own, so the id stays in that task's
         # context, where uvicorn logs the request's own lines (its access line, its "Exception in ASGI application").
         logs.REQUEST_ID.set(request_id)
+        if sniffio is not None:
+            # anyio asks sniffio which event loop runs on every call (a chat makes a few dozen), and sniffio sniffs
+            # for asyncio each time unless the task says, as anyio.run's tasks do. The turn's task, started from
+            # this one, inherits it.
+            sniffio.current_async_library_cvar.set(sniffio.current_async_library())
         id_header = (b"x-request-id", request_id.encode())
         status = 0
         error_body: list[bytes] | None = None

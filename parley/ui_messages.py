@@ -75,12 +75,10 @@ def _frame(interaction_id: str, seq: int | None, part: dict[str, Any]) -> bytes:
 
 
 def head(interaction: Interaction) -> bytes:
-    """Frame 0: ``start``."""
-    start = {
-        "type": "start",
-        "messageId": interaction.message_id,
-        "messageMetadata": {"ui_session_id": interaction.session_id, "interaction_id": interaction.id},
-    }
+    """Frame 0: ``start``. Its metadata is the reply's as history gives it while it runs (``status`` streaming):
+    ``useChat`` keeps it as the message's until ``finish`` merges in how it ended."""
+    metadata = {"ui_session_id": interaction.session_id, "interaction_id": interaction.id, "status": "streaming"}
+    start = {"type": "start", "messageId": interaction.message_id, "messageMetadata": metadata}
     return _frame(interaction.id, 0, start)
 
 
@@ -109,11 +107,12 @@ class Framer:
     """Frames a reply's events one by one, in order, numbering the frames from a seq its caller keeps; knows which
     part is open, whether a step is, which tool calls the client has heard of, and the usage so far."""
 
-    __slots__ = ("calls", "open", "reasonings", "step", "usage")
+    __slots__ = ("calls", "open", "reasoning", "reasonings", "step", "usage")
 
     def __init__(self) -> None:
         self.open = ""  # "text", "reasoning", or "" (no part open)
         self.reasonings = 0
+        self.reasoning = ""  # the id of the last reasoning part opened
         self.step = False
         self.calls: set[str] = set()
         self.usage: Usage | None = None
@@ -130,7 +129,7 @@ class Framer:
             frames.append(_delta(interaction_id, seq + len(chunks), event))
             return frames
         if type(event) is Reasoning and self.open == "reasoning":
-            return [_reasoning_delta(interaction_id, seq, reasoning_id(self.reasonings - 1), event.text)]
+            return [_reasoning_delta(interaction_id, seq, self.reasoning, event.text)]
         return [_frame(interaction_id, seq + index, chunk) for index, chunk in enumerate(self._chunks(event))]
 
     def _chunks(self, event: Event) -> list[dict[str, Any]]:
@@ -138,10 +137,11 @@ class Framer:
             chunks = []
             if self.open != "reasoning":
                 chunks = self._close()
-                chunks.append({"type": "reasoning-start", "id": reasoning_id(self.reasonings)})
+                self.reasoning = reasoning_id(self.reasonings)
+                chunks.append({"type": "reasoning-start", "id": self.reasoning})
                 self.reasonings += 1
                 self.open = "reasoning"
-            chunks.append({"type": "reasoning-delta", "id": reasoning_id(self.reasonings - 1), "delta": event.text})
+            chunks.append({"type": "reasoning-delta", "id": self.reasoning, "delta": event.text})
             return chunks
         if isinstance(event, Usage):
             self.usage = event if self.usage is None else self.usage + event
@@ -176,7 +176,7 @@ class Framer:
         if self.open == "text":
             chunks = [{"type": "text-end", "id": _TEXT_ID}]
         elif self.open == "reasoning":
-            chunks = [{"type": "reasoning-end", "id": reasoning_id(self.reasonings - 1)}]
+            chunks = [{"type": "reasoning-end", "id": self.reasoning}]
         else:
             return []
         self.open = ""
@@ -243,6 +243,7 @@ class ServerSentEvents(ResponseRenderer):
         super().__init__(*args, **kwargs)
         self.framer = Framer()
         self.pending = b""  # frames of a step's start, held until something the user sees starts the response
+        self.runs = {str: self._text_delta, Reasoning: self._reasoning_delta}
 
     async def _start(self) -> None:
         assert self.interaction is not None
@@ -267,9 +268,15 @@ class ServerSentEvents(ResponseRenderer):
             await self._body(b"".join(frames))
         return seq + len(frames)
 
-    def frame(self, seq: int, text: str) -> Message:
+    def _text_delta(self, seq: int, text: str) -> Message:
         assert self.interaction is not None
         return {"type": "http.response.body", "body": _delta(self.interaction.id, seq, text), "more_body": True}
+
+    def _reasoning_delta(self, seq: int, reasoning: Reasoning) -> Message:
+        # (in the reasoning part that the framer opened for the run's first event)
+        assert self.interaction is not None
+        body = _reasoning_delta(self.interaction.id, seq, self.framer.reasoning, reasoning.text)
+        return {"type": "http.response.body", "body": body, "more_body": True}
 
     async def keepalive(self) -> None:
         if self.closed or self.interaction is None:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from itertools import groupby
+from operator import attrgetter
 from typing import Any
 
 from parley.agents.events import (
@@ -63,77 +65,88 @@ def reasoning_id(index: int) -> str:
 
 def fold(events: Sequence[Event]) -> list[Part]:
     """The parts of a reply made of ``events`` (its state so far, if it is still streaming)."""
+    return _fold(events)[0]
+
+
+def _fold(events: Sequence[Event]) -> tuple[list[Part], str, Usage | None]:
+    """The parts of a reply, its text (its text parts joined) and its usage (None when it reported none)."""
     parts: list[Part] = []
     run: list[str] = []  # the pieces of the text or reasoning part at the end of ``parts``
     running = ""  # what that part is ("text", "reasoning"), or "" when the last part is of another kind
+    texts: list[str] = []  # the text parts' text
     calls: dict[str, Part] = {}
     raw: dict[str, str] = {}  # the input text of calls still streaming it
     reasonings = 0
+    usage: Usage | None = None
 
     def close() -> None:
         nonlocal running
         if running:
             parts[-1]["text"] = "".join(run)
+            if running == "text":
+                texts.append(parts[-1]["text"])
             run.clear()
             running = ""
 
-    for event in events:
-        kind = type(event)
+    # Event by event, but a run of one kind at once: a reply is mostly runs of text and reasoning, whose tokens
+    # are then taken in C (groupby, extend, map) rather than one by one in Python.
+    for kind, same in groupby(events, type):
         if kind is str:
             if running != "text":
                 close()
                 parts.append({"type": "text", "text": "", "state": "done"})
                 running = "text"
-            run.append(event)  # type: ignore[arg-type]
+            run.extend(same)  # type: ignore[arg-type]
         elif kind is Reasoning:
             if running != "reasoning":
                 close()
                 parts.append({"type": "reasoning", "id": reasoning_id(reasonings), "text": "", "state": "done"})
                 reasonings += 1
                 running = "reasoning"
-            run.append(event.text)  # type: ignore[union-attr]
-        elif kind is Usage:
-            continue
+            run.extend(map(_text_of, same))
+        elif kind is Usage:  # (no part, and it ends no run)
+            for event in same:
+                usage = event if usage is None else usage + event  # type: ignore[operator,assignment]
         else:
             close()
-            if isinstance(event, Step):
-                parts.append({"type": "step-start"})
-            elif isinstance(event, ToolInputStart):
-                part = {"type": "dynamic-tool", "toolName": event.name, "toolCallId": event.call_id}
-                part["state"] = "input-streaming"
-                calls[event.call_id] = part
-                raw[event.call_id] = ""
-                parts.append(part)
-            elif isinstance(event, ToolInputDelta):
-                if event.call_id in raw:
-                    raw[event.call_id] += event.delta
-                    partial = _partial_json(raw[event.call_id])
-                    if partial is not None:
-                        calls[event.call_id]["input"] = partial
-            elif isinstance(event, ToolCall):
-                raw.pop(event.call_id, None)
-                part = calls.get(event.call_id) or {}
-                if not part:
-                    calls[event.call_id] = part
-                    parts.append(part)
-                part.update(type="dynamic-tool", toolName=event.name, toolCallId=event.call_id)
-                part.update(state="input-available", input=event.input)
-            elif isinstance(event, ToolResult):
-                if event.call_id in calls:
-                    calls[event.call_id].update(state="output-available", output=event.output)
-            elif isinstance(event, ToolError) and event.call_id in calls:
-                calls[event.call_id].update(state="output-error", errorText=event.error)
+            for event in same:
+                _fold_call(event, parts, calls, raw)
     close()
-    return parts
+    return parts, "".join(texts), usage
 
 
-def usage_of(events: Sequence[Event]) -> Usage | None:
-    """The reply's usage: the sum of its model calls' (None when the agent reported none)."""
-    total: Usage | None = None
-    for event in events:
-        if type(event) is Usage:
-            total = event if total is None else total + event
-    return total
+_text_of = attrgetter("text")
+
+
+def _fold_call(event: Event, parts: list[Part], calls: dict[str, Part], raw: dict[str, str]) -> None:
+    """Folds a step or an event of a tool call into ``parts``."""
+    if isinstance(event, Step):
+        parts.append({"type": "step-start"})
+    elif isinstance(event, ToolInputStart):
+        part = {"type": "dynamic-tool", "toolName": event.name, "toolCallId": event.call_id}
+        part["state"] = "input-streaming"
+        calls[event.call_id] = part
+        raw[event.call_id] = ""
+        parts.append(part)
+    elif isinstance(event, ToolInputDelta):
+        if event.call_id in raw:
+            raw[event.call_id] += event.delta
+            partial = _partial_json(raw[event.call_id])
+            if partial is not None:
+                calls[event.call_id]["input"] = partial
+    elif isinstance(event, ToolCall):
+        raw.pop(event.call_id, None)
+        part = calls.get(event.call_id) or {}
+        if not part:
+            calls[event.call_id] = part
+            parts.append(part)
+        part.update(type="dynamic-tool", toolName=event.name, toolCallId=event.call_id)
+        part.update(state="input-available", input=event.input)
+    elif isinstance(event, ToolResult):
+        if event.call_id in calls:
+            calls[event.call_id].update(state="output-available", output=event.output)
+    elif isinstance(event, ToolError) and event.call_id in calls:
+        calls[event.call_id].update(state="output-error", errorText=event.error)
 
 
 def split(events: Sequence[Event]) -> tuple[str, list[Part] | None, dict[str, int] | None]:
@@ -143,9 +156,8 @@ def split(events: Sequence[Event]) -> tuple[str, list[Part] | None, dict[str, in
         return "".join(events), None, None  # type: ignore[arg-type]
     except TypeError:  # (not text alone)
         pass
-    content = "".join(event for event in events if type(event) is str)
-    usage = usage_of(events)
-    return content, fold(events), usage.to_json() if usage is not None else None
+    parts, content, usage = _fold(events)
+    return content, parts, usage.to_json() if usage is not None else None
 
 
 # The events a reply streams most of, which open and close no tool call.
@@ -158,19 +170,20 @@ def unfinished_calls(events: Sequence[Event], status: str) -> list[Event]:
     started: dict[str, str] = {}  # call id → tool name, for calls whose input was still streaming
     raw: dict[str, str] = {}
     open_calls: dict[str, None] = {}
-    for event in events:
-        if type(event) in _RUNS:
+    for kind, same in groupby(events, type):
+        if kind in _RUNS:
             continue
-        if isinstance(event, ToolInputStart):
-            started[event.call_id], raw[event.call_id] = event.name, ""
-            open_calls[event.call_id] = None
-        elif isinstance(event, ToolInputDelta) and event.call_id in raw:
-            raw[event.call_id] += event.delta
-        elif isinstance(event, ToolCall):
-            started.pop(event.call_id, None)
-            open_calls[event.call_id] = None
-        elif isinstance(event, (ToolResult, ToolError)):
-            open_calls.pop(event.call_id, None)
+        for event in same:
+            if isinstance(event, ToolInputStart):
+                started[event.call_id], raw[event.call_id] = event.name, ""
+                open_calls[event.call_id] = None
+            elif isinstance(event, ToolInputDelta) and event.call_id in raw:
+                raw[event.call_id] += event.delta
+            elif isinstance(event, ToolCall):
+                started.pop(event.call_id, None)
+                open_calls[event.call_id] = None
+            elif isinstance(event, (ToolResult, ToolError)):
+                open_calls.pop(event.call_id, None)
     if not open_calls:
         return []
     error = f"Cancelled: {_STATUS_WORDS.get(status, 'the reply ended')} before the tool call finished."

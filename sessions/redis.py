@@ -65,17 +65,24 @@ _FIRST_TEXT_CHARS = 1000
 Client = Redis | RedisCluster
 
 
-def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0, cluster: bool = False) -> Any:
+def connect(
+    url: str,
+    max_connections: int = 100,
+    pool_timeout: float = 10.0,
+    cluster: bool = False,
+    socket_timeout: float = 5.0,
+) -> Any:
     """A client whose requests queue for one of ``max_connections`` connections (up to ``pool_timeout``
     seconds) rather than fail: a busy process is not a Redis that is down. With ``cluster``, ``url`` names one
-    node of a Redis Cluster, and the client finds the others (``max_connections`` per node)."""
+    node of a Redis Cluster, and the client finds the others (``max_connections`` per node). A reply that takes
+    longer than ``socket_timeout`` seconds is Redis down."""
     # Short socket timeouts: when Redis is down, requests should hear 503 quickly rather than hang.
     if cluster:
         return RedisCluster.from_url(
             url,
             decode_responses=True,
             socket_connect_timeout=2,
-            socket_timeout=5,
+            socket_timeout=socket_timeout,
             max_connections=max_connections,
             health_check_interval=15,
         )
@@ -85,7 +92,7 @@ def connect(url: str, max_connections: int = 100, pool_timeout: float = 10.0, cl
         timeout=pool_timeout,
         decode_responses=True,
         socket_connect_timeout=2,
-        socket_timeout=5,
+        socket_timeout=socket_timeout,
         health_check_interval=15,
         # After Redis restarts, the pool's idle connections are dead sockets: a command that fails on one is
         # sent once more, at once, on a fresh connection (which fails fast, refused, if Redis is really down).
@@ -190,6 +197,7 @@ class RedisStore:
             pass
 
     async def close(self) -> None:
+        self.scripts.close()
         await self.redis.aclose()
 
     async def create_session(self, session: Session) -> None:
@@ -274,7 +282,7 @@ class RedisStore:
                 keys.append(claim.slots)
         arguments += (user.content[:_FIRST_TEXT_CHARS], "1" if claim is not None and claim.waiting else "")
         with _reachable(self.on_error):
-            answer: Any = await self.scripts.begin_turn(keys, arguments)
+            answer: Any = await self.scripts.run(self.scripts.begin_turn, keys, arguments)
         outcome = answer[0]
         if outcome == "missing":
             raise SessionNotFound(session_id)
@@ -380,7 +388,7 @@ class RedisStore:
         deadline = time.monotonic() + self.finish_retry_seconds
         while True:
             try:
-                first: Any = await self.scripts.end_turn(keys, arguments)
+                first: Any = await self.scripts.run(self.scripts.end_turn, keys, arguments)
                 break
             except _DOWN:
                 self.on_error(self.name)

@@ -81,10 +81,10 @@ class RedisClaims:
         keys = [session_keys.claim, session_keys.queue]
         if claim.slots is not None:
             keys.append(claim.slots)
+        arguments: list[str | int] = [claim.value, claim.lease_ms, claim.interaction_id, claim.limit]
+        arguments.append("1" if claim.waiting else "")
         with _reachable(self.on_error):
-            answer: Any = await self.scripts.claim_session(
-                keys, [claim.value, claim.lease_ms, claim.interaction_id, claim.limit, "1" if claim.waiting else ""]
-            )
+            answer: Any = await self.scripts.run(self.scripts.claim_session, keys, arguments)
         if answer == "limit":
             raise TooManyStreams(claim.limit)
         if answer == "busy":
@@ -137,7 +137,7 @@ class RedisClaims:
         with anyio.CancelScope(shield=True):
             try:
                 with _reachable(self.on_error):
-                    first: Any = await self.scripts.release_claim(keys, arguments)
+                    first: Any = await self.scripts.run(self.scripts.release_claim, keys, arguments)
             except ApiError:
                 logger.warning("could not release session %s; its lease will run out", interaction.session_id)
                 return None

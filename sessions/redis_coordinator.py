@@ -194,6 +194,12 @@ class RedisCoordinator:
     def lease(self, interaction: Interaction) -> Lease:
         return self.claims.lease(interaction)
 
+    async def aclose(self) -> None:
+        """Close its connections (its client's, and the pipe beside it: see sessions.redis_pipe), for a coordinator
+        used without :meth:`run`, which closes the pipe when it ends."""
+        self.claims.scripts.close()
+        await self.redis.aclose()
+
     async def release(self, interaction: Interaction, slots: StreamSlots | None) -> None:
         await self._tell_first(interaction.session_id, await self.claims.release(interaction, _redis_slots(slots)))
 
@@ -257,6 +263,7 @@ class RedisCoordinator:
                     except ApiError:
                         logger.warning("lease sweeper: the store is unavailable; will retry")
         finally:
+            self.claims.scripts.close()  # (its pipe: the client's own connections close with the client)
             if self.rejoin.reader is not self.redis:
                 with anyio.CancelScope(shield=True):
                     await self.rejoin.reader.aclose()  # (its one connection: the reader ran in this task group)

@@ -11,9 +11,12 @@ Each one is registered once per client (:class:`Scripts`, redis-py's ``register_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from redis.commands.core import AsyncScript
+
+from parley.sessions.redis_pipe import pipe_of
 
 _NOW = """
 local t = redis.call('TIME')
@@ -539,9 +542,10 @@ return #ARGV - 1
 
 class Scripts:
     """The scripts registered on one client: ``await scripts.renew_claim(keys, args)`` (or ``client=`` a
-    pipeline of it)."""
+    pipeline of it); a chat's own (its first and last round trips) through :meth:`run`."""
 
     def __init__(self, redis: Any) -> None:
+        self.pipe = pipe_of(redis)
         register = redis.register_script
         self.begin_turn: AsyncScript = register(BEGIN_TURN)
         self.end_turn: AsyncScript = register(END_TURN)
@@ -566,3 +570,15 @@ class Scripts:
         self.drop_line: AsyncScript = register(DROP_LINE)
         self.take_slot: AsyncScript = register(TAKE_SLOT)
         self.renew_slots: AsyncScript = register(RENEW_SLOTS)
+
+    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        """``script``'s reply, pipelined on the connection that every chat in flight shares (see
+        :mod:`sessions.redis_pipe`), or through redis-py where that pipe does not speak for the client."""
+        pipe = self.pipe
+        if pipe is None or pipe.closed:
+            return await script(keys, args)
+        return await pipe.script(script, keys, args)
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()

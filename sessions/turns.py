@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
+from operator import countOf
 from typing import Any, Protocol
 
 import anyio
@@ -37,10 +38,6 @@ _REASON_STATUS: dict[str, MessageStatus] = {
 
 # Events that show nothing: a reply's first token (its time to first token) is the first event of another kind.
 _UNSEEN = (Step, Usage)
-
-# Record before the client sees the end, so that reading the history right after finds the reply; but if the
-# store is slow (Redis down), end the stream after this long anyway and keep trying to record in the background.
-_RECORD_BEFORE_END = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,20 +90,24 @@ class Renderer(Protocol):
     renderer aborts its response (plain text after a failure) or turns a failure before the first token into an
     error status.
 
-    A text token that follows text is framed by ``frame`` (plain, no await) and passed to ``write`` (the server's
-    own send): the hot path pays one await per token, as a bare send does. Every other event (the first, and any
-    that is not text or follows one that is not) goes to ``event``, which may start the response. ``seq`` numbers
-    the response's frames from 1 (a head, if the format has one, is 0): ``frame(seq, ...)`` is one frame, ``event``
-    frames from ``seq`` on and returns the seq after its frames, ``ended`` frames the end from ``seq`` on."""
+    An event that goes on a run of its kind (text after text, reasoning after reasoning) is framed by the
+    renderer's ``runs[kind]``, if it has one (plain, no await), and passed to ``write`` (the server's own send): the
+    hot path pays one await per token, as a bare send does. Every other event (the first, one that follows an
+    event of another kind, a kind not in ``runs``) goes to ``event``, which may start the response. ``seq``
+    numbers the response's frames from 1 (a head, if the format has one, is 0): ``runs[kind](seq, event)`` is one
+    frame, ``event`` frames from ``seq`` on and returns the seq after its frames, ``ended`` frames the end from
+    ``seq`` on."""
 
     write: Callable[[Any], Awaitable[None]]
+
+    @property
+    def runs(self) -> Mapping[type, Callable[[int, Any], Any]]: ...
 
     def waiting(self, interaction: Interaction) -> None:
         """The turn waits for its session (if_busy): a client that leaves now drops it."""
 
     async def started(self, interaction: Interaction) -> None: ...
     async def event(self, seq: int, event: Event) -> int: ...
-    def frame(self, seq: int, text: str) -> Any: ...
     async def ended(self, status: str, error: AgentError | None, seq: int) -> None: ...
 
 
@@ -121,12 +122,16 @@ class TurnRunner:
         agents: Agents,
         observers: Sequence[TurnObserver] = (),
         checkpoint_seconds: float = 1.0,
+        record_before_end_seconds: float = 1.0,
     ) -> None:
         self.store = store
         self.interactions = interactions
         self.agents = agents
         self.observers = tuple(observers)
         self.checkpoint_seconds = checkpoint_seconds
+        # Record before the client sees the end, so that reading the history right after finds the reply; but if
+        # the store is slow (Redis down), end the stream after this long anyway and keep trying to record after.
+        self.record_before_end_seconds = record_before_end_seconds
         self._history_limits = HistoryLimits({agent.name: agent.history_limit for agent in agents}, self._history_limit)
         # Replies whose text is due to be saved (message id → its tokens so far), and whether a write is under way:
         # see _checkpoint.
@@ -224,7 +229,7 @@ class TurnRunner:
                 # The agent was stopped (or ended) while a tool ran: the runner records the call as failed.
                 closing = unfinished_calls(events, status) if relayed.acted else []
                 events.extend(closing)
-                with anyio.move_on_after(_RECORD_BEFORE_END, shield=True) as attempt:
+                with anyio.move_on_after(self.record_before_end_seconds, shield=True) as attempt:
                     # (With Redis, the session is freed in the same round trip.)
                     content, parts, usage = split(events)
                     await self.interactions.end_turn(
@@ -335,26 +340,27 @@ class TurnRunner:
         """The agent's events, each to the interaction (where followers read it) and to the renderer. (Checkpoints
         run on time, beside it: see :meth:`_checkpointed`.) What the renderer has framed so far, and whether any
         event was not text, is left in ``relayed``, whatever way the agent ends."""
-        # This loop is what a token costs: a text token that follows text is framed without an await and written
-        # with the renderer's write, looked up once, and Interaction.add is inlined (a follower waiting is rare).
-        # Any other event (the first, one that is not text, text after one that is not) goes to renderer.event,
+        # This loop is what a token costs: an event that goes on a run (text after text, say) is framed without an
+        # await and written with the renderer's write, looked up once, and Interaction.add is inlined (a follower
+        # waiting is rare). Any other event (the first, one of another kind than the last) goes to renderer.event,
         # which may start the response: a reply that begins with a tool call starts it there.
-        write, frame, append = renderer.write, renderer.frame, interaction.tokens.append
+        write, runs, append = renderer.write, renderer.runs, interaction.tokens.append
         seq = 1
-        text_run = False  # the last event was text: the next text token is framed by renderer.frame
+        run: Any = None  # the kind of the last event, when renderer.runs frames the next one of that kind
+        frame: Any = None  # and how
         try:
             async for event in stream:
-                if text_run and type(event) is str:
+                if type(event) is run:
                     append(event)
                     if interaction.waiter is not None:
                         interaction.notify()
                     await write(frame(seq, event))
                     seq += 1
                     continue
-                text_run = type(event) is str
-                if not text_run:
+                kind = type(event)
+                if kind is not str:
                     if not isinstance(event, EVENT_TYPES):
-                        raise TypeError(f"the agent yielded {type(event).__name__}, not an event")
+                        raise TypeError(f"the agent yielded {kind.__name__}, not an event")
                     relayed.acted = True
                 if report.first_token_at is None and not isinstance(event, _UNSEEN):
                     # The first thing the user sees.
@@ -363,6 +369,8 @@ class TurnRunner:
                         self._tell("first_token", report)
                 interaction.add(event)
                 seq = await renderer.event(seq, event)
+                frame = runs.get(kind)
+                run = kind if frame is not None else None
         finally:
             relayed.seq = seq
 
@@ -466,4 +474,4 @@ def _name_event_loop() -> None:
 
 def _tokens(events: list[Event], acted: bool) -> int:
     """How many text tokens a reply streamed (what observers count): all its events, unless some were not text."""
-    return sum(type(event) is str for event in events) if acted else len(events)
+    return countOf(map(type, events), str) if acted else len(events)  # (counted in C: a reply may be long)

@@ -4,7 +4,9 @@ what history says."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
@@ -508,3 +510,95 @@ async def test_stop_during_a_tool_call_cancels_the_tool_and_history_answers_the_
     assert reply["parts"][:-1] == stopped[:-1]  # what the client saw, and the call answered
     assert agent.tool_runs[0] == "cancelled"
     assert again["error"] is None and again["finish"]["finishReason"] == "stop"  # the next message works
+
+
+def digest(content: bytes) -> str:
+    """A data: URL as the driver shows it: its bytes' sha256."""
+    return f"data:sha256={hashlib.sha256(content).hexdigest()}"
+
+
+async def test_files_sent_with_a_message_reach_the_agent_and_history_and_a_reload_shows_them(
+    live: Callable[..., LiveServer], ai_sdk: AISDK, tmp_path: Path
+) -> None:
+    notes, pixel = b"# notes\nsome words\n", bytes(range(256)) * 3
+    (tmp_path / "notes.md").write_bytes(notes)
+    (tmp_path / "pixel.png").write_bytes(pixel)
+    files = [
+        {"path": str(tmp_path / "notes.md"), "mediaType": "text/markdown", "filename": "notes.md"},
+        {"path": str(tmp_path / "pixel.png"), "mediaType": "image/png", "filename": "pixel.png"},
+    ]
+    server = live()
+    async with server.client() as client:
+        session_id = await new_session(client)
+        # sendMessage({text, files}): the file parts (data: URLs), then the text, in the user message's parts.
+        steps = [{"send": "look at these", "files": files}]
+        result = await ai_sdk.run("send", server.url, session_id, "--steps", json.dumps(steps))
+        history = await messages(client, session_id)
+        contents = [(await client.get(part["url"])).content for part in history[0]["parts"][:2]]
+        reloaded = await ai_sdk.run("resume", server.url, session_id, "--hydrate")
+
+    assert result["error"] is None and result["status"] == "ready", result
+    # The echo agent names each file it was given.
+    assert (
+        result["assistant"]["text"]
+        == f"look at these\n[file: notes.md, {len(notes)} bytes]\n[file: pixel.png, 768 bytes]"
+    )
+    sent = result["messages"][0]["parts"]
+    assert sent == [
+        {"type": "file", "mediaType": "text/markdown", "filename": "notes.md", "url": digest(notes)},
+        {"type": "file", "mediaType": "image/png", "filename": "pixel.png", "url": digest(pixel)},
+        {"type": "text", "text": "look at these"},
+    ]
+    # History keeps them as the user message's files, and gives them back as its parts, each url its bytes.
+    user = history[0]
+    assert len(user["file_ids"]) == 2 and contents == [notes, pixel]
+    assert user["parts"] == [
+        {**part, "url": f"/api/v1/files/{session_id}/{file_id}/content"}
+        for part, file_id in zip(sent[:2], user["file_ids"], strict=True)
+    ] + [sent[2]]
+    # A reload (a chat built from history alone) shows the same files.
+    assert reloaded["messages"][0]["parts"] == user["parts"]
+    assert [(m["id"], m["text"]) for m in reloaded["messages"]] == [(m["id"], m["text"]) for m in result["messages"]]
+
+
+async def test_sending_only_the_last_message_keeps_a_chat_with_files_under_the_body_limit(
+    live: Callable[..., LiveServer], ai_sdk: AISDK, tmp_path: Path
+) -> None:
+    # A JSON chat body may be 16 x PARLEY_MAX_MESSAGE_BYTES + 64 KiB: 320 KiB here. Each message carries a 100 kB
+    # file (134 kB as a data: URL): the whole chat passes the limit at the third message.
+    server = live(max_message_bytes=16 * 1024)
+    steps: list[dict[str, Any]] = []
+    for n in range(3):
+        (tmp_path / f"f{n}.bin").write_bytes(os.urandom(100_000))
+        file = {"path": str(tmp_path / f"f{n}.bin"), "mediaType": "application/octet-stream", "filename": f"f{n}.bin"}
+        steps.append({"send": f"file {n}", "files": [file]})
+    async with server.client() as client:
+        whole = await new_session(client)
+        everything = await ai_sdk.run("send", server.url, whole, "--steps", json.dumps(steps))
+        last = await new_session(client)
+        # The README's recipe (prepareSendMessagesRequest: only the last message, with its trigger and messageId):
+        # then regenerate and edit as a person would.
+        steps += [{"regenerate": None}, {"edit": 2, "text": "file 1, edited"}, {"send": "and more"}]
+        only_last = await ai_sdk.run("send", server.url, last, "--steps", json.dumps(steps), "--last-only")
+        history = await messages(client, last)
+        files = (await client.get(f"/api/v1/files/{last}")).json()["files"]
+
+    # The AI SDK's default sends the whole chat, data: URLs and all, on every message.
+    assert everything["status"] == "error" and "larger than the limit" in everything["error"]["sentence"], everything
+    if ai_sdk.package == "ai":
+        assert everything["error"]["statusCode"] == 413
+    assert only_last["error"] is None and only_last["status"] == "ready", only_last
+    assert [(m["role"], m["text"]) for m in only_last["messages"]] == [
+        ("user", "file 0"),
+        ("assistant", "file 0\n[file: f0.bin, 100000 bytes]"),
+        ("user", "file 1, edited"),
+        ("assistant", "file 1, edited"),
+        ("user", "and more"),
+        ("assistant", "and more"),
+    ]
+    assert [(m["id"], m["role"], m["text"]) for m in only_last["messages"]] == [
+        (m["id"], m["role"], m["content"]) for m in history
+    ]
+    # The edit dropped the second and third messages; their files stay with the session, as the README says.
+    assert [f["filename"] for f in files] == ["f0.bin", "f1.bin", "f2.bin"]
+    assert [len(m["file_ids"]) for m in history if m["role"] == "user"] == [1, 0, 0]

@@ -501,7 +501,7 @@ async def test_the_cancel_bus_carries_the_owner(shared_redis_url: str) -> None:
         assert interaction.reason == "cancelled"
         tg.cancel_scope.cancel()
     for interactions in (here, there):
-        await interactions.coordinator.redis.aclose()  # type: ignore[attr-defined]
+        await interactions.coordinator.aclose()  # type: ignore[attr-defined]
 
 
 async def test_the_streams_per_owner_limit(live: Callable[..., LiveServer]) -> None:

@@ -114,7 +114,7 @@ async def test_a_form_chat_asking_for_sse_gets_the_ui_message_stream(live: Calla
     assert parts[0] == {
         "type": "start",
         "messageId": history[-1]["id"],
-        "messageMetadata": {"ui_session_id": session_id, "interaction_id": interaction_id},
+        "messageMetadata": {"ui_session_id": session_id, "interaction_id": interaction_id, "status": "streaming"},
     }
     assert parts[-1] == {"type": "finish", "finishReason": "stop", "messageMetadata": {"status": "complete"}}
 
@@ -173,6 +173,7 @@ FILE_IDS = 'Invalid file_ids format: expected a JSON array of strings, like ["fi
         (b'{"id": "s", "messages": 3}', "messages must be an array of UI messages."),
         (b'{"id": "s", "messages": []}', "messages has no user message to answer."),
         (b'{"id": "s", "messages": [], "trigger": "x"}', "trigger must be 'submit-message' or 'regenerate-message'."),
+        (b'{"id": "s", "message": {"role": "assistant", "parts": []}}', "messages has no user message to answer."),
         (b'{"ui_session_id": "s", "message": "hi", "on_disconnect": "later"}', ON_DISCONNECT),
         (b'{"ui_session_id": "s", "message": "hi", "file_ids": [1]}', FILE_IDS),
     ],
@@ -238,6 +239,38 @@ async def test_a_cancelled_sse_reply_finishes_with_its_status(live: Callable[...
     assert (history[-1]["status"], history[-1]["content"]) == ("cancelled", text)
     assert 3 <= len(text.split()) < 200
     assert parts[-1] == {"type": "finish", "finishReason": "other", "messageMetadata": {"status": "cancelled"}}
+
+
+async def test_a_replys_start_says_streaming_as_history_and_the_rejoin_do_while_it_runs(
+    live: Callable[..., LiveServer],
+) -> None:
+    server = live(echo_delay=0.05)
+    words = " ".join(f"w{i}" for i in range(200))
+    async with server.client() as client:
+        session_id = await new_session(client)
+        form = {"ui_session_id": session_id, "message": words, "on_disconnect": "continue"}
+        body = ""
+        async with client.stream("POST", "/api/v1/chat", data=form, headers=SSE) as response:
+            async for chunk in response.aiter_text():
+                body += chunk
+                if "text-delta" in body:
+                    break
+        start = json.loads(parse_sse(body)[0][1])
+        reply = (await messages(client, session_id))[-1]  # (the reply runs on: on_disconnect=continue)
+        body = ""
+        async with client.stream("GET", f"/api/v1/chat/{session_id}/stream", headers=SSE) as rejoined:
+            async for chunk in rejoined.aiter_text():
+                body += chunk
+                if "\n\n" in body:
+                    break
+        rejoined_start = json.loads(parse_sse(body)[0][1])
+        await client.post("/api/v1/cancel", data={"ui_session_id": session_id})
+    # useChat keeps start's metadata as the message's until finish merges its own: while the reply runs, what the
+    # client holds is what history and a rejoin give for it.
+    streaming = {"ui_session_id": session_id, "interaction_id": reply["interaction_id"], "status": "streaming"}
+    assert reply["status"] == "streaming" and reply["metadata"] == streaming
+    assert start["messageMetadata"] == rejoined_start["messageMetadata"] == streaming
+    assert start["messageId"] == rejoined_start["messageId"] == reply["id"]
 
 
 async def test_keep_alive_comments_while_the_agent_is_silent(live: Callable[..., LiveServer]) -> None:

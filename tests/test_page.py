@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Locator, Page, expect
+from playwright.sync_api import Browser, BrowserContext, Locator, Page, Route, expect
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, BaseUser, SimpleUser
 from starlette.middleware import Middleware
@@ -753,6 +753,76 @@ def test_sending_while_a_reply_streams_offers_to_stop_it_and_send(
         ("assistant", "complete"),
     ]
     assert content(reply(page, 0)) == recorded[1]["content"] and len(recorded[1]["content"].split()) < 120
+
+
+def hold_chats(page: Page, server: LiveServer) -> list[Route]:
+    """From now on the page's chat requests wait (the test lets each go with ``route.continue_()``): a Stop can be
+    pressed before its reply has started, surely."""
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)
+
+    page.route(f"{server.url}/api/v1/chat", hold)
+    return held
+
+
+def wait_held(page: Page, held: list[Route]) -> Route:
+    deadline = time.monotonic() + WAIT / 1000
+    while not held:
+        assert time.monotonic() < deadline, "the page sent no chat"
+        page.wait_for_timeout(20)  # (lets Playwright hand the request to the route)
+    return held.pop()
+
+
+def test_stop_before_the_reply_starts_stops_that_reply_once_it_has_started(
+    live: Callable[..., LiveServer], open_page: Any
+) -> None:
+    server = live(echo_delay=0.05)
+    page = open_page(server.url + "/")
+    held = hold_chats(page, server)
+    send(page, WORDS)
+    request = wait_held(page, held)
+    page.get_by_role("button", name="Stop").click()  # nothing of the reply has come: it has no interaction id yet
+    request.continue_()
+    expect(reply(page)).to_have_attribute("data-status", "cancelled")
+    recorded = history(server, session_of(page))
+    assert recorded[-1]["status"] == "cancelled" and len(recorded[-1]["content"].split()) < 120
+    assert content(reply(page)) == recorded[-1]["content"]
+
+
+def test_stop_before_the_reply_starts_never_stops_another_reply(
+    live: Callable[..., LiveServer], open_page: Any
+) -> None:
+    server = live(echo_delay=0.05)
+    page = open_page(server.url + "/")
+    send(page, "hello")
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    session_id = session_of(page)
+    # Another client's reply runs in the session (three seconds; it goes on when that client leaves).
+    words = " ".join(f"x{i}" for i in range(60))
+    form = {"ui_session_id": session_id, "message": words, "on_disconnect": "continue"}
+    with httpx.stream("POST", f"{server.url}/api/v1/chat", data=form, timeout=10) as running:
+        next(running.iter_text())
+    # The page sends a message, and Stop is pressed before anything of its reply came: it is refused (busy).
+    held = hold_chats(page, server)
+    send(page, "me too")
+    request = wait_held(page, held)
+    page.get_by_role("button", name="Stop").click()
+    request.continue_()
+    page.unroute(f"{server.url}/api/v1/chat")
+    expect(page.get_by_role("alert")).to_contain_text("This session is busy")
+    # The other client's reply was not the one Stop meant: it runs to its end.
+    deadline = time.monotonic() + WAIT / 1000
+    while (recorded := history(server, session_id))[-1]["status"] == "streaming":
+        assert time.monotonic() < deadline, "the other reply did not end"
+        time.sleep(0.05)
+    assert (recorded[-1]["status"], recorded[-1]["content"]) == ("complete", words)
+    # Nor is the next reply: the stop went with the message it was for.
+    page.get_by_label("Message").fill("")
+    send(page, "and now")
+    expect(reply(page)).to_have_attribute("data-status", "complete")
+    assert content(reply(page)) == "and now"
 
 
 @pytest.mark.parametrize("fragment", ["%", "%E0%A4%A"])

@@ -300,3 +300,111 @@ def test_an_error_shows_parleys_sentence(
     # The README's line turns the error's message (parley's JSON body) into its sentence.
     expect(page.get_by_role("alert")).to_have_text(f"Session not found: {session_id}")
     expect(page.locator("main")).to_have_attribute("data-chat-status", "error")
+
+
+def hold_chats(page: Page, server: LiveServer) -> list[Route]:
+    """From now on the app's chat requests wait (the test lets each go with ``route.continue_()``): a Stop can be
+    pressed before its reply has started, surely."""
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)
+
+    page.route(f"{server.url}/api/v1/chat", hold)
+    return held
+
+
+def wait_held(page: Page, held: list[Route]) -> Route:
+    deadline = time.monotonic() + WAIT / 1000
+    while not held:
+        assert time.monotonic() < deadline, "the app sent no chat"
+        page.wait_for_timeout(20)  # (lets Playwright hand the request to the route)
+    return held.pop()
+
+
+def test_stop_before_a_regenerated_reply_starts_stops_that_reply(
+    live: Callable[..., LiveServer], open_app: Callable[[LiveServer, str], Page]
+) -> None:
+    server = live(echo_delay=0.05)
+    page = open_app(server, "")
+    session_id = session_of(page)
+    question = " ".join(WORDS.split()[:40])
+    send(page, question)
+    settled(page)
+    # After a reload the question comes from history, with the metadata of the turn that answered it.
+    page.reload()
+    settled(page)
+    answered = last(page).get_attribute("data-id")
+    held = hold_chats(page, server)
+    page.get_by_role("button", name="Regenerate").click()
+    request = wait_held(page, held)
+    page.get_by_role("button", name="Stop").click()  # nothing of the new reply has come: no interaction id yet
+    request.continue_()
+    settled(page, status="cancelled", not_id=answered)
+    stopped = text(last(page))
+    assert question.startswith(stopped) and stopped != question
+    assert history(server, session_id)[-1]["status"] == "cancelled"
+    assert shown(page) == kept(server, session_id)
+
+
+def test_stop_before_the_reply_starts_never_stops_another_reply(
+    live: Callable[..., LiveServer], open_app: Callable[[LiveServer, str], Page]
+) -> None:
+    server = live(echo_delay=0.05)
+    page = open_app(server, "")
+    session_id = session_of(page)
+    expect(page.locator("main")).to_have_attribute("data-chat-status", "ready")
+    # Another client's reply runs in the session (three seconds; it goes on when that client leaves).
+    words = " ".join(f"x{i}" for i in range(60))
+    form = {"ui_session_id": session_id, "message": words, "on_disconnect": "continue"}
+    with httpx.stream("POST", f"{server.url}/api/v1/chat", data=form, timeout=10) as running:
+        next(running.iter_text())
+    # The app sends a message, and Stop is pressed before anything of its reply came: it is refused (busy).
+    held = hold_chats(page, server)
+    send(page, "me too")
+    request = wait_held(page, held)
+    page.get_by_role("button", name="Stop").click()
+    request.continue_()
+    page.unroute(f"{server.url}/api/v1/chat")
+    expect(page.get_by_role("alert")).to_contain_text("already has an interaction in progress")
+    # The other client's reply was not the one Stop meant: it runs to its end.
+    deadline = time.monotonic() + WAIT / 1000
+    while (recorded := history(server, session_id))[-1]["status"] == "streaming":
+        assert time.monotonic() < deadline, "the other reply did not end"
+        time.sleep(0.05)
+    assert (recorded[-1]["status"], recorded[-1]["content"]) == ("complete", words)
+    # Nor is the next reply: the stop went with the message it was for.
+    send(page, "and now")
+    settled(page)
+    assert text(last(page)) == "and now"
+
+
+def test_files_sent_with_a_message_reach_the_agent_and_a_reload_shows_them(
+    live: Callable[..., LiveServer], open_app: Callable[[LiveServer, str], Page]
+) -> None:
+    server = live()
+    page = open_app(server, "")
+    session_id = session_of(page)
+    notes = b"# notes\nsome words\n"
+    page.get_by_label("Attach").set_input_files(
+        [
+            {"name": "notes.md", "mimeType": "text/markdown", "buffer": notes},
+            {"name": "data.bin", "mimeType": "application/octet-stream", "buffer": bytes(range(256))},
+        ]
+    )
+    send(page, "look at these")
+    settled(page)
+    # sendMessage({text, files}) with the input's FileList: the echo names each file it was given.
+    assert text(last(page)) == f"look at these\n[file: notes.md, {len(notes)} bytes]\n[file: data.bin, 256 bytes]"
+    user = page.locator('article[data-role="user"]')
+    expect(user.locator("[data-file]")).to_have_text(["notes.md", "data.bin"])
+    assert shown(page) == kept(server, session_id)
+
+    # A reload: the message's files come from history, each a link to its bytes in parley.
+    page.reload()
+    settled(page)
+    expect(user.locator("[data-file]")).to_have_text(["notes.md", "data.bin"])
+    links = [link.get_attribute("href") or "" for link in user.locator("[data-file]").all()]
+    assert all(link.startswith(f"/api/v1/files/{session_id}/") for link in links), links
+    assert [httpx.get(f"{server.url}{link}", timeout=10).content for link in links] == [notes, bytes(range(256))]
+    assert shown(page) == kept(server, session_id)

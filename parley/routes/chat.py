@@ -3,8 +3,12 @@ another request, or rejoin it from its start or from where a client left off."""
 
 from __future__ import annotations
 
+import logging
+
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from parley.agents import Attachment
 from parley.forms import (
@@ -33,6 +37,7 @@ from parley.openapi import (
 )
 from parley.rejoin import Follow, after_seq
 from parley.routes import authenticated, owned_session
+from parley.routes.files import keep_file_parts
 from parley.service import Parley
 from parley.sessions.errors import CancelFailed, FileNotFound
 from parley.sessions.files import is_text
@@ -41,6 +46,8 @@ from parley.sessions.store import Session
 from parley.sessions.turns import TurnRequest
 from parley.streaming import ChatResponse, OnDisconnect, PlainText
 from parley.ui_messages import ServerSentEvents
+
+logger = logging.getLogger("parley")
 
 
 @documented(
@@ -57,16 +64,25 @@ from parley.ui_messages import ServerSentEvents
         },
     },
 )
-async def chat(request: Request) -> Response | ChatResponse:
+async def chat(request: Request) -> Response | ChatResponse | _KeptFiles:
     parley, owner = await authenticated(request)
     limit = parley.settings.max_message_bytes
     body = bounded(request, chat_body_limit(request, limit), parley.settings.body_timeout_seconds)
-    chat = await read_chat(body, max_message_bytes=limit)
+    chat = await read_chat(body, max_message_bytes=limit, max_file_bytes=parley.settings.max_upload_bytes)
     session_id, file_ids = chat.session_id, chat.file_ids
+    kept: list[str] = []  # files that the chat's file parts brought
     attachments: list[Attachment] = []
-    if file_ids:  # (without files, claiming the session for the turn finds out whether it is the owner's)
+    if file_ids or chat.files:  # (without files, claiming the session for the turn finds out whether it is the owner's)
         await owned_session(parley, session_id, owner)
-        attachments = await _attachments(parley, session_id, file_ids)
+        try:
+            if chat.files:
+                named = await keep_file_parts(parley, session_id, chat.files, kept)
+                file_ids = list(dict.fromkeys([*file_ids, *named]))
+            attachments = await _attachments(parley, session_id, file_ids)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _drop_unnamed(parley, session_id, kept)
+            raise
     # (A turn left streaming by a process that died is recorded interrupted when the session is claimed.)
     if_busy: IfBusy = chat.if_busy or parley.settings.if_busy  # type: ignore[assignment]  # (both checked)
     turn = TurnRequest(
@@ -87,8 +103,10 @@ async def chat(request: Request) -> Response | ChatResponse:
     stall = parley.settings.body_timeout_seconds  # (a client may stall reading a reply as long as sending a body)
     if _wants_sse(request, chat.ai_sdk):
         keepalive = parley.settings.sse_keepalive_seconds
-        return ChatResponse(parley.runner, turn, ServerSentEvents, on_disconnect, keepalive, stall)
-    return ChatResponse(parley.runner, turn, PlainText, on_disconnect, stall_seconds=stall)
+        response = ChatResponse(parley.runner, turn, ServerSentEvents, on_disconnect, keepalive, stall)
+    else:
+        response = ChatResponse(parley.runner, turn, PlainText, on_disconnect, stall_seconds=stall)
+    return _KeptFiles(response, parley, session_id, kept) if kept else response
 
 
 def _wants_sse(request: Request, ai_sdk: bool) -> bool:
@@ -135,6 +153,38 @@ async def rejoin(request: Request) -> Response | Follow:
     if (counts := request.app.state.metrics) is not None:
         counts.rejoins.inc()
     return Follow(interaction, plain=plain, after=after, offset=offset, feed=feed)
+
+
+class _KeptFiles:
+    """The response to a chat whose file parts became new files of the session: if its turn did not start (busy,
+    too many streams, ...), no message names them, and they go again: a refused chat records nothing."""
+
+    def __init__(self, response: ChatResponse, parley: Parley, session_id: str, file_ids: list[str]) -> None:
+        self.response = response
+        self.parley = parley
+        self.session_id = session_id
+        self.file_ids = file_ids
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.response(scope, receive, send)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await _drop_unnamed(self.parley, self.session_id, self.file_ids)
+            raise
+
+
+async def _drop_unnamed(parley: Parley, session_id: str, file_ids: list[str]) -> None:
+    """Delete those of ``file_ids`` that no message of the session names."""
+    if not file_ids:
+        return
+    try:
+        named = {file_id for message in await parley.store.list_messages(session_id) for file_id in message.file_ids}
+        for file_id in file_ids:
+            if file_id not in named and await parley.store.delete_file(session_id, file_id):
+                await parley.blobs.delete(file_id)
+    except Exception as exc:  # (the store is down: they stay with the session, as an upload's would)
+        logger.warning("could not remove the files of a refused chat in session %s: %s", session_id, exc)
 
 
 async def _attachments(parley: Parley, session_id: str, file_ids: list[str]) -> list[Attachment]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -9,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from parley.errors import BadRequest, PayloadTooLarge
+from parley.file_parts import FilePart
 from parley.forms import FORM_MARGIN_BYTES, bounded
 from parley.openapi import (
     BYTES,
@@ -24,7 +27,7 @@ from parley.openapi import (
 from parley.routes import authenticated, owned_session
 from parley.service import Parley
 from parley.sessions.errors import FileNotFound
-from parley.sessions.files import FileTooLarge, content_disposition, mime_type, safe_filename
+from parley.sessions.files import Blob, FileTooLarge, content_disposition, mime_type, safe_filename
 from parley.sessions.store import FileInfo, new_id, utcnow
 from parley.uploads import receive_upload
 
@@ -63,10 +66,16 @@ async def upload_file(request: Request) -> Response:
             raise BadRequest("The field 'ui_session_id' is required and must not be empty.")
         await owned_session(parley, session_id, owner)
         blob = await writer.commit(session_id)
-    filename = safe_filename(upload.filename or "")
-    info = FileInfo(
-        file_id, session_id, filename, mime_type(upload.declared_type, filename), blob.size, blob.sha256, utcnow()
-    )
+    info = await _record(parley, file_id, session_id, upload.filename or "", upload.declared_type, blob)
+    return JSONResponse(info.to_json(), status_code=201)
+
+
+async def _record(
+    parley: Parley, file_id: str, session_id: str, filename: str, declared_type: str | None, blob: Blob
+) -> FileInfo:
+    """Store the record of a blob just committed (or remove the blob, if that fails)."""
+    filename = safe_filename(filename)
+    info = FileInfo(file_id, session_id, filename, mime_type(declared_type, filename), blob.size, blob.sha256, utcnow())
     try:
         await parley.store.add_file(info)  # SessionNotFound if the session was deleted since it was looked up
     except BaseException:
@@ -74,7 +83,34 @@ async def upload_file(request: Request) -> Response:
             await parley.blobs.delete(file_id)
         raise
     await parley.blobs.settle(file_id)
-    return JSONResponse(info.to_json(), status_code=201)
+    return info
+
+
+async def keep_file_parts(parley: Parley, session_id: str, parts: Sequence[FilePart], stored: list[str]) -> list[str]:
+    """The files of a chat's file parts (see :mod:`parley.file_parts`), in their order. A part's bytes become a
+    file of the session as an upload's do (added to ``stored`` at once, so that the caller knows them whatever
+    fails next), unless the session has a file of the same name and bytes already (the AI SDK sends a message's
+    data: URLs again when it regenerates the reply): that one is named instead."""
+    named: list[str] = []
+    have: dict[tuple[str, str], str] = {}
+    if any(part.data is not None for part in parts):
+        have = {(info.filename, info.sha256): info.id for info in await parley.store.list_files(session_id)}
+    for part in parts:
+        if part.data is None:
+            assert part.file_id is not None
+            named.append(part.file_id)
+            continue
+        filename = safe_filename(part.filename)
+        key = (filename, hashlib.sha256(part.data).hexdigest())
+        if key not in have:
+            file_id = new_id("file_")
+            async with parley.blobs.writer(file_id, parley.settings.max_upload_bytes) as writer:
+                await writer.write(part.data)  # (read_file_part has checked its size)
+                blob = await writer.commit(session_id)
+            have[key] = (await _record(parley, file_id, session_id, filename, part.media_type, blob)).id
+            stored.append(file_id)
+        named.append(have[key])
+    return named
 
 
 async def _file(parley: Parley, request: Request, owner: str) -> FileInfo:

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from parley.errors import BadRequest
+from parley.file_parts import history_parts
 from parley.forms import OPTIONS_BODY_BYTES, SESSION_ID, bounded, query_int, read_json_or_form, session_title
 from parley.openapi import (
     SESSION_LINKS,
@@ -160,4 +161,12 @@ async def list_messages(request: Request) -> Response:
     session = await owned_session(parley, request.path_params["session_id"], owner)
     await parley.interrupt_orphans(session.ui_session_id)
     messages = await parley.store.list_messages(session.ui_session_id)
-    return JSONResponse({"messages": [message.to_json() for message in messages]})
+    body = [message.to_json() for message in messages]
+    if any(message.file_ids for message in messages):
+        # A user message's files are parts of it too, before its text, as the AI SDK's sendMessage puts them.
+        files = {info.id: info for info in await parley.store.list_files(session.ui_session_id)}
+        root_path = request.scope.get("root_path", "")
+        for message, shown in zip(messages, body, strict=True):
+            if message.file_ids:
+                shown["parts"] = [*history_parts(message.file_ids, files, root_path), *shown["parts"]]
+    return JSONResponse({"messages": body})

@@ -2,7 +2,8 @@
 // DefaultChatTransport, with a minimal ChatState. tests/test_ai_sdk.py runs it and reads the one JSON line it prints.
 //
 //   node driver.mjs send   --session ID --text TEXT [--text TEXT...] [--regenerate] [--body JSON]
-//                          [--steps '[{"send": T}, {"regenerate": null | INDEX}, {"edit": INDEX, "text": T}]']
+//                          [--steps '[{"send": T, "files"?: [F]}, {"regenerate": null | INDEX}, {"edit": INDEX, "text": T}]']
+//                          [--last-only]
 //   node driver.mjs resume --session ID [--hydrate]            (resumeStream(); --hydrate loads the history first)
 //                                       [--history JSON]      (--hydrate with this history, as loaded a while ago)
 //
@@ -16,9 +17,18 @@
 // --stop-at-tool: stop() as soon as a tool call's input is complete (its part is input-available): a stop
 // during a tool call.
 //
+// A step's files are sendMessage({text, files})'s file parts: each F is {"path", "mediaType", "filename"}, sent as a
+// data: URL of the file's bytes (what sendMessage makes of a FileList in a browser). In the result, a data: URL is
+// shown as "data:sha256=<hex of its bytes>".
+//
+// --last-only: the transport sends only the last message, with the README's prepareSendMessagesRequest (the AI
+// SDK's own recipe, keeping the trigger, messageId and body).
+//
 // --progress writes {"progress": {"status", "text"}} to stderr on each change, so a test can act mid-reply.
 //
 // The base URL is --base URL or $PARLEY_URL. Exit code 0 whenever a result was printed: the test judges it.
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 
 const sdk = process.env.PARLEY_AI_SDK || 'ai';
@@ -72,8 +82,22 @@ function sentence(error) {
   }
 }
 
-// A message's parts as JSON has them (what parley's history returns): no undefined fields.
-const plain = parts => JSON.parse(JSON.stringify(parts));
+// A message's parts as JSON has them (what parley's history returns): no undefined fields; a data: URL as its
+// bytes' digest.
+const digest = url => 'data:sha256=' + createHash('sha256').update(Buffer.from(url.split(',')[1], 'base64')).digest('hex');
+const plain = parts =>
+  JSON.parse(JSON.stringify(parts)).map(part =>
+    part.type === 'file' && part.url.startsWith('data:') ? { ...part, url: digest(part.url) } : part,
+  );
+
+// A step's files, as sendMessage's file parts.
+const fileParts = files =>
+  (files ?? []).map(({ path, mediaType, filename }) => ({
+    type: 'file',
+    mediaType,
+    filename,
+    url: `data:${mediaType};base64,${readFileSync(path).toString('base64')}`,
+  }));
 
 const textOf = message => message.parts.filter(part => part.type === 'text').map(part => part.text).join('');
 
@@ -99,6 +123,7 @@ const { values, positionals } = parseArgs({
     history: { type: 'string' },
     progress: { type: 'boolean', default: false },
     regenerate: { type: 'boolean', default: false },
+    'last-only': { type: 'boolean', default: false },
     steps: { type: 'string' },
     'timeout-ms': { type: 'string', default: '30000' },
   },
@@ -168,7 +193,15 @@ if (values.hydrate) {
 const chat = new HeadlessChat({
   id: session,
   messages,
-  transport: new DefaultChatTransport({ api: `${base}/api/v1/chat`, body: JSON.parse(values.body) }),
+  transport: new DefaultChatTransport({
+    api: `${base}/api/v1/chat`,
+    body: JSON.parse(values.body),
+    // The README's: only the new message (parley has the history), with what regenerate() and edits need.
+    ...(values['last-only'] && {
+      prepareSendMessagesRequest: ({ id, messages, body, trigger, messageId }) =>
+        ({ body: { ...body, id, message: messages.at(-1), trigger, messageId } }),
+    }),
+  }),
   onChange,
   onFinish: ({ isAbort, isDisconnect, isError, finishReason }) => {
     result.finish = { isAbort, isDisconnect, isError, finishReason: finishReason ?? null };
@@ -193,7 +226,7 @@ try {
   if (values.regenerate) await chat.regenerate();
   // --steps: what a person does in a chat, in order; a message is named by its index in chat.messages.
   for (const step of values.steps === undefined ? [] : JSON.parse(values.steps)) {
-    if ('send' in step) await chat.sendMessage({ text: step.send });
+    if ('send' in step) await chat.sendMessage({ text: step.send, files: fileParts(step.files) });
     else if ('regenerate' in step) {
       await chat.regenerate(step.regenerate === null ? {} : { messageId: chat.messages.at(step.regenerate).id });
     } else if ('edit' in step) await chat.sendMessage({ text: step.text, messageId: chat.messages.at(step.edit).id });

@@ -2,7 +2,7 @@
 // section's code as it stands, between the two lines of `=` below (tests/test_use_chat.py checks that it is);
 // around it, only what the section leaves out: a session to chat in, and the rendering. The test type-checks it
 // (tsconfig.json) and builds it (vite.config.js) as Vite's react-ts template does, and drives it in Chromium.
-import { StrictMode, useState } from 'react';
+import { StrictMode } from 'react';
 import { createRoot } from 'react-dom/client';
 
 // The session: the one in the address (?session=ID), else a new one, put there so that a reload opens it again.
@@ -18,7 +18,7 @@ async function session(): Promise<string> {
 const sessionId = await session();
 
 // ==================================================================================================== README
-import { useEffect } from 'react';
+import { useEffect, useState } from 'react';
 import { useChat } from '@ai-sdk/react';
 import { DefaultChatTransport, type UIMessage } from 'ai';
 
@@ -34,7 +34,14 @@ function Chat({ sessionId, history }: { sessionId: string; history: Message[] })
   const { messages, setMessages, sendMessage, regenerate, resumeStream, status, error } = useChat<Message>({
     id: sessionId,                                       // parley's ui_session_id
     messages: history,
-    transport: new DefaultChatTransport({ api: '/api/v1/chat', body: { on_disconnect: 'continue' } }),
+    transport: new DefaultChatTransport({
+      api: '/api/v1/chat',
+      body: { on_disconnect: 'continue' },
+      // Only the new message (parley has the history), as the AI SDK's own recipe sends it, with what regenerate()
+      // and edits need: the whole chat, its files and all, would soon pass the body's limit.
+      prepareSendMessagesRequest: ({ id, messages, body, trigger, messageId }) =>
+        ({ body: { ...body, id, message: messages.at(-1), trigger, messageId } }),
+    }),
   });
   // A reply that was running when the history was read: rejoin it; one that ended meanwhile (204) is still
   // marked streaming here, and the history has its end.
@@ -43,19 +50,30 @@ function Chat({ sessionId, history }: { sessionId: string; history: Message[] })
       if (history.at(-1)?.metadata?.status === 'streaming') setMessages(await load(sessionId));
     });
   }, []);
-  // Stop: ask parley to stop the reply (the interaction id is in every assistant message's metadata).
+  // Stop: ask parley to stop the reply by its interaction id, which the reply's start puts in its metadata (with
+  // status 'streaming'). Pressed before that, Stop waits for it: a cancel without the id would stop whatever reply
+  // the session runs when it arrives (another tab's, or none yet).
+  const [stopping, setStopping] = useState(false);
   const last = messages.at(-1);
-  const stop = () => fetch('/api/v1/cancel', {
-    method: 'POST',
-    body: new URLSearchParams({ ui_session_id: sessionId, interaction_id: last?.metadata?.interaction_id ?? '' }),
-  });
+  const running = last?.role === 'assistant' && last.metadata?.status === 'streaming' ? last.metadata.interaction_id : '';
+  useEffect(() => {
+    if (!stopping || !running) return;
+    setStopping(false);
+    const body = new URLSearchParams({ ui_session_id: sessionId, interaction_id: running });
+    fetch('/api/v1/cancel', { method: 'POST', body });
+  }, [stopping, running]);
+  useEffect(() => { if (status === 'ready' || status === 'error') setStopping(false); }, [status]); // (it ended: no stop)
+  const stop = () => setStopping(true);
   // parley's errors are JSON: show the sentence.
   const problem = error && (() => { try { return JSON.parse(error.message).message; } catch { return error.message; } })();
-  // Regenerate: regenerate(); edit a message of the user's: sendMessage({ text, messageId }). History follows both.
+  // Regenerate: regenerate(); edit a message of the user's: sendMessage({ text, messageId }); attach files:
+  // sendMessage({ text, files }) with an <input type="file">'s FileList. History follows all three.
   // ==================================================================================================== README
 
-  // The rendering: each message with its text and how it ended; Regenerate on the last reply, Edit on the user's.
+  // The rendering: each message with its files, its text and how it ended; Regenerate on the last reply, Edit on the
+  // user's; files to attach beside the message box.
   const [draft, setDraft] = useState('');
+  const [files, setFiles] = useState<FileList | undefined>(undefined);
   const [editing, setEditing] = useState<{ id: string; text: string } | null>(null);
   const busy = status === 'submitted' || status === 'streaming';
   const textOf = (message: Message) => message.parts.map(part => (part.type === 'text' ? part.text : '')).join('');
@@ -76,6 +94,9 @@ function Chat({ sessionId, history }: { sessionId: string; history: Message[] })
           ) : (
             <p data-text style={{ whiteSpace: 'pre-wrap' }}>{textOf(message)}</p>
           )}
+          {message.parts.map((part, index) =>
+            part.type === 'file' ? <a key={index} data-file href={part.url} download={part.filename}>{part.filename}</a> : null,
+          )}
           {message.role === 'user' && !busy && !editing && (
             <button onClick={() => setEditing({ id: message.id, text: textOf(message) })}>Edit</button>
           )}
@@ -86,11 +107,14 @@ function Chat({ sessionId, history }: { sessionId: string; history: Message[] })
       <form
         onSubmit={event => {
           event.preventDefault();
-          sendMessage({ text: draft });
+          sendMessage({ text: draft, files });
           setDraft('');
+          setFiles(undefined);
+          event.currentTarget.reset(); // (the file input is uncontrolled: this empties it)
         }}
       >
         <input aria-label="Message" value={draft} onChange={event => setDraft(event.target.value)} />
+        <input aria-label="Attach" type="file" multiple onChange={event => setFiles(event.target.files ?? undefined)} />
         {busy ? <button type="button" onClick={stop}>Stop</button> : <button type="submit">Send</button>}
       </form>
     </main>
