@@ -15,6 +15,9 @@ Failures read as redis-py's: ``ConnectionError``, ``TimeoutError`` (no reply wit
 connection is dropped, and every command waiting on it fails), ``ResponseError``. A caller cancelled while it waits
 leaves its reply to be read and dropped: the connection stays in step. A connection lost is made again by the next
 command; one idle longer than the health-check interval is checked with a PING first, as redis-py checks its own.
+
+Like redis-py beside it, this talks to asyncio (a transport and futures on the running loop): parley on Redis runs
+on asyncio only, and refuses trio at start-up (:func:`sessions.redis.require_asyncio`).
 """
 
 from __future__ import annotations
