@@ -365,13 +365,20 @@ async def test_a_body_of_a_million_objects_does_not_stall_the_other_streams(
     json.loads(body)
     parse = time.perf_counter() - started  # how long the stall was, on this machine now
     server = subprocesses({"PARLEY_DATA_DIR": str(tmp_path / "data"), "PARLEY_ECHO_DELAY": "0.005"}).start()
+    gaps: list[float] = []
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-        during, answer = await _gap_in_a_stream_while_posting(client, body)
-    # The stream went on while the body was read and refused: its longest gap then is far below the stall that
-    # parsing on the loop caused (about the body's parse time).
-    assert during < parse / 2, (during, parse)
-    assert answer.status_code == 413, answer.text
-    assert "objects and arrays" in answer.json()["message"]
+        # The stream goes on while the body is read and refused: its longest gap then is far below the stall that
+        # parsing on the loop caused (about the body's parse time, at every try). A loaded machine can pause the
+        # server for as long once in a while (CI saw a 116 ms gap against a 172 ms parse, where a quiet run sees
+        # 11 ms): up to three tries, of which one must show no stall.
+        for _ in range(3):
+            during, answer = await _gap_in_a_stream_while_posting(client, body)
+            assert answer.status_code == 413, answer.text
+            assert "objects and arrays" in answer.json()["message"]
+            gaps.append(during)
+            if during < parse / 2:
+                break
+    assert min(gaps) < parse / 2, (gaps, parse)
 
 
 async def _gap_in_a_stream_while_posting(client: httpx.AsyncClient, body: bytes) -> tuple[float, httpx.Response]:
