@@ -18,6 +18,7 @@ from parley.sessions.errors import (
     RejoinFailed,
     SessionBusy,
     SessionNotFound,
+    StoreUnavailable,
     TooManyQueued,
     TooManyStreams,
 )
@@ -26,6 +27,9 @@ from parley.sessions.parts import Part
 from parley.sessions.store import Message, MessageStatus, Session, Store, new_id
 
 logger = logging.getLogger("parley")
+
+# What a chat whose store call outlasted its claim's lease is told (see Coordinator.claim_patience).
+STORE_TOO_SLOW_FOR_THE_CLAIM = "The session store did not answer within the session's lease; try again shortly."
 
 CancelReason = Literal["cancelled", "disconnected", "deleted", "lease lost"]
 # What a message into a session that has a reply in progress does: is refused (409), stops that reply and runs,
@@ -173,6 +177,11 @@ class Coordinator(Protocol):
     :class:`sessions.redis_coordinator.RedisCoordinator`.
     """
 
+    @property
+    def claim_patience(self) -> float | None:
+        """How long a store call made with a claim just taken may take (None: no limit): nothing renews a claim
+        until its turn has started, so a store that answers after the claim's lease must not start the turn."""
+
     def takes_slots(self, slots: StreamSlots) -> bool:
         """Whether :meth:`claim` and :meth:`start_turn` take the owner's stream slot themselves, in the claim's
         round trip, when given ``slots`` (and :meth:`end_turn` or :meth:`release` give it back)."""
@@ -279,6 +288,8 @@ _NO_LEASE = _NoLease()
 class LocalCoordinator:
     """One process on the embedded store: claims and cancels stay in the process. The store's file may still be
     shared by other worker processes, which this cannot reach: a cancel for them says so (set PARLEY_REDIS_URL)."""
+
+    claim_patience = None  # (a claim in the process: no lease to run out)
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -679,15 +690,20 @@ class _Open:
                 # busy drops nothing.
                 await coordinator.claim(interaction, taken)
                 try:
-                    session, earlier, self.asked = await turn.store.replace_turn(
-                        turn.replace,
-                        turn.user,
-                        turn.assistant,
-                        turn.history_limit,
-                        owner=owner,
-                        missing_ok=turn.missing_ok,
-                        keep=turn.keep,
-                    )
+                    with anyio.fail_after(coordinator.claim_patience):
+                        session, earlier, self.asked = await turn.store.replace_turn(
+                            turn.replace,
+                            turn.user,
+                            turn.assistant,
+                            turn.history_limit,
+                            owner=owner,
+                            missing_ok=turn.missing_ok,
+                            keep=turn.keep,
+                        )
+                except TimeoutError:
+                    with anyio.CancelScope(shield=True):
+                        await coordinator.release(interaction, taken)
+                    raise StoreUnavailable(STORE_TOO_SLOW_FOR_THE_CLAIM) from None
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         await coordinator.release(interaction, taken)

@@ -24,8 +24,9 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 
-from parley.sessions.errors import ApiError, SessionBusy, SessionNotFound
+from parley.sessions.errors import ApiError, SessionBusy, SessionNotFound, StoreUnavailable
 from parley.sessions.interactions import (
+    STORE_TOO_SLOW_FOR_THE_CLAIM,
     CancelReason,
     Followed,
     Interaction,
@@ -76,6 +77,7 @@ class RedisCoordinator:
         self.process_id = "proc_" + secrets.token_hex(8)
         lease_ms = max(int(lease_seconds * 1000), 100)
         self.claims = RedisClaims(redis, Scripts(redis), prefix, self.process_id, lease_ms)
+        self.claim_patience = lease_ms * 0.9 / 1000  # (see Coordinator.claim_patience: before the renewer's stop)
         self.bus = RedisCancelBus(redis, prefix, self.claims)
         self.rejoin = RedisRejoin(redis, prefix, self.claims, self.bus, reader)
         self.queue = RedisQueue(self.claims, self.bus)
@@ -121,12 +123,21 @@ class RedisCoordinator:
             return started
         await self._claim(interaction, lambda: self.claims.claim(interaction, redis_slots), turn.store)
         self.queue.entered(interaction)
+        # Nothing renews the claim until the turn has started: a store that does not answer within the lease
+        # (PostgreSQL away, its pool waiting for a connection) must not start a reply whose claim has run out, which
+        # any process would then record interrupted as an orphan while it streams. The claim was just taken.
         try:
-            # With the claim taken, any turn of the session still streaming is an orphan. (A store that records them
-            # in start_turn's own statement, PostgreSQL's, is spared the round trip.)
-            if not getattr(turn.store, "interrupts_orphans_in_start_turn", False):
-                await turn.store.interrupt_turns(interaction.session_id)
-            return await turn.store.start_turn(turn.user, turn.assistant, turn.history_limit, owner=interaction.owner)
+            with anyio.fail_after(self.claim_patience):
+                # With the claim taken, any turn of the session still streaming is an orphan. (A store that records
+                # them in start_turn's own statement, PostgreSQL's, is spared the round trip.)
+                if not getattr(turn.store, "interrupts_orphans_in_start_turn", False):
+                    await turn.store.interrupt_turns(interaction.session_id)
+                return await turn.store.start_turn(
+                    turn.user, turn.assistant, turn.history_limit, owner=interaction.owner
+                )
+        except TimeoutError:
+            await self._tell_first(interaction.session_id, await self.claims.release(interaction, redis_slots))
+            raise StoreUnavailable(STORE_TOO_SLOW_FOR_THE_CLAIM) from None
         except BaseException:
             await self._tell_first(interaction.session_id, await self.claims.release(interaction, redis_slots))
             raise

@@ -224,6 +224,56 @@ async def test_postgres_down_means_503_streams_go_on_and_are_recorded_when_it_is
         assert 'parley_store_duration_seconds_count{store="postgres"}' in metrics
 
 
+async def test_a_chat_that_waits_for_postgres_longer_than_its_lease_does_not_start_a_reply_nobody_holds(
+    subprocesses: Callable[..., Subprocess], tmp_path: Path, own_postgres: PostgresServer, redis_server: RedisServer
+) -> None:
+    # make soak: a chat that came while PostgreSQL was down took the session's claim in Redis, then waited for a
+    # connection (the pool's timeout, 5 s by default) longer than the claim's lease (2 s there), which nothing
+    # renews before the turn has started. PostgreSQL back, the reply started and streamed with its claim gone, and a
+    # read on the other host took it for an orphan's: recorded "interrupted" with '' while its client read it whole.
+    # The start must not outlast the lease: the chat is refused (503), and whatever it answers, history agrees.
+    url = own_postgres.create_database()
+    a, b = start_together(
+        host(subprocesses, tmp_path, "a", url, PARLEY_REDIS_URL=redis_server.url,
+             PARLEY_DATABASE_POOL_TIMEOUT_SECONDS="5"),
+        host(subprocesses, tmp_path, "b", url, PARLEY_REDIS_URL=redis_server.url),
+    )  # fmt: skip
+    message = " ".join(f"u{i}" for i in range(20))  # 1 s of stream
+    async with httpx.AsyncClient(timeout=30) as client:
+        session_id = await session_on(client, a)
+        own_postgres.stop()
+        answers: list[httpx.Response] = []
+
+        async def chat_now() -> None:
+            data = {"ui_session_id": session_id, "message": message}
+            answers.append(await client.post(f"{a.url}/api/v1/chat", data=data))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(chat_now)
+            await anyio.sleep(2)  # (an outage longer than the lease, not a wait for a condition)
+            await anyio.to_thread.run_sync(own_postgres.start)
+            while not answers:  # B's reads look for orphans while the reply would stream
+                await client.get(f"{b.url}/api/v1/sessions/{session_id}/messages")
+                await anyio.sleep(0.02)
+        answer = answers[0]
+        assert answer.status_code == 503, (answer.status_code, answer.text)
+        assert "did not answer within" in answer.json()["message"]
+        again: list[httpx.Response] = []
+
+        async def served() -> bool:  # (PostgreSQL back: the pool's dead connections may answer 503 at first)
+            again.append(await client.post(f"{a.url}/api/v1/chat", data={"ui_session_id": session_id, "message": "b"}))
+            return again[-1].status_code != 503
+
+        await eventually(served, within=10)
+        assert again[-1].status_code == 200 and again[-1].text == "b", again[-1].text
+        # The refused chat left nothing: no reply that reads streaming, interrupted or final.
+        turns = await history(client, b.url, session_id)
+        assert [(t["role"], t["status"], t["content"]) for t in turns] == [
+            ("user", "complete", "b"),
+            ("assistant", "complete", "b"),
+        ]
+
+
 async def test_a_reply_that_outlives_postgres_for_longer_than_the_lease_is_read_final_only_with_its_own_text(
     subprocesses: Callable[..., Subprocess], tmp_path: Path, own_postgres: PostgresServer, redis_server: RedisServer
 ) -> None:
