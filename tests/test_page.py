@@ -757,7 +757,7 @@ def test_sending_while_a_reply_streams_offers_to_stop_it_and_send(
 
 def hold_chats(page: Page, server: LiveServer) -> list[Route]:
     """From now on the page's chat requests wait (the test lets each go with ``route.continue_()``): a Stop can be
-    pressed before its reply has started, surely."""
+    pressed before its reply has started, surely. (test_use_chat's app's too.)"""
     held: list[Route] = []
 
     def hold(route: Route) -> None:

@@ -19,6 +19,7 @@ import pytest
 from playwright.sync_api import Browser, Locator, Page, Route, expect
 
 from tests.conftest import AI_SDK, ROOT, LiveServer
+from tests.test_page import hold_chats, wait_held
 
 APP = AI_SDK / "react-app"
 VITE = AI_SDK / "node_modules" / "vite" / "bin" / "vite.js"
@@ -300,26 +301,6 @@ def test_an_error_shows_parleys_sentence(
     # The README's line turns the error's message (parley's JSON body) into its sentence.
     expect(page.get_by_role("alert")).to_have_text(f"Session not found: {session_id}")
     expect(page.locator("main")).to_have_attribute("data-chat-status", "error")
-
-
-def hold_chats(page: Page, server: LiveServer) -> list[Route]:
-    """From now on the app's chat requests wait (the test lets each go with ``route.continue_()``): a Stop can be
-    pressed before its reply has started, surely."""
-    held: list[Route] = []
-
-    def hold(route: Route) -> None:
-        held.append(route)
-
-    page.route(f"{server.url}/api/v1/chat", hold)
-    return held
-
-
-def wait_held(page: Page, held: list[Route]) -> Route:
-    deadline = time.monotonic() + WAIT / 1000
-    while not held:
-        assert time.monotonic() < deadline, "the app sent no chat"
-        page.wait_for_timeout(20)  # (lets Playwright hand the request to the route)
-    return held.pop()
 
 
 def test_stop_before_a_regenerated_reply_starts_stops_that_reply(
