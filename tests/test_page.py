@@ -775,6 +775,30 @@ def wait_held(page: Page, held: list[Route]) -> Route:
     return held.pop()
 
 
+def stop_before_the_start_while_another_reply_runs(
+    page: Page, server: LiveServer, session_id: str, send: Callable[[Page, str], None], busy: str
+) -> None:
+    """Another client's reply runs in the session (three seconds; it goes on when that client leaves); the page
+    sends a message and Stop is pressed before anything of its reply came: the message is refused (``busy``, the
+    alert's text), and the other reply, which Stop did not mean, runs to its end. (test_use_chat's app's too.)"""
+    words = " ".join(f"x{i}" for i in range(60))
+    form = {"ui_session_id": session_id, "message": words, "on_disconnect": "continue"}
+    with httpx.stream("POST", f"{server.url}/api/v1/chat", data=form, timeout=10) as running:
+        next(running.iter_text())
+    held = hold_chats(page, server)
+    send(page, "me too")
+    request = wait_held(page, held)
+    page.get_by_role("button", name="Stop").click()
+    request.continue_()
+    page.unroute(f"{server.url}/api/v1/chat")
+    expect(page.get_by_role("alert")).to_contain_text(busy)
+    deadline = time.monotonic() + WAIT / 1000
+    while (recorded := history(server, session_id))[-1]["status"] == "streaming":
+        assert time.monotonic() < deadline, "the other reply did not end"
+        time.sleep(0.05)
+    assert (recorded[-1]["status"], recorded[-1]["content"]) == ("complete", words)
+
+
 def test_stop_before_the_reply_starts_stops_that_reply_once_it_has_started(
     live: Callable[..., LiveServer], open_page: Any
 ) -> None:
@@ -799,25 +823,7 @@ def test_stop_before_the_reply_starts_never_stops_another_reply(
     send(page, "hello")
     expect(reply(page)).to_have_attribute("data-status", "complete")
     session_id = session_of(page)
-    # Another client's reply runs in the session (three seconds; it goes on when that client leaves).
-    words = " ".join(f"x{i}" for i in range(60))
-    form = {"ui_session_id": session_id, "message": words, "on_disconnect": "continue"}
-    with httpx.stream("POST", f"{server.url}/api/v1/chat", data=form, timeout=10) as running:
-        next(running.iter_text())
-    # The page sends a message, and Stop is pressed before anything of its reply came: it is refused (busy).
-    held = hold_chats(page, server)
-    send(page, "me too")
-    request = wait_held(page, held)
-    page.get_by_role("button", name="Stop").click()
-    request.continue_()
-    page.unroute(f"{server.url}/api/v1/chat")
-    expect(page.get_by_role("alert")).to_contain_text("This session is busy")
-    # The other client's reply was not the one Stop meant: it runs to its end.
-    deadline = time.monotonic() + WAIT / 1000
-    while (recorded := history(server, session_id))[-1]["status"] == "streaming":
-        assert time.monotonic() < deadline, "the other reply did not end"
-        time.sleep(0.05)
-    assert (recorded[-1]["status"], recorded[-1]["content"]) == ("complete", words)
+    stop_before_the_start_while_another_reply_runs(page, server, session_id, send, "This session is busy")
     # Nor is the next reply: the stop went with the message it was for.
     page.get_by_label("Message").fill("")
     send(page, "and now")

@@ -19,7 +19,7 @@ import pytest
 from playwright.sync_api import Browser, Locator, Page, Route, expect
 
 from tests.conftest import AI_SDK, ROOT, LiveServer
-from tests.test_page import hold_chats, wait_held
+from tests.test_page import hold_chats, stop_before_the_start_while_another_reply_runs, wait_held
 
 APP = AI_SDK / "react-app"
 VITE = AI_SDK / "node_modules" / "vite" / "bin" / "vite.js"
@@ -335,25 +335,9 @@ def test_stop_before_the_reply_starts_never_stops_another_reply(
     page = open_app(server, "")
     session_id = session_of(page)
     expect(page.locator("main")).to_have_attribute("data-chat-status", "ready")
-    # Another client's reply runs in the session (three seconds; it goes on when that client leaves).
-    words = " ".join(f"x{i}" for i in range(60))
-    form = {"ui_session_id": session_id, "message": words, "on_disconnect": "continue"}
-    with httpx.stream("POST", f"{server.url}/api/v1/chat", data=form, timeout=10) as running:
-        next(running.iter_text())
-    # The app sends a message, and Stop is pressed before anything of its reply came: it is refused (busy).
-    held = hold_chats(page, server)
-    send(page, "me too")
-    request = wait_held(page, held)
-    page.get_by_role("button", name="Stop").click()
-    request.continue_()
-    page.unroute(f"{server.url}/api/v1/chat")
-    expect(page.get_by_role("alert")).to_contain_text("already has an interaction in progress")
-    # The other client's reply was not the one Stop meant: it runs to its end.
-    deadline = time.monotonic() + WAIT / 1000
-    while (recorded := history(server, session_id))[-1]["status"] == "streaming":
-        assert time.monotonic() < deadline, "the other reply did not end"
-        time.sleep(0.05)
-    assert (recorded[-1]["status"], recorded[-1]["content"]) == ("complete", words)
+    stop_before_the_start_while_another_reply_runs(
+        page, server, session_id, send, "already has an interaction in progress"
+    )
     # Nor is the next reply: the stop went with the message it was for.
     send(page, "and now")
     settled(page)
