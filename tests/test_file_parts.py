@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,10 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.types import ASGIApp
 
-from parley.agents import Agents, Turn
+from parley.agents import Agents
 from parley.app import create_app
 from tests.conftest import LiveServer, make_settings, messages, new_session
+from tests.test_files import RecordingAgent
 
 pytestmark = pytest.mark.anyio
 
@@ -49,19 +50,6 @@ async def session_files(client: httpx.AsyncClient, session_id: str) -> list[dict
     response = await client.get(f"/api/v1/files/{session_id}")
     assert response.status_code == 200, response.text
     return list(response.json()["files"])
-
-
-class RecordingAgent:
-    name = "recording"
-    description = "Says ok, and keeps each turn it was given."
-    history_limit = 0
-
-    def __init__(self) -> None:
-        self.turns: list[Turn] = []
-
-    async def reply(self, turn: Turn) -> AsyncGenerator[str, None]:
-        self.turns.append(turn)
-        yield "ok"
 
 
 async def test_file_parts_become_the_sessions_files_reach_the_agent_and_come_back_in_history(
