@@ -14,11 +14,6 @@ from typing import Any, Protocol
 
 import anyio
 
-try:
-    import sniffio
-except ImportError:  # (anyio then takes the event loop for asyncio's, at no cost per call)
-    sniffio = None  # type: ignore[assignment]
-
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
 from parley.agents.events import Event, Step, Usage
 from parley.sessions.errors import AgentUnavailable, ParleyError, SessionBusy, SessionNotFound
@@ -206,7 +201,6 @@ class TurnRunner:
         # Stays "interrupted" only if something outside the interaction (a server shutdown) tears it down.
         status: MessageStatus = "interrupted"
         relayed = _Relayed()
-        _name_event_loop()
         try:
             await renderer.started(interaction)
             async with self.interactions.coordinator.lease(interaction):
@@ -462,14 +456,6 @@ class _Relayed:
 
     seq: int = 1
     acted: bool = False
-
-
-def _name_event_loop() -> None:
-    """Tell sniffio, when installed, which event loop runs this task (the turn's): anyio asks it on every call, an
-    agent's checkpoint on every token too, and it sniffs for asyncio each time unless the task says, as anyio.run's
-    tasks do."""
-    if sniffio is not None:
-        sniffio.current_async_library_cvar.set(sniffio.current_async_library())
 
 
 def _tokens(events: list[Event], acted: bool) -> int:
