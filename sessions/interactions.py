@@ -700,13 +700,11 @@ class _Open:
                             missing_ok=turn.missing_ok,
                             keep=turn.keep,
                         )
-                except TimeoutError:
+                except BaseException as exc:
                     with anyio.CancelScope(shield=True):
                         await coordinator.release(interaction, taken)
-                    raise StoreUnavailable(STORE_TOO_SLOW_FOR_THE_CLAIM) from None
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        await coordinator.release(interaction, taken)
+                    if isinstance(exc, TimeoutError):
+                        raise StoreUnavailable(STORE_TOO_SLOW_FOR_THE_CLAIM) from None
                     raise
                 self.started = session, earlier
         except BaseException:

@@ -135,11 +135,10 @@ class RedisCoordinator:
                 return await turn.store.start_turn(
                     turn.user, turn.assistant, turn.history_limit, owner=interaction.owner
                 )
-        except TimeoutError:
+        except BaseException as exc:
             await self._tell_first(interaction.session_id, await self.claims.release(interaction, redis_slots))
-            raise StoreUnavailable(STORE_TOO_SLOW_FOR_THE_CLAIM) from None
-        except BaseException:
-            await self._tell_first(interaction.session_id, await self.claims.release(interaction, redis_slots))
+            if isinstance(exc, TimeoutError):
+                raise StoreUnavailable(STORE_TOO_SLOW_FOR_THE_CLAIM) from None
             raise
 
     async def end_turn(
