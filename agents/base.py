@@ -67,9 +67,10 @@ def pace(delay: float) -> Callable[[], Awaitable[None]]:
     """What an agent that streams at a fixed pace awaits before each token: ``anyio.sleep(delay)``, or with no delay a
     checkpoint, so that a fast agent still lets a cancel in (and other streams run) between its tokens. Call it in
     the task that runs the reply, once per reply."""
+    # anyio.sleep() and anyio.lowlevel.checkpoint() find the running event loop's backend anew on every call
+    # (through sniffio: more instructions than the rest of a token's own work, make bench-instructions); the
+    # backend's own sleep and checkpoint, looked up once, are the very calls they make.
+    backend = anyio.lowlevel.current_token().backend_class
     if delay:
-        return partial(anyio.sleep, delay)
-    # anyio.lowlevel.checkpoint() finds the running event loop's backend anew on every call (through sniffio: more
-    # instructions than the rest of a token's own work, make bench-instructions); the backend's checkpoint, looked
-    # up once, is the very call it makes.
-    return anyio.lowlevel.current_token().backend_class.checkpoint
+        return partial(backend.sleep, delay)
+    return backend.checkpoint
