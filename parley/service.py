@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 import anyio
 
 from parley.agents import Agents, configured
+from parley.sessions.coordinator import Coordinator, LocalCoordinator
 from parley.sessions.files import Blobs, DiskBlobs
-from parley.sessions.interactions import Coordinator, Interactions, LocalCoordinator
+from parley.sessions.interactions import Interactions
 from parley.sessions.limits import LocalStreamSlots, StreamSlots
 from parley.sessions.sqlite import SQLiteStore
 from parley.sessions.store import Store

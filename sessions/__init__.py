@@ -6,14 +6,14 @@ web layer around them (requests, responses, wire formats, operations) is in :mod
   :mod:`.postgres_schema`, its files' bytes, :mod:`.postgres_blobs`, and the import of an SQLite history,
   :mod:`.postgres_import`).
 - :mod:`.files`: files' bytes (the ``Blobs`` interface and its disk implementation).
-- :mod:`.interactions`: the interactions in progress, one cancel scope each, one per session, and the coordinator
-  interface (claims, cancels, rejoins, lines of waiting messages across processes) with its local implementation;
-  :mod:`.redis_coordinator` carries them across processes on Redis: claims (:mod:`.redis_claims`), cancels
-  (:mod:`.redis_cancels`), rejoins (:mod:`.redis_rejoin`) and lines (:mod:`.redis_queue`), with their keys in
-  :mod:`.redis_keys` and their Lua scripts in :mod:`.redis_scripts`; :mod:`.redis_migrate` moves data from before
-  the keys had hash tags.
-- :mod:`.turns`: the turn runner (claim, history, agent, checkpoints, record, release), with no wire format;
-  the busy policy (what a message to a session already answering one gets) is decided where it takes the claim.
+- :mod:`.interactions`: the interactions in progress, one cancel scope each, one per session, and the busy policy
+  (what a message to a session already answering one gets), decided where the interaction takes its claim.
+- :mod:`.coordinator`: the coordinator interface (claims, cancels, rejoins, lines of waiting messages across
+  processes) with its local implementation; :mod:`.redis_coordinator` carries them across processes on Redis:
+  claims (:mod:`.redis_claims`), cancels (:mod:`.redis_cancels`), rejoins (:mod:`.redis_rejoin`) and lines
+  (:mod:`.redis_queue`), with their keys in :mod:`.redis_keys` and their Lua scripts in :mod:`.redis_scripts`;
+  :mod:`.redis_migrate` moves data from before the keys had hash tags.
+- :mod:`.turns`: the turn runner (claim, history, agent, checkpoints, record, release), with no wire format.
 - :mod:`.parts`: a reply's parts (the AI SDK's UIMessage parts) folded from the agent's events, and its usage.
 - :mod:`.limits` and :mod:`.redis_limits`: how many replies one owner may have running at once, in one process and
   across processes on Redis (owners themselves: see :mod:`parley.auth`).

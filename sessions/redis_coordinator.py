@@ -24,17 +24,9 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 
+from parley.sessions.coordinator import STORE_TOO_SLOW_FOR_THE_CLAIM, Lease, TurnStart
 from parley.sessions.errors import ApiError, SessionBusy, SessionNotFound, StoreUnavailable
-from parley.sessions.interactions import (
-    STORE_TOO_SLOW_FOR_THE_CLAIM,
-    CancelReason,
-    Followed,
-    Interaction,
-    Interactions,
-    Lease,
-    OwnerCheck,
-    TurnStart,
-)
+from parley.sessions.interactions import CancelReason, Followed, Interaction, Interactions, OwnerCheck
 from parley.sessions.limits import StreamSlots
 from parley.sessions.parts import Part
 from parley.sessions.redis import RedisStore

@@ -16,8 +16,9 @@ import anyio
 
 from parley.agents import Agent, AgentError, Agents, Attachment, HistoryEntry, Turn, UpstreamError
 from parley.agents.events import Event, Step, Usage
+from parley.sessions.coordinator import TurnStart
 from parley.sessions.errors import AgentUnavailable, ParleyError, SessionBusy, SessionNotFound
-from parley.sessions.interactions import IfBusy, Interaction, Interactions, TurnStart
+from parley.sessions.interactions import IfBusy, Interaction, Interactions
 from parley.sessions.parts import EVENT_TYPES, Part, split, unfinished_calls
 from parley.sessions.store import HistoryLimits, Message, MessageStatus, Session, Store, new_ordered_id, utcnow
 
