@@ -19,7 +19,7 @@ import pytest
 from psycopg import sql
 
 from parley.sessions import postgres, postgres_schema
-from parley.sessions.errors import EventLoopUnsupported
+from parley.sessions.errors import EventLoopUnsupported, StoreUnavailable
 from parley.sessions.postgres_blobs import CHUNK_BYTES
 from parley.sessions.store import Message, Session, new_id, new_ordered_id, utcnow
 from tests.conftest import ROOT, PostgresServer, RedisServer, Subprocess, eventually, start_together
@@ -598,3 +598,51 @@ async def test_another_owner_hammering_a_session_on_another_host_never_makes_its
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_statements_beyond_the_pools_connections_wait_their_turn_then_hear_503_after_the_pools_timeout(
+    postgres_url: str,
+) -> None:
+    """More statements than connections wait for one in the store (not in the pool's queue), in order, and one
+    that waits longer than the pool's timeout in all hears StoreUnavailable, then the store serves again."""
+    store = postgres.PostgresStore(postgres.connect(postgres_url, max_connections=1, pool_timeout=0.5))
+    await store.open()
+    try:
+        answers: list[str] = []
+        slept = anyio.Event()
+        store.pool.pop_stats()  # (the migration at open waited in the pool's queue for its first connection)
+
+        async def hold(seconds: float) -> None:
+            async def sleep(connection: psycopg.AsyncConnection[Any]) -> None:
+                slept.set()
+                await connection.execute("SELECT pg_sleep(%s)", (seconds,))
+
+            await store.run(sleep)
+            answers.append("held")
+
+        async def ask(name: str) -> None:
+            try:
+                await store.fetch("SELECT 1")
+                answers.append(name)
+            except StoreUnavailable:
+                answers.append(f"{name}: unavailable")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold, 0.2)
+            await slept.wait()
+            tg.start_soon(ask, "waited")  # the connection is free again well within the timeout
+        assert answers == ["held", "waited"]
+        assert store.pool.pop_stats().get("requests_queued", 0) == 0  # (each wait there costs a task and a timer)
+
+        answers.clear()
+        slept = anyio.Event()
+        started = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold, 1.5)
+            await slept.wait()
+            tg.start_soon(ask, "too long")
+        assert answers == ["too long: unavailable", "held"]
+        assert anyio.current_time() - started < 2.5
+        assert await store.fetch("SELECT 2") == [(2,)]
+    finally:
+        await store.close()
