@@ -169,7 +169,7 @@ class PostgresStore:
         # One statement per lent connection: a statement that finds every connection lent waits here, not in the
         # pool's queue, where each wait costs a task and a timer (psycopg_pool's WaitingClient): with more chats
         # in flight than connections, nearly every statement waited there (5 % of a short chat's instructions).
-        self._lendable = asyncio.Semaphore(pool.max_size)
+        self._lendable = anyio.Semaphore(pool.max_size)
         # History limits by agent, as each caller's history_limit gave them (see start_turn).
         self._limits: dict[Callable[[Session], int], dict[str, int]] = {}
 
@@ -218,12 +218,12 @@ class PostgresStore:
     async def _lend(self) -> float:
         """Wait, up to the pool's timeout, until fewer statements than the pool's connections are running; how
         long it waited (the pool's own wait for a connection, in an outage, has what is left of the timeout)."""
-        if not self._lendable.locked():
-            await self._lendable.acquire()  # (at once)
+        if self._lendable.value:  # (a connection is free: nobody waits, since a release hands it to a waiter)
+            self._lendable.acquire_nowait()
             return 0.0
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self.pool.timeout):
+            with anyio.fail_after(self.pool.timeout):
                 await self._lendable.acquire()
         except TimeoutError:
             raise PoolTimeout(f"no connection free after {self.pool.timeout:.2f} s") from None
