@@ -498,7 +498,7 @@ def _message_row(message: Message) -> tuple[Any, ...]:
         message.session_id,
         message.role,
         message.content,
-        json.dumps(list(message.file_ids)),
+        json.dumps(list(message.file_ids)) if message.file_ids else "[]",  # (most messages name no file)
         message.status,
         message.interaction_id,
         message.created_at,
