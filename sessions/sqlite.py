@@ -73,13 +73,22 @@ _TITLED_COLUMNS = (
     "WHERE messages.session_id = sessions.id AND role = 'user' ORDER BY seq LIMIT 1)"
 )
 
-_MESSAGE_COLUMNS = (
-    "id, session_id, role, content, file_ids, status, interaction_id, created_at, client_id, parts, usage"
-)
+_TEXT_COLUMNS = "id, session_id, role, content, file_ids, status, interaction_id, created_at, client_id"
+_MESSAGE_COLUMNS = f"{_TEXT_COLUMNS}, parts, usage"
 _FILE_COLUMNS = "id, session_id, filename, mime_type, size, sha256, created_at"
 _ROW = "(" + ", ".join("?" * 11) + ")"
 _INSERT_TURN = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES {_ROW}, {_ROW}"
 _INSERT_REPLY = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES {_ROW}"
+# Messages of text alone (most are) leave parts and usage to their default, and a reply that ends as text alone
+# sets them to NULL in the statement: Python's sqlite3 looks up an adapter for every None it binds (two attribute
+# lookups that fail, ~3,000 instructions, several times a string's cost), and a chat would bind six.
+_TEXT_ROW = "(" + ", ".join("?" * 9) + ")"
+_INSERT_TEXT_TURN = f"INSERT INTO messages ({_TEXT_COLUMNS}) VALUES {_TEXT_ROW}, {_TEXT_ROW}"
+_FINISH = "UPDATE messages SET content = ?, status = ?, parts = ?, usage = ? WHERE id = ? AND status = 'streaming'"
+_FINISH_TEXT = (
+    "UPDATE messages SET content = ?, status = ?, parts = NULL, usage = NULL WHERE id = ? AND status = 'streaming'"
+)
+_SELECT_SESSION = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ? AND owner = ?"
 # A message as the API names it: by its client's id, or by its own when it has none.
 _FIND = (
     f"SELECT seq, {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? "
@@ -293,7 +302,7 @@ class SQLiteStore:
             history = _history(db, user.session_id, limit) if limit > 0 else []
             # One statement: both rows or neither. (The batch's transaction holds the write lock from its start,
             # so no other process can delete the session between the select and this.)
-            db.execute(_INSERT_TURN, (*_message_row(user), *_message_row(assistant)))
+            _insert_turn(db, user, assistant)
             return session, history
 
         return await self._run(insert)
@@ -320,7 +329,7 @@ class SQLiteStore:
                 if not missing_ok:
                     raise MessageNotFound(target)
                 history = _history(db, session_id, limit) if limit > 0 else []
-                db.execute(_INSERT_TURN, (*_message_row(user), *_message_row(assistant)))
+                _insert_turn(db, user, assistant)
                 return session, history, user
             cut, asked = found[0], user
             if found[3] == "assistant":  # a regenerate: the reply goes, the user message before it stays
@@ -344,7 +353,7 @@ class SQLiteStore:
             try:
                 db.execute("DELETE FROM messages WHERE session_id = ? AND seq >= ?", (session_id, cut))
                 if asked is user:
-                    db.execute(_INSERT_TURN, (*_message_row(user), *_message_row(assistant)))
+                    _insert_turn(db, user, assistant)
                 else:
                     db.execute(_INSERT_REPLY, _message_row(assistant))
             except BaseException:
@@ -365,15 +374,14 @@ class SQLiteStore:
         parts: Sequence[Part] | None = None,
         usage: Mapping[str, int] | None = None,
     ) -> None:
-        row = (content, status, stored(parts), stored(usage), message_id)
+        # (A final record never changes: a reply recorded interrupted meanwhile keeps its text.)
+        row: tuple[str | None, ...] = (content, status, message_id)
+        statement = _FINISH_TEXT
+        if parts is not None or usage is not None:
+            statement, row = _FINISH, (content, status, stored(parts), stored(usage), message_id)
 
         def update(db: sqlite3.Connection) -> None:
-            db.execute(
-                # A final record never changes (a reply recorded interrupted meanwhile keeps its text).
-                "UPDATE messages SET content = ?, status = ?, parts = ?, usage = ? "
-                "WHERE id = ? AND status = 'streaming'",
-                row,
-            )
+            db.execute(statement, row)
 
         await self._run(update)
 
@@ -466,10 +474,16 @@ class SQLiteStore:
 
 
 def _session(db: sqlite3.Connection, session_id: str, owner: str) -> Session | None:
-    row = db.execute(
-        f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ? AND owner = ?", (session_id, owner)
-    ).fetchone()
+    row = db.execute(_SELECT_SESSION, (session_id, owner)).fetchone()
     return Session(*row) if row else None
+
+
+def _insert_turn(db: sqlite3.Connection, user: Message, assistant: Message) -> None:
+    """A turn's two messages, in one statement: both rows or neither."""
+    if user.parts is None and user.usage is None and assistant.parts is None and assistant.usage is None:
+        db.execute(_INSERT_TEXT_TURN, (*_message_row(user)[:9], *_message_row(assistant)[:9]))
+    else:
+        db.execute(_INSERT_TURN, (*_message_row(user), *_message_row(assistant)))
 
 
 def _titled(row: tuple[Any, ...]) -> Session:
@@ -498,7 +512,7 @@ def _message_row(message: Message) -> tuple[Any, ...]:
         message.session_id,
         message.role,
         message.content,
-        json.dumps(list(message.file_ids)),
+        json.dumps(list(message.file_ids)) if message.file_ids else "[]",  # (most messages name no file)
         message.status,
         message.interaction_id,
         message.created_at,

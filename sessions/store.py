@@ -1,10 +1,10 @@
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 from parley.sessions.parts import Part, text_parts
@@ -33,7 +33,14 @@ def ignore_error(store: str) -> None:
 
 
 def utcnow() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """Now, in UTC, as ISO 8601 to the microsecond: ``2026-12-05T14:00:40.646192Z``."""
+    seconds, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    return f"{_utc_second(seconds)}.{micros:06d}Z"
+
+
+@functools.lru_cache(maxsize=2)  # every chat stamps its messages: format the date and time once a second, not each
+def _utc_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 TITLE_MAX_CHARS = 200  # a title a client sets

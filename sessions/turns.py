@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from operator import countOf
 from typing import Any, Protocol
@@ -205,14 +205,15 @@ class TurnRunner:
         try:
             await renderer.started(interaction)
             async with self.interactions.coordinator.lease(interaction):
-                async with self._checkpointed(interaction, reply.id, events):
-                    try:
-                        async with aclosing(agent.reply(turn)) as stream:
-                            await self._relay(stream, interaction, renderer, report, relayed)
-                    except Exception as exc:
-                        failure = exc
-                    # The agent has said its last word: from here on, a cancel does not count (nor says it did).
-                    interaction.agent_done = True
+                with interaction.scope:  # its one cancel scope: a cancel, a disconnect, a delete stop the agent here
+                    async with self._checkpointed(reply.id, events):
+                        try:
+                            async with aclosing(agent.reply(turn)) as stream:
+                                await self._relay(stream, interaction, renderer, report, relayed)
+                        except Exception as exc:
+                            failure = exc
+                        # The agent has said its last word: from here on, a cancel does not count (nor says it did).
+                        interaction.agent_done = True
                 interaction.agent_done = True
                 self._due.pop(reply.id, None)  # (its last word is recorded below)
                 # A cancel that got in first wins over what the agent did next (it may fail as it is stopped).
@@ -289,31 +290,24 @@ class TurnRunner:
         finally:
             self._checkpointing = False
 
+    def _checkpointed(self, message_id: str, events: list[Event]) -> AbstractAsyncContextManager[None]:
+        """The checkpoints of a reply in progress (its text, and its parts when it is not text alone) for as long
+        as the ``async with`` block runs, on time rather than on events: a model that thinks, a tool that runs for a
+        minute or a client that does not read leave no gap in what the history shows and what survives a crash."""
+        if self._checkpointing:
+            # The process's checkpoints (run_checkpoints) take it: a short chat starts no timer of its own,
+            # which would cost it more than the rest of its turn (make bench-instructions).
+            return _Live(self, message_id, events)
+        return self._checkpointed_alone(message_id, events)
+
     @asynccontextmanager
-    async def _checkpointed(
-        self, interaction: Interaction, message_id: str, events: list[Event]
-    ) -> AsyncIterator[None]:
-        """The interaction's cancel scope, and in it the checkpoints of its reply so far (its text, and its parts
-        when it is not text alone), on time rather than on events: a model that thinks, a tool that runs for a
-        minute or a client that does not read leave no gap in what the history shows and what survives a crash.
-        (The body catches every Exception, so the task group never has one to wrap in a group.)"""
-        with interaction.scope:
-            if self._checkpointing:
-                # The process's checkpoints (run_checkpoints) take it: a short chat starts no timer of its own,
-                # which would cost it more than the rest of its turn (make bench-instructions).
-                self._live[message_id] = _Live(events)
-                if self._wake is not None:
-                    self._wake.set()
-                    self._wake = None
-                try:
-                    yield
-                finally:
-                    del self._live[message_id]
-                return
-            async with anyio.create_task_group() as task_group:
-                task_group.start_soon(self._checkpoint_every, message_id, events)
-                yield
-                task_group.cancel_scope.cancel()
+    async def _checkpointed_alone(self, message_id: str, events: list[Event]) -> AsyncIterator[None]:
+        """A timer of the reply's own, where the app's lifespan does not run (mounted in a host app). (The body
+        catches every Exception, so the task group never has one to wrap in a group.)"""
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(self._checkpoint_every, message_id, events)
+            yield
+            task_group.cancel_scope.cancel()
 
     async def _checkpoint_every(self, message_id: str, events: list[Event]) -> None:
         saved = 0
@@ -442,12 +436,28 @@ def _checkpoints(
     return contents, parts, usages
 
 
-@dataclass
 class _Live:
-    """A reply in progress, as :meth:`TurnRunner.run_checkpoints` sees it: its events, and how many it saved."""
+    """A reply in progress in the process's checkpoints (:meth:`TurnRunner.run_checkpoints`) while the ``async
+    with`` block runs: its events, and how many of them the last checkpoint saved. (A class rather than an
+    ``@asynccontextmanager``: every chat pays for it, and a generator costs more to drive.)"""
 
-    events: list[Event]
-    saved: int = 0
+    __slots__ = ("events", "message_id", "runner", "saved")
+
+    def __init__(self, runner: TurnRunner, message_id: str, events: list[Event]) -> None:
+        self.runner = runner
+        self.message_id = message_id
+        self.events = events
+        self.saved = 0
+
+    async def __aenter__(self) -> None:
+        runner = self.runner
+        runner._live[self.message_id] = self
+        if runner._wake is not None:
+            runner._wake.set()
+            runner._wake = None
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        del self.runner._live[self.message_id]
 
 
 @dataclass

@@ -9,6 +9,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -456,6 +457,16 @@ def test_ordered_ids_sort_by_creation_time_and_look_like_the_others() -> None:
     assert len(set(made)) == 5
     assert all(re.fullmatch(r"msg_[0-9a-f]{32}", i) for i in made)
     assert len(made[0]) == len(new_id("msg_"))
+
+
+def test_timestamps_are_utc_iso_8601_to_the_microsecond() -> None:
+    before = datetime.now(UTC)
+    stamps = [utcnow() for _ in range(3)]
+    after = datetime.now(UTC)
+    for stamp in stamps:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+        assert before <= datetime.fromisoformat(stamp) <= after
+    assert stamps == sorted(stamps)
 
 
 async def test_a_file_is_recorded_only_while_its_session_exists(store: Store) -> None:
