@@ -88,6 +88,8 @@ _FINISH = "UPDATE messages SET content = ?, status = ?, parts = ?, usage = ? WHE
 _FINISH_TEXT = (
     "UPDATE messages SET content = ?, status = ?, parts = NULL, usage = NULL WHERE id = ? AND status = 'streaming'"
 )
+_CHECKPOINT = "UPDATE messages SET content = ?, parts = ?, usage = ? WHERE id = ? AND status = 'streaming'"
+_CHECKPOINT_TEXT = "UPDATE messages SET content = ?, parts = NULL, usage = NULL WHERE id = ? AND status = 'streaming'"
 _SELECT_SESSION = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ? AND owner = ?"
 # A message as the API names it: by its client's id, or by its own when it has none.
 _FIND = (
@@ -392,17 +394,21 @@ class SQLiteStore:
         usages: Mapping[str, Mapping[str, int]] | None = None,
     ) -> None:
         parts, usages = parts or {}, usages or {}
+        # Replies of text alone (most are) bind no None for their parts and usage (see _FINISH_TEXT): a tick over
+        # thousands of streaming replies would look up an adapter for each.
+        texts = [(content, message_id) for message_id, content in contents.items()
+                 if message_id not in parts and message_id not in usages]  # fmt: skip
         rows = [
             (content, stored(parts.get(message_id)), stored(usages.get(message_id)), message_id)
             for message_id, content in contents.items()
+            if message_id in parts or message_id in usages
         ]
 
         def update(db: sqlite3.Connection) -> None:
             # Several statements, unlike the other operations: one that fails leaves the others' rows written,
             # which is harmless here (each row is the text so far of one reply; the next checkpoint writes it anew).
-            db.executemany(
-                "UPDATE messages SET content = ?, parts = ?, usage = ? WHERE id = ? AND status = 'streaming'", rows
-            )
+            db.executemany(_CHECKPOINT_TEXT, texts)
+            db.executemany(_CHECKPOINT, rows)
 
         await self._run(update)
 

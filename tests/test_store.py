@@ -593,6 +593,19 @@ async def test_a_reply_keeps_its_parts_and_usage(store: Store) -> None:
     )
 
 
+async def test_one_checkpoint_saves_replies_of_text_alone_beside_replies_with_parts(store: Store) -> None:
+    # One tick over every reply in progress: those of text alone keep no parts nor usage, the others keep theirs.
+    await store.create_session(Session("m", "echo", utcnow()))
+    await store.create_session(Session("n", "echo", utcnow()))
+    (asked, acting), (said, plain) = turn("m", "add"), turn("n", "say")
+    await store.start_turn(asked, acting, limit(0), owner="")
+    await store.start_turn(said, plain, limit(0), owner="")
+    await store.checkpoint_turns({acting.id: "tw", plain.id: "so"}, {acting.id: REASONED[:3]}, {acting.id: USAGE})
+    reasoned, text = (await store.list_messages("m"))[-1], (await store.list_messages("n"))[-1]
+    assert (reasoned.content, reasoned.parts, reasoned.usage) == ("tw", REASONED[:3], USAGE)
+    assert (text.content, text.parts, text.usage, text.status) == ("so", None, None, "streaming")
+
+
 async def test_a_tool_input_naming_a_client_id_is_not_the_message_a_replace_finds(store: Store) -> None:
     # A reply's tool call whose input (or output) has a "client_id" of its own: an edit of the user message named
     # by that id still finds the user message, not the reply (the Redis script looks for the key in their JSON).
