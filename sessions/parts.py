@@ -199,7 +199,12 @@ def unfinished_calls(events: Sequence[Event], status: str) -> list[Event]:
 def stored(value: object) -> str | None:
     """A reply's parts or usage as every store keeps them: compact JSON (no stored text then reads as another key's
     `"name": value`, which Redis' scripts look for), or None for none."""
-    return None if value is None else json.dumps(value, separators=(",", ":"), default=str)
+    return None if value is None else _compact(value)
+
+
+# json.dumps with any argument of its own builds an encoder on every call (a reply that acts stores its parts at
+# each checkpoint and at its end): one encoder, the same text.
+_compact = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 def _json_or_text(text: str) -> Any:
