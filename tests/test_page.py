@@ -778,10 +778,12 @@ def wait_held(page: Page, held: list[Route]) -> Route:
 def stop_before_the_start_while_another_reply_runs(
     page: Page, server: LiveServer, session_id: str, send: Callable[[Page, str], None], busy: str
 ) -> None:
-    """Another client's reply runs in the session (three seconds; it goes on when that client leaves); the page
+    """Another client's reply runs in the session (ten seconds; it goes on when that client leaves); the page
     sends a message and Stop is pressed before anything of its reply came: the message is refused (``busy``, the
-    alert's text), and the other reply, which Stop did not mean, runs to its end. (test_use_chat's app's too.)"""
-    words = " ".join(f"x{i}" for i in range(60))
+    alert's text), and the other reply, which Stop did not mean, runs to its end. (test_use_chat's app's too.)
+    The other reply must outlast the browser's steps: a clean clone's run, loaded, once took over three seconds
+    from its start to the page's message, which then found the session free."""
+    words = " ".join(f"x{i}" for i in range(200))
     form = {"ui_session_id": session_id, "message": words, "on_disconnect": "continue"}
     with httpx.stream("POST", f"{server.url}/api/v1/chat", data=form, timeout=10) as running:
         next(running.iter_text())
