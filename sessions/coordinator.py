@@ -5,14 +5,14 @@ across processes on Redis; :mod:`sessions.interactions` holds the interactions i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import anyio
 
-from parley.sessions.errors import CancelFailed, RejoinFailed
+from parley.sessions.errors import CancelFailed, RejoinFailed, StoreUnavailable
 from parley.sessions.limits import StreamSlots
 from parley.sessions.parts import Part
 from parley.sessions.store import Message, MessageStatus, Session, Store
@@ -20,11 +20,32 @@ from parley.sessions.store import Message, MessageStatus, Session, Store
 if TYPE_CHECKING:
     from parley.sessions.interactions import CancelReason, Followed, Interaction, Interactions, OwnerCheck
 
+T = TypeVar("T")
+
 # What a chat whose store call outlasted its claim's lease is told (see Coordinator.claim_patience).
-STORE_TOO_SLOW_FOR_THE_CLAIM = "The session store did not answer within the session's lease; try again shortly."
+_STORE_TOO_SLOW_FOR_THE_CLAIM = "The session store did not answer within the session's lease; try again shortly."
 
 # Holds a claim while a reply runs (``async with``): for the Redis coordinator, a renewer task.
 Lease = AbstractAsyncContextManager[None]
+
+
+async def under_fresh_claim(
+    patience: float | None, store_call: Callable[[], Awaitable[T]], release: Callable[[], Awaitable[None]]
+) -> T:
+    """``store_call()``'s answer, made with a claim just taken (the start of a turn, or its replacement), or the
+    claim released (``release()``) if it fails. Nothing renews a claim until its turn has started: a store that
+    does not answer within ``patience`` (Coordinator.claim_patience; PostgreSQL away, its pool waiting for a
+    connection) must not start a reply whose claim has run out, which any process would then record interrupted as
+    an orphan while it streams: that is StoreUnavailable."""
+    try:
+        with anyio.fail_after(patience):
+            return await store_call()
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await release()
+        if isinstance(exc, TimeoutError):
+            raise StoreUnavailable(_STORE_TOO_SLOW_FOR_THE_CLAIM) from None
+        raise
 
 
 @dataclass(frozen=True)

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
 from parley.agents.events import Event
-from parley.sessions.coordinator import STORE_TOO_SLOW_FOR_THE_CLAIM
+from parley.sessions.coordinator import under_fresh_claim
 from parley.sessions.errors import (
     CancelFailed,
     Dequeued,
     SessionBusy,
     SessionNotFound,
-    StoreUnavailable,
     TooManyQueued,
     TooManyStreams,
 )
@@ -461,23 +461,18 @@ class _Open:
                 # The claim first, then the drop and the new turn's start in one store step: a chat refused as
                 # busy drops nothing.
                 await coordinator.claim(interaction, taken)
-                try:
-                    with anyio.fail_after(coordinator.claim_patience):
-                        session, earlier, self.asked = await turn.store.replace_turn(
-                            turn.replace,
-                            turn.user,
-                            turn.assistant,
-                            turn.history_limit,
-                            owner=owner,
-                            missing_ok=turn.missing_ok,
-                            keep=turn.keep,
-                        )
-                except BaseException as exc:
-                    with anyio.CancelScope(shield=True):
-                        await coordinator.release(interaction, taken)
-                    if isinstance(exc, TimeoutError):
-                        raise StoreUnavailable(STORE_TOO_SLOW_FOR_THE_CLAIM) from None
-                    raise
+                replace = partial(
+                    turn.store.replace_turn,
+                    turn.replace,
+                    turn.user,
+                    turn.assistant,
+                    turn.history_limit,
+                    owner=owner,
+                    missing_ok=turn.missing_ok,
+                    keep=turn.keep,
+                )
+                release = partial(coordinator.release, interaction, taken)
+                session, earlier, self.asked = await under_fresh_claim(coordinator.claim_patience, replace, release)
                 self.started = session, earlier
         except BaseException:
             interaction.claiming, interaction.stop_once_claimed = False, None

@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import anyio
 import anyio.abc
 
-from parley.sessions.coordinator import STORE_TOO_SLOW_FOR_THE_CLAIM, Lease, TurnStart
-from parley.sessions.errors import ApiError, SessionBusy, SessionNotFound, StoreUnavailable
+from parley.sessions.coordinator import Lease, TurnStart, under_fresh_claim
+from parley.sessions.errors import ApiError, SessionBusy, SessionNotFound
 from parley.sessions.interactions import CancelReason, Followed, Interaction, Interactions, OwnerCheck
 from parley.sessions.limits import StreamSlots
 from parley.sessions.parts import Part
@@ -115,23 +115,18 @@ class RedisCoordinator:
             return started
         await self._claim(interaction, lambda: self.claims.claim(interaction, redis_slots), turn.store)
         self.queue.entered(interaction)
-        # Nothing renews the claim until the turn has started: a store that does not answer within the lease
-        # (PostgreSQL away, its pool waiting for a connection) must not start a reply whose claim has run out, which
-        # any process would then record interrupted as an orphan while it streams. The claim was just taken.
-        try:
-            with anyio.fail_after(self.claim_patience):
-                # With the claim taken, any turn of the session still streaming is an orphan. (A store that records
-                # them in start_turn's own statement, PostgreSQL's, is spared the round trip.)
-                if not getattr(turn.store, "interrupts_orphans_in_start_turn", False):
-                    await turn.store.interrupt_turns(interaction.session_id)
-                return await turn.store.start_turn(
-                    turn.user, turn.assistant, turn.history_limit, owner=interaction.owner
-                )
-        except BaseException as exc:
+
+        async def start() -> tuple[Session, list[Message]]:
+            # With the claim taken, any turn of the session still streaming is an orphan. (A store that records
+            # them in start_turn's own statement, PostgreSQL's, is spared the round trip.)
+            if not getattr(turn.store, "interrupts_orphans_in_start_turn", False):
+                await turn.store.interrupt_turns(interaction.session_id)
+            return await turn.store.start_turn(turn.user, turn.assistant, turn.history_limit, owner=interaction.owner)
+
+        async def release() -> None:
             await self._tell_first(interaction.session_id, await self.claims.release(interaction, redis_slots))
-            if isinstance(exc, TimeoutError):
-                raise StoreUnavailable(STORE_TOO_SLOW_FOR_THE_CLAIM) from None
-            raise
+
+        return await under_fresh_claim(self.claim_patience, start, release)
 
     async def end_turn(
         self,
