@@ -4,6 +4,8 @@ another request, or rejoin it from its start or from where a client left off."""
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 from starlette.requests import Request
@@ -74,15 +76,11 @@ async def chat(request: Request) -> Response | ChatResponse | _KeptFiles:
     attachments: list[Attachment] = []
     if file_ids or chat.files:  # (without files, claiming the session for the turn finds out whether it is the owner's)
         await owned_session(parley, session_id, owner)
-        try:
+        async with _dropped_unless_named(parley, session_id, kept):
             if chat.files:
                 named = await keep_file_parts(parley, session_id, chat.files, kept)
                 file_ids = list(dict.fromkeys([*file_ids, *named]))
             attachments = await _attachments(parley, session_id, file_ids)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await _drop_unnamed(parley, session_id, kept)
-            raise
     # (A turn left streaming by a process that died is recorded interrupted when the session is claimed.)
     if_busy: IfBusy = chat.if_busy or parley.settings.if_busy  # type: ignore[assignment]  # (both checked)
     turn = TurnRequest(
@@ -166,12 +164,19 @@ class _KeptFiles:
         self.file_ids = file_ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
+        async with _dropped_unless_named(self.parley, self.session_id, self.file_ids):
             await self.response(scope, receive, send)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await _drop_unnamed(self.parley, self.session_id, self.file_ids)
-            raise
+
+
+@asynccontextmanager
+async def _dropped_unless_named(parley: Parley, session_id: str, file_ids: list[str]) -> AsyncIterator[None]:
+    """If the ``async with`` block fails, those of ``file_ids`` (as they are then) that no message names go."""
+    try:
+        yield
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await _drop_unnamed(parley, session_id, file_ids)
+        raise
 
 
 async def _drop_unnamed(parley: Parley, session_id: str, file_ids: list[str]) -> None:
