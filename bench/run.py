@@ -58,9 +58,9 @@ TITLES = {"throughput": "1. one stream", "acting": "1c. one stream, SSE, half re
           "rejoin": "5. rejoin", "postgres": "4, 5. cancel, rejoin on PostgreSQL + Redis",
           "first-token": "6. first-token overhead", "tools": "8. tool-call overhead", "busy": "10. if_busy",
           "history": "short chats with a long history"}  # fmt: skip
-# Figure 2 starts from a guess near each stack's limits on the last quiet run (h11+asyncio: floor 3,000, parley
-# 2,000-2,250; httptools+uvloop: floor ≥ 13,250, parley 9,250), the same for both servers so that they run one level
-# alike (memory is compared there): a handful of tries each.
+# Figure 2 starts from a guess near each stack's limits on the last quiet runs (h11+asyncio: floor 3,000-3,750,
+# parley 2,000-2,750; httptools+uvloop: floor 8,000 to ≥ 13,250, parley 7,000 to ≥ 11,250, by host), the same for
+# both servers so that they run one level alike (memory is compared there): a handful of tries each.
 FIRST_GUESS = {"h11+asyncio": 2500, "httptools+uvloop": 9000}
 # Seconds each stack's figure 2 may take, all tries included (the last quiet run's httptools+uvloop search took 878 s,
 # its limit at the latency line for five levels): the search reports what it found by then.
